@@ -1,0 +1,350 @@
+//! The worker engine in-process against a real Redis: round trips, retries,
+//! delays, expiry, priorities, limits, panics and bad input.
+
+use anyhow::Result;
+use redis::Commands as _;
+use serde_json::{Map, Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use taskstack::proto::TaskState;
+use taskstack::worker::{Registry, TaskContext, TaskError, TaskOptions, builtin};
+use taskstack::{SendOptions, TaskRequest};
+use taskstack_integration::{InProcessWorker, RedisServer, namespace, producer, settings, wait_until};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn builtins() -> Registry {
+    let mut r = Registry::new();
+    builtin::register(&mut r);
+    r
+}
+
+fn req(name: &str, args: Vec<Value>, options: SendOptions) -> TaskRequest {
+    TaskRequest {
+        name: name.into(),
+        args,
+        kwargs: Map::new(),
+        options,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_echo_and_add() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let ns = namespace("roundtrip");
+    let w = InProcessWorker::start(&redis.url(), &ns, builtins(), settings(&["celery"]))?;
+    let p = producer(&redis.url(), &ns)?;
+
+    let add = p.send_task(builtin::ADD, vec![json!(2), json!(3)]).await?;
+    let mut kwargs = Map::new();
+    kwargs.insert("k".into(), json!("v"));
+    let echo = p
+        .send(&TaskRequest {
+            name: builtin::ECHO.into(),
+            args: vec![json!([1, 2])],
+            kwargs,
+            options: SendOptions::default(),
+        })
+        .await?;
+    let r = p.wait(&add, WAIT).await?;
+    assert_eq!((r.status, r.result), (TaskState::Success, json!(5)));
+    assert_eq!(r.worker.as_deref(), Some(w.id.as_str()));
+    let r = p.wait(&echo, WAIT).await?;
+    assert_eq!(r.result, json!({"args": [[1, 2]], "kwargs": {"k": "v"}}));
+
+    // Results expire: the key carries a TTL no longer than configured.
+    let ttl: i64 = redis.conn()?.ttl(format!("celery-task-meta-{add}"))?;
+    assert!(ttl > 0 && ttl <= 600, "ttl {ttl}");
+
+    let fail = p.send_task(builtin::FAIL, vec![json!("boom")]).await?;
+    let r = p.wait(&fail, WAIT).await?;
+    assert_eq!(r.status, TaskState::Failure);
+    assert_eq!(r.result["exc_type"], "RuntimeError");
+    assert_eq!(r.result["exc_message"], json!(["boom"]));
+
+    let wid = w.id.clone();
+    let summary = w.stop().await?;
+    assert_eq!(summary.processed, 3);
+    // Everything settled: nothing held, no lease left behind.
+    let mut c = redis.conn()?;
+    let held: i64 = c.hlen(format!("{ns}:inflight:{wid}"))?;
+    assert_eq!(held, 0);
+    let leases: i64 = c.zcard(format!("{ns}:leases"))?;
+    assert_eq!(leases, 0, "a stopped worker releases its lease");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_back_off_then_succeed_or_dead_letter() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let ns = namespace("retry");
+    let attempts: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+    let mut r = Registry::new();
+    let a = Arc::clone(&attempts);
+    let policy = TaskOptions {
+        max_retries: 3,
+        retry_backoff: Duration::from_millis(200),
+        retry_backoff_max: Duration::from_secs(5),
+    };
+    r.register_with("t.flaky", policy, move |ctx: TaskContext| {
+        let a = Arc::clone(&a);
+        async move {
+            a.lock().expect("lock").push((ctx.retries, Instant::now()));
+            if ctx.retries < 2 {
+                Err(TaskError::retry("not yet"))
+            } else {
+                Ok(json!(ctx.retries))
+            }
+        }
+    });
+    r.register_with("t.hopeless", policy, |_ctx: TaskContext| async move {
+        Err(TaskError::retry("never works"))
+    });
+    let w = InProcessWorker::start(&redis.url(), &ns, r, settings(&["celery"]))?;
+    let p = producer(&redis.url(), &ns)?;
+
+    let id = p.send_task("t.flaky", vec![]).await?;
+    let res = p.wait(&id, WAIT).await?;
+    assert_eq!((res.status, res.result.clone()), (TaskState::Success, json!(2)));
+    assert_eq!(res.retries, Some(2));
+    let times = attempts.lock().expect("lock").clone();
+    assert_eq!(times.iter().map(|t| t.0).collect::<Vec<_>>(), [0, 1, 2]);
+    // Backoff: ≥ half of 200 ms before retry 1, ≥ half of 400 ms before retry 2.
+    assert!(times[1].1 - times[0].1 >= Duration::from_millis(100));
+    assert!(times[2].1 - times[1].1 >= Duration::from_millis(200));
+
+    // A message's own max_retries wins over the registered policy.
+    let id = p
+        .send(&req("t.hopeless", vec![], SendOptions { max_retries: Some(1), ..Default::default() }))
+        .await?;
+    let res = p.wait(&id, WAIT).await?;
+    assert_eq!(res.status, TaskState::Failure);
+    assert_eq!(res.result["exc_type"], "MaxRetriesExceededError");
+    assert_eq!(res.retries, Some(1));
+    // The FAILURE result is stored first, then the message is dead-lettered.
+    let dead = wait_until("the dead letter", WAIT, || {
+        let b = p.broker().clone();
+        async move {
+            let mut lane = b.broker_pool().lane();
+            let d = taskstack::broker::dead_letters(&mut lane, b.keys(), "celery", 10).await?;
+            Ok((!d.is_empty()).then_some(d))
+        }
+    })
+    .await?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].task_id.as_deref(), Some(id.as_str()));
+    assert!(dead[0].reason.contains("retries exhausted"), "{}", dead[0].reason);
+    w.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn countdown_waits_in_redis_and_expired_tasks_are_revoked() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let ns = namespace("eta");
+    let p = producer(&redis.url(), &ns)?;
+    let sent = chrono::Utc::now();
+    let later = p
+        .send(&req(builtin::ADD, vec![json!(1)], SendOptions { countdown: Some(Duration::from_millis(1500)), ..Default::default() }))
+        .await?;
+    // Parked in Redis, not in any queue or worker.
+    let mut c = redis.conn()?;
+    assert_eq!(c.zcard::<_, i64>(format!("{ns}:delayed"))?, 1);
+    assert_eq!(c.llen::<_, i64>("celery")?, 0);
+
+    let expired = p
+        .send(&req(builtin::ADD, vec![json!(1)], SendOptions { expires: Some(sent - chrono::Duration::seconds(1)), ..Default::default() }))
+        .await?;
+    let w = InProcessWorker::start(&redis.url(), &ns, builtins(), settings(&["celery"]))?;
+    let r = p.wait(&expired, WAIT).await?;
+    assert_eq!(r.status, TaskState::Revoked);
+
+    let r = p.wait(&later, WAIT).await?;
+    assert_eq!(r.status, TaskState::Success);
+    let done = r.done_at().expect("date_done");
+    assert!(done - sent >= chrono::Duration::milliseconds(1500), "ran after {:?}", done - sent);
+    assert_eq!(c.zcard::<_, i64>(format!("{ns}:delayed"))?, 0);
+
+    // A producer that pushes an ETA message straight to the queue (as Python
+    // Celery does) gets it parked by the worker, not run early.
+    let eta = chrono::Utc::now() + chrono::Duration::milliseconds(1200);
+    let id = "eta-direct-1";
+    let raw = taskstack::proto::envelope::encode(&taskstack::proto::MessageSpec {
+        id,
+        task: builtin::ADD,
+        args: &[json!(4)],
+        queue: "celery",
+        eta: Some(eta),
+        origin: "test",
+        ..Default::default()
+    });
+    let _: () = c.lpush("celery", raw)?;
+    let r = p.wait(id, WAIT).await?;
+    assert_eq!(r.result, json!(4));
+    assert!(r.done_at().expect("done") >= eta, "ran before its ETA");
+    w.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priorities_are_served_lowest_bucket_first() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let ns = namespace("prio");
+    let p = producer(&redis.url(), &ns)?;
+    let order: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let mut r = Registry::new();
+    let o = Arc::clone(&order);
+    r.register("t.record", move |ctx: TaskContext| {
+        let o = Arc::clone(&o);
+        async move {
+            o.lock().expect("lock").push(ctx.args[0].as_i64().unwrap_or(-1));
+            Ok(Value::Null)
+        }
+    });
+    let mut ids = Vec::new();
+    for prio in [9u8, 0, 6, 3, 9, 0] {
+        ids.push(
+            p.send(&req("t.record", vec![json!(prio)], SendOptions { priority: Some(prio), ..Default::default() }))
+                .await?,
+        );
+    }
+    let mut s = settings(&["celery"]);
+    s.concurrency = 1;
+    s.prefetch = 1;
+    let w = InProcessWorker::start(&redis.url(), &ns, r, s)?;
+    for id in &ids {
+        p.wait(id, WAIT).await?;
+    }
+    assert_eq!(*order.lock().expect("lock"), [0, 0, 3, 6, 9, 9]);
+    w.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_limits_and_panics_become_failures() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let ns = namespace("limits");
+    let mut r = builtins();
+    r.register("t.panic", |_ctx: TaskContext| async move {
+        let v: Option<u8> = None;
+        Ok(json!(v.expect("deliberate panic in a task")))
+    });
+    r.register("t.spin", |_ctx: TaskContext| async move {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok(Value::Null)
+    });
+    let w = InProcessWorker::start(&redis.url(), &ns, r, settings(&["celery"]))?;
+    let p = producer(&redis.url(), &ns)?;
+
+    let panicked = p.send_task("t.panic", vec![]).await?;
+    let hard = p
+        .send(&req("t.spin", vec![], SendOptions { time_limit: Some(Duration::from_millis(300)), ..Default::default() }))
+        .await?;
+    let soft = p
+        .send(&req(builtin::SLEEP, vec![json!(3600)], SendOptions { soft_time_limit: Some(Duration::from_millis(200)), ..Default::default() }))
+        .await?;
+    let r = p.wait(&panicked, WAIT).await?;
+    assert_eq!(r.status, TaskState::Failure);
+    assert!(r.result["exc_message"][0].as_str().unwrap_or("").contains("deliberate panic"), "{}", r.result);
+    let r = p.wait(&hard, WAIT).await?;
+    assert_eq!(r.status, TaskState::Failure);
+    assert_eq!(r.result["exc_type"], "TimeLimitExceeded");
+    let r = p.wait(&soft, WAIT).await?;
+    assert_eq!(r.result["exc_type"], "SoftTimeLimitExceeded");
+    // The worker survived all of it.
+    let ok = p.send_task(builtin::ADD, vec![json!(1), json!(1)]).await?;
+    assert_eq!(p.wait(&ok, WAIT).await?.result, json!(2));
+    w.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_dead_lettered_while_good_tasks_flow() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let ns = namespace("bad");
+    let p = producer(&redis.url(), &ns)?;
+    let good = taskstack::proto::envelope::encode(&taskstack::proto::MessageSpec {
+        id: "good-1",
+        task: builtin::ADD,
+        args: &[json!(20), json!(22)],
+        queue: "celery",
+        origin: "test",
+        ..Default::default()
+    });
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut v: Value = serde_json::from_str(&good).expect("json");
+        f(&mut v);
+        v.to_string()
+    };
+    let bad: Vec<(String, Option<&str>, &str)> = vec![
+        ("this is not json".into(), None, "not valid JSON"),
+        (
+            with(&|v| {
+                v["content-type"] = json!("application/x-python-serialize");
+                v["headers"]["id"] = json!("pickle-1");
+            }),
+            Some("pickle-1"),
+            "application/x-python-serialize",
+        ),
+        (
+            with(&|v| {
+                v["body"] = json!("!!!");
+                v["headers"]["id"] = json!("b64-1");
+            }),
+            Some("b64-1"),
+            "base64",
+        ),
+        (
+            with(&|v| {
+                v["headers"].as_object_mut().map(|h| h.remove("task"));
+                v["headers"]["id"] = json!("notask-1");
+            }),
+            Some("notask-1"),
+            "\"task\" is missing",
+        ),
+        (
+            with(&|v| {
+                v["headers"]["task"] = json!("proj.unknown");
+                v["headers"]["id"] = json!("unknown-1");
+            }),
+            Some("unknown-1"),
+            "unknown task",
+        ),
+    ];
+    let mut c = redis.conn()?;
+    for (payload, _, _) in &bad {
+        let _: () = c.lpush("celery", payload)?;
+        let _: () = c.lpush("celery", &good)?;
+    }
+    let w = InProcessWorker::start(&redis.url(), &ns, builtins(), settings(&["celery"]))?;
+    let r = p.wait("good-1", WAIT).await?;
+    assert_eq!(r.result, json!(42));
+    let dead = wait_until("five dead letters", WAIT, || {
+        let b = p.broker().clone();
+        async move {
+            let mut lane = b.broker_pool().lane();
+            let d = taskstack::broker::dead_letters(&mut lane, b.keys(), "celery", 100).await?;
+            Ok((d.len() >= 5).then_some(d))
+        }
+    })
+    .await?;
+    assert_eq!(dead.len(), 5);
+    for (payload, id, reason) in &bad {
+        let d = dead
+            .iter()
+            .find(|d| &d.payload == payload)
+            .unwrap_or_else(|| panic!("no dead letter for {reason}"));
+        assert!(d.reason.contains(reason), "{} !~ {reason}", d.reason);
+        assert_eq!(d.task_id.as_deref(), *id);
+        if let Some(id) = id {
+            let r = p.wait(id, WAIT).await?;
+            assert_eq!(r.status, TaskState::Failure, "{id}");
+        }
+    }
+    // Nothing left queued or held; the worker keeps serving.
+    assert_eq!(c.llen::<_, i64>("celery")?, 0);
+    let ok = p.send_task(builtin::ADD, vec![json!(1)]).await?;
+    assert_eq!(p.wait(&ok, WAIT).await?.result, json!(1));
+    w.stop().await?;
+    Ok(())
+}

@@ -1,0 +1,18 @@
+-- delay.lua: park a message until it is due (ETA, countdown, retry backoff)
+-- and, when a worker held it, settle that hold in the same step, so the
+-- message is always in exactly one place.
+--
+-- KEYS[1]  delayed ZSET (id -> due, ms)
+-- KEYS[2]  delayed-message HASH (id -> "<queue key>\n<message>")
+-- KEYS[3]  the holding worker's in-flight HASH (any key when ARGV[5] is '')
+-- ARGV[1]  due time (ms since the epoch)
+-- ARGV[2]  a fresh unique id for this parked message
+-- ARGV[3]  queue key to push to when due
+-- ARGV[4]  the message
+-- ARGV[5]  sequence number to settle in KEYS[3], or ''
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. '\n' .. ARGV[4])
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[5] ~= '' then
+  redis.call('HDEL', KEYS[3], ARGV[5])
+end
+return 1

@@ -1,0 +1,52 @@
+-- fetch.lua: take up to ARGV[3] messages for one worker and record that it
+-- holds them, in one atomic step, so a crash between "taken" and "recorded"
+-- cannot lose a message.
+--
+-- KEYS[1]    lease ZSET (worker id -> lease deadline, ms): refreshed here so
+--            a worker that holds messages always has a live lease
+-- KEYS[2]    this worker's in-flight HASH (seq -> "<queue key>\n<message>")
+-- KEYS[3]    this worker's landing LIST (filled by a blocking BLMOVE)
+-- KEYS[4..]  queue lists in service order (priority bucket, then queue)
+-- ARGV[1]    worker id
+-- ARGV[2]    lease deadline (ms since the epoch)
+-- ARGV[3]    most messages to take
+-- ARGV[4]    last sequence number used by this worker
+-- ARGV[5]    index (1-based, into KEYS[4..]) of the queue feeding the landing list
+-- Returns a flat array: seq, queue index, message, seq, queue index, message, ...
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local max = tonumber(ARGV[3])
+local seq = tonumber(ARGV[4])
+local out = {}
+local hset = {}
+local n = 0
+
+local function take(index, message)
+  seq = seq + 1
+  n = n + 1
+  hset[#hset + 1] = seq
+  hset[#hset + 1] = KEYS[3 + index] .. '\n' .. message
+  out[#out + 1] = seq
+  out[#out + 1] = index
+  out[#out + 1] = message
+end
+
+-- The landing list first: BLMOVE already moved those off their queue.
+local landing_index = tonumber(ARGV[5])
+while n < max do
+  local m = redis.call('RPOP', KEYS[3])
+  if not m then break end
+  take(landing_index, m)
+end
+
+for i = 4, #KEYS do
+  if n >= max then break end
+  local batch = redis.call('RPOP', KEYS[i], max - n)
+  if batch then
+    for _, m in ipairs(batch) do take(i - 3, m) end
+  end
+end
+
+if #hset > 0 then
+  redis.call('HSET', KEYS[2], unpack(hset))
+end
+return out

@@ -1,0 +1,47 @@
+-- reap.lua: put every message held by a worker whose lease expired back at
+-- the front of its queue, and forget the worker. Atomic, so two live workers
+-- reaping at once cannot restore a message twice.
+--
+-- KEYS[1]  lease ZSET (worker id -> lease deadline, ms)
+-- KEYS[2]  landing-source HASH (worker id -> queue key feeding its landing list)
+-- ARGV[1]  now (ms since the epoch)
+-- ARGV[2]  in-flight HASH prefix (+ worker id)
+-- ARGV[3]  landing LIST prefix (+ worker id)
+-- ARGV[4]  heartbeat record prefix (+ worker id)
+-- ARGV[5]  most workers to reap in this call
+-- Returns {workers reaped, messages restored}.
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
+local restored = 0
+for _, w in ipairs(dead) do
+  local inflight = ARGV[2] .. w
+  local entries = redis.call('HGETALL', inflight)
+  local items = {}
+  for i = 1, #entries, 2 do
+    items[#items + 1] = { tonumber(entries[i]), entries[i + 1] }
+  end
+  -- newest first, so the oldest taken ends at the very front of its queue
+  table.sort(items, function(a, b) return a[1] > b[1] end)
+  for _, it in ipairs(items) do
+    local v = it[2]
+    local nl = string.find(v, '\n', 1, true)
+    redis.call('RPUSH', string.sub(v, 1, nl - 1), string.sub(v, nl + 1))
+    restored = restored + 1
+  end
+  redis.call('DEL', inflight)
+
+  local landing = ARGV[3] .. w
+  local src = redis.call('HGET', KEYS[2], w)
+  if src then
+    -- the newest is at the left; pushing newest first leaves the oldest in front
+    local m = redis.call('LPOP', landing)
+    while m do
+      redis.call('RPUSH', src, m)
+      restored = restored + 1
+      m = redis.call('LPOP', landing)
+    end
+    redis.call('HDEL', KEYS[2], w)
+  end
+  redis.call('ZREM', KEYS[1], w)
+  redis.call('DEL', ARGV[4] .. w)
+end
+return { #dead, restored }

@@ -1,0 +1,179 @@
+//! Taking messages (atomically recorded as held) and settling them.
+
+use super::pool::on_lane;
+use super::{BrokerError, FETCH, Lane, REQUEUE};
+use crate::proto::Keys;
+use std::time::Duration;
+
+/// A message a worker took and now holds.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The worker-local sequence number recording the hold.
+    pub seq: u64,
+    /// The list it came from (queue plus priority bucket).
+    pub queue_key: String,
+    /// The raw message.
+    pub payload: String,
+}
+
+/// How a finished message is settled: its result (if any) is written first,
+/// then the hold is released, in one pipeline.
+#[derive(Debug, Clone)]
+pub struct Settle {
+    pub seq: u64,
+    /// `(task id, result JSON)` to store and publish before releasing.
+    pub result: Option<(String, String)>,
+}
+
+/// One worker's request for messages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Take<'a> {
+    pub worker_id: &'a str,
+    /// Lists to serve, in order; the first feeds the landing list.
+    pub queue_keys: &'a [String],
+    pub max: usize,
+    /// The worker's last used sequence number.
+    pub last_seq: u64,
+    pub lease: Duration,
+}
+
+/// Takes up to `max` messages from `queue_keys` (served in order), recording
+/// the hold and refreshing the lease in the same script.
+pub(crate) async fn fetch(
+    lane: &mut Lane,
+    keys: &Keys,
+    take: Take<'_>,
+) -> Result<Vec<Delivery>, BrokerError> {
+    let Take {
+        worker_id,
+        queue_keys,
+        max,
+        last_seq,
+        lease,
+    } = take;
+    let deadline = super::now_ms() + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    let mut inv = FETCH.prepare_invoke();
+    inv.key(keys.leases())
+        .key(keys.inflight(worker_id))
+        .key(keys.landing(worker_id));
+    for k in queue_keys {
+        inv.key(k);
+    }
+    inv.arg(worker_id)
+        .arg(deadline)
+        .arg(max)
+        .arg(last_seq)
+        .arg(1);
+    let flat: Vec<redis::Value> = on_lane!(&mut *lane, "fetch", |c| inv.invoke_async(c))?;
+    let mut out = Vec::with_capacity(flat.len() / 3);
+    let mut it = flat.into_iter();
+    while let (Some(seq), Some(idx), Some(payload)) = (it.next(), it.next(), it.next()) {
+        let bad = |what: &str| BrokerError::Reply {
+            op: "fetch",
+            detail: what.to_owned(),
+        };
+        let seq: u64 = redis::from_redis_value(seq).map_err(|_| bad("sequence number"))?;
+        let idx: usize = redis::from_redis_value(idx).map_err(|_| bad("queue index"))?;
+        let payload: String =
+            redis::from_redis_value(payload).map_err(|_| bad("message is not UTF-8 text"))?;
+        let queue_key = queue_keys
+            .get(idx.wrapping_sub(1))
+            .ok_or_else(|| bad("queue index out of range"))?
+            .clone();
+        out.push(Delivery {
+            seq,
+            queue_key,
+            payload,
+        });
+    }
+    Ok(out)
+}
+
+/// Blocks up to `wait` for a message on `queue_key`, moving it to the
+/// worker's landing list (atomically; [`fetch`] then records it). Returns
+/// whether a message arrived.
+pub(crate) async fn wait_for_message(
+    lane: &mut Lane,
+    keys: &Keys,
+    worker_id: &str,
+    queue_key: &str,
+    wait: Duration,
+) -> Result<bool, BrokerError> {
+    let landing = keys.landing(worker_id);
+    let moved: Option<String> = on_lane!(&mut *lane, "wait", |c| redis::cmd("BLMOVE")
+                .arg(queue_key)
+                .arg(&landing)
+                .arg("RIGHT")
+                .arg("LEFT")
+                .arg(wait.as_secs_f64())
+                .query_async(c)
+                )?;
+    Ok(moved.is_some())
+}
+
+/// Hands held messages back to the front of their queues.
+pub(crate) async fn requeue(
+    lane: &mut Lane,
+    keys: &Keys,
+    worker_id: &str,
+    seqs: &[u64],
+) -> Result<usize, BrokerError> {
+    if seqs.is_empty() {
+        return Ok(0);
+    }
+    let mut inv = REQUEUE.prepare_invoke();
+    inv.key(keys.inflight(worker_id));
+    for s in seqs {
+        inv.arg(*s);
+    }
+    on_lane!(&mut *lane, "requeue", |c| inv.invoke_async(c))
+}
+
+/// Stores results (`SET ... EX` then `PUBLISH`, as Celery's backend does)
+/// and then releases the holds. When results live on another server they
+/// are written and confirmed there before any hold is released, so a crash
+/// in between re-runs a task rather than losing its result.
+pub(crate) async fn settle(
+    broker_lane: &mut Lane,
+    backend_lane: Option<&mut Lane>,
+    keys: &Keys,
+    worker_id: &str,
+    batch: &[Settle],
+    result_ttl: Duration,
+) -> Result<(), BrokerError> {
+    let ttl = result_ttl.as_secs().max(1);
+    let mut results = redis::pipe();
+    for s in batch {
+        if let Some((id, json)) = &s.result {
+            let key = crate::proto::keys::result_key(id);
+            results
+                .cmd("SET")
+                .arg(&key)
+                .arg(json)
+                .arg("EX")
+                .arg(ttl)
+                .ignore()
+                .cmd("PUBLISH")
+                .arg(&key)
+                .arg(json)
+                .ignore();
+        }
+    }
+    let mut release = redis::cmd("HDEL");
+    release.arg(keys.inflight(worker_id));
+    for s in batch {
+        release.arg(s.seq);
+    }
+    match backend_lane {
+        Some(backend) => {
+            if !results.is_empty() {
+                on_lane!(&mut *backend, "store results", |c| results.query_async::<()>(c))?;
+            }
+            on_lane!(&mut *broker_lane, "acknowledge", |c| release.query_async::<()>(c))
+        }
+        None => {
+            results.add_command(release).ignore();
+            on_lane!(&mut *broker_lane, "store results and acknowledge", |c| results.query_async::<()>(c))
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! Messages parked until a due time (ETA, countdown, retry backoff).
+
+use super::pool::on_lane;
+use super::{BrokerError, DELAY, Lane, PROMOTE};
+use crate::proto::Keys;
+
+/// Parks `payload` until `due_ms`, to be pushed to `queue_key` then. With
+/// `held = Some((worker, seq))` the worker's hold is settled in the same step.
+pub(crate) async fn park(
+    lane: &mut Lane,
+    keys: &Keys,
+    due_ms: i64,
+    queue_key: &str,
+    payload: &str,
+    held: Option<(&str, u64)>,
+) -> Result<(), BrokerError> {
+    let mut inv = DELAY.prepare_invoke();
+    let (inflight, seq) = match held {
+        Some((worker, seq)) => (keys.inflight(worker), seq.to_string()),
+        None => (keys.delayed(), String::new()),
+    };
+    inv.key(keys.delayed())
+        .key(keys.delayed_messages())
+        .key(inflight)
+        .arg(due_ms)
+        .arg(uuid::Uuid::new_v4().to_string())
+        .arg(queue_key)
+        .arg(payload)
+        .arg(seq);
+    on_lane!(&mut *lane, "park delayed message", |c| inv.invoke_async::<()>(c))
+}
+
+/// Moves up to `max` due messages to their queues. Returns how many moved
+/// and when the next parked message is due (ms), if any.
+pub(crate) async fn promote(
+    lane: &mut Lane,
+    keys: &Keys,
+    now_ms: i64,
+    max: usize,
+) -> Result<(u64, Option<i64>), BrokerError> {
+    let mut inv = PROMOTE.prepare_invoke();
+    inv.key(keys.delayed())
+        .key(keys.delayed_messages())
+        .arg(now_ms)
+        .arg(max);
+    let (moved, next): (u64, String) = on_lane!(&mut *lane, "promote delayed messages", |c| inv.invoke_async(c))?;
+    Ok((moved, next.parse::<f64>().ok().map(|f| f as i64)))
+}

@@ -1,0 +1,101 @@
+//! The Redis broker: taking, settling and restoring messages, delayed
+//! messages, dead letters, worker leases and results.
+//!
+//! Every step that moves a message between two places is one Lua script (in
+//! `lib/scripts/`), so a crash at any point leaves each message in exactly
+//! one place: queued, held by a worker, parked until due, or dead-lettered.
+
+mod consume;
+mod dead;
+mod delayed;
+mod lease;
+mod pool;
+mod results;
+
+pub use consume::{Delivery, Settle};
+pub use dead::DeadLetter;
+pub use lease::WorkerRecord;
+pub use pool::{BrokerError, Lane, RedisPool};
+pub(crate) use pool::on_lane;
+
+use crate::proto::Keys;
+use redis::Script;
+use std::sync::LazyLock;
+
+pub(crate) static FETCH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../scripts/fetch.lua")));
+pub(crate) static REQUEUE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../scripts/requeue.lua")));
+pub(crate) static REAP: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../scripts/reap.lua")));
+pub(crate) static DELAY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../scripts/delay.lua")));
+pub(crate) static PROMOTE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../scripts/promote.lua")));
+pub(crate) static DEAD_LETTER: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../scripts/dead_letter.lua")));
+
+/// The broker and result-backend connections plus the key layout.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    broker: RedisPool,
+    backend: RedisPool,
+    keys: Keys,
+}
+
+impl Broker {
+    /// A broker on `broker`, storing results in `backend` (may be the same pool).
+    pub fn new(broker: RedisPool, backend: RedisPool, keys: Keys) -> Self {
+        Self {
+            broker,
+            backend,
+            keys,
+        }
+    }
+
+    /// The key layout.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The broker's pool.
+    pub fn broker_pool(&self) -> &RedisPool {
+        &self.broker
+    }
+
+    /// The result backend's pool.
+    pub fn backend_pool(&self) -> &RedisPool {
+        &self.backend
+    }
+
+    /// Whether results live on the broker's server (then a result and its
+    /// acknowledgement go out in one pipeline).
+    pub fn backend_is_broker(&self) -> bool {
+        self.broker.same_server(&self.backend)
+    }
+
+    /// Round-trip time of a PING to the broker.
+    pub async fn ping(&self) -> Result<std::time::Duration, BrokerError> {
+        let mut conn = self.broker.get("ping").await?;
+        let start = std::time::Instant::now();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(BrokerError::redis("ping"))?;
+        Ok(start.elapsed())
+    }
+}
+
+/// Milliseconds since the Unix epoch, the clock all lease and due times use.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+pub(crate) use consume::{Take, fetch, requeue, settle, wait_for_message};
+pub use dead::dead_letters;
+pub(crate) use dead::dead_letter;
+pub(crate) use delayed::{park, promote};
+pub use lease::{live_workers, worker_record};
+pub(crate) use lease::{heartbeat, reap, release};
+pub use results::{get_result, store_result};
+pub(crate) use results::parse_result as results_parse;

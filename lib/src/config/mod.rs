@@ -1,0 +1,413 @@
+//! Configuration shared by every taskstack binary.
+//!
+//! Layers, later ones winning: built-in defaults < the TOML file named by
+//! `TASKSTACK_CONFIG` < `TASKSTACK_*` environment variables < command-line
+//! overrides. Passwords may come from files (`*_PASSWORD_FILE`, for Docker
+//! secrets). Everything is validated once, at start-up; an error names the
+//! key and the value. Nothing else in taskstack reads the environment.
+
+mod de;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Environment variable naming the TOML configuration file.
+pub const CONFIG_FILE_ENV: &str = "TASKSTACK_CONFIG";
+/// Prefix of every configuration environment variable.
+pub const ENV_PREFIX: &str = "TASKSTACK_";
+
+/// A configuration problem, naming the key and the offending value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("configuration key `{key}` has invalid value {value:?}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("configuration file {path:?} (from {CONFIG_FILE_ENV}) cannot be read: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("configuration key `{key}`: cannot read secret file {path:?}: {reason}")]
+    SecretFile {
+        key: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("invalid configuration: {0}")]
+    Load(String),
+}
+
+/// Fewest Redis connections a process may be configured with.
+pub const MIN_POOL_SIZE: usize = 4;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON when stderr is not a terminal, human-readable otherwise.
+    Auto,
+    Json,
+    #[serde(alias = "text", alias = "human")]
+    Pretty,
+}
+
+/// The whole configuration. Field names are the TOML keys; the environment
+/// variable is `TASKSTACK_` + the key in upper case.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `redis://[user:pass@]host:port/db` or `rediss://...` (TLS).
+    pub broker_url: String,
+    /// Overrides the password in `broker_url`.
+    pub broker_password: Option<String>,
+    /// A file whose content (trailing newline removed) is the broker password.
+    pub broker_password_file: Option<PathBuf>,
+    /// Where results are stored; defaults to the broker.
+    pub result_backend: Option<String>,
+    pub result_backend_password: Option<String>,
+    pub result_backend_password_file: Option<PathBuf>,
+    /// Prefix of taskstack's own Redis keys (queues and results keep Celery's names).
+    pub namespace: String,
+    /// Queues this worker consumes, in the order they are served.
+    #[serde(deserialize_with = "de::list")]
+    pub queues: Vec<String>,
+    /// Tasks run at once by one worker process.
+    pub concurrency: NonZeroUsize,
+    /// Messages one worker holds at once (running plus waiting); at least
+    /// `concurrency`. Default: 4 × concurrency.
+    pub prefetch: Option<NonZeroUsize>,
+    /// How long a worker's claim on its messages lasts without renewal.
+    #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
+    pub lease: Duration,
+    /// How long a stopping worker lets running tasks finish.
+    #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
+    pub drain_timeout: Duration,
+    /// How long results are kept.
+    #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
+    pub result_expires: Duration,
+    /// Redis connections per process.
+    pub redis_pool_size: NonZeroUsize,
+    /// Timeout of one Redis command or connection attempt.
+    #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
+    pub redis_timeout: Duration,
+    /// A tracing filter: `info`, `debug`, `taskstack=debug,info`, ...
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// Run even as root (uid 0). Off by default.
+    #[serde(deserialize_with = "de::flag")]
+    pub allow_root: bool,
+    /// Where a worker records who it is, for `taskstack-worker healthcheck`.
+    pub worker_state_file: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            broker_url: "redis://127.0.0.1:6379/0".into(),
+            broker_password: None,
+            broker_password_file: None,
+            result_backend: None,
+            result_backend_password: None,
+            result_backend_password_file: None,
+            namespace: "taskstack".into(),
+            queues: vec!["celery".into()],
+            concurrency: NonZeroUsize::new(16).expect("16 > 0"),
+            prefetch: None,
+            lease: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(20),
+            result_expires: Duration::from_secs(3600),
+            redis_pool_size: NonZeroUsize::new(8).expect("8 > 0"),
+            redis_timeout: Duration::from_secs(5),
+            log_level: "info".into(),
+            log_format: LogFormat::Auto,
+            allow_root: false,
+            worker_state_file: PathBuf::from("/tmp/taskstack-worker.json"),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults < `TASKSTACK_CONFIG` file < `TASKSTACK_*` environment
+    /// < `overrides` (key, value) pairs, then validates.
+    pub fn load(overrides: &[(&str, Value)]) -> Result<Self, ConfigError> {
+        Self::load_from(None, overrides)
+    }
+
+    /// Like [`Config::load`], with the TOML file given explicitly (a
+    /// command-line `--config`), which wins over `TASKSTACK_CONFIG`.
+    pub fn load_from(file: Option<&Path>, overrides: &[(&str, Value)]) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
+        if let Some(path) = file {
+            std::fs::metadata(&path).map_err(|e| ConfigError::File {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            fig = fig.merge(Toml::file_exact(&path));
+        }
+        fig = fig.merge(Env::prefixed(ENV_PREFIX).ignore(&["CONFIG"]));
+        for (key, value) in overrides {
+            fig = fig.merge(Serialized::default(key, value));
+        }
+        Self::from_figment(fig)
+    }
+
+    /// Extracts and validates a configuration from any figment (tests use this
+    /// with in-memory providers).
+    pub fn from_figment(fig: Figment) -> Result<Self, ConfigError> {
+        let cfg: Config = fig.extract().map_err(|e| {
+            ConfigError::Load(
+                e.into_iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        parse_redis_url("broker_url", &self.broker_url)?;
+        if let Some(b) = &self.result_backend {
+            parse_redis_url("result_backend", b)?;
+        }
+        if self.namespace.is_empty()
+            || !self
+                .namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return Err(invalid(
+                "namespace",
+                &self.namespace,
+                "use letters, digits and - _ . : only, at least one",
+            ));
+        }
+        if self.queues.is_empty() {
+            return Err(invalid("queues", "", "at least one queue is needed"));
+        }
+        for q in &self.queues {
+            if q.chars().any(|c| c.is_control() || c.is_whitespace()) || q.contains(':') {
+                return Err(invalid(
+                    "queues",
+                    q,
+                    "queue names may not contain spaces, control characters or ':'",
+                ));
+            }
+        }
+        if let Some(p) = self.prefetch
+            && p < self.concurrency
+        {
+            return Err(invalid(
+                "prefetch",
+                &p.to_string(),
+                &format!("must be at least concurrency ({})", self.concurrency),
+            ));
+        }
+        let at_least = |key: &'static str, d: Duration, min: Duration| {
+            if d < min {
+                Err(invalid(
+                    key,
+                    &humantime::format_duration(d).to_string(),
+                    &format!("must be at least {}", humantime::format_duration(min)),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        if self.redis_pool_size.get() < MIN_POOL_SIZE {
+            return Err(invalid(
+                "redis_pool_size",
+                &self.redis_pool_size.to_string(),
+                &format!("must be at least {MIN_POOL_SIZE}: a worker keeps three connections busy"),
+            ));
+        }
+        at_least("lease", self.lease, Duration::from_secs(1))?;
+        at_least("result_expires", self.result_expires, Duration::from_secs(1))?;
+        at_least("redis_timeout", self.redis_timeout, Duration::from_millis(100))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| invalid("log_level", &self.log_level, &e.to_string()))?;
+        Ok(())
+    }
+
+    /// Messages one worker may hold at once.
+    pub fn effective_prefetch(&self) -> usize {
+        self.prefetch
+            .map_or(self.concurrency.get().saturating_mul(4), NonZeroUsize::get)
+    }
+
+    /// The broker's URL with the password from `broker_password(_file)` applied.
+    pub fn broker_target(&self) -> Result<RedisTarget, ConfigError> {
+        let pw = secret(
+            "broker_password_file",
+            self.broker_password.as_deref(),
+            self.broker_password_file.as_deref(),
+        )?;
+        RedisTarget::new("broker_url", &self.broker_url, pw)
+    }
+
+    /// The result backend's URL (the broker's when none is set).
+    pub fn backend_target(&self) -> Result<RedisTarget, ConfigError> {
+        match &self.result_backend {
+            None => self.broker_target(),
+            Some(url) => {
+                let pw = secret(
+                    "result_backend_password_file",
+                    self.result_backend_password.as_deref(),
+                    self.result_backend_password_file.as_deref(),
+                )?;
+                RedisTarget::new("result_backend", url, pw)
+            }
+        }
+    }
+
+    /// The effective configuration as JSON with every secret replaced, for
+    /// the start-up log line.
+    pub fn redacted(&self) -> Value {
+        let mut v = serde_json::to_value(self).unwrap_or_else(|e| json!({ "error": e.to_string() }));
+        for key in ["broker_password", "result_backend_password"] {
+            if v.get(key).is_some_and(|s| !s.is_null()) {
+                v[key] = json!("<redacted>");
+            }
+        }
+        for key in ["broker_url", "result_backend"] {
+            if let Some(s) = v.get(key).and_then(Value::as_str) {
+                v[key] = json!(redact_url(s));
+            }
+        }
+        v
+    }
+}
+
+/// Refuses to run as root (uid 0) unless `allow_root` is set.
+pub fn check_not_root(allow_root: bool) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    // /proc/self belongs to the process's effective user.
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
+    if uid == 0 && !allow_root {
+        return Err("refusing to run as root (uid 0): a task runs with every privilege of its \
+                    worker. Run as an unprivileged user, or set TASKSTACK_ALLOW_ROOT=1 \
+                    (--allow-root) if you accept the risk."
+            .into());
+    }
+    Ok(())
+}
+
+fn invalid(key: &'static str, value: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+fn secret(
+    file_key: &'static str,
+    inline: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
+            key: file_key,
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let pw = text.trim_end_matches(['\n', '\r']).to_owned();
+        if pw.is_empty() {
+            return Err(ConfigError::SecretFile {
+                key: file_key,
+                path: path.to_owned(),
+                reason: "the file is empty".into(),
+            });
+        }
+        return Ok(Some(pw));
+    }
+    Ok(inline.map(str::to_owned))
+}
+
+fn parse_redis_url(key: &'static str, raw: &str) -> Result<url::Url, ConfigError> {
+    let shown = redact_url(raw);
+    let url = url::Url::parse(raw).map_err(|e| invalid(key, &shown, &e.to_string()))?;
+    if !matches!(url.scheme(), "redis" | "rediss") {
+        return Err(invalid(
+            key,
+            &shown,
+            "the scheme must be redis:// or rediss://",
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(key, &shown, "the URL names no host"));
+    }
+    let db = url.path().trim_start_matches('/');
+    if !db.is_empty() && db.parse::<u16>().is_err() {
+        return Err(invalid(
+            key,
+            &shown,
+            "the path must be a database number such as /0",
+        ));
+    }
+    Ok(url)
+}
+
+/// `raw` with any password replaced by `<redacted>`.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("<redacted>"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<unparseable URL>".into(),
+    }
+}
+
+/// A Redis server to connect to: the full URL (with password) and a
+/// redacted form for logs.
+#[derive(Clone)]
+pub struct RedisTarget {
+    url: String,
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.url))
+    }
+}
+
+impl RedisTarget {
+    fn new(key: &'static str, raw: &str, password: Option<String>) -> Result<Self, ConfigError> {
+        let mut url = parse_redis_url(key, raw)?;
+        if let Some(pw) = password {
+            url.set_password(Some(&pw))
+                .map_err(|()| invalid(key, &redact_url(raw), "cannot carry a password"))?;
+        }
+        Ok(Self { url: url.into() })
+    }
+
+    /// A target from a URL, validated like configuration (for tests and tools).
+    pub fn from_url(raw: &str) -> Result<Self, ConfigError> {
+        Self::new("broker_url", raw, None)
+    }
+
+    /// The URL including the password; never log it.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL with the password hidden.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+#[cfg(test)]
+mod tests;

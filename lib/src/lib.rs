@@ -1,0 +1,47 @@
+//! taskstack: a Celery-protocol task queue on Redis.
+//!
+//! Everything the taskstack binaries share:
+//!
+//! - [`config`]: figment-based configuration (defaults < TOML < `TASKSTACK_*`).
+//! - [`proto`]: the Celery message envelope, result records and every Redis key name.
+//! - [`broker`]: the Redis side — atomic Lua steps for taking, settling,
+//!   delaying, dead-lettering and restoring messages; leases; results.
+//! - [`producer`]: send tasks, read and await results.
+//! - [`worker`]: the execution engine, the task registry and built-in tasks.
+//! - [`shutdown`], [`telemetry`]: process plumbing.
+
+pub mod broker;
+pub mod config;
+pub mod producer;
+pub mod proto;
+mod results_listener;
+pub mod shutdown;
+pub mod telemetry;
+pub mod worker;
+
+pub use producer::{Producer, SendOptions, TaskRequest};
+
+use broker::{Broker, BrokerError, RedisPool};
+use config::{Config, ConfigError};
+
+/// Why connecting from a configuration failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// Builds the broker (and result backend) pools a configuration names.
+/// Connections are opened lazily, so this succeeds while Redis is down.
+pub fn connect(config: &Config) -> Result<Broker, ConnectError> {
+    let size = config.redis_pool_size.get();
+    let broker = RedisPool::new(&config.broker_target()?, size, config.redis_timeout)?;
+    let backend = match &config.result_backend {
+        None => broker.clone(),
+        Some(_) => RedisPool::new(&config.backend_target()?, size, config.redis_timeout)?,
+    };
+    Ok(Broker::new(broker, backend, proto::Keys::new(&config.namespace)))
+}

@@ -1,0 +1,284 @@
+//! The producer API: send Celery-protocol tasks, read and await results.
+
+use crate::broker::on_lane;
+use crate::broker::{Broker, BrokerError};
+use crate::broker::{get_result, results_parse};
+use crate::proto::envelope::{MessageSpec, encode};
+use crate::proto::keys::{priority_bucket, queue_key, result_key};
+use crate::proto::TaskResult;
+use crate::results_listener::Listener;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// Errors of the producer API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProducerError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("no result for task {task_id} within {waited:?}")]
+    Timeout { task_id: String, waited: Duration },
+    #[error("invalid send option `{option}`: {reason}")]
+    Option {
+        option: &'static str,
+        reason: String,
+    },
+}
+
+/// How one task is sent. Everything is optional; the defaults send to the
+/// `celery` queue at once with no expiry.
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    /// Use this id instead of a fresh UUID v4.
+    pub task_id: Option<String>,
+    /// Queue name (default `celery`).
+    pub queue: Option<String>,
+    /// Run no earlier than now + countdown.
+    pub countdown: Option<Duration>,
+    /// Run no earlier than this time (wins over `countdown`).
+    pub eta: Option<DateTime<Utc>>,
+    /// Do not run after this time: the task is recorded as REVOKED instead.
+    pub expires: Option<DateTime<Utc>>,
+    /// Celery priority 0..=9; lower runs first.
+    pub priority: Option<u8>,
+    /// How many times the task may be retried (overrides the worker's
+    /// registered default).
+    pub max_retries: Option<u32>,
+    /// Hard time limit: the task is stopped and fails.
+    pub time_limit: Option<Duration>,
+    /// Soft time limit: the task is told to wrap up.
+    pub soft_time_limit: Option<Duration>,
+    /// Extra headers to put on the message.
+    pub headers: Option<Map<String, Value>>,
+}
+
+/// A task to send, with its options.
+#[derive(Debug, Clone)]
+pub struct TaskRequest {
+    pub name: String,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub options: SendOptions,
+}
+
+/// Sends tasks and reads results. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Producer {
+    broker: Broker,
+    origin: String,
+    listener: Mutex<Option<Listener>>,
+}
+
+struct Prepared {
+    id: String,
+    queue_key: String,
+    due_ms: Option<i64>,
+    payload: String,
+}
+
+impl Producer {
+    /// A producer on `broker`; `origin` goes into each message's `origin`
+    /// header (Celery uses `gen<pid>@<host>`).
+    pub fn new(broker: Broker, origin: impl Into<String>) -> Self {
+        Self {
+            broker,
+            origin: origin.into(),
+            listener: Mutex::new(None),
+        }
+    }
+
+    /// The broker this producer sends to.
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    fn prepare(&self, req: &TaskRequest) -> Result<Prepared, ProducerError> {
+        let o = &req.options;
+        let id = o
+            .task_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        if id.is_empty() || id.chars().any(char::is_control) {
+            return Err(ProducerError::Option {
+                option: "task_id",
+                reason: "must be non-empty text without control characters".into(),
+            });
+        }
+        if req.name.is_empty() {
+            return Err(ProducerError::Option {
+                option: "name",
+                reason: "a task name is required".into(),
+            });
+        }
+        let queue = o.queue.as_deref().unwrap_or("celery");
+        if queue.is_empty() || queue.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(ProducerError::Option {
+                option: "queue",
+                reason: format!("{queue:?} is not a valid queue name"),
+            });
+        }
+        if let Some(p) = o.priority
+            && p > 9
+        {
+            return Err(ProducerError::Option {
+                option: "priority",
+                reason: format!("{p} is outside 0..=9"),
+            });
+        }
+        let now = Utc::now();
+        let eta = o.eta.or_else(|| {
+            o.countdown
+                .and_then(|d| chrono::Duration::from_std(d).ok())
+                .map(|d| now + d)
+        });
+        let payload = encode(&MessageSpec {
+            id: &id,
+            task: &req.name,
+            args: &req.args,
+            kwargs: &req.kwargs,
+            queue,
+            eta,
+            expires: o.expires,
+            priority: o.priority,
+            max_retries: o.max_retries,
+            hard_time_limit: o.time_limit,
+            soft_time_limit: o.soft_time_limit,
+            origin: &self.origin,
+            extra_headers: o.headers.as_ref(),
+        });
+        Ok(Prepared {
+            queue_key: queue_key(queue, priority_bucket(o.priority.unwrap_or(0))),
+            due_ms: eta
+                .filter(|t| *t > now)
+                .map(|t| t.timestamp_millis()),
+            id,
+            payload,
+        })
+    }
+
+    /// Sends one task and returns its id. A task due later waits in Redis
+    /// (not in any worker's memory) until then.
+    pub async fn send(&self, req: &TaskRequest) -> Result<String, ProducerError> {
+        let p = self.prepare(req)?;
+        let mut lane = self.broker.broker_pool().lane();
+        match p.due_ms {
+            Some(due) => {
+                crate::broker::park(
+                    &mut lane,
+                    self.broker.keys(),
+                    due,
+                    &p.queue_key,
+                    &p.payload,
+                    None,
+                )
+                .await?
+            }
+            None => {
+                on_lane!(&mut lane, "enqueue", |c| redis::cmd("LPUSH")
+                        .arg(&p.queue_key)
+                        .arg(&p.payload)
+                        .query_async::<()>(c)
+                        )?
+            }
+        }
+        Ok(p.id)
+    }
+
+    /// Sends a task by name with positional arguments and default options.
+    pub async fn send_task(&self, name: &str, args: Vec<Value>) -> Result<String, ProducerError> {
+        self.send(&TaskRequest {
+            name: name.to_owned(),
+            args,
+            kwargs: Map::new(),
+            options: SendOptions::default(),
+        })
+        .await
+    }
+
+    /// Sends many immediate tasks in one pipeline (one round trip). Tasks
+    /// with an ETA or countdown are parked one by one.
+    pub async fn send_many(&self, reqs: &[TaskRequest]) -> Result<Vec<String>, ProducerError> {
+        let prepared = reqs
+            .iter()
+            .map(|r| self.prepare(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut lane = self.broker.broker_pool().lane();
+        let mut pipe = redis::pipe();
+        for p in prepared.iter().filter(|p| p.due_ms.is_none()) {
+            pipe.cmd("LPUSH").arg(&p.queue_key).arg(&p.payload).ignore();
+        }
+        if !pipe.is_empty() {
+            on_lane!(&mut lane, "enqueue", |c| pipe.query_async::<()>(c))?;
+        }
+        for p in prepared.iter() {
+            if let Some(due) = p.due_ms {
+                crate::broker::park(
+                    &mut lane,
+                    self.broker.keys(),
+                    due,
+                    &p.queue_key,
+                    &p.payload,
+                    None,
+                )
+                .await?;
+            }
+        }
+        Ok(prepared.into_iter().map(|p| p.id).collect())
+    }
+
+    /// Reads a task's stored result; `None` when there is none yet (or it expired).
+    pub async fn result(&self, task_id: &str) -> Result<Option<TaskResult>, ProducerError> {
+        let mut lane = self.broker.backend_pool().lane();
+        Ok(get_result(&mut lane, task_id).await?)
+    }
+
+    /// Waits up to `timeout` for a task's final result (SUCCESS, FAILURE or
+    /// REVOKED), woken by the result's publication.
+    pub async fn wait(&self, task_id: &str, timeout: Duration) -> Result<TaskResult, ProducerError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let channel = result_key(task_id);
+        loop {
+            let rx = {
+                let mut guard = self.listener.lock().await;
+                if guard.as_ref().is_none_or(|l| !l.is_alive()) {
+                    *guard = Some(Listener::connect(self.broker.backend_pool()).await?);
+                }
+                let Some(listener) = guard.as_ref() else {
+                    continue;
+                };
+                listener.watch(&channel).await?
+            };
+            // Subscribed first, read second: a result published in between
+            // is in the key; one published later wakes the receiver.
+            let outcome = match self.result(task_id).await? {
+                Some(r) if r.status.is_ready() => Some(Ok(r)),
+                _ => match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(raw)) => match results_parse(&raw) {
+                        Ok(r) if r.status.is_ready() => Some(Ok(r)),
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e.into())),
+                    },
+                    Ok(Err(_)) => None, // listener lost; resubscribe
+                    Err(_) => Some(Err(ProducerError::Timeout {
+                        task_id: task_id.to_owned(),
+                        waited: timeout,
+                    })),
+                },
+            };
+            if let Some(l) = self.listener.lock().await.as_ref() {
+                l.unwatch(&channel).await;
+            }
+            if let Some(done) = outcome {
+                return done;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ProducerError::Timeout {
+                    task_id: task_id.to_owned(),
+                    waited: timeout,
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Every Redis key name taskstack reads or writes, in one place.
+//!
+//! Two families live side by side:
+//! - Celery's own names, fixed by the wire protocol so that Python clients and
+//!   workers interoperate: queue lists (`<queue>` and `<queue>\x06\x16<bucket>`)
+//!   and results (`celery-task-meta-<id>`).
+//! - taskstack's bookkeeping, all under a configurable namespace
+//!   (`<ns>:...`), so several deployments or tests can share one server.
+
+/// Separator Celery's Redis transport puts between a queue name and its
+/// priority bucket.
+pub const PRIORITY_SEP: &str = "\x06\x16";
+
+/// The priority buckets Celery's Redis transport uses, highest priority first.
+pub const PRIORITY_BUCKETS: [u8; 4] = [0, 3, 6, 9];
+
+/// Prefix of a task's result key and of the channel its result is published on.
+pub const RESULT_PREFIX: &str = "celery-task-meta-";
+
+/// Maps a Celery priority (0..=9, clamped) to its bucket: 0–2 → 0, 3–5 → 3,
+/// 6–8 → 6, 9 → 9. A lower bucket is served first.
+pub fn priority_bucket(priority: u8) -> u8 {
+    match priority.min(9) {
+        0..=2 => 0,
+        3..=5 => 3,
+        6..=8 => 6,
+        _ => 9,
+    }
+}
+
+/// The Redis list holding `queue`'s messages of the given priority bucket.
+pub fn queue_key(queue: &str, bucket: u8) -> String {
+    if bucket == 0 {
+        queue.to_owned()
+    } else {
+        format!("{queue}{PRIORITY_SEP}{bucket}")
+    }
+}
+
+/// The queue name a list key belongs to (strips the priority suffix).
+pub fn queue_of_key(key: &str) -> &str {
+    key.split_once(PRIORITY_SEP).map_or(key, |(q, _)| q)
+}
+
+/// Where a task's result lives, and the channel it is published on.
+pub fn result_key(task_id: &str) -> String {
+    format!("{RESULT_PREFIX}{task_id}")
+}
+
+/// taskstack's bookkeeping keys under one namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    ns: String,
+}
+
+impl Keys {
+    /// Keys under `namespace` (validated by the configuration loader).
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            ns: namespace.to_owned(),
+        }
+    }
+
+    /// The namespace itself.
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    /// ZSET: worker id → lease deadline (ms since the epoch). A worker whose
+    /// deadline passed is dead; its held messages go back to their queues.
+    pub fn leases(&self) -> String {
+        format!("{}:leases", self.ns)
+    }
+
+    /// HASH per worker: delivery sequence → `<queue key>\n<raw message>`,
+    /// every message the worker has taken and not yet settled.
+    pub fn inflight(&self, worker_id: &str) -> String {
+        format!("{}:inflight:{worker_id}", self.ns)
+    }
+
+    /// Prefix of [`Keys::inflight`], for scripts that derive it from a worker id.
+    pub fn inflight_prefix(&self) -> String {
+        format!("{}:inflight:", self.ns)
+    }
+
+    /// LIST per worker: where a blocking wait (BLMOVE) drops a message, so the
+    /// wait and the record of who holds the message are one atomic step.
+    pub fn landing(&self, worker_id: &str) -> String {
+        format!("{}:landing:{worker_id}", self.ns)
+    }
+
+    /// Prefix of [`Keys::landing`].
+    pub fn landing_prefix(&self) -> String {
+        format!("{}:landing:", self.ns)
+    }
+
+    /// HASH: worker id → the queue key its landing list is fed from.
+    pub fn landing_sources(&self) -> String {
+        format!("{}:landing-src", self.ns)
+    }
+
+    /// ZSET: delayed-message id → due time (ms since the epoch).
+    pub fn delayed(&self) -> String {
+        format!("{}:delayed", self.ns)
+    }
+
+    /// HASH: delayed-message id → `<queue key>\n<raw message>`.
+    pub fn delayed_messages(&self) -> String {
+        format!("{}:delayed-msg", self.ns)
+    }
+
+    /// LIST per queue: dead letters, newest first, each a JSON record with the
+    /// reason and the original payload.
+    pub fn dead_letters(&self, queue: &str) -> String {
+        format!("{}:dead:{queue}", self.ns)
+    }
+
+    /// STRING with expiry per worker: its heartbeat record (JSON).
+    pub fn worker(&self, worker_id: &str) -> String {
+        format!("{}:worker:{worker_id}", self.ns)
+    }
+
+    /// Prefix of [`Keys::worker`].
+    pub fn worker_prefix(&self) -> String {
+        format!("{}:worker:", self.ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priority_buckets_match_celery() {
+        let buckets: Vec<u8> = (0..=12).map(priority_bucket).collect();
+        assert_eq!(buckets, [0, 0, 0, 3, 3, 3, 6, 6, 6, 9, 9, 9, 9]);
+    }
+
+    #[test]
+    fn queue_keys_match_celery() {
+        assert_eq!(queue_key("celery", 0), "celery");
+        assert_eq!(queue_key("celery", 3), "celery\x06\x163");
+        assert_eq!(queue_of_key("celery\x06\x169"), "celery");
+        assert_eq!(queue_of_key("other"), "other");
+        assert_eq!(result_key("abc"), "celery-task-meta-abc");
+    }
+
+    #[test]
+    fn bookkeeping_keys_live_under_the_namespace() {
+        let k = Keys::new("ns1");
+        for key in [
+            k.leases(),
+            k.inflight("w"),
+            k.landing("w"),
+            k.landing_sources(),
+            k.delayed(),
+            k.delayed_messages(),
+            k.dead_letters("q"),
+            k.worker("w"),
+        ] {
+            assert!(key.starts_with("ns1:"), "{key}");
+        }
+        assert!(k.inflight("w").starts_with(&k.inflight_prefix()));
+        assert!(k.landing("w").starts_with(&k.landing_prefix()));
+        assert!(k.worker("w").starts_with(&k.worker_prefix()));
+    }
+}

@@ -1,0 +1,10 @@
+//! Everything that crosses a process boundary: the Celery message envelope,
+//! the result record, and every Redis key name.
+
+pub mod envelope;
+pub mod keys;
+pub mod result;
+
+pub use envelope::{DecodeError, MessageSpec, TaskMessage};
+pub use keys::Keys;
+pub use result::{ExceptionInfo, Provenance, TaskResult, TaskState};

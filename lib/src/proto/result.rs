@@ -1,0 +1,189 @@
+//! Task results as Celery's Redis backend stores them
+//! (`celery-task-meta-<id>`, JSON).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// A task's state, with Celery's names on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum TaskState {
+    Pending,
+    Received,
+    Started,
+    Success,
+    Failure,
+    Retry,
+    Revoked,
+}
+
+impl TaskState {
+    /// Whether the task will not change state again.
+    pub fn is_ready(self) -> bool {
+        matches!(self, Self::Success | Self::Failure | Self::Revoked)
+    }
+}
+
+/// The stored record of a task's outcome. Field names are Celery's; the
+/// extended fields (`name`, `worker`, `retries`, `queue`) match Celery's
+/// `result_extended`, and Python clients ignore what they do not know.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub status: TaskState,
+    pub result: Value,
+    pub traceback: Option<String>,
+    #[serde(default)]
+    pub children: Vec<Value>,
+    pub date_done: Option<String>,
+    pub task_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+}
+
+/// A failure as Celery encodes exceptions: Python clients rebuild an
+/// exception of `exc_type` from `exc_module` (or a generic one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExceptionInfo {
+    pub exc_type: String,
+    pub exc_module: String,
+    pub message: String,
+}
+
+impl ExceptionInfo {
+    /// An exception of a Python builtin type (`ValueError`, `RuntimeError`, ...).
+    pub fn builtin(exc_type: &str, message: impl Into<String>) -> Self {
+        Self {
+            exc_type: exc_type.to_owned(),
+            exc_module: "builtins".to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// One of Celery's own exceptions (`TimeLimitExceeded`, `NotRegistered`, ...).
+    pub fn celery(exc_type: &str, message: impl Into<String>) -> Self {
+        Self {
+            exc_type: exc_type.to_owned(),
+            exc_module: "celery.exceptions".to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// The `result` field of a FAILURE or RETRY record.
+    pub fn to_value(&self) -> Value {
+        json!({
+            "exc_type": self.exc_type,
+            "exc_message": [self.message],
+            "exc_module": self.exc_module,
+        })
+    }
+}
+
+/// Who ran the task and where, for the extended fields.
+#[derive(Debug, Clone, Copy)]
+pub struct Provenance<'a> {
+    pub name: &'a str,
+    pub worker: &'a str,
+    pub retries: u32,
+    pub queue: &'a str,
+    pub parent_id: Option<&'a str>,
+}
+
+impl TaskResult {
+    /// A record in `status` for `task_id`, done now when the state is final.
+    pub fn new(task_id: &str, status: TaskState, result: Value, from: Provenance<'_>) -> Self {
+        let date_done = status
+            .is_ready()
+            .then(|| super::envelope::format_time(Utc::now()));
+        Self {
+            status,
+            result,
+            traceback: None,
+            children: Vec::new(),
+            date_done,
+            task_id: task_id.to_owned(),
+            name: Some(from.name.to_owned()),
+            worker: Some(from.worker.to_owned()),
+            retries: Some(from.retries),
+            queue: Some(from.queue.to_owned()),
+            parent_id: from.parent_id.map(str::to_owned),
+        }
+    }
+
+    /// A FAILURE (or RETRY) record carrying `exc`, with a traceback text.
+    pub fn failure(
+        task_id: &str,
+        status: TaskState,
+        exc: &ExceptionInfo,
+        from: Provenance<'_>,
+    ) -> Self {
+        let mut r = Self::new(task_id, status, exc.to_value(), from);
+        r.traceback = Some(format!(
+            "{}.{}: {}",
+            exc.exc_module, exc.exc_type, exc.message
+        ));
+        r
+    }
+
+    /// When the task finished, if it did.
+    pub fn done_at(&self) -> Option<DateTime<Utc>> {
+        self.date_done
+            .as_deref()
+            .and_then(super::envelope::parse_time)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from() -> Provenance<'static> {
+        Provenance {
+            name: "t",
+            worker: "w",
+            retries: 0,
+            queue: "q",
+            parent_id: None,
+        }
+    }
+
+    #[test]
+    fn failure_uses_celerys_exception_shape() {
+        let r = TaskResult::failure(
+            "id",
+            TaskState::Failure,
+            &ExceptionInfo::builtin("ValueError", "boom"),
+            from(),
+        );
+        let v = serde_json::to_value(&r).expect("serializes");
+        assert_eq!(v["status"], "FAILURE");
+        assert_eq!(
+            v["result"],
+            json!({"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"})
+        );
+        assert!(r.done_at().is_some());
+    }
+
+    #[test]
+    fn parses_a_python_written_result() {
+        let raw = r#"{"status": "SUCCESS", "result": 5, "traceback": null, "children": [], "date_done": "2026-11-23T23:44:32.670674+00:00", "task_id": "x"}"#;
+        let r: TaskResult = serde_json::from_str(raw).expect("parses");
+        assert_eq!(r.status, TaskState::Success);
+        assert_eq!(r.result, json!(5));
+        assert!(r.worker.is_none());
+    }
+
+    #[test]
+    fn retry_is_not_ready() {
+        let r = TaskResult::new("id", TaskState::Retry, Value::Null, from());
+        assert!(r.date_done.is_none());
+    }
+}

@@ -1,0 +1,96 @@
+//! One subscription connection shared by every result waiter of a process,
+//! like Celery's result consumer: waiters are woken by the result's
+//! `PUBLISH`, never by polling.
+
+use crate::broker::{BrokerError, RedisPool};
+use futures_util::StreamExt as _;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+
+type Waiters = Arc<Mutex<HashMap<String, Vec<oneshot::Sender<String>>>>>;
+
+/// A live subscription connection and the waiters registered on it.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    sink: redis::aio::PubSubSink,
+    waiters: Waiters,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Listener {
+    pub(crate) async fn connect(pool: &RedisPool) -> Result<Self, BrokerError> {
+        let (sink, mut stream) = pool.pubsub().await?.split();
+        let waiters: Waiters = Arc::default();
+        let w = Arc::clone(&waiters);
+        let reader = tokio::spawn(async move {
+            while let Some(msg) = stream.next().await {
+                let Ok(payload) = msg.get_payload::<String>() else {
+                    continue;
+                };
+                let senders = w
+                    .lock()
+                    .map(|mut m| m.remove(msg.get_channel_name()))
+                    .unwrap_or_default();
+                for s in senders.into_iter().flatten() {
+                    let _ = s.send(payload.clone());
+                }
+            }
+            // Connection gone: dropping every sender wakes every waiter with
+            // an error, so they resubscribe on a fresh connection.
+            if let Ok(mut m) = w.lock() {
+                m.clear();
+            }
+        });
+        Ok(Self {
+            sink,
+            waiters,
+            reader,
+        })
+    }
+
+    /// Whether the reader still runs (the connection is alive).
+    pub(crate) fn is_alive(&self) -> bool {
+        !self.reader.is_finished()
+    }
+
+    /// Registers interest in `channel` and subscribes; the receiver yields
+    /// the next payload published there.
+    pub(crate) async fn watch(
+        &self,
+        channel: &str,
+    ) -> Result<oneshot::Receiver<String>, BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut m) = self.waiters.lock() {
+            m.entry(channel.to_owned()).or_default().push(tx);
+        }
+        let mut sink = self.sink.clone();
+        sink.subscribe(channel)
+            .await
+            .map_err(BrokerError::redis("subscribe"))?;
+        Ok(rx)
+    }
+
+    /// Drops interest in `channel` when no waiter is left on it.
+    pub(crate) async fn unwatch(&self, channel: &str) {
+        let idle = self.waiters.lock().is_ok_and(|mut m| {
+            if let Some(v) = m.get_mut(channel) {
+                v.retain(|s| !s.is_closed());
+                if v.is_empty() {
+                    m.remove(channel);
+                }
+            }
+            !m.contains_key(channel)
+        });
+        if idle {
+            let mut sink = self.sink.clone();
+            let _ = sink.unsubscribe(channel).await;
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! What happens to one message a worker took: decode, check, run, record.
+
+use super::registry::{TaskContext, TaskError, TaskOptions};
+use super::shared::{SettleMsg, Shared, Stats};
+use crate::broker::{DeadLetter, Delivery, Settle, dead_letter, park, store_result};
+use crate::proto::envelope::{self, DecodeError, TaskMessage};
+use crate::proto::keys::queue_of_key;
+use crate::proto::{ExceptionInfo, Provenance, TaskResult, TaskState};
+use chrono::Utc;
+use futures_util::FutureExt as _;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::Instrument as _;
+
+/// An ETA closer than this is treated as due (clock reads differ slightly).
+const ETA_TOLERANCE: Duration = Duration::from_millis(100);
+
+pub(crate) async fn handle(sh: Arc<Shared>, d: Delivery) {
+    let queue = queue_of_key(&d.queue_key).to_owned();
+    let msg = match envelope::decode(&d.payload) {
+        Ok(m) => m,
+        Err((err, id)) => {
+            let span = tracing::warn_span!("message", task_id = id.as_deref().unwrap_or(""), queue = %queue);
+            let exc = decode_exception(&err);
+            async {
+                tracing::warn!(reason = %err, "refusing message; dead-lettering it");
+                poison(&sh, &d, &queue, id.as_deref(), None, 0, err.to_string(), exc).await;
+            }
+            .instrument(span)
+            .await;
+            return;
+        }
+    };
+    let span = tracing::info_span!(
+        "task",
+        task_id = %msg.id,
+        task = %msg.task,
+        queue = %queue,
+        attempt = msg.retries + 1,
+    );
+    run_message(sh, d, queue, msg).instrument(span).await;
+}
+
+fn decode_exception(err: &DecodeError) -> ExceptionInfo {
+    match err {
+        DecodeError::ContentType { .. } => ExceptionInfo {
+            exc_type: "ContentDisallowed".into(),
+            exc_module: "kombu.exceptions".into(),
+            message: err.to_string(),
+        },
+        _ => ExceptionInfo::builtin("ValueError", err.to_string()),
+    }
+}
+
+fn provenance<'a>(sh: &'a Shared, msg: &'a TaskMessage, queue: &'a str) -> Provenance<'a> {
+    Provenance {
+        name: &msg.task,
+        worker: &sh.id,
+        retries: msg.retries,
+        queue,
+        parent_id: msg.parent_id.as_deref(),
+    }
+}
+
+async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessage) {
+    let now = Utc::now();
+    if let Some(exp) = msg.expires
+        && exp <= now
+    {
+        tracing::info!(expired_at = %envelope::format_time(exp), "task expired before it ran; recording REVOKED");
+        Stats::bump(&sh.stats.revoked);
+        let exc = ExceptionInfo::celery("TaskRevokedError", "expired");
+        let r = TaskResult::new(&msg.id, TaskState::Revoked, exc.to_value(), provenance(&sh, &msg, &queue));
+        finish(&sh, d.seq, &msg, Some(r)).await;
+        return;
+    }
+    if let Some(eta) = msg.eta
+        && eta - now > chrono::Duration::from_std(ETA_TOLERANCE).unwrap_or_default()
+    {
+        // A producer that does not park ETA tasks itself (Python Celery)
+        // pushed it straight to the queue: park it in Redis until due.
+        tracing::debug!(eta = %envelope::format_time(eta), "task not due yet; parking it");
+        let due = eta.timestamp_millis();
+        let mut retry = sh.retrier("park task until its ETA");
+        let done = loop {
+            let mut lane = sh.broker.broker_pool().lane();
+            let r = park(&mut lane, sh.broker.keys(), due, &d.queue_key, &d.payload, Some((&sh.id, d.seq))).await;
+            match r {
+                Ok(()) => break true,
+                Err(e) if retry.again(&e).await => {}
+                Err(_) => break false,
+            }
+        };
+        if done {
+            sh.held.add_permits(1);
+        }
+        return;
+    }
+    let Some((handler, options)) = sh.registry.get(&msg.task) else {
+        tracing::warn!("task is not registered in this worker; dead-lettering it");
+        let exc = ExceptionInfo::celery(
+            "NotRegistered",
+            format!("task {:?} is not registered in this worker", msg.task),
+        );
+        let reason = format!("unknown task {:?}", msg.task);
+        poison(&sh, &d, &queue, Some(&msg.id), Some(&msg.task), msg.retries, reason, exc).await;
+        return;
+    };
+
+    let permit = tokio::select! {
+        biased;
+        () = sh.stop.cancelled() => {
+            sh.settle(SettleMsg::HandBack(d.seq)).await;
+            return;
+        }
+        p = Arc::clone(&sh.exec).acquire_owned() => match p {
+            Ok(p) => p,
+            Err(_) => { sh.settle(SettleMsg::HandBack(d.seq)).await; return; }
+        },
+    };
+    tracing::debug!("task started");
+    let started = tokio::time::Instant::now();
+    let ctx = TaskContext {
+        id: msg.id.clone(),
+        name: msg.task.clone(),
+        args: msg.args.clone(),
+        kwargs: msg.kwargs.clone(),
+        retries: msg.retries,
+        soft_deadline: msg.soft_time_limit.map(|s| started + s),
+        shutdown: sh.stop.clone(),
+    };
+    let run = async move {
+        let fut = std::panic::catch_unwind(AssertUnwindSafe(|| handler(ctx)))?;
+        AssertUnwindSafe(fut).catch_unwind().await
+    };
+    let outcome = match msg.hard_time_limit {
+        Some(limit) => tokio::time::timeout(limit, run).await.map_err(|_| limit),
+        None => Ok(run.await),
+    };
+    drop(permit);
+    let runtime = started.elapsed();
+    let from = provenance(&sh, &msg, &queue);
+    match outcome {
+        Ok(Ok(Ok(value))) => {
+            tracing::debug!(runtime = ?runtime, "task succeeded");
+            Stats::bump(&sh.stats.succeeded);
+            let r = TaskResult::new(&msg.id, TaskState::Success, value, from);
+            finish(&sh, d.seq, &msg, Some(r)).await;
+        }
+        Ok(Ok(Err(TaskError::Fail(exc)))) => {
+            tracing::info!(runtime = ?runtime, exc_type = %exc.exc_type, error = %exc.message, "task failed");
+            Stats::bump(&sh.stats.failed);
+            let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
+            finish(&sh, d.seq, &msg, Some(r)).await;
+        }
+        Ok(Ok(Err(TaskError::Retry { reason, countdown }))) => {
+            retry(&sh, &d, &queue, &msg, options, reason, countdown).await;
+        }
+        Ok(Ok(Err(TaskError::Reject { reason }))) => {
+            tracing::warn!(reason = %reason, "task rejected its message; dead-lettering it");
+            let exc = ExceptionInfo::celery("Reject", reason.clone());
+            poison(&sh, &d, &queue, Some(&msg.id), Some(&msg.task), msg.retries, reason, exc).await;
+        }
+        Ok(Err(panic)) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic payload".into());
+            tracing::error!(panic = %what, "task panicked; recording FAILURE");
+            Stats::bump(&sh.stats.failed);
+            let exc = ExceptionInfo::builtin("RuntimeError", format!("task panicked: {what}"));
+            let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
+            finish(&sh, d.seq, &msg, Some(r)).await;
+        }
+        Err(limit) => {
+            tracing::warn!(limit = ?limit, "task exceeded its hard time limit and was stopped");
+            Stats::bump(&sh.stats.failed);
+            let exc = ExceptionInfo::celery(
+                "TimeLimitExceeded",
+                format!("hard time limit ({}s) exceeded", limit.as_secs_f64()),
+            );
+            let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
+            finish(&sh, d.seq, &msg, Some(r)).await;
+        }
+    }
+}
+
+/// Stores the result (unless the message asked not to) and releases the hold.
+async fn finish(sh: &Shared, seq: u64, msg: &TaskMessage, result: Option<TaskResult>) {
+    let result = result.filter(|_| !msg.ignore_result).and_then(|r| {
+        serde_json::to_string(&r)
+            .map_err(|e| tracing::error!(error = %e, "result is not serializable"))
+            .ok()
+            .map(|json| (msg.id.clone(), json))
+    });
+    sh.settle(SettleMsg::Done(Settle { seq, result })).await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn retry(
+    sh: &Shared,
+    d: &Delivery,
+    queue: &str,
+    msg: &TaskMessage,
+    options: TaskOptions,
+    reason: String,
+    countdown: Option<Duration>,
+) {
+    let max = msg.max_retries.unwrap_or(options.max_retries);
+    let from = provenance(sh, msg, queue);
+    if msg.retries >= max {
+        tracing::warn!(reason = %reason, max_retries = max, "retries exhausted; dead-lettering the task");
+        let exc = ExceptionInfo::celery(
+            "MaxRetriesExceededError",
+            format!("gave up after {} retries: {reason}", msg.retries),
+        );
+        let why = format!("retries exhausted ({max}): {reason}");
+        poison(sh, d, queue, Some(&msg.id), Some(&msg.task), msg.retries, why, exc).await;
+        return;
+    }
+    let delay = countdown.unwrap_or_else(|| options.backoff(msg.retries));
+    let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+    tracing::info!(reason = %reason, retry_in = ?delay, "task will be retried");
+    Stats::bump(&sh.stats.retried);
+    let exc = ExceptionInfo::celery("Retry", reason);
+    let r = TaskResult::failure(&msg.id, TaskState::Retry, &exc, from);
+    let next = msg.for_retry(eta);
+    let ttl = sh.settings.result_expires;
+    let mut retry = sh.retrier("schedule retry");
+    let done = loop {
+        // One pooled connection at a time: rare paths must not starve the pool.
+        let r = async {
+            if !msg.ignore_result {
+                store_result(&mut sh.broker.backend_pool().lane(), &r, ttl).await?;
+            }
+            let mut lane = sh.broker.broker_pool().lane();
+            park(&mut lane, sh.broker.keys(), eta.timestamp_millis(), &d.queue_key, &next, Some((&sh.id, d.seq))).await
+        }
+        .await;
+        match r {
+            Ok(()) => break true,
+            Err(e) if retry.again(&e).await => {}
+            Err(_) => break false,
+        }
+    };
+    if done {
+        sh.held.add_permits(1);
+    }
+}
+
+/// Records a FAILURE result when the task id is known, then moves the
+/// message to its queue's dead-letter list (releasing the hold atomically).
+#[allow(clippy::too_many_arguments)]
+async fn poison(
+    sh: &Shared,
+    d: &Delivery,
+    queue: &str,
+    task_id: Option<&str>,
+    task: Option<&str>,
+    retries: u32,
+    reason: String,
+    exc: ExceptionInfo,
+) {
+    Stats::bump(&sh.stats.dead_lettered);
+    let result = task_id.map(|id| {
+        TaskResult::failure(
+            id,
+            TaskState::Failure,
+            &exc,
+            Provenance {
+                name: task.unwrap_or(""),
+                worker: &sh.id,
+                retries,
+                queue,
+                parent_id: None,
+            },
+        )
+    });
+    let record = DeadLetter {
+        reason,
+        queue: queue.to_owned(),
+        queue_key: d.queue_key.clone(),
+        task_id: task_id.map(str::to_owned),
+        task: task.map(str::to_owned),
+        payload: d.payload.clone(),
+        worker: sh.id.clone(),
+        at: envelope::format_time(Utc::now()),
+    };
+    let ttl = sh.settings.result_expires;
+    let mut retry = sh.retrier("dead-letter message");
+    let done = loop {
+        // One pooled connection at a time: rare paths must not starve the pool.
+        let r = async {
+            if let Some(r) = &result {
+                store_result(&mut sh.broker.backend_pool().lane(), r, ttl).await?;
+            }
+            let mut lane = sh.broker.broker_pool().lane();
+            dead_letter(&mut lane, sh.broker.keys(), &sh.id, d.seq, &record).await
+        }
+        .await;
+        match r {
+            Ok(()) => break true,
+            Err(e) if retry.again(&e).await => {}
+            Err(_) => break false,
+        }
+    };
+    if done {
+        sh.held.add_permits(1);
+    }
+}

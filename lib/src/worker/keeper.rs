@@ -1,0 +1,110 @@
+//! Background duties of a live worker: renew its lease and heartbeat,
+//! restore the messages of dead workers, move due delayed messages.
+
+use super::shared::{Shared, jitter};
+use crate::broker::{Lane, WorkerRecord, heartbeat, now_ms, promote, reap};
+use crate::proto::envelope::format_time;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Longest a due delayed message waits for promotion when the next due time
+/// is unknown (another process may park one at any moment).
+const PROMOTE_POLL: Duration = Duration::from_millis(250);
+const PROMOTE_BATCH: usize = 500;
+
+pub(crate) fn record(sh: &Shared, started_at: &str) -> WorkerRecord {
+    let s = &sh.stats;
+    WorkerRecord {
+        id: sh.id.clone(),
+        host: super::hostname(),
+        pid: std::process::id(),
+        queues: sh.settings.queues.clone(),
+        tasks: sh.registry.names(),
+        concurrency: sh.settings.concurrency,
+        started_at: started_at.to_owned(),
+        last_heartbeat: format_time(chrono::Utc::now()),
+        processed: s.processed.load(Ordering::Relaxed),
+        failed: s.failed.load(Ordering::Relaxed),
+        retried: s.retried.load(Ordering::Relaxed),
+        dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+/// Until `until` is cancelled, on one connection: renews the lease every
+/// third of its length, restores messages of workers whose lease expired
+/// every half lease (jittered), and moves due delayed messages when due.
+pub(crate) async fn run(sh: Arc<Shared>, started_at: String, until: CancellationToken) {
+    let mut lane = sh.broker.broker_pool().lane();
+    let landing_source = sh.settings.queue_keys()[0].clone();
+    let beat_every = sh.settings.lease / 3;
+    let reap_every = sh.settings.lease / 2;
+    let now = tokio::time::Instant::now();
+    let (mut next_beat, mut next_reap, mut next_promote) = (now + beat_every, now, now);
+    loop {
+        tokio::select! {
+            () = until.cancelled() => return,
+            () = tokio::time::sleep_until(next_beat) => {
+                beat(&sh, &mut lane, &started_at, &landing_source).await;
+                next_beat = tokio::time::Instant::now() + beat_every;
+            }
+            () = tokio::time::sleep_until(next_reap) => {
+                reap_dead(&sh, &mut lane).await;
+                next_reap = tokio::time::Instant::now() + jitter(reap_every);
+            }
+            () = tokio::time::sleep_until(next_promote) => {
+                next_promote = tokio::time::Instant::now() + promote_due(&sh, &mut lane).await;
+            }
+        }
+    }
+}
+
+async fn beat(sh: &Shared, lane: &mut Lane, started_at: &str, landing_source: &str) {
+    let rec = record(sh, started_at);
+    match heartbeat(lane, sh.broker.keys(), &rec, landing_source, sh.settings.lease).await {
+        Ok(false) => {}
+        Ok(true) => tracing::warn!(
+            "this worker's lease had expired (Redis unreachable or the process stalled); \
+             messages it held may have been redelivered"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot renew the lease"),
+    }
+}
+
+async fn reap_dead(sh: &Shared, lane: &mut Lane) {
+    match reap(lane, sh.broker.keys(), now_ms()).await {
+        Ok((0, _)) => {}
+        Ok((workers, restored)) => {
+            sh.stats
+                .restored_from_dead_workers
+                .fetch_add(restored, Ordering::Relaxed);
+            tracing::warn!(
+                workers,
+                restored,
+                "restored messages held by workers whose lease expired"
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot check for dead workers"),
+    }
+}
+
+/// Moves due delayed messages; returns how long to wait before the next look.
+async fn promote_due(sh: &Shared, lane: &mut Lane) -> Duration {
+    match promote(lane, sh.broker.keys(), now_ms(), PROMOTE_BATCH).await {
+        Ok((moved, _)) if moved as usize == PROMOTE_BATCH => Duration::ZERO,
+        Ok((moved, next)) => {
+            if moved > 0 {
+                tracing::debug!(moved, "moved due delayed messages to their queues");
+            }
+            next.map_or(PROMOTE_POLL, |due| {
+                Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)).min(PROMOTE_POLL)
+            })
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot move delayed messages");
+            Duration::from_secs(1)
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The settler: batches finished messages into one pipeline (results, then
+//! acknowledgements) and hands back messages that never started.
+
+use super::shared::{SettleMsg, Shared};
+use crate::broker::{Settle, requeue, settle};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+const MAX_BATCH: usize = 512;
+
+/// Runs until every sender is gone and everything received is settled (or
+/// the worker abandons Redis work).
+pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
+    let keys = sh.broker.keys().clone();
+    let mut broker_lane = sh.broker.broker_pool().lane();
+    let mut backend_lane = (!sh.broker.backend_is_broker()).then(|| sh.broker.backend_pool().lane());
+    let mut buf = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
+        let mut done: Vec<Settle> = Vec::with_capacity(buf.len());
+        let mut back: Vec<u64> = Vec::new();
+        for m in buf.drain(..) {
+            match m {
+                SettleMsg::Done(s) => done.push(s),
+                SettleMsg::HandBack(seq) => back.push(seq),
+            }
+        }
+        if !back.is_empty() {
+            back.sort_unstable();
+            let mut retry = sh.retrier("hand back unstarted messages");
+            let n = loop {
+                match requeue(&mut broker_lane, &keys, &sh.id, &back).await {
+                    Ok(n) => break Some(n),
+                    Err(e) if retry.again(&e).await => {}
+                    Err(_) => break None,
+                }
+            };
+            if let Some(n) = n {
+                tracing::info!(count = n, "handed unstarted messages back to their queues");
+                sh.stats
+                    .handed_back
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            sh.held.add_permits(back.len());
+        }
+        if !done.is_empty() {
+            let mut retry = sh.retrier("store results and acknowledge");
+            let ok = loop {
+                let r = settle(
+                    &mut broker_lane,
+                    backend_lane.as_mut(),
+                    &keys,
+                    &sh.id,
+                    &done,
+                    sh.settings.result_expires,
+                )
+                .await;
+                match r {
+                    Ok(()) => break true,
+                    Err(e) if retry.again(&e).await => {}
+                    Err(_) => break false,
+                }
+            };
+            if ok {
+                sh.stats
+                    .processed
+                    .fetch_add(done.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            sh.held.add_permits(done.len());
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! State shared by a worker's loops and its per-message tasks.
+
+use super::WorkerSettings;
+use super::registry::Registry;
+use crate::broker::{Broker, BrokerError, Settle};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Counters a worker reports in its heartbeat record.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub processed: AtomicU64,
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub revoked: AtomicU64,
+    pub handed_back: AtomicU64,
+    pub restored_from_dead_workers: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// What the settler does with a message the worker holds.
+#[derive(Debug)]
+pub(crate) enum SettleMsg {
+    /// Store the result (if any), then release the hold.
+    Done(Settle),
+    /// Never started: put it back at the front of its queue.
+    HandBack(u64),
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub broker: Broker,
+    pub registry: Registry,
+    pub settings: WorkerSettings,
+    pub id: String,
+    pub stats: Arc<Stats>,
+    /// Permits = messages the worker may still take (prefetch − held).
+    pub held: Arc<Semaphore>,
+    /// Permits = tasks that may run now (concurrency).
+    pub exec: Arc<Semaphore>,
+    /// Cancelled when the worker stops taking messages.
+    pub stop: CancellationToken,
+    /// Cancelled when the worker gives up on Redis work (after the drain).
+    pub abandon: CancellationToken,
+    pub settle_tx: std::sync::Mutex<Option<mpsc::Sender<SettleMsg>>>,
+}
+
+impl Shared {
+    /// Queues a settlement; the settler batches them.
+    pub async fn settle(&self, msg: SettleMsg) {
+        // The settler outlives every message task, so a send only fails once
+        // the worker abandoned Redis work; the lease release then hands the
+        // message back.
+        let tx = self.settle_tx.lock().ok().and_then(|g| g.clone());
+        if let Some(tx) = tx {
+            let _ = tx.send(msg).await;
+        }
+    }
+
+    /// Closes the settlement channel (after the last message task ended).
+    pub fn close_settlements(&self) {
+        if let Ok(mut g) = self.settle_tx.lock() {
+            g.take();
+        }
+    }
+
+    /// A retry helper for a Redis step that must eventually succeed.
+    pub fn retrier(&self, what: &'static str) -> Retrier {
+        Retrier {
+            what,
+            delay: Duration::from_millis(50),
+            abandon: self.abandon.clone(),
+        }
+    }
+}
+
+/// Retries a Redis step with jittered exponential backoff until it succeeds
+/// or the worker abandons Redis work; then the lease release (or expiry)
+/// hands the message back, so giving up never loses it.
+#[derive(Debug)]
+pub(crate) struct Retrier {
+    what: &'static str,
+    delay: Duration,
+    abandon: CancellationToken,
+}
+
+impl Retrier {
+    /// Logs `err` and waits before the next attempt; false means give up.
+    pub async fn again(&mut self, err: &BrokerError) -> bool {
+        tracing::warn!(error = %err, retry_in = ?self.delay, "{} failed; retrying", self.what);
+        tokio::select! {
+            () = self.abandon.cancelled() => return false,
+            () = tokio::time::sleep(jitter(self.delay)) => {}
+        }
+        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+        true
+    }
+}
+
+/// `d` scaled by a random factor in [0.5, 1.0].
+pub(crate) fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+}
