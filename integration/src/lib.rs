@@ -30,7 +30,11 @@ where
 }
 
 /// Blocking variant of [`wait_until`] for synchronous checks.
-pub fn wait_until_sync<T>(what: &str, deadline: Duration, mut cond: impl FnMut() -> Option<T>) -> Result<T> {
+pub fn wait_until_sync<T>(
+    what: &str,
+    deadline: Duration,
+    mut cond: impl FnMut() -> Option<T>,
+) -> Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = cond() {
@@ -103,11 +107,15 @@ impl RedisServer {
             .context("cannot start redis-server: install it (apt-get install -y redis-server)")?;
         self.child = Some(child);
         let port = self.port;
-        wait_until_sync("redis-server to answer PING", Duration::from_secs(10), || {
-            let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
-            let mut c = client.get_connection().ok()?;
-            redis::cmd("PING").query::<String>(&mut c).ok()
-        })?;
+        wait_until_sync(
+            "redis-server to answer PING",
+            Duration::from_secs(10),
+            || {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+                let mut c = client.get_connection().ok()?;
+                redis::cmd("PING").query::<String>(&mut c).ok()
+            },
+        )?;
         Ok(())
     }
 
@@ -250,7 +258,9 @@ impl WorkerProcess {
     /// Waits for the process to exit, up to `deadline`.
     pub fn wait_exit(&mut self, deadline: Duration) -> Result<std::process::ExitStatus> {
         let child = self.child.as_mut().context("already reaped")?;
-        let status = wait_until_sync("worker to exit", deadline, || child.try_wait().ok().flatten())?;
+        let status = wait_until_sync("worker to exit", deadline, || {
+            child.try_wait().ok().flatten()
+        })?;
         self.child = None;
         Ok(status)
     }
@@ -262,9 +272,11 @@ impl WorkerProcess {
 
     /// Waits until the worker logged `needle`.
     pub fn wait_log(&self, needle: &str, deadline: Duration) -> Result<()> {
-        wait_until_sync(&format!("worker log line containing {needle:?}"), deadline, || {
-            self.log().contains(needle).then_some(())
-        })
+        wait_until_sync(
+            &format!("worker log line containing {needle:?}"),
+            deadline,
+            || self.log().contains(needle).then_some(()),
+        )
         .with_context(|| format!("worker log:\n{}", self.log()))
     }
 }
@@ -280,7 +292,10 @@ impl Drop for WorkerProcess {
 
 /// A unique namespace for one test.
 pub fn namespace(test: &str) -> String {
-    format!("t-{test}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "t-{test}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 /// A producer and broker for `redis_url` in `namespace`.
@@ -304,7 +319,9 @@ pub fn broker(redis_url: &str, namespace: &str) -> Result<taskstack::broker::Bro
 #[derive(Debug)]
 pub struct InProcessWorker {
     stop: tokio_util::sync::CancellationToken,
-    handle: tokio::task::JoinHandle<Result<taskstack::worker::RunSummary, taskstack::worker::WorkerError>>,
+    handle: tokio::task::JoinHandle<
+        Result<taskstack::worker::RunSummary, taskstack::worker::WorkerError>,
+    >,
     pub id: String,
 }
 
@@ -330,7 +347,8 @@ impl InProcessWorker {
         settings: taskstack::worker::WorkerSettings,
     ) -> Result<Self> {
         taskstack::telemetry::init("taskstack=info", taskstack::config::LogFormat::Pretty);
-        let worker = taskstack::worker::Worker::new(broker(redis_url, namespace)?, registry, settings);
+        let worker =
+            taskstack::worker::Worker::new(broker(redis_url, namespace)?, registry, settings);
         let id = worker.id().to_owned();
         let stop = tokio_util::sync::CancellationToken::new();
         let s = stop.clone();

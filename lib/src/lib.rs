@@ -43,5 +43,9 @@ pub fn connect(config: &Config) -> Result<Broker, ConnectError> {
         None => broker.clone(),
         Some(_) => RedisPool::new(&config.backend_target()?, size, config.redis_timeout)?,
     };
-    Ok(Broker::new(broker, backend, proto::Keys::new(&config.namespace)))
+    Ok(Broker::new(
+        broker,
+        backend,
+        proto::Keys::new(&config.namespace),
+    ))
 }

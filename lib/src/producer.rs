@@ -3,9 +3,9 @@
 use crate::broker::on_lane;
 use crate::broker::{Broker, BrokerError};
 use crate::broker::{get_result, results_parse};
+use crate::proto::TaskResult;
 use crate::proto::envelope::{MessageSpec, encode};
 use crate::proto::keys::{priority_bucket, queue_key, result_key};
-use crate::proto::TaskResult;
 use crate::results_listener::Listener;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -150,9 +150,7 @@ impl Producer {
         });
         Ok(Prepared {
             queue_key: queue_key(queue, priority_bucket(o.priority.unwrap_or(0))),
-            due_ms: eta
-                .filter(|t| *t > now)
-                .map(|t| t.timestamp_millis()),
+            due_ms: eta.filter(|t| *t > now).map(|t| t.timestamp_millis()),
             id,
             payload,
         })
@@ -175,13 +173,10 @@ impl Producer {
                 )
                 .await?
             }
-            None => {
-                on_lane!(&mut lane, "enqueue", |c| redis::cmd("LPUSH")
-                        .arg(&p.queue_key)
-                        .arg(&p.payload)
-                        .query_async::<()>(c)
-                        )?
-            }
+            None => on_lane!(&mut lane, "enqueue", |c| redis::cmd("LPUSH")
+                .arg(&p.queue_key)
+                .arg(&p.payload)
+                .query_async::<()>(c))?,
         }
         Ok(p.id)
     }
@@ -236,7 +231,11 @@ impl Producer {
 
     /// Waits up to `timeout` for a task's final result (SUCCESS, FAILURE or
     /// REVOKED), woken by the result's publication.
-    pub async fn wait(&self, task_id: &str, timeout: Duration) -> Result<TaskResult, ProducerError> {
+    pub async fn wait(
+        &self,
+        task_id: &str,
+        timeout: Duration,
+    ) -> Result<TaskResult, ProducerError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let channel = result_key(task_id);
         loop {

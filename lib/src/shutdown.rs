@@ -21,13 +21,19 @@ pub fn install() -> std::io::Result<CancellationToken> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!(signal = name, "shutdown requested; send it again to stop at once");
+        tracing::info!(
+            signal = name,
+            "shutdown requested; send it again to stop at once"
+        );
         t.cancel();
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::warn!(signal = name, "second signal: exiting now; held messages return when the lease expires");
+        tracing::warn!(
+            signal = name,
+            "second signal: exiting now; held messages return when the lease expires"
+        );
         std::process::exit(FORCED_EXIT_CODE);
     });
     Ok(token)

@@ -101,13 +101,12 @@ pub(crate) async fn wait_for_message(
 ) -> Result<bool, BrokerError> {
     let landing = keys.landing(worker_id);
     let moved: Option<String> = on_lane!(&mut *lane, "wait", |c| redis::cmd("BLMOVE")
-                .arg(queue_key)
-                .arg(&landing)
-                .arg("RIGHT")
-                .arg("LEFT")
-                .arg(wait.as_secs_f64())
-                .query_async(c)
-                )?;
+        .arg(queue_key)
+        .arg(&landing)
+        .arg("RIGHT")
+        .arg("LEFT")
+        .arg(wait.as_secs_f64())
+        .query_async(c))?;
     Ok(moved.is_some())
 }
 
@@ -167,13 +166,17 @@ pub(crate) async fn settle(
     match backend_lane {
         Some(backend) => {
             if !results.is_empty() {
-                on_lane!(&mut *backend, "store results", |c| results.query_async::<()>(c))?;
+                on_lane!(&mut *backend, "store results", |c| results
+                    .query_async::<()>(c))?;
             }
-            on_lane!(&mut *broker_lane, "acknowledge", |c| release.query_async::<()>(c))
+            on_lane!(&mut *broker_lane, "acknowledge", |c| release
+                .query_async::<()>(c))
         }
         None => {
             results.add_command(release).ignore();
-            on_lane!(&mut *broker_lane, "store results and acknowledge", |c| results.query_async::<()>(c))
+            on_lane!(&mut *broker_lane, "store results and acknowledge", |c| {
+                results.query_async::<()>(c)
+            })
         }
     }
 }

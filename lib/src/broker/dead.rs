@@ -54,11 +54,10 @@ pub async fn dead_letters(
     let key = keys.dead_letters(queue);
     let stop = isize::try_from(count).unwrap_or(isize::MAX) - 1;
     let raw: Vec<String> = on_lane!(&mut *lane, "read dead letters", |c| redis::cmd("LRANGE")
-                .arg(&key)
-                .arg(0)
-                .arg(stop)
-                .query_async(c)
-                )?;
+        .arg(&key)
+        .arg(0)
+        .arg(stop)
+        .query_async(c))?;
     raw.iter()
         .map(|s| {
             serde_json::from_str(s).map_err(|e| BrokerError::Reply {

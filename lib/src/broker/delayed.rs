@@ -27,7 +27,8 @@ pub(crate) async fn park(
         .arg(queue_key)
         .arg(payload)
         .arg(seq);
-    on_lane!(&mut *lane, "park delayed message", |c| inv.invoke_async::<()>(c))
+    on_lane!(&mut *lane, "park delayed message", |c| inv
+        .invoke_async::<()>(c))
 }
 
 /// Moves up to `max` due messages to their queues. Returns how many moved
@@ -43,6 +44,7 @@ pub(crate) async fn promote(
         .key(keys.delayed_messages())
         .arg(now_ms)
         .arg(max);
-    let (moved, next): (u64, String) = on_lane!(&mut *lane, "promote delayed messages", |c| inv.invoke_async(c))?;
+    let (moved, next): (u64, String) = on_lane!(&mut *lane, "promote delayed messages", |c| inv
+        .invoke_async(c))?;
     Ok((moved, next.parse::<f64>().ok().map(|f| f as i64)))
 }

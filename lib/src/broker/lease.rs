@@ -35,7 +35,9 @@ fn deadline(lease: Duration) -> i64 {
 }
 
 fn record_ttl_ms(lease: Duration) -> u64 {
-    u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1000)
+    u64::try_from(lease.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1000)
 }
 
 /// Takes the lease, names the landing list's source queue and writes the
@@ -99,11 +101,10 @@ pub(crate) async fn release(
 ) -> Result<u64, BrokerError> {
     let leases = keys.leases();
     on_lane!(&mut *lane, "release lease", |c| redis::cmd("ZADD")
-            .arg(&leases)
-            .arg(0)
-            .arg(worker_id)
-            .query_async::<()>(c)
-            )?;
+        .arg(&leases)
+        .arg(0)
+        .arg(worker_id)
+        .query_async::<()>(c))?;
     // Score 0 sorts first, so this reaps our lease (and any other expired one).
     let (_, restored) = reap(lane, keys, 0).await?;
     Ok(restored)
@@ -112,16 +113,17 @@ pub(crate) async fn release(
 /// Reads the heartbeat records of every live worker.
 pub async fn live_workers(lane: &mut Lane, keys: &Keys) -> Result<Vec<WorkerRecord>, BrokerError> {
     let ids: Vec<String> = on_lane!(&mut *lane, "list workers", |c| redis::cmd("ZRANGEBYSCORE")
-                .arg(keys.leases())
-                .arg(super::now_ms())
-                .arg("+inf")
-                .query_async(c)
-                )?;
+        .arg(keys.leases())
+        .arg(super::now_ms())
+        .arg("+inf")
+        .query_async(c))?;
     if ids.is_empty() {
         return Ok(Vec::new());
     }
     let record_keys: Vec<String> = ids.iter().map(|id| keys.worker(id)).collect();
-    let raw: Vec<Option<String>> = on_lane!(&mut *lane, "read workers", |c| redis::cmd("MGET").arg(&record_keys).query_async(c))?;
+    let raw: Vec<Option<String>> = on_lane!(&mut *lane, "read workers", |c| redis::cmd("MGET")
+        .arg(&record_keys)
+        .query_async(c))?;
     Ok(raw
         .into_iter()
         .flatten()
@@ -136,7 +138,9 @@ pub async fn worker_record(
     worker_id: &str,
 ) -> Result<Option<WorkerRecord>, BrokerError> {
     let key = keys.worker(worker_id);
-    let raw: Option<String> = on_lane!(&mut *lane, "read worker", |c| redis::cmd("GET").arg(&key).query_async(c))?;
+    let raw: Option<String> = on_lane!(&mut *lane, "read worker", |c| redis::cmd("GET")
+        .arg(&key)
+        .query_async(c))?;
     raw.map(|s| {
         serde_json::from_str(&s).map_err(|e| BrokerError::Reply {
             op: "read worker",

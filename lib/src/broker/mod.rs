@@ -15,8 +15,8 @@ mod results;
 pub use consume::{Delivery, Settle};
 pub use dead::DeadLetter;
 pub use lease::WorkerRecord;
-pub use pool::{BrokerError, Lane, RedisPool};
 pub(crate) use pool::on_lane;
+pub use pool::{BrokerError, Lane, RedisPool};
 
 use crate::proto::Keys;
 use redis::Script;
@@ -92,10 +92,10 @@ pub fn now_ms() -> i64 {
 }
 
 pub(crate) use consume::{Take, fetch, requeue, settle, wait_for_message};
-pub use dead::dead_letters;
 pub(crate) use dead::dead_letter;
+pub use dead::dead_letters;
 pub(crate) use delayed::{park, promote};
-pub use lease::{live_workers, worker_record};
 pub(crate) use lease::{heartbeat, reap, release};
-pub use results::{get_result, store_result};
+pub use lease::{live_workers, worker_record};
 pub(crate) use results::parse_result as results_parse;
+pub use results::{get_result, store_result};

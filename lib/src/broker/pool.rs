@@ -158,7 +158,11 @@ impl Lane {
 
     /// Turns a command's outcome into ours; a connection-level error drops
     /// the connection so the next call reconnects.
-    pub fn check<T>(&mut self, op: &'static str, r: redis::RedisResult<T>) -> Result<T, BrokerError> {
+    pub fn check<T>(
+        &mut self,
+        op: &'static str,
+        r: redis::RedisResult<T>,
+    ) -> Result<T, BrokerError> {
         r.map_err(|e| {
             if !matches!(e.kind(), redis::ErrorKind::Server(_)) {
                 self.conn = None;

@@ -34,7 +34,9 @@ pub async fn store_result(
 /// Reads a task's result; `None` when there is none (yet, or any more).
 pub async fn get_result(lane: &mut Lane, task_id: &str) -> Result<Option<TaskResult>, BrokerError> {
     let key = result_key(task_id);
-    let raw: Option<String> = on_lane!(&mut *lane, "read result", |c| redis::cmd("GET").arg(&key).query_async(c))?;
+    let raw: Option<String> = on_lane!(&mut *lane, "read result", |c| redis::cmd("GET")
+        .arg(&key)
+        .query_async(c))?;
     raw.map(|s| parse_result(&s)).transpose()
 }
 

@@ -31,7 +31,8 @@ pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
             if let Ok(secs) = t.parse::<f64>() {
                 return self.visit_f64(secs);
             }
-            humantime::parse_duration(t).map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
+            humantime::parse_duration(t)
+                .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
         }
     }
     d.deserialize_any(V)

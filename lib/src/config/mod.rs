@@ -141,7 +141,10 @@ impl Config {
 
     /// Like [`Config::load`], with the TOML file given explicitly (a
     /// command-line `--config`), which wins over `TASKSTACK_CONFIG`.
-    pub fn load_from(file: Option<&Path>, overrides: &[(&str, Value)]) -> Result<Self, ConfigError> {
+    pub fn load_from(
+        file: Option<&Path>,
+        overrides: &[(&str, Value)],
+    ) -> Result<Self, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         let file = file
             .map(Path::to_path_buf)
@@ -164,12 +167,7 @@ impl Config {
     /// with in-memory providers).
     pub fn from_figment(fig: Figment) -> Result<Self, ConfigError> {
         let cfg: Config = fig.extract().map_err(|e| {
-            ConfigError::Load(
-                e.into_iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
+            ConfigError::Load(e.into_iter().map(describe).collect::<Vec<_>>().join("; "))
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -232,8 +230,16 @@ impl Config {
             ));
         }
         at_least("lease", self.lease, Duration::from_secs(1))?;
-        at_least("result_expires", self.result_expires, Duration::from_secs(1))?;
-        at_least("redis_timeout", self.redis_timeout, Duration::from_millis(100))?;
+        at_least(
+            "result_expires",
+            self.result_expires,
+            Duration::from_secs(1),
+        )?;
+        at_least(
+            "redis_timeout",
+            self.redis_timeout,
+            Duration::from_millis(100),
+        )?;
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", &self.log_level, &e.to_string()))?;
         Ok(())
@@ -273,7 +279,8 @@ impl Config {
     /// The effective configuration as JSON with every secret replaced, for
     /// the start-up log line.
     pub fn redacted(&self) -> Value {
-        let mut v = serde_json::to_value(self).unwrap_or_else(|e| json!({ "error": e.to_string() }));
+        let mut v =
+            serde_json::to_value(self).unwrap_or_else(|e| json!({ "error": e.to_string() }));
         for key in ["broker_password", "result_backend_password"] {
             if v.get(key).is_some_and(|s| !s.is_null()) {
                 v[key] = json!("<redacted>");
@@ -292,14 +299,39 @@ impl Config {
 pub fn check_not_root(allow_root: bool) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt as _;
     // /proc/self belongs to the process's effective user.
-    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX);
     if uid == 0 && !allow_root {
-        return Err("refusing to run as root (uid 0): a task runs with every privilege of its \
+        return Err(
+            "refusing to run as root (uid 0): a task runs with every privilege of its \
                     worker. Run as an unprivileged user, or set TASKSTACK_ALLOW_ROOT=1 \
                     (--allow-root) if you accept the risk."
-            .into());
+                .into(),
+        );
     }
     Ok(())
+}
+
+/// One figment error as "key `k` (from <source>): <what>", with the
+/// environment variable spelled out when that is where the value came from.
+fn describe(e: figment::Error) -> String {
+    let key = e.path.join(".").to_lowercase();
+    let source = match &e.metadata {
+        Some(m) if m.name.contains("environment") => {
+            format!("environment variable {ENV_PREFIX}{}", key.to_uppercase())
+        }
+        Some(m) => match &m.source {
+            Some(src) => format!("{} ({src})", m.name),
+            None => m.name.to_string(),
+        },
+        None => "configuration".into(),
+    };
+    if key.is_empty() {
+        format!("{} (from {source})", e.kind)
+    } else {
+        format!("configuration key `{key}` (from {source}): {}", e.kind)
+    }
 }
 
 fn invalid(key: &'static str, value: &str, reason: &str) -> ConfigError {

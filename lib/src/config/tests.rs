@@ -48,7 +48,10 @@ fn environment_style_strings_are_accepted() {
 #[test]
 fn bad_values_name_the_key_and_value() {
     let e = err(&[("broker_url", json!("http://x:1/0"))]);
-    assert!(e.contains("broker_url") && e.contains("http://x:1/0"), "{e}");
+    assert!(
+        e.contains("broker_url") && e.contains("http://x:1/0"),
+        "{e}"
+    );
     let e = err(&[("concurrency", json!(0))]);
     assert!(e.contains("concurrency") && e.contains('0'), "{e}");
     let e = err(&[("lease", json!("soon"))]);
@@ -87,12 +90,18 @@ fn password_file_wins_and_is_redacted() {
     assert_eq!(t.url(), "redis://:s3cret@redis:6379/2");
     assert!(!format!("{t:?}").contains("s3cret"));
     let shown = c.redacted().to_string();
-    assert!(!shown.contains("old") && !shown.contains("s3cret"), "{shown}");
+    assert!(
+        !shown.contains("old") && !shown.contains("s3cret"),
+        "{shown}"
+    );
 
     let c = with(&[("broker_password_file", json!(dir.path().join("missing")))])
         .expect("loads; the file is read when connecting");
     let e = c.broker_target().expect_err("missing file").to_string();
-    assert!(e.contains("broker_password_file") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("broker_password_file") && e.contains("missing"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -228,7 +228,10 @@ fn required_str(headers: &Map<String, Value>, header: &'static str) -> Result<St
 }
 
 fn optional_str(headers: &Map<String, Value>, header: &str) -> Option<String> {
-    headers.get(header).and_then(Value::as_str).map(str::to_owned)
+    headers
+        .get(header)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
 }
 
 fn optional_time(
@@ -267,7 +270,12 @@ fn time_limits(v: Option<&Value>) -> Result<(Option<Duration>, Option<Duration>)
                 .as_f64()
                 .filter(|f| f.is_finite() && *f > 0.0 && *f < 1e9)
                 .map(|f| Some(Duration::from_secs_f64(f)))
-                .ok_or_else(|| bad("timelimit", format!("{n} is not a positive number of seconds"))),
+                .ok_or_else(|| {
+                    bad(
+                        "timelimit",
+                        format!("{n} is not a positive number of seconds"),
+                    )
+                }),
         }
     };
     match v {

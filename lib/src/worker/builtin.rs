@@ -59,9 +59,8 @@ fn add(args: &[Value]) -> TaskOutcome {
 
 async fn sleep(ctx: TaskContext) -> TaskOutcome {
     let secs = ctx.args.first().and_then(Value::as_f64).unwrap_or(1.0);
-    let d = Duration::try_from_secs_f64(secs).map_err(|_| {
-        TaskError::fail("ValueError", format!("cannot sleep {secs} seconds"))
-    })?;
+    let d = Duration::try_from_secs_f64(secs)
+        .map_err(|_| TaskError::fail("ValueError", format!("cannot sleep {secs} seconds")))?;
     tokio::select! {
         () = tokio::time::sleep(d) => Ok(json!(secs)),
         () = ctx.soft_time_limit() => Err(TaskError::Fail(crate::proto::ExceptionInfo::celery(
@@ -82,7 +81,9 @@ mod tests {
         assert_eq!(add(&[json!(2), json!(0.5)]), Ok(json!(2.5)));
         assert_eq!(add(&[]), Ok(json!(0)));
         assert!(matches!(add(&[json!("x")]), Err(TaskError::Fail(e)) if e.exc_type == "TypeError"));
-        assert!(matches!(add(&[json!(i64::MAX), json!(1)]), Err(TaskError::Fail(e)) if e.exc_type == "OverflowError"));
+        assert!(
+            matches!(add(&[json!(i64::MAX), json!(1)]), Err(TaskError::Fail(e)) if e.exc_type == "OverflowError")
+        );
     }
 
     #[tokio::test(start_paused = true)]

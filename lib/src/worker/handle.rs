@@ -25,7 +25,17 @@ pub(crate) async fn handle(sh: Arc<Shared>, d: Delivery) {
             let exc = decode_exception(&err);
             async {
                 tracing::warn!(reason = %err, "refusing message; dead-lettering it");
-                poison(&sh, &d, &queue, id.as_deref(), None, 0, err.to_string(), exc).await;
+                poison(
+                    &sh,
+                    &d,
+                    &queue,
+                    id.as_deref(),
+                    None,
+                    0,
+                    err.to_string(),
+                    exc,
+                )
+                .await;
             }
             .instrument(span)
             .await;
@@ -71,7 +81,12 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessa
         tracing::info!(expired_at = %envelope::format_time(exp), "task expired before it ran; recording REVOKED");
         Stats::bump(&sh.stats.revoked);
         let exc = ExceptionInfo::celery("TaskRevokedError", "expired");
-        let r = TaskResult::new(&msg.id, TaskState::Revoked, exc.to_value(), provenance(&sh, &msg, &queue));
+        let r = TaskResult::new(
+            &msg.id,
+            TaskState::Revoked,
+            exc.to_value(),
+            provenance(&sh, &msg, &queue),
+        );
         finish(&sh, d.seq, &msg, Some(r)).await;
         return;
     }
@@ -85,7 +100,15 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessa
         let mut retry = sh.retrier("park task until its ETA");
         let done = loop {
             let mut lane = sh.broker.broker_pool().lane();
-            let r = park(&mut lane, sh.broker.keys(), due, &d.queue_key, &d.payload, Some((&sh.id, d.seq))).await;
+            let r = park(
+                &mut lane,
+                sh.broker.keys(),
+                due,
+                &d.queue_key,
+                &d.payload,
+                Some((&sh.id, d.seq)),
+            )
+            .await;
             match r {
                 Ok(()) => break true,
                 Err(e) if retry.again(&e).await => {}
@@ -104,7 +127,17 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessa
             format!("task {:?} is not registered in this worker", msg.task),
         );
         let reason = format!("unknown task {:?}", msg.task);
-        poison(&sh, &d, &queue, Some(&msg.id), Some(&msg.task), msg.retries, reason, exc).await;
+        poison(
+            &sh,
+            &d,
+            &queue,
+            Some(&msg.id),
+            Some(&msg.task),
+            msg.retries,
+            reason,
+            exc,
+        )
+        .await;
         return;
     };
 
@@ -160,7 +193,17 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessa
         Ok(Ok(Err(TaskError::Reject { reason }))) => {
             tracing::warn!(reason = %reason, "task rejected its message; dead-lettering it");
             let exc = ExceptionInfo::celery("Reject", reason.clone());
-            poison(&sh, &d, &queue, Some(&msg.id), Some(&msg.task), msg.retries, reason, exc).await;
+            poison(
+                &sh,
+                &d,
+                &queue,
+                Some(&msg.id),
+                Some(&msg.task),
+                msg.retries,
+                reason,
+                exc,
+            )
+            .await;
         }
         Ok(Err(panic)) => {
             let what = panic
@@ -217,7 +260,17 @@ async fn retry(
             format!("gave up after {} retries: {reason}", msg.retries),
         );
         let why = format!("retries exhausted ({max}): {reason}");
-        poison(sh, d, queue, Some(&msg.id), Some(&msg.task), msg.retries, why, exc).await;
+        poison(
+            sh,
+            d,
+            queue,
+            Some(&msg.id),
+            Some(&msg.task),
+            msg.retries,
+            why,
+            exc,
+        )
+        .await;
         return;
     }
     let delay = countdown.unwrap_or_else(|| options.backoff(msg.retries));
@@ -236,7 +289,15 @@ async fn retry(
                 store_result(&mut sh.broker.backend_pool().lane(), &r, ttl).await?;
             }
             let mut lane = sh.broker.broker_pool().lane();
-            park(&mut lane, sh.broker.keys(), eta.timestamp_millis(), &d.queue_key, &next, Some((&sh.id, d.seq))).await
+            park(
+                &mut lane,
+                sh.broker.keys(),
+                eta.timestamp_millis(),
+                &d.queue_key,
+                &next,
+                Some((&sh.id, d.seq)),
+            )
+            .await
         }
         .await;
         match r {

@@ -25,6 +25,17 @@ pub(crate) fn write_state(path: &Path, id: &str, namespace: &str) -> std::io::Re
     std::fs::rename(tmp, path)
 }
 
+/// Whether `pid` is a live (not zombie) process.
+fn process_alive(pid: u32) -> bool {
+    // /proc/<pid>/stat is "pid (comm) S ..."; comm may hold spaces or
+    // parentheses, so the state is the first field after the last ')'.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| !matches!(state, "Z" | "X" | "x"))
+    })
+}
+
 /// Checks that the worker recorded in `state_file` is running and that its
 /// heartbeat is fresh in Redis. Ok names the worker; Err says what failed.
 pub async fn check(state_file: &Path, broker: &Broker) -> Result<String, String> {
@@ -33,8 +44,11 @@ pub async fn check(state_file: &Path, broker: &Broker) -> Result<String, String>
     })?;
     let state: State = serde_json::from_slice(&raw)
         .map_err(|e| format!("worker state file {state_file:?} is unreadable: {e}"))?;
-    if !Path::new(&format!("/proc/{}", state.pid)).exists() {
-        return Err(format!("worker {} (pid {}) is not running", state.id, state.pid));
+    if !process_alive(state.pid) {
+        return Err(format!(
+            "worker {} (pid {}) is not running",
+            state.id, state.pid
+        ));
     }
     if state.namespace != broker.keys().namespace() {
         return Err(format!(

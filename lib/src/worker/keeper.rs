@@ -63,7 +63,15 @@ pub(crate) async fn run(sh: Arc<Shared>, started_at: String, until: Cancellation
 
 async fn beat(sh: &Shared, lane: &mut Lane, started_at: &str, landing_source: &str) {
     let rec = record(sh, started_at);
-    match heartbeat(lane, sh.broker.keys(), &rec, landing_source, sh.settings.lease).await {
+    match heartbeat(
+        lane,
+        sh.broker.keys(),
+        &rec,
+        landing_source,
+        sh.settings.lease,
+    )
+    .await
+    {
         Ok(false) => {}
         Ok(true) => tracing::warn!(
             "this worker's lease had expired (Redis unreachable or the process stalled); \

@@ -28,7 +28,9 @@ mod shared;
 pub use registry::{Registry, TaskContext, TaskError, TaskFuture, TaskOptions, TaskOutcome};
 pub use shared::Stats;
 
-use crate::broker::{Broker, BrokerError, Delivery, Take, fetch, heartbeat, release, wait_for_message};
+use crate::broker::{
+    Broker, BrokerError, Delivery, Take, fetch, heartbeat, release, wait_for_message,
+};
 use crate::config::Config;
 use crate::proto::keys::{PRIORITY_BUCKETS, queue_key};
 use shared::{Shared, jitter};
@@ -180,7 +182,15 @@ impl Worker {
             let mut retry = sh.retrier("register worker (is Redis reachable?)");
             loop {
                 let rec = keeper::record(&sh, &started_at);
-                match heartbeat(&mut lane, sh.broker.keys(), &rec, &queue_keys[0], sh.settings.lease).await {
+                match heartbeat(
+                    &mut lane,
+                    sh.broker.keys(),
+                    &rec,
+                    &queue_keys[0],
+                    sh.settings.lease,
+                )
+                .await
+                {
                     Ok(_) => return true,
                     Err(e) => {
                         retry.again(&e).await;
@@ -193,11 +203,18 @@ impl Worker {
             r = register => r,
         };
         if !registered {
-            return Ok(RunSummary { processed: 0, handed_back: 0 });
+            return Ok(RunSummary {
+                processed: 0,
+                handed_back: 0,
+            });
         }
         if let Some(path) = &sh.settings.state_file {
-            health::write_state(path, &sh.id, sh.broker.keys().namespace())
-                .map_err(|source| WorkerError::StateFile { path: path.clone(), source })?;
+            health::write_state(path, &sh.id, sh.broker.keys().namespace()).map_err(|source| {
+                WorkerError::StateFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         }
         tracing::info!(
             worker = %sh.id,
@@ -210,7 +227,11 @@ impl Worker {
 
         let keep = CancellationToken::new();
         let settler = tokio::spawn(settler::run(Arc::clone(&sh), settle_rx));
-        let keeper = tokio::spawn(keeper::run(Arc::clone(&sh), started_at.clone(), keep.clone()));
+        let keeper = tokio::spawn(keeper::run(
+            Arc::clone(&sh),
+            started_at.clone(),
+            keep.clone(),
+        ));
 
         let mut tasks = JoinSet::new();
         tokio::select! {
@@ -230,8 +251,13 @@ impl Worker {
         // it has, so nothing is redelivered while its result is being stored.
         sh.close_settlements();
         let mut settler = std::pin::pin!(settler);
-        if tokio::time::timeout(SETTLE_GRACE, &mut settler).await.is_err() {
-            tracing::warn!("results still unsettled after {SETTLE_GRACE:?}; leaving them to redelivery");
+        if tokio::time::timeout(SETTLE_GRACE, &mut settler)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "results still unsettled after {SETTLE_GRACE:?}; leaving them to redelivery"
+            );
             sh.abandon.cancel();
             let _ = settler.await;
         }
@@ -253,7 +279,11 @@ impl Worker {
             processed: Stats::get(&sh.stats.processed),
             handed_back: Stats::get(&sh.stats.handed_back) + at_release,
         };
-        tracing::info!(processed = summary.processed, handed_back = summary.handed_back, "worker stopped");
+        tracing::info!(
+            processed = summary.processed,
+            handed_back = summary.handed_back,
+            "worker stopped"
+        );
         Ok(summary)
     }
 }
@@ -293,10 +323,15 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
                 tracing::error!(error = %e, "message task failed");
             }
         }
-        let Ok(first) = sh.held.acquire().await else { return };
+        let Ok(first) = sh.held.acquire().await else {
+            return;
+        };
         first.forget();
         let extra = sh.held.available_permits();
-        let budget = 1 + match sh.held.try_acquire_many(u32::try_from(extra).unwrap_or(u32::MAX)) {
+        let budget = 1 + match sh
+            .held
+            .try_acquire_many(u32::try_from(extra).unwrap_or(u32::MAX))
+        {
             Ok(p) => {
                 p.forget();
                 extra
@@ -326,7 +361,15 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
         };
         sh.held.add_permits(budget - deliveries.len());
         if deliveries.is_empty() {
-            if let Err(e) = wait_for_message(&mut lane, sh.broker.keys(), &sh.id, &queue_keys[0], IDLE_WAIT).await {
+            if let Err(e) = wait_for_message(
+                &mut lane,
+                sh.broker.keys(),
+                &sh.id,
+                &queue_keys[0],
+                IDLE_WAIT,
+            )
+            .await
+            {
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot wait for messages");
                 tokio::time::sleep(jitter(backoff)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));

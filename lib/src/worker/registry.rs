@@ -169,7 +169,12 @@ impl Registry {
 
     /// Registers `handler` under `name` with its own retry policy. A second
     /// registration of a name replaces the first.
-    pub fn register_with<F, Fut>(&mut self, name: &str, options: TaskOptions, handler: F) -> &mut Self
+    pub fn register_with<F, Fut>(
+        &mut self,
+        name: &str,
+        options: TaskOptions,
+        handler: F,
+    ) -> &mut Self
     where
         F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = TaskOutcome> + Send + 'static,
@@ -222,12 +227,21 @@ mod tests {
     async fn registered_handlers_run() {
         let mut r = Registry::new();
         r.register("t.double", |ctx: TaskContext| async move {
-            let n = ctx.args.first().and_then(Value::as_i64).ok_or_else(|| TaskError::fail("TypeError", "need an int"))?;
+            let n = ctx
+                .args
+                .first()
+                .and_then(Value::as_i64)
+                .ok_or_else(|| TaskError::fail("TypeError", "need an int"))?;
             Ok(Value::from(n * 2))
         });
         assert_eq!(r.names(), ["t.double"]);
         let (h, _) = r.get("t.double").expect("registered");
-        let out = h(TaskContext::new("t.double", vec![Value::from(21)], Map::new())).await;
+        let out = h(TaskContext::new(
+            "t.double",
+            vec![Value::from(21)],
+            Map::new(),
+        ))
+        .await;
         assert_eq!(out, Ok(Value::from(42)));
         let out = h(TaskContext::new("t.double", vec![], Map::new())).await;
         assert_eq!(out, Err(TaskError::fail("TypeError", "need an int")));

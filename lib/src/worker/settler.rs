@@ -13,7 +13,8 @@ const MAX_BATCH: usize = 512;
 pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
     let keys = sh.broker.keys().clone();
     let mut broker_lane = sh.broker.broker_pool().lane();
-    let mut backend_lane = (!sh.broker.backend_is_broker()).then(|| sh.broker.backend_pool().lane());
+    let mut backend_lane =
+        (!sh.broker.backend_is_broker()).then(|| sh.broker.backend_pool().lane());
     let mut buf = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
         let mut done: Vec<Settle> = Vec::with_capacity(buf.len());

@@ -1,0 +1,365 @@
+//! Interoperability with the real Python Celery, both ways, on a real Redis:
+//! a Celery client's tasks run on our worker, and our library's tasks run on
+//! a Celery worker. The Python side comes from a venv made on first use
+//! (`target/celery-venv`) or from `TASKSTACK_CELERY_PYTHON`; these tests
+//! never skip.
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde_json::{Map, Value, json};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use taskstack::proto::TaskState;
+use taskstack::{SendOptions, TaskRequest};
+use taskstack_integration::{RedisServer, WorkerProcess, namespace, producer, wait_until_sync};
+
+/// The Celery version range the tests run against.
+const CELERY_REQUIREMENT: &str = "celery[redis]==5.*";
+
+/// `integration/python`: the Celery app and client scripts.
+fn python_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python")
+}
+
+/// A Python interpreter that can `import celery, redis`: the one named by
+/// `TASKSTACK_CELERY_PYTHON`, or `target/celery-venv/bin/python`, created
+/// (once per process) with `python3 -m venv` and pip when missing or broken.
+fn celery_python() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("TASKSTACK_CELERY_PYTHON") {
+        let p = PathBuf::from(p);
+        ensure!(
+            imports_celery(&p),
+            "TASKSTACK_CELERY_PYTHON={} cannot `import celery, redis`",
+            p.display()
+        );
+        return Ok(p);
+    }
+    static VENV: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    VENV.get_or_init(|| ensure_venv().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn imports_celery(python: &Path) -> bool {
+    Command::new(python)
+        .args(["-c", "import celery, redis"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `cmd` to completion, failing with its output when it does not succeed.
+fn run(cmd: &mut Command, what: &str) -> Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {what} ({cmd:?})"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// `target/celery-venv/bin/python`, made if needed. The venv is built under a
+/// name of this process's own and renamed into place, so concurrent test
+/// processes never see (or reuse) a half-installed one; the scripts in its
+/// `bin` are then pointed at the final path (the tests themselves only use
+/// `python -m celery`, which works wherever the venv lives).
+fn ensure_venv() -> Result<PathBuf> {
+    // target/<profile>/deps/<test binary> → target
+    let exe = std::env::current_exe()?;
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .context("cannot locate the target directory from the test binary's path")?;
+    let venv = target.join("celery-venv");
+    let python = venv.join("bin").join("python");
+    if imports_celery(&python) {
+        return Ok(python);
+    }
+
+    let started = Instant::now();
+    let tmp = target.join(format!("celery-venv.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    run(
+        Command::new("python3").arg("-m").arg("venv").arg(&tmp),
+        "`python3 -m venv` (install python3 and python3-venv)",
+    )?;
+    let tmp_python = tmp.join("bin").join("python");
+    run(
+        Command::new(&tmp_python)
+            .args(["-m", "pip", "install", "--quiet", CELERY_REQUIREMENT])
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
+        &format!("`pip install {CELERY_REQUIREMENT}`"),
+    )?;
+    ensure!(
+        imports_celery(&tmp_python),
+        "{} cannot `import celery, redis` after pip install",
+        tmp_python.display()
+    );
+
+    // Another process may have finished first; a broken venv in the way goes.
+    if imports_celery(&python) {
+        std::fs::remove_dir_all(&tmp)?;
+        return Ok(python);
+    }
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv)?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, &venv) {
+        if imports_celery(&python) {
+            std::fs::remove_dir_all(&tmp)?;
+            return Ok(python);
+        }
+        return Err(e)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), venv.display()));
+    }
+    repoint_scripts(&venv.join("bin"), &tmp, &venv)?;
+    ensure!(
+        imports_celery(&python),
+        "{} cannot `import celery, redis`",
+        python.display()
+    );
+    eprintln!(
+        "created the Celery venv {} in {:.1?}",
+        venv.display(),
+        started.elapsed()
+    );
+    Ok(python)
+}
+
+/// Rewrites `from` to `to` in the text files of a moved venv's `bin`
+/// (console-script shebangs, activate scripts); symlinks and binaries stay.
+fn repoint_scripts(bin: &Path, from: &Path, to: &Path) -> Result<()> {
+    let (from, to) = (from.to_string_lossy(), to.to_string_lossy());
+    for entry in std::fs::read_dir(bin)? {
+        let path = entry?.path();
+        if path.symlink_metadata()?.file_type().is_symlink() {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        if text.contains(from.as_ref()) {
+            std::fs::write(&path, text.replace(from.as_ref(), to.as_ref()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Environment every Python process of these tests gets: nothing written
+/// into the source tree, output unbuffered.
+fn python_env(cmd: &mut Command) -> &mut Command {
+    cmd.env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1")
+        .env_remove("PYTHONPATH")
+}
+
+/// A real Celery worker process (`-A interop_tasks`), killed on drop.
+#[derive(Debug)]
+struct CeleryWorker {
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl CeleryWorker {
+    /// Starts a solo-pool worker consuming only `queue`.
+    fn spawn(python: &Path, redis_url: &str, queue: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("celery.log");
+        let out = File::create(&log)?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(python);
+        python_env(&mut cmd)
+            .args(["-m", "celery", "-A", "interop_tasks", "worker"])
+            .args(["--pool", "solo", "--concurrency", "1", "-Q", queue])
+            .args([
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ])
+            .args(["-l", "info", "-n", &format!("{queue}@%h")])
+            .current_dir(python_dir())
+            .env("INTEROP_REDIS_URL", redis_url)
+            .env("C_FORCE_ROOT", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = cmd.spawn().context("cannot start the Celery worker")?;
+        Ok(Self {
+            child: Some(child),
+            log,
+            _dir: dir,
+        })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for Celery's "celery@<host> ready." line, failing early with
+    /// the log if the process exits.
+    fn wait_ready(&mut self, deadline: Duration) -> Result<()> {
+        let mut exited = None;
+        let ready = wait_until_sync(
+            "the Celery worker to log that it is ready",
+            deadline,
+            || {
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    exited = Some(status);
+                    return Some(false);
+                }
+                self.log().contains(" ready.").then_some(true)
+            },
+        );
+        match (ready, exited) {
+            (Ok(true), _) => Ok(()),
+            (_, Some(status)) => bail!("the Celery worker exited ({status}):\n{}", self.log()),
+            (Err(e), None) => Err(e).with_context(|| format!("Celery worker log:\n{}", self.log())),
+            (Ok(false), None) => bail!("the Celery worker stopped:\n{}", self.log()),
+        }
+    }
+}
+
+impl Drop for CeleryWorker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The last line of `stdout` that parses as a JSON object.
+fn last_json_line(stdout: &str) -> Option<Value> {
+    stdout
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .find(Value::is_object)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_runs_on_our_worker() -> Result<()> {
+    let python = tokio::task::spawn_blocking(celery_python).await??;
+    let redis = RedisServer::start()?;
+    let ns = namespace("celery-client");
+    let worker = WorkerProcess::spawn(&redis.url(), &ns, &[])?;
+    worker.wait_log("worker ready", Duration::from_secs(60))?;
+
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.arg(python_dir().join("send_add.py"))
+        .arg(redis.url())
+        .current_dir(python_dir())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1")
+        .env_remove("PYTHONPATH")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .with_context(|| format!("send_add.py hung; worker log:\n{}", worker.log()))??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "send_add.py failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}\nworker log:\n{}",
+        out.status,
+        worker.log()
+    );
+    let seen = last_json_line(&stdout).with_context(|| {
+        format!("send_add.py printed no JSON line:\n{stdout}\nstderr:\n{stderr}")
+    })?;
+    eprintln!("Celery client saw: {seen}");
+
+    assert_eq!(seen["add_state"], "SUCCESS", "{seen}");
+    assert_eq!(seen["add_result"], json!(5), "{seen}");
+    assert_eq!(seen["fail_state"], "FAILURE", "{seen}");
+    assert_eq!(seen["fail_failed"], json!(true), "{seen}");
+    assert_eq!(seen["fail_is_exception"], json!(true), "{seen}");
+    // Our builtins.RuntimeError comes back as the real Python class.
+    assert_eq!(seen["fail_exc_type"], "RuntimeError", "{seen}");
+    let message = seen["fail_message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("boom"),
+        "exception message {message:?} lacks \"boom\""
+    );
+
+    // And it was our worker that ran them.
+    let p = producer(&redis.url(), &ns)?;
+    let add_id = seen["add_id"].as_str().context("no add_id")?;
+    let stored = p
+        .result(add_id)
+        .await?
+        .context("no stored result for the add task")?;
+    assert_eq!(
+        (stored.status, stored.result),
+        (TaskState::Success, json!(5))
+    );
+    assert!(
+        stored.worker.is_some(),
+        "our worker records itself in the result"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_library_task_runs_on_python_worker() -> Result<()> {
+    let python = tokio::task::spawn_blocking(celery_python).await??;
+    let redis = RedisServer::start()?;
+    let ns = namespace("celery-worker");
+    let queue = format!(
+        "interop-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut celery = CeleryWorker::spawn(&python, &redis.url(), &queue)?;
+    celery.wait_ready(Duration::from_secs(60))?;
+
+    let p = producer(&redis.url(), &ns)?;
+    let id = p
+        .send(&TaskRequest {
+            name: "interop.mul".into(),
+            args: vec![json!(6), json!(7)],
+            kwargs: Map::new(),
+            options: SendOptions {
+                queue: Some(queue.clone()),
+                ..Default::default()
+            },
+        })
+        .await?;
+    let r = p
+        .wait(&id, Duration::from_secs(60))
+        .await
+        .with_context(|| format!("Celery worker log:\n{}", celery.log()))?;
+    assert_eq!(
+        r.status,
+        TaskState::Success,
+        "{r:?}\nCelery worker log:\n{}",
+        celery.log()
+    );
+    assert_eq!(r.result, json!(42), "{r:?}");
+    assert_eq!(r.task_id, id);
+    assert!(
+        r.date_done.is_some() && r.done_at().is_some(),
+        "date_done parses: {r:?}"
+    );
+
+    drop(celery);
+    Ok(())
+}
