@@ -164,6 +164,7 @@ async fn main() -> Result<()> {
         .query_async(&mut con)
         .await?;
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let ping = ping_round_trips(&mut con, 1_000).await?;
 
     println!("taskstack-bench");
     println!(
@@ -172,6 +173,10 @@ async fn main() -> Result<()> {
         redis.port()
     );
     println!("  worker {}", worker_bin.display());
+    println!(
+        "  PING round trip (sequential, 1000): p50 {:.3} ms, p99 {:.3} ms",
+        ping.p50, ping.p99
+    );
     println!(
         "  {} tasks ({} per send_many), concurrency {}, prefetch {}, {} latency samples after {} warm-up, {} run(s)",
         cli.tasks,
@@ -212,7 +217,7 @@ async fn main() -> Result<()> {
         println!();
     }
 
-    print_summary(&cli, cpus, &runs, &reference);
+    print_summary(&cli, cpus, ping, &runs, &reference);
     Ok(())
 }
 
@@ -432,18 +437,41 @@ async fn measure_latency(producer: &Producer, warmup: usize, samples: usize) -> 
             times.push(elapsed.as_secs_f64() * 1e3);
         }
     }
+    Ok(percentiles(times))
+}
+
+/// Sequential PINGs on the bench's own connection: the unit a round trip
+/// costs on this machine.
+async fn ping_round_trips(
+    con: &mut redis::aio::MultiplexedConnection,
+    n: usize,
+) -> Result<Latency> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let _: String = redis::cmd("PING").query_async(con).await?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(percentiles(times))
+}
+
+/// Nearest-rank percentiles of a non-empty sample, in its unit.
+fn percentiles(mut times: Vec<f64>) -> Latency {
+    if times.is_empty() {
+        times.push(f64::NAN);
+    }
     times.sort_by(f64::total_cmp);
     let rank = |p: f64| {
         let idx = ((p * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1;
         times[idx]
     };
-    Ok(Latency {
+    Latency {
         p50: rank(0.50),
         p90: rank(0.90),
         p99: rank(0.99),
         max: rank(1.0),
         mean: times.iter().sum::<f64>() / times.len() as f64,
-    })
+    }
 }
 
 /// `used_cpu_sys + used_cpu_user` of the server, in seconds.
@@ -694,7 +722,7 @@ fn cmds_per_task(stats: &[CmdStat], per: usize) -> String {
 fn pct(part: Option<f64>, whole: f64) -> String {
     part.map_or_else(
         || "?".to_owned(),
-        |p| format!("{p:.2} s ({:.0}%)", 100.0 * p / whole),
+        |p| format!("{p:.2} s ({:.0}% of a core)", 100.0 * p / whole),
     )
 }
 
@@ -762,7 +790,13 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn print_summary(cli: &Cli, cpus: usize, runs: &[RunFigures], reference: &[RefLine]) {
+fn print_summary(
+    cli: &Cli,
+    cpus: usize,
+    ping: Latency,
+    runs: &[RunFigures],
+    reference: &[RefLine],
+) {
     type Figure = fn(&RunFigures) -> Option<f64>;
     let rows: [(&str, &str, usize, Figure); 12] = [
         ("throughput_tasks_per_s", "tasks/s (from spawn)", 0, |r| {
@@ -830,6 +864,7 @@ fn print_summary(cli: &Cli, cpus: usize, runs: &[RunFigures], reference: &[RefLi
         println!("{line}");
         out.insert(key.into(), med.map_or(Value::Null, |m| json!(round3(m))));
     }
+    out.insert("redis_ping_p50_ms".into(), json!(round3(ping.p50)));
     if !reference.is_empty() {
         let rps: Map<String, Value> = reference
             .iter()

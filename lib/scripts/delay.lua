@@ -10,6 +10,12 @@
 -- ARGV[3]  queue key to push to when due
 -- ARGV[4]  the message
 -- ARGV[5]  sequence number to settle in KEYS[3], or ''
+-- Returns 1 when parked, 0 when the hold was already gone (settled by an
+-- earlier attempt whose reply was lost, or restored by a reaper): parking
+-- again would duplicate the message.
+if ARGV[5] ~= '' and redis.call('HEXISTS', KEYS[3], ARGV[5]) == 0 then
+  return 0
+end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. '\n' .. ARGV[4])
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[5] ~= '' then

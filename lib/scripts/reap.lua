@@ -13,6 +13,19 @@
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
 local restored = 0
 for _, w in ipairs(dead) do
+  local landing = ARGV[3] .. w
+  local src = redis.call('HGET', KEYS[2], w)
+  if src then
+    -- taken last (a blocking wait's catch), so restored first: it ends up
+    -- behind the held messages, which were taken before it
+    local m = redis.call('LPOP', landing)
+    while m do
+      redis.call('RPUSH', src, m)
+      restored = restored + 1
+      m = redis.call('LPOP', landing)
+    end
+    redis.call('HDEL', KEYS[2], w)
+  end
   local inflight = ARGV[2] .. w
   local entries = redis.call('HGETALL', inflight)
   local items = {}
@@ -29,18 +42,6 @@ for _, w in ipairs(dead) do
   end
   redis.call('DEL', inflight)
 
-  local landing = ARGV[3] .. w
-  local src = redis.call('HGET', KEYS[2], w)
-  if src then
-    -- the newest is at the left; pushing newest first leaves the oldest in front
-    local m = redis.call('LPOP', landing)
-    while m do
-      redis.call('RPUSH', src, m)
-      restored = restored + 1
-      m = redis.call('LPOP', landing)
-    end
-    redis.call('HDEL', KEYS[2], w)
-  end
   redis.call('ZREM', KEYS[1], w)
   redis.call('DEL', ARGV[4] .. w)
 end

@@ -99,3 +99,6 @@ pub(crate) use lease::{heartbeat, reap, release};
 pub use lease::{live_workers, worker_record};
 pub(crate) use results::parse_result as results_parse;
 pub use results::{get_result, store_result};
+
+#[cfg(test)]
+mod tests;

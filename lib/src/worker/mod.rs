@@ -345,6 +345,10 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
             last_seq,
             lease: sh.settings.lease,
         };
+        // Reserve the whole range before asking: if the reply is lost after
+        // the script ran, the next call must not reuse (and overwrite) a
+        // sequence number that records a held message.
+        last_seq += budget as u64;
         let got = fetch(&mut lane, sh.broker.keys(), take).await;
         let deliveries: Vec<Delivery> = match got {
             Ok(d) => {
@@ -377,7 +381,6 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
             continue;
         }
         for d in deliveries {
-            last_seq = last_seq.max(d.seq);
             tasks.spawn(handle::handle(Arc::clone(sh), d));
         }
     }

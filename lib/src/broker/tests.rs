@@ -1,0 +1,243 @@
+//! The broker's Redis steps against a real `redis-server` (started on a free
+//! port per test; the tests are skipped loudly only where no server binary
+//! exists, which CI never allows: it installs one).
+
+use super::*;
+use crate::config::RedisTarget;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct Server {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn server() -> Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (scripts/prereqs installs it)");
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let start = std::time::Instant::now();
+    while client
+        .get_connection()
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+        .is_err()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Server {
+        child,
+        url,
+        _dir: dir,
+    }
+}
+
+fn lane(s: &Server) -> Lane {
+    RedisPool::new(
+        &RedisTarget::from_url(&s.url).expect("url"),
+        4,
+        Duration::from_secs(5),
+    )
+    .expect("pool")
+    .lane()
+}
+
+async fn cmd<T: redis::FromRedisValue>(lane: &mut Lane, c: &mut redis::Cmd) -> T {
+    let conn = lane.conn("test").await.expect("conn");
+    c.query_async(conn).await.expect("command")
+}
+
+fn take<'a>(keys: &'a [String], max: usize, last_seq: u64) -> Take<'a> {
+    Take {
+        worker_id: "w1",
+        queue_keys: keys,
+        max,
+        last_seq,
+        lease: Duration::from_secs(30),
+    }
+}
+
+#[tokio::test]
+async fn fetch_takes_oldest_first_and_records_each_hold() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    for m in ["m1", "m2", "m3"] {
+        cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg(m)).await;
+    }
+    cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q\x06\x163").arg("low")).await;
+    let qk = vec!["q".to_string(), "q\x06\x163".to_string()];
+    let got = fetch(&mut l, &keys, take(&qk, 2, 0)).await.expect("fetch");
+    let payloads: Vec<_> = got.iter().map(|d| d.payload.as_str()).collect();
+    assert_eq!(payloads, ["m1", "m2"]);
+    assert_eq!(got.iter().map(|d| d.seq).collect::<Vec<_>>(), [1, 2]);
+    let held: Vec<String> = cmd(&mut l, redis::cmd("HVALS").arg(keys.inflight("w1"))).await;
+    assert_eq!(held.len(), 2);
+    assert!(held.contains(&"q\nm1".to_string()));
+    let lease: Option<f64> = cmd(&mut l, redis::cmd("ZSCORE").arg(keys.leases()).arg("w1")).await;
+    assert!(lease.is_some_and(|d| d > now_ms() as f64));
+    // Budget left over flows to the next list, after the first is empty.
+    let got = fetch(&mut l, &keys, take(&qk, 5, 2)).await.expect("fetch");
+    let payloads: Vec<_> = got.iter().map(|d| d.payload.as_str()).collect();
+    assert_eq!(payloads, ["m3", "low"]);
+    assert_eq!(got[1].queue_key, "q\x06\x163");
+}
+
+#[tokio::test]
+async fn requeue_and_reap_put_messages_back_at_the_front_in_order() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    for m in ["a", "b", "c", "d"] {
+        cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg(m)).await;
+    }
+    let qk = vec!["q".to_string()];
+    let got = fetch(&mut l, &keys, take(&qk, 2, 0)).await.expect("fetch");
+    let n = requeue(&mut l, &keys, "w1", &[got[0].seq, got[1].seq])
+        .await
+        .expect("requeue");
+    assert_eq!(n, 2);
+    let order: Vec<String> = cmd(&mut l, redis::cmd("LRANGE").arg("q").arg(0).arg(-1)).await;
+    assert_eq!(
+        order,
+        ["d", "c", "b", "a"],
+        "a is at the front (the RPOP end) again"
+    );
+
+    // A dead worker: held messages and its landing list return, oldest in front.
+    fetch(&mut l, &keys, take(&qk, 2, 10)).await.expect("fetch");
+    cmd::<()>(
+        &mut l,
+        redis::cmd("HSET")
+            .arg(keys.landing_sources())
+            .arg("w1")
+            .arg("q"),
+    )
+    .await;
+    cmd::<()>(
+        &mut l,
+        redis::cmd("LPUSH").arg(keys.landing("w1")).arg("landed"),
+    )
+    .await;
+    cmd::<()>(&mut l, redis::cmd("SET").arg(keys.worker("w1")).arg("{}")).await;
+    let (workers, restored) = reap(&mut l, &keys, now_ms() + 60_000).await.expect("reap");
+    assert_eq!((workers, restored), (1, 3));
+    let order: Vec<String> = cmd(&mut l, redis::cmd("LRANGE").arg("q").arg(0).arg(-1)).await;
+    assert_eq!(order.len(), 5);
+    assert_eq!(
+        &order[3..],
+        ["b", "a"],
+        "the oldest held message is at the very front"
+    );
+    for key in [keys.inflight("w1"), keys.landing("w1"), keys.worker("w1")] {
+        let exists: bool = cmd(&mut l, redis::cmd("EXISTS").arg(&key)).await;
+        assert!(!exists, "{key} left behind");
+    }
+    // A live lease is left alone.
+    fetch(&mut l, &keys, take(&qk, 1, 20)).await.expect("fetch");
+    assert_eq!(reap(&mut l, &keys, now_ms()).await.expect("reap"), (0, 0));
+}
+
+#[tokio::test]
+async fn parked_messages_move_when_due_and_settling_twice_is_harmless() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg("x")).await;
+    let qk = vec!["q".to_string()];
+    let got = fetch(&mut l, &keys, take(&qk, 1, 0)).await.expect("fetch");
+    let due = now_ms() + 50;
+    park(&mut l, &keys, due, "q", "x-retry", Some(("w1", got[0].seq)))
+        .await
+        .expect("park");
+    // The same step again (a retry after a lost reply) must not duplicate it.
+    park(&mut l, &keys, due, "q", "x-retry", Some(("w1", got[0].seq)))
+        .await
+        .expect("park");
+    let parked: i64 = cmd(&mut l, redis::cmd("ZCARD").arg(keys.delayed())).await;
+    assert_eq!(parked, 1);
+    let held: i64 = cmd(&mut l, redis::cmd("HLEN").arg(keys.inflight("w1"))).await;
+    assert_eq!(held, 0);
+    assert_eq!(
+        promote(&mut l, &keys, due - 10, 10).await.expect("promote"),
+        (0, Some(due))
+    );
+    assert_eq!(
+        promote(&mut l, &keys, due, 10).await.expect("promote"),
+        (1, None)
+    );
+    let q: Vec<String> = cmd(&mut l, redis::cmd("LRANGE").arg("q").arg(0).arg(-1)).await;
+    assert_eq!(q, ["x-retry"]);
+
+    let got = fetch(&mut l, &keys, take(&qk, 1, 5)).await.expect("fetch");
+    let record = DeadLetter {
+        reason: "r".into(),
+        queue: "q".into(),
+        queue_key: "q".into(),
+        task_id: None,
+        task: None,
+        payload: "x-retry".into(),
+        worker: "w1".into(),
+        at: "now".into(),
+    };
+    dead_letter(&mut l, &keys, "w1", got[0].seq, &record)
+        .await
+        .expect("dead-letter");
+    dead_letter(&mut l, &keys, "w1", got[0].seq, &record)
+        .await
+        .expect("dead-letter");
+    let dead = dead_letters(&mut l, &keys, "q", 10).await.expect("read");
+    assert_eq!(dead, [record]);
+}
+
+#[tokio::test]
+async fn settle_stores_expiring_results_then_releases() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg("m")).await;
+    let qk = vec!["q".to_string()];
+    let got = fetch(&mut l, &keys, take(&qk, 1, 0)).await.expect("fetch");
+    let batch = [Settle {
+        seq: got[0].seq,
+        result: Some(("id1".into(), "{\"status\":\"SUCCESS\"}".into())),
+    }];
+    settle(&mut l, None, &keys, "w1", &batch, Duration::from_secs(90))
+        .await
+        .expect("settle");
+    let ttl: i64 = cmd(&mut l, redis::cmd("TTL").arg("celery-task-meta-id1")).await;
+    assert!((1..=90).contains(&ttl));
+    let held: i64 = cmd(&mut l, redis::cmd("HLEN").arg(keys.inflight("w1"))).await;
+    assert_eq!(held, 0);
+}
