@@ -1,7 +1,7 @@
 //! The producer API: send Celery-protocol tasks, read and await results.
 
 use crate::broker::on_lane;
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, Lane, LanePool};
 use crate::broker::{get_result, results_parse};
 use crate::proto::TaskResult;
 use crate::proto::envelope::{MessageSpec, encode};
@@ -69,6 +69,8 @@ pub struct Producer {
     broker: Broker,
     origin: String,
     listener: Mutex<Option<Listener>>,
+    broker_lanes: LanePool,
+    backend_lanes: LanePool,
 }
 
 struct Prepared {
@@ -83,6 +85,8 @@ impl Producer {
     /// header (Celery uses `gen<pid>@<host>`).
     pub fn new(broker: Broker, origin: impl Into<String>) -> Self {
         Self {
+            broker_lanes: LanePool::new(broker.broker_pool().clone()),
+            backend_lanes: LanePool::new(broker.backend_pool().clone()),
             broker,
             origin: origin.into(),
             listener: Mutex::new(None),
@@ -160,11 +164,17 @@ impl Producer {
     /// (not in any worker's memory) until then.
     pub async fn send(&self, req: &TaskRequest) -> Result<String, ProducerError> {
         let p = self.prepare(req)?;
-        let mut lane = self.broker.broker_pool().lane();
+        let mut lane = self.broker_lanes.take();
+        let r = self.push(&mut lane, &p).await;
+        self.broker_lanes.give_back(lane);
+        r.map(|()| p.id)
+    }
+
+    async fn push(&self, lane: &mut Lane, p: &Prepared) -> Result<(), ProducerError> {
         match p.due_ms {
             Some(due) => {
                 crate::broker::park(
-                    &mut lane,
+                    lane,
                     self.broker.keys(),
                     due,
                     &p.queue_key,
@@ -173,12 +183,12 @@ impl Producer {
                 )
                 .await?
             }
-            None => on_lane!(&mut lane, "enqueue", |c| redis::cmd("LPUSH")
+            None => on_lane!(lane, "enqueue", |c| redis::cmd("LPUSH")
                 .arg(&p.queue_key)
                 .arg(&p.payload)
                 .query_async::<()>(c))?,
         }
-        Ok(p.id)
+        Ok(())
     }
 
     /// Sends a task by name with positional arguments and default options.
@@ -199,34 +209,33 @@ impl Producer {
             .iter()
             .map(|r| self.prepare(r))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut lane = self.broker.broker_pool().lane();
+        let mut lane = self.broker_lanes.take();
+        let r = self.push_many(&mut lane, &prepared).await;
+        self.broker_lanes.give_back(lane);
+        r?;
+        Ok(prepared.into_iter().map(|p| p.id).collect())
+    }
+
+    async fn push_many(&self, lane: &mut Lane, prepared: &[Prepared]) -> Result<(), ProducerError> {
         let mut pipe = redis::pipe();
         for p in prepared.iter().filter(|p| p.due_ms.is_none()) {
             pipe.cmd("LPUSH").arg(&p.queue_key).arg(&p.payload).ignore();
         }
         if !pipe.is_empty() {
-            on_lane!(&mut lane, "enqueue", |c| pipe.query_async::<()>(c))?;
+            on_lane!(lane, "enqueue", |c| pipe.query_async::<()>(c))?;
         }
-        for p in prepared.iter() {
-            if let Some(due) = p.due_ms {
-                crate::broker::park(
-                    &mut lane,
-                    self.broker.keys(),
-                    due,
-                    &p.queue_key,
-                    &p.payload,
-                    None,
-                )
-                .await?;
-            }
+        for p in prepared.iter().filter(|p| p.due_ms.is_some()) {
+            self.push(lane, p).await?;
         }
-        Ok(prepared.into_iter().map(|p| p.id).collect())
+        Ok(())
     }
 
     /// Reads a task's stored result; `None` when there is none yet (or it expired).
     pub async fn result(&self, task_id: &str) -> Result<Option<TaskResult>, ProducerError> {
-        let mut lane = self.broker.backend_pool().lane();
-        Ok(get_result(&mut lane, task_id).await?)
+        let mut lane = self.backend_lanes.take();
+        let r = get_result(&mut lane, task_id).await;
+        self.backend_lanes.give_back(lane);
+        Ok(r?)
     }
 
     /// Waits up to `timeout` for a task's final result (SUCCESS, FAILURE or
@@ -267,7 +276,7 @@ impl Producer {
                 },
             };
             if let Some(l) = self.listener.lock().await.as_ref() {
-                l.unwatch(&channel).await;
+                l.unwatch(&channel);
             }
             if let Some(done) = outcome {
                 return done;

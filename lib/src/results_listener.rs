@@ -15,6 +15,9 @@ type Waiters = Arc<Mutex<HashMap<String, Vec<oneshot::Sender<String>>>>>;
 pub(crate) struct Listener {
     sink: redis::aio::PubSubSink,
     waiters: Waiters,
+    /// Channels to unsubscribe from, done by the reader task so a waiter
+    /// never waits for the reply.
+    unsubscribe: tokio::sync::mpsc::UnboundedSender<String>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -29,8 +32,25 @@ impl Listener {
         let (sink, mut stream) = pool.pubsub().await?.split();
         let waiters: Waiters = Arc::default();
         let w = Arc::clone(&waiters);
+        let (unsubscribe, mut unsub_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let mut unsub_sink = sink.clone();
+        // Owned by the Listener (aborted on drop).
         let reader = tokio::spawn(async move {
-            while let Some(msg) = stream.next().await {
+            loop {
+                let msg = tokio::select! {
+                    m = stream.next() => match m {
+                        Some(m) => m,
+                        None => break,
+                    },
+                    Some(channel) = unsub_rx.recv() => {
+                        // Re-check: a waiter may have registered meanwhile.
+                        let idle = w.lock().is_ok_and(|m| !m.contains_key(&channel));
+                        if idle {
+                            let _ = unsub_sink.unsubscribe(&channel).await;
+                        }
+                        continue;
+                    }
+                };
                 let Ok(payload) = msg.get_payload::<String>() else {
                     continue;
                 };
@@ -51,6 +71,7 @@ impl Listener {
         Ok(Self {
             sink,
             waiters,
+            unsubscribe,
             reader,
         })
     }
@@ -77,8 +98,9 @@ impl Listener {
         Ok(rx)
     }
 
-    /// Drops interest in `channel` when no waiter is left on it.
-    pub(crate) async fn unwatch(&self, channel: &str) {
+    /// Drops interest in `channel` when no waiter is left on it (the
+    /// UNSUBSCRIBE is sent by the reader task; nobody waits for its reply).
+    pub(crate) fn unwatch(&self, channel: &str) {
         let idle = self.waiters.lock().is_ok_and(|mut m| {
             if let Some(v) = m.get_mut(channel) {
                 v.retain(|s| !s.is_closed());
@@ -89,8 +111,7 @@ impl Listener {
             !m.contains_key(channel)
         });
         if idle {
-            let mut sink = self.sink.clone();
-            let _ = sink.unsubscribe(channel).await;
+            let _ = self.unsubscribe.send(channel.to_owned());
         }
     }
 }

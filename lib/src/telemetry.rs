@@ -17,6 +17,18 @@ pub fn init(level: &str, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // A panicking task is caught and recorded as a FAILURE; with JSON logs
+    // its message goes through tracing too, so they stay one object per line.
+    if json {
+        std::panic::set_hook(Box::new(|info| {
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            let what = crate::worker::panic_text(info.payload());
+            tracing::error!(panic = %what, at = %at, "panic");
+        }));
+    }
     let _ = if json {
         builder
             .json()

@@ -16,7 +16,7 @@ pub use consume::{Delivery, Settle};
 pub use dead::DeadLetter;
 pub use lease::WorkerRecord;
 pub(crate) use pool::on_lane;
-pub use pool::{BrokerError, Lane, RedisPool};
+pub use pool::{BrokerError, Lane, LanePool, RedisPool};
 
 use crate::proto::Keys;
 use redis::Script;

@@ -191,3 +191,44 @@ macro_rules! on_lane {
     }};
 }
 pub(crate) use on_lane;
+
+/// Idle lanes kept for reuse by request/response callers (the producer):
+/// a reused lane skips the pool's PING check, saving a round trip per call.
+#[derive(Debug)]
+pub struct LanePool {
+    pool: RedisPool,
+    idle: std::sync::Mutex<Vec<Lane>>,
+}
+
+impl LanePool {
+    /// Lanes drawn from `pool`.
+    pub fn new(pool: RedisPool) -> Self {
+        Self {
+            pool,
+            idle: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// An idle lane, or a new one.
+    pub fn take(&self) -> Lane {
+        self.idle
+            .lock()
+            .ok()
+            .and_then(|mut v| v.pop())
+            .unwrap_or_else(|| self.pool.lane())
+    }
+
+    /// Returns a lane for reuse (one that lost its connection is dropped).
+    pub fn give_back(&self, lane: Lane) {
+        if lane.conn.is_some()
+            && let Ok(mut v) = self.idle.lock()
+        {
+            v.push(lane);
+        }
+    }
+
+    /// The pool lanes come from.
+    pub fn pool(&self) -> &RedisPool {
+        &self.pool
+    }
+}

@@ -1,7 +1,7 @@
 //! What happens to one message a worker took: decode, check, run, record.
 
 use super::registry::{TaskContext, TaskError, TaskOptions};
-use super::shared::{SettleMsg, Shared, Stats};
+use super::shared::{SettleMsg, Shared, Stats, panic_text, persist};
 use crate::broker::{DeadLetter, Delivery, Settle, dead_letter, park, store_result};
 use crate::proto::envelope::{self, DecodeError, TaskMessage};
 use crate::proto::keys::queue_of_key;
@@ -25,17 +25,12 @@ pub(crate) async fn handle(sh: Arc<Shared>, d: Delivery) {
             let exc = decode_exception(&err);
             async {
                 tracing::warn!(reason = %err, "refusing message; dead-lettering it");
-                poison(
-                    &sh,
-                    &d,
-                    &queue,
-                    id.as_deref(),
-                    None,
-                    0,
-                    err.to_string(),
-                    exc,
-                )
-                .await;
+                let origin = Origin {
+                    task_id: id.as_deref(),
+                    task: None,
+                    retries: 0,
+                };
+                poison(&sh, &d, &queue, origin, err.to_string(), exc).await;
             }
             .instrument(span)
             .await;
@@ -97,25 +92,20 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessa
         // pushed it straight to the queue: park it in Redis until due.
         tracing::debug!(eta = %envelope::format_time(eta), "task not due yet; parking it");
         let due = eta.timestamp_millis();
-        let mut retry = sh.retrier("park task until its ETA");
-        let done = loop {
-            let mut lane = sh.broker.broker_pool().lane();
-            let r = park(
-                &mut lane,
+        let done = persist!(
+            sh,
+            "park task until its ETA",
+            park(
+                &mut sh.broker.broker_pool().lane(),
                 sh.broker.keys(),
                 due,
                 &d.queue_key,
                 &d.payload,
                 Some((&sh.id, d.seq)),
             )
-            .await;
-            match r {
-                Ok(()) => break true,
-                Err(e) if retry.again(&e).await => {}
-                Err(_) => break false,
-            }
-        };
-        if done {
+            .await
+        );
+        if done.is_some() {
             sh.held.add_permits(1);
         }
         return;
@@ -127,17 +117,7 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessa
             format!("task {:?} is not registered in this worker", msg.task),
         );
         let reason = format!("unknown task {:?}", msg.task);
-        poison(
-            &sh,
-            &d,
-            &queue,
-            Some(&msg.id),
-            Some(&msg.task),
-            msg.retries,
-            reason,
-            exc,
-        )
-        .await;
+        poison(&sh, &d, &queue, Origin::of(&msg), reason, exc).await;
         return;
     };
 
@@ -193,24 +173,10 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessa
         Ok(Ok(Err(TaskError::Reject { reason }))) => {
             tracing::warn!(reason = %reason, "task rejected its message; dead-lettering it");
             let exc = ExceptionInfo::celery("Reject", reason.clone());
-            poison(
-                &sh,
-                &d,
-                &queue,
-                Some(&msg.id),
-                Some(&msg.task),
-                msg.retries,
-                reason,
-                exc,
-            )
-            .await;
+            poison(&sh, &d, &queue, Origin::of(&msg), reason, exc).await;
         }
         Ok(Err(panic)) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-text panic payload".into());
+            let what = panic_text(panic.as_ref());
             tracing::error!(panic = %what, "task panicked; recording FAILURE");
             Stats::bump(&sh.stats.failed);
             let exc = ExceptionInfo::builtin("RuntimeError", format!("task panicked: {what}"));
@@ -241,7 +207,7 @@ async fn finish(sh: &Shared, seq: u64, msg: &TaskMessage, result: Option<TaskRes
     sh.settle(SettleMsg::Done(Settle { seq, result })).await;
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // one call site; the fields are all distinct
 async fn retry(
     sh: &Shared,
     d: &Delivery,
@@ -260,17 +226,7 @@ async fn retry(
             format!("gave up after {} retries: {reason}", msg.retries),
         );
         let why = format!("retries exhausted ({max}): {reason}");
-        poison(
-            sh,
-            d,
-            queue,
-            Some(&msg.id),
-            Some(&msg.task),
-            msg.retries,
-            why,
-            exc,
-        )
-        .await;
+        poison(sh, d, queue, Origin::of(msg), why, exc).await;
         return;
     }
     let delay = countdown.unwrap_or_else(|| options.backoff(msg.retries));
@@ -281,50 +237,66 @@ async fn retry(
     let r = TaskResult::failure(&msg.id, TaskState::Retry, &exc, from);
     let next = msg.for_retry(eta);
     let ttl = sh.settings.result_expires;
-    let mut retry = sh.retrier("schedule retry");
-    let done = loop {
-        // One pooled connection at a time: rare paths must not starve the pool.
-        let r = async {
+    let due = eta.timestamp_millis();
+    let done = persist!(
+        sh,
+        "schedule retry",
+        async {
+            // One pooled connection at a time: rare paths must not starve the pool.
             if !msg.ignore_result {
                 store_result(&mut sh.broker.backend_pool().lane(), &r, ttl).await?;
             }
-            let mut lane = sh.broker.broker_pool().lane();
+            let held = Some((sh.id.as_str(), d.seq));
             park(
-                &mut lane,
+                &mut sh.broker.broker_pool().lane(),
                 sh.broker.keys(),
-                eta.timestamp_millis(),
+                due,
                 &d.queue_key,
                 &next,
-                Some((&sh.id, d.seq)),
+                held,
             )
             .await
         }
-        .await;
-        match r {
-            Ok(()) => break true,
-            Err(e) if retry.again(&e).await => {}
-            Err(_) => break false,
-        }
-    };
-    if done {
+        .await
+    );
+    if done.is_some() {
         sh.held.add_permits(1);
+    }
+}
+/// What is known about a poisoned message's task.
+#[derive(Debug, Clone, Copy)]
+struct Origin<'a> {
+    task_id: Option<&'a str>,
+    task: Option<&'a str>,
+    retries: u32,
+}
+
+impl<'a> Origin<'a> {
+    fn of(msg: &'a TaskMessage) -> Self {
+        Self {
+            task_id: Some(&msg.id),
+            task: Some(&msg.task),
+            retries: msg.retries,
+        }
     }
 }
 
 /// Records a FAILURE result when the task id is known, then moves the
 /// message to its queue's dead-letter list (releasing the hold atomically).
-#[allow(clippy::too_many_arguments)]
 async fn poison(
     sh: &Shared,
     d: &Delivery,
     queue: &str,
-    task_id: Option<&str>,
-    task: Option<&str>,
-    retries: u32,
+    origin: Origin<'_>,
     reason: String,
     exc: ExceptionInfo,
 ) {
     Stats::bump(&sh.stats.dead_lettered);
+    let Origin {
+        task_id,
+        task,
+        retries,
+    } = origin;
     let result = task_id.map(|id| {
         TaskResult::failure(
             id,
@@ -350,24 +322,20 @@ async fn poison(
         at: envelope::format_time(Utc::now()),
     };
     let ttl = sh.settings.result_expires;
-    let mut retry = sh.retrier("dead-letter message");
-    let done = loop {
-        // One pooled connection at a time: rare paths must not starve the pool.
-        let r = async {
+    let done = persist!(
+        sh,
+        "dead-letter message",
+        async {
+            // One pooled connection at a time: rare paths must not starve the pool.
             if let Some(r) = &result {
                 store_result(&mut sh.broker.backend_pool().lane(), r, ttl).await?;
             }
             let mut lane = sh.broker.broker_pool().lane();
             dead_letter(&mut lane, sh.broker.keys(), &sh.id, d.seq, &record).await
         }
-        .await;
-        match r {
-            Ok(()) => break true,
-            Err(e) if retry.again(&e).await => {}
-            Err(_) => break false,
-        }
-    };
-    if done {
+        .await
+    );
+    if done.is_some() {
         sh.held.add_permits(1);
     }
 }

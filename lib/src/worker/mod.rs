@@ -27,6 +27,7 @@ mod shared;
 
 pub use registry::{Registry, TaskContext, TaskError, TaskFuture, TaskOptions, TaskOutcome};
 pub use shared::Stats;
+pub(crate) use shared::panic_text;
 
 use crate::broker::{
     Broker, BrokerError, Delivery, Take, fetch, heartbeat, release, wait_for_message,

@@ -1,7 +1,7 @@
 //! The settler: batches finished messages into one pipeline (results, then
 //! acknowledgements) and hands back messages that never started.
 
-use super::shared::{SettleMsg, Shared};
+use super::shared::{SettleMsg, Shared, persist};
 use crate::broker::{Settle, requeue, settle};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -27,14 +27,11 @@ pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
         }
         if !back.is_empty() {
             back.sort_unstable();
-            let mut retry = sh.retrier("hand back unstarted messages");
-            let n = loop {
-                match requeue(&mut broker_lane, &keys, &sh.id, &back).await {
-                    Ok(n) => break Some(n),
-                    Err(e) if retry.again(&e).await => {}
-                    Err(_) => break None,
-                }
-            };
+            let n = persist!(
+                sh,
+                "hand back unstarted messages",
+                requeue(&mut broker_lane, &keys, &sh.id, &back).await
+            );
             if let Some(n) = n {
                 tracing::info!(count = n, "handed unstarted messages back to their queues");
                 sh.stats
@@ -44,24 +41,21 @@ pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
             sh.held.add_permits(back.len());
         }
         if !done.is_empty() {
-            let mut retry = sh.retrier("store results and acknowledge");
-            let ok = loop {
-                let r = settle(
+            let ttl = sh.settings.result_expires;
+            let ok = persist!(
+                sh,
+                "store results and acknowledge",
+                settle(
                     &mut broker_lane,
                     backend_lane.as_mut(),
                     &keys,
                     &sh.id,
                     &done,
-                    sh.settings.result_expires,
+                    ttl
                 )
-                .await;
-                match r {
-                    Ok(()) => break true,
-                    Err(e) if retry.again(&e).await => {}
-                    Err(_) => break false,
-                }
-            };
-            if ok {
+                .await
+            );
+            if ok.is_some() {
                 sh.stats
                     .processed
                     .fetch_add(done.len() as u64, std::sync::atomic::Ordering::Relaxed);

@@ -112,6 +112,36 @@ impl Retrier {
     }
 }
 
+/// Evaluates `$step` (an expression ending in `.await` that yields a
+/// `Result<T, BrokerError>`) until it succeeds, retrying through
+/// [`Shared::retrier`]; `Some(T)`, or `None` once the worker abandons Redis
+/// work (the lease release then hands the message back).
+macro_rules! persist {
+    ($sh:expr, $what:expr, $step:expr) => {{
+        let mut retry = $sh.retrier($what);
+        loop {
+            match $step {
+                Ok(v) => break Some(v),
+                Err(e) => {
+                    if !retry.again(&e).await {
+                        break None;
+                    }
+                }
+            }
+        }
+    }};
+}
+pub(crate) use persist;
+
+/// The text of a panic payload.
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic payload".into())
+}
+
 /// `d` scaled by a random factor in [0.5, 1.0].
 pub(crate) fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + rand::random::<f64>() / 2.0)
