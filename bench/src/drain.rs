@@ -1,5 +1,4 @@
-//! The throughput phase: enqueueing the tasks, waiting for the worker to
-//! drain them, and checking every result.
+//! The throughput phase: enqueue the tasks, wait for the drain, check every result.
 
 use crate::ECHO;
 use crate::worker::WorkerProc;
@@ -23,7 +22,11 @@ fn echo_request(i: usize) -> TaskRequest {
 
 /// Sends `tasks` echo tasks with `send_many`, `chunk` per pipeline, and
 /// returns their ids.
-pub(crate) async fn enqueue(producer: &Producer, tasks: usize, chunk: usize) -> Result<Vec<String>> {
+pub(crate) async fn enqueue(
+    producer: &Producer,
+    tasks: usize,
+    chunk: usize,
+) -> Result<Vec<String>> {
     let mut ids = Vec::with_capacity(tasks);
     let mut next = 0;
     while next < tasks {

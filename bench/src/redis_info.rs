@@ -1,5 +1,4 @@
-//! What the Redis server reports about itself (`INFO` fields, CPU,
-//! commandstats) and the `redis-benchmark` reference.
+//! What Redis reports about itself (INFO, CPU, commandstats) and the `redis-benchmark` reference.
 
 use anyhow::{Context as _, Result, ensure};
 use std::process::{Command, Stdio};
@@ -21,7 +20,9 @@ pub(crate) struct RefLine {
 }
 
 /// `used_cpu_sys + used_cpu_user` of the server, in seconds.
-pub(crate) async fn redis_cpu_s(con: &mut redis::aio::MultiplexedConnection) -> Result<Option<f64>> {
+pub(crate) async fn redis_cpu_s(
+    con: &mut redis::aio::MultiplexedConnection,
+) -> Result<Option<f64>> {
     let info: String = redis::cmd("INFO").arg("cpu").query_async(con).await?;
     let field = |name| info_field(&info, name).and_then(|v| v.parse::<f64>().ok());
     Ok(field("used_cpu_sys")
