@@ -1,6 +1,6 @@
 //! Test harness for taskstack's end-to-end tests: real `redis-server`
-//! processes on free loopback ports, real worker processes, and waiting on
-//! conditions with deadlines (never fixed sleeps).
+//! processes on free loopback ports, real worker and beat processes, and
+//! waiting on conditions with deadlines (never fixed sleeps).
 
 use anyhow::{Context as _, Result, bail};
 use std::future::Future;
@@ -181,7 +181,14 @@ fn build_bins() -> Result<PathBuf> {
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "taskstack-worker"]);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "taskstack-worker",
+        "-p",
+        "taskstack-beat",
+    ]);
     if release {
         cmd.arg("--release");
     }
@@ -189,7 +196,7 @@ fn build_bins() -> Result<PathBuf> {
     cmd.env("CARGO_TARGET_DIR", target_dir);
     let status = cmd.status().context("cannot run cargo build")?;
     if !status.success() {
-        bail!("cargo build -p taskstack-worker failed: {status}");
+        bail!("cargo build -p taskstack-worker -p taskstack-beat failed: {status}");
     }
     Ok(profile_dir)
 }
@@ -360,5 +367,155 @@ impl InProcessWorker {
     pub async fn stop(self) -> Result<taskstack::worker::RunSummary> {
         self.stop.cancel();
         Ok(self.handle.await??)
+    }
+}
+
+/// A `taskstack-beat` process with its own configuration file, state file
+/// and log, killed on drop.
+#[derive(Debug)]
+pub struct BeatProcess {
+    child: Option<Child>,
+    pub state_file: PathBuf,
+    pub config_file: PathBuf,
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+    redis_url: String,
+    namespace: String,
+}
+
+impl BeatProcess {
+    /// Starts a beat against `redis_url` in `namespace`, with `toml` (the
+    /// `[[schedule]]` entries and any other keys) as its configuration file
+    /// and extra `TASKSTACK_*` variables. Metrics are off unless `env` says.
+    pub fn spawn(
+        redis_url: &str,
+        namespace: &str,
+        toml: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let state_file = dir.path().join("beat.json");
+        let config_file = dir.path().join("beat.toml");
+        let log = dir.path().join("beat.log");
+        std::fs::write(&config_file, toml)?;
+        let mut cmd = Self::command(redis_url, namespace, &state_file, &config_file)?;
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("cannot start taskstack-beat")?;
+        Ok(Self {
+            child: Some(child),
+            state_file,
+            config_file,
+            _dir: dir,
+            log,
+            redis_url: redis_url.to_owned(),
+            namespace: namespace.to_owned(),
+        })
+    }
+
+    /// The command with a clean environment for this test.
+    pub fn command(
+        redis_url: &str,
+        namespace: &str,
+        state_file: &Path,
+        config_file: &Path,
+    ) -> Result<Command> {
+        let mut cmd = Command::new(bin("taskstack-beat")?);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("TASKSTACK_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("TASKSTACK_BROKER_URL", redis_url)
+            .env("TASKSTACK_NAMESPACE", namespace)
+            .env("TASKSTACK_CONFIG", config_file)
+            .env("TASKSTACK_BEAT_STATE_FILE", state_file)
+            .env("TASKSTACK_BEAT_METRICS_LISTEN", "off")
+            .env("TASKSTACK_ALLOW_ROOT", "1")
+            .env("TASKSTACK_LOG_FORMAT", "json")
+            .env("TASKSTACK_LOG_LEVEL", "info");
+        Ok(cmd)
+    }
+
+    /// `taskstack-beat healthcheck` for this instance, run to completion.
+    pub fn healthcheck(&self) -> Result<std::process::Output> {
+        Ok(Self::command(
+            &self.redis_url,
+            &self.namespace,
+            &self.state_file,
+            &self.config_file,
+        )?
+        .arg("healthcheck")
+        .output()?)
+    }
+
+    /// The instance id it recorded in its state file (once ready).
+    pub fn instance_id(&self) -> Option<String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&self.state_file).ok()?).ok()?;
+        v["id"].as_str().map(str::to_owned)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Whether the process is still running (not reaped).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Sends a real signal to the process.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid())?);
+        nix::sys::signal::kill(pid, sig)?;
+        Ok(())
+    }
+
+    /// SIGKILL, then reaps the process.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit, up to `deadline`.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("already reaped")?;
+        let status = wait_until_sync("beat to exit", deadline, || child.try_wait().ok().flatten())?;
+        self.child = None;
+        Ok(status)
+    }
+
+    /// What the beat logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the beat logged `needle`.
+    pub fn wait_log(&self, needle: &str, deadline: Duration) -> Result<()> {
+        wait_until_sync(
+            &format!("beat log line containing {needle:?}"),
+            deadline,
+            || self.log().contains(needle).then_some(()),
+        )
+        .with_context(|| format!("beat log:\n{}", self.log()))
+    }
+}
+
+impl Drop for BeatProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // A stopped (SIGSTOP) process still dies of SIGKILL.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

@@ -8,8 +8,10 @@
 //!   delaying, dead-lettering and restoring messages; leases; results.
 //! - [`producer`]: send tasks, read and await results.
 //! - [`worker`]: the execution engine, the task registry and built-in tasks.
+//! - [`beat`]: the periodic scheduler (one leader, every slot once).
 //! - [`shutdown`], [`telemetry`]: process plumbing.
 
+pub mod beat;
 pub mod broker;
 pub mod config;
 pub mod producer;

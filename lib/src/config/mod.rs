@@ -4,14 +4,17 @@
 //! `TASKSTACK_CONFIG` < `TASKSTACK_*` environment variables < command-line
 //! overrides. Passwords may come from files (`*_PASSWORD_FILE`, for Docker
 //! secrets). Everything is validated once, at start-up; an error names the
-//! key and the value. Nothing else in taskstack reads the environment.
+//! key and the value (for a `[[schedule]]` entry: the entry and the field).
+//! Nothing else in taskstack reads the environment.
 
 mod de;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
+use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,6 +40,14 @@ pub enum ConfigError {
     SecretFile {
         key: &'static str,
         path: PathBuf,
+        reason: String,
+    },
+    #[error("schedule entry {entry}: field `{field}` has invalid value {value:?}: {reason}")]
+    Schedule {
+        /// The entry's name in backquotes, or `schedule[<index>]` when it has none.
+        entry: String,
+        field: &'static str,
+        value: String,
         reason: String,
     },
     #[error("invalid configuration: {0}")]
@@ -104,6 +115,93 @@ pub struct Config {
     pub allow_root: bool,
     /// Where a worker records who it is, for `taskstack-worker healthcheck`.
     pub worker_state_file: PathBuf,
+    /// `taskstack-beat`: how long the leader lock lasts without renewal. The
+    /// leader renews it every third of this; a standby takes over at most
+    /// about this long (plus a second) after the leader dies.
+    #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
+    pub beat_lock_ttl: Duration,
+    /// `taskstack-beat`: how old a missed slot (one no leader published,
+    /// e.g. during a restart or a failover) may be and still be published,
+    /// once; older missed slots are skipped, logged and counted.
+    #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
+    pub beat_missed_grace: Duration,
+    /// `taskstack-beat`: `ip:port` serving Prometheus metrics at `/metrics`,
+    /// or `off`.
+    pub beat_metrics_listen: String,
+    /// Where a beat records who it is, for `taskstack-beat healthcheck`.
+    pub beat_state_file: PathBuf,
+    /// `taskstack-beat`'s periodic entries (`[[schedule]]` in the TOML file).
+    pub schedule: Vec<ScheduleEntry>,
+}
+
+/// One periodic entry of `taskstack-beat` (a `[[schedule]]` table).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleEntry {
+    /// Unique among entries; carried in each message's `beat_entry` header
+    /// and keying the entry's last published slot in Redis.
+    #[serde(default)]
+    pub name: String,
+    /// The task name (required).
+    #[serde(default)]
+    pub task: String,
+    #[serde(default)]
+    pub args: Vec<Value>,
+    #[serde(default)]
+    pub kwargs: Map<String, Value>,
+    /// The queue the message goes to.
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    /// A cron expression: 5 fields (minute hour day-of-month month
+    /// day-of-week) or 6 (seconds first). Exactly one of `cron` and `every`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// A fixed interval (`"30s"`): slots are the multiples of it since the
+    /// Unix epoch, so every instance agrees on them.
+    #[serde(
+        default,
+        deserialize_with = "de::opt_duration",
+        serialize_with = "de::ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub every: Option<Duration>,
+    /// IANA time zone a `cron` expression is read in.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    #[serde(default = "default_true", deserialize_with = "de::flag")]
+    pub enabled: bool,
+    /// The message expires this long after its slot (the worker then records
+    /// it as REVOKED instead of running it).
+    #[serde(
+        default,
+        deserialize_with = "de::opt_duration",
+        serialize_with = "de::ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires: Option<Duration>,
+}
+
+fn default_queue() -> String {
+    "celery".into()
+}
+
+fn default_timezone() -> String {
+    "UTC".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl ScheduleEntry {
+    /// How error messages name this entry: its name, or its position.
+    pub fn label(&self, index: usize) -> String {
+        if self.name.is_empty() {
+            format!("schedule[{index}]")
+        } else {
+            format!("`{}`", self.name)
+        }
+    }
 }
 
 impl Default for Config {
@@ -128,6 +226,11 @@ impl Default for Config {
             log_format: LogFormat::Auto,
             allow_root: false,
             worker_state_file: PathBuf::from("/tmp/taskstack-worker.json"),
+            beat_lock_ttl: Duration::from_secs(10),
+            beat_missed_grace: Duration::from_secs(300),
+            beat_metrics_listen: "0.0.0.0:9102".into(),
+            beat_state_file: PathBuf::from("/tmp/taskstack-beat.json"),
+            schedule: Vec::new(),
         }
     }
 }
@@ -167,7 +270,13 @@ impl Config {
     /// with in-memory providers).
     pub fn from_figment(fig: Figment) -> Result<Self, ConfigError> {
         let cfg: Config = fig.extract().map_err(|e| {
-            ConfigError::Load(e.into_iter().map(describe).collect::<Vec<_>>().join("; "))
+            let names = schedule_names(&fig);
+            ConfigError::Load(
+                e.into_iter()
+                    .map(|e| describe(e, &names))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -242,7 +351,54 @@ impl Config {
         )?;
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", &self.log_level, &e.to_string()))?;
+        at_least("beat_lock_ttl", self.beat_lock_ttl, Duration::from_secs(1))?;
+        at_least(
+            "beat_missed_grace",
+            self.beat_missed_grace,
+            Duration::from_secs(1),
+        )?;
+        self.beat_metrics_addr()?;
+        self.validate_schedule()
+    }
+
+    /// Every entry compiles (cron, time zone, interval, queue) and names are
+    /// unique; disabled entries are checked too, so a typo never waits for
+    /// the day someone enables the entry.
+    fn validate_schedule(&self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        for (i, entry) in self.schedule.iter().enumerate() {
+            crate::beat::schedule::Entry::compile(entry).map_err(|e| ConfigError::Schedule {
+                entry: entry.label(i),
+                field: e.field,
+                value: e.value,
+                reason: e.reason,
+            })?;
+            if !names.insert(entry.name.as_str()) {
+                return Err(ConfigError::Schedule {
+                    entry: entry.label(i),
+                    field: "name",
+                    value: entry.name.clone(),
+                    reason: "another entry has the same name; names must be unique".into(),
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// Where `taskstack-beat` serves metrics; `None` when `beat_metrics_listen`
+    /// is `off` (or empty).
+    pub fn beat_metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let raw = self.beat_metrics_listen.trim();
+        if raw.is_empty() || raw.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        raw.parse().map(Some).map_err(|_| {
+            invalid(
+                "beat_metrics_listen",
+                raw,
+                "use ip:port such as 0.0.0.0:9102 (port 0 picks a free port), or off",
+            )
+        })
     }
 
     /// Messages one worker may hold at once.
@@ -313,9 +469,33 @@ pub fn check_not_root(allow_root: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// The `name` of each `[[schedule]]` entry as written (for error messages
+/// about entries that do not deserialize).
+fn schedule_names(fig: &Figment) -> Vec<Option<String>> {
+    fig.extract_inner::<Vec<Value>>("schedule")
+        .map(|entries| {
+            entries
+                .iter()
+                .map(|e| e.get("name").and_then(Value::as_str).map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// One figment error as "key `k` (from <source>): <what>", with the
-/// environment variable spelled out when that is where the value came from.
-fn describe(e: figment::Error) -> String {
+/// environment variable spelled out when that is where the value came from,
+/// and a `[[schedule]]` entry named by its name as well as its position.
+fn describe(e: figment::Error, schedule_names: &[Option<String>]) -> String {
+    if let [first, index, field, ..] = e.path.as_slice()
+        && first == "schedule"
+        && let Ok(i) = index.parse::<usize>()
+    {
+        let entry = match schedule_names.get(i).cloned().flatten() {
+            Some(name) => format!("`{name}` (schedule[{i}])"),
+            None => format!("schedule[{i}]"),
+        };
+        return format!("schedule entry {entry}: field `{field}`: {}", e.kind);
+    }
     let key = e.path.join(".").to_lowercase();
     let source = match &e.metadata {
         Some(m) if m.name.contains("environment") => {

@@ -116,3 +116,114 @@ fn result_backend_can_differ() {
         "rediss://u:q@other:6380/1"
     );
 }
+
+fn from_toml(toml: &str) -> Result<Config, ConfigError> {
+    let fig = Figment::from(Serialized::defaults(Config::default()))
+        .merge(figment::providers::Toml::string(toml));
+    Config::from_figment(fig)
+}
+
+const ENTRY: &str = "[[schedule]]\nname = \"nightly\"\ntask = \"proj.report\"\n";
+
+#[test]
+fn schedule_entries_load_with_defaults() {
+    let c = from_toml(&format!(
+        "beat_lock_ttl = \"3s\"\n{ENTRY}cron = \"30 2 * * *\"\ntimezone = \"America/New_York\"\n\
+         [[schedule]]\nname = \"tick\"\ntask = \"proj.tick\"\nevery = \"30s\"\nargs = [1, \"a\"]\n\
+         kwargs = {{ k = true }}\nqueue = \"periodic\"\nenabled = false\nexpires = \"1m\"\n"
+    ))
+    .expect("valid");
+    assert_eq!(c.beat_lock_ttl, Duration::from_secs(3));
+    assert_eq!(c.beat_missed_grace, Duration::from_secs(300));
+    assert_eq!(
+        c.beat_metrics_addr().expect("addr"),
+        Some("0.0.0.0:9102".parse().expect("addr"))
+    );
+    let [nightly, tick] = c.schedule.as_slice() else {
+        panic!("two entries: {:?}", c.schedule);
+    };
+    assert_eq!(nightly.queue, "celery");
+    assert!(nightly.enabled);
+    assert_eq!(nightly.every, None);
+    assert_eq!(tick.every, Some(Duration::from_secs(30)));
+    assert_eq!(tick.args, vec![json!(1), json!("a")]);
+    assert_eq!(tick.kwargs.get("k"), Some(&json!(true)));
+    assert!(!tick.enabled);
+    assert_eq!(tick.expires, Some(Duration::from_secs(60)));
+    // The effective configuration shows them, and reads back the same.
+    let shown = c.redacted();
+    assert_eq!(shown["schedule"][1]["every"], "30s");
+    let again = with(&[("schedule", shown["schedule"].clone())]).expect("round trip");
+    assert_eq!(again.schedule, c.schedule);
+}
+
+#[test]
+fn bad_schedule_entries_name_the_entry_and_the_field() {
+    let cases = [
+        (
+            format!("{ENTRY}cron = \"61 * * * *\"\n"),
+            "`nightly`",
+            "cron",
+        ),
+        (
+            format!("{ENTRY}cron = \"0 3 * * *\"\ntimezone = \"Mars/Base\"\n"),
+            "`nightly`",
+            "timezone",
+        ),
+        (ENTRY.to_owned(), "`nightly`", "cron"),
+        (
+            format!("{ENTRY}cron = \"0 3 * * *\"\nevery = \"1m\"\n"),
+            "`nightly`",
+            "cron",
+        ),
+        (
+            "[[schedule]]\nname = \"nightly\"\nevery = \"1m\"\n".to_owned(),
+            "`nightly`",
+            "task",
+        ),
+        (
+            format!("{ENTRY}every = \"1m\"\n{ENTRY}every = \"2m\"\n"),
+            "`nightly`",
+            "name",
+        ),
+        (format!("{ENTRY}every = \"soon\"\n"), "`nightly`", "every"),
+        (
+            format!("{ENTRY}every = \"1m\"\ncrn = \"x\"\n"),
+            "`nightly`",
+            "crn",
+        ),
+        (
+            format!("{ENTRY}every = \"1m\"\nargs = 5\n"),
+            "`nightly`",
+            "args",
+        ),
+        (
+            "[[schedule]]\ntask = \"t\"\nevery = \"1m\"\n".to_owned(),
+            "schedule[0]",
+            "name",
+        ),
+    ];
+    for (toml, entry, field) in cases {
+        let e = from_toml(&toml).expect_err(&toml).to_string();
+        assert!(
+            e.contains(&format!("schedule entry {entry}"))
+                && e.contains(&format!("field `{field}`")),
+            "{toml}\n=> {e}"
+        );
+    }
+}
+
+#[test]
+fn bad_beat_settings_name_the_key() {
+    let e = err(&[("beat_lock_ttl", json!("100ms"))]);
+    assert!(e.contains("beat_lock_ttl") && e.contains("100ms"), "{e}");
+    let e = err(&[("beat_missed_grace", json!("0s"))]);
+    assert!(e.contains("beat_missed_grace"), "{e}");
+    let e = err(&[("beat_metrics_listen", json!("localhost:9102"))]);
+    assert!(
+        e.contains("beat_metrics_listen") && e.contains("localhost:9102"),
+        "{e}"
+    );
+    let c = with(&[("beat_metrics_listen", json!("off"))]).expect("off is valid");
+    assert_eq!(c.beat_metrics_addr().expect("addr"), None);
+}

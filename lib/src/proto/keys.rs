@@ -124,6 +124,31 @@ impl Keys {
     pub fn worker_prefix(&self) -> String {
         format!("{}:worker:", self.ns)
     }
+
+    /// STRING with expiry: the beat leader lock. Its value is a JSON object
+    /// naming the holder — `{"id", "host", "pid", "since", "token"}` (`since`
+    /// RFC 3339, `token` a random UUID) — taken with `SET NX PX`, renewed
+    /// and released only by scripts that compare the whole value.
+    pub fn beat_lock(&self) -> String {
+        format!("{}:beat:lock", self.ns)
+    }
+
+    /// HASH: beat entry name → its last published slot (ms since the epoch).
+    /// A slot is published if and only if this records it (or a later one).
+    pub fn beat_last(&self) -> String {
+        format!("{}:beat:last", self.ns)
+    }
+
+    /// STRING with expiry per beat instance: its heartbeat record (JSON:
+    /// id, host, pid, role, leader, started_at, last_seen, version).
+    pub fn beat_instance(&self, instance_id: &str) -> String {
+        format!("{}:beat:instance:{instance_id}", self.ns)
+    }
+
+    /// Prefix of [`Keys::beat_instance`].
+    pub fn beat_instance_prefix(&self) -> String {
+        format!("{}:beat:instance:", self.ns)
+    }
 }
 
 #[cfg(test)]
@@ -157,11 +182,15 @@ mod tests {
             k.delayed_messages(),
             k.dead_letters("q"),
             k.worker("w"),
+            k.beat_lock(),
+            k.beat_last(),
+            k.beat_instance("b"),
         ] {
             assert!(key.starts_with("ns1:"), "{key}");
         }
         assert!(k.inflight("w").starts_with(&k.inflight_prefix()));
         assert!(k.landing("w").starts_with(&k.landing_prefix()));
         assert!(k.worker("w").starts_with(&k.worker_prefix()));
+        assert!(k.beat_instance("b").starts_with(&k.beat_instance_prefix()));
     }
 }

@@ -26,7 +26,7 @@ pub(crate) fn write_state(path: &Path, id: &str, namespace: &str) -> std::io::Re
 }
 
 /// Whether `pid` is a live (not zombie) process.
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     // /proc/<pid>/stat is "pid (comm) S ..."; comm may hold spaces or
     // parentheses, so the state is the first field after the last ')'.
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {

@@ -1,0 +1,176 @@
+//! `taskstack-beat`: publishes the configured periodic tasks; run several
+//! for availability, exactly one leads.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use taskstack::beat::{Beat, BeatSettings, health};
+use taskstack::config::Config;
+
+const CONFIG_HELP: &str = "\
+Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
+  TASKSTACK_CONFIG                   TOML file with the keys below (lower case) and the
+                                     [[schedule]] entries
+  TASKSTACK_BROKER_URL               redis://[user:pass@]host:port/db or rediss://  [redis://127.0.0.1:6379/0]
+  TASKSTACK_BROKER_PASSWORD          broker password (overrides the URL's)
+  TASKSTACK_BROKER_PASSWORD_FILE     file holding the broker password (Docker secrets)
+  TASKSTACK_NAMESPACE                prefix of taskstack's own keys  [taskstack]
+  TASKSTACK_BEAT_LOCK_TTL            leader lock lifetime without renewal  [10s]
+  TASKSTACK_BEAT_MISSED_GRACE        how old a missed slot may be and still be published once  [5m]
+  TASKSTACK_BEAT_METRICS_LISTEN      ip:port for Prometheus /metrics, or off  [0.0.0.0:9102]
+  TASKSTACK_BEAT_STATE_FILE          where the beat records itself for healthcheck  [/tmp/taskstack-beat.json]
+  TASKSTACK_REDIS_TIMEOUT            per command and connection attempt  [5s]
+  TASKSTACK_LOG_LEVEL                tracing filter, e.g. info or taskstack=debug  [info]
+  TASKSTACK_LOG_FORMAT               auto | json | pretty  [auto: json unless a terminal]
+  TASKSTACK_ALLOW_ROOT               1 to run as uid 0  [0]
+
+A schedule entry (TOML):
+  [[schedule]]
+  name = \"cleanup\"            # unique
+  task = \"proj.cleanup\"       # required
+  args = [1, 2]               # optional; kwargs = { k = \"v\" } likewise
+  queue = \"celery\"            # default celery
+  cron = \"30 2 * * *\"         # 5 fields (crontab), or 6 with seconds first ...
+  # every = \"30s\"             # ... or a fixed interval, not both
+  timezone = \"Europe/Paris\"   # IANA name, for cron  [UTC]
+  enabled = true              # [true]
+  expires = \"10m\"             # the message expires this long after its slot
+
+Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration or refused start,
+130 stopped at once by a second signal.";
+
+#[derive(Debug, Parser)]
+#[command(name = "taskstack-beat", version, about = "Publishes periodic Celery-protocol tasks on Redis; one leader among its instances", after_long_help = CONFIG_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// TOML configuration file (wins over TASKSTACK_CONFIG).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Leader lock lifetime without renewal, e.g. 10s.
+    #[arg(long)]
+    lock_ttl: Option<String>,
+    /// Log filter, e.g. info or taskstack=debug.
+    #[arg(long)]
+    log_level: Option<String>,
+    /// auto, json or pretty.
+    #[arg(long)]
+    log_format: Option<String>,
+    /// Run even as root (uid 0).
+    #[arg(long)]
+    allow_root: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Exit 0 when this host's beat runs, Redis answers, and it leads with a
+    /// valid lock or stands by trying (for an exec-form Docker HEALTHCHECK);
+    /// 1 otherwise.
+    Healthcheck,
+    /// Print the effective configuration (secrets redacted) and exit.
+    Config,
+}
+
+impl Cli {
+    fn overrides(&self) -> Vec<(&'static str, Value)> {
+        let mut o = Vec::new();
+        if let Some(v) = &self.lock_ttl {
+            o.push(("beat_lock_ttl", json!(v)));
+        }
+        if let Some(v) = &self.log_level {
+            o.push(("log_level", json!(v)));
+        }
+        if let Some(v) = &self.log_format {
+            o.push(("log_format", json!(v)));
+        }
+        if self.allow_root {
+            o.push(("allow_root", json!(true)));
+        }
+        o
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load_from(cli.config.as_deref(), &cli.overrides()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("taskstack-beat: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("taskstack-beat: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        Some(Command::Config) => {
+            println!("{:#}", config.redacted());
+            ExitCode::SUCCESS
+        }
+        Some(Command::Healthcheck) => runtime.block_on(healthcheck(&config)),
+        None => {
+            if let Err(e) = taskstack::config::check_not_root(config.allow_root) {
+                eprintln!("taskstack-beat: {e}");
+                return ExitCode::from(2);
+            }
+            taskstack::telemetry::init(&config.log_level, config.log_format);
+            match runtime.block_on(run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "beat failed");
+                    eprintln!("taskstack-beat: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    tracing::info!(config = %config.redacted(), "starting taskstack-beat");
+    let broker = taskstack::connect(&config).context("invalid Redis settings")?;
+    let settings = BeatSettings::from_config(&config)?;
+    let listener = match config.beat_metrics_addr()? {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    let shutdown = taskstack::shutdown::install().context("cannot listen for signals")?;
+    Beat::new(broker, settings)
+        .run(listener, shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+async fn healthcheck(config: &Config) -> ExitCode {
+    let broker = match taskstack::connect(config) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("unhealthy: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match health::check(&config.beat_state_file, &broker).await {
+        Ok(msg) => {
+            println!("healthy: {msg}");
+            ExitCode::SUCCESS
+        }
+        Err(msg) => {
+            eprintln!("unhealthy: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! `taskstack-beat healthcheck`, and what it reads: the state file the beat
+//! writes at start (who runs here), the heartbeat record each instance keeps
+//! in Redis while its loop runs, and the leader lock. Needs no shell and no
+//! port.
+
+use super::lock::{LockHolder, holder};
+use crate::broker::{Broker, BrokerError, Lane, on_lane};
+use crate::proto::Keys;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    id: String,
+    pid: u32,
+    namespace: String,
+}
+
+/// Records which beat instance runs here (atomically: temp file + rename).
+pub(crate) fn write_state(path: &Path, id: &str, namespace: &str) -> std::io::Result<()> {
+    let state = State {
+        id: id.to_owned(),
+        pid: std::process::id(),
+        namespace: namespace.to_owned(),
+    };
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&state)?)?;
+    std::fs::rename(tmp, path)
+}
+
+/// A beat instance's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Leader,
+    Standby,
+}
+
+/// What a beat instance tells the world about itself; stored with an expiry
+/// (see [`Keys::beat_instance`]), so a record that exists is a live loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    pub role: Role,
+    /// The leader as last seen by this instance (its id), if any.
+    pub leader: Option<String>,
+    pub started_at: String,
+    pub last_seen: String,
+    pub version: String,
+}
+
+/// Writes this instance's heartbeat record, expiring after `ttl`.
+pub(crate) async fn heartbeat(
+    lane: &mut Lane,
+    keys: &Keys,
+    record: &InstanceRecord,
+    ttl: Duration,
+) -> Result<(), BrokerError> {
+    let json = serde_json::to_string(record).map_err(|e| BrokerError::Reply {
+        op: "beat heartbeat",
+        detail: e.to_string(),
+    })?;
+    let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+    on_lane!(&mut *lane, "beat heartbeat", |c| redis::cmd("SET")
+        .arg(keys.beat_instance(&record.id))
+        .arg(json)
+        .arg("PX")
+        .arg(ms)
+        .query_async::<()>(c))
+}
+
+/// Deletes this instance's heartbeat record (at a clean stop).
+pub(crate) async fn forget(lane: &mut Lane, keys: &Keys, id: &str) -> Result<(), BrokerError> {
+    on_lane!(&mut *lane, "delete beat heartbeat", |c| redis::cmd("DEL")
+        .arg(keys.beat_instance(id))
+        .query_async::<()>(c))
+}
+
+/// Reads one instance's heartbeat record, if fresh.
+pub async fn instance_record(
+    lane: &mut Lane,
+    keys: &Keys,
+    id: &str,
+) -> Result<Option<InstanceRecord>, BrokerError> {
+    let raw: Option<String> = on_lane!(&mut *lane, "read beat heartbeat", |c| redis::cmd("GET")
+        .arg(keys.beat_instance(id))
+        .query_async(c))?;
+    Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+}
+
+fn describe(h: &LockHolder) -> String {
+    format!(
+        "{} (host {}, pid {}, since {})",
+        h.id, h.host, h.pid, h.since
+    )
+}
+
+/// Healthy when the beat recorded in `state_file` runs, Redis answers, and
+/// the instance either holds the leader lock or is a standby whose loop is
+/// alive (fresh heartbeat). Ok says which; Err says what failed.
+pub async fn check(state_file: &Path, broker: &Broker) -> Result<String, String> {
+    let raw = std::fs::read(state_file).map_err(|e| {
+        format!("no beat state at {state_file:?} ({e}): the beat is not running or not ready")
+    })?;
+    let state: State = serde_json::from_slice(&raw)
+        .map_err(|e| format!("beat state file {state_file:?} is unreadable: {e}"))?;
+    if !crate::worker::health::process_alive(state.pid) {
+        return Err(format!(
+            "beat {} (pid {}) is not running",
+            state.id, state.pid
+        ));
+    }
+    let keys = broker.keys();
+    if state.namespace != keys.namespace() {
+        return Err(format!(
+            "beat {} uses namespace {:?}, this check {:?}",
+            state.id,
+            state.namespace,
+            keys.namespace()
+        ));
+    }
+    let mut lane = broker.broker_pool().lane();
+    let leader = holder(&mut lane, keys)
+        .await
+        .map_err(|e| format!("cannot reach Redis: {e}"))?;
+    let record = instance_record(&mut lane, keys, &state.id)
+        .await
+        .map_err(|e| format!("cannot reach Redis: {e}"))?;
+    let Some(record) = record.filter(|r| r.pid == state.pid) else {
+        return Err(format!(
+            "beat {} has no fresh heartbeat in Redis (its loop is stalled or cannot reach Redis)",
+            state.id
+        ));
+    };
+    match (&leader, record.role) {
+        (Some(h), _) if h.id == state.id => Ok(format!("leader: {}", describe(h))),
+        (_, Role::Standby) => Ok(match &leader {
+            Some(h) => format!("standby {}; leader is {}", state.id, describe(h)),
+            None => format!("standby {}; no leader at this moment", state.id),
+        }),
+        (other, Role::Leader) => Err(format!(
+            "beat {} believes it leads but the lock is {}",
+            state.id,
+            other
+                .as_ref()
+                .map_or_else(|| "free".to_owned(), |h| format!("held by {}", describe(h)))
+        )),
+    }
+}
