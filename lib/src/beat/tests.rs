@@ -5,9 +5,9 @@
 use super::*;
 use crate::config::{RedisTarget, ScheduleEntry};
 use crate::proto::Keys;
+use chrono::{DateTime, Utc};
 use lock::LockHolder;
 use publish::Outcome;
-use chrono::{DateTime, Utc};
 use std::process::{Child, Command, Stdio};
 
 struct Server {
