@@ -12,7 +12,9 @@ use redis::Commands as _;
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::time::{Duration, Instant};
-use taskstack_integration::{BeatProcess, RedisServer, free_port, namespace, wait_until_sync};
+use taskstack_integration::{
+    BeatProcess, RedisServer, free_port, namespace, run_to_exit, wait_until_sync,
+};
 
 const QUEUE: &str = "beat-q";
 
@@ -383,25 +385,14 @@ fn run_beat_env(toml: &str, env: &[(&str, &str)], args: &[&str]) -> Result<std::
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("beat.toml");
     std::fs::write(&config, toml)?;
-    let mut child = BeatProcess::command(
+    let mut cmd = BeatProcess::command(
         "redis://127.0.0.1:1/0",
         &namespace("beat-cli"),
         &dir.path().join("beat.json"),
         &config,
-    )?
-    .envs(env.iter().copied())
-    .args(args)
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()?;
-    // A beat that starts would run forever: give it a deadline.
-    wait_until_sync("the beat to exit", Duration::from_secs(20), || {
-        child.try_wait().ok().flatten()
-    })
-    .inspect_err(|_| {
-        let _ = child.kill();
-    })?;
-    Ok(child.wait_with_output()?)
+    )?;
+    cmd.envs(env.iter().copied()).args(args);
+    run_to_exit(cmd, Duration::from_secs(20))
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use taskstack::proto::TaskState;
 use taskstack::{SendOptions, TaskRequest};
 use taskstack_integration::{
-    RedisServer, WorkerProcess, namespace, producer, wait_until, wait_until_sync,
+    RedisServer, WorkerProcess, namespace, producer, run_to_exit, wait_until, wait_until_sync,
 };
 
 fn sleep_tasks(n: usize, secs: f64) -> Vec<TaskRequest> {
@@ -52,6 +52,23 @@ fn worker_id(w: &WorkerProcess) -> Result<String> {
 
 fn wait_ready(w: &WorkerProcess) -> Result<()> {
     w.wait_log("worker ready", Duration::from_secs(30))
+}
+
+/// Log level that shows each task's start (DEBUG of the message handler).
+const SHOW_STARTS: (&str, &str) = (
+    "TASKSTACK_LOG_LEVEL",
+    "info,taskstack::worker::handle=debug",
+);
+
+/// Waits until `w` logged that `n` tasks started running (holding a message
+/// is not enough: a held message that has not started is handed back).
+fn wait_started(w: &WorkerProcess, n: usize) -> Result<()> {
+    wait_until_sync(
+        &format!("{n} tasks to start"),
+        Duration::from_secs(10),
+        || (w.log().matches("\"task started\"").count() >= n).then_some(()),
+    )
+    .with_context(|| w.log())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,6 +146,7 @@ async fn sigterm_drains_then_hands_back_what_did_not_finish() -> Result<()> {
             ("TASKSTACK_CONCURRENCY", "2"),
             ("TASKSTACK_PREFETCH", "6"),
             ("TASKSTACK_DRAIN_TIMEOUT", "10s"),
+            SHOW_STARTS,
         ],
     )?;
     wait_ready(&a)?;
@@ -138,6 +156,7 @@ async fn sigterm_drains_then_hands_back_what_did_not_finish() -> Result<()> {
     wait_until_sync("worker A to hold all six", Duration::from_secs(10), || {
         (redis.conn().ok()?.hlen::<_, i64>(&inflight).ok()? == 6).then_some(())
     })?;
+    wait_started(&a, 2)?;
     a.signal(Signal::SIGTERM)?;
     let status = a.wait_exit(Duration::from_secs(10))?;
     assert_eq!(status.code(), Some(0), "log:\n{}", a.log());
@@ -170,14 +189,12 @@ async fn sigterm_drains_then_hands_back_what_did_not_finish() -> Result<()> {
         &[
             ("TASKSTACK_CONCURRENCY", "4"),
             ("TASKSTACK_DRAIN_TIMEOUT", "500ms"),
+            SHOW_STARTS,
         ],
     )?;
     wait_ready(&a2)?;
     let long = p.send_many(&sleep_tasks(4, 3.0)).await?;
-    let a2_inflight = format!("{ns}:inflight:{}", worker_id(&a2)?);
-    wait_until_sync("A2 to hold the long tasks", Duration::from_secs(10), || {
-        (redis.conn().ok()?.hlen::<_, i64>(&a2_inflight).ok()? >= 4).then_some(())
-    })?;
+    wait_started(&a2, 4)?;
     let t = Instant::now();
     a2.signal(Signal::SIGTERM)?;
     let status = a2.wait_exit(Duration::from_secs(10))?;
@@ -207,14 +224,12 @@ async fn second_signal_stops_at_once_and_the_lease_returns_the_task() -> Result<
     let env = [
         ("TASKSTACK_LEASE", "2s"),
         ("TASKSTACK_DRAIN_TIMEOUT", "60s"),
+        SHOW_STARTS,
     ];
     let mut a = WorkerProcess::spawn(&redis.url(), &ns, &env)?;
     wait_ready(&a)?;
     let id = p.send_task("taskstack.sleep", vec![json!(1.5)]).await?;
-    let inflight = format!("{ns}:inflight:{}", worker_id(&a)?);
-    wait_until_sync("A to hold the task", Duration::from_secs(10), || {
-        (redis.conn().ok()?.hlen::<_, i64>(&inflight).ok()? == 1).then_some(())
-    })?;
+    wait_started(&a, 1)?;
     a.signal(Signal::SIGTERM)?;
     a.wait_log("shutdown requested", Duration::from_secs(5))?;
     a.signal(Signal::SIGTERM)?;
@@ -260,19 +275,8 @@ fn run_worker(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    // A worker that starts would run forever: give it a deadline.
-    wait_until_sync("the worker to exit", Duration::from_secs(20), || {
-        child.try_wait().ok().flatten()
-    })
-    .inspect_err(|_| {
-        let _ = child.kill();
-    })?;
-    Ok(child.wait_with_output()?)
+    cmd.args(args);
+    run_to_exit(cmd, Duration::from_secs(20))
 }
 
 #[test]

@@ -9,7 +9,8 @@
 //! - [`producer`]: send tasks, read and await results.
 //! - [`worker`]: the execution engine, the task registry and built-in tasks.
 //! - [`beat`]: the periodic scheduler (one leader, every slot once).
-//! - [`shutdown`], [`telemetry`]: process plumbing.
+//! - [`service`], [`shutdown`], [`telemetry`]: process plumbing shared by
+//!   the binaries (exit codes, root refusal, state file, signals, logs).
 
 pub mod beat;
 pub mod broker;
@@ -17,8 +18,11 @@ pub mod config;
 pub mod producer;
 pub mod proto;
 mod results_listener;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(test)]
+mod test_redis;
 pub mod worker;
 
 pub use producer::{Producer, SendOptions, TaskRequest};

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use taskstack::config::Config;
+use taskstack::service::{self, Invocation};
 use taskstack::worker::{Registry, Worker, WorkerSettings, builtin, health};
 
 const CONFIG_HELP: &str = "\
@@ -110,49 +111,23 @@ impl Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load_from(cli.config.as_deref(), &cli.overrides()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("taskstack-worker: {e}");
-            return ExitCode::from(2);
-        }
+    let invocation = match cli.command {
+        None => Invocation::Run,
+        Some(Command::Config) => Invocation::PrintConfig,
+        Some(Command::Healthcheck) => Invocation::Healthcheck,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("taskstack-worker: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match cli.command {
-        Some(Command::Config) => {
-            println!("{:#}", config.redacted());
-            ExitCode::SUCCESS
-        }
-        Some(Command::Healthcheck) => runtime.block_on(healthcheck(&config)),
-        None => {
-            if let Err(e) = taskstack::config::check_not_root(config.allow_root) {
-                eprintln!("taskstack-worker: {e}");
-                return ExitCode::from(2);
-            }
-            taskstack::telemetry::init(&config.log_level, config.log_format);
-            match runtime.block_on(run(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "worker failed");
-                    eprintln!("taskstack-worker: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-    }
+    let loaded = Config::load_from(cli.config.as_deref(), &cli.overrides());
+    service::main(
+        "taskstack-worker",
+        loaded,
+        invocation,
+        None,
+        run,
+        healthcheck,
+    )
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    tracing::info!(config = %config.redacted(), "starting taskstack-worker");
     let broker = taskstack::connect(&config).context("invalid Redis settings")?;
     let mut registry = Registry::new();
     builtin::register(&mut registry);
@@ -162,22 +137,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn healthcheck(config: &Config) -> ExitCode {
-    let broker = match taskstack::connect(config) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("unhealthy: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match health::check(&config.worker_state_file, &broker).await {
-        Ok(msg) => {
-            println!("healthy: {msg}");
-            ExitCode::SUCCESS
-        }
-        Err(msg) => {
-            eprintln!("unhealthy: {msg}");
-            ExitCode::from(1)
-        }
-    }
+async fn healthcheck(config: Config) -> ExitCode {
+    service::verdict(match taskstack::connect(&config) {
+        Ok(broker) => health::check(&config.worker_state_file, &broker).await,
+        Err(e) => Err(e.to_string()),
+    })
 }

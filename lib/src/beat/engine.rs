@@ -246,11 +246,15 @@ impl Engine {
                 self.redis_answered();
                 if !self.ready {
                     if let Some(path) = &self.settings.state_file {
-                        health::write_state(path, &self.id, self.broker.keys().namespace())
-                            .map_err(|source| BeatError::StateFile {
-                                path: path.clone(),
-                                source,
-                            })?;
+                        crate::service::state::write(
+                            path,
+                            &self.id,
+                            self.broker.keys().namespace(),
+                        )
+                        .map_err(|source| BeatError::StateFile {
+                            path: path.clone(),
+                            source,
+                        })?;
                     }
                     self.ready = true;
                     tracing::info!(instance = %self.id, "beat ready");

@@ -10,25 +10,6 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Duration;
 
-#[derive(Debug, Serialize, Deserialize)]
-struct State {
-    id: String,
-    pid: u32,
-    namespace: String,
-}
-
-/// Records which beat instance runs here (atomically: temp file + rename).
-pub(crate) fn write_state(path: &Path, id: &str, namespace: &str) -> std::io::Result<()> {
-    let state = State {
-        id: id.to_owned(),
-        pid: std::process::id(),
-        namespace: namespace.to_owned(),
-    };
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&state)?)?;
-    std::fs::rename(tmp, path)
-}
-
 /// A beat instance's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -102,26 +83,8 @@ fn describe(h: &LockHolder) -> String {
 /// the instance either holds the leader lock or is a standby whose loop is
 /// alive (fresh heartbeat). Ok says which; Err says what failed.
 pub async fn check(state_file: &Path, broker: &Broker) -> Result<String, String> {
-    let raw = std::fs::read(state_file).map_err(|e| {
-        format!("no beat state at {state_file:?} ({e}): the beat is not running or not ready")
-    })?;
-    let state: State = serde_json::from_slice(&raw)
-        .map_err(|e| format!("beat state file {state_file:?} is unreadable: {e}"))?;
-    if !crate::worker::health::process_alive(state.pid) {
-        return Err(format!(
-            "beat {} (pid {}) is not running",
-            state.id, state.pid
-        ));
-    }
     let keys = broker.keys();
-    if state.namespace != keys.namespace() {
-        return Err(format!(
-            "beat {} uses namespace {:?}, this check {:?}",
-            state.id,
-            state.namespace,
-            keys.namespace()
-        ));
-    }
+    let state = crate::service::state::read_live(state_file, "beat", keys.namespace())?;
     let mut lane = broker.broker_pool().lane();
     let leader = holder(&mut lane, keys)
         .await

@@ -4,64 +4,9 @@
 
 use super::*;
 use crate::config::RedisTarget;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-struct Server {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn server() -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed (scripts/prereqs installs it)");
-    let url = format!("redis://127.0.0.1:{port}/0");
-    let client = redis::Client::open(url.as_str()).expect("client");
-    let start = std::time::Instant::now();
-    while client
-        .get_connection()
-        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-        .is_err()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "redis-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Server {
-        child,
-        url,
-        _dir: dir,
-    }
-}
+use crate::test_redis::{Server, server};
 
 fn lane(s: &Server) -> Lane {
     RedisPool::new(

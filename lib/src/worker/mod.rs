@@ -210,12 +210,12 @@ impl Worker {
             });
         }
         if let Some(path) = &sh.settings.state_file {
-            health::write_state(path, &sh.id, sh.broker.keys().namespace()).map_err(|source| {
-                WorkerError::StateFile {
+            crate::service::state::write(path, &sh.id, sh.broker.keys().namespace()).map_err(
+                |source| WorkerError::StateFile {
                     path: path.clone(),
                     source,
-                }
-            })?;
+                },
+            )?;
         }
         tracing::info!(
             worker = %sh.id,

@@ -1,0 +1,109 @@
+//! A `redis-server` of our own per test.
+
+use crate::{free_port, wait_until_sync};
+use anyhow::{Context as _, Result};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A `redis-server` of our own on a free loopback port, killed on drop.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    aof: bool,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a throwaway server (no persistence).
+    pub fn start() -> Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// Starts a server with AOF persistence (`appendfsync always`).
+    pub fn start_persistent() -> Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(aof: bool) -> Result<Self> {
+        let mut s = Self {
+            port: free_port()?,
+            dir: tempfile::tempdir()?,
+            aof,
+            child: None,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--save")
+            .arg("")
+            .arg("--protected-mode")
+            .arg("no");
+        if self.aof {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start redis-server: install it (apt-get install -y redis-server)")?;
+        self.child = Some(child);
+        let port = self.port;
+        wait_until_sync(
+            "redis-server to answer PING",
+            Duration::from_secs(10),
+            || {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+                let mut c = client.get_connection().ok()?;
+                redis::cmd("PING").query::<String>(&mut c).ok()
+            },
+        )?;
+        Ok(())
+    }
+
+    /// `redis://127.0.0.1:<port>/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A synchronous connection for assertions.
+    pub fn conn(&self) -> Result<redis::Connection> {
+        Ok(redis::Client::open(self.url())?.get_connection()?)
+    }
+
+    /// Stops the server the way an operator would (`SHUTDOWN`, which writes
+    /// the AOF) and starts it again on the same port and data directory.
+    pub fn restart(&mut self) -> Result<()> {
+        if let Ok(mut c) = self.conn() {
+            let _: redis::RedisResult<()> = redis::cmd("SHUTDOWN").query(&mut c);
+        }
+        if let Some(mut child) = self.child.take() {
+            child.wait()?;
+        }
+        self.spawn()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

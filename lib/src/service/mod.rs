@@ -1,0 +1,94 @@
+//! What every service binary's `main` does the same way: refuse bad
+//! configuration (exit 2) and root, start the runtime and telemetry, run,
+//! and turn the outcome into the exit code. Plus the state file behind the
+//! exec-form `healthcheck` subcommands.
+
+pub mod state;
+
+use crate::config::{Config, ConfigError};
+use std::future::Future;
+use std::process::ExitCode;
+
+/// What the command line asked a service binary to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invocation {
+    /// Run the service.
+    Run,
+    /// Print the effective configuration (secrets redacted) and exit.
+    PrintConfig,
+    /// Exit 0 when this host's instance is healthy, 1 otherwise.
+    Healthcheck,
+}
+
+/// Runs service `name` ("taskstack-worker", ...). Exit codes: 0 clean stop,
+/// 1 runtime failure, 2 bad configuration or refused start (130, a second
+/// signal, comes from [`crate::shutdown`]).
+pub fn main<R, E, H>(
+    name: &str,
+    loaded: Result<Config, ConfigError>,
+    invocation: Invocation,
+    worker_threads: Option<usize>,
+    run: impl FnOnce(Config) -> R,
+    healthcheck: impl FnOnce(Config) -> H,
+) -> ExitCode
+where
+    R: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+    H: Future<Output = ExitCode>,
+{
+    let config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match invocation {
+        Invocation::PrintConfig => {
+            println!("{:#}", config.redacted());
+            ExitCode::SUCCESS
+        }
+        Invocation::Healthcheck => runtime.block_on(healthcheck(config)),
+        Invocation::Run => {
+            if let Err(e) = crate::config::check_not_root(config.allow_root) {
+                eprintln!("{name}: {e}");
+                return ExitCode::from(2);
+            }
+            crate::telemetry::init(&config.log_level, config.log_format);
+            tracing::info!(config = %config.redacted(), "starting {name}");
+            match runtime.block_on(run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "{name} failed");
+                    eprintln!("{name}: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+/// Prints a healthcheck's verdict and turns it into the exit code.
+pub fn verdict(r: Result<String, String>) -> ExitCode {
+    match r {
+        Ok(msg) => {
+            println!("healthy: {msg}");
+            ExitCode::SUCCESS
+        }
+        Err(msg) => {
+            eprintln!("unhealthy: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
