@@ -59,6 +59,13 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Whether this test process runs as root (uid 0), as CI does: only then
+/// can a service's refusal to run as root be exercised.
+pub fn running_as_root() -> Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(std::fs::metadata("/proc/self")?.uid() == 0)
+}
+
 /// A unique namespace for one test.
 pub fn namespace(test: &str) -> String {
     format!(

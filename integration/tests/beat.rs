@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::time::{Duration, Instant};
 use taskstack_integration::{
-    BeatProcess, RedisServer, free_port, namespace, run_to_exit, wait_until_sync,
+    BeatProcess, RedisServer, free_port, namespace, run_to_exit, running_as_root, wait_until_sync,
 };
 
 const QUEUE: &str = "beat-q";
@@ -160,6 +160,16 @@ impl ArrivalMonitor {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread.join().unwrap_or(Duration::MAX)
     }
+}
+
+/// `healthcheck` of `beat` exits 0 and its verdict mentions `role`.
+fn assert_healthy(beat: &BeatProcess, role: &str) -> Result<()> {
+    let out = beat.healthcheck()?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{said} {err}");
+    assert!(said.contains(role), "{said}");
+    Ok(())
 }
 
 fn logs(beats: &[BeatProcess]) -> String {
@@ -452,8 +462,7 @@ fn bad_schedule_exits_2_naming_entry_and_field() -> Result<()> {
 
 #[test]
 fn refuses_to_run_as_root_unless_allowed() -> Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    if std::fs::metadata("/proc/self")?.uid() != 0 {
+    if !running_as_root()? {
         eprintln!("not running as root: the refusal cannot be exercised here (CI runs as root)");
         return Ok(());
     }
@@ -506,24 +515,8 @@ fn healthcheck_and_metrics_tell_leader_from_standby() -> Result<()> {
         .context("ours")?;
     let s = 1 - l;
 
-    let out = beats[l].healthcheck()?;
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{said} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(said.contains("leader"), "{said}");
-    let out = beats[s].healthcheck()?;
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{said} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(said.contains("standby"), "{said}");
+    assert_healthy(&beats[l], "leader")?;
+    assert_healthy(&beats[s], "standby")?;
 
     let m = scrape(ports[l])?;
     assert!(m.contains("\ntaskstack_beat_leader 1\n"), "{m}");

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use taskstack::proto::TaskState;
 use taskstack::{SendOptions, TaskRequest};
 use taskstack_integration::{
-    RedisServer, WorkerProcess, namespace, producer, run_to_exit, wait_until, wait_until_sync,
+    RedisServer, WorkerProcess, namespace, producer, run_to_exit, running_as_root, wait_until,
+    wait_until_sync,
 };
 
 fn sleep_tasks(n: usize, secs: f64) -> Vec<TaskRequest> {
@@ -334,8 +335,7 @@ fn bad_configuration_exits_2_naming_key_and_value() -> Result<()> {
 
 #[test]
 fn refuses_to_run_as_root_unless_allowed() -> Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    if std::fs::metadata("/proc/self")?.uid() != 0 {
+    if !running_as_root()? {
         eprintln!("not running as root: the refusal cannot be exercised here (CI runs as root)");
         return Ok(());
     }

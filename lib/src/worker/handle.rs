@@ -68,7 +68,7 @@ fn provenance<'a>(sh: &'a Shared, msg: &'a TaskMessage, queue: &'a str) -> Prove
     }
 }
 
-async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessage) {
+async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskMessage) {
     let now = Utc::now();
     if let Some(exp) = msg.expires
         && exp <= now
@@ -137,8 +137,10 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessa
     let ctx = TaskContext {
         id: msg.id.clone(),
         name: msg.task.clone(),
-        args: msg.args.clone(),
-        kwargs: msg.kwargs.clone(),
+        // Moved, not copied: nothing after the run reads them (a retry
+        // re-publishes the original envelope).
+        args: std::mem::take(&mut msg.args),
+        kwargs: std::mem::take(&mut msg.kwargs),
         retries: msg.retries,
         soft_deadline: msg.soft_time_limit.map(|s| started + s),
         shutdown: sh.stop.clone(),
