@@ -1,6 +1,7 @@
-//! The quick start: starts a Redis server and a `taskstack-worker` process
-//! on this machine, sends tasks through the library exactly as a web app
-//! would, prints their results, then stops the worker with SIGTERM.
+//! The quick start: starts a Redis server, a `taskstack-worker` and a
+//! `taskstack-web` process on this machine, sends tasks through the HTTP API
+//! and through the library, prints their results, then stops the services
+//! with SIGTERM.
 //!
 //! ```sh
 //! cargo run -p taskstack-integration --example quickstart
@@ -9,7 +10,7 @@
 use serde_json::json;
 use std::time::{Duration, Instant};
 use taskstack::{SendOptions, TaskRequest};
-use taskstack_integration::{RedisServer, WorkerProcess, namespace, producer};
+use taskstack_integration::{RedisServer, WebProcess, WorkerProcess, namespace, producer};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -19,6 +20,36 @@ async fn main() -> anyhow::Result<()> {
     let mut worker = WorkerProcess::spawn(&redis.url(), &ns, &[("TASKSTACK_CONCURRENCY", "8")])?;
     worker.wait_log("worker ready", Duration::from_secs(60))?;
     println!("taskstack-worker pid {} ready", worker.pid());
+    let mut web = WebProcess::spawn(&redis.url(), &ns, &[]).await?;
+    println!("taskstack-web   http://{} (pid {})", web.addr, web.pid());
+
+    // Through the HTTP API, as any client would.
+    let t = Instant::now();
+    let (status, sent) = web
+        .call(
+            "POST",
+            "/api/v1/tasks",
+            Some(&json!({"task": "taskstack.add", "args": [20, 22]})),
+        )
+        .await?;
+    println!("POST /api/v1/tasks  {status} {sent}");
+    let path = format!("/api/v1/tasks/{}", sent["id"].as_str().unwrap_or_default());
+    let done =
+        taskstack_integration::wait_until("the task's result", Duration::from_secs(30), || async {
+            let (_, v) = web.call("GET", &path, None).await?;
+            Ok((v["state"] == "SUCCESS" || v["state"] == "FAILURE").then_some(v))
+        })
+        .await?;
+    println!(
+        "GET {path}  {} result {} after {:?}",
+        done["state"],
+        done["result"],
+        t.elapsed()
+    );
+    let (status, health) = web.call("GET", "/health", None).await?;
+    println!("GET /health  {status} {}", health["status"]);
+
+    // Through the library, as a Rust service would.
 
     let p = producer(&redis.url(), &ns)?;
     let t = Instant::now();
@@ -77,6 +108,8 @@ async fn main() -> anyhow::Result<()> {
         t.elapsed()
     );
 
+    web.signal(nix::sys::signal::Signal::SIGTERM)?;
+    web.wait_exit(Duration::from_secs(30))?;
     worker.signal(nix::sys::signal::Signal::SIGTERM)?;
     let status = worker.wait_exit(Duration::from_secs(30))?;
     println!("worker stopped   {status}");

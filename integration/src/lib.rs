@@ -3,13 +3,18 @@
 //! waiting on conditions with deadlines (never fixed sleeps).
 
 mod beat;
+pub mod docker;
+pub mod http;
 mod process;
+pub mod python;
 mod redis_server;
+mod web;
 mod worker;
 
 pub use beat::BeatProcess;
 pub use process::{ServiceProcess, bin, run_to_exit};
 pub use redis_server::RedisServer;
+pub use web::{TEST_TOKEN, WebProcess};
 pub use worker::{InProcessWorker, WorkerProcess, settings};
 
 use anyhow::Result;

@@ -41,6 +41,8 @@ fn build_bins() -> Result<PathBuf> {
         "taskstack-worker",
         "-p",
         "taskstack-beat",
+        "-p",
+        "taskstack-web",
     ]);
     if release {
         cmd.arg("--release");
@@ -49,7 +51,9 @@ fn build_bins() -> Result<PathBuf> {
     cmd.env("CARGO_TARGET_DIR", target_dir);
     let status = cmd.status().context("cannot run cargo build")?;
     if !status.success() {
-        bail!("cargo build -p taskstack-worker -p taskstack-beat failed: {status}");
+        bail!(
+            "cargo build -p taskstack-worker -p taskstack-beat -p taskstack-web failed: {status}"
+        );
     }
     Ok(profile_dir)
 }

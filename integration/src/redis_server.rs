@@ -86,6 +86,15 @@ impl RedisServer {
         Ok(redis::Client::open(self.url())?.get_connection()?)
     }
 
+    /// Kills the server (it stays down until [`RedisServer::restart`]).
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
     /// Stops the server the way an operator would (`SHUTDOWN`, which writes
     /// the AOF) and starts it again on the same port and data directory.
     pub fn restart(&mut self) -> Result<()> {

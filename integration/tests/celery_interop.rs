@@ -8,11 +8,11 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::{Map, Value, json};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 use taskstack::proto::TaskState;
 use taskstack::{SendOptions, TaskRequest};
+use taskstack_integration::python::{Venv, clean_env as python_env};
 use taskstack_integration::{RedisServer, WorkerProcess, namespace, producer, wait_until_sync};
 
 /// The Celery version range the tests run against.
@@ -27,143 +27,13 @@ fn python_dir() -> PathBuf {
 /// `TASKSTACK_CELERY_PYTHON`, or `target/celery-venv/bin/python`, created
 /// (once per process) with `python3 -m venv` and pip when missing or broken.
 fn celery_python() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("TASKSTACK_CELERY_PYTHON") {
-        let p = PathBuf::from(p);
-        ensure!(
-            imports_celery(&p),
-            "TASKSTACK_CELERY_PYTHON={} cannot `import celery, redis`",
-            p.display()
-        );
-        return Ok(p);
-    }
-    static VENV: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    VENV.get_or_init(|| ensure_venv().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
-fn imports_celery(python: &Path) -> bool {
-    Command::new(python)
-        .args(["-c", "import celery, redis"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Runs `cmd` to completion, failing with its output when it does not succeed.
-fn run(cmd: &mut Command, what: &str) -> Result<Output> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {what} ({cmd:?})"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out)
-}
-
-/// `target/celery-venv/bin/python`, made if needed. The venv is built under a
-/// name of this process's own and renamed into place, so concurrent test
-/// processes never see (or reuse) a half-installed one; the scripts in its
-/// `bin` are then pointed at the final path (the tests themselves only use
-/// `python -m celery`, which works wherever the venv lives).
-fn ensure_venv() -> Result<PathBuf> {
-    // target/<profile>/deps/<test binary> → target
-    let exe = std::env::current_exe()?;
-    let target = exe
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .context("cannot locate the target directory from the test binary's path")?;
-    let venv = target.join("celery-venv");
-    let python = venv.join("bin").join("python");
-    if imports_celery(&python) {
-        return Ok(python);
-    }
-
-    let started = Instant::now();
-    let tmp = target.join(format!("celery-venv.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    run(
-        Command::new("python3").arg("-m").arg("venv").arg(&tmp),
-        "`python3 -m venv` (install python3 and python3-venv)",
-    )?;
-    let tmp_python = tmp.join("bin").join("python");
-    run(
-        Command::new(&tmp_python)
-            .args(["-m", "pip", "install", "--quiet", CELERY_REQUIREMENT])
-            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
-        &format!("`pip install {CELERY_REQUIREMENT}`"),
-    )?;
-    ensure!(
-        imports_celery(&tmp_python),
-        "{} cannot `import celery, redis` after pip install",
-        tmp_python.display()
-    );
-
-    // Another process may have finished first; a broken venv in the way goes.
-    if imports_celery(&python) {
-        std::fs::remove_dir_all(&tmp)?;
-        return Ok(python);
-    }
-    if venv.exists() {
-        std::fs::remove_dir_all(&venv)?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, &venv) {
-        if imports_celery(&python) {
-            std::fs::remove_dir_all(&tmp)?;
-            return Ok(python);
-        }
-        return Err(e)
-            .with_context(|| format!("cannot move {} to {}", tmp.display(), venv.display()));
-    }
-    repoint_scripts(&venv.join("bin"), &tmp, &venv)?;
-    ensure!(
-        imports_celery(&python),
-        "{} cannot `import celery, redis`",
-        python.display()
-    );
-    eprintln!(
-        "created the Celery venv {} in {:.1?}",
-        venv.display(),
-        started.elapsed()
-    );
-    Ok(python)
-}
-
-/// Rewrites `from` to `to` in the text files of a moved venv's `bin`
-/// (console-script shebangs, activate scripts); symlinks and binaries stay.
-fn repoint_scripts(bin: &Path, from: &Path, to: &Path) -> Result<()> {
-    let (from, to) = (from.to_string_lossy(), to.to_string_lossy());
-    for entry in std::fs::read_dir(bin)? {
-        let path = entry?.path();
-        if path.symlink_metadata()?.file_type().is_symlink() {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        if text.contains(from.as_ref()) {
-            std::fs::write(&path, text.replace(from.as_ref(), to.as_ref()))?;
-        }
-    }
-    Ok(())
-}
-
-/// Environment every Python process of these tests gets: nothing written
-/// into the source tree, output unbuffered.
-fn python_env(cmd: &mut Command) -> &mut Command {
-    cmd.env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("PYTHONUNBUFFERED", "1")
-        .env_remove("PYTHONPATH")
+    Ok(Venv::ensure(
+        "celery-venv",
+        CELERY_REQUIREMENT,
+        "import celery, redis",
+        "TASKSTACK_CELERY_PYTHON",
+    )?
+    .python)
 }
 
 /// A real Celery worker process (`-A interop_tasks`), killed on drop.

@@ -5,6 +5,8 @@
 -- KEYS[1]  delayed ZSET (id -> due, ms)
 -- KEYS[2]  delayed-message HASH (id -> "<queue key>\n<message>")
 -- KEYS[3]  the holding worker's in-flight HASH (any key when ARGV[5] is '')
+-- KEYS[4]  delayed-count HASH (queue name -> parked messages), kept here so
+--          counting a queue's parked messages never scans KEYS[2]
 -- ARGV[1]  due time (ms since the epoch)
 -- ARGV[2]  a fresh unique id for this parked message
 -- ARGV[3]  queue key to push to when due
@@ -21,4 +23,9 @@ redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[5] ~= '' then
   redis.call('HDEL', KEYS[3], ARGV[5])
 end
+-- The queue name is the key without Celery's priority suffix ("\x06\x16<n>").
+local q = ARGV[3]
+local sep = string.find(q, '\6\22', 1, true)
+if sep then q = string.sub(q, 1, sep - 1) end
+redis.call('HINCRBY', KEYS[4], q, 1)
 return 1

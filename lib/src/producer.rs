@@ -1,7 +1,7 @@
 //! The producer API: send Celery-protocol tasks, read and await results.
 
 use crate::broker::on_lane;
-use crate::broker::{Broker, BrokerError, Lane, LanePool};
+use crate::broker::{Broker, BrokerError, Lane};
 use crate::broker::{get_result, results_parse};
 use crate::proto::TaskResult;
 use crate::proto::envelope::{MessageSpec, encode};
@@ -69,8 +69,9 @@ pub struct Producer {
     broker: Broker,
     origin: String,
     listener: Mutex<Option<Listener>>,
-    broker_lanes: LanePool,
-    backend_lanes: LanePool,
+    /// Store a PENDING record for each task sent, kept this long after the
+    /// task is due.
+    pending_ttl: Option<Duration>,
 }
 
 struct Prepared {
@@ -78,6 +79,8 @@ struct Prepared {
     queue_key: String,
     due_ms: Option<i64>,
     payload: String,
+    /// The PENDING record and its expiry (ms), when the producer records them.
+    pending: Option<(String, u64)>,
 }
 
 impl Producer {
@@ -85,12 +88,22 @@ impl Producer {
     /// header (Celery uses `gen<pid>@<host>`).
     pub fn new(broker: Broker, origin: impl Into<String>) -> Self {
         Self {
-            broker_lanes: LanePool::new(broker.broker_pool().clone()),
-            backend_lanes: LanePool::new(broker.backend_pool().clone()),
             broker,
             origin: origin.into(),
             listener: Mutex::new(None),
+            pending_ttl: None,
         }
+    }
+
+    /// Makes every send store a PENDING result record first, kept `ttl`
+    /// after the task is due, so a reader can tell a task that is waiting
+    /// from one never sent (or long forgotten), and a task can be revoked
+    /// before it starts ([`crate::broker::revoke`]). Costs one more Redis
+    /// command per task, in the same round trip when results live on the
+    /// broker.
+    pub fn record_pending(mut self, ttl: Duration) -> Self {
+        self.pending_ttl = Some(ttl);
+        self
     }
 
     /// The broker this producer sends to.
@@ -152,22 +165,61 @@ impl Producer {
             origin: &self.origin,
             extra_headers: o.headers.as_ref(),
         });
+        let due_ms = eta.filter(|t| *t > now).map(|t| t.timestamp_millis());
+        let pending = match self.pending_ttl {
+            None => None,
+            Some(ttl) => {
+                let record = serde_json::to_string(&TaskResult::pending(&id, &req.name, queue))
+                    .map_err(|e| ProducerError::Option {
+                        option: "name",
+                        reason: format!("cannot record the task: {e}"),
+                    })?;
+                let wait_ms = due_ms.map_or(0, |d| d.saturating_sub(now.timestamp_millis()));
+                let ttl_ms = u64::try_from(ttl.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .saturating_add(u64::try_from(wait_ms).unwrap_or(0))
+                    .max(1);
+                Some((record, ttl_ms))
+            }
+        };
         Ok(Prepared {
             queue_key: queue_key(queue, priority_bucket(o.priority.unwrap_or(0))),
-            due_ms: eta.filter(|t| *t > now).map(|t| t.timestamp_millis()),
+            due_ms,
             id,
             payload,
+            pending,
         })
     }
 
     /// Sends one task and returns its id. A task due later waits in Redis
     /// (not in any worker's memory) until then.
     pub async fn send(&self, req: &TaskRequest) -> Result<String, ProducerError> {
-        let p = self.prepare(req)?;
-        let mut lane = self.broker_lanes.take();
-        let r = self.push(&mut lane, &p).await;
-        self.broker_lanes.give_back(lane);
-        r.map(|()| p.id)
+        self.send_many(std::slice::from_ref(req))
+            .await
+            .map(|mut ids| ids.pop().unwrap_or_default())
+    }
+
+    /// Stores the PENDING records of `prepared` (those that have one) on the
+    /// result backend. Runs before the messages are pushed, so a fast
+    /// worker's STARTED or final record can never be overwritten by it.
+    async fn record(&self, prepared: &[Prepared]) -> Result<(), ProducerError> {
+        let mut pipe = redis::pipe();
+        for p in prepared {
+            if let Some((record, ttl_ms)) = &p.pending {
+                pipe.cmd("SET")
+                    .arg(result_key(&p.id))
+                    .arg(record)
+                    .arg("PX")
+                    .arg(*ttl_ms)
+                    .ignore();
+            }
+        }
+        if pipe.is_empty() {
+            return Ok(());
+        }
+        let mut lane = self.broker.backend_pool().shared_lane();
+        Ok(on_lane!(&mut lane, "record pending task", |c| pipe
+            .query_async::<()>(c))?)
     }
 
     async fn push(&self, lane: &mut Lane, p: &Prepared) -> Result<(), ProducerError> {
@@ -202,24 +254,45 @@ impl Producer {
         .await
     }
 
-    /// Sends many immediate tasks in one pipeline (one round trip). Tasks
-    /// with an ETA or countdown are parked one by one.
+    /// Sends many immediate tasks in one pipeline (one round trip; two when
+    /// PENDING records go to a separate result backend). Tasks with an ETA
+    /// or countdown are parked one by one. Nothing is sent when any request
+    /// is invalid.
     pub async fn send_many(&self, reqs: &[TaskRequest]) -> Result<Vec<String>, ProducerError> {
         let prepared = reqs
             .iter()
             .map(|r| self.prepare(r))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut lane = self.broker_lanes.take();
-        let r = self.push_many(&mut lane, &prepared).await;
-        self.broker_lanes.give_back(lane);
-        r?;
+        let same_server = self.broker.backend_is_broker();
+        if !same_server {
+            self.record(&prepared).await?;
+        }
+        let mut lane = self.broker.broker_pool().shared_lane();
+        self.push_many(&mut lane, &prepared, same_server).await?;
         Ok(prepared.into_iter().map(|p| p.id).collect())
     }
 
-    async fn push_many(&self, lane: &mut Lane, prepared: &[Prepared]) -> Result<(), ProducerError> {
+    /// Pushes the messages; with `with_records`, each one's PENDING record
+    /// goes first in the same pipeline (results live on the broker).
+    async fn push_many(
+        &self,
+        lane: &mut Lane,
+        prepared: &[Prepared],
+        with_records: bool,
+    ) -> Result<(), ProducerError> {
         let mut pipe = redis::pipe();
-        for p in prepared.iter().filter(|p| p.due_ms.is_none()) {
-            pipe.cmd("LPUSH").arg(&p.queue_key).arg(&p.payload).ignore();
+        for p in prepared {
+            if with_records && let Some((record, ttl_ms)) = &p.pending {
+                pipe.cmd("SET")
+                    .arg(result_key(&p.id))
+                    .arg(record)
+                    .arg("PX")
+                    .arg(*ttl_ms)
+                    .ignore();
+            }
+            if p.due_ms.is_none() {
+                pipe.cmd("LPUSH").arg(&p.queue_key).arg(&p.payload).ignore();
+            }
         }
         if !pipe.is_empty() {
             on_lane!(lane, "enqueue", |c| pipe.query_async::<()>(c))?;
@@ -232,10 +305,8 @@ impl Producer {
 
     /// Reads a task's stored result; `None` when there is none yet (or it expired).
     pub async fn result(&self, task_id: &str) -> Result<Option<TaskResult>, ProducerError> {
-        let mut lane = self.backend_lanes.take();
-        let r = get_result(&mut lane, task_id).await;
-        self.backend_lanes.give_back(lane);
-        Ok(r?)
+        let mut lane = self.broker.backend_pool().shared_lane();
+        Ok(get_result(&mut lane, task_id).await?)
     }
 
     /// Waits up to `timeout` for a task's final result (SUCCESS, FAILURE or

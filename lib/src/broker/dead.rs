@@ -2,7 +2,7 @@
 //! reason and the original payload for inspection and requeueing.
 
 use super::pool::on_lane;
-use super::{BrokerError, DEAD_LETTER, Lane};
+use super::{BrokerError, DEAD_LETTER, DEAD_MOVE, Lane};
 use crate::proto::Keys;
 use serde::{Deserialize, Serialize};
 
@@ -66,4 +66,104 @@ pub async fn dead_letters(
             })
         })
         .collect()
+}
+
+/// Which dead letters of a queue an operator acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadSelection {
+    /// The oldest `limit` (all of them when there are fewer).
+    Oldest { limit: usize },
+    /// Those of these task ids (a task dead-lettered twice matches twice).
+    TaskIds(Vec<String>),
+}
+
+/// What to do with chosen dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterAction {
+    /// Push the original message back to the queue (and priority bucket) it
+    /// was taken from, as it was.
+    Requeue,
+    /// Delete it for good.
+    Discard,
+}
+
+/// A dead letter as stored (the exact text, which identifies it for
+/// [`move_dead_letters`]) and decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PickedDeadLetter {
+    pub raw: String,
+    pub record: DeadLetter,
+}
+
+/// Reads the dead letters of `queue` that `selection` names, oldest first.
+/// Records that are not valid JSON are only ever chosen by
+/// [`DeadSelection::Oldest`] (they carry no task id).
+pub async fn pick_dead_letters(
+    lane: &mut Lane,
+    keys: &Keys,
+    queue: &str,
+    selection: &DeadSelection,
+) -> Result<Vec<PickedDeadLetter>, BrokerError> {
+    let key = keys.dead_letters(queue);
+    let start = match selection {
+        DeadSelection::Oldest { limit } => -isize::try_from(*limit).unwrap_or(isize::MAX),
+        DeadSelection::TaskIds(_) => 0,
+    };
+    let mut raw: Vec<String> = on_lane!(&mut *lane, "read dead letters", |c| redis::cmd("LRANGE")
+        .arg(&key)
+        .arg(start)
+        .arg(-1)
+        .query_async(c))?;
+    raw.reverse(); // the list is newest first
+    let wanted = |r: &DeadLetter| match selection {
+        DeadSelection::Oldest { .. } => true,
+        DeadSelection::TaskIds(ids) => r.task_id.as_ref().is_some_and(|id| ids.contains(id)),
+    };
+    Ok(raw
+        .into_iter()
+        .filter_map(|raw| {
+            let record = serde_json::from_str::<DeadLetter>(&raw).ok()?;
+            wanted(&record).then_some(PickedDeadLetter { raw, record })
+        })
+        .collect())
+}
+
+/// Requeues or discards the given dead letters of `queue`, each atomically;
+/// returns those acted on (a record another operator moved meanwhile is
+/// skipped, never requeued twice).
+pub async fn move_dead_letters(
+    lane: &mut Lane,
+    keys: &Keys,
+    queue: &str,
+    action: DeadLetterAction,
+    picked: &[PickedDeadLetter],
+) -> Result<Vec<DeadLetter>, BrokerError> {
+    if picked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut inv = DEAD_MOVE.prepare_invoke();
+    inv.key(keys.dead_letters(queue)).arg(match action {
+        DeadLetterAction::Requeue => "requeue",
+        DeadLetterAction::Discard => "discard",
+    });
+    for p in picked {
+        inv.arg(&p.raw);
+    }
+    let moved: Vec<String> = on_lane!(&mut *lane, "move dead letters", |c| inv.invoke_async(c))?;
+    // A multiset: two identical records are two dead letters.
+    let mut left: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for m in &moved {
+        *left.entry(m.as_str()).or_default() += 1;
+    }
+    Ok(picked
+        .iter()
+        .filter(|p| match left.get_mut(p.raw.as_str()) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        })
+        .map(|p| p.record.clone())
+        .collect())
 }

@@ -22,6 +22,7 @@ pub(crate) async fn park(
     inv.key(keys.delayed())
         .key(keys.delayed_messages())
         .key(inflight)
+        .key(keys.delayed_counts())
         .arg(due_ms)
         .arg(uuid::Uuid::new_v4().to_string())
         .arg(queue_key)
@@ -42,6 +43,7 @@ pub(crate) async fn promote(
     let mut inv = PROMOTE.prepare_invoke();
     inv.key(keys.delayed())
         .key(keys.delayed_messages())
+        .key(keys.delayed_counts())
         .arg(now_ms)
         .arg(max);
     let (moved, next): (u64, String) = on_lane!(&mut *lane, "promote delayed messages", |c| inv

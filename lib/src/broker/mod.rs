@@ -8,15 +8,18 @@
 mod consume;
 mod dead;
 mod delayed;
+mod inspect;
 mod lease;
 mod pool;
 mod results;
+mod state;
 
 pub use consume::{Delivery, Settle};
-pub use dead::DeadLetter;
+pub use dead::{DeadLetter, DeadLetterAction, DeadSelection, PickedDeadLetter};
+pub use inspect::{QueueCounts, queue_counts};
 pub use lease::WorkerRecord;
 pub(crate) use pool::on_lane;
-pub use pool::{BrokerError, Lane, LanePool, RedisPool};
+pub use pool::{BrokerError, Lane, LaneConn, RedisPool};
 
 use crate::proto::Keys;
 use redis::Script;
@@ -34,6 +37,14 @@ pub(crate) static PROMOTE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../scripts/promote.lua")));
 pub(crate) static DEAD_LETTER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../scripts/dead_letter.lua")));
+pub(crate) static DEAD_MOVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../scripts/dead_move.lua")));
+pub(crate) static START: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../scripts/start.lua")));
+pub(crate) static REVOKE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../scripts/revoke.lua")));
+pub(crate) static QUEUE_STATS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../scripts/queue_stats.lua")));
 
 /// The broker and result-backend connections plus the key layout.
 #[derive(Debug, Clone)]
@@ -74,14 +85,13 @@ impl Broker {
         self.broker.same_server(&self.backend)
     }
 
-    /// Round-trip time of a PING to the broker.
+    /// Round-trip time of a PING to the broker (over the shared connection).
     pub async fn ping(&self) -> Result<std::time::Duration, BrokerError> {
-        let mut conn = self.broker.get("ping").await?;
+        let mut lane = self.broker.shared_lane();
+        lane.conn("ping").await?;
         let start = std::time::Instant::now();
-        let _: String = redis::cmd("PING")
-            .query_async(&mut conn)
-            .await
-            .map_err(BrokerError::redis("ping"))?;
+        on_lane!(&mut lane, "ping", |c| redis::cmd("PING")
+            .query_async::<String>(c))?;
         Ok(start.elapsed())
     }
 }
@@ -93,12 +103,14 @@ pub fn now_ms() -> i64 {
 
 pub(crate) use consume::{Take, fetch, requeue, settle, wait_for_message};
 pub(crate) use dead::dead_letter;
-pub use dead::dead_letters;
+pub use dead::{dead_letters, move_dead_letters, pick_dead_letters};
 pub(crate) use delayed::{park, promote};
 pub(crate) use lease::{heartbeat, reap, release};
 pub use lease::{live_workers, worker_record};
 pub(crate) use results::parse_result as results_parse;
-pub use results::{get_result, store_result};
+pub use results::{get_result, store_result, store_results};
+pub(crate) use state::start_batch;
+pub use state::{RevokeOutcome, revoke};
 
 #[cfg(test)]
 mod tests;

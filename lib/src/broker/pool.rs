@@ -1,9 +1,21 @@
-//! Redis connections: a deadpool pool per server, and [`Lane`], a connection
-//! a long-lived loop keeps between calls (no PING per checkout) and replaces
-//! after a connection error.
+//! Redis connections: a deadpool pool per server, one shared multiplexed
+//! connection per server, and [`Lane`], the handle every Redis step runs on.
+//!
+//! Two kinds of lane:
+//! - a *pooled* lane keeps one connection of the pool for a long-lived loop
+//!   (the worker's dispatcher, settler, keeper): no PING per checkout, and
+//!   blocking commands (BLMOVE) only ever block that loop;
+//! - a *shared* lane uses the server's one multiplexed connection, which
+//!   pipelines the commands of every concurrent caller (the producer, the
+//!   web API's requests): no checkout, no pool slot held, so any number of
+//!   concurrent requests never wait for one. Never used for blocking commands.
+//!
+//! Either kind is replaced after a connection error.
 
 use crate::config::RedisTarget;
 use deadpool_redis::{Connection, Manager, Pool, Runtime};
+use redis::aio::MultiplexedConnection;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A failed Redis operation, naming what taskstack was doing.
@@ -37,8 +49,12 @@ impl BrokerError {
 pub struct RedisPool {
     pool: Pool,
     client: redis::Client,
+    conn_cfg: redis::AsyncConnectionConfig,
     target: RedisTarget,
     timeout: Duration,
+    /// The shared multiplexed connection, opened on first use and replaced
+    /// after a connection error.
+    shared: Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
 }
 
 impl std::fmt::Debug for RedisPool {
@@ -65,7 +81,7 @@ impl RedisPool {
         let conn_cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
-        let manager = Manager::new_with_config(target.url(), conn_cfg)
+        let manager = Manager::new_with_config(target.url(), conn_cfg.clone())
             .map_err(|e| connect_err(e.to_string()))?;
         let pool = Pool::builder(manager)
             .max_size(size)
@@ -79,9 +95,39 @@ impl RedisPool {
         Ok(Self {
             pool,
             client,
+            conn_cfg,
             target: target.clone(),
             timeout,
+            shared: Arc::default(),
         })
+    }
+
+    /// The shared multiplexed connection (a cheap handle), connecting when
+    /// there is none.
+    async fn shared(&self, op: &'static str) -> Result<MultiplexedConnection, BrokerError> {
+        let mut slot = self.shared.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.conn_cfg)
+            .await
+            .map_err(|e| BrokerError::Connect {
+                op,
+                target: self.target.redacted(),
+                reason: e.to_string(),
+            })?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Forgets the shared connection after a connection error, so the next
+    /// shared lane reconnects.
+    fn drop_shared(&self) {
+        if let Ok(mut slot) = self.shared.try_lock() {
+            *slot = None;
+        }
     }
 
     /// A connection from the pool (checked with a PING when reused).
@@ -122,20 +168,72 @@ impl RedisPool {
         self.target.url() == other.target.url()
     }
 
-    /// A lane on this pool.
+    /// A pooled lane: it keeps one connection of the pool while it lives.
     pub fn lane(&self) -> Lane {
         Lane {
             pool: self.clone(),
             conn: None,
+            shared: false,
+        }
+    }
+
+    /// A shared lane: commands go over the server's one multiplexed
+    /// connection, pipelined with every other caller's. For request/response
+    /// callers; never for blocking commands.
+    pub fn shared_lane(&self) -> Lane {
+        Lane {
+            pool: self.clone(),
+            conn: None,
+            shared: true,
         }
     }
 }
 
-/// A connection kept by one loop across calls. After an I/O error or a
-/// timeout the connection is dropped and the next call takes a fresh one.
+/// The connection behind a lane: one of the pool's, or the shared one.
+#[allow(missing_debug_implementations)] // neither connection type is Debug
+pub enum LaneConn {
+    Pooled(Connection),
+    Shared(MultiplexedConnection),
+}
+
+impl redis::aio::ConnectionLike for LaneConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Pooled(c) => c.req_packed_command(cmd),
+            Self::Shared(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Pooled(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Shared(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Pooled(c) => c.get_db(),
+            Self::Shared(c) => c.get_db(),
+        }
+    }
+}
+
+/// The handle a Redis step runs on (see the module docs for the two
+/// kinds). After an I/O error or a timeout the connection is dropped and
+/// the next call takes a fresh one.
 pub struct Lane {
     pool: RedisPool,
-    conn: Option<Connection>,
+    conn: Option<LaneConn>,
+    shared: bool,
 }
 
 impl std::fmt::Debug for Lane {
@@ -143,17 +241,25 @@ impl std::fmt::Debug for Lane {
         f.debug_struct("Lane")
             .field("pool", &self.pool)
             .field("connected", &self.conn.is_some())
+            .field("shared", &self.shared)
             .finish()
     }
 }
 
 impl Lane {
     /// This lane's connection, opening one when needed.
-    pub async fn conn(&mut self, op: &'static str) -> Result<&mut Connection, BrokerError> {
-        match &mut self.conn {
-            Some(c) => Ok(c),
-            slot => Ok(slot.insert(self.pool.get(op).await?)),
+    pub async fn conn(&mut self, op: &'static str) -> Result<&mut LaneConn, BrokerError> {
+        if self.conn.is_none() {
+            self.conn = Some(if self.shared {
+                LaneConn::Shared(self.pool.shared(op).await?)
+            } else {
+                LaneConn::Pooled(self.pool.get(op).await?)
+            });
         }
+        self.conn.as_mut().ok_or_else(|| BrokerError::Reply {
+            op,
+            detail: "no connection".into(),
+        })
     }
 
     /// Turns a command's outcome into ours; a connection-level error drops
@@ -165,6 +271,9 @@ impl Lane {
     ) -> Result<T, BrokerError> {
         r.map_err(|e| {
             if !matches!(e.kind(), redis::ErrorKind::Server(_)) {
+                if self.shared {
+                    self.pool.drop_shared();
+                }
                 self.conn = None;
             }
             BrokerError::Redis { op, source: e }
@@ -177,7 +286,7 @@ impl Lane {
     }
 }
 
-/// Runs `$body` (an expression using `$c: &mut Connection`) on `$lane`,
+/// Runs `$body` (an expression using `$c: &mut LaneConn`) on `$lane`,
 /// mapping errors to [`BrokerError`] and dropping broken connections.
 macro_rules! on_lane {
     ($lane:expr, $op:expr, |$c:ident| $body:expr) => {{
@@ -191,44 +300,3 @@ macro_rules! on_lane {
     }};
 }
 pub(crate) use on_lane;
-
-/// Idle lanes kept for reuse by request/response callers (the producer):
-/// a reused lane skips the pool's PING check, saving a round trip per call.
-#[derive(Debug)]
-pub struct LanePool {
-    pool: RedisPool,
-    idle: std::sync::Mutex<Vec<Lane>>,
-}
-
-impl LanePool {
-    /// Lanes drawn from `pool`.
-    pub fn new(pool: RedisPool) -> Self {
-        Self {
-            pool,
-            idle: std::sync::Mutex::new(Vec::new()),
-        }
-    }
-
-    /// An idle lane, or a new one.
-    pub fn take(&self) -> Lane {
-        self.idle
-            .lock()
-            .ok()
-            .and_then(|mut v| v.pop())
-            .unwrap_or_else(|| self.pool.lane())
-    }
-
-    /// Returns a lane for reuse (one that lost its connection is dropped).
-    pub fn give_back(&self, lane: Lane) {
-        if lane.conn.is_some()
-            && let Ok(mut v) = self.idle.lock()
-        {
-            v.push(lane);
-        }
-    }
-
-    /// The pool lanes come from.
-    pub fn pool(&self) -> &RedisPool {
-        &self.pool
-    }
-}

@@ -31,6 +31,36 @@ pub async fn store_result(
     on_lane!(&mut *lane, "store result", |c| p.query_async::<()>(c))
 }
 
+/// Stores many results (`SET ... PX`, then `PUBLISH` each) in one pipeline.
+pub async fn store_results(
+    lane: &mut Lane,
+    results: &[TaskResult],
+    ttl: Duration,
+) -> Result<(), BrokerError> {
+    if results.is_empty() {
+        return Ok(());
+    }
+    let mut p = redis::pipe();
+    for r in results {
+        let json = serde_json::to_string(r).map_err(|e| BrokerError::Reply {
+            op: "store results",
+            detail: e.to_string(),
+        })?;
+        let key = result_key(&r.task_id);
+        p.cmd("SET")
+            .arg(&key)
+            .arg(&json)
+            .arg("PX")
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(&key)
+            .arg(&json)
+            .ignore();
+    }
+    on_lane!(&mut *lane, "store results", |c| p.query_async::<()>(c))
+}
+
 /// Reads a task's result; `None` when there is none (yet, or any more).
 pub async fn get_result(lane: &mut Lane, task_id: &str) -> Result<Option<TaskResult>, BrokerError> {
     let key = result_key(task_id);

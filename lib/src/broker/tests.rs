@@ -186,3 +186,191 @@ async fn settle_stores_expiring_results_then_releases() {
     let held: i64 = cmd(&mut l, redis::cmd("HLEN").arg(keys.inflight("w1"))).await;
     assert_eq!(held, 0);
 }
+
+#[tokio::test]
+async fn queue_counts_are_one_snapshot_of_every_place_a_message_can_be() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    for m in ["a", "b", "c"] {
+        cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg(m)).await;
+    }
+    cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q\x06\x169").arg("low")).await;
+    park(
+        &mut l,
+        &keys,
+        now_ms() + 60_000,
+        "q\x06\x163",
+        "later",
+        None,
+    )
+    .await
+    .expect("park");
+    park(&mut l, &keys, now_ms() - 1, "q", "due", None)
+        .await
+        .expect("park");
+    let qk = vec!["q".to_string()];
+    let got = fetch(&mut l, &keys, take(&qk, 2, 0)).await.expect("fetch");
+    let record = DeadLetter {
+        reason: "r".into(),
+        queue: "q".into(),
+        queue_key: "q".into(),
+        task_id: Some("t1".into()),
+        task: Some("x".into()),
+        payload: "p".into(),
+        worker: "w1".into(),
+        at: "now".into(),
+    };
+    dead_letter(&mut l, &keys, "w1", got[0].seq, &record)
+        .await
+        .expect("dead-letter");
+    let names = vec!["q".to_string(), "other".to_string()];
+    let counts = queue_counts(&mut l, &keys, &names).await.expect("counts");
+    assert_eq!(
+        counts,
+        [
+            QueueCounts {
+                ready: 2,
+                delayed: 2,
+                in_flight: 1,
+                dead_lettered: 1
+            },
+            QueueCounts::default()
+        ]
+    );
+    promote(&mut l, &keys, now_ms(), 10).await.expect("promote");
+    let counts = queue_counts(&mut l, &keys, &names[..1])
+        .await
+        .expect("counts");
+    assert_eq!((counts[0].ready, counts[0].delayed), (3, 1));
+}
+
+#[tokio::test]
+async fn revoking_and_starting_exclude_each_other() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    let ttl = Duration::from_secs(60);
+    let revoked = r#"{"status":"REVOKED"}"#;
+    let unknown = revoke(&mut l, &keys, "t1", revoked, ttl)
+        .await
+        .expect("revoke");
+    assert_eq!(unknown, RevokeOutcome::Unknown);
+    let pending =
+        serde_json::to_string(&crate::proto::TaskResult::pending("t1", "x", "q")).expect("json");
+    for id in ["t1", "t2"] {
+        cmd::<()>(
+            &mut l,
+            redis::cmd("SET")
+                .arg(crate::proto::keys::result_key(id))
+                .arg(&pending),
+        )
+        .await;
+    }
+    let out = revoke(&mut l, &keys, "t1", revoked, ttl)
+        .await
+        .expect("revoke");
+    assert_eq!(out, RevokeOutcome::Revoked);
+    let again = revoke(&mut l, &keys, "t1", revoked, ttl)
+        .await
+        .expect("revoke");
+    assert_eq!(again, RevokeOutcome::AlreadyRevoked);
+    let started = r#"{"status":"STARTED"}"#.to_string();
+    let go = start_batch(
+        &mut l,
+        &keys,
+        &[
+            ("t1".into(), started.clone()),
+            ("t2".into(), started.clone()),
+        ],
+        ttl,
+    )
+    .await
+    .expect("start");
+    assert_eq!(go, [false, true], "the revoked task must not start");
+    let t1: String = cmd(
+        &mut l,
+        redis::cmd("GET").arg(crate::proto::keys::result_key("t1")),
+    )
+    .await;
+    assert_eq!(t1, revoked, "starting must not overwrite a revocation");
+    let late = revoke(&mut l, &keys, "t2", revoked, ttl)
+        .await
+        .expect("revoke");
+    assert_eq!(
+        late,
+        RevokeOutcome::Refused(crate::proto::TaskState::Started)
+    );
+    let ttl_ms: i64 = cmd(&mut l, redis::cmd("PTTL").arg(keys.revoked("t1"))).await;
+    assert!(
+        ttl_ms > 50_000,
+        "the revoked marker expires with the record"
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_are_requeued_or_discarded_exactly_once() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    let qk = vec!["q".to_string()];
+    for (i, m) in ["m1", "m2"].iter().enumerate() {
+        cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg(*m)).await;
+        let got = fetch(&mut l, &keys, take(&qk, 1, i as u64))
+            .await
+            .expect("fetch");
+        let record = DeadLetter {
+            reason: "r".into(),
+            queue: "q".into(),
+            queue_key: "q".into(),
+            task_id: Some(format!("t{}", i + 1)),
+            task: None,
+            payload: (*m).into(),
+            worker: "w1".into(),
+            at: "now".into(),
+        };
+        dead_letter(&mut l, &keys, "w1", got[0].seq, &record)
+            .await
+            .expect("dead-letter");
+    }
+    cmd::<()>(
+        &mut l,
+        redis::cmd("RPUSH")
+            .arg(keys.dead_letters("q"))
+            .arg("not json"),
+    )
+    .await;
+    let sel = DeadSelection::TaskIds(vec!["t2".into()]);
+    let picked = pick_dead_letters(&mut l, &keys, "q", &sel)
+        .await
+        .expect("pick");
+    assert_eq!(picked.len(), 1);
+    let moved = move_dead_letters(&mut l, &keys, "q", DeadLetterAction::Requeue, &picked)
+        .await
+        .expect("requeue");
+    assert_eq!(moved.len(), 1);
+    let again = move_dead_letters(&mut l, &keys, "q", DeadLetterAction::Requeue, &picked)
+        .await
+        .expect("requeue");
+    assert!(again.is_empty(), "a dead letter was requeued twice");
+    let queue: Vec<String> = cmd(&mut l, redis::cmd("LRANGE").arg("q").arg(0).arg(-1)).await;
+    assert_eq!(queue, ["m2"]);
+    let oldest = DeadSelection::Oldest { limit: 10 };
+    let all = pick_dead_letters(&mut l, &keys, "q", &oldest)
+        .await
+        .expect("pick");
+    assert_eq!(all.len(), 1, "the record that is not JSON is not picked");
+    let gone = move_dead_letters(&mut l, &keys, "q", DeadLetterAction::Discard, &all)
+        .await
+        .expect("discard");
+    assert_eq!(gone[0].task_id.as_deref(), Some("t1"));
+    let left: Vec<String> = cmd(
+        &mut l,
+        redis::cmd("LRANGE")
+            .arg(keys.dead_letters("q"))
+            .arg(0)
+            .arg(-1),
+    )
+    .await;
+    assert_eq!(left, ["not json"]);
+}

@@ -8,6 +8,7 @@
 //! Nothing else in taskstack reads the environment.
 
 mod de;
+mod web;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -132,6 +133,26 @@ pub struct Config {
     pub beat_state_file: PathBuf,
     /// `taskstack-beat`'s periodic entries (`[[schedule]]` in the TOML file).
     pub schedule: Vec<ScheduleEntry>,
+    /// `taskstack-web`: `ip:port` the HTTP API listens on.
+    pub web_listen: String,
+    /// `taskstack-web`: bearer tokens accepted on `/api/*` (comma-separated
+    /// in the environment). At least one, from here or `api_tokens_file`.
+    #[serde(deserialize_with = "de::list")]
+    pub api_tokens: Vec<String>,
+    /// `taskstack-web`: a file of API tokens, one per line (blank lines and
+    /// `#` comments ignored), for Docker secrets and credentials.
+    pub api_tokens_file: Option<PathBuf>,
+    /// `taskstack-web`: largest request body accepted (`"1MiB"`); larger
+    /// ones are refused with 413.
+    #[serde(deserialize_with = "de::bytes")]
+    pub web_body_limit: u64,
+    /// `taskstack-web`: task names the API accepts. Empty: the names live
+    /// workers announce in their heartbeats.
+    #[serde(deserialize_with = "de::list")]
+    pub web_tasks: Vec<String>,
+    /// `taskstack-web`: `/health` also requires a beat leader holding the lock.
+    #[serde(deserialize_with = "de::flag")]
+    pub web_expect_beat: bool,
 }
 
 /// One periodic entry of `taskstack-beat` (a `[[schedule]]` table).
@@ -231,6 +252,12 @@ impl Default for Config {
             beat_metrics_listen: "0.0.0.0:9102".into(),
             beat_state_file: PathBuf::from("/tmp/taskstack-beat.json"),
             schedule: Vec::new(),
+            web_listen: "0.0.0.0:8000".into(),
+            api_tokens: Vec::new(),
+            api_tokens_file: None,
+            web_body_limit: 1 << 20,
+            web_tasks: Vec::new(),
+            web_expect_beat: false,
         }
     }
 }
@@ -358,6 +385,7 @@ impl Config {
             Duration::from_secs(1),
         )?;
         self.beat_metrics_addr()?;
+        self.validate_web()?;
         self.validate_schedule()
     }
 
@@ -440,6 +468,11 @@ impl Config {
         for key in ["broker_password", "result_backend_password"] {
             if v.get(key).is_some_and(|s| !s.is_null()) {
                 v[key] = json!("<redacted>");
+            }
+        }
+        if let Some(tokens) = v.get_mut("api_tokens").and_then(Value::as_array_mut) {
+            for t in tokens {
+                *t = json!("<redacted>");
             }
         }
         for key in ["broker_url", "result_backend"] {

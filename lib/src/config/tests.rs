@@ -227,3 +227,57 @@ fn bad_beat_settings_name_the_key() {
     let c = with(&[("beat_metrics_listen", json!("off"))]).expect("off is valid");
     assert_eq!(c.beat_metrics_addr().expect("addr"), None);
 }
+
+#[test]
+fn web_keys_parse_and_tokens_are_required_and_redacted() {
+    let c = with(&[
+        ("web_listen", json!("127.0.0.1:9000")),
+        (
+            "api_tokens",
+            json!("first-token-0123456789, second-token-0123456789"),
+        ),
+        ("web_body_limit", json!("512KiB")),
+        ("web_tasks", json!("a.b, c.d")),
+        ("web_expect_beat", json!("yes")),
+    ])
+    .expect("valid");
+    assert_eq!(c.web_addr().expect("addr").port(), 9000);
+    assert_eq!(c.web_body_limit, 512 * 1024);
+    assert_eq!(c.web_tasks, ["a.b", "c.d"]);
+    assert!(c.web_expect_beat);
+    assert_eq!(c.load_api_tokens().expect("tokens").len(), 2);
+    let shown = c.redacted().to_string();
+    assert!(!shown.contains("first-token"), "{shown}");
+
+    let e = with(&[])
+        .expect("defaults")
+        .load_api_tokens()
+        .expect_err("no token");
+    assert!(e.to_string().contains("TASKSTACK_API_TOKENS"), "{e}");
+    let e = err(&[("api_tokens", json!("short"))]);
+    assert!(e.contains("at least 16") && !e.contains("short\""), "{e}");
+    let e = err(&[("web_listen", json!("nowhere"))]);
+    assert!(e.contains("web_listen"), "{e}");
+    let e = err(&[("web_body_limit", json!("12 parsecs"))]);
+    assert!(e.contains("web_body_limit"), "{e}");
+    let e = err(&[("web_body_limit", json!(10))]);
+    assert!(e.contains("at least 1024"), "{e}");
+}
+
+#[test]
+fn api_tokens_come_from_a_file_with_comments() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("tokens");
+    std::fs::write(&path, "# deploy tokens\n\nfile-token-0123456789abcdef\n").expect("write");
+    let c = with(&[("api_tokens_file", json!(path))]).expect("valid");
+    assert_eq!(
+        c.load_api_tokens().expect("tokens"),
+        ["file-token-0123456789abcdef"]
+    );
+    std::fs::write(&path, "tiny\n").expect("write");
+    let e = c.load_api_tokens().expect_err("too short");
+    assert!(e.to_string().contains("api_tokens_file"), "{e}");
+    let missing = with(&[("api_tokens_file", json!(dir.path().join("none")))]).expect("valid");
+    let e = missing.load_api_tokens().expect_err("missing file");
+    assert!(e.to_string().contains("cannot read"), "{e}");
+}

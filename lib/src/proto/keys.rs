@@ -109,6 +109,30 @@ impl Keys {
         format!("{}:delayed-msg", self.ns)
     }
 
+    /// HASH: queue name → how many of its messages are parked in
+    /// [`Keys::delayed`] (kept by the park and promote scripts).
+    pub fn delayed_counts(&self) -> String {
+        format!("{}:delayed-count", self.ns)
+    }
+
+    /// STRING with expiry per task: present while the task is revoked, so a
+    /// worker that takes its message skips it. Lives on the result backend,
+    /// beside the task's result record, so revoking and starting are atomic
+    /// with respect to each other.
+    pub fn revoked(&self, task_id: &str) -> String {
+        format!("{}:revoked:{task_id}", self.ns)
+    }
+
+    /// Prefix of [`Keys::revoked`].
+    pub fn revoked_prefix(&self) -> String {
+        format!("{}:revoked:", self.ns)
+    }
+
+    /// Prefix of [`Keys::dead_letters`].
+    pub fn dead_letters_prefix(&self) -> String {
+        format!("{}:dead:", self.ns)
+    }
+
     /// LIST per queue: dead letters, newest first, each a JSON record with the
     /// reason and the original payload.
     pub fn dead_letters(&self, queue: &str) -> String {
@@ -180,6 +204,8 @@ mod tests {
             k.landing_sources(),
             k.delayed(),
             k.delayed_messages(),
+            k.delayed_counts(),
+            k.revoked("t"),
             k.dead_letters("q"),
             k.worker("w"),
             k.beat_lock(),
@@ -191,6 +217,8 @@ mod tests {
         assert!(k.inflight("w").starts_with(&k.inflight_prefix()));
         assert!(k.landing("w").starts_with(&k.landing_prefix()));
         assert!(k.worker("w").starts_with(&k.worker_prefix()));
+        assert!(k.revoked("t").starts_with(&k.revoked_prefix()));
+        assert!(k.dead_letters("q").starts_with(&k.dead_letters_prefix()));
         assert!(k.beat_instance("b").starts_with(&k.beat_instance_prefix()));
     }
 }

@@ -47,6 +47,9 @@ pub struct TaskResult {
     pub queue: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
+    /// When a worker started the task (RFC 3339); taskstack's own field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date_started: Option<String>,
 }
 
 /// A failure as Celery encodes exceptions: Python clients rebuild an
@@ -115,6 +118,26 @@ impl TaskResult {
             retries: Some(from.retries),
             queue: Some(from.queue.to_owned()),
             parent_id: from.parent_id.map(str::to_owned),
+            date_started: None,
+        }
+    }
+
+    /// The record a producer stores when it enqueues a task, so the task is
+    /// known (PENDING) rather than indistinguishable from one never sent.
+    pub fn pending(task_id: &str, name: &str, queue: &str) -> Self {
+        Self {
+            status: TaskState::Pending,
+            result: Value::Null,
+            traceback: None,
+            children: Vec::new(),
+            date_done: None,
+            task_id: task_id.to_owned(),
+            name: Some(name.to_owned()),
+            worker: None,
+            retries: None,
+            queue: Some(queue.to_owned()),
+            parent_id: None,
+            date_started: None,
         }
     }
 

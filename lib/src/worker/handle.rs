@@ -132,6 +132,27 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
             Err(_) => { sh.settle(SettleMsg::HandBack(d.seq)).await; return; }
         },
     };
+    let started_at = envelope::format_time(Utc::now());
+    let mut record = TaskResult::new(
+        &msg.id,
+        TaskState::Started,
+        serde_json::json!({ "pid": std::process::id(), "hostname": sh.id }),
+        provenance(&sh, &msg, &queue),
+    );
+    record.date_started = Some(started_at.clone());
+    let record = serde_json::to_string(&record).unwrap_or_default();
+    if !sh.start(&msg.id, record).await {
+        drop(permit);
+        if sh.stop.is_cancelled() || sh.abandon.is_cancelled() {
+            sh.settle(SettleMsg::HandBack(d.seq)).await;
+            return;
+        }
+        tracing::info!("task was revoked before it started; skipping it");
+        Stats::bump(&sh.stats.revoked);
+        // The revocation stored the REVOKED record; only the hold is settled.
+        finish(&sh, d.seq, &msg, None).await;
+        return;
+    }
     tracing::debug!("task started");
     let started = tokio::time::Instant::now();
     let ctx = TaskContext {
@@ -156,18 +177,22 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
     drop(permit);
     let runtime = started.elapsed();
     let from = provenance(&sh, &msg, &queue);
+    let stamp = |mut r: TaskResult| {
+        r.date_started = Some(started_at.clone());
+        r
+    };
     match outcome {
         Ok(Ok(Ok(value))) => {
             tracing::debug!(runtime = ?runtime, "task succeeded");
             Stats::bump(&sh.stats.succeeded);
             let r = TaskResult::new(&msg.id, TaskState::Success, value, from);
-            finish(&sh, d.seq, &msg, Some(r)).await;
+            finish(&sh, d.seq, &msg, Some(stamp(r))).await;
         }
         Ok(Ok(Err(TaskError::Fail(exc)))) => {
             tracing::info!(runtime = ?runtime, exc_type = %exc.exc_type, error = %exc.message, "task failed");
             Stats::bump(&sh.stats.failed);
             let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
-            finish(&sh, d.seq, &msg, Some(r)).await;
+            finish(&sh, d.seq, &msg, Some(stamp(r))).await;
         }
         Ok(Ok(Err(TaskError::Retry { reason, countdown }))) => {
             retry(&sh, &d, &queue, &msg, options, reason, countdown).await;
@@ -183,7 +208,7 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
             Stats::bump(&sh.stats.failed);
             let exc = ExceptionInfo::builtin("RuntimeError", format!("task panicked: {what}"));
             let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
-            finish(&sh, d.seq, &msg, Some(r)).await;
+            finish(&sh, d.seq, &msg, Some(stamp(r))).await;
         }
         Err(limit) => {
             tracing::warn!(limit = ?limit, "task exceeded its hard time limit and was stopped");
@@ -193,7 +218,7 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
                 format!("hard time limit ({}s) exceeded", limit.as_secs_f64()),
             );
             let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
-            finish(&sh, d.seq, &msg, Some(r)).await;
+            finish(&sh, d.seq, &msg, Some(stamp(r))).await;
         }
     }
 }

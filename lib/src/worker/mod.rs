@@ -24,6 +24,7 @@ mod keeper;
 mod registry;
 mod settler;
 mod shared;
+mod starter;
 
 pub use registry::{Registry, TaskContext, TaskError, TaskFuture, TaskOptions, TaskOutcome};
 pub use shared::Stats;
@@ -160,6 +161,7 @@ impl Worker {
             return Err(WorkerError::NoTasks);
         }
         let (settle_tx, settle_rx) = mpsc::channel(self.settings.prefetch.max(64) * 2);
+        let (start_tx, start_rx) = mpsc::channel(self.settings.concurrency.max(64) * 2);
         let sh = Arc::new(Shared {
             held: Arc::new(Semaphore::new(self.settings.prefetch)),
             exec: Arc::new(Semaphore::new(self.settings.concurrency)),
@@ -171,6 +173,7 @@ impl Worker {
             stop: CancellationToken::new(),
             abandon: CancellationToken::new(),
             settle_tx: std::sync::Mutex::new(Some(settle_tx)),
+            start_tx: std::sync::Mutex::new(Some(start_tx)),
         });
         let stop = sh.stop.clone();
         let mut shutdown = std::pin::pin!(shutdown);
@@ -228,6 +231,7 @@ impl Worker {
 
         let keep = CancellationToken::new();
         let settler = tokio::spawn(settler::run(Arc::clone(&sh), settle_rx));
+        let starter = tokio::spawn(starter::run(Arc::clone(&sh), start_rx));
         let keeper = tokio::spawn(keeper::run(
             Arc::clone(&sh),
             started_at.clone(),
@@ -246,21 +250,31 @@ impl Worker {
             "stopping: taking no new messages, handing back unstarted ones, draining"
         );
         drain(&mut tasks, sh.settings.drain_timeout).await;
+        // No task is left to start: the starter finishes and exits.
+        sh.close_starts();
 
         // Every settlement is queued now. Closing the channel lets the
         // settler finish them and exit; the lease keeps being renewed until
         // it has, so nothing is redelivered while its result is being stored.
         sh.close_settlements();
         let mut settler = std::pin::pin!(settler);
-        if tokio::time::timeout(SETTLE_GRACE, &mut settler)
-            .await
-            .is_err()
-        {
+        let mut starter = std::pin::pin!(starter);
+        let finished = async {
+            let _ = (&mut settler).await;
+            let _ = (&mut starter).await;
+        };
+        if tokio::time::timeout(SETTLE_GRACE, finished).await.is_err() {
             tracing::warn!(
                 "results still unsettled after {SETTLE_GRACE:?}; leaving them to redelivery"
             );
             sh.abandon.cancel();
-            let _ = settler.await;
+            // A handle already awaited to completion must not be polled again.
+            if !settler.is_finished() {
+                let _ = settler.await;
+            }
+            if !starter.is_finished() {
+                let _ = starter.await;
+            }
         }
         keep.cancel();
         let _ = keeper.await;

@@ -58,6 +58,7 @@ pub(crate) struct Shared {
     /// Cancelled when the worker gives up on Redis work (after the drain).
     pub abandon: CancellationToken,
     pub settle_tx: std::sync::Mutex<Option<mpsc::Sender<SettleMsg>>>,
+    pub start_tx: std::sync::Mutex<Option<mpsc::Sender<super::starter::StartRequest>>>,
 }
 
 impl Shared {
@@ -75,6 +76,30 @@ impl Shared {
     /// Closes the settlement channel (after the last message task ended).
     pub fn close_settlements(&self) {
         if let Ok(mut g) = self.settle_tx.lock() {
+            g.take();
+        }
+    }
+
+    /// Asks the starter whether the task may run (it was not revoked) and
+    /// records it STARTED. `false` also when the worker gave up on Redis.
+    pub async fn start(&self, task_id: &str, record: String) -> bool {
+        let tx = self.start_tx.lock().ok().and_then(|g| g.clone());
+        let Some(tx) = tx else { return false };
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let req = super::starter::StartRequest {
+            task_id: task_id.to_owned(),
+            record,
+            reply,
+        };
+        if tx.send(req).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Closes the start channel (after the last message task ended).
+    pub fn close_starts(&self) {
+        if let Ok(mut g) = self.start_tx.lock() {
             g.take();
         }
     }

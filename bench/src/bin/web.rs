@@ -1,0 +1,235 @@
+//! `web` (cargo run --release -p taskstack-bench --bin web): enqueue
+//! throughput, latency and memory of one release `taskstack-web` process,
+//! loaded by `wrk` posting `POST /api/v1/tasks` against a throwaway
+//! `redis-server` on the same machine. Prints figures (medians over the
+//! runs); asserts no timing. See `bench/README.md`.
+
+use anyhow::{Context as _, Result, bail, ensure};
+use clap::Parser;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use taskstack_integration::{RedisServer, TEST_TOKEN, free_port, wait_until_sync};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "web",
+    about = "Enqueue throughput, latency and memory of one release taskstack-web under wrk"
+)]
+struct Cli {
+    /// Seconds each wrk run lasts.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// wrk connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// wrk threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Runs (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// The web binary (default: `<workspace>/target/release/taskstack-web`).
+    #[arg(long, value_name = "PATH")]
+    web_bin: Option<PathBuf>,
+}
+
+/// What one wrk run measured.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    requests_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    non_2xx: u64,
+    requests: u64,
+    enqueued: u64,
+    peak_rss_mb: f64,
+}
+
+const POST_LUA: &str = r#"
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer TOKEN"
+wrk.body = '{"task": "taskstack.add", "args": [2, 3]}'
+"#;
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    ensure!(
+        cli.runs > 0 && cli.duration > 0,
+        "--runs and --duration must be at least 1"
+    );
+    let web_bin = cli.web_bin.clone().unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/taskstack-web")
+    });
+    if !web_bin.is_file() {
+        bail!(
+            "{} not found: run `cargo build --release -p taskstack-web` first (or pass --web-bin)",
+            web_bin.display()
+        );
+    }
+    if Command::new("wrk").arg("--version").output().is_err() {
+        bail!("wrk is not installed: apt-get install -y wrk");
+    }
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("post.lua");
+    std::fs::write(&script, POST_LUA.replace("TOKEN", TEST_TOKEN))?;
+
+    println!(
+        "taskstack web benchmark: wrk -t{} -c{} -d{}s POST /api/v1/tasks (taskstack.add), {} run(s)",
+        cli.threads, cli.connections, cli.duration, cli.runs
+    );
+    println!(
+        "  web {}; redis-server on loopback, no persistence, no worker (the queue grows)",
+        web_bin.display()
+    );
+    let mut runs = Vec::new();
+    for k in 1..=cli.runs {
+        let r = run_once(&cli, &web_bin, &script).with_context(|| format!("run {k}"))?;
+        println!(
+            "  run {k}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, peak RSS {:.1} MB, {} requests, {} non-2xx, {} messages enqueued",
+            r.requests_per_sec,
+            r.p50_ms,
+            r.p99_ms,
+            r.peak_rss_mb,
+            r.requests,
+            r.non_2xx,
+            r.enqueued
+        );
+        runs.push(r);
+    }
+    let med = |f: fn(&Run) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "median: {:.0} enqueues/s, p50 {:.2} ms, p99 {:.2} ms, peak RSS {:.1} MB (targets: >= 15000/s, p99 <= 10 ms, RSS <= 30 MB)",
+        med(|r| r.requests_per_sec),
+        med(|r| r.p50_ms),
+        med(|r| r.p99_ms),
+        med(|r| r.peak_rss_mb)
+    );
+    Ok(())
+}
+
+fn run_once(cli: &Cli, web_bin: &Path, script: &Path) -> Result<Run> {
+    let redis = RedisServer::start()?;
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let mut web = Command::new(web_bin);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TASKSTACK_") {
+            web.env_remove(k);
+        }
+    }
+    let mut web = web
+        .env("TASKSTACK_BROKER_URL", redis.url())
+        .env("TASKSTACK_WEB_LISTEN", &addr)
+        .env("TASKSTACK_API_TOKENS", TEST_TOKEN)
+        .env("TASKSTACK_WEB_TASKS", "taskstack.add")
+        .env("TASKSTACK_ALLOW_ROOT", "1")
+        .env("TASKSTACK_LOG_LEVEL", "warn")
+        .env("TASKSTACK_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start taskstack-web")?;
+    let pid = web.id();
+    let result = (|| {
+        wait_until_sync("taskstack-web to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(&addr).ok()
+        })?;
+        let wrk = Command::new("wrk")
+            .arg(format!("-t{}", cli.threads))
+            .arg(format!("-c{}", cli.connections))
+            .arg(format!("-d{}s", cli.duration))
+            .arg("--latency")
+            .arg("-s")
+            .arg(script)
+            .arg(format!("http://{addr}/api/v1/tasks"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start wrk")?;
+        // Sample the web process's resident memory while wrk runs.
+        let mut peak_kb = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(cli.duration + 30);
+        let wrk = {
+            let mut wrk = wrk;
+            loop {
+                peak_kb = peak_kb.max(rss_kb(pid).unwrap_or(0));
+                if wrk.try_wait()?.is_some() || Instant::now() > deadline {
+                    break wrk;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        };
+        let out = wrk.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            out.status.success(),
+            "wrk failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut con = redis.conn()?;
+        let enqueued: u64 = redis::cmd("LLEN").arg("celery").query(&mut con)?;
+        Ok(Run {
+            requests_per_sec: field(&text, "Requests/sec:")?,
+            p50_ms: latency_ms(&text, "50%")?,
+            p99_ms: latency_ms(&text, "99%")?,
+            non_2xx: text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0),
+            requests: text
+                .lines()
+                .find_map(|l| {
+                    l.trim()
+                        .split_once(" requests in ")
+                        .map(|(n, _)| n.trim().parse().ok())
+                })
+                .flatten()
+                .unwrap_or(0),
+            enqueued,
+            peak_rss_mb: peak_kb as f64 / 1024.0,
+        })
+    })();
+    let _ = web.kill();
+    let _ = web.wait();
+    result
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn field(text: &str, name: &str) -> Result<f64> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no {name:?} in wrk's output:\n{text}"))
+}
+
+/// A line of wrk's latency distribution (`99%    1.23ms`), in milliseconds.
+fn latency_ms(text: &str, pct: &str) -> Result<f64> {
+    let raw = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(pct).map(str::trim))
+        .with_context(|| format!("no {pct} latency in wrk's output:\n{text}"))?;
+    let (num, unit) = raw.split_at(raw.find(|c: char| c.is_alphabetic()).unwrap_or(raw.len()));
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("bad latency {raw:?}"))?;
+    Ok(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => bail!("unknown latency unit in {raw:?}"),
+    })
+}

@@ -1,0 +1,518 @@
+//! `stackctl build`: the app image and, when no Redis image is at hand, a
+//! Redis image, both `FROM scratch` and built from files of this host, so
+//! no registry is ever contacted.
+//!
+//! * `localhost/taskstack:<tag>` holds `/taskstack-web`, `/taskstack-worker`
+//!   and `/taskstack-beat` plus the libraries `ldd` lists for them, a
+//!   world-writable `/tmp` (the services' state files) and the host's CA
+//!   bundle (for `rediss://`). It runs as `65534:65534`; each service runs
+//!   a different command of the same image (default `/taskstack-worker`).
+//! * `localhost/taskstack-redis:<tag>` holds the host's Debian
+//!   `redis-server` and `redis-cli` (in `/usr/local/bin`, as in the official
+//!   image, so one compose file fits both) and their libraries, with `/data`
+//!   owned by `999:1000` (the official image's `redis` user).
+//!
+//! Tags live under `localhost/`, so a missing image can never be fetched
+//! from Docker Hub by mistake.
+
+use crate::BuildError;
+use crate::docker;
+use crate::rootfs::{Rootfs, append_file};
+use bollard::Docker;
+use std::path::{Path, PathBuf};
+
+/// The service binaries the app image holds, in this order.
+pub const SERVICE_BINARIES: [&str; 3] = ["taskstack-web", "taskstack-worker", "taskstack-beat"];
+/// Repository of the app image.
+pub const APP_REPOSITORY: &str = "localhost/taskstack";
+/// Repository of the Redis image built from the host's `redis-server`.
+pub const REDIS_REPOSITORY: &str = "localhost/taskstack-redis";
+/// The public Redis image the compose file defaults to.
+pub const PUBLIC_REDIS_IMAGE: &str = "redis:7-alpine";
+/// Default tag of both images.
+pub const DEFAULT_TAG: &str = "local";
+/// Upper bound for the app image (issue 6): 25 MB.
+pub const MAX_APP_IMAGE_BYTES: u64 = 25_000_000;
+/// The app image's user: nobody:nogroup, numeric (there is no /etc/passwd).
+pub const APP_USER: &str = "65534:65534";
+/// The Redis image's user, the official image's `redis` (999:1000), so a
+/// named volume for `/data` works with either image.
+pub const REDIS_UID: u64 = 999;
+pub const REDIS_GID: u64 = 1000;
+
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Which cargo profile to compile when no `bin_dir` is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// The workspace's `release` profile plus fat LTO and one codegen unit,
+    /// as the custom profile `image` (defined here through
+    /// `CARGO_PROFILE_IMAGE_*`, so the workspace's own release builds and
+    /// their cache are untouched): binaries about 15 % smaller than
+    /// `release`, which keeps the app image under 25 MB. Output in
+    /// `<target dir>/image/`.
+    Image,
+    /// The workspace's `release` profile (`<target dir>/release/`).
+    Release,
+    /// `dev` (`<target dir>/debug/`).
+    Debug,
+}
+
+impl Profile {
+    /// The directory under the target dir.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Self::Image => "image",
+            Self::Release => "release",
+            Self::Debug => "debug",
+        }
+    }
+
+    /// cargo's arguments and environment for this profile.
+    fn cargo_args(self) -> (Vec<&'static str>, Vec<(&'static str, &'static str)>) {
+        match self {
+            Self::Image => (
+                vec!["--profile", "image"],
+                vec![
+                    ("CARGO_PROFILE_IMAGE_INHERITS", "release"),
+                    ("CARGO_PROFILE_IMAGE_LTO", "fat"),
+                    ("CARGO_PROFILE_IMAGE_CODEGEN_UNITS", "1"),
+                ],
+            ),
+            Self::Release => (vec!["--release"], Vec::new()),
+            Self::Debug => (Vec::new(), Vec::new()),
+        }
+    }
+}
+
+/// Whether to build the Redis image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisChoice {
+    /// Build it unless the public image (`PUBLIC_REDIS_IMAGE`) is present locally.
+    Auto,
+    /// Always build it.
+    Build,
+    /// Never build it.
+    Skip,
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Where the service binaries are; None: compile them with cargo.
+    pub bin_dir: Option<PathBuf>,
+    /// Profile to compile (and to look in) when `bin_dir` is None.
+    pub profile: Profile,
+    /// Tag of both images.
+    pub tag: String,
+    pub redis: RedisChoice,
+    /// Fail when the app image is larger (None: no check, e.g. debug builds).
+    pub max_app_bytes: Option<u64>,
+    /// Drop debug information from the binaries before packaging them
+    /// (`strip --strip-debug`): a debug build's 120 MB binaries become
+    /// about 25 MB. Release builds are stripped by the cargo profile.
+    pub strip_debug_info: bool,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self {
+            bin_dir: None,
+            profile: Profile::Image,
+            tag: DEFAULT_TAG.into(),
+            redis: RedisChoice::Auto,
+            max_app_bytes: Some(MAX_APP_IMAGE_BYTES),
+            strip_debug_info: false,
+        }
+    }
+}
+
+/// What was built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildReport {
+    /// `localhost/taskstack:<tag>`.
+    pub app_image: String,
+    pub app_bytes: u64,
+    /// The binaries in the app image (paths `/<name>`).
+    pub binaries: Vec<String>,
+    /// Service binaries left out because their package is not in the
+    /// workspace yet (only when stackctl compiled them itself).
+    pub left_out: Vec<String>,
+    /// The Redis image to use: the one built, or the public one found locally.
+    pub redis_image: Option<String>,
+    /// Whether `redis_image` was built now (false: found locally, or skipped).
+    pub redis_built: bool,
+    pub redis_bytes: Option<u64>,
+}
+
+impl BuildReport {
+    /// Whether the app image holds `binary` (e.g. "taskstack-web").
+    pub fn has(&self, binary: &str) -> bool {
+        self.binaries.iter().any(|b| b == binary)
+    }
+}
+
+/// Builds the images; `log` receives one line per step.
+pub async fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildReport, BuildError> {
+    // Fail on a missing engine before spending minutes compiling.
+    let docker = docker::connect().await?;
+    let (bin_dir, binaries, left_out) = match &opts.bin_dir {
+        Some(dir) => (
+            dir.clone(),
+            SERVICE_BINARIES.map(String::from).to_vec(),
+            Vec::new(),
+        ),
+        None => {
+            let ws = workspace().await?;
+            let (present, absent): (Vec<_>, Vec<_>) = SERVICE_BINARIES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .partition(|s| ws.packages.contains(s));
+            for name in &absent {
+                log(&format!(
+                    "note: package {name} is not in the workspace; the image will not hold /{name}"
+                ));
+            }
+            log(&format!(
+                "compiling {} ({})",
+                present.join(", "),
+                opts.profile.dir()
+            ));
+            cargo_build(&present, opts.profile, &ws.target_dir).await?;
+            (ws.target_dir.join(opts.profile.dir()), present, absent)
+        }
+    };
+    let app_image = format!("{APP_REPOSITORY}:{}", opts.tag);
+    let app_bytes = build_app_image(
+        &docker,
+        &app_image,
+        &bin_dir,
+        &binaries,
+        opts.strip_debug_info,
+        log,
+    )
+    .await?;
+    if let Some(max) = opts.max_app_bytes
+        && app_bytes > max
+    {
+        return Err(BuildError::TooLarge {
+            image: app_image,
+            bytes: app_bytes,
+            max,
+        });
+    }
+
+    let redis_tag = format!("{REDIS_REPOSITORY}:{}", opts.tag);
+    let (redis_image, redis_built, redis_bytes) = match opts.redis {
+        RedisChoice::Skip => (None, false, None),
+        RedisChoice::Auto => match docker::local_image_size(&docker, PUBLIC_REDIS_IMAGE).await? {
+            Some(bytes) => {
+                log(&format!(
+                    "{PUBLIC_REDIS_IMAGE} is present locally: not building {redis_tag}"
+                ));
+                (Some(PUBLIC_REDIS_IMAGE.to_owned()), false, Some(bytes))
+            }
+            None => {
+                let bytes = build_redis_image(&docker, &redis_tag, log).await?;
+                (Some(redis_tag), true, Some(bytes))
+            }
+        },
+        RedisChoice::Build => {
+            let bytes = build_redis_image(&docker, &redis_tag, log).await?;
+            (Some(redis_tag), true, Some(bytes))
+        }
+    };
+    Ok(BuildReport {
+        app_image,
+        app_bytes,
+        binaries,
+        left_out,
+        redis_image,
+        redis_built,
+        redis_bytes,
+    })
+}
+
+/// The app image's Dockerfile (kept in step with the top-level `Dockerfile`:
+/// same paths, user and default command).
+pub fn app_dockerfile() -> String {
+    format!(
+        "FROM scratch\n\
+         LABEL org.opencontainers.image.title=\"taskstack\" \\\n      \
+               org.opencontainers.image.description=\"taskstack-web, taskstack-worker and taskstack-beat\" \\\n      \
+               io.taskstack.built-by=\"stackctl build\"\n\
+         COPY rootfs/ /\n\
+         USER {APP_USER}\n\
+         CMD [\"/taskstack-worker\"]\n"
+    )
+}
+
+/// The Redis image's Dockerfile. No ENTRYPOINT: compose's
+/// `command: ["redis-server", ...]` then works with this image and with
+/// the official one (whose entrypoint script runs its arguments).
+pub fn redis_dockerfile() -> String {
+    format!(
+        "FROM scratch\n\
+         LABEL org.opencontainers.image.title=\"taskstack-redis\" \\\n      \
+               org.opencontainers.image.description=\"redis-server and redis-cli from the build host's Debian packages\" \\\n      \
+               io.taskstack.built-by=\"stackctl build\"\n\
+         COPY rootfs/ /\n\
+         COPY --chown={REDIS_UID}:{REDIS_GID} data/ /data/\n\
+         ENV PATH=/usr/local/bin:/usr/bin:/bin\n\
+         WORKDIR /data\n\
+         USER {REDIS_UID}:{REDIS_GID}\n\
+         EXPOSE 6379\n\
+         CMD [\"redis-server\"]\n"
+    )
+}
+
+/// Builds the app image `tag` from `binaries` in `bin_dir`; returns its size.
+pub async fn build_app_image(
+    docker: &Docker,
+    tag: &str,
+    bin_dir: &Path,
+    binaries: &[String],
+    strip_debug_info: bool,
+    log: &dyn Fn(&str),
+) -> Result<u64, BuildError> {
+    let mut fs = Rootfs::new();
+    for name in binaries {
+        let src = bin_dir.join(name);
+        if !src.is_file() {
+            return Err(BuildError::BinaryMissing {
+                name: name.clone(),
+                dir: bin_dir.to_path_buf(),
+            });
+        }
+        if strip_debug_info {
+            let stripped = strip_debug(&src).await?;
+            let added = fs
+                .binary_with_libs(&stripped, &format!("/{name}"))
+                .map(|_| ());
+            let _ = std::fs::remove_file(&stripped);
+            added?;
+        } else {
+            fs.binary_with_libs(&src, &format!("/{name}"))?;
+        }
+    }
+    fs.dir("/tmp", 0o1777, 0, 0);
+    if let Ok(ca) = std::fs::read(CA_BUNDLE) {
+        fs.file(Path::new(CA_BUNDLE), ca, 0o644);
+    }
+    log(&format!(
+        "building {tag} from {} ({} files, {:.1} MB)",
+        bin_dir.display(),
+        binaries.len(),
+        mb(fs.content_size())
+    ));
+    let context = context(&app_dockerfile(), &fs)?;
+    docker::build_image(docker, tag, context).await?;
+    let bytes = docker::local_image_size(docker, tag)
+        .await?
+        .unwrap_or_default();
+    log(&format!("built {tag}: {:.1} MB", mb(bytes)));
+    Ok(bytes)
+}
+
+/// Builds the Redis image `tag` from the host's `redis-server` and
+/// `redis-cli`; returns its size.
+pub async fn build_redis_image(
+    docker: &Docker,
+    tag: &str,
+    log: &dyn Fn(&str),
+) -> Result<u64, BuildError> {
+    let server = which("redis-server").ok_or(BuildError::RedisMissing {
+        program: "redis-server",
+        package: "redis-server",
+    })?;
+    let cli = which("redis-cli").ok_or(BuildError::RedisMissing {
+        program: "redis-cli",
+        package: "redis-tools",
+    })?;
+    let mut fs = Rootfs::new();
+    // Debian's /usr/bin/redis-server is a symlink to redis-check-rdb, and
+    // redis picks its mode from argv[0]: the file is read through the link
+    // and stored under the name redis-server.
+    fs.binary_with_libs(&server, "/usr/local/bin/redis-server")?
+        .binary_with_libs(&cli, "/usr/local/bin/redis-cli")?
+        .dir("/tmp", 0o1777, 0, 0);
+    log(&format!(
+        "building {tag} from {} and {}",
+        server.display(),
+        cli.display()
+    ));
+    // COPY makes everything root-owned; /data comes from an empty
+    // directory copied with --chown.
+    let mut tar = context_tar(&redis_dockerfile(), &fs)?;
+    Rootfs::new().append_to(&mut tar, "data")?;
+    let context = tar
+        .into_inner()
+        .map_err(|source| BuildError::Context { source })?;
+    docker::build_image(docker, tag, context).await?;
+    let bytes = docker::local_image_size(docker, tag)
+        .await?
+        .unwrap_or_default();
+    log(&format!("built {tag}: {:.1} MB", mb(bytes)));
+    Ok(bytes)
+}
+
+/// A copy of `bin` without debug information, in the temporary directory.
+async fn strip_debug(bin: &Path) -> Result<PathBuf, BuildError> {
+    let name = bin.file_name().unwrap_or_default().to_string_lossy();
+    let out = std::env::temp_dir().join(format!("stackctl-{}-{name}", std::process::id()));
+    let status = tokio::process::Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&out)
+        .arg(bin)
+        .status()
+        .await
+        .map_err(|e| BuildError::Strip {
+            bin: bin.to_path_buf(),
+            detail: format!("cannot run strip ({e}); install binutils"),
+        })?;
+    if !status.success() {
+        return Err(BuildError::Strip {
+            bin: bin.to_path_buf(),
+            detail: status.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+fn context(dockerfile: &str, fs: &Rootfs) -> Result<Vec<u8>, BuildError> {
+    context_tar(dockerfile, fs)?
+        .into_inner()
+        .map_err(|source| BuildError::Context { source })
+}
+
+fn context_tar(dockerfile: &str, fs: &Rootfs) -> Result<tar::Builder<Vec<u8>>, BuildError> {
+    let mut tar = tar::Builder::new(Vec::new());
+    append_file(&mut tar, "Dockerfile", dockerfile.as_bytes(), 0o644)?;
+    fs.append_to(&mut tar, "rootfs")?;
+    Ok(tar)
+}
+
+/// The workspace as cargo sees it.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    /// Honours `CARGO_TARGET_DIR` and cargo's configuration.
+    pub target_dir: PathBuf,
+    pub packages: Vec<String>,
+}
+
+/// Asks `cargo metadata` (run from the current directory) for the target
+/// directory and the workspace's packages.
+pub async fn workspace() -> Result<Workspace, BuildError> {
+    let out = tokio::process::Command::new(cargo())
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .await
+        .map_err(|e| BuildError::Cargo {
+            command: "cargo metadata".into(),
+            detail: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(BuildError::Cargo {
+            command: "cargo metadata".into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    parse_metadata(&out.stdout).map_err(|detail| BuildError::Cargo {
+        command: "cargo metadata".into(),
+        detail,
+    })
+}
+
+fn parse_metadata(json: &[u8]) -> Result<Workspace, String> {
+    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    let target_dir = v["target_directory"]
+        .as_str()
+        .ok_or("no target_directory")?
+        .into();
+    let packages = v["packages"]
+        .as_array()
+        .ok_or("no packages")?
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect();
+    Ok(Workspace {
+        target_dir,
+        packages,
+    })
+}
+
+/// `cargo build <profile> -p <each>` into `target_dir`.
+pub async fn cargo_build(
+    packages: &[String],
+    profile: Profile,
+    target_dir: &Path,
+) -> Result<(), BuildError> {
+    let (profile_args, env) = profile.cargo_args();
+    let mut args = vec!["build".to_owned()];
+    args.extend(profile_args.iter().map(|a| (*a).to_owned()));
+    for p in packages {
+        args.push("-p".into());
+        args.push(p.clone());
+    }
+    let command = format!("cargo {}", args.join(" "));
+    let status = tokio::process::Command::new(cargo())
+        .args(&args)
+        .envs(env)
+        .env("CARGO_TARGET_DIR", target_dir)
+        .status()
+        .await
+        .map_err(|e| BuildError::Cargo {
+            command: command.clone(),
+            detail: e.to_string(),
+        })?;
+    if !status.success() {
+        return Err(BuildError::Cargo {
+            command,
+            detail: status.to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin"].map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_gives_target_dir_and_packages() {
+        let json = br#"{"packages":[{"name":"taskstack"},{"name":"taskstack-worker"}],
+                        "target_directory":"/w/target","workspace_root":"/w"}"#;
+        let ws = parse_metadata(json).expect("parsed");
+        assert_eq!(ws.target_dir, PathBuf::from("/w/target"));
+        assert_eq!(ws.packages, ["taskstack", "taskstack-worker"]);
+    }
+
+    #[test]
+    fn dockerfiles_need_no_base_image_and_run_unprivileged() {
+        for df in [app_dockerfile(), redis_dockerfile()] {
+            assert!(df.starts_with("FROM scratch\n"), "{df}");
+            assert_eq!(df.matches("FROM").count(), 1, "{df}");
+            assert!(!df.contains("RUN "), "no shell in scratch: {df}");
+        }
+        assert!(app_dockerfile().contains("USER 65534:65534"));
+        assert!(redis_dockerfile().contains("USER 999:1000"));
+    }
+}

@@ -1,0 +1,271 @@
+//! An image's root filesystem assembled in memory: host binaries plus
+//! exactly the shared libraries `ldd` lists for them, at the same paths, so a
+//! `FROM scratch` image needs no base image (docker-offline.md §3(b)).
+
+use crate::BuildError;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// One entry of the tree (paths are absolute inside the image).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    Dir { mode: u32, uid: u64, gid: u64 },
+    File { data: Vec<u8>, mode: u32 },
+}
+
+/// A file tree to send as (part of) a build context.
+#[derive(Debug, Default, Clone)]
+pub struct Rootfs {
+    // BTreeMap: parents sort before their children, so the tar is ordered.
+    entries: BTreeMap<PathBuf, Entry>,
+}
+
+impl Rootfs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A directory owned by `uid:gid` (its parents are root-owned 0755).
+    pub fn dir(&mut self, path: &str, mode: u32, uid: u64, gid: u64) -> &mut Self {
+        let path = PathBuf::from(path);
+        self.parents(&path);
+        self.entries.insert(path, Entry::Dir { mode, uid, gid });
+        self
+    }
+
+    /// A file with `data`.
+    pub fn file(&mut self, path: &Path, data: Vec<u8>, mode: u32) -> &mut Self {
+        self.parents(path);
+        self.entries
+            .insert(path.to_path_buf(), Entry::File { data, mode });
+        self
+    }
+
+    /// Copies `src` (symlinks followed, so the image gets the real file
+    /// under the name `dest`) and every library `ldd src` lists, each at the
+    /// path `ldd` prints. A static binary adds no library.
+    pub fn binary_with_libs(&mut self, src: &Path, dest: &str) -> Result<&mut Self, BuildError> {
+        let data = std::fs::read(src).map_err(|source| BuildError::Read {
+            path: src.to_path_buf(),
+            source,
+        })?;
+        self.file(Path::new(dest), data, 0o755);
+        for lib in shared_libraries(src)? {
+            if self.entries.contains_key(&lib) {
+                continue;
+            }
+            let data = std::fs::read(&lib).map_err(|source| BuildError::Read {
+                path: lib.clone(),
+                source,
+            })?;
+            self.file(&lib, data, 0o755);
+        }
+        Ok(self)
+    }
+
+    /// Whether `path` is in the tree.
+    pub fn contains(&self, path: &str) -> bool {
+        self.entries.contains_key(Path::new(path))
+    }
+
+    /// Total bytes of file content.
+    pub fn content_size(&self) -> u64 {
+        self.entries
+            .values()
+            .map(|e| match e {
+                Entry::File { data, .. } => data.len() as u64,
+                Entry::Dir { .. } => 0,
+            })
+            .sum()
+    }
+
+    /// Appends the tree under `prefix/` to `tar` (`prefix` is the name the
+    /// Dockerfile's `COPY` uses).
+    pub fn append_to(
+        &self,
+        tar: &mut tar::Builder<Vec<u8>>,
+        prefix: &str,
+    ) -> Result<(), BuildError> {
+        append_dir(tar, prefix, 0o755, 0, 0)?;
+        for (path, entry) in &self.entries {
+            let rel = path.strip_prefix("/").unwrap_or(path);
+            let name = format!("{prefix}/{}", rel.display());
+            match entry {
+                Entry::Dir { mode, uid, gid } => append_dir(tar, &name, *mode, *uid, *gid)?,
+                Entry::File { data, mode } => append_file(tar, &name, data, *mode)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn parents(&mut self, path: &Path) {
+        for p in path.ancestors().skip(1) {
+            if p == Path::new("/") || p.as_os_str().is_empty() {
+                break;
+            }
+            self.entries.entry(p.to_path_buf()).or_insert(Entry::Dir {
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+            });
+        }
+    }
+}
+
+/// Appends a regular file to `tar`.
+pub fn append_file(
+    tar: &mut tar::Builder<Vec<u8>>,
+    name: &str,
+    data: &[u8],
+    mode: u32,
+) -> Result<(), BuildError> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(data.len() as u64);
+    h.set_mode(mode);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    tar.append_data(&mut h, name, data)
+        .map_err(|source| BuildError::Context { source })
+}
+
+fn append_dir(
+    tar: &mut tar::Builder<Vec<u8>>,
+    name: &str,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+) -> Result<(), BuildError> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_size(0);
+    h.set_mode(mode);
+    h.set_uid(uid);
+    h.set_gid(gid);
+    h.set_mtime(0);
+    h.set_cksum();
+    tar.append_data(&mut h, format!("{name}/"), std::io::empty())
+        .map_err(|source| BuildError::Context { source })
+}
+
+/// The absolute paths of the shared objects `ldd` lists for `bin`; empty for
+/// a static binary. A library `ldd` cannot find is an error naming it.
+pub fn shared_libraries(bin: &Path) -> Result<Vec<PathBuf>, BuildError> {
+    let out = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .map_err(|source| BuildError::Ldd {
+            bin: bin.to_path_buf(),
+            detail: format!(
+                "cannot run ldd ({source}); install it with `apt-get install libc-bin`"
+            ),
+        })?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        // "not a dynamic executable" (static): nothing to copy.
+        if stdout.contains("not a dynamic executable")
+            || stderr.contains("not a dynamic executable")
+        {
+            return Ok(Vec::new());
+        }
+        return Err(BuildError::Ldd {
+            bin: bin.to_path_buf(),
+            detail: format!("{}{}", stdout.trim(), stderr.trim()),
+        });
+    }
+    parse_ldd(&stdout).map_err(|detail| BuildError::Ldd {
+        bin: bin.to_path_buf(),
+        detail,
+    })
+}
+
+/// Parses `ldd` output: every absolute path it prints (the resolved library
+/// after `=>`, or the loader alone on its line).
+fn parse_ldd(out: &str) -> Result<Vec<PathBuf>, String> {
+    let mut libs = Vec::new();
+    for line in out.lines() {
+        if line.contains("=> not found") {
+            return Err(format!("a library is missing: {}", line.trim()));
+        }
+        if line.contains("statically linked") {
+            continue;
+        }
+        libs.extend(
+            line.split_whitespace()
+                .filter(|w| w.starts_with('/'))
+                .map(PathBuf::from),
+        );
+    }
+    Ok(libs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_gives_resolved_paths_and_the_loader() {
+        let out = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                   \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f)\n\
+                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
+                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            parse_ldd(out).expect("parsed"),
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+            .map(PathBuf::from)
+        );
+        assert_eq!(
+            parse_ldd("\tstatically linked\n").expect("static"),
+            Vec::<PathBuf>::new()
+        );
+        let e = parse_ldd("\tlibfoo.so.1 => not found\n").expect_err("missing");
+        assert!(e.contains("libfoo"), "{e}");
+    }
+
+    #[test]
+    fn a_tree_becomes_an_ordered_tar_with_parents_and_owners() {
+        let mut fs = Rootfs::new();
+        fs.file(Path::new("/usr/local/bin/x"), b"bin".to_vec(), 0o755)
+            .dir("/data", 0o755, 999, 1000)
+            .dir("/tmp", 0o1777, 0, 0);
+        let mut tar = tar::Builder::new(Vec::new());
+        fs.append_to(&mut tar, "rootfs").expect("tar");
+        let bytes = tar.into_inner().expect("finish");
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let seen: Vec<(String, u32, u64)> = ar
+            .entries()
+            .expect("entries")
+            .map(|e| {
+                let e = e.expect("entry");
+                let h = e.header();
+                (
+                    e.path().expect("path").display().to_string(),
+                    h.mode().expect("mode"),
+                    h.uid().expect("uid"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("rootfs/", 0o755, 0),
+                ("rootfs/data/", 0o755, 999),
+                ("rootfs/tmp/", 0o1777, 0),
+                ("rootfs/usr/", 0o755, 0),
+                ("rootfs/usr/local/", 0o755, 0),
+                ("rootfs/usr/local/bin/", 0o755, 0),
+                ("rootfs/usr/local/bin/x", 0o755, 0),
+            ]
+            .map(|(p, m, u)| (p.to_owned(), m, u))
+        );
+        assert_eq!(fs.content_size(), 3);
+    }
+}

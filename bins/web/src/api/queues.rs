@@ -1,0 +1,140 @@
+//! `/api/v1/queues` and `/api/v1/workers`: what is waiting where, and who
+//! is working.
+
+use crate::error::{ApiError, ErrorBody};
+use crate::state::{AppState, read_snapshot};
+use axum::Json;
+use axum::extract::State;
+use serde::Serialize;
+use taskstack::broker::{BrokerError, WorkerRecord, queue_counts};
+use utoipa::ToSchema;
+
+/// One queue's messages and workers.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct QueueView {
+    pub name: String,
+    /// Waiting to be taken (all priorities).
+    pub ready: u64,
+    /// Parked until due (ETA, countdown, retry backoff).
+    pub delayed: u64,
+    /// Taken by workers, not yet finished.
+    pub in_flight: u64,
+    /// In the queue's dead-letter list.
+    pub dead_lettered: u64,
+    /// Live workers consuming the queue.
+    pub workers: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueList {
+    pub queues: Vec<QueueView>,
+}
+
+/// Every configured queue and every queue a live worker consumes.
+pub async fn queue_views(state: &AppState) -> Result<Vec<QueueView>, BrokerError> {
+    let snapshot = read_snapshot(state.broker()).await?;
+    let mut names = state.settings.queues.clone();
+    for q in &snapshot.queues {
+        if !names.contains(q) {
+            names.push(q.clone());
+        }
+    }
+    let mut lane = state.broker().broker_pool().shared_lane();
+    let counts = queue_counts(&mut lane, state.broker().keys(), &names).await?;
+    Ok(names
+        .into_iter()
+        .zip(counts)
+        .map(|(name, c)| QueueView {
+            workers: snapshot.workers_on(&name) as u64,
+            name,
+            ready: c.ready,
+            delayed: c.delayed,
+            in_flight: c.in_flight,
+            dead_lettered: c.dead_lettered,
+        })
+        .collect())
+}
+
+/// Message counts per queue.
+#[utoipa::path(
+    get,
+    path = "/api/v1/queues",
+    tag = "operations",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every configured or consumed queue", body = QueueList),
+        (status = 401, description = "No valid API token", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody),
+    )
+)]
+pub async fn list_queues(State(state): State<AppState>) -> Result<Json<QueueList>, ApiError> {
+    let queues = queue_views(&state)
+        .await
+        .map_err(|e| ApiError::broker(&e))?;
+    Ok(Json(QueueList { queues }))
+}
+
+/// A live worker's heartbeat record.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkerView {
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    pub queues: Vec<String>,
+    /// Task names it runs.
+    pub tasks: Vec<String>,
+    pub concurrency: usize,
+    pub started_at: String,
+    pub last_heartbeat: String,
+    pub processed: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub version: String,
+}
+
+impl From<WorkerRecord> for WorkerView {
+    fn from(w: WorkerRecord) -> Self {
+        Self {
+            id: w.id,
+            host: w.host,
+            pid: w.pid,
+            queues: w.queues,
+            tasks: w.tasks,
+            concurrency: w.concurrency,
+            started_at: w.started_at,
+            last_heartbeat: w.last_heartbeat,
+            processed: w.processed,
+            failed: w.failed,
+            retried: w.retried,
+            dead_lettered: w.dead_lettered,
+            version: w.version,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkerList {
+    pub workers: Vec<WorkerView>,
+}
+
+/// Live workers (those whose heartbeat has not expired).
+#[utoipa::path(
+    get,
+    path = "/api/v1/workers",
+    tag = "operations",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Live workers", body = WorkerList),
+        (status = 401, description = "No valid API token", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody),
+    )
+)]
+pub async fn list_workers(State(state): State<AppState>) -> Result<Json<WorkerList>, ApiError> {
+    let snapshot = read_snapshot(state.broker())
+        .await
+        .map_err(|e| ApiError::broker(&e))?;
+    let mut workers: Vec<WorkerView> = snapshot.workers.iter().cloned().map(Into::into).collect();
+    workers.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Json(WorkerList { workers }))
+}

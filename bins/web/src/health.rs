@@ -1,0 +1,272 @@
+//! `/health` (readiness: the whole stack can do work), `/health/live`
+//! (liveness: this process serves) and the `healthcheck` client used by an
+//! exec-form Docker HEALTHCHECK.
+
+use crate::error::ErrorBody;
+use crate::state::{AppState, read_snapshot};
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::time::Duration;
+use taskstack::beat::lock::holder;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use utoipa::ToSchema;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RedisCheck {
+    pub ok: bool,
+    /// Round trip of a PING, in milliseconds.
+    pub latency_ms: Option<f64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueWorkers {
+    pub queue: String,
+    pub workers: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkersCheck {
+    pub ok: bool,
+    /// Live workers on each configured queue.
+    pub queues: Vec<QueueWorkers>,
+    /// Configured queues no live worker consumes.
+    pub missing: Vec<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BeatLeader {
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    pub since: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BeatCheck {
+    pub ok: bool,
+    /// Whether this deployment expects a beat (`web_expect_beat`).
+    pub required: bool,
+    pub leader: Option<BeatLeader>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Checks {
+    pub redis: RedisCheck,
+    pub workers: WorkersCheck,
+    pub beat: BeatCheck,
+}
+
+/// The readiness report.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthReport {
+    /// `ok` or `fail`.
+    pub status: String,
+    /// The names of the failed checks.
+    pub failed: Vec<String>,
+    pub checks: Checks,
+}
+
+async fn check_redis(state: &AppState) -> RedisCheck {
+    match state.broker().ping().await {
+        Ok(d) => RedisCheck {
+            ok: true,
+            latency_ms: Some(d.as_secs_f64() * 1000.0),
+            error: None,
+        },
+        Err(e) => RedisCheck {
+            ok: false,
+            latency_ms: None,
+            error: Some(e.to_string()),
+        },
+    }
+}
+
+async fn check_workers(state: &AppState) -> WorkersCheck {
+    match read_snapshot(state.broker()).await {
+        Ok(s) => {
+            let queues: Vec<QueueWorkers> = state
+                .settings
+                .queues
+                .iter()
+                .map(|q| QueueWorkers {
+                    queue: q.clone(),
+                    workers: s.workers_on(q) as u64,
+                })
+                .collect();
+            let missing: Vec<String> = queues
+                .iter()
+                .filter(|q| q.workers == 0)
+                .map(|q| q.queue.clone())
+                .collect();
+            WorkersCheck {
+                ok: missing.is_empty(),
+                queues,
+                missing,
+                error: None,
+            }
+        }
+        Err(e) => WorkersCheck {
+            ok: false,
+            queues: Vec::new(),
+            missing: state.settings.queues.clone(),
+            error: Some(e.to_string()),
+        },
+    }
+}
+
+async fn check_beat(state: &AppState) -> BeatCheck {
+    let required = state.settings.expect_beat;
+    let mut lane = state.broker().broker_pool().shared_lane();
+    match holder(&mut lane, state.broker().keys()).await {
+        Ok(h) => BeatCheck {
+            ok: !required || h.is_some(),
+            required,
+            error: (required && h.is_none())
+                .then(|| "no beat instance holds the leader lock".to_owned()),
+            leader: h.map(|h| BeatLeader {
+                id: h.id,
+                host: h.host,
+                pid: h.pid,
+                since: h.since,
+            }),
+        },
+        Err(e) => BeatCheck {
+            ok: !required,
+            required,
+            leader: None,
+            error: Some(e.to_string()),
+        },
+    }
+}
+
+/// Readiness: Redis answers, every configured queue has a live worker and,
+/// when a beat is expected, a beat leader holds the lock.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "health",
+    responses(
+        (status = 200, description = "Everything needed to do work is up", body = HealthReport),
+        (status = 503, description = "Something is missing; `failed` names it", body = HealthReport),
+    )
+)]
+pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthReport>) {
+    let (redis, workers, beat) = tokio::join!(
+        check_redis(&state),
+        check_workers(&state),
+        check_beat(&state)
+    );
+    let failed: Vec<String> = [
+        ("redis", redis.ok),
+        ("workers", workers.ok),
+        ("beat", beat.ok),
+    ]
+    .into_iter()
+    .filter(|(_, ok)| !ok)
+    .map(|(n, _)| n.to_owned())
+    .collect();
+    let status = if failed.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(HealthReport {
+            status: if failed.is_empty() { "ok" } else { "fail" }.into(),
+            failed,
+            checks: Checks {
+                redis,
+                workers,
+                beat,
+            },
+        }),
+    )
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Live {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// Liveness: answers as long as the process serves requests.
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "health",
+    responses((status = 200, description = "The process serves", body = Live))
+)]
+pub async fn live() -> Json<Live> {
+    Json(Live {
+        status: "ok".into(),
+    })
+}
+
+/// The fallback for paths that match no route.
+pub async fn no_route() -> (StatusCode, Json<ErrorBody>) {
+    (
+        StatusCode::NOT_FOUND,
+        Json(ErrorBody {
+            error: "not_found".into(),
+            message: "no such route; see /openapi.json".into(),
+            details: None,
+        }),
+    )
+}
+
+/// Where `healthcheck` reaches this process's own listener: loopback for a
+/// wildcard address.
+pub fn probe_addr(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+/// `GET /health` on `addr` with a deadline: `Ok(body)` on 200, `Err` with
+/// the status and body (or the connection error) otherwise. A plain
+/// HTTP/1.1 exchange, so a shell-less image needs nothing else.
+pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let req = format!(
+            "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n\r\n"
+        );
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("cannot send the request: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("cannot read the answer: {e}"))?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| format!("not an HTTP answer: {text:?}"))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_owned();
+        if status == 200 {
+            Ok(body)
+        } else {
+            Err(format!("/health answered {status}: {body}"))
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("no answer from {addr} within {timeout:?}"))?
+}

@@ -1,0 +1,101 @@
+//! `taskstack-web`: the HTTP API of a taskstack deployment.
+//!
+//! It enqueues Celery-protocol tasks (so Python workers can run them too),
+//! reports their state and results, revokes tasks that have not started,
+//! shows queues, workers and dead letters, and tells the truth about the
+//! stack's health (`/health`) and numbers (`/metrics`).
+//!
+//! - [`router`] builds the axum router and its OpenAPI document; tests drive
+//!   it without a socket.
+//! - [`run`] serves it on a listener until a shutdown future completes.
+//! - Modules: [`api`] (the `/api/v1` handlers), [`auth`] (bearer tokens),
+//!   [`error`] (JSON errors), [`health`], [`metrics`], [`openapi`],
+//!   [`state`] (what handlers share).
+
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod health;
+pub mod metrics;
+pub mod openapi;
+pub mod state;
+
+pub use state::{AppState, WebSettings};
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
+use axum::routing::get;
+use std::future::Future;
+use std::sync::Arc;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// The whole application and its OpenAPI document (served at
+/// `/openapi.json`), built from the same route list so they cannot differ.
+pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+    let api = OpenApiRouter::new()
+        .routes(routes!(api::tasks::enqueue))
+        .routes(routes!(api::tasks::get_task, api::tasks::revoke_task))
+        .routes(routes!(api::queues::list_queues))
+        .routes(routes!(api::queues::list_workers))
+        .routes(routes!(api::dead_letters::list))
+        .routes(routes!(api::dead_letters::requeue))
+        .routes(routes!(api::dead_letters::discard))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(api)
+        .routes(routes!(health::health))
+        .routes(routes!(health::live))
+        .routes(routes!(metrics::serve))
+        .split_for_parts();
+    openapi::restrict_task_names(&mut doc, &state.settings.tasks);
+    let doc_json = Arc::new(doc.to_json().unwrap_or_else(|_| "{}".into()));
+    let router = router
+        .route(
+            "/openapi.json",
+            get(move || {
+                let body = Arc::clone(&doc_json);
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        (*body).clone(),
+                    )
+                }
+            }),
+        )
+        .fallback(health::no_route)
+        .layer(DefaultBodyLimit::max(state.settings.body_limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .with_state(state);
+    (router, doc)
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then stops
+/// accepting connections and lets requests in flight finish.
+pub async fn run(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
+    let (app, _) = router(state);
+    let addr = listener.local_addr()?;
+    tracing::info!(listen = %addr, "taskstack-web serving");
+    let listener = listener.tap_io(|tcp| {
+        // Small request/response pairs: never wait to coalesce segments.
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("taskstack-web stopped");
+    Ok(())
+}

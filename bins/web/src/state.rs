@@ -1,0 +1,172 @@
+//! What every handler shares: the producer, the broker, the settings, the
+//! tokens, the metrics and a short-lived view of the live workers.
+
+use crate::auth::Tokens;
+use crate::metrics::Metrics;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use taskstack::Producer;
+use taskstack::broker::{Broker, BrokerError, WorkerRecord, live_workers};
+use taskstack::config::{Config, ConfigError};
+
+/// How long the view of live workers (the task names and queues they
+/// announce) is reused before it is read again. Bounds what enqueueing
+/// costs Redis; a worker that just started is known within this long.
+pub const CATALOG_TTL: Duration = Duration::from_secs(1);
+
+/// The web service's share of the configuration.
+#[derive(Debug, Clone)]
+pub struct WebSettings {
+    pub listen: SocketAddr,
+    /// Queues the deployment is configured with (`queues`); `/health`
+    /// requires a live worker on each, and enqueueing to them is allowed
+    /// even while no worker runs.
+    pub queues: Vec<String>,
+    /// Allow-list of task names; empty = the names live workers announce.
+    pub tasks: Vec<String>,
+    pub expect_beat: bool,
+    pub result_expires: Duration,
+    pub body_limit: usize,
+    pub tokens: Vec<String>,
+}
+
+impl WebSettings {
+    /// The settings of a validated configuration; fails when no API token
+    /// is configured or the token file cannot be read.
+    pub fn from_config(c: &Config) -> Result<Self, ConfigError> {
+        Ok(Self {
+            listen: c.web_addr()?,
+            queues: c.queues.clone(),
+            tasks: c.web_tasks.clone(),
+            expect_beat: c.web_expect_beat,
+            result_expires: c.result_expires,
+            body_limit: usize::try_from(c.web_body_limit).unwrap_or(usize::MAX),
+            tokens: c.load_api_tokens()?,
+        })
+    }
+}
+
+/// Live workers and what they announce, as read at one instant.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub workers: Vec<WorkerRecord>,
+    pub tasks: BTreeSet<String>,
+    pub queues: BTreeSet<String>,
+}
+
+impl Snapshot {
+    fn of(workers: Vec<WorkerRecord>) -> Self {
+        let tasks = workers
+            .iter()
+            .flat_map(|w| w.tasks.iter().cloned())
+            .collect();
+        let queues = workers
+            .iter()
+            .flat_map(|w| w.queues.iter().cloned())
+            .collect();
+        Self {
+            workers,
+            tasks,
+            queues,
+        }
+    }
+
+    /// Live workers consuming `queue`.
+    pub fn workers_on(&self, queue: &str) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.queues.iter().any(|q| q == queue))
+            .count()
+    }
+}
+
+/// A cached [`Snapshot`], read again when older than [`CATALOG_TTL`]; one
+/// request refreshes it while the others wait for that read.
+#[derive(Debug, Default)]
+struct Catalog {
+    current: RwLock<Option<(Instant, Arc<Snapshot>)>>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+impl Catalog {
+    fn fresh(&self) -> Option<Arc<Snapshot>> {
+        let g = self.current.read().ok()?;
+        g.as_ref()
+            .filter(|(at, _)| at.elapsed() < CATALOG_TTL)
+            .map(|(_, s)| Arc::clone(s))
+    }
+
+    async fn get(&self, broker: &Broker) -> Result<Arc<Snapshot>, BrokerError> {
+        if let Some(s) = self.fresh() {
+            return Ok(s);
+        }
+        let _only_one = self.refresh.lock().await;
+        if let Some(s) = self.fresh() {
+            return Ok(s);
+        }
+        let s = Arc::new(read_snapshot(broker).await?);
+        if let Ok(mut g) = self.current.write() {
+            *g = Some((Instant::now(), Arc::clone(&s)));
+        }
+        Ok(s)
+    }
+}
+
+/// Reads the live workers now.
+pub async fn read_snapshot(broker: &Broker) -> Result<Snapshot, BrokerError> {
+    let mut lane = broker.broker_pool().shared_lane();
+    Ok(Snapshot::of(live_workers(&mut lane, broker.keys()).await?))
+}
+
+/// Shared by every handler; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState(Arc<Inner>);
+
+#[derive(Debug)]
+pub struct Inner {
+    pub producer: Producer,
+    pub settings: WebSettings,
+    pub tokens: Tokens,
+    pub metrics: Metrics,
+    catalog: Catalog,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(broker: Broker, settings: WebSettings) -> Self {
+        let producer = Producer::new(broker, origin()).record_pending(settings.result_expires);
+        Self(Arc::new(Inner {
+            producer,
+            tokens: Tokens::new(&settings.tokens),
+            settings,
+            metrics: Metrics::new(),
+            catalog: Catalog::default(),
+        }))
+    }
+
+    pub fn broker(&self) -> &Broker {
+        self.producer.broker()
+    }
+
+    /// The live workers, at most [`CATALOG_TTL`] old.
+    pub async fn snapshot(&self) -> Result<Arc<Snapshot>, BrokerError> {
+        self.catalog.get(self.broker()).await
+    }
+}
+
+/// The `origin` header of messages this process sends, as Celery writes it.
+fn origin() -> String {
+    format!(
+        "taskstack-web-{}@{}",
+        std::process::id(),
+        taskstack::worker::hostname()
+    )
+}

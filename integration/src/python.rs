@@ -1,0 +1,176 @@
+//! Python tools the tests drive (the real Celery, schemathesis), each in a
+//! virtual environment under the target directory, made on first use.
+
+use anyhow::{Context as _, Result, bail, ensure};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// A Python environment: its interpreter.
+#[derive(Debug, Clone)]
+pub struct Venv {
+    pub python: PathBuf,
+}
+
+impl Venv {
+    /// The venv `target/<name>` holding `requirement`, made (once per
+    /// process) with `python3 -m venv` and pip when missing or when
+    /// `check` (Python source) fails in it. `override_var`, when set in the
+    /// environment, names an interpreter to use instead.
+    pub fn ensure(name: &str, requirement: &str, check: &str, override_var: &str) -> Result<Self> {
+        if let Some(p) = std::env::var_os(override_var) {
+            let python = PathBuf::from(p);
+            ensure!(
+                passes(&python, check),
+                "{override_var}={} cannot run `{check}`",
+                python.display()
+            );
+            return Ok(Self { python });
+        }
+        static MADE: Mutex<Option<HashMap<String, std::result::Result<PathBuf, String>>>> =
+            Mutex::new(None);
+        let mut made = MADE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = made
+            .get_or_insert_with(HashMap::new)
+            .entry(name.to_owned())
+            .or_insert_with(|| make(name, requirement, check).map_err(|e| format!("{e:#}")));
+        let python = entry.clone().map_err(anyhow::Error::msg)?;
+        Ok(Self { python })
+    }
+
+    /// `python -m <module>` with a clean Python environment.
+    pub fn module(&self, module: &str) -> Command {
+        let mut cmd = Command::new(&self.python);
+        cmd.arg("-m").arg(module);
+        clean_env(&mut cmd);
+        cmd
+    }
+}
+
+/// Environment every Python process of the tests gets: nothing written
+/// into the source tree, output unbuffered.
+pub fn clean_env(cmd: &mut Command) -> &mut Command {
+    cmd.env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1")
+        .env_remove("PYTHONPATH")
+}
+
+fn passes(python: &Path, check: &str) -> bool {
+    Command::new(python)
+        .args(["-c", check])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `cmd` to completion, failing with its output when it does not succeed.
+pub fn run(cmd: &mut Command, what: &str) -> Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {what} ({cmd:?})"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// `target/<name>/bin/python`, made if needed. The venv is built under a
+/// name of this process's own and renamed into place, so concurrent test
+/// processes never see (or reuse) a half-installed one; the scripts in its
+/// `bin` are then pointed at the final path (the tests themselves use
+/// `python -m ...`, which works wherever the venv lives).
+fn make(name: &str, requirement: &str, check: &str) -> Result<PathBuf> {
+    // target/<profile>/deps/<test binary> → target
+    let exe = std::env::current_exe()?;
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .context("cannot locate the target directory from the test binary's path")?;
+    let venv = target.join(name);
+    let python = venv.join("bin").join("python");
+    if passes(&python, check) {
+        return Ok(python);
+    }
+
+    let started = Instant::now();
+    let tmp = target.join(format!("{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    run(
+        Command::new("python3").arg("-m").arg("venv").arg(&tmp),
+        "`python3 -m venv` (install python3 and python3-venv)",
+    )?;
+    let tmp_python = tmp.join("bin").join("python");
+    run(
+        Command::new(&tmp_python)
+            .args(["-m", "pip", "install", "--quiet", requirement])
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
+        &format!("`pip install {requirement}`"),
+    )?;
+    ensure!(
+        passes(&tmp_python, check),
+        "{} cannot run `{check}` after pip install",
+        tmp_python.display()
+    );
+
+    // Another process may have finished first; a broken venv in the way goes.
+    if passes(&python, check) {
+        std::fs::remove_dir_all(&tmp)?;
+        return Ok(python);
+    }
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv)?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, &venv) {
+        if passes(&python, check) {
+            std::fs::remove_dir_all(&tmp)?;
+            return Ok(python);
+        }
+        return Err(e)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), venv.display()));
+    }
+    repoint_scripts(&venv.join("bin"), &tmp, &venv)?;
+    ensure!(
+        passes(&python, check),
+        "{} cannot run `{check}`",
+        python.display()
+    );
+    eprintln!(
+        "created the venv {} in {:.1?}",
+        venv.display(),
+        started.elapsed()
+    );
+    Ok(python)
+}
+
+/// Rewrites `from` to `to` in the text files of a moved venv's `bin`
+/// (console-script shebangs, activate scripts); symlinks and binaries stay.
+fn repoint_scripts(bin: &Path, from: &Path, to: &Path) -> Result<()> {
+    let (from, to) = (from.to_string_lossy(), to.to_string_lossy());
+    for entry in std::fs::read_dir(bin)? {
+        let path = entry?.path();
+        if path.symlink_metadata()?.file_type().is_symlink() {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        if text.contains(from.as_ref()) {
+            std::fs::write(&path, text.replace(from.as_ref(), to.as_ref()))?;
+        }
+    }
+    Ok(())
+}

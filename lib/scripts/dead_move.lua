@@ -1,0 +1,31 @@
+-- dead_move.lua: requeue or discard chosen dead letters. Each record is
+-- removed from the dead-letter list and (to requeue) its original message
+-- pushed to its queue in one step, so a dead letter is never both requeued
+-- and still listed, nor requeued twice by two operators at once.
+--
+-- KEYS[1]  the queue's dead-letter LIST
+-- ARGV[1]  'requeue' or 'discard'
+-- ARGV[2..]  the exact records (as read) to act on
+-- Returns the records acted on (those still listed when the script ran).
+-- A record that cannot be requeued (not JSON, no queue key or payload) is
+-- left where it is: a script is not rolled back on error, so everything is
+-- checked before anything is written.
+local done = {}
+for i = 2, #ARGV do
+  local rec = ARGV[i]
+  local target, payload
+  if ARGV[1] == 'requeue' then
+    local ok, d = pcall(cjson.decode, rec)
+    if ok and type(d) == 'table' and type(d['queue_key']) == 'string'
+        and type(d['payload']) == 'string' then
+      target, payload = d['queue_key'], d['payload']
+    end
+  end
+  if (ARGV[1] == 'discard' or target) and redis.call('LREM', KEYS[1], 1, rec) == 1 then
+    if target then
+      redis.call('LPUSH', target, payload)
+    end
+    done[#done + 1] = rec
+  end
+end
+return done

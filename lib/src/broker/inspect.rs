@@ -1,0 +1,54 @@
+//! Read-only views of the broker for operators: per-queue message counts.
+
+use super::pool::on_lane;
+use super::{BrokerError, Lane, QUEUE_STATS};
+use crate::proto::Keys;
+use serde::Serialize;
+
+/// Where one queue's messages are, at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct QueueCounts {
+    /// Waiting in the queue's lists (every priority bucket).
+    pub ready: u64,
+    /// Parked until due (ETA, countdown, retry backoff).
+    pub delayed: u64,
+    /// Taken by workers and not yet settled.
+    pub in_flight: u64,
+    /// In the queue's dead-letter list.
+    pub dead_lettered: u64,
+}
+
+/// Counts for each of `queues`, in order, as one consistent snapshot.
+/// Reads every held message (bounded by the workers' prefetch): meant for
+/// dashboards and health pages, not for every task.
+pub async fn queue_counts(
+    lane: &mut Lane,
+    keys: &Keys,
+    queues: &[String],
+) -> Result<Vec<QueueCounts>, BrokerError> {
+    if queues.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut inv = QUEUE_STATS.prepare_invoke();
+    inv.key(keys.leases())
+        .key(keys.landing_sources())
+        .key(keys.delayed_counts())
+        .arg(keys.inflight_prefix())
+        .arg(keys.landing_prefix())
+        .arg(keys.dead_letters_prefix());
+    for q in queues {
+        inv.arg(q);
+    }
+    let rows: Vec<(i64, i64, i64, i64)> =
+        on_lane!(&mut *lane, "count queue messages", |c| inv.invoke_async(c))?;
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok(rows
+        .into_iter()
+        .map(|(ready, delayed, in_flight, dead)| QueueCounts {
+            ready: n(ready),
+            delayed: n(delayed),
+            in_flight: n(in_flight),
+            dead_lettered: n(dead),
+        })
+        .collect())
+}
