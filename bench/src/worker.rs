@@ -63,6 +63,7 @@ impl WorkerProc {
             .env("TASKSTACK_NAMESPACE", namespace)
             .env("TASKSTACK_ALLOW_ROOT", "1")
             .env("TASKSTACK_WORKER_STATE_FILE", state_dir.join("w.json"))
+            .env("TASKSTACK_WORKER_METRICS_LISTEN", "off")
             .env("TASKSTACK_LOG_LEVEL", &cli.worker_log_level)
             .env("TASKSTACK_LOG_FORMAT", "json")
             .env("TASKSTACK_CONCURRENCY", cli.concurrency.to_string())

@@ -71,7 +71,10 @@ pub(crate) fn clean_command(name: &str, redis_url: &str, namespace: &str) -> Res
         .env("TASKSTACK_NAMESPACE", namespace)
         .env("TASKSTACK_ALLOW_ROOT", "1")
         .env("TASKSTACK_LOG_FORMAT", "json")
-        .env("TASKSTACK_LOG_LEVEL", "info");
+        .env("TASKSTACK_LOG_LEVEL", "info")
+        // Tests run many services at once: no fixed metrics ports unless a
+        // test asks for one.
+        .env("TASKSTACK_WORKER_METRICS_LISTEN", "off");
     Ok(cmd)
 }
 

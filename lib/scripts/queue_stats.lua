@@ -9,8 +9,12 @@
 -- ARGV[1]  in-flight HASH prefix (+ worker id)
 -- ARGV[2]  landing LIST prefix (+ worker id)
 -- ARGV[3]  dead-letter LIST prefix (+ queue name)
--- ARGV[4..]  queue names
--- Returns, per queue in order, {ready, delayed, in_flight, dead}.
+-- ARGV[4]  now (ms since the epoch)
+-- ARGV[5..]  queue names
+-- Returns, per queue in order, {ready, delayed, in_flight, dead, oldest}:
+-- oldest is how long (ms) the oldest ready message has been ready, from its
+-- `taskstack_ready_at` header (0 when the queue is empty, -1 when the
+-- oldest message has no such header, e.g. one sent by Python Celery).
 -- Cost: in-flight counting reads every held message (bounded by the
 -- workers' prefetch), so it is meant for dashboards, not per task.
 local sep = '\6\22'
@@ -20,7 +24,8 @@ local function queue_of(key)
   return key
 end
 local wanted, inflight = {}, {}
-for i = 4, #ARGV do
+local now = tonumber(ARGV[4])
+for i = 5, #ARGV do
   wanted[ARGV[i]] = true
   inflight[ARGV[i]] = 0
 end
@@ -41,15 +46,33 @@ for _, worker in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     end
   end
 end
+-- The oldest ready message of a list is at its RPOP end. The header is
+-- found by pattern (the body is base64, so it cannot hold the pattern).
+local function waited(key)
+  local m = redis.call('LINDEX', key, -1)
+  if not m then return 0 end
+  local at = string.match(m, '"taskstack_ready_at":%s*(%d+)')
+  if not at then return -1 end
+  return math.max(now - tonumber(at), 0)
+end
 local out = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local q = ARGV[i]
-  local ready = redis.call('LLEN', q)
-  for _, b in ipairs({ '3', '6', '9' }) do
-    ready = ready + redis.call('LLEN', q .. sep .. b)
+  local ready, oldest = 0, 0
+  for _, key in ipairs({ q, q .. sep .. '3', q .. sep .. '6', q .. sep .. '9' }) do
+    local n = redis.call('LLEN', key)
+    if n > 0 then
+      ready = ready + n
+      local w = waited(key)
+      if w < 0 or oldest < 0 then
+        oldest = -1
+      elseif w > oldest then
+        oldest = w
+      end
+    end
   end
   local delayed = tonumber(redis.call('HGET', KEYS[3], q) or '0')
   local dead = redis.call('LLEN', ARGV[3] .. q)
-  out[#out + 1] = { ready, delayed, inflight[q], dead }
+  out[#out + 1] = { ready, delayed, inflight[q], dead, oldest }
 end
 return out

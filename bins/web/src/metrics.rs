@@ -27,6 +27,9 @@ pub const HTTP_DURATION: &str = "taskstack_web_http_request_duration_seconds";
 pub const TASKS_ENQUEUED: &str = "taskstack_web_tasks_enqueued";
 /// Gauge, labels `queue`, `state` (`ready`, `delayed`, `in_flight`, `dead_lettered`).
 pub const QUEUE_MESSAGES: &str = "taskstack_queue_messages";
+/// Gauge, label `queue`: how long the oldest ready message has waited
+/// (absent while that message does not say, e.g. one sent by Python Celery).
+pub const QUEUE_OLDEST_AGE: &str = "taskstack_queue_oldest_ready_age_seconds";
 /// Gauge, label `queue`: live workers consuming it.
 pub const WORKERS_LIVE: &str = "taskstack_workers_live";
 /// Gauge: 1 when Redis answered the scrape's reads, else 0.
@@ -78,6 +81,7 @@ pub struct Metrics {
     durations: DurationFamily,
     enqueued: Family<TaskLabels, Counter>,
     queue_messages: Family<QueueStateLabels, Gauge>,
+    oldest_age: Family<QueueLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     workers_live: Family<QueueLabels, Gauge>,
     redis_up: Gauge,
     beat_leader: Gauge,
@@ -98,6 +102,7 @@ impl Metrics {
         let durations: DurationFamily = Family::new_with_constructor(duration_histogram);
         let enqueued = Family::<TaskLabels, Counter>::default();
         let queue_messages = Family::<QueueStateLabels, Gauge>::default();
+        let oldest_age = Family::<QueueLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let workers_live = Family::<QueueLabels, Gauge>::default();
         let redis_up = Gauge::default();
         let beat_leader = Gauge::default();
@@ -122,6 +127,11 @@ impl Metrics {
             queue_messages.clone(),
         );
         registry.register(
+            QUEUE_OLDEST_AGE,
+            "Seconds the oldest ready message of each queue has waited",
+            oldest_age.clone(),
+        );
+        registry.register(
             WORKERS_LIVE,
             "Live (heartbeating) workers consuming each queue",
             workers_live.clone(),
@@ -142,6 +152,7 @@ impl Metrics {
             durations,
             enqueued,
             queue_messages,
+            oldest_age,
             workers_live,
             redis_up,
             beat_leader,
@@ -177,6 +188,7 @@ impl Metrics {
     async fn render(&self, state: &AppState) -> String {
         let _one = self.scrape.lock().await;
         self.queue_messages.clear();
+        self.oldest_age.clear();
         self.workers_live.clear();
         let read = async {
             let queues = crate::api::queues::queue_views(state).await?;
@@ -199,6 +211,13 @@ impl Metrics {
                                 state: name,
                             })
                             .set(gauge(v));
+                    }
+                    if let Some(age) = q.oldest_ready_age_seconds {
+                        self.oldest_age
+                            .get_or_create(&QueueLabels {
+                                queue: q.name.clone(),
+                            })
+                            .set(age);
                     }
                     self.workers_live
                         .get_or_create(&QueueLabels { queue: q.name })

@@ -27,15 +27,19 @@ async fn queues_count_ready_and_delayed_messages_and_workers_are_listed() -> Res
         .await?;
     let (s, v) = app.call(Method::GET, "/api/v1/queues", None).await?;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let slow = v["queues"]
+    let mut slow = v["queues"]
         .as_array()
         .and_then(|q| q.iter().find(|q| q["name"] == "slow"))
-        .cloned();
+        .cloned()
+        .unwrap_or_default();
+    let age = slow["oldest_ready_age_seconds"].as_f64();
+    assert!(age.is_some_and(|a| (0.0..60.0).contains(&a)), "{slow}");
+    if let Some(o) = slow.as_object_mut() {
+        o.remove("oldest_ready_age_seconds");
+    }
     assert_eq!(
         slow,
-        Some(
-            json!({"name": "slow", "ready": 4, "delayed": 1, "in_flight": 0, "dead_lettered": 0, "workers": 0})
-        )
+        json!({"name": "slow", "ready": 4, "delayed": 1, "in_flight": 0, "dead_lettered": 0, "workers": 0})
     );
 
     let worker = app.worker(&["celery"], None)?;
@@ -291,6 +295,7 @@ async fn metrics_cover_requests_enqueues_queues_and_workers() -> Result<()> {
         r#"taskstack_web_tasks_enqueued_total{task="taskstack.add"} 1"#,
         r#"taskstack_queue_messages{queue="celery",state="ready"} 1"#,
         r#"taskstack_queue_messages{queue="celery",state="dead_lettered"} 0"#,
+        r#"taskstack_queue_oldest_ready_age_seconds{queue="celery"} "#,
         r#"taskstack_workers_live{queue="celery"} 0"#,
         "taskstack_redis_up 1",
         "taskstack_beat_leader_present 0",

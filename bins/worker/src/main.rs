@@ -30,6 +30,7 @@ Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
   TASKSTACK_LOG_FORMAT               auto | json | pretty  [auto: json unless a terminal]
   TASKSTACK_ALLOW_ROOT               1 to run as uid 0  [0]
   TASKSTACK_WORKER_STATE_FILE        where the worker records itself for healthcheck  [/tmp/taskstack-worker.json]
+  TASKSTACK_WORKER_METRICS_LISTEN    ip:port serving Prometheus /metrics, or off  [0.0.0.0:9101]
 
 Built-in tasks: taskstack.echo, taskstack.add, taskstack.sleep, taskstack.fail.
 Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration or refused start,
@@ -132,7 +133,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut registry = Registry::new();
     builtin::register(&mut registry);
     let shutdown = taskstack::shutdown::install().context("cannot listen for signals")?;
-    let worker = Worker::new(broker, registry, WorkerSettings::from_config(&config));
+    let mut worker = Worker::new(broker, registry, WorkerSettings::from_config(&config));
+    if let Some(addr) = config.worker_metrics_addr()? {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "cannot listen for metrics on {addr} (worker_metrics_listen): give each \
+                 worker on this host its own port, or set it to off"
+            )
+        })?;
+        worker = worker.serve_metrics(listener);
+    }
     worker.run(shutdown.cancelled_owned()).await?;
     Ok(())
 }

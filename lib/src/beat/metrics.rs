@@ -199,25 +199,13 @@ pub(crate) async fn serve(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let metrics = Arc::clone(&metrics);
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    metrics.render(),
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+    crate::service::metrics_http::serve(
+        listener,
+        crate::service::metrics_http::TEXT_FORMAT,
+        move || metrics.render(),
+        stop,
+    )
+    .await
 }
 
 #[cfg(test)]

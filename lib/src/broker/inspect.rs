@@ -16,6 +16,10 @@ pub struct QueueCounts {
     pub in_flight: u64,
     /// In the queue's dead-letter list.
     pub dead_lettered: u64,
+    /// How long the oldest ready message has been ready (0 when none is
+    /// ready); `None` when that message does not say when it became ready
+    /// (one sent by Python Celery).
+    pub oldest_ready_age: Option<std::time::Duration>,
 }
 
 /// Counts for each of `queues`, in order, as one consistent snapshot.
@@ -35,20 +39,24 @@ pub async fn queue_counts(
         .key(keys.delayed_counts())
         .arg(keys.inflight_prefix())
         .arg(keys.landing_prefix())
-        .arg(keys.dead_letters_prefix());
+        .arg(keys.dead_letters_prefix())
+        .arg(super::now_ms());
     for q in queues {
         inv.arg(q);
     }
-    let rows: Vec<(i64, i64, i64, i64)> =
+    let rows: Vec<(i64, i64, i64, i64, i64)> =
         on_lane!(&mut *lane, "count queue messages", |c| inv.invoke_async(c))?;
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
     Ok(rows
         .into_iter()
-        .map(|(ready, delayed, in_flight, dead)| QueueCounts {
+        .map(|(ready, delayed, in_flight, dead, oldest)| QueueCounts {
             ready: n(ready),
             delayed: n(delayed),
             in_flight: n(in_flight),
             dead_lettered: n(dead),
+            oldest_ready_age: u64::try_from(oldest)
+                .ok()
+                .map(std::time::Duration::from_millis),
         })
         .collect())
 }

@@ -226,17 +226,29 @@ async fn queue_counts_are_one_snapshot_of_every_place_a_message_can_be() {
         .expect("dead-letter");
     let names = vec!["q".to_string(), "other".to_string()];
     let counts = queue_counts(&mut l, &keys, &names).await.expect("counts");
+    let got: Vec<_> = counts
+        .iter()
+        .map(|c| (c.ready, c.delayed, c.in_flight, c.dead_lettered))
+        .collect();
+    assert_eq!(got, [(2, 2, 1, 1), (0, 0, 0, 0)]);
     assert_eq!(
-        counts,
-        [
-            QueueCounts {
-                ready: 2,
-                delayed: 2,
-                in_flight: 1,
-                dead_lettered: 1
-            },
-            QueueCounts::default()
-        ]
+        counts[0].oldest_ready_age, None,
+        "raw messages carry no ready time"
+    );
+    assert_eq!(counts[1].oldest_ready_age, Some(Duration::ZERO), "empty");
+    // A message that says when it became ready: its age is measured.
+    let stamped = format!(
+        r#"{{"headers": {{"taskstack_ready_at": {}}}}}"#,
+        now_ms() - 5_000
+    );
+    cmd::<()>(&mut l, redis::cmd("LPUSH").arg("other").arg(&stamped)).await;
+    let counts = queue_counts(&mut l, &keys, &names[1..])
+        .await
+        .expect("counts");
+    let age = counts[0].oldest_ready_age.expect("an age");
+    assert!(
+        age >= Duration::from_secs(5) && age < Duration::from_secs(60),
+        "{age:?}"
     );
     promote(&mut l, &keys, now_ms(), 10).await.expect("promote");
     let counts = queue_counts(&mut l, &keys, &names[..1])

@@ -116,6 +116,9 @@ pub struct Config {
     pub allow_root: bool,
     /// Where a worker records who it is, for `taskstack-worker healthcheck`.
     pub worker_state_file: PathBuf,
+    /// `taskstack-worker`: `ip:port` serving Prometheus metrics at
+    /// `/metrics`, or `off`. Several workers on one host need a port each.
+    pub worker_metrics_listen: String,
     /// `taskstack-beat`: how long the leader lock lasts without renewal. The
     /// leader renews it every third of this; a standby takes over at most
     /// about this long (plus a second) after the leader dies.
@@ -247,6 +250,7 @@ impl Default for Config {
             log_format: LogFormat::Auto,
             allow_root: false,
             worker_state_file: PathBuf::from("/tmp/taskstack-worker.json"),
+            worker_metrics_listen: "0.0.0.0:9101".into(),
             beat_lock_ttl: Duration::from_secs(10),
             beat_missed_grace: Duration::from_secs(300),
             beat_metrics_listen: "0.0.0.0:9102".into(),
@@ -385,6 +389,7 @@ impl Config {
             Duration::from_secs(1),
         )?;
         self.beat_metrics_addr()?;
+        self.worker_metrics_addr()?;
         self.validate_web()?;
         self.validate_schedule()
     }
@@ -416,17 +421,13 @@ impl Config {
     /// Where `taskstack-beat` serves metrics; `None` when `beat_metrics_listen`
     /// is `off` (or empty).
     pub fn beat_metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        let raw = self.beat_metrics_listen.trim();
-        if raw.is_empty() || raw.eq_ignore_ascii_case("off") {
-            return Ok(None);
-        }
-        raw.parse().map(Some).map_err(|_| {
-            invalid(
-                "beat_metrics_listen",
-                raw,
-                "use ip:port such as 0.0.0.0:9102 (port 0 picks a free port), or off",
-            )
-        })
+        metrics_addr("beat_metrics_listen", &self.beat_metrics_listen, 9102)
+    }
+
+    /// Where `taskstack-worker` serves metrics; `None` when
+    /// `worker_metrics_listen` is `off` (or empty).
+    pub fn worker_metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        metrics_addr("worker_metrics_listen", &self.worker_metrics_listen, 9101)
     }
 
     /// Messages one worker may hold at once.
@@ -482,6 +483,27 @@ impl Config {
         }
         v
     }
+}
+
+/// A metrics listen address (`ip:port`), or `None` for `off` / empty.
+fn metrics_addr(
+    key: &'static str,
+    raw: &str,
+    example_port: u16,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let raw = raw.trim();
+    if raw.is_empty() || raw.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    raw.parse().map(Some).map_err(|_| {
+        invalid(
+            key,
+            raw,
+            &format!(
+                "use ip:port such as 0.0.0.0:{example_port} (port 0 picks a free port), or off"
+            ),
+        )
+    })
 }
 
 /// Refuses to run as root (uid 0) unless `allow_root` is set.

@@ -15,6 +15,14 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// task's retry budget when the producer chose one.
 pub const HEADER_MAX_RETRIES: &str = "max_retries";
 
+/// Header (a taskstack extension, ignored by Python Celery): when the
+/// message becomes ready to run, in ms since the epoch — when it was sent,
+/// or its ETA. `queue_stats.lua` reads it off the oldest ready message to
+/// tell how long that one has waited. Written as the pattern
+/// `"taskstack_ready_at":<digits>` so the script can find it without
+/// decoding the message.
+pub const HEADER_READY_AT: &str = "taskstack_ready_at";
+
 /// Why a raw message could not be turned into a task.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -293,6 +301,7 @@ impl TaskMessage {
         if let Some(h) = raw.get_mut("headers").and_then(Value::as_object_mut) {
             h.insert("retries".into(), json!(self.retries + 1));
             h.insert("eta".into(), json!(format_time(eta)));
+            h.insert(HEADER_READY_AT.into(), json!(eta.timestamp_millis()));
         }
         if let Some(p) = raw.get_mut("properties").and_then(Value::as_object_mut) {
             p.insert(
@@ -382,6 +391,8 @@ pub fn encode(spec: &MessageSpec<'_>) -> String {
         "stamps": {},
     });
     if let Some(h) = headers.as_object_mut() {
+        let ready_at = spec.eta.map_or_else(Utc::now, |eta| eta.max(Utc::now()));
+        h.insert(HEADER_READY_AT.into(), json!(ready_at.timestamp_millis()));
         if let Some(m) = spec.max_retries {
             h.insert(HEADER_MAX_RETRIES.into(), json!(m));
         }

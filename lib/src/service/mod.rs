@@ -3,6 +3,7 @@
 //! and turn the outcome into the exit code. Plus the state file behind the
 //! exec-form `healthcheck` subcommands.
 
+pub mod metrics_http;
 pub mod state;
 
 use crate::config::{Config, ConfigError};

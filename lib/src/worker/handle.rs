@@ -75,6 +75,7 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
     {
         tracing::info!(expired_at = %envelope::format_time(exp), "task expired before it ran; recording REVOKED");
         Stats::bump(&sh.stats.revoked);
+        sh.metrics.finished(task_label(&sh, &msg.task), "expired");
         let exc = ExceptionInfo::celery("TaskRevokedError", "expired");
         let r = TaskResult::new(
             &msg.id,
@@ -149,6 +150,7 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
         }
         tracing::info!("task was revoked before it started; skipping it");
         Stats::bump(&sh.stats.revoked);
+        sh.metrics.finished(&msg.task, "revoked");
         // The revocation stored the REVOKED record; only the hold is settled.
         finish(&sh, d.seq, &msg, None).await;
         return;
@@ -176,6 +178,7 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
     };
     drop(permit);
     let runtime = started.elapsed();
+    sh.metrics.ran(&msg.task, runtime);
     let from = provenance(&sh, &msg, &queue);
     let stamp = |mut r: TaskResult| {
         r.date_started = Some(started_at.clone());
@@ -185,12 +188,14 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
         Ok(Ok(Ok(value))) => {
             tracing::debug!(runtime = ?runtime, "task succeeded");
             Stats::bump(&sh.stats.succeeded);
+            sh.metrics.finished(&msg.task, "success");
             let r = TaskResult::new(&msg.id, TaskState::Success, value, from);
             finish(&sh, d.seq, &msg, Some(stamp(r))).await;
         }
         Ok(Ok(Err(TaskError::Fail(exc)))) => {
             tracing::info!(runtime = ?runtime, exc_type = %exc.exc_type, error = %exc.message, "task failed");
             Stats::bump(&sh.stats.failed);
+            sh.metrics.finished(&msg.task, "failure");
             let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
             finish(&sh, d.seq, &msg, Some(stamp(r))).await;
         }
@@ -206,6 +211,7 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
             let what = panic_text(panic.as_ref());
             tracing::error!(panic = %what, "task panicked; recording FAILURE");
             Stats::bump(&sh.stats.failed);
+            sh.metrics.finished(&msg.task, "failure");
             let exc = ExceptionInfo::builtin("RuntimeError", format!("task panicked: {what}"));
             let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
             finish(&sh, d.seq, &msg, Some(stamp(r))).await;
@@ -213,6 +219,7 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
         Err(limit) => {
             tracing::warn!(limit = ?limit, "task exceeded its hard time limit and was stopped");
             Stats::bump(&sh.stats.failed);
+            sh.metrics.finished(&msg.task, "failure");
             let exc = ExceptionInfo::celery(
                 "TimeLimitExceeded",
                 format!("hard time limit ({}s) exceeded", limit.as_secs_f64()),
@@ -260,6 +267,7 @@ async fn retry(
     let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
     tracing::info!(reason = %reason, retry_in = ?delay, "task will be retried");
     Stats::bump(&sh.stats.retried);
+    sh.metrics.finished(&msg.task, "retry");
     let exc = ExceptionInfo::celery("Retry", reason);
     let r = TaskResult::failure(&msg.id, TaskState::Retry, &exc, from);
     let next = msg.for_retry(eta);
@@ -324,6 +332,8 @@ async fn poison(
         task,
         retries,
     } = origin;
+    let label = task.map_or("undecodable", |t| task_label(sh, t));
+    sh.metrics.finished(label, "dead_lettered");
     let result = task_id.map(|id| {
         TaskResult::failure(
             id,
@@ -364,5 +374,15 @@ async fn poison(
     );
     if done.is_some() {
         sh.held.add_permits(1);
+    }
+}
+
+/// The `task` label of a metric: the name when it is registered (so the
+/// label's values are bounded by the registry), else `unregistered`.
+fn task_label<'a>(sh: &Shared, task: &'a str) -> &'a str {
+    if sh.registry.get(task).is_some() {
+        task
+    } else {
+        "unregistered"
     }
 }

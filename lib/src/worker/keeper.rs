@@ -88,6 +88,7 @@ async fn reap_dead(sh: &Shared, lane: &mut Lane) {
             sh.stats
                 .restored_from_dead_workers
                 .fetch_add(restored, Ordering::Relaxed);
+            sh.metrics.restored(restored);
             tracing::warn!(
                 workers,
                 restored,

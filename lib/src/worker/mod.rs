@@ -21,6 +21,7 @@ pub mod builtin;
 mod handle;
 pub mod health;
 mod keeper;
+pub mod metrics;
 mod registry;
 mod settler;
 mod shared;
@@ -118,6 +119,8 @@ pub struct Worker {
     settings: WorkerSettings,
     id: String,
     stats: Arc<Stats>,
+    metrics: Arc<metrics::Metrics>,
+    metrics_listener: Option<tokio::net::TcpListener>,
 }
 
 /// This machine's host name.
@@ -134,13 +137,31 @@ impl Worker {
     pub fn new(broker: Broker, registry: Registry, settings: WorkerSettings) -> Self {
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let id = format!("{}.{}.{}", hostname(), std::process::id(), &tag[..8]);
+        let metrics = Arc::new(metrics::Metrics::new(
+            &registry.names(),
+            settings.concurrency,
+        ));
         Self {
             broker,
             registry,
             settings,
             id,
             stats: Arc::default(),
+            metrics,
+            metrics_listener: None,
         }
+    }
+
+    /// Serves Prometheus metrics (`GET /metrics`) on `listener` while the
+    /// worker runs.
+    pub fn serve_metrics(mut self, listener: tokio::net::TcpListener) -> Self {
+        self.metrics_listener = Some(listener);
+        self
+    }
+
+    /// The metrics `/metrics` serves.
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// This worker's identity.
@@ -170,6 +191,7 @@ impl Worker {
             settings: self.settings,
             id: self.id,
             stats: self.stats,
+            metrics: self.metrics,
             stop: CancellationToken::new(),
             abandon: CancellationToken::new(),
             settle_tx: std::sync::Mutex::new(Some(settle_tx)),
@@ -230,6 +252,22 @@ impl Worker {
         );
 
         let keep = CancellationToken::new();
+        let metrics_server = self.metrics_listener.map(|listener| {
+            let m = Arc::clone(&sh);
+            let render = move || {
+                let held =
+                    m.settings.prefetch - m.held.available_permits().min(m.settings.prefetch);
+                let running =
+                    m.settings.concurrency - m.exec.available_permits().min(m.settings.concurrency);
+                m.metrics.render(held, running)
+            };
+            tokio::spawn(crate::service::metrics_http::serve(
+                listener,
+                crate::service::metrics_http::OPENMETRICS_FORMAT,
+                render,
+                keep.clone(),
+            ))
+        });
         let settler = tokio::spawn(settler::run(Arc::clone(&sh), settle_rx));
         let starter = tokio::spawn(starter::run(Arc::clone(&sh), start_rx));
         let keeper = tokio::spawn(keeper::run(
@@ -278,6 +316,13 @@ impl Worker {
         }
         keep.cancel();
         let _ = keeper.await;
+        if let Some(server) = metrics_server {
+            match server.await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "the metrics endpoint failed"),
+                Err(e) => tracing::warn!(error = %e, "the metrics endpoint panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
 
         let mut lane = sh.broker.broker_pool().lane();
         let at_release = match release(&mut lane, sh.broker.keys(), &sh.id).await {

@@ -37,6 +37,7 @@ pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
                 sh.stats
                     .handed_back
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                sh.metrics.handed_back(n as u64);
             }
             sh.held.add_permits(back.len());
         }

@@ -49,6 +49,7 @@ pub(crate) struct Shared {
     pub settings: WorkerSettings,
     pub id: String,
     pub stats: Arc<Stats>,
+    pub metrics: Arc<super::metrics::Metrics>,
     /// Permits = messages the worker may still take (prefetch − held).
     pub held: Arc<Semaphore>,
     /// Permits = tasks that may run now (concurrency).

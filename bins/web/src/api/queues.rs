@@ -23,6 +23,10 @@ pub struct QueueView {
     pub dead_lettered: u64,
     /// Live workers consuming the queue.
     pub workers: u64,
+    /// How long the oldest ready message has waited, in seconds (0 when
+    /// none is ready; null when that message does not say, e.g. one sent
+    /// by Python Celery).
+    pub oldest_ready_age_seconds: Option<f64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -51,6 +55,7 @@ pub async fn queue_views(state: &AppState) -> Result<Vec<QueueView>, BrokerError
             delayed: c.delayed,
             in_flight: c.in_flight,
             dead_lettered: c.dead_lettered,
+            oldest_ready_age_seconds: c.oldest_ready_age.map(|d| d.as_secs_f64()),
         })
         .collect())
 }
