@@ -570,5 +570,9 @@ async fn wrong_redis_password_shows_as_unhealthy_with_the_reason() -> Result<()>
             .any(|l| l.to_ascii_lowercase().contains("authentication failed")),
         "the log must say the password is wrong:\n{log}"
     );
+    assert!(
+        log.contains("Redis refused the password; check broker_password"),
+        "the log must say what to fix:\n{log}"
+    );
     Ok(())
 }

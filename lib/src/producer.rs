@@ -83,6 +83,20 @@ struct Prepared {
     pending: Option<(String, u64)>,
 }
 
+impl Prepared {
+    /// Adds the `SET` of this task's PENDING record, if it has one.
+    fn add_record(&self, pipe: &mut redis::Pipeline) {
+        if let Some((record, ttl_ms)) = &self.pending {
+            pipe.cmd("SET")
+                .arg(result_key(&self.id))
+                .arg(record)
+                .arg("PX")
+                .arg(*ttl_ms)
+                .ignore();
+        }
+    }
+}
+
 impl Producer {
     /// A producer on `broker`; `origin` goes into each message's `origin`
     /// header (Celery uses `gen<pid>@<host>`).
@@ -205,14 +219,7 @@ impl Producer {
     async fn record(&self, prepared: &[Prepared]) -> Result<(), ProducerError> {
         let mut pipe = redis::pipe();
         for p in prepared {
-            if let Some((record, ttl_ms)) = &p.pending {
-                pipe.cmd("SET")
-                    .arg(result_key(&p.id))
-                    .arg(record)
-                    .arg("PX")
-                    .arg(*ttl_ms)
-                    .ignore();
-            }
+            p.add_record(&mut pipe);
         }
         if pipe.is_empty() {
             return Ok(());
@@ -282,13 +289,8 @@ impl Producer {
     ) -> Result<(), ProducerError> {
         let mut pipe = redis::pipe();
         for p in prepared {
-            if with_records && let Some((record, ttl_ms)) = &p.pending {
-                pipe.cmd("SET")
-                    .arg(result_key(&p.id))
-                    .arg(record)
-                    .arg("PX")
-                    .arg(*ttl_ms)
-                    .ignore();
+            if with_records {
+                p.add_record(&mut pipe);
             }
             if p.due_ms.is_none() {
                 pipe.cmd("LPUSH").arg(&p.queue_key).arg(&p.payload).ignore();

@@ -14,6 +14,7 @@ use std::time::Duration;
 /// What a worker tells the world about itself; stored with an expiry of one
 /// lease length, so a record that exists is a live worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerRecord {
     pub id: String,
     pub host: String,

@@ -42,6 +42,29 @@ impl BrokerError {
     pub(crate) fn redis(op: &'static str) -> impl FnOnce(redis::RedisError) -> Self {
         move |source| Self::Redis { op, source }
     }
+
+    /// Whether Redis refused the credentials (a wrong or missing password):
+    /// retrying will not help until the configuration changes.
+    pub fn is_auth_failure(&self) -> bool {
+        let text = match self {
+            Self::Redis { source, .. } => {
+                if source.kind() == redis::ErrorKind::AuthenticationFailed {
+                    return true;
+                }
+                source.to_string()
+            }
+            Self::Connect { reason, .. } => reason.clone(),
+            Self::Reply { .. } => return false,
+        };
+        [
+            "AuthenticationFailed",
+            "WRONGPASS",
+            "NOAUTH",
+            "invalid password",
+        ]
+        .iter()
+        .any(|m| text.contains(m))
+    }
 }
 
 /// A pool of connections to one Redis server.

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 /// A task's state, with Celery's names on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum TaskState {
     Pending,

@@ -128,7 +128,18 @@ pub(crate) struct Retrier {
 impl Retrier {
     /// Logs `err` and waits before the next attempt; false means give up.
     pub async fn again(&mut self, err: &BrokerError) -> bool {
-        tracing::warn!(error = %err, retry_in = ?self.delay, "{} failed; retrying", self.what);
+        if err.is_auth_failure() {
+            // Not a passing outage: say what to fix, loudly, on every try.
+            tracing::error!(
+                error = %err,
+                retry_in = ?self.delay,
+                "{} failed: Redis refused the password; check broker_password / \
+                 broker_password_file (and result_backend_password*); retrying",
+                self.what
+            );
+        } else {
+            tracing::warn!(error = %err, retry_in = ?self.delay, "{} failed; retrying", self.what);
+        }
         tokio::select! {
             () = self.abandon.cancelled() => return false,
             () = tokio::time::sleep(jitter(self.delay)) => {}

@@ -79,48 +79,10 @@ pub async fn list_queues(State(state): State<AppState>) -> Result<Json<QueueList
     Ok(Json(QueueList { queues }))
 }
 
-/// A live worker's heartbeat record.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct WorkerView {
-    pub id: String,
-    pub host: String,
-    pub pid: u32,
-    pub queues: Vec<String>,
-    /// Task names it runs.
-    pub tasks: Vec<String>,
-    pub concurrency: usize,
-    pub started_at: String,
-    pub last_heartbeat: String,
-    pub processed: u64,
-    pub failed: u64,
-    pub retried: u64,
-    pub dead_lettered: u64,
-    pub version: String,
-}
-
-impl From<WorkerRecord> for WorkerView {
-    fn from(w: WorkerRecord) -> Self {
-        Self {
-            id: w.id,
-            host: w.host,
-            pid: w.pid,
-            queues: w.queues,
-            tasks: w.tasks,
-            concurrency: w.concurrency,
-            started_at: w.started_at,
-            last_heartbeat: w.last_heartbeat,
-            processed: w.processed,
-            failed: w.failed,
-            retried: w.retried,
-            dead_lettered: w.dead_lettered,
-            version: w.version,
-        }
-    }
-}
-
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WorkerList {
-    pub workers: Vec<WorkerView>,
+    /// Live workers' heartbeat records.
+    pub workers: Vec<WorkerRecord>,
 }
 
 /// Live workers (those whose heartbeat has not expired).
@@ -139,7 +101,7 @@ pub async fn list_workers(State(state): State<AppState>) -> Result<Json<WorkerLi
     let snapshot = read_snapshot(state.broker())
         .await
         .map_err(|e| ApiError::broker(&e))?;
-    let mut workers: Vec<WorkerView> = snapshot.workers.iter().cloned().map(Into::into).collect();
+    let mut workers = snapshot.workers.clone();
     workers.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(Json(WorkerList { workers }))
 }

@@ -27,40 +27,12 @@ pub struct TaskLinks {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Enqueued {
     pub id: String,
-    pub state: State_,
+    pub state: TaskState,
     pub task: String,
     pub queue: String,
     /// When the task is due, if later than now.
     pub eta: Option<DateTime<Utc>>,
     pub links: TaskLinks,
-}
-
-/// A task's state, with Celery's names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
-#[serde(rename_all = "UPPERCASE")]
-#[schema(as = TaskState)]
-pub enum State_ {
-    Pending,
-    Received,
-    Started,
-    Success,
-    Failure,
-    Retry,
-    Revoked,
-}
-
-impl From<TaskState> for State_ {
-    fn from(s: TaskState) -> Self {
-        match s {
-            TaskState::Pending => Self::Pending,
-            TaskState::Received => Self::Received,
-            TaskState::Started => Self::Started,
-            TaskState::Success => Self::Success,
-            TaskState::Failure => Self::Failure,
-            TaskState::Retry => Self::Retry,
-            TaskState::Revoked => Self::Revoked,
-        }
-    }
 }
 
 /// Why a task failed, was retried or was revoked.
@@ -77,7 +49,7 @@ pub struct TaskErrorView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TaskView {
     pub id: String,
-    pub state: State_,
+    pub state: TaskState,
     pub task: Option<String>,
     pub queue: Option<String>,
     /// The return value (SUCCESS only): any JSON value.
@@ -95,7 +67,7 @@ pub struct TaskView {
 
 impl TaskView {
     fn of(r: TaskResult) -> Self {
-        let state = State_::from(r.status);
+        let state = r.status;
         let (result, error) = match r.status {
             TaskState::Success => (Some(r.result), None),
             TaskState::Failure | TaskState::Retry | TaskState::Revoked => {
@@ -144,7 +116,7 @@ fn error_of(v: &Value) -> TaskErrorView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Revoked {
     pub id: String,
-    pub state: State_,
+    pub state: TaskState,
     /// True when this request revoked it, false when it was revoked before.
     pub revoked_now: bool,
 }
@@ -202,7 +174,7 @@ pub async fn enqueue(
             this: location.clone(),
         },
         id,
-        state: State_::Pending,
+        state: TaskState::Pending,
         queue: task.options.queue.unwrap_or_default(),
         task: task.name,
         eta,
@@ -312,7 +284,7 @@ pub async fn revoke_task(
     let done = |now| {
         Ok(axum::Json(Revoked {
             id: id.clone(),
-            state: State_::Revoked,
+            state: TaskState::Revoked,
             revoked_now: now,
         }))
     };
@@ -324,7 +296,7 @@ pub async fn revoke_task(
         RevokeOutcome::AlreadyRevoked => done(false),
         RevokeOutcome::Unknown => Err(not_found(&id)),
         RevokeOutcome::Refused(s) => {
-            let state = State_::from(s);
+            let state = s;
             Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "not_revocable",
