@@ -38,15 +38,30 @@ pub(crate) async fn enqueue(
     Ok(ids)
 }
 
-/// Polls until every key exists and returns when that was seen. Checks the
-/// last pending key (FIFO: it finishes last, give or take the concurrency)
-/// and, once it is there, every pending key in pipelined chunks.
+/// Whether a stored task record is final (SUCCESS, FAILURE or REVOKED): the
+/// worker also stores a STARTED record when a task starts, so a key that
+/// exists is not yet a finished task.
+fn is_final(record: Option<&str>) -> bool {
+    record
+        .and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok())
+        .is_some_and(|v| {
+            matches!(
+                v["status"].as_str(),
+                Some("SUCCESS" | "FAILURE" | "REVOKED")
+            )
+        })
+}
+
+/// Polls until every key holds a final record and returns when that was
+/// seen. Checks the last pending key (FIFO: it finishes last, give or take
+/// the concurrency) and, once it is final, every pending key in pipelined
+/// chunks.
 pub(crate) async fn wait_drained(
     con: &mut redis::aio::MultiplexedConnection,
     worker: &mut WorkerProc,
     keys: &[String],
     timeout: Duration,
-    own_exists: &mut u64,
+    own_polls: &mut u64,
 ) -> Result<Instant> {
     let start = Instant::now();
     let mut pending: Vec<&str> = keys.iter().map(String::as_str).collect();
@@ -54,18 +69,24 @@ pub(crate) async fn wait_drained(
         let Some(last) = pending.last() else {
             return Ok(Instant::now());
         };
-        let present: bool = redis::cmd("EXISTS").arg(*last).query_async(con).await?;
-        *own_exists += 1;
-        if present {
+        let record: Option<String> = redis::cmd("GET").arg(*last).query_async(con).await?;
+        *own_polls += 1;
+        if is_final(record.as_deref()) {
             let mut still = Vec::new();
             for chunk in pending.chunks(SCAN_CHUNK) {
                 let mut p = redis::pipe();
                 for k in chunk {
-                    p.cmd("EXISTS").arg(*k);
+                    p.cmd("GET").arg(*k);
                 }
-                let found: Vec<bool> = p.query_async(con).await?;
-                *own_exists += chunk.len() as u64;
-                still.extend(chunk.iter().zip(found).filter(|(_, f)| !f).map(|(k, _)| *k));
+                let found: Vec<Option<String>> = p.query_async(con).await?;
+                *own_polls += chunk.len() as u64;
+                still.extend(
+                    chunk
+                        .iter()
+                        .zip(found)
+                        .filter(|(_, f)| !is_final(f.as_deref()))
+                        .map(|(k, _)| *k),
+                );
             }
             pending = still;
             if pending.is_empty() {

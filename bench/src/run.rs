@@ -76,13 +76,13 @@ pub(crate) async fn run_once(
     let state_dir = tempfile::tempdir()?;
     let spawned = Instant::now();
     let mut worker = WorkerProc::spawn(cli, worker_bin, url, &namespace, state_dir.path())?;
-    let mut own_exists = 0;
+    let mut own_polls = 0;
     let done = wait_drained(
         con,
         &mut worker,
         &keys,
         Duration::from_secs(cli.timeout),
-        &mut own_exists,
+        &mut own_polls,
     )
     .await?;
     let drain_s = done.duration_since(spawned).as_secs_f64();
@@ -95,8 +95,8 @@ pub(crate) async fn run_once(
     let mut drain_cmds = commandstats(con).await?;
     // Our own polling is not the worker's traffic.
     for c in &mut drain_cmds {
-        if c.name == "exists" {
-            c.calls = c.calls.saturating_sub(own_exists);
+        if c.name == "get" {
+            c.calls = c.calls.saturating_sub(own_polls);
         }
     }
     drain_cmds.retain(|c| c.calls > 0);

@@ -30,7 +30,7 @@ pub(crate) async fn handle(sh: Arc<Shared>, d: Delivery) {
                     task: None,
                     retries: 0,
                 };
-                poison(&sh, &d, &queue, origin, err.to_string(), exc).await;
+                Box::pin(poison(&sh, &d, &queue, origin, err.to_string(), exc)).await;
             }
             .instrument(span)
             .await;
@@ -68,7 +68,7 @@ fn provenance<'a>(sh: &'a Shared, msg: &'a TaskMessage, queue: &'a str) -> Prove
     }
 }
 
-async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskMessage) {
+async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessage) {
     let now = Utc::now();
     if let Some(exp) = msg.expires
         && exp <= now
@@ -83,7 +83,7 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
             exc.to_value(),
             provenance(&sh, &msg, &queue),
         );
-        finish(&sh, d.seq, &msg, Some(r)).await;
+        Box::pin(finish(&sh, d.seq, &msg, Some(r))).await;
         return;
     }
     if let Some(eta) = msg.eta
@@ -93,19 +93,22 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
         // pushed it straight to the queue: park it in Redis until due.
         tracing::debug!(eta = %envelope::format_time(eta), "task not due yet; parking it");
         let due = eta.timestamp_millis();
-        let done = persist!(
-            sh,
-            "park task until its ETA",
-            park(
-                &mut sh.broker.broker_pool().lane(),
-                sh.broker.keys(),
-                due,
-                &d.queue_key,
-                &d.payload,
-                Some((&sh.id, d.seq)),
+        let done = Box::pin(async {
+            persist!(
+                sh,
+                "park task until its ETA",
+                park(
+                    &mut sh.broker.broker_pool().lane(),
+                    sh.broker.keys(),
+                    due,
+                    &d.queue_key,
+                    &d.payload,
+                    Some((&sh.id, d.seq)),
+                )
+                .await
             )
-            .await
-        );
+        })
+        .await;
         if done.is_some() {
             sh.held.add_permits(1);
         }
@@ -118,7 +121,7 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
             format!("task {:?} is not registered in this worker", msg.task),
         );
         let reason = format!("unknown task {:?}", msg.task);
-        poison(&sh, &d, &queue, Origin::of(&msg), reason, exc).await;
+        Box::pin(poison(&sh, &d, &queue, Origin::of(&msg), reason, exc)).await;
         return;
     };
 
@@ -133,6 +136,23 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, mut msg: TaskM
             Err(_) => { sh.settle(SettleMsg::HandBack(d.seq)).await; return; }
         },
     };
+    // Boxed, like the rare paths above: up to prefetch − concurrency
+    // messages wait for a slot, each in a spawned task, and a waiting task
+    // should not carry the (much larger) state of a running one.
+    Box::pin(execute(sh, d, queue, msg, handler, options, permit)).await;
+}
+
+/// Starts (or skips, when revoked) and runs a task that has a slot, then
+/// records its outcome.
+async fn execute(
+    sh: Arc<Shared>,
+    d: Delivery,
+    queue: String,
+    mut msg: TaskMessage,
+    handler: super::registry::Handler,
+    options: TaskOptions,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let started_at = envelope::format_time(Utc::now());
     let mut record = TaskResult::new(
         &msg.id,

@@ -58,10 +58,19 @@ fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.5, 15))
 }
 
+/// The series of one task name, taken from the families once, so the hot
+/// path neither allocates label sets nor searches the families.
+#[derive(Debug, Clone)]
+struct TaskSeries {
+    outcomes: [Counter; OUTCOMES.len()],
+    duration: Histogram,
+}
+
 /// One worker process's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    per_task: std::collections::HashMap<String, TaskSeries>,
     tasks: Family<TaskOutcome, Counter>,
     durations: DurationFamily,
     held: Gauge,
@@ -85,6 +94,7 @@ impl Metrics {
             restored: Counter::default(),
             handed_back: Counter::default(),
             registry: Registry::default(),
+            per_task: std::collections::HashMap::new(),
         };
         registry.register(
             TASKS,
@@ -119,34 +129,62 @@ impl Metrics {
         );
         m.concurrency
             .set(i64::try_from(concurrency).unwrap_or(i64::MAX));
-        for task in tasks {
-            for outcome in OUTCOMES {
-                let _ = m.tasks.get_or_create(&TaskOutcome {
-                    task: task.clone(),
-                    outcome,
-                });
-            }
+        let names = tasks
+            .iter()
+            .map(String::as_str)
+            .chain(["unregistered", "undecodable"]);
+        let per_task = names
+            .map(|task| {
+                let series = TaskSeries {
+                    outcomes: OUTCOMES.map(|outcome| {
+                        m.tasks.get_or_create_owned(&TaskOutcome {
+                            task: task.to_owned(),
+                            outcome,
+                        })
+                    }),
+                    duration: m.durations.get_or_create_owned(&TaskLabel {
+                        task: task.to_owned(),
+                    }),
+                };
+                (task.to_owned(), series)
+            })
+            .collect();
+        Self {
+            registry,
+            per_task,
+            ..m
         }
-        Self { registry, ..m }
     }
 
     /// A task finished with `outcome` (one of [`OUTCOMES`]).
     pub(crate) fn finished(&self, task: &str, outcome: &'static str) {
-        self.tasks
-            .get_or_create(&TaskOutcome {
-                task: task.to_owned(),
-                outcome,
-            })
-            .inc();
+        let i = OUTCOMES.iter().position(|o| *o == outcome);
+        match (self.per_task.get(task), i) {
+            (Some(series), Some(i)) => {
+                series.outcomes[i].inc();
+            }
+            _ => {
+                self.tasks
+                    .get_or_create(&TaskOutcome {
+                        task: task.to_owned(),
+                        outcome,
+                    })
+                    .inc();
+            }
+        }
     }
 
     /// A task ran for `took`.
     pub(crate) fn ran(&self, task: &str, took: Duration) {
-        self.durations
-            .get_or_create(&TaskLabel {
-                task: task.to_owned(),
-            })
-            .observe(took.as_secs_f64());
+        match self.per_task.get(task) {
+            Some(series) => series.duration.observe(took.as_secs_f64()),
+            None => self
+                .durations
+                .get_or_create(&TaskLabel {
+                    task: task.to_owned(),
+                })
+                .observe(took.as_secs_f64()),
+        }
     }
 
     pub(crate) fn restored(&self, n: u64) {

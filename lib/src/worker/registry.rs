@@ -17,7 +17,7 @@ pub type TaskOutcome = Result<Value, TaskError>;
 /// A boxed handler future.
 pub type TaskFuture = Pin<Box<dyn Future<Output = TaskOutcome> + Send>>;
 
-type Handler = Arc<dyn Fn(TaskContext) -> TaskFuture + Send + Sync>;
+pub(crate) type Handler = Arc<dyn Fn(TaskContext) -> TaskFuture + Send + Sync>;
 
 /// Why a task did not succeed, chosen by the handler: the retry policy
 /// depends on this intent, never on an error's text.
