@@ -4,10 +4,10 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use taskstack::beat::{Beat, BeatSettings, health};
 use taskstack::config::Config;
+use taskstack::service::cli::CommonArgs;
 use taskstack::service::{self, Invocation};
 
 const CONFIG_HELP: &str = "\
@@ -47,21 +47,11 @@ Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration or refused star
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// TOML configuration file (wins over TASKSTACK_CONFIG).
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    common: CommonArgs,
     /// Leader lock lifetime without renewal, e.g. 10s.
     #[arg(long)]
     lock_ttl: Option<String>,
-    /// Log filter, e.g. info or taskstack=debug.
-    #[arg(long)]
-    log_level: Option<String>,
-    /// auto, json or pretty.
-    #[arg(long)]
-    log_format: Option<String>,
-    /// Run even as root (uid 0).
-    #[arg(long)]
-    allow_root: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,15 +70,6 @@ impl Cli {
         if let Some(v) = &self.lock_ttl {
             o.push(("beat_lock_ttl", json!(v)));
         }
-        if let Some(v) = &self.log_level {
-            o.push(("log_level", json!(v)));
-        }
-        if let Some(v) = &self.log_format {
-            o.push(("log_format", json!(v)));
-        }
-        if self.allow_root {
-            o.push(("allow_root", json!(true)));
-        }
         o
     }
 }
@@ -100,7 +81,7 @@ fn main() -> ExitCode {
         Some(Command::Config) => Invocation::PrintConfig,
         Some(Command::Healthcheck) => Invocation::Healthcheck,
     };
-    let loaded = Config::load_from(cli.config.as_deref(), &cli.overrides());
+    let loaded = cli.common.load(cli.overrides());
     service::main(
         "taskstack-beat",
         loaded,

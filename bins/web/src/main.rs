@@ -3,10 +3,10 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use taskstack::config::Config;
+use taskstack::service::cli::CommonArgs;
 use taskstack::service::{self, Invocation};
 use taskstack_web::{AppState, WebSettings, health};
 
@@ -45,21 +45,11 @@ Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration or refused star
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// TOML configuration file (wins over TASKSTACK_CONFIG).
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    common: CommonArgs,
     /// ip:port to serve on.
     #[arg(long)]
     listen: Option<String>,
-    /// Log filter, e.g. info or taskstack=debug.
-    #[arg(long)]
-    log_level: Option<String>,
-    /// auto, json or pretty.
-    #[arg(long)]
-    log_format: Option<String>,
-    /// Run even as root (uid 0).
-    #[arg(long)]
-    allow_root: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,15 +67,6 @@ impl Cli {
         if let Some(v) = &self.listen {
             o.push(("web_listen", json!(v)));
         }
-        if let Some(v) = &self.log_level {
-            o.push(("log_level", json!(v)));
-        }
-        if let Some(v) = &self.log_format {
-            o.push(("log_format", json!(v)));
-        }
-        if self.allow_root {
-            o.push(("allow_root", json!(true)));
-        }
         o
     }
 }
@@ -97,7 +78,7 @@ fn main() -> ExitCode {
         Some(Command::Config) => Invocation::PrintConfig,
         Some(Command::Healthcheck) => Invocation::Healthcheck,
     };
-    let mut loaded = Config::load_from(cli.config.as_deref(), &cli.overrides());
+    let mut loaded = cli.common.load(cli.overrides());
     if invocation == Invocation::Run {
         // A missing or unreadable token is a configuration error (exit 2).
         loaded = loaded.and_then(|c| WebSettings::from_config(&c).map(|_| c));

@@ -3,6 +3,8 @@
 //! and turn the outcome into the exit code. Plus the state file behind the
 //! exec-form `healthcheck` subcommands.
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod metrics_http;
 pub mod state;
 
@@ -57,7 +59,9 @@ where
     };
     match invocation {
         Invocation::PrintConfig => {
-            println!("{:#}", config.redacted());
+            // Not println!: a closed pipe (`| head`) is not a crash.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stdout(), "{:#}", config.redacted());
             ExitCode::SUCCESS
         }
         Invocation::Healthcheck => runtime.block_on(healthcheck(config)),
