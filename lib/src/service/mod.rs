@@ -70,6 +70,12 @@ where
                 eprintln!("{name}: {e}");
                 return ExitCode::from(2);
             }
+            // Secret files are part of the configuration: one that cannot
+            // be read is exit 2 (a supervisor does not restart in a loop).
+            if let Err(e) = config.broker_target().and(config.backend_target()) {
+                eprintln!("{name}: {e}");
+                return ExitCode::from(2);
+            }
             crate::telemetry::init(&config.log_level, config.log_format);
             tracing::info!(config = %config.redacted(), "starting {name}");
             match runtime.block_on(run(config)) {
