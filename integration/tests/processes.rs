@@ -302,7 +302,10 @@ fn bad_configuration_exits_2_naming_key_and_value() -> Result<()> {
         ),
         (&[("TASKSTACK_LOG_FORMAT", "xml")], &["log_format", "xml"]),
         (
-            &[("TASKSTACK_BROKER_PASSWORD_FILE", "/nonexistent/redis_password")],
+            &[(
+                "TASKSTACK_BROKER_PASSWORD_FILE",
+                "/nonexistent/redis_password",
+            )],
             &["broker_password_file", "/nonexistent/redis_password"],
         ),
     ];
