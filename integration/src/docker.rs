@@ -293,3 +293,128 @@ pub fn workspace_root() -> Result<PathBuf> {
         .map(Path::to_path_buf)
         .context("no workspace root")
 }
+
+/// A temporary directory holding the stack's secrets, made by
+/// `compose/init-secrets` (`redis_password`, `api_token`,
+/// `redis_users.acl`, ...).
+pub fn init_secrets() -> Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    let status = Command::new(workspace_root()?.join("compose/init-secrets"))
+        .env("TASKSTACK_SECRETS_DIR", dir.path())
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "compose/init-secrets failed: {status}");
+    Ok(dir)
+}
+
+/// SIGKILLs the main process of container `id` from the host, as the OOM
+/// killer or a crash would. (`docker kill` would not do: engine 20.10
+/// treats it as a manual stop, and no restart policy restarts a manually
+/// stopped container.) With `init: true` the process is docker-init's
+/// child. Needs root (or the container's user).
+pub async fn crash_main_process(docker: &Docker, id: &str) -> Result<()> {
+    let c = docker.inspect_container(id, None).await?;
+    let init = c
+        .state
+        .and_then(|s| s.pid)
+        .context("the container has no process")?;
+    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))?;
+    let pid: i32 = children
+        .split_whitespace()
+        .next()
+        .context("docker-init has no child")?
+        .parse()?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    Ok(())
+}
+
+/// A compose project run by `stackctl`'s library on
+/// `compose/docker-compose.yml`, with only the given environment (never
+/// the test process's), taken down with its volumes (`stackctl down -v`)
+/// when dropped, even after a failure.
+#[derive(Debug)]
+pub struct StackctlProject {
+    pub project: stackctl::compose::Project,
+    pub env: Vec<(String, String)>,
+}
+
+impl StackctlProject {
+    /// Loads the compose file as project `name` with `env`.
+    pub fn new(name: &str, env: &[(&str, String)]) -> Result<Self> {
+        Self::with_file(
+            name,
+            &workspace_root()?.join("compose/docker-compose.yml"),
+            env,
+        )
+    }
+
+    /// Like [`StackctlProject::new`] on another compose file (e.g. a
+    /// deliberately broken copy).
+    pub fn with_file(name: &str, file: &Path, env: &[(&str, String)]) -> Result<Self> {
+        let map: stackctl::compose::Env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        Ok(Self {
+            project: stackctl::compose::load(file, &map, Some(name))?,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        })
+    }
+
+    /// The project's name.
+    pub fn name(&self) -> &str {
+        &self.project.name
+    }
+
+    /// The label on everything of this project.
+    pub fn label(&self) -> String {
+        format!("com.docker.compose.project={}", self.project.name)
+    }
+
+    /// The same project seen by `docker-compose` (same file, name and
+    /// environment), for checking that it recognises what stackctl made.
+    pub fn compose(&self) -> Result<ComposeProject> {
+        let env: Vec<(&str, String)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        let mut c = ComposeProject::new(&self.project.name, &env)?;
+        // stackctl's guard does the cleanup.
+        c.down = true;
+        Ok(c)
+    }
+}
+
+impl Drop for StackctlProject {
+    fn drop(&mut self) {
+        let name = self.project.name.clone();
+        // A runtime of its own: the test's may be shutting down.
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let engine = stackctl::engine::live::Live::connect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                stackctl::ops::down(&engine, &name, true)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .join();
+        match done {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("cleanup of stackctl project {}: {e}", self.project.name),
+            Err(_) => eprintln!("cleanup of stackctl project {} panicked", self.project.name),
+        }
+    }
+}

@@ -1,24 +1,45 @@
-//! `stackctl`: taskstack's container tool. Today it builds the images
-//! offline (`stackctl build`); bringing the compose stack up, verifying and
-//! tearing it down through the Docker Engine API come next (issue 7).
+//! `stackctl`: taskstack's container tool. It builds the images offline
+//! (`stackctl build`) and runs the compose stack through the Docker Engine
+//! API — no `docker` or `docker-compose` process is involved: `up`
+//! (dependency order, health, reconcile), `verify` (the production
+//! checklist), `status`, `logs`, `scale` and `down`.
 //!
 //! Map:
 //! - [`build`]: the app image and the Redis image, `FROM scratch`, from
 //!   binaries of this host, through an in-memory build context;
 //! - [`rootfs`]: a file tree of binaries plus exactly the libraries `ldd`
 //!   lists, written as a tar;
-//! - [`docker`]: the Docker Engine API calls (bollard), with errors that
-//!   say how to fix the machine.
+//! - [`docker`]: connecting to the engine and the image build calls;
+//! - [`compose`]: reading `docker-compose.yml` (merge keys, interpolation,
+//!   `.env`), refusing keys stackctl would not apply;
+//! - [`plan`]: containers, labels and configuration hashes per service,
+//!   and the reconcile decisions;
+//! - [`engine`]: the narrow Docker trait with the bollard implementation
+//!   and an in-memory fake;
+//! - [`up`]: bringing services up in dependency order (also `scale`);
+//! - [`verify`]: the checklist; [`ops`]: `status`, `logs`, `down`;
+//! - [`progress`]: live per-service progress; [`http`]: the tiny HTTP
+//!   client `verify` uses; [`error`]: what can go wrong, and what to do.
 //!
-//! The integration tests call [`build::build`] directly, so images are
-//! built by the same code whether a human or the test suite asks.
+//! The integration tests call these functions directly, so a human and
+//! the test suite drive the stack through the same code.
 
 pub mod build;
+pub mod compose;
 pub mod docker;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod ops;
+pub mod plan;
+pub mod progress;
 pub mod rootfs;
+pub mod up;
+pub mod verify;
+
+pub use error::StackError;
 
 use std::path::PathBuf;
-
 /// Why an image could not be built; each message says how to fix it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

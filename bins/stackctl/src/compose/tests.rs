@@ -1,0 +1,195 @@
+use super::*;
+
+fn the_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../compose/docker-compose.yml")
+}
+
+fn env(pairs: &[(&str, &str)]) -> Env {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn parse_str(text: &str) -> Result<Project, ComposeError> {
+    parse(
+        text,
+        Path::new("/p/docker-compose.yml"),
+        Path::new("/p"),
+        Env::new(),
+        None,
+    )
+}
+
+#[test]
+fn the_projects_compose_file_loads_with_defaults_and_overrides() {
+    let p = load(&the_file(), &env(&[]), None).expect("the shipped file loads");
+    assert_eq!(p.name, "compose");
+    assert_eq!(
+        p.services.keys().collect::<Vec<_>>(),
+        ["beat", "redis", "web", "worker"]
+    );
+    let web = &p.services["web"];
+    assert_eq!(web.image, "ghcr.io/taskstack/taskstack:latest");
+    assert_eq!(
+        web.ports,
+        [Port {
+            host_ip: "127.0.0.1".into(),
+            host_port: 8000,
+            container_port: 8000,
+            protocol: "tcp".into()
+        }]
+    );
+    // Merge keys: the hardening anchor and the shared environment.
+    assert!(web.init && web.read_only);
+    assert_eq!(web.restart, Restart::UnlessStopped);
+    assert_eq!(web.cap_drop, ["ALL"]);
+    assert_eq!(web.tmpfs, ["/tmp"]);
+    assert_eq!(
+        web.environment["TASKSTACK_BROKER_URL"],
+        "redis://redis:6379/0"
+    );
+    assert_eq!(web.environment["TASKSTACK_WEB_EXPECT_BEAT"], "true");
+    assert_eq!(web.networks, ["backend", "frontend"]);
+    assert_eq!(web.depends_on["beat"], Condition::Healthy);
+    assert_eq!(
+        web.logging.as_ref().map(|l| l.options["max-file"].as_str()),
+        Some("5")
+    );
+    assert_eq!(p.services["worker"].replicas, 2);
+    assert_eq!(
+        p.services["worker"].stop_grace_period,
+        Some(Duration::from_secs(30))
+    );
+    let redis = &p.services["redis"];
+    assert_eq!(redis.volume_mounts[0].volume, "redis-data");
+    assert!(redis.binds[0].source.ends_with("compose/redis.conf"));
+    let hc = redis.healthcheck.as_ref().expect("redis healthcheck");
+    assert_eq!(hc.interval, Some(Duration::from_secs(5)));
+    assert_eq!(hc.retries, Some(5));
+    assert!(p.networks["backend"].internal && !p.networks["frontend"].internal);
+    assert!(
+        p.secrets["api_token"]
+            .file
+            .ends_with("compose/secrets/api_token")
+    );
+    assert_eq!(
+        p.start_order().expect("acyclic"),
+        ["redis", "beat", "web", "worker"]
+    );
+
+    assert!(
+        !p.networks.contains_key("monitoring"),
+        "profile networks only with the profile"
+    );
+    assert!(!p.volumes.contains_key("prometheus-data"));
+
+    let p = load(
+        &the_file(),
+        &env(&[
+            ("COMPOSE_PROFILES", "monitoring"),
+            ("WORKER_REPLICAS", "3"),
+            ("WEB_PORT", "18000"),
+            ("HEALTHCHECK_INTERVAL", "1s"),
+            ("TASKSTACK_SECRETS_DIR", "/s"),
+        ]),
+        Some("My_Proj"),
+    )
+    .expect("loads");
+    assert_eq!(p.name, "my_proj");
+    assert!(p.services.contains_key("grafana") && p.networks.contains_key("monitoring"));
+    assert_eq!(p.services["worker"].replicas, 3);
+    assert_eq!(p.services["web"].ports[0].host_port, 18000);
+    assert_eq!(p.secrets["redis_acl"].file, Path::new("/s/redis_users.acl"));
+}
+
+#[test]
+fn unknown_keys_are_errors_naming_file_line_and_key() {
+    let text = "services:\n  web:\n    image: x\n    privileged: true\n";
+    let e = parse_str(text).expect_err("privileged is not supported");
+    assert_eq!(e.key, "services.web.privileged");
+    assert_eq!(e.line, Some(4));
+    assert!(
+        e.to_string()
+            .starts_with("/p/docker-compose.yml:4: services.web.privileged: unknown key"),
+        "{e}"
+    );
+
+    let e = parse_str("services: {}\nconfigs: {}\n").expect_err("configs");
+    assert_eq!((e.key.as_str(), e.line), ("configs", Some(2)));
+
+    let e = parse_str("services:\n  a:\n    image: x\n    healthcheck:\n      test: [\"CMD\", \"true\"]\n      start_interval: 1s\n")
+        .expect_err("start_interval needs API 1.44");
+    assert_eq!(e.key, "services.a.healthcheck.start_interval");
+    assert_eq!(e.line, Some(6));
+}
+
+#[test]
+fn extension_keys_anchors_and_merges_are_applied() {
+    let text = "x-common: &c\n  restart: always\n  image: img\nservices:\n  a:\n    <<: *c\n    x-note: fine\n";
+    let p = parse_str(text).expect("valid");
+    assert_eq!(p.services["a"].restart, Restart::Always);
+    assert_eq!(p.services["a"].image, "img");
+    assert_eq!(p.services["a"].networks, [DEFAULT_NETWORK]);
+    assert!(p.networks.contains_key(DEFAULT_NETWORK));
+}
+
+#[test]
+fn required_variables_and_bad_values_fail_clearly() {
+    let e = parse_str("services:\n  a:\n    image: ${IMG:?set IMG to the app image}\n")
+        .expect_err("IMG unset");
+    assert_eq!(e.line, Some(3));
+    assert!(
+        e.message
+            .contains("IMG is required: set IMG to the app image"),
+        "{e}"
+    );
+
+    let e = parse_str("services:\n  a:\n    image: x\n    ports: [\"8000\"]\n")
+        .expect_err("no host port");
+    assert_eq!(e.key, "services.a.ports[0]");
+    let e =
+        parse_str("services:\n  a:\n    image: x\n    restart: sometimes\n").expect_err("restart");
+    assert_eq!((e.key.as_str(), e.line), ("services.a.restart", Some(4)));
+    let e =
+        parse_str("services:\n  a:\n    image: x\n    depends_on: [b]\n").expect_err("unknown dep");
+    assert!(e.message.contains("unknown service `b`"), "{e}");
+    let e = parse_str("services:\n  a:\n    image: x\n    depends_on: [b]\n  b:\n    image: x\n    depends_on: [a]\n")
+        .expect_err("cycle");
+    assert!(e.message.contains("dependency cycle"), "{e}");
+    let e = parse_str("services:\n  a:\n    image: x\n    depends_on:\n      b: {condition: service_healthy}\n  b:\n    image: x\n")
+        .expect_err("no healthcheck");
+    assert!(e.message.contains("no healthcheck"), "{e}");
+    let e = parse_str("services:\n  a:\n    image: x\n    volumes: [\"data:/d\"]\n")
+        .expect_err("undeclared volume");
+    assert!(e.message.contains("volume `data` is not declared"), "{e}");
+    let e = parse_str("services:\n  a: [\n").expect_err("yaml");
+    assert!(e.message.starts_with("invalid YAML"), "{e}");
+}
+
+#[test]
+fn dotenv_beside_the_file_is_read_and_the_environment_wins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("docker-compose.yml"),
+        "services:\n  a:\n    image: ${IMG}\n    environment:\n      N: ${N:-1}\n",
+    )
+    .expect("write");
+    std::fs::write(dir.path().join(".env"), "IMG=from-dotenv\nN=2\n").expect("write");
+    let p = load(
+        &dir.path().join("docker-compose.yml"),
+        &env(&[("N", "3")]),
+        None,
+    )
+    .expect("loads");
+    assert_eq!(p.services["a"].image, "from-dotenv");
+    assert_eq!(p.services["a"].environment["N"], "3");
+}
+
+#[test]
+fn durations_parse_like_compose() {
+    assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+    assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+    assert!(parse_duration("soon").is_err());
+}

@@ -1,0 +1,330 @@
+use super::*;
+use crate::compose::{self, Env};
+use crate::engine::fake::{Behaviour, Fake};
+use crate::progress::Recorder;
+use std::path::{Path, PathBuf};
+
+pub(crate) const APP: &str = "localhost/taskstack:t";
+pub(crate) const REDIS: &str = "localhost/taskstack-redis:t";
+
+/// The shipped compose file with test images, a secrets directory of its
+/// own, fast health checks; `extra` overrides.
+pub(crate) fn shipped(secrets: &Path, extra: &[(&str, &str)]) -> Project {
+    for f in ["redis_password", "api_token", "redis_users.acl"] {
+        std::fs::write(secrets.join(f), "s3cret-s3cret-s3cret\n").expect("write secret");
+    }
+    let mut env: Env = [
+        ("TASKSTACK_IMAGE", APP),
+        ("REDIS_IMAGE", REDIS),
+        ("HEALTHCHECK_INTERVAL", "1s"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    env.insert(
+        "TASKSTACK_SECRETS_DIR".into(),
+        secrets.display().to_string(),
+    );
+    for (k, v) in extra {
+        env.insert((*k).to_owned(), (*v).to_owned());
+    }
+    let file: PathBuf =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../compose/docker-compose.yml");
+    compose::load(&file, &env, Some("proj")).expect("the shipped file loads")
+}
+
+fn fast() -> UpOptions {
+    UpOptions {
+        poll: Duration::from_millis(1),
+        timeout: Duration::from_secs(5),
+        ..UpOptions::default()
+    }
+}
+
+fn index(calls: &[String], call: &str) -> usize {
+    calls
+        .iter()
+        .position(|c| c == call)
+        .unwrap_or_else(|| panic!("no call {call:?} in {calls:?}"))
+}
+
+#[tokio::test]
+async fn a_fresh_up_starts_services_in_dependency_order_once_healthy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = shipped(dir.path(), &[]);
+    let engine = Fake::with_images(&[APP, REDIS]);
+    engine.set_behaviour("redis", Behaviour::HealthyAfter(3));
+    let mut progress = Recorder::default();
+    let report = up(&engine, &p, &fast(), &mut progress).await.expect("up");
+    let calls = engine.calls();
+    // Resources before containers.
+    assert!(index(&calls, "network proj_backend") < index(&calls, "create proj_redis_1"));
+    assert!(calls.contains(&"network proj_frontend".to_owned()));
+    assert!(calls.contains(&"volume proj_redis-data".to_owned()));
+    // redis healthy before worker and beat exist; beat healthy before web.
+    for dependent in [
+        "create proj_worker_1",
+        "create proj_worker_2",
+        "create proj_beat_1",
+    ] {
+        assert!(
+            index(&calls, "start proj_redis_1") < index(&calls, dependent),
+            "{calls:?}"
+        );
+    }
+    assert!(index(&calls, "create proj_beat_1") < index(&calls, "create proj_web_1"));
+    assert!(
+        progress
+            .events
+            .iter()
+            .any(|e| e.starts_with("web waiting for beat (healthy)")),
+        "{:?}",
+        progress.events
+    );
+    let events = &progress.events;
+    let redis_ready = events
+        .iter()
+        .position(|e| e.starts_with("redis ready"))
+        .expect("redis ready");
+    let beat_starting = events
+        .iter()
+        .position(|e| e == "beat starting")
+        .expect("beat starting");
+    assert!(redis_ready < beat_starting, "{events:?}");
+    assert_eq!(report.created.len(), 5, "{report:?}");
+    assert_eq!(
+        report
+            .endpoints
+            .iter()
+            .map(Endpoint::url)
+            .collect::<Vec<_>>(),
+        ["http://127.0.0.1:8000"]
+    );
+    let web = &engine.containers()["proj_web_1"];
+    assert_eq!(web.spec.networks.len(), 2);
+    assert!(
+        web.spec
+            .binds
+            .iter()
+            .any(|b| b.ends_with(":/run/secrets/api_token:ro"))
+    );
+}
+
+#[tokio::test]
+async fn a_rerun_reconciles_unchanged_kept_changed_recreated_nothing_duplicated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Fake::with_images(&[APP, REDIS]);
+    let p = shipped(dir.path(), &[]);
+    up(&engine, &p, &fast(), &mut Recorder::default())
+        .await
+        .expect("first up");
+    engine.clear_calls();
+
+    let again = up(&engine, &p, &fast(), &mut Recorder::default())
+        .await
+        .expect("second up");
+    assert_eq!(again.kept.len(), 5);
+    assert!(again.created.is_empty() && again.recreated.is_empty());
+    assert!(engine.calls().is_empty(), "{:?}", engine.calls());
+
+    // LOG_LEVEL reaches web, worker and beat, not redis.
+    let changed = shipped(dir.path(), &[("LOG_LEVEL", "debug")]);
+    let r = up(&engine, &changed, &fast(), &mut Recorder::default())
+        .await
+        .expect("third up");
+    let mut recreated = r.recreated.clone();
+    recreated.sort();
+    assert_eq!(
+        recreated,
+        [
+            "proj_beat_1",
+            "proj_web_1",
+            "proj_worker_1",
+            "proj_worker_2"
+        ]
+    );
+    assert_eq!(r.kept, ["proj_redis_1"]);
+    assert_eq!(engine.containers().len(), 5);
+
+    // A rebuilt image recreates what runs it.
+    engine.set_image(REDIS, "sha256:new");
+    let r = up(&engine, &changed, &fast(), &mut Recorder::default())
+        .await
+        .expect("fourth up");
+    assert_eq!(r.recreated, ["proj_redis_1"]);
+}
+
+#[tokio::test]
+async fn scale_adds_and_removes_only_that_services_containers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Fake::with_images(&[APP, REDIS]);
+    let p = shipped(dir.path(), &[]);
+    up(&engine, &p, &fast(), &mut Recorder::default())
+        .await
+        .expect("up");
+    engine.clear_calls();
+    let scale = |n: usize| UpOptions {
+        replicas: BTreeMap::from([("worker".to_owned(), n)]),
+        only: Some(BTreeSet::from(["worker".to_owned()])),
+        ..fast()
+    };
+    let r = up(&engine, &p, &scale(3), &mut Recorder::default())
+        .await
+        .expect("scale up");
+    assert_eq!(r.created, ["proj_worker_3"]);
+    assert_eq!(
+        engine.calls(),
+        ["create proj_worker_3", "start proj_worker_3"]
+    );
+    let r = up(&engine, &p, &scale(1), &mut Recorder::default())
+        .await
+        .expect("scale down");
+    let mut removed = r.removed.clone();
+    removed.sort();
+    assert_eq!(removed, ["proj_worker_2", "proj_worker_3"]);
+    assert_eq!(engine.containers().len(), 4);
+}
+
+#[tokio::test]
+async fn more_than_one_beat_needs_the_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Fake::with_images(&[APP, REDIS]);
+    let p = shipped(dir.path(), &[]);
+    let two_beats = UpOptions {
+        replicas: BTreeMap::from([("beat".to_owned(), 2)]),
+        ..fast()
+    };
+    let e = up(&engine, &p, &two_beats, &mut Recorder::default())
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(e, StackError::BeatReplicas { replicas: 2, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("--allow-standby-beats"));
+    assert!(engine.calls().is_empty(), "nothing was changed");
+    let allowed = UpOptions {
+        allow_standby_beats: true,
+        ..two_beats
+    };
+    up(&engine, &p, &allowed, &mut Recorder::default())
+        .await
+        .expect("allowed");
+    assert!(engine.containers().contains_key("proj_beat_2"));
+}
+
+#[tokio::test]
+async fn an_unhealthy_service_fails_up_with_its_checks_and_logs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Fake::with_images(&[APP, REDIS]);
+    engine.set_behaviour(
+        "worker",
+        Behaviour::UnhealthyAfter(2, "unhealthy: no heartbeat".into()),
+    );
+    engine.set_logs(
+        "proj_worker_1",
+        &["starting", "ERROR Password authentication failed"],
+    );
+    let p = shipped(dir.path(), &[]);
+    let e = up(&engine, &p, &fast(), &mut Recorder::default())
+        .await
+        .expect_err("worker unhealthy");
+    let StackError::ServiceFailed {
+        service,
+        health,
+        logs,
+        ..
+    } = &e
+    else {
+        panic!("{e}");
+    };
+    assert_eq!(service, "worker");
+    assert_eq!(health, &["exit 1: unhealthy: no heartbeat"]);
+    assert_eq!(
+        logs.last().map(String::as_str),
+        Some("ERROR Password authentication failed")
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("is unhealthy") && text.contains("Password authentication failed"),
+        "{text}"
+    );
+    // web, which depends on beat only, may start; it never got a worker-less go-ahead from us:
+    assert!(!engine.containers().is_empty());
+}
+
+#[tokio::test]
+async fn an_exiting_service_fails_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Fake::with_images(&[APP, REDIS]);
+    engine.set_behaviour("redis", Behaviour::ExitsAfter(1, 1));
+    let p = shipped(dir.path(), &[]);
+    let e = up(&engine, &p, &fast(), &mut Recorder::default())
+        .await
+        .expect_err("redis exits");
+    assert!(
+        e.to_string().contains("proj_redis_1 exited with code 1"),
+        "{e}"
+    );
+    assert!(
+        !engine.containers().contains_key("proj_worker_1"),
+        "dependents never start"
+    );
+}
+
+#[tokio::test]
+async fn missing_images_secrets_and_taken_ports_fail_before_any_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = shipped(dir.path(), &[]);
+    let engine = Fake::with_images(&[REDIS]);
+    let e = up(&engine, &p, &fast(), &mut Recorder::default())
+        .await
+        .expect_err("no app image");
+    assert!(
+        matches!(&e, StackError::ImageMissing { image, .. } if image == APP),
+        "{e}"
+    );
+    assert!(e.to_string().contains("stackctl build"));
+
+    let engine = Fake::with_images(&[APP, REDIS]);
+    engine.occupy_port(8000);
+    let e = up(&engine, &p, &fast(), &mut Recorder::default())
+        .await
+        .expect_err("port taken");
+    assert!(
+        matches!(&e, StackError::PortTaken { addr, .. } if addr == "127.0.0.1:8000"),
+        "{e}"
+    );
+    assert!(engine.containers().is_empty());
+
+    std::fs::remove_file(dir.path().join("api_token")).expect("rm");
+    let e = up(
+        &Fake::with_images(&[APP, REDIS]),
+        &p,
+        &fast(),
+        &mut Recorder::default(),
+    )
+    .await
+    .expect_err("secret missing");
+    assert!(e.to_string().contains("compose/init-secrets"), "{e}");
+}
+
+#[tokio::test]
+async fn a_stack_that_never_turns_healthy_times_out_naming_what_it_waited_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Fake::with_images(&[APP, REDIS]);
+    engine.set_behaviour("redis", Behaviour::HealthyAfter(u32::MAX));
+    let p = shipped(dir.path(), &[]);
+    let opts = UpOptions {
+        timeout: Duration::from_millis(50),
+        ..fast()
+    };
+    let e = up(&engine, &p, &opts, &mut Recorder::default())
+        .await
+        .expect_err("timeout");
+    let text = e.to_string();
+    assert!(
+        text.contains("redis (not healthy yet)") && text.contains("web (not started"),
+        "{text}"
+    );
+}
