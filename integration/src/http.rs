@@ -1,10 +1,11 @@
-//! A minimal HTTP/1.1 client for tests: one request per connection, a JSON
-//! body in and out.
+//! HTTP for tests: `stackctl`'s minimal HTTP/1.1 client (one request per
+//! connection, a JSON body in and out) with a test-sized timeout.
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use serde_json::Value;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One HTTP/1.1 request with a JSON body (or none); returns the status
 /// and the JSON body (Null when empty or not JSON).
@@ -15,11 +16,9 @@ pub async fn request(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> Result<(u16, Value)> {
-    let (status, text) = request_text(addr, method, path, token, body).await?;
-    Ok((
-        status,
-        serde_json::from_str(text.trim()).unwrap_or(Value::Null),
-    ))
+    stackctl::http::request(addr, method, path, token, body, TIMEOUT)
+        .await
+        .map_err(|e| anyhow::anyhow!("{method} {path}: {e}"))
 }
 
 /// Like [`request`], returning the body as text.
@@ -30,83 +29,7 @@ pub async fn request_text(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> Result<(u16, String)> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let body = body.map(Value::to_string).unwrap_or_default();
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-             Accept: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        if !body.is_empty() {
-            head.push_str("Content-Type: application/json\r\n");
-        }
-        if let Some(t) = token {
-            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        head.push_str("\r\n");
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        anyhow::Ok(raw)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
+    stackctl::http::request_text(addr, method, path, token, body, TIMEOUT)
         .await
-        .with_context(|| format!("{method} {path}: no answer within 10 s"))??;
-    parse_response(&raw).with_context(|| format!("{method} {path}"))
-}
-
-fn parse_response(raw: &[u8]) -> Result<(u16, String)> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn responses_parse_plain_and_chunked() {
-        let (s, v) =
-            parse_response(b"HTTP/1.1 202 Accepted\r\ncontent-length: 9\r\n\r\n{\"a\":1}\r\n")
-                .expect("plain");
-        assert_eq!((s, v.trim()), (202, "{\"a\":1}"));
-        let (s, v) = parse_response(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\n{\"b\"\r\n3\r\n:2}\r\n0\r\n\r\n",
-        )
-        .expect("chunked");
-        assert_eq!((s, v.as_str()), (200, "{\"b\":2}"));
-    }
+        .map_err(|e| anyhow::anyhow!("{method} {path}: {e}"))
 }
