@@ -365,30 +365,6 @@ async fn wait_all_healthy(project: &ComposeProject, expected: usize) -> Result<(
     Ok(())
 }
 
-/// SIGKILLs the main process of container `id` from the host, as the OOM
-/// killer or a crash would. (`docker kill` would not do: the engine treats
-/// it as a manual stop, and no restart policy restarts a manually stopped
-/// container.) With `init: true` the process is docker-init's child.
-async fn crash_container_process(id: &str) -> Result<()> {
-    let docker = docker().await?;
-    let c = docker.inspect_container(id, None).await?;
-    let init = c
-        .state
-        .and_then(|s| s.pid)
-        .context("the container has no process")?;
-    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))?;
-    let pid: i32 = children
-        .split_whitespace()
-        .next()
-        .context("docker-init has no child")?
-        .parse()?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
-    Ok(())
-}
-
 /// (c) compose/docker-compose.yml with docker-compose and the test images:
 /// all healthy; a task through web completes; a worker process killed in
 /// the middle of a batch is restarted by the restart policy and every task
@@ -470,7 +446,7 @@ async fn compose_stack_is_healthy_survives_a_killed_worker_and_cleans_up() -> Re
             done < batch.len(),
             "the batch ended before the crash; make it longer"
         );
-        crash_container_process(&victim).await?;
+        taskstack_integration::docker::crash_main_process(&docker, &victim).await?;
         eprintln!(
             "{:?}: crashed {victim_name} (it had run {ran}); {done} of {} tasks done",
             started.elapsed(),
