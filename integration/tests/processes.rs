@@ -403,3 +403,31 @@ async fn healthcheck_and_heartbeat_tell_the_truth() -> Result<()> {
     )?;
     Ok(())
 }
+
+#[test]
+fn a_refused_password_is_logged_as_such_by_worker_and_beat() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let mut c = redis.conn()?;
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("the-right-one")
+        .query::<()>(&mut c)?;
+    let ns = namespace("wrong-password");
+    let wrong = [("TASKSTACK_BROKER_PASSWORD", "the-wrong-one")];
+    let worker = WorkerProcess::spawn(&redis.url(), &ns, &wrong)?;
+    let beat = taskstack_integration::BeatProcess::spawn(
+        &redis.url(),
+        &ns,
+        "[[schedule]]\nname = \"t\"\ntask = \"x\"\nevery = \"1s\"\n",
+        &wrong,
+    )?;
+    let hint = "Redis refused the password; check broker_password";
+    worker.wait_log(hint, Duration::from_secs(20))?;
+    beat.wait_log(hint, Duration::from_secs(20))?;
+    assert!(
+        worker.is_running() && beat.is_running(),
+        "they keep retrying"
+    );
+    Ok(())
+}

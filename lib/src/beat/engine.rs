@@ -96,8 +96,16 @@ impl Engine {
         Ok(self.next_wake())
     }
 
+    /// Logs the first failure of an outage (repeats at DEBUG; recovery at
+    /// INFO); a refused password is an ERROR that says what to fix.
     fn redis_failed(&mut self, what: &'static str, e: &BrokerError) {
-        if self.redis_ok {
+        if self.redis_ok && e.is_auth_failure() {
+            tracing::error!(
+                error = %e,
+                "{what} failed: Redis refused the password; check broker_password / \
+                 broker_password_file; retrying"
+            );
+        } else if self.redis_ok {
             tracing::warn!(error = %e, "{what} failed; retrying");
         } else {
             tracing::debug!(error = %e, "{what} failed again");
