@@ -44,28 +44,35 @@ pub(crate) async fn dead_letter(
     on_lane!(&mut *lane, "dead-letter", |c| inv.invoke_async::<()>(c))
 }
 
-/// Reads up to `count` dead letters of `queue`, newest first.
+/// Reads up to `count` dead letters of `queue`, newest first, and how many
+/// the queue has in all, in one round trip.
 pub async fn dead_letters(
     lane: &mut Lane,
     keys: &Keys,
     queue: &str,
     count: usize,
-) -> Result<Vec<DeadLetter>, BrokerError> {
+) -> Result<(Vec<DeadLetter>, u64), BrokerError> {
     let key = keys.dead_letters(queue);
     let stop = isize::try_from(count).unwrap_or(isize::MAX) - 1;
-    let raw: Vec<String> = on_lane!(&mut *lane, "read dead letters", |c| redis::cmd("LRANGE")
+    let mut p = redis::pipe();
+    p.cmd("LRANGE")
         .arg(&key)
         .arg(0)
         .arg(stop)
-        .query_async(c))?;
-    raw.iter()
+        .cmd("LLEN")
+        .arg(&key);
+    let (raw, total): (Vec<String>, u64) =
+        on_lane!(&mut *lane, "read dead letters", |c| p.query_async(c))?;
+    let items = raw
+        .iter()
         .map(|s| {
             serde_json::from_str(s).map_err(|e| BrokerError::Reply {
                 op: "read dead letters",
                 detail: e.to_string(),
             })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((items, total))
 }
 
 /// Which dead letters of a queue an operator acts on.

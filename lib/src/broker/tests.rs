@@ -162,8 +162,9 @@ async fn parked_messages_move_when_due_and_settling_twice_is_harmless() {
     dead_letter(&mut l, &keys, "w1", got[0].seq, &record)
         .await
         .expect("dead-letter");
-    let dead = dead_letters(&mut l, &keys, "q", 10).await.expect("read");
+    let (dead, total) = dead_letters(&mut l, &keys, "q", 10).await.expect("read");
     assert_eq!(dead, [record]);
+    assert_eq!(total, 1);
 }
 
 #[tokio::test]

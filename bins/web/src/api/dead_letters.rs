@@ -8,7 +8,7 @@ use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use taskstack::broker::{
     DeadLetter, DeadLetterAction, DeadSelection, dead_letters, move_dead_letters,
-    pick_dead_letters, queue_counts, store_results,
+    pick_dead_letters, store_results,
 };
 use taskstack::proto::TaskResult;
 use utoipa::{IntoParams, ToSchema};
@@ -132,14 +132,9 @@ pub async fn list(
     }
     let broker = state.broker();
     let mut lane = broker.broker_pool().shared_lane();
-    let items = dead_letters(&mut lane, broker.keys(), &queue, limit)
+    let (items, total) = dead_letters(&mut lane, broker.keys(), &queue, limit)
         .await
         .map_err(|e| ApiError::broker(&e))?;
-    let total = queue_counts(&mut lane, broker.keys(), std::slice::from_ref(&queue))
-        .await
-        .map_err(|e| ApiError::broker(&e))?
-        .first()
-        .map_or(0, |c| c.dead_lettered);
     Ok(Json(DeadLetterList {
         queue,
         total,
