@@ -138,7 +138,7 @@ async fn retries_back_off_then_succeed_or_dead_letter() -> Result<()> {
         let b = p.broker().clone();
         async move {
             let mut lane = b.broker_pool().lane();
-            let d = taskstack::broker::dead_letters(&mut lane, b.keys(), "celery", 10).await?;
+            let (d, _) = taskstack::broker::dead_letters(&mut lane, b.keys(), "celery", 10).await?;
             Ok((!d.is_empty()).then_some(d))
         }
     })
@@ -389,7 +389,8 @@ async fn bad_input_is_dead_lettered_while_good_tasks_flow() -> Result<()> {
         let b = p.broker().clone();
         async move {
             let mut lane = b.broker_pool().lane();
-            let d = taskstack::broker::dead_letters(&mut lane, b.keys(), "celery", 100).await?;
+            let (d, _) =
+                taskstack::broker::dead_letters(&mut lane, b.keys(), "celery", 100).await?;
             Ok((d.len() >= 5).then_some(d))
         }
     })
