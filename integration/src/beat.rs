@@ -56,6 +56,31 @@ impl BeatProcess {
         })
     }
 
+    /// Starts a beat with the host defaults for its state file (one per
+    /// process in /tmp) and metrics address (9102, or a free port when taken).
+    pub fn spawn_with_host_defaults(
+        redis_url: &str,
+        namespace: &str,
+        toml: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config_file = dir.path().join("beat.toml");
+        std::fs::write(&config_file, toml)?;
+        let mut cmd = clean_command("taskstack-beat", redis_url, namespace)?;
+        cmd.env("TASKSTACK_CONFIG", &config_file);
+        let process = ServiceProcess::spawn("beat", cmd, env, dir.path().join("beat.log"))?;
+        let state_file = PathBuf::from(format!("/tmp/taskstack-beat-{}.json", process.pid()));
+        Ok(Self {
+            process,
+            state_file,
+            config_file,
+            _dir: dir,
+            redis_url: redis_url.to_owned(),
+            namespace: namespace.to_owned(),
+        })
+    }
+
     /// The command with a clean environment for this test.
     pub fn command(
         redis_url: &str,

@@ -42,6 +42,26 @@ impl WorkerProcess {
         })
     }
 
+    /// Starts a worker as an operator would on a shared host: no state file
+    /// and no metrics address configured, so both are the defaults (a state
+    /// file per process in /tmp, metrics on 9101 or a free port).
+    pub fn spawn_with_host_defaults(
+        redis_url: &str,
+        namespace: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut cmd = clean_command("taskstack-worker", redis_url, namespace)?;
+        cmd.env_remove("TASKSTACK_WORKER_METRICS_LISTEN");
+        let process = ServiceProcess::spawn("worker", cmd, env, dir.path().join("worker.log"))?;
+        let state_file = PathBuf::from(format!("/tmp/taskstack-worker-{}.json", process.pid()));
+        Ok(Self {
+            process,
+            state_file,
+            _dir: dir,
+        })
+    }
+
     /// The command with a clean environment for this test.
     pub fn command(redis_url: &str, namespace: &str, state_file: &Path) -> Result<Command> {
         let mut cmd = clean_command("taskstack-worker", redis_url, namespace)?;
@@ -69,6 +89,8 @@ pub fn settings(queues: &[&str]) -> taskstack::worker::WorkerSettings {
         lease: Duration::from_secs(3),
         drain_timeout: Duration::from_secs(5),
         result_expires: Duration::from_secs(600),
+        max_message_size: 1 << 20,
+        max_task_delay: taskstack::config::DEFAULT_MAX_TASK_DELAY,
         state_file: None,
     }
 }

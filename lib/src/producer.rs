@@ -72,6 +72,8 @@ pub struct Producer {
     /// Store a PENDING record for each task sent, kept this long after the
     /// task is due.
     pending_ttl: Option<Duration>,
+    /// Furthest ahead an ETA or countdown may lie.
+    max_delay: Duration,
 }
 
 struct Prepared {
@@ -106,7 +108,15 @@ impl Producer {
             origin: origin.into(),
             listener: Mutex::new(None),
             pending_ttl: None,
+            max_delay: crate::config::DEFAULT_MAX_TASK_DELAY,
         }
+    }
+
+    /// Refuses tasks whose ETA or countdown lies further ahead than `max`
+    /// (`max_task_delay`; default one year), as workers dead-letter them.
+    pub fn max_task_delay(mut self, max: Duration) -> Self {
+        self.max_delay = max;
+        self
     }
 
     /// Makes every send store a PENDING result record first, kept `ttl`
@@ -159,11 +169,31 @@ impl Producer {
             });
         }
         let now = Utc::now();
-        let eta = o.eta.or_else(|| {
-            o.countdown
-                .and_then(|d| chrono::Duration::from_std(d).ok())
-                .map(|d| now + d)
-        });
+        let eta = match (o.eta, o.countdown) {
+            (Some(t), _) => Some(t),
+            (None, Some(d)) => Some(
+                chrono::Duration::from_std(d)
+                    .ok()
+                    .and_then(|d| now.checked_add_signed(d))
+                    .ok_or_else(|| ProducerError::Option {
+                        option: "countdown",
+                        reason: format!("{d:?} is out of range"),
+                    })?,
+            ),
+            (None, None) => None,
+        };
+        if let Some(t) = eta
+            && t - now > chrono::Duration::from_std(self.max_delay).unwrap_or(chrono::Duration::MAX)
+        {
+            return Err(ProducerError::Option {
+                option: if o.eta.is_some() { "eta" } else { "countdown" },
+                reason: format!(
+                    "{} lies more than max_task_delay ({}) ahead",
+                    crate::proto::envelope::format_time(t),
+                    humantime::format_duration(self.max_delay)
+                ),
+            });
+        }
         let payload = encode(&MessageSpec {
             id: &id,
             task: &req.name,
@@ -237,7 +267,7 @@ impl Producer {
                     self.broker.keys(),
                     due,
                     &p.queue_key,
-                    &p.payload,
+                    p.payload.as_bytes(),
                     None,
                 )
                 .await?

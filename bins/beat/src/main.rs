@@ -6,8 +6,10 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use std::process::ExitCode;
 use taskstack::beat::{Beat, BeatSettings, health};
-use taskstack::config::Config;
+use taskstack::config::{Config, DEFAULT_BEAT_METRICS_LISTEN};
 use taskstack::service::cli::CommonArgs;
+use taskstack::service::metrics_http::bind;
+use taskstack::service::state::StatePath;
 use taskstack::service::{self, Invocation};
 
 const CONFIG_HELP: &str = "\
@@ -21,7 +23,7 @@ Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
   TASKSTACK_BEAT_LOCK_TTL            leader lock lifetime without renewal  [10s]
   TASKSTACK_BEAT_MISSED_GRACE        how old a missed slot may be and still be published once  [5m]
   TASKSTACK_BEAT_METRICS_LISTEN      ip:port for Prometheus /metrics, or off  [0.0.0.0:9102]
-  TASKSTACK_BEAT_STATE_FILE          where the beat records itself for healthcheck  [/tmp/taskstack-beat.json]
+  TASKSTACK_BEAT_STATE_FILE          where the beat records itself for healthcheck  [/tmp/taskstack-beat-<pid>.json]
   TASKSTACK_REDIS_TIMEOUT            per command and connection attempt  [5s]
   TASKSTACK_LOG_LEVEL                tracing filter, e.g. info or taskstack=debug  [info]
   TASKSTACK_LOG_FORMAT               auto | json | pretty  [auto: json unless a terminal]
@@ -96,11 +98,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let broker = taskstack::connect(&config).context("invalid Redis settings")?;
     let settings = BeatSettings::from_config(&config)?;
     let listener = match config.beat_metrics_addr()? {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
-        ),
+        Some(addr) => {
+            let fallback = config.beat_metrics_listen == DEFAULT_BEAT_METRICS_LISTEN;
+            Some(bind("beat_metrics_listen", addr, fallback).await?)
+        }
         None => None,
     };
     let shutdown = taskstack::shutdown::install().context("cannot listen for signals")?;
@@ -112,7 +113,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
 async fn healthcheck(config: Config) -> ExitCode {
     service::verdict(match taskstack::connect(&config) {
-        Ok(broker) => health::check(&config.beat_state_file, &broker).await,
+        Ok(broker) => {
+            let at = StatePath::new("beat", config.beat_state_file.as_deref());
+            health::check(&at, &broker).await
+        }
         Err(e) => Err(e.to_string()),
     })
 }

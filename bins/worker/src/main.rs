@@ -4,8 +4,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use std::process::ExitCode;
-use taskstack::config::Config;
+use taskstack::config::{Config, DEFAULT_WORKER_METRICS_LISTEN};
 use taskstack::service::cli::CommonArgs;
+use taskstack::service::metrics_http::bind;
+use taskstack::service::state::StatePath;
 use taskstack::service::{self, Invocation};
 use taskstack::worker::{Registry, Worker, WorkerSettings, builtin, health};
 
@@ -29,8 +31,10 @@ Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
   TASKSTACK_LOG_LEVEL                tracing filter, e.g. info or taskstack=debug  [info]
   TASKSTACK_LOG_FORMAT               auto | json | pretty  [auto: json unless a terminal]
   TASKSTACK_ALLOW_ROOT               1 to run as uid 0  [0]
-  TASKSTACK_WORKER_STATE_FILE        where the worker records itself for healthcheck  [/tmp/taskstack-worker.json]
-  TASKSTACK_WORKER_METRICS_LISTEN    ip:port serving Prometheus /metrics, or off  [0.0.0.0:9101]
+  TASKSTACK_MAX_MESSAGE_SIZE         larger messages are dead-lettered unread  [2MiB]
+  TASKSTACK_MAX_TASK_DELAY           furthest an ETA/countdown may lie ahead  [365d]
+  TASKSTACK_WORKER_STATE_FILE        where the worker records itself for healthcheck  [/tmp/taskstack-worker-<pid>.json]
+  TASKSTACK_WORKER_METRICS_LISTEN    ip:port serving Prometheus /metrics, or off  [0.0.0.0:9101; taken: a free port]
 
 Built-in tasks: taskstack.echo, taskstack.add, taskstack.sleep, taskstack.fail.
 Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration or refused start,
@@ -116,12 +120,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = taskstack::shutdown::install().context("cannot listen for signals")?;
     let mut worker = Worker::new(broker, registry, WorkerSettings::from_config(&config));
     if let Some(addr) = config.worker_metrics_addr()? {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!(
-                "cannot listen for metrics on {addr} (worker_metrics_listen): give each \
-                 worker on this host its own port, or set it to off"
-            )
-        })?;
+        let fallback = config.worker_metrics_listen == DEFAULT_WORKER_METRICS_LISTEN;
+        let listener = bind("worker_metrics_listen", addr, fallback).await?;
         worker = worker.serve_metrics(listener);
     }
     worker.run(shutdown.cancelled_owned()).await?;
@@ -130,7 +130,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
 async fn healthcheck(config: Config) -> ExitCode {
     service::verdict(match taskstack::connect(&config) {
-        Ok(broker) => health::check(&config.worker_state_file, &broker).await,
+        Ok(broker) => {
+            let at = StatePath::new("worker", config.worker_state_file.as_deref());
+            health::check(&at, &broker).await
+        }
         Err(e) => Err(e.to_string()),
     })
 }

@@ -55,6 +55,8 @@ pub(super) struct Engine {
     leader_seen: Option<String>,
     redis_ok: bool,
     ready: bool,
+    /// The state file this instance wrote, removed at shutdown.
+    state_written: Option<std::path::PathBuf>,
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -81,6 +83,7 @@ impl Engine {
             leader_seen: None,
             redis_ok: true,
             ready: false,
+            state_written: None,
         }
     }
 
@@ -253,16 +256,14 @@ impl Engine {
             Ok(()) => {
                 self.redis_answered();
                 if !self.ready {
-                    if let Some(path) = &self.settings.state_file {
-                        crate::service::state::write(
-                            path,
+                    if let Some(at) = &self.settings.state_file {
+                        self.state_written = Some(crate::service::state::claim(
+                            at,
+                            "beat",
+                            "beat_state_file",
                             &self.id,
                             self.broker.keys().namespace(),
-                        )
-                        .map_err(|source| BeatError::StateFile {
-                            path: path.clone(),
-                            source,
-                        })?;
+                        )?);
                     }
                     self.ready = true;
                     tracing::info!(instance = %self.id, "beat ready");
@@ -434,7 +435,7 @@ impl Engine {
         if let Err(e) = health::forget(&mut self.lane, self.broker.keys(), &self.id).await {
             tracing::debug!(error = %e, "cannot delete the heartbeat record; it expires");
         }
-        if let Some(path) = &self.settings.state_file {
+        if let Some(path) = self.state_written.take() {
             let _ = std::fs::remove_file(path);
         }
     }

@@ -6,8 +6,8 @@
 use super::lock::{LockHolder, holder};
 use crate::broker::{Broker, BrokerError, Lane, on_lane};
 use crate::proto::Keys;
+use crate::service::state::StatePath;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 use std::time::Duration;
 
 /// A beat instance's role.
@@ -79,17 +79,31 @@ fn describe(h: &LockHolder) -> String {
     )
 }
 
-/// Healthy when the beat recorded in `state_file` runs, Redis answers, and
+/// Healthy when every beat recorded at `at` (one per process on this host
+/// by default) runs, Redis answers, and
 /// the instance either holds the leader lock or is a standby whose loop is
 /// alive (fresh heartbeat). Ok says which; Err says what failed.
-pub async fn check(state_file: &Path, broker: &Broker) -> Result<String, String> {
+pub async fn check(at: &StatePath, broker: &Broker) -> Result<String, String> {
     let keys = broker.keys();
-    let state = crate::service::state::read_live(state_file, "beat", keys.namespace())?;
+    let states = crate::service::state::read_all_live(at, "beat", keys.namespace())?;
     let mut lane = broker.broker_pool().lane();
-    let leader = holder(&mut lane, keys)
+    let mut healthy = Vec::with_capacity(states.len());
+    for s in &states {
+        healthy.push(check_one(&mut lane, broker, s).await?);
+    }
+    Ok(healthy.join("; "))
+}
+
+async fn check_one(
+    lane: &mut Lane,
+    broker: &Broker,
+    state: &crate::service::state::State,
+) -> Result<String, String> {
+    let keys = broker.keys();
+    let leader = holder(lane, keys)
         .await
         .map_err(|e| format!("cannot reach Redis: {e}"))?;
-    let record = instance_record(&mut lane, keys, &state.id)
+    let record = instance_record(lane, keys, &state.id)
         .await
         .map_err(|e| format!("cannot reach Redis: {e}"))?;
     let Some(record) = record.filter(|r| r.pid == state.pid) else {

@@ -31,7 +31,6 @@ use crate::config::{Config, ConfigError};
 use metrics::Metrics;
 use schedule::{Clock, Entry, SystemClock};
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -48,12 +47,8 @@ const RETRY_SOON: Duration = Duration::from_millis(250);
 pub enum BeatError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot write the beat state file {path:?}: {source}")]
-    StateFile {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    StateFile(#[from] crate::service::state::StateError),
     #[error("the metrics endpoint failed: {source}")]
     Metrics {
         #[source]
@@ -71,7 +66,7 @@ pub struct BeatSettings {
     /// How old a missed slot may be and still be published.
     pub missed_grace: Duration,
     /// Where to record this instance for `healthcheck`; `None` for none.
-    pub state_file: Option<PathBuf>,
+    pub state_file: Option<crate::service::state::StatePath>,
     /// How often a standby tries to take the lock (jittered by ±25 %).
     pub standby_interval: Duration,
 }
@@ -96,7 +91,10 @@ impl BeatSettings {
             entries,
             lock_ttl: c.beat_lock_ttl,
             missed_grace: c.beat_missed_grace,
-            state_file: Some(c.beat_state_file.clone()),
+            state_file: Some(crate::service::state::StatePath::new(
+                "beat",
+                c.beat_state_file.as_deref(),
+            )),
             standby_interval: Duration::from_secs(1),
         })
     }

@@ -12,8 +12,17 @@ pub struct Delivery {
     pub seq: u64,
     /// The list it came from (queue plus priority bucket).
     pub queue_key: String,
-    /// The raw message.
-    pub payload: String,
+    /// The raw message, byte for byte. Celery messages are JSON text; a
+    /// message that is not UTF-8 is still delivered (and dead-lettered by
+    /// the worker), never left held.
+    pub payload: Vec<u8>,
+}
+
+impl Delivery {
+    /// The message as text; `None` when it is not UTF-8.
+    pub fn text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.payload).ok()
+    }
 }
 
 /// How a finished message is settled: its result (if any) is written first,
@@ -74,8 +83,8 @@ pub(crate) async fn fetch(
         };
         let seq: u64 = redis::from_redis_value(seq).map_err(|_| bad("sequence number"))?;
         let idx: usize = redis::from_redis_value(idx).map_err(|_| bad("queue index"))?;
-        let payload: String =
-            redis::from_redis_value(payload).map_err(|_| bad("message is not UTF-8 text"))?;
+        let payload: Vec<u8> =
+            redis::from_redis_value(payload).map_err(|_| bad("message is not a string"))?;
         let queue_key = queue_keys
             .get(idx.wrapping_sub(1))
             .ok_or_else(|| bad("queue index out of range"))?

@@ -17,11 +17,35 @@ pub struct DeadLetter {
     pub queue_key: String,
     pub task_id: Option<String>,
     pub task: Option<String>,
-    /// The original message, byte for byte.
+    /// The original message, byte for byte, when it is UTF-8 text (every
+    /// Celery message is); empty otherwise.
     pub payload: String,
+    /// The original message in base64, only when it is not UTF-8 text. Such
+    /// a record can be discarded but not requeued (`dead_move.lua` leaves
+    /// it listed): it could never run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
     pub worker: String,
     /// When it was dead-lettered (RFC 3339).
     pub at: String,
+}
+
+impl DeadLetter {
+    /// Stores `raw` as [`DeadLetter::payload`] when it is UTF-8 text, else
+    /// as [`DeadLetter::payload_base64`], so no byte is lost either way.
+    pub fn set_payload(&mut self, raw: &[u8]) {
+        match std::str::from_utf8(raw) {
+            Ok(text) => {
+                text.clone_into(&mut self.payload);
+                self.payload_base64 = None;
+            }
+            Err(_) => {
+                use base64::Engine as _;
+                self.payload.clear();
+                self.payload_base64 = Some(base64::engine::general_purpose::STANDARD.encode(raw));
+            }
+        }
+    }
 }
 
 /// Appends `record` to its queue's dead-letter list and settles the hold.

@@ -11,7 +11,7 @@ pub(crate) async fn park(
     keys: &Keys,
     due_ms: i64,
     queue_key: &str,
-    payload: &str,
+    payload: &[u8],
     held: Option<(&str, u64)>,
 ) -> Result<(), BrokerError> {
     let mut inv = DELAY.prepare_invoke();

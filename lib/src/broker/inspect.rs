@@ -60,3 +60,42 @@ pub async fn queue_counts(
         })
         .collect())
 }
+
+/// The delayed set as a whole (it is shared by every queue): how many
+/// messages are parked and when the first and the last are due, so an ETA
+/// far in the future is visible rather than silently waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct DelayedSpan {
+    pub parked: u64,
+    /// Due time (ms since the epoch) of the message due first.
+    pub first_due_ms: Option<i64>,
+    /// Due time (ms since the epoch) of the message due last.
+    pub last_due_ms: Option<i64>,
+}
+
+/// Reads the [`DelayedSpan`] in one round trip (three O(log n) commands).
+pub async fn delayed_span(lane: &mut Lane, keys: &Keys) -> Result<DelayedSpan, BrokerError> {
+    let key = keys.delayed();
+    let mut p = redis::pipe();
+    p.cmd("ZCARD")
+        .arg(&key)
+        .cmd("ZRANGE")
+        .arg(&key)
+        .arg(0)
+        .arg(0)
+        .arg("WITHSCORES")
+        .cmd("ZRANGE")
+        .arg(&key)
+        .arg(-1)
+        .arg(-1)
+        .arg("WITHSCORES");
+    type Ends = Vec<(String, f64)>;
+    let (parked, first, last): (u64, Ends, Ends) =
+        on_lane!(&mut *lane, "read the delayed set", |c| p.query_async(c))?;
+    let due = |e: Ends| e.first().map(|(_, score)| *score as i64);
+    Ok(DelayedSpan {
+        parked,
+        first_due_ms: due(first),
+        last_due_ms: due(last),
+    })
+}

@@ -29,6 +29,10 @@ pub struct WorkerRecord {
     pub retried: u64,
     pub dead_lettered: u64,
     pub version: String,
+    /// Where this worker serves Prometheus `/metrics` (`ip:port` as bound:
+    /// with the default setting, a free port when 9101 was taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 fn deadline(lease: Duration) -> i64 {

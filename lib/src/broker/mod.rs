@@ -16,7 +16,7 @@ mod state;
 
 pub use consume::{Delivery, Settle};
 pub use dead::{DeadLetter, DeadLetterAction, DeadSelection, PickedDeadLetter};
-pub use inspect::{QueueCounts, queue_counts};
+pub use inspect::{DelayedSpan, QueueCounts, delayed_span, queue_counts};
 pub use lease::WorkerRecord;
 pub(crate) use pool::on_lane;
 pub use pool::{BrokerError, Lane, LaneConn, RedisPool};
@@ -109,8 +109,8 @@ pub(crate) use lease::{heartbeat, reap, release};
 pub use lease::{live_workers, worker_record};
 pub(crate) use results::parse_result as results_parse;
 pub use results::{get_result, store_result, store_results};
-pub(crate) use state::start_batch;
-pub use state::{RevokeOutcome, revoke};
+pub use state::{RevokeOutcome, StartVerdict, Starting, revoke};
+pub(crate) use state::{held, start_batch};
 
 #[cfg(test)]
 mod tests;

@@ -16,20 +16,45 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-/// For each `(task id, STARTED record JSON)`: `true` when the task may run
-/// (its STARTED record is now stored), `false` when it was revoked.
+/// What the start step decided for one task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartVerdict {
+    /// Recorded STARTED: run it.
+    Run,
+    /// Revoked before it started: skip it (its REVOKED record is stored).
+    Revoked,
+    /// The worker no longer holds the message (its lease expired and the
+    /// message went back to its queue): do not run it, settle nothing.
+    NotHeld,
+}
+
+/// One task about to start: its id, its STARTED record (JSON) and the
+/// sequence number of the worker's hold on its message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Starting {
+    pub task_id: String,
+    pub record: String,
+    pub seq: u64,
+}
+
+/// Decides, for a batch of tasks held by `worker_id`, which may run (see
+/// `scripts/start.lua`). `holds_checked_here` is true when results live on
+/// the broker's server, so the script checks the holds in the same atomic
+/// step; otherwise the caller checked them with [`held`] first.
 pub(crate) async fn start_batch(
     lane: &mut Lane,
     keys: &Keys,
-    tasks: &[(String, String)],
+    worker_id: Option<&str>,
+    tasks: &[Starting],
     ttl: Duration,
-) -> Result<Vec<bool>, BrokerError> {
+) -> Result<Vec<StartVerdict>, BrokerError> {
     let mut inv = START.prepare_invoke();
     inv.arg(keys.revoked_prefix())
         .arg(RESULT_PREFIX)
-        .arg(millis(ttl));
-    for (id, record) in tasks {
-        inv.arg(id).arg(record);
+        .arg(millis(ttl))
+        .arg(worker_id.map(|w| keys.inflight(w)).unwrap_or_default());
+    for t in tasks {
+        inv.arg(&t.task_id).arg(&t.record).arg(t.seq);
     }
     let flags: Vec<i64> = on_lane!(&mut *lane, "start tasks", |c| inv.invoke_async(c))?;
     if flags.len() != tasks.len() {
@@ -38,7 +63,39 @@ pub(crate) async fn start_batch(
             detail: format!("{} answers for {} tasks", flags.len(), tasks.len()),
         });
     }
-    Ok(flags.into_iter().map(|f| f == 1).collect())
+    flags
+        .into_iter()
+        .map(|f| match f {
+            1 => Ok(StartVerdict::Run),
+            0 => Ok(StartVerdict::Revoked),
+            2 => Ok(StartVerdict::NotHeld),
+            other => Err(BrokerError::Reply {
+                op: "start tasks",
+                detail: format!("unexpected verdict {other}"),
+            }),
+        })
+        .collect()
+}
+
+/// Which of `seqs` the worker still holds (one `HMGET`), for when results
+/// live on another server than the broker.
+pub(crate) async fn held(
+    lane: &mut Lane,
+    keys: &Keys,
+    worker_id: &str,
+    seqs: &[u64],
+) -> Result<Vec<bool>, BrokerError> {
+    if seqs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut c = redis::cmd("HMGET");
+    c.arg(keys.inflight(worker_id));
+    for s in seqs {
+        c.arg(*s);
+    }
+    let found: Vec<Option<redis::Value>> =
+        on_lane!(&mut *lane, "check holds", |conn| c.query_async(conn))?;
+    Ok(found.into_iter().map(|v| v.is_some()).collect())
 }
 
 /// What a revocation did.

@@ -44,7 +44,10 @@ async fn fetch_takes_oldest_first_and_records_each_hold() {
     cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q\x06\x163").arg("low")).await;
     let qk = vec!["q".to_string(), "q\x06\x163".to_string()];
     let got = fetch(&mut l, &keys, take(&qk, 2, 0)).await.expect("fetch");
-    let payloads: Vec<_> = got.iter().map(|d| d.payload.as_str()).collect();
+    let payloads: Vec<_> = got
+        .iter()
+        .map(|d| d.text().unwrap_or("<not UTF-8>"))
+        .collect();
     assert_eq!(payloads, ["m1", "m2"]);
     assert_eq!(got.iter().map(|d| d.seq).collect::<Vec<_>>(), [1, 2]);
     let held: Vec<String> = cmd(&mut l, redis::cmd("HVALS").arg(keys.inflight("w1"))).await;
@@ -54,7 +57,10 @@ async fn fetch_takes_oldest_first_and_records_each_hold() {
     assert!(lease.is_some_and(|d| d > now_ms() as f64));
     // Budget left over flows to the next list, after the first is empty.
     let got = fetch(&mut l, &keys, take(&qk, 5, 2)).await.expect("fetch");
-    let payloads: Vec<_> = got.iter().map(|d| d.payload.as_str()).collect();
+    let payloads: Vec<_> = got
+        .iter()
+        .map(|d| d.text().unwrap_or("<not UTF-8>"))
+        .collect();
     assert_eq!(payloads, ["m3", "low"]);
     assert_eq!(got[1].queue_key, "q\x06\x163");
 }
@@ -123,13 +129,27 @@ async fn parked_messages_move_when_due_and_settling_twice_is_harmless() {
     let qk = vec!["q".to_string()];
     let got = fetch(&mut l, &keys, take(&qk, 1, 0)).await.expect("fetch");
     let due = now_ms() + 50;
-    park(&mut l, &keys, due, "q", "x-retry", Some(("w1", got[0].seq)))
-        .await
-        .expect("park");
+    park(
+        &mut l,
+        &keys,
+        due,
+        "q",
+        b"x-retry",
+        Some(("w1", got[0].seq)),
+    )
+    .await
+    .expect("park");
     // The same step again (a retry after a lost reply) must not duplicate it.
-    park(&mut l, &keys, due, "q", "x-retry", Some(("w1", got[0].seq)))
-        .await
-        .expect("park");
+    park(
+        &mut l,
+        &keys,
+        due,
+        "q",
+        b"x-retry",
+        Some(("w1", got[0].seq)),
+    )
+    .await
+    .expect("park");
     let parked: i64 = cmd(&mut l, redis::cmd("ZCARD").arg(keys.delayed())).await;
     assert_eq!(parked, 1);
     let held: i64 = cmd(&mut l, redis::cmd("HLEN").arg(keys.inflight("w1"))).await;
@@ -153,6 +173,7 @@ async fn parked_messages_move_when_due_and_settling_twice_is_harmless() {
         task_id: None,
         task: None,
         payload: "x-retry".into(),
+        payload_base64: None,
         worker: "w1".into(),
         at: "now".into(),
     };
@@ -202,12 +223,12 @@ async fn queue_counts_are_one_snapshot_of_every_place_a_message_can_be() {
         &keys,
         now_ms() + 60_000,
         "q\x06\x163",
-        "later",
+        b"later",
         None,
     )
     .await
     .expect("park");
-    park(&mut l, &keys, now_ms() - 1, "q", "due", None)
+    park(&mut l, &keys, now_ms() - 1, "q", b"due", None)
         .await
         .expect("park");
     let qk = vec!["q".to_string()];
@@ -219,6 +240,7 @@ async fn queue_counts_are_one_snapshot_of_every_place_a_message_can_be() {
         task_id: Some("t1".into()),
         task: Some("x".into()),
         payload: "p".into(),
+        payload_base64: None,
         worker: "w1".into(),
         at: "now".into(),
     };
@@ -289,18 +311,19 @@ async fn revoking_and_starting_exclude_each_other() {
         .expect("revoke");
     assert_eq!(again, RevokeOutcome::AlreadyRevoked);
     let started = r#"{"status":"STARTED"}"#.to_string();
-    let go = start_batch(
-        &mut l,
-        &keys,
-        &[
-            ("t1".into(), started.clone()),
-            ("t2".into(), started.clone()),
-        ],
-        ttl,
-    )
-    .await
-    .expect("start");
-    assert_eq!(go, [false, true], "the revoked task must not start");
+    let starting = |id: &str| Starting {
+        task_id: id.into(),
+        record: started.clone(),
+        seq: 0,
+    };
+    let go = start_batch(&mut l, &keys, None, &[starting("t1"), starting("t2")], ttl)
+        .await
+        .expect("start");
+    assert_eq!(
+        go,
+        [StartVerdict::Revoked, StartVerdict::Run],
+        "the revoked task must not start"
+    );
     let t1: String = cmd(
         &mut l,
         redis::cmd("GET").arg(crate::proto::keys::result_key("t1")),
@@ -339,6 +362,7 @@ async fn dead_letters_are_requeued_or_discarded_exactly_once() {
             task_id: Some(format!("t{}", i + 1)),
             task: None,
             payload: (*m).into(),
+            payload_base64: None,
             worker: "w1".into(),
             at: "now".into(),
         };
@@ -386,4 +410,105 @@ async fn dead_letters_are_requeued_or_discarded_exactly_once() {
     )
     .await;
     assert_eq!(left, ["not json"]);
+}
+
+#[tokio::test]
+async fn a_message_restored_from_an_expired_lease_never_starts_on_its_old_worker() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    let queues = vec!["q".to_string()];
+    for m in ["m1", "m2"] {
+        cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg(m)).await;
+    }
+    let got = fetch(&mut l, &keys, take(&queues, 2, 0))
+        .await
+        .expect("fetch");
+    assert_eq!(got.len(), 2);
+    let ttl = Duration::from_secs(60);
+    let starting = |id: &str, seq| Starting {
+        task_id: id.into(),
+        record: r#"{"status":"STARTED"}"#.into(),
+        seq,
+    };
+    let first = start_batch(&mut l, &keys, Some("w1"), &[starting("a", got[0].seq)], ttl)
+        .await
+        .expect("start");
+    assert_eq!(first, [StartVerdict::Run]);
+    // The lease expires (the worker stalled) and a reaper restores m2.
+    let (workers, restored) = reap(&mut l, &keys, now_ms() + 60_000).await.expect("reap");
+    assert_eq!((workers, restored), (1, 2));
+    let late = start_batch(&mut l, &keys, Some("w1"), &[starting("b", got[1].seq)], ttl)
+        .await
+        .expect("start");
+    assert_eq!(
+        late,
+        [StartVerdict::NotHeld],
+        "a restored message must not start here"
+    );
+    let record: Option<String> = cmd(
+        &mut l,
+        redis::cmd("GET").arg(crate::proto::keys::result_key("b")),
+    )
+    .await;
+    assert_eq!(
+        record, None,
+        "no STARTED record for a task that did not start"
+    );
+    // The same answer through the separate-backend path (one HMGET).
+    let holds = held(&mut l, &keys, "w1", &[got[0].seq, got[1].seq])
+        .await
+        .expect("held");
+    assert_eq!(holds, [false, false]);
+    let queued: Vec<String> = cmd(&mut l, redis::cmd("LRANGE").arg("q").arg(0).arg(-1)).await;
+    assert_eq!(
+        queued.len(),
+        2,
+        "both messages are back on the queue: {queued:?}"
+    );
+}
+
+#[tokio::test]
+async fn non_utf8_messages_are_delivered_as_bytes_and_dead_lettered_with_base64() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    let queues = vec!["celery".to_string()];
+    let raw: &[u8] = b"\xff\xfe not text \x80";
+    cmd::<()>(&mut l, redis::cmd("LPUSH").arg("celery").arg(raw)).await;
+    let got = fetch(&mut l, &keys, take(&queues, 4, 0))
+        .await
+        .expect("fetch");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, raw);
+    assert_eq!(got[0].text(), None);
+    let mut record = DeadLetter {
+        reason: "not UTF-8".into(),
+        queue: "celery".into(),
+        queue_key: "celery".into(),
+        task_id: None,
+        task: None,
+        payload: String::new(),
+        payload_base64: None,
+        worker: "w1".into(),
+        at: "now".into(),
+    };
+    record.set_payload(&got[0].payload);
+    dead_letter(&mut l, &keys, "w1", got[0].seq, &record)
+        .await
+        .expect("dead-letter");
+    let (items, total) = dead_letters(&mut l, &keys, "celery", 10)
+        .await
+        .expect("read");
+    assert_eq!(total, 1);
+    use base64::Engine as _;
+    let b64 = items[0].payload_base64.as_deref().expect("base64 payload");
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .expect("base64"),
+        raw
+    );
+    let inflight: u64 = cmd(&mut l, redis::cmd("HLEN").arg(keys.inflight("w1"))).await;
+    assert_eq!(inflight, 0, "nothing stays held");
 }

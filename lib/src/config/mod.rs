@@ -58,6 +58,14 @@ pub enum ConfigError {
 /// Fewest Redis connections a process may be configured with.
 pub const MIN_POOL_SIZE: usize = 4;
 
+/// The default `worker_metrics_listen`; taken, a free port is used instead.
+pub const DEFAULT_WORKER_METRICS_LISTEN: &str = "0.0.0.0:9101";
+/// The default `beat_metrics_listen`; taken, a free port is used instead.
+pub const DEFAULT_BEAT_METRICS_LISTEN: &str = "0.0.0.0:9102";
+
+/// The default `max_task_delay`: one year.
+pub const DEFAULT_MAX_TASK_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,6 +111,16 @@ pub struct Config {
     /// How long results are kept.
     #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
     pub result_expires: Duration,
+    /// Largest message a worker decodes (`"2MiB"`); a larger one is
+    /// dead-lettered unread, with the reason. The default admits anything
+    /// the web API accepts (a 1 MiB body grows by a third in base64).
+    #[serde(deserialize_with = "de::bytes")]
+    pub max_message_size: u64,
+    /// Furthest into the future an ETA or countdown may lie (`"365d"`): a
+    /// producer refuses a later one, a worker dead-letters it with the
+    /// reason, so nothing waits forever in the delayed set unseen.
+    #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
+    pub max_task_delay: Duration,
     /// Redis connections per process.
     pub redis_pool_size: NonZeroUsize,
     /// Timeout of one Redis command or connection attempt.
@@ -115,9 +133,16 @@ pub struct Config {
     #[serde(deserialize_with = "de::flag")]
     pub allow_root: bool,
     /// Where a worker records who it is, for `taskstack-worker healthcheck`.
-    pub worker_state_file: PathBuf,
+    /// Unset (the default): one file per process,
+    /// `/tmp/taskstack-worker-<pid>.json`, so several workers share a host
+    /// and `healthcheck` checks every one. A set file may not be shared by
+    /// two running workers.
+    pub worker_state_file: Option<PathBuf>,
     /// `taskstack-worker`: `ip:port` serving Prometheus metrics at
-    /// `/metrics`, or `off`. Several workers on one host need a port each.
+    /// `/metrics`, or `off`. With the default, a worker that finds the port
+    /// taken (another worker on this host) serves on a free port instead,
+    /// logs it and announces it in its heartbeat record; a port set here
+    /// is used or the start fails.
     pub worker_metrics_listen: String,
     /// `taskstack-beat`: how long the leader lock lasts without renewal. The
     /// leader renews it every third of this; a standby takes over at most
@@ -133,7 +158,8 @@ pub struct Config {
     /// or `off`.
     pub beat_metrics_listen: String,
     /// Where a beat records who it is, for `taskstack-beat healthcheck`.
-    pub beat_state_file: PathBuf,
+    /// Unset (the default): `/tmp/taskstack-beat-<pid>.json`, one per process.
+    pub beat_state_file: Option<PathBuf>,
     /// `taskstack-beat`'s periodic entries (`[[schedule]]` in the TOML file).
     pub schedule: Vec<ScheduleEntry>,
     /// `taskstack-web`: `ip:port` the HTTP API listens on.
@@ -244,17 +270,19 @@ impl Default for Config {
             lease: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(20),
             result_expires: Duration::from_secs(3600),
+            max_message_size: 2 << 20,
+            max_task_delay: DEFAULT_MAX_TASK_DELAY,
             redis_pool_size: NonZeroUsize::new(8).expect("8 > 0"),
             redis_timeout: Duration::from_secs(5),
             log_level: "info".into(),
             log_format: LogFormat::Auto,
             allow_root: false,
-            worker_state_file: PathBuf::from("/tmp/taskstack-worker.json"),
-            worker_metrics_listen: "0.0.0.0:9101".into(),
+            worker_state_file: None,
+            worker_metrics_listen: DEFAULT_WORKER_METRICS_LISTEN.into(),
             beat_lock_ttl: Duration::from_secs(10),
             beat_missed_grace: Duration::from_secs(300),
-            beat_metrics_listen: "0.0.0.0:9102".into(),
-            beat_state_file: PathBuf::from("/tmp/taskstack-beat.json"),
+            beat_metrics_listen: DEFAULT_BEAT_METRICS_LISTEN.into(),
+            beat_state_file: None,
             schedule: Vec::new(),
             web_listen: "0.0.0.0:8000".into(),
             api_tokens: Vec::new(),
@@ -375,6 +403,18 @@ impl Config {
             self.result_expires,
             Duration::from_secs(1),
         )?;
+        at_least(
+            "max_task_delay",
+            self.max_task_delay,
+            Duration::from_secs(1),
+        )?;
+        if self.max_message_size < 1024 {
+            return Err(invalid(
+                "max_message_size",
+                &self.max_message_size.to_string(),
+                "must be at least 1KiB",
+            ));
+        }
         at_least(
             "redis_timeout",
             self.redis_timeout,

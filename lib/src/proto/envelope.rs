@@ -27,6 +27,12 @@ pub const HEADER_READY_AT: &str = "taskstack_ready_at";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
+    /// Larger than `max_message_size`: refused before any decoding.
+    #[error("message of {size} bytes exceeds max_message_size ({limit} bytes)")]
+    TooLarge { size: usize, limit: usize },
+    /// The payload is not UTF-8 text (so not JSON either).
+    #[error("message is not UTF-8 text (invalid byte at offset {valid_up_to})")]
+    NotUtf8 { valid_up_to: usize },
     /// The payload is not JSON at all.
     #[error("message is not valid JSON: {detail}")]
     NotJson { detail: String },
@@ -77,6 +83,33 @@ pub struct TaskMessage {
     pub group: Option<String>,
     pub ignore_result: bool,
     raw: Value,
+}
+
+/// [`decode`] for a message as taken from the broker: one larger than
+/// `max_size` bytes is refused unread, one that is not UTF-8 is refused
+/// before JSON parsing.
+pub fn decode_bytes(
+    payload: &[u8],
+    max_size: usize,
+) -> Result<TaskMessage, (DecodeError, Option<String>)> {
+    if payload.len() > max_size {
+        return Err((
+            DecodeError::TooLarge {
+                size: payload.len(),
+                limit: max_size,
+            },
+            None,
+        ));
+    }
+    let text = std::str::from_utf8(payload).map_err(|e| {
+        (
+            DecodeError::NotUtf8 {
+                valid_up_to: e.valid_up_to(),
+            },
+            None,
+        )
+    })?;
+    decode(text)
 }
 
 /// Decodes a raw message. On failure the task id is returned too when the

@@ -2,7 +2,9 @@
 
 use super::registry::{TaskContext, TaskError, TaskOptions};
 use super::shared::{SettleMsg, Shared, Stats, panic_text, persist};
-use crate::broker::{DeadLetter, Delivery, Settle, dead_letter, park, store_result};
+use crate::broker::{
+    DeadLetter, Delivery, Settle, StartVerdict, Starting, dead_letter, park, store_result,
+};
 use crate::proto::envelope::{self, DecodeError, TaskMessage};
 use crate::proto::keys::queue_of_key;
 use crate::proto::{ExceptionInfo, Provenance, TaskResult, TaskState};
@@ -18,7 +20,7 @@ const ETA_TOLERANCE: Duration = Duration::from_millis(100);
 
 pub(crate) async fn handle(sh: Arc<Shared>, d: Delivery) {
     let queue = queue_of_key(&d.queue_key).to_owned();
-    let msg = match envelope::decode(&d.payload) {
+    let msg = match envelope::decode_bytes(&d.payload, sh.settings.max_message_size) {
         Ok(m) => m,
         Err((err, id)) => {
             let span = tracing::warn_span!("message", task_id = id.as_deref().unwrap_or(""), queue = %queue);
@@ -84,6 +86,19 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessa
             provenance(&sh, &msg, &queue),
         );
         Box::pin(finish(&sh, d.seq, &msg, Some(r))).await;
+        return;
+    }
+    if let Some(eta) = msg.eta
+        && eta - now > chrono::Duration::from_std(sh.settings.max_task_delay).unwrap_or_default()
+    {
+        let reason = format!(
+            "eta {} lies more than max_task_delay ({}) ahead",
+            envelope::format_time(eta),
+            humantime::format_duration(sh.settings.max_task_delay)
+        );
+        tracing::warn!(reason = %reason, "refusing task; dead-lettering it");
+        let exc = ExceptionInfo::builtin("ValueError", reason.clone());
+        Box::pin(poison(&sh, &d, &queue, Origin::of(&msg), reason, exc)).await;
         return;
     }
     if let Some(eta) = msg.eta
@@ -162,18 +177,39 @@ async fn execute(
     );
     record.date_started = Some(started_at.clone());
     let record = serde_json::to_string(&record).unwrap_or_default();
-    if !sh.start(&msg.id, record).await {
-        drop(permit);
-        if sh.stop.is_cancelled() || sh.abandon.is_cancelled() {
+    let start = Starting {
+        task_id: msg.id.clone(),
+        record,
+        seq: d.seq,
+    };
+    match sh.start(start).await {
+        Some(StartVerdict::Run) => {}
+        Some(StartVerdict::Revoked) => {
+            drop(permit);
+            tracing::info!("task was revoked before it started; skipping it");
+            Stats::bump(&sh.stats.revoked);
+            sh.metrics.finished(&msg.task, "revoked");
+            // The revocation stored the REVOKED record; only the hold is settled.
+            finish(&sh, d.seq, &msg, None).await;
+            return;
+        }
+        Some(StartVerdict::NotHeld) => {
+            drop(permit);
+            tracing::warn!(
+                "not starting the task: this worker's lease expired and its message went \
+                 back to the queue (another worker runs it)"
+            );
+            Stats::bump(&sh.stats.forfeited);
+            sh.metrics.finished(&msg.task, "forfeited");
+            // Nothing to settle: the hold is gone.
+            sh.held.add_permits(1);
+            return;
+        }
+        None => {
+            drop(permit);
             sh.settle(SettleMsg::HandBack(d.seq)).await;
             return;
         }
-        tracing::info!("task was revoked before it started; skipping it");
-        Stats::bump(&sh.stats.revoked);
-        sh.metrics.finished(&msg.task, "revoked");
-        // The revocation stored the REVOKED record; only the hold is settled.
-        finish(&sh, d.seq, &msg, None).await;
-        return;
     }
     tracing::debug!("task started");
     let started = tokio::time::Instant::now();
@@ -307,7 +343,7 @@ async fn retry(
                 sh.broker.keys(),
                 due,
                 &d.queue_key,
-                &next,
+                next.as_bytes(),
                 held,
             )
             .await
@@ -368,16 +404,18 @@ async fn poison(
             },
         )
     });
-    let record = DeadLetter {
+    let mut record = DeadLetter {
         reason,
         queue: queue.to_owned(),
         queue_key: d.queue_key.clone(),
         task_id: task_id.map(str::to_owned),
         task: task.map(str::to_owned),
-        payload: d.payload.clone(),
+        payload: String::new(),
+        payload_base64: None,
         worker: sh.id.clone(),
         at: envelope::format_time(Utc::now()),
     };
+    record.set_payload(&d.payload);
     let ttl = sh.settings.result_expires;
     let done = persist!(
         sh,

@@ -3,15 +3,27 @@
 //! the heartbeat record it keeps in Redis, so it needs no shell and no port.
 
 use crate::broker::{Broker, worker_record};
-use crate::service::state;
-use std::path::Path;
+use crate::service::state::{self, StatePath};
 
-/// Checks that the worker recorded in `state_file` is running and that its
-/// heartbeat is fresh in Redis. Ok names the worker; Err says what failed.
-pub async fn check(state_file: &Path, broker: &Broker) -> Result<String, String> {
-    let state = state::read_live(state_file, "worker", broker.keys().namespace())?;
+/// Checks that every worker recorded at `at` (all of this host's workers
+/// with per-process state files) is running and has a fresh heartbeat in
+/// Redis. Ok names them; Err says what failed for the first that failed.
+pub async fn check(at: &StatePath, broker: &Broker) -> Result<String, String> {
+    let states = state::read_all_live(at, "worker", broker.keys().namespace())?;
     let mut lane = broker.broker_pool().lane();
-    match worker_record(&mut lane, broker.keys(), &state.id).await {
+    let mut healthy = Vec::with_capacity(states.len());
+    for s in &states {
+        healthy.push(check_one(&mut lane, broker, s).await?);
+    }
+    Ok(healthy.join("; "))
+}
+
+async fn check_one(
+    lane: &mut crate::broker::Lane,
+    broker: &Broker,
+    state: &state::State,
+) -> Result<String, String> {
+    match worker_record(lane, broker.keys(), &state.id).await {
         Ok(Some(rec)) if rec.pid == state.pid => Ok(format!(
             "worker {} alive: queues {:?}, {} processed",
             rec.id, rec.queues, rec.processed

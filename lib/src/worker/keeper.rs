@@ -30,6 +30,7 @@ pub(crate) fn record(sh: &Shared, started_at: &str) -> WorkerRecord {
         retried: s.retried.load(Ordering::Relaxed),
         dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        metrics_addr: sh.metrics_addr.map(|a| a.to_string()),
     }
 }
 

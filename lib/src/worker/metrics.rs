@@ -31,13 +31,14 @@ pub const MESSAGES_RESTORED: &str = "taskstack_worker_messages_restored";
 pub const MESSAGES_HANDED_BACK: &str = "taskstack_worker_messages_handed_back";
 
 /// The values of the `outcome` label.
-pub const OUTCOMES: [&str; 6] = [
+pub const OUTCOMES: [&str; 7] = [
     "success",
     "failure",
     "retry",
     "dead_lettered",
     "revoked",
     "expired",
+    "forfeited",
 ];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -36,9 +36,9 @@ use crate::broker::{
 };
 use crate::config::Config;
 use crate::proto::keys::{PRIORITY_BUCKETS, queue_key};
+use crate::service::state::StatePath;
 use shared::{Shared, jitter};
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
@@ -58,12 +58,8 @@ pub enum WorkerError {
     NoTasks,
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("cannot write the worker state file {path:?}: {source}")]
-    StateFile {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    StateFile(#[from] crate::service::state::StateError),
 }
 
 /// The worker's share of the configuration.
@@ -75,8 +71,12 @@ pub struct WorkerSettings {
     pub lease: Duration,
     pub drain_timeout: Duration,
     pub result_expires: Duration,
+    /// Largest message decoded; larger ones are dead-lettered unread.
+    pub max_message_size: usize,
+    /// Furthest an ETA may lie ahead; later ones are dead-lettered.
+    pub max_task_delay: Duration,
     /// Where to record this worker's id for `healthcheck`; `None` for none.
-    pub state_file: Option<PathBuf>,
+    pub state_file: Option<StatePath>,
 }
 
 impl WorkerSettings {
@@ -89,7 +89,9 @@ impl WorkerSettings {
             lease: c.lease,
             drain_timeout: c.drain_timeout,
             result_expires: c.result_expires,
-            state_file: Some(c.worker_state_file.clone()),
+            max_message_size: usize::try_from(c.max_message_size).unwrap_or(usize::MAX),
+            max_task_delay: c.max_task_delay,
+            state_file: Some(StatePath::new("worker", c.worker_state_file.as_deref())),
         }
     }
 
@@ -192,6 +194,10 @@ impl Worker {
             id: self.id,
             stats: self.stats,
             metrics: self.metrics,
+            metrics_addr: self
+                .metrics_listener
+                .as_ref()
+                .and_then(|l| l.local_addr().ok()),
             stop: CancellationToken::new(),
             abandon: CancellationToken::new(),
             settle_tx: std::sync::Mutex::new(Some(settle_tx)),
@@ -234,14 +240,16 @@ impl Worker {
                 handed_back: 0,
             });
         }
-        if let Some(path) = &sh.settings.state_file {
-            crate::service::state::write(path, &sh.id, sh.broker.keys().namespace()).map_err(
-                |source| WorkerError::StateFile {
-                    path: path.clone(),
-                    source,
-                },
-            )?;
-        }
+        let state_file = match &sh.settings.state_file {
+            Some(at) => Some(crate::service::state::claim(
+                at,
+                "worker",
+                "worker_state_file",
+                &sh.id,
+                sh.broker.keys().namespace(),
+            )?),
+            None => None,
+        };
         tracing::info!(
             worker = %sh.id,
             queues = ?sh.settings.queues,
@@ -332,7 +340,7 @@ impl Worker {
                 0
             }
         };
-        if let Some(path) = &sh.settings.state_file {
+        if let Some(path) = state_file {
             let _ = std::fs::remove_file(path);
         }
         let summary = RunSummary {

@@ -2,7 +2,7 @@
 
 use super::WorkerSettings;
 use super::registry::Registry;
-use crate::broker::{Broker, BrokerError, Settle};
+use crate::broker::{Broker, BrokerError, Settle, StartVerdict, Starting};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -19,6 +19,9 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
     pub revoked: AtomicU64,
     pub handed_back: AtomicU64,
+    /// Held messages not started because the lease was lost meanwhile
+    /// (a reaper had already put them back on their queues).
+    pub forfeited: AtomicU64,
     pub restored_from_dead_workers: AtomicU64,
 }
 
@@ -50,6 +53,8 @@ pub(crate) struct Shared {
     pub id: String,
     pub stats: Arc<Stats>,
     pub metrics: Arc<super::metrics::Metrics>,
+    /// Where `/metrics` is served, announced in the heartbeat record.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Permits = messages the worker may still take (prefetch − held).
     pub held: Arc<Semaphore>,
     /// Permits = tasks that may run now (concurrency).
@@ -81,21 +86,14 @@ impl Shared {
         }
     }
 
-    /// Asks the starter whether the task may run (it was not revoked) and
-    /// records it STARTED. `false` also when the worker gave up on Redis.
-    pub async fn start(&self, task_id: &str, record: String) -> bool {
-        let tx = self.start_tx.lock().ok().and_then(|g| g.clone());
-        let Some(tx) = tx else { return false };
+    /// Asks the starter whether the task may run (not revoked, still held)
+    /// and records it STARTED if so. `None` when the worker gave up on Redis.
+    pub async fn start(&self, start: Starting) -> Option<StartVerdict> {
+        let tx = self.start_tx.lock().ok().and_then(|g| g.clone())?;
         let (reply, rx) = tokio::sync::oneshot::channel();
-        let req = super::starter::StartRequest {
-            task_id: task_id.to_owned(),
-            record,
-            reply,
-        };
-        if tx.send(req).await.is_err() {
-            return false;
-        }
-        rx.await.unwrap_or(false)
+        let req = super::starter::StartRequest { start, reply };
+        tx.send(req).await.ok()?;
+        rx.await.ok()
     }
 
     /// Closes the start channel (after the last message task ended).

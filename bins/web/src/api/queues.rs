@@ -6,7 +6,7 @@ use crate::state::{AppState, read_snapshot};
 use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
-use taskstack::broker::{BrokerError, WorkerRecord, queue_counts};
+use taskstack::broker::{BrokerError, DelayedSpan, WorkerRecord, delayed_span, queue_counts};
 use utoipa::ToSchema;
 
 /// One queue's messages and workers.
@@ -32,6 +32,33 @@ pub struct QueueView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct QueueList {
     pub queues: Vec<QueueView>,
+    pub delayed: DelayedView,
+}
+
+/// The delayed set, shared by every queue: ETA, countdown and retry
+/// messages waiting to be due.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DelayedView {
+    /// Messages parked in all.
+    pub parked: u64,
+    /// When the message due first is due (RFC 3339), null when none is parked.
+    pub first_due: Option<String>,
+    /// When the message due last is due (RFC 3339): an ETA far ahead shows here.
+    pub last_due: Option<String>,
+}
+
+impl From<DelayedSpan> for DelayedView {
+    fn from(s: DelayedSpan) -> Self {
+        let at = |ms: Option<i64>| {
+            ms.and_then(chrono::DateTime::from_timestamp_millis)
+                .map(taskstack::proto::envelope::format_time)
+        };
+        Self {
+            parked: s.parked,
+            first_due: at(s.first_due_ms),
+            last_due: at(s.last_due_ms),
+        }
+    }
 }
 
 /// Every configured queue and every queue a live worker consumes.
@@ -76,7 +103,12 @@ pub async fn list_queues(State(state): State<AppState>) -> Result<Json<QueueList
     let queues = queue_views(&state)
         .await
         .map_err(|e| ApiError::broker(&e))?;
-    Ok(Json(QueueList { queues }))
+    let mut lane = state.broker().broker_pool().shared_lane();
+    let delayed = delayed_span(&mut lane, state.broker().keys())
+        .await
+        .map_err(|e| ApiError::broker(&e))?
+        .into();
+    Ok(Json(QueueList { queues, delayed }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
