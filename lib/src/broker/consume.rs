@@ -95,6 +95,7 @@ pub(crate) async fn fetch(
             payload,
         });
     }
+    lane.recycle_after(out.iter().map(|d| d.payload.len()).sum());
     Ok(out)
 }
 
@@ -150,6 +151,10 @@ pub(crate) async fn settle(
     result_ttl: Duration,
 ) -> Result<(), BrokerError> {
     let ttl = result_ttl.as_secs().max(1);
+    let bytes: usize = batch
+        .iter()
+        .filter_map(|s| s.result.as_ref().map(|(_, json)| json.len()))
+        .sum();
     let mut results = redis::pipe();
     for s in batch {
         if let Some((id, json)) = &s.result {
@@ -177,6 +182,7 @@ pub(crate) async fn settle(
             if !results.is_empty() {
                 on_lane!(&mut *backend, "store results", |c| results
                     .query_async::<()>(c))?;
+                backend.recycle_after(bytes);
             }
             on_lane!(&mut *broker_lane, "acknowledge", |c| release
                 .query_async::<()>(c))
@@ -185,7 +191,9 @@ pub(crate) async fn settle(
             results.add_command(release).ignore();
             on_lane!(&mut *broker_lane, "store results and acknowledge", |c| {
                 results.query_async::<()>(c)
-            })
+            })?;
+            broker_lane.recycle_after(bytes);
+            Ok(())
         }
     }
 }

@@ -63,9 +63,11 @@ pub(crate) async fn dead_letter(
     let mut inv = DEAD_LETTER.prepare_invoke();
     inv.key(keys.dead_letters(&record.queue))
         .key(keys.inflight(worker_id))
-        .arg(json)
+        .arg(&json)
         .arg(seq);
-    on_lane!(&mut *lane, "dead-letter", |c| inv.invoke_async::<()>(c))
+    on_lane!(&mut *lane, "dead-letter", |c| inv.invoke_async::<()>(c))?;
+    lane.recycle_after(json.len());
+    Ok(())
 }
 
 /// Reads up to `count` dead letters of `queue`, newest first, and how many

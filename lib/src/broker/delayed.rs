@@ -29,7 +29,9 @@ pub(crate) async fn park(
         .arg(payload)
         .arg(seq);
     on_lane!(&mut *lane, "park delayed message", |c| inv
-        .invoke_async::<()>(c))
+        .invoke_async::<()>(c))?;
+    lane.recycle_after(payload.len());
+    Ok(())
 }
 
 /// Moves up to `max` due messages to their queues. Returns how many moved

@@ -250,6 +250,10 @@ impl redis::aio::ConnectionLike for LaneConn {
     }
 }
 
+/// Transfers over this size make [`Lane::recycle_after`] close the
+/// connection that carried them.
+pub const LARGE_TRANSFER: usize = 1 << 20;
+
 /// The handle a Redis step runs on (see the module docs for the two
 /// kinds). After an I/O error or a timeout the connection is dropped and
 /// the next call takes a fresh one.
@@ -301,6 +305,19 @@ impl Lane {
             }
             BrokerError::Redis { op, source: e }
         })
+    }
+
+    /// Closes this lane's pooled connection instead of returning it to the
+    /// pool (the next call opens a fresh one), when `bytes` moved over it
+    /// exceed [`LARGE_TRANSFER`]: a connection's buffers keep the size of
+    /// the largest reply or request it carried for as long as it lives. The
+    /// shared connection is left alone.
+    pub fn recycle_after(&mut self, bytes: usize) {
+        if bytes > LARGE_TRANSFER
+            && let Some(LaneConn::Pooled(c)) = self.conn.take()
+        {
+            drop(Connection::take(c));
+        }
     }
 
     /// The pool this lane draws from.

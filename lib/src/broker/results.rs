@@ -28,7 +28,9 @@ pub async fn store_result(
         .arg(&key)
         .arg(&json)
         .ignore();
-    on_lane!(&mut *lane, "store result", |c| p.query_async::<()>(c))
+    on_lane!(&mut *lane, "store result", |c| p.query_async::<()>(c))?;
+    lane.recycle_after(json.len() * 2);
+    Ok(())
 }
 
 /// Stores many results (`SET ... PX`, then `PUBLISH` each) in one pipeline.

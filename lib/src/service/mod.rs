@@ -5,6 +5,7 @@
 
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod memory;
 pub mod metrics_http;
 pub mod state;
 
@@ -46,6 +47,8 @@ where
             return ExitCode::from(2);
         }
     };
+    // Before any thread exists (see `memory::tune`).
+    memory::tune();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = worker_threads {
         builder.worker_threads(n);

@@ -1,7 +1,7 @@
 //! What happens to one message a worker took: decode, check, run, record.
 
 use super::registry::{TaskContext, TaskError, TaskOptions};
-use super::shared::{SettleMsg, Shared, Stats, panic_text, persist};
+use super::shared::{Held, SettleMsg, Shared, Stats, panic_text, persist};
 use crate::broker::{
     DeadLetter, Delivery, Settle, StartVerdict, Starting, dead_letter, park, store_result,
 };
@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 /// An ETA closer than this is treated as due (clock reads differ slightly).
 const ETA_TOLERANCE: Duration = Duration::from_millis(100);
 
-pub(crate) async fn handle(sh: Arc<Shared>, d: Delivery) {
+pub(crate) async fn handle(sh: Arc<Shared>, d: Held) {
     let queue = queue_of_key(&d.queue_key).to_owned();
     let msg = match envelope::decode_bytes(&d.payload, sh.settings.max_message_size) {
         Ok(m) => m,
@@ -70,7 +70,7 @@ fn provenance<'a>(sh: &'a Shared, msg: &'a TaskMessage, queue: &'a str) -> Prove
     }
 }
 
-async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessage) {
+async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) {
     let now = Utc::now();
     if let Some(exp) = msg.expires
         && exp <= now
@@ -85,7 +85,7 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessa
             exc.to_value(),
             provenance(&sh, &msg, &queue),
         );
-        Box::pin(finish(&sh, d.seq, &msg, Some(r))).await;
+        Box::pin(finish(&sh, d, &msg, Some(r))).await;
         return;
     }
     if let Some(eta) = msg.eta
@@ -124,9 +124,9 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessa
             )
         })
         .await;
-        if done.is_some() {
-            sh.held.add_permits(1);
-        }
+        // Parked or not (the worker gave up on Redis), the slot returns
+        // when `d` drops here.
+        let _ = done;
         return;
     }
     let Some((handler, options)) = sh.registry.get(&msg.task) else {
@@ -143,12 +143,12 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessa
     let permit = tokio::select! {
         biased;
         () = sh.stop.cancelled() => {
-            sh.settle(SettleMsg::HandBack(d.seq)).await;
+            sh.settle(SettleMsg::hand_back(d)).await;
             return;
         }
         p = Arc::clone(&sh.exec).acquire_owned() => match p {
             Ok(p) => p,
-            Err(_) => { sh.settle(SettleMsg::HandBack(d.seq)).await; return; }
+            Err(_) => { sh.settle(SettleMsg::hand_back(d)).await; return; }
         },
     };
     // Boxed, like the rare paths above: up to prefetch − concurrency
@@ -161,7 +161,7 @@ async fn run_message(sh: Arc<Shared>, d: Delivery, queue: String, msg: TaskMessa
 /// records its outcome.
 async fn execute(
     sh: Arc<Shared>,
-    d: Delivery,
+    d: Held,
     queue: String,
     mut msg: TaskMessage,
     handler: super::registry::Handler,
@@ -190,7 +190,7 @@ async fn execute(
             Stats::bump(&sh.stats.revoked);
             sh.metrics.finished(&msg.task, "revoked");
             // The revocation stored the REVOKED record; only the hold is settled.
-            finish(&sh, d.seq, &msg, None).await;
+            finish(&sh, d, &msg, None).await;
             return;
         }
         Some(StartVerdict::NotHeld) => {
@@ -201,13 +201,12 @@ async fn execute(
             );
             Stats::bump(&sh.stats.forfeited);
             sh.metrics.finished(&msg.task, "forfeited");
-            // Nothing to settle: the hold is gone.
-            sh.held.add_permits(1);
+            // Nothing to settle: the hold is gone; the slot returns with `d`.
             return;
         }
         None => {
             drop(permit);
-            sh.settle(SettleMsg::HandBack(d.seq)).await;
+            sh.settle(SettleMsg::hand_back(d)).await;
             return;
         }
     }
@@ -246,14 +245,14 @@ async fn execute(
             Stats::bump(&sh.stats.succeeded);
             sh.metrics.finished(&msg.task, "success");
             let r = TaskResult::new(&msg.id, TaskState::Success, value, from);
-            finish(&sh, d.seq, &msg, Some(stamp(r))).await;
+            finish(&sh, d, &msg, Some(stamp(r))).await;
         }
         Ok(Ok(Err(TaskError::Fail(exc)))) => {
             tracing::info!(runtime = ?runtime, exc_type = %exc.exc_type, error = %exc.message, "task failed");
             Stats::bump(&sh.stats.failed);
             sh.metrics.finished(&msg.task, "failure");
             let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
-            finish(&sh, d.seq, &msg, Some(stamp(r))).await;
+            finish(&sh, d, &msg, Some(stamp(r))).await;
         }
         Ok(Ok(Err(TaskError::Retry { reason, countdown }))) => {
             retry(&sh, &d, &queue, &msg, options, reason, countdown).await;
@@ -270,7 +269,7 @@ async fn execute(
             sh.metrics.finished(&msg.task, "failure");
             let exc = ExceptionInfo::builtin("RuntimeError", format!("task panicked: {what}"));
             let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
-            finish(&sh, d.seq, &msg, Some(stamp(r))).await;
+            finish(&sh, d, &msg, Some(stamp(r))).await;
         }
         Err(limit) => {
             tracing::warn!(limit = ?limit, "task exceeded its hard time limit and was stopped");
@@ -281,20 +280,22 @@ async fn execute(
                 format!("hard time limit ({}s) exceeded", limit.as_secs_f64()),
             );
             let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
-            finish(&sh, d.seq, &msg, Some(stamp(r))).await;
+            finish(&sh, d, &msg, Some(stamp(r))).await;
         }
     }
 }
 
 /// Stores the result (unless the message asked not to) and releases the hold.
-async fn finish(sh: &Shared, seq: u64, msg: &TaskMessage, result: Option<TaskResult>) {
+async fn finish(sh: &Shared, d: Held, msg: &TaskMessage, result: Option<TaskResult>) {
     let result = result.filter(|_| !msg.ignore_result).and_then(|r| {
         serde_json::to_string(&r)
             .map_err(|e| tracing::error!(error = %e, "result is not serializable"))
             .ok()
             .map(|json| (msg.id.clone(), json))
     });
-    sh.settle(SettleMsg::Done(Settle { seq, result })).await;
+    let (seq, slot) = d.into_settlement();
+    sh.settle(SettleMsg::Done(Settle { seq, result }, slot))
+        .await;
 }
 
 #[allow(clippy::too_many_arguments)] // one call site; the fields are all distinct
@@ -350,9 +351,9 @@ async fn retry(
         }
         .await
     );
-    if done.is_some() {
-        sh.held.add_permits(1);
-    }
+    // The hold is settled (or the worker gave up on Redis); the caller's
+    // `Held` returns the slot when it drops.
+    let _ = done;
 }
 /// What is known about a poisoned message's task.
 #[derive(Debug, Clone, Copy)]
@@ -430,9 +431,9 @@ async fn poison(
         }
         .await
     );
-    if done.is_some() {
-        sh.held.add_permits(1);
-    }
+    // The hold is settled (or the worker gave up on Redis); the caller's
+    // `Held` returns the slot when it drops.
+    let _ = done;
 }
 
 /// The `task` label of a metric: the name when it is registered (so the

@@ -63,6 +63,8 @@ pub(crate) async fn run(sh: Arc<Shared>, started_at: String, until: Cancellation
 }
 
 async fn beat(sh: &Shared, lane: &mut Lane, started_at: &str, landing_source: &str) {
+    // Every third of a lease: give back what large messages left behind.
+    crate::service::memory::trim();
     let rec = record(sh, started_at);
     match heartbeat(
         lane,

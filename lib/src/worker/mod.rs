@@ -22,6 +22,7 @@ mod handle;
 pub mod health;
 mod keeper;
 pub mod metrics;
+mod phases;
 mod registry;
 mod settler;
 mod shared;
@@ -31,9 +32,7 @@ pub use registry::{Registry, TaskContext, TaskError, TaskFuture, TaskOptions, Ta
 pub use shared::Stats;
 pub(crate) use shared::panic_text;
 
-use crate::broker::{
-    Broker, BrokerError, Delivery, Take, fetch, heartbeat, release, wait_for_message,
-};
+use crate::broker::{Broker, BrokerError, Delivery, Take, fetch, requeue, wait_for_message};
 use crate::config::Config;
 use crate::proto::keys::{PRIORITY_BUCKETS, queue_key};
 use crate::service::state::StatePath;
@@ -183,6 +182,7 @@ impl Worker {
         if self.registry.is_empty() {
             return Err(WorkerError::NoTasks);
         }
+        let metrics_listener = self.metrics_listener;
         let (settle_tx, settle_rx) = mpsc::channel(self.settings.prefetch.max(64) * 2);
         let (start_tx, start_rx) = mpsc::channel(self.settings.concurrency.max(64) * 2);
         let sh = Arc::new(Shared {
@@ -194,152 +194,42 @@ impl Worker {
             id: self.id,
             stats: self.stats,
             metrics: self.metrics,
-            metrics_addr: self
-                .metrics_listener
-                .as_ref()
-                .and_then(|l| l.local_addr().ok()),
+            metrics_addr: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
             stop: CancellationToken::new(),
             abandon: CancellationToken::new(),
             settle_tx: std::sync::Mutex::new(Some(settle_tx)),
             start_tx: std::sync::Mutex::new(Some(start_tx)),
         });
-        let stop = sh.stop.clone();
         let mut shutdown = std::pin::pin!(shutdown);
         let started_at = crate::proto::envelope::format_time(chrono::Utc::now());
-        let queue_keys = sh.settings.queue_keys();
 
-        // Register first, so the lease exists before anything is taken.
-        let register = async {
-            let mut lane = sh.broker.broker_pool().lane();
-            let mut retry = sh.retrier("register worker (is Redis reachable?)");
-            loop {
-                let rec = keeper::record(&sh, &started_at);
-                match heartbeat(
-                    &mut lane,
-                    sh.broker.keys(),
-                    &rec,
-                    &queue_keys[0],
-                    sh.settings.lease,
-                )
-                .await
-                {
-                    Ok(_) => return true,
-                    Err(e) => {
-                        retry.again(&e).await;
-                    }
-                }
-            }
-        };
-        let registered = tokio::select! {
-            () = &mut shutdown => false,
-            r = register => r,
-        };
-        if !registered {
+        // 1. Register: the lease exists before anything is taken.
+        if !phases::register(&sh, &started_at, &mut shutdown).await {
             return Ok(RunSummary {
                 processed: 0,
                 handed_back: 0,
             });
         }
-        let state_file = match &sh.settings.state_file {
-            Some(at) => Some(crate::service::state::claim(
-                at,
-                "worker",
-                "worker_state_file",
-                &sh.id,
-                sh.broker.keys().namespace(),
-            )?),
-            None => None,
-        };
-        tracing::info!(
-            worker = %sh.id,
-            queues = ?sh.settings.queues,
-            tasks = ?sh.registry.names(),
-            concurrency = sh.settings.concurrency,
-            prefetch = sh.settings.prefetch,
-            "worker ready"
-        );
-
-        let keep = CancellationToken::new();
-        let metrics_server = self.metrics_listener.map(|listener| {
-            let m = Arc::clone(&sh);
-            let render = move || {
-                let held =
-                    m.settings.prefetch - m.held.available_permits().min(m.settings.prefetch);
-                let running =
-                    m.settings.concurrency - m.exec.available_permits().min(m.settings.concurrency);
-                m.metrics.render(held, running)
-            };
-            tokio::spawn(crate::service::metrics_http::serve(
-                listener,
-                crate::service::metrics_http::OPENMETRICS_FORMAT,
-                render,
-                keep.clone(),
-            ))
-        });
-        let settler = tokio::spawn(settler::run(Arc::clone(&sh), settle_rx));
-        let starter = tokio::spawn(starter::run(Arc::clone(&sh), start_rx));
-        let keeper = tokio::spawn(keeper::run(
-            Arc::clone(&sh),
-            started_at.clone(),
-            keep.clone(),
-        ));
-
+        let state_file = phases::record_state(&sh)?;
+        // 2. Serve: the background loops, then the dispatcher until shutdown.
+        let loops = phases::Loops::spawn(&sh, metrics_listener, started_at, settle_rx, start_rx);
         let mut tasks = JoinSet::new();
+        let queue_keys = sh.settings.queue_keys();
         tokio::select! {
             () = &mut shutdown => {}
             () = dispatch(&sh, &queue_keys, &mut tasks) => {}
         }
-        stop.cancel();
+        // 3. Drain: no new messages; running tasks get the drain timeout.
+        sh.stop.cancel();
         tracing::info!(
             in_flight = tasks.len(),
             drain_timeout = ?sh.settings.drain_timeout,
             "stopping: taking no new messages, handing back unstarted ones, draining"
         );
         drain(&mut tasks, sh.settings.drain_timeout).await;
-        // No task is left to start: the starter finishes and exits.
-        sh.close_starts();
-
-        // Every settlement is queued now. Closing the channel lets the
-        // settler finish them and exit; the lease keeps being renewed until
-        // it has, so nothing is redelivered while its result is being stored.
-        sh.close_settlements();
-        let mut settler = std::pin::pin!(settler);
-        let mut starter = std::pin::pin!(starter);
-        let finished = async {
-            let _ = (&mut settler).await;
-            let _ = (&mut starter).await;
-        };
-        if tokio::time::timeout(SETTLE_GRACE, finished).await.is_err() {
-            tracing::warn!(
-                "results still unsettled after {SETTLE_GRACE:?}; leaving them to redelivery"
-            );
-            sh.abandon.cancel();
-            // A handle already awaited to completion must not be polled again.
-            if !settler.is_finished() {
-                let _ = settler.await;
-            }
-            if !starter.is_finished() {
-                let _ = starter.await;
-            }
-        }
-        keep.cancel();
-        let _ = keeper.await;
-        if let Some(server) = metrics_server {
-            match server.await {
-                Ok(Err(e)) => tracing::warn!(error = %e, "the metrics endpoint failed"),
-                Err(e) => tracing::warn!(error = %e, "the metrics endpoint panicked"),
-                Ok(Ok(())) => {}
-            }
-        }
-
-        let mut lane = sh.broker.broker_pool().lane();
-        let at_release = match release(&mut lane, sh.broker.keys(), &sh.id).await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot release the lease; held messages return when it expires");
-                0
-            }
-        };
+        // 4. Settle what finished, stop the loops, and hand back the rest.
+        loops.finish(&sh).await;
+        let at_release = phases::release(&sh).await;
         if let Some(path) = state_file {
             let _ = std::fs::remove_file(path);
         }
@@ -355,9 +245,6 @@ impl Worker {
         Ok(summary)
     }
 }
-
-/// How long a stopping worker keeps trying to store results after the drain.
-const SETTLE_GRACE: Duration = Duration::from_secs(5);
 
 /// Waits for running tasks until `timeout`, then aborts the rest (their
 /// messages stay held and are handed back by the lease release).
@@ -391,21 +278,18 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
                 tracing::error!(error = %e, "message task failed");
             }
         }
-        let Ok(first) = sh.held.acquire().await else {
+        // Wait for room for one message, then take every free slot: the
+        // unused ones return when `slots` drops.
+        let Ok(mut slots) = Arc::clone(&sh.held).acquire_owned().await else {
             return;
         };
-        first.forget();
-        let extra = sh.held.available_permits();
-        let budget = 1 + match sh
-            .held
-            .try_acquire_many(u32::try_from(extra).unwrap_or(u32::MAX))
+        let extra = u32::try_from(sh.held.available_permits()).unwrap_or(u32::MAX);
+        if extra > 0
+            && let Ok(more) = Arc::clone(&sh.held).try_acquire_many_owned(extra)
         {
-            Ok(p) => {
-                p.forget();
-                extra
-            }
-            Err(_) => 0,
-        };
+            slots.merge(more);
+        }
+        let budget = slots.num_permits();
         let take = Take {
             worker_id: &sh.id,
             queue_keys,
@@ -424,15 +308,34 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
                 d
             }
             Err(e) => {
-                sh.held.add_permits(budget);
+                drop(slots);
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot take messages");
                 tokio::time::sleep(jitter(backoff)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
-        sh.held.add_permits(budget - deliveries.len());
-        if deliveries.is_empty() {
+        let mut held = Vec::with_capacity(deliveries.len());
+        let mut surplus = Vec::new();
+        for d in deliveries {
+            match slots.split(1) {
+                Some(slot) => held.push(shared::Held::new(d, slot)),
+                // fetch.lua never returns more than asked; should a reply
+                // ever do so, the extra goes back rather than unaccounted.
+                None => surplus.push(d.seq),
+            }
+        }
+        drop(slots);
+        if !surplus.is_empty() {
+            tracing::error!(
+                count = surplus.len(),
+                "took more messages than asked; handing them back"
+            );
+            if let Err(e) = requeue(&mut lane, sh.broker.keys(), &sh.id, &surplus).await {
+                tracing::warn!(error = %e, "cannot hand back; the lease returns them");
+            }
+        }
+        if held.is_empty() {
             if let Err(e) = wait_for_message(
                 &mut lane,
                 sh.broker.keys(),
@@ -448,8 +351,8 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
             }
             continue;
         }
-        for d in deliveries {
-            tasks.spawn(handle::handle(Arc::clone(sh), d));
+        for h in held {
+            tasks.spawn(handle::handle(Arc::clone(sh), h));
         }
     }
 }

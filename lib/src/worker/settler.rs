@@ -19,10 +19,19 @@ pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
     while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
         let mut done: Vec<Settle> = Vec::with_capacity(buf.len());
         let mut back: Vec<u64> = Vec::new();
+        // Released once this batch is stored (or abandoned): only then may
+        // the dispatcher take more.
+        let mut slots = Vec::with_capacity(buf.len());
         for m in buf.drain(..) {
             match m {
-                SettleMsg::Done(s) => done.push(s),
-                SettleMsg::HandBack(seq) => back.push(seq),
+                SettleMsg::Done(s, slot) => {
+                    done.push(s);
+                    slots.push(slot);
+                }
+                SettleMsg::HandBack(seq, slot) => {
+                    back.push(seq);
+                    slots.push(slot);
+                }
             }
         }
         if !back.is_empty() {
@@ -39,7 +48,6 @@ pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 sh.metrics.handed_back(n as u64);
             }
-            sh.held.add_permits(back.len());
         }
         if !done.is_empty() {
             let ttl = sh.settings.result_expires;
@@ -61,7 +69,7 @@ pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
                     .processed
                     .fetch_add(done.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
-            sh.held.add_permits(done.len());
         }
+        drop(slots);
     }
 }

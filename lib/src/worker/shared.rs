@@ -2,7 +2,7 @@
 
 use super::WorkerSettings;
 use super::registry::Registry;
-use crate::broker::{Broker, BrokerError, Settle, StartVerdict, Starting};
+use crate::broker::{Broker, BrokerError, Delivery, Settle, StartVerdict, Starting};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -36,13 +36,56 @@ impl Stats {
     }
 }
 
-/// What the settler does with a message the worker holds.
+/// One unit of the prefetch budget (a permit of [`Shared::held`]): while it
+/// lives, the dispatcher counts one message as held. Dropping it gives the
+/// unit back, so capacity follows ownership instead of hand-kept counts.
+pub(crate) type Slot = tokio::sync::OwnedSemaphorePermit;
+
+/// A message this worker holds, with its [`Slot`]. Whatever path the
+/// message takes (run, parked, dead-lettered, handed back, forfeited), the
+/// slot returns when the last owner drops it: after the settlement that
+/// ends the hold in Redis, never before.
+#[derive(Debug)]
+pub(crate) struct Held {
+    delivery: Delivery,
+    slot: Slot,
+}
+
+impl Held {
+    pub fn new(delivery: Delivery, slot: Slot) -> Self {
+        Self { delivery, slot }
+    }
+
+    /// The hold's sequence number and slot, for a settlement (the payload
+    /// is freed now rather than when the batch is settled).
+    pub fn into_settlement(self) -> (u64, Slot) {
+        (self.delivery.seq, self.slot)
+    }
+}
+
+impl std::ops::Deref for Held {
+    type Target = Delivery;
+    fn deref(&self) -> &Delivery {
+        &self.delivery
+    }
+}
+
+/// What the settler does with a message the worker holds; the slot is
+/// released once the settlement is stored.
 #[derive(Debug)]
 pub(crate) enum SettleMsg {
     /// Store the result (if any), then release the hold.
-    Done(Settle),
+    Done(Settle, Slot),
     /// Never started: put it back at the front of its queue.
-    HandBack(u64),
+    HandBack(u64, Slot),
+}
+
+impl SettleMsg {
+    /// Hands `held` back to its queue.
+    pub fn hand_back(held: Held) -> Self {
+        let (seq, slot) = held.into_settlement();
+        Self::HandBack(seq, slot)
+    }
 }
 
 #[derive(Debug)]
