@@ -30,6 +30,9 @@ pub struct WebSettings {
     pub result_expires: Duration,
     pub body_limit: usize,
     pub tokens: Vec<String>,
+    /// Timeouts and the connection cap that keep slow clients from taking
+    /// the API down.
+    pub limits: crate::serve::Limits,
 }
 
 impl WebSettings {
@@ -44,6 +47,11 @@ impl WebSettings {
             result_expires: c.result_expires,
             body_limit: usize::try_from(c.web_body_limit).unwrap_or(usize::MAX),
             tokens: c.load_api_tokens()?,
+            limits: crate::serve::Limits {
+                header_timeout: c.web_header_timeout,
+                idle_timeout: c.web_idle_timeout,
+                max_connections: c.web_max_connections.get(),
+            },
         })
     }
 }

@@ -156,6 +156,19 @@ pub struct Config {
     /// `taskstack-web`: `/health` also requires a beat leader holding the lock.
     #[serde(deserialize_with = "de::flag")]
     pub web_expect_beat: bool,
+    /// `taskstack-web`: how long a client may take to send a request's
+    /// headers (also how long an idle keep-alive connection waits for the
+    /// next request); then the connection is closed.
+    #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
+    pub web_header_timeout: Duration,
+    /// `taskstack-web`: a connection on which nothing is read or written for
+    /// this long (a stalled body, a client that does not read its answer)
+    /// is closed.
+    #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
+    pub web_idle_timeout: Duration,
+    /// `taskstack-web`: connections served at once; further ones wait in the
+    /// listen backlog until one closes (a WARN says the limit was hit).
+    pub web_max_connections: NonZeroUsize,
 }
 
 /// One periodic entry of `taskstack-beat` (a `[[schedule]]` table).
@@ -262,6 +275,9 @@ impl Default for Config {
             web_body_limit: 1 << 20,
             web_tasks: Vec::new(),
             web_expect_beat: false,
+            web_header_timeout: Duration::from_secs(10),
+            web_idle_timeout: Duration::from_secs(60),
+            web_max_connections: NonZeroUsize::new(1024).expect("1024 > 0"),
         }
     }
 }

@@ -2,12 +2,17 @@
 
 use super::{Config, ConfigError, invalid};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// Shortest API token accepted: a guessable token is no protection.
 pub const MIN_TOKEN_LEN: usize = 16;
 
 /// Smallest body limit that still fits a useful enqueue request.
 const MIN_BODY_LIMIT: u64 = 1024;
+
+/// Shortest header and idle timeouts: below this, ordinary clients on a
+/// slow link would be cut off.
+const MIN_WEB_TIMEOUT: Duration = Duration::from_millis(100);
 
 impl Config {
     pub(super) fn validate_web(&self) -> Result<(), ConfigError> {
@@ -21,6 +26,21 @@ impl Config {
                 &self.web_body_limit.to_string(),
                 &format!("must be at least {MIN_BODY_LIMIT} bytes"),
             ));
+        }
+        for (key, d) in [
+            ("web_header_timeout", self.web_header_timeout),
+            ("web_idle_timeout", self.web_idle_timeout),
+        ] {
+            if d < MIN_WEB_TIMEOUT {
+                return Err(invalid(
+                    key,
+                    &humantime::format_duration(d).to_string(),
+                    &format!(
+                        "must be at least {}",
+                        humantime::format_duration(MIN_WEB_TIMEOUT)
+                    ),
+                ));
+            }
         }
         for t in &self.web_tasks {
             if t.chars().any(|c| c.is_control() || c.is_whitespace()) {

@@ -25,6 +25,7 @@ pub fn settings(queues: &[&str], tasks: &[&str]) -> WebSettings {
         result_expires: Duration::from_secs(600),
         body_limit: 64 * 1024,
         tokens: vec![TEST_TOKEN.to_owned()],
+        limits: taskstack_web::serve::Limits::default(),
     }
 }
 
