@@ -1,6 +1,6 @@
 //! The `taskstack-web` keys: listen address, API tokens, limits.
 
-use super::{Config, ConfigError, invalid};
+use super::{Config, ConfigError, Secret, invalid};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ impl Config {
     pub(super) fn validate_web(&self) -> Result<(), ConfigError> {
         self.web_addr()?;
         for t in &self.api_tokens {
-            check_token("api_tokens", t)?;
+            check_token("api_tokens", t.expose())?;
         }
         if self.web_body_limit < MIN_BODY_LIMIT {
             return Err(invalid(
@@ -68,7 +68,7 @@ impl Config {
     /// Every API token: `api_tokens` plus the lines of `api_tokens_file`.
     /// Fails when the file cannot be read, a token is too short, or there
     /// is no token at all (the API never runs unauthenticated).
-    pub fn load_api_tokens(&self) -> Result<Vec<String>, ConfigError> {
+    pub fn load_api_tokens(&self) -> Result<Vec<Secret>, ConfigError> {
         let mut tokens = self.api_tokens.clone();
         if let Some(path) = &self.api_tokens_file {
             let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
@@ -81,7 +81,7 @@ impl Config {
                     continue;
                 }
                 check_token("api_tokens_file", line)?;
-                tokens.push(line.to_owned());
+                tokens.push(Secret::from(line));
             }
         }
         if tokens.is_empty() {
@@ -101,7 +101,7 @@ fn check_token(key: &'static str, token: &str) -> Result<(), ConfigError> {
     if token.chars().count() < MIN_TOKEN_LEN {
         return Err(invalid(
             key,
-            "<redacted>",
+            crate::secret::REDACTED,
             &format!(
                 "an API token must be at least {MIN_TOKEN_LEN} characters \
                  (this one has {})",
@@ -112,7 +112,7 @@ fn check_token(key: &'static str, token: &str) -> Result<(), ConfigError> {
     if token.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(invalid(
             key,
-            "<redacted>",
+            crate::secret::REDACTED,
             "an API token may not contain spaces or control characters",
         ));
     }
