@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
-use taskstack_integration::{RedisServer, WebProcess, namespace, wait_until};
+use taskstack_integration::{Prereq, RedisServer, WebProcess, namespace, require, wait_until};
 
 const HEADER_TIMEOUT: (&str, &str) = ("TASKSTACK_WEB_HEADER_TIMEOUT", "1s");
 
@@ -73,6 +73,10 @@ async fn slow_clients_at_the_connection_cap_are_cut_logged_and_do_not_block_othe
 
 #[tokio::test(flavor = "multi_thread")]
 async fn running_out_of_file_descriptors_is_survived_and_logged() -> Result<()> {
+    require(Prereq::Program {
+        name: "prlimit",
+        package: "util-linux",
+    });
     let redis = RedisServer::start()?;
     // Fewer descriptors than slow clients and than the default cap: accept
     // fails with EMFILE until the header timeout frees some.
