@@ -5,6 +5,7 @@
 mod beat;
 pub mod docker;
 pub mod http;
+mod prereq;
 mod process;
 pub mod python;
 mod redis_server;
@@ -12,6 +13,7 @@ mod web;
 mod worker;
 
 pub use beat::BeatProcess;
+pub use prereq::{Prereq, in_ci, require};
 pub use process::{ServiceProcess, bin, run_to_exit};
 pub use redis_server::RedisServer;
 pub use web::{TEST_TOKEN, WebProcess};

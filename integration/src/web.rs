@@ -36,9 +36,34 @@ impl WebProcess {
     /// [`TEST_TOKEN`], with extra `TASKSTACK_*` variables, and waits until
     /// it answers `/health/live`.
     pub async fn spawn(redis_url: &str, namespace: &str, env: &[(&str, &str)]) -> Result<Self> {
+        Self::spawn_under(&[], redis_url, namespace, env).await
+    }
+
+    /// Like [`WebProcess::spawn`], run through `wrapper` (a program and its
+    /// arguments that execs the rest, such as `prlimit --nofile=100:100`).
+    pub async fn spawn_under(
+        wrapper: &[&str],
+        redis_url: &str,
+        namespace: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let addr = format!("127.0.0.1:{}", free_port()?);
-        let cmd = Self::command(redis_url, namespace, &addr)?;
+        let mut cmd = Self::command(redis_url, namespace, &addr)?;
+        if let [program, args @ ..] = wrapper {
+            let mut wrapped = Command::new(program);
+            wrapped
+                .args(args)
+                .arg(cmd.get_program())
+                .args(cmd.get_args());
+            for (k, v) in cmd.get_envs() {
+                match v {
+                    Some(v) => wrapped.env(k, v),
+                    None => wrapped.env_remove(k),
+                };
+            }
+            cmd = wrapped;
+        }
         let process = ServiceProcess::spawn("web", cmd, env, dir.path().join("web.log"))?;
         let web = Self {
             process,

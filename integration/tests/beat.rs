@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::time::{Duration, Instant};
 use taskstack_integration::{
-    BeatProcess, RedisServer, free_port, namespace, run_to_exit, running_as_root, wait_until_sync,
+    BeatProcess, Prereq, RedisServer, free_port, namespace, require, run_to_exit, wait_until_sync,
 };
 
 const QUEUE: &str = "beat-q";
@@ -462,10 +462,7 @@ fn bad_schedule_exits_2_naming_entry_and_field() -> Result<()> {
 
 #[test]
 fn refuses_to_run_as_root_unless_allowed() -> Result<()> {
-    if !running_as_root()? {
-        eprintln!("not running as root: the refusal cannot be exercised here (CI runs as root)");
-        return Ok(());
-    }
+    require(Prereq::Root);
     let out = run_beat_env("", &[("TASKSTACK_ALLOW_ROOT", "0")], &[])?;
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);

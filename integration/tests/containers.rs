@@ -22,7 +22,7 @@ use taskstack_integration::docker::{
 };
 use taskstack_integration::http::request as http_json;
 use taskstack_integration::{
-    InProcessWorker, free_port, namespace, producer, running_as_root, settings, wait_until,
+    InProcessWorker, Prereq, free_port, namespace, producer, require, settings, wait_until,
 };
 use testcontainers::bollard::models::HealthStatusEnum;
 use testcontainers::core::{Healthcheck, WaitFor};
@@ -262,42 +262,39 @@ async fn stack_on_one_network_runs_tasks() -> Result<()> {
 
     let ip = container_ip(&docker().await?, redis.id()).await?;
     let url = format!("redis://:{password}@{ip}:6379/0");
-    if report.has("taskstack-web") {
-        let tokens = token.clone();
-        let web = app_service(
-            "taskstack-web",
-            &net,
-            &format!("{net}-web"),
-            &label,
-            &common,
-        )?
-        .with_env_var("TASKSTACK_API_TOKENS", tokens)
-        .with_env_var("TASKSTACK_WEB_EXPECT_BEAT", "true")
-        .with_ready_conditions(vec![WaitFor::healthcheck()])
-        .start()
-        .await?;
-        let addr = format!("{}:8000", container_ip(&docker().await?, web.id()).await?);
-        let (status, _) = http_json(
-            &addr,
-            "POST",
-            "/api/v1/tasks",
-            None,
-            Some(&json!({"task": "taskstack.add", "args": [1, 1]})),
-        )
-        .await?;
-        assert_eq!(status, 401, "the API requires a token");
-        let id = enqueue_via_web(&addr, &token, "taskstack.add", json!([2, 3])).await?;
-        assert_eq!(
-            results_via_web(&addr, &token, &[id], WAIT).await?,
-            [json!(5)]
-        );
-    } else {
-        eprintln!("taskstack-web is not in the workspace yet: enqueuing straight into Redis");
-        let p = producer(&url, "taskstack")?;
-        let id = p.send_task(builtin::ADD, vec![json!(2), json!(3)]).await?;
-        let r = p.wait(&id, WAIT).await?;
-        assert_eq!((r.status, r.result), (TaskState::Success, json!(5)));
-    }
+    ensure!(
+        report.has("taskstack-web"),
+        "the app image lacks taskstack-web: {:?}",
+        report.binaries
+    );
+    let tokens = token.clone();
+    let web = app_service(
+        "taskstack-web",
+        &net,
+        &format!("{net}-web"),
+        &label,
+        &common,
+    )?
+    .with_env_var("TASKSTACK_API_TOKENS", tokens)
+    .with_env_var("TASKSTACK_WEB_EXPECT_BEAT", "true")
+    .with_ready_conditions(vec![WaitFor::healthcheck()])
+    .start()
+    .await?;
+    let addr = format!("{}:8000", container_ip(&docker().await?, web.id()).await?);
+    let (status, _) = http_json(
+        &addr,
+        "POST",
+        "/api/v1/tasks",
+        None,
+        Some(&json!({"task": "taskstack.add", "args": [1, 1]})),
+    )
+    .await?;
+    assert_eq!(status, 401, "the API requires a token");
+    let id = enqueue_via_web(&addr, &token, "taskstack.add", json!([2, 3])).await?;
+    assert_eq!(
+        results_via_web(&addr, &token, &[id], WAIT).await?,
+        [json!(5)]
+    );
 
     // The beat's schedule fired and the worker ran it: a result 42 exists.
     let mut c = redis::Client::open(url.as_str())?.get_connection()?;
@@ -371,11 +368,14 @@ async fn wait_all_healthy(project: &ComposeProject, expected: usize) -> Result<(
 /// of the batch completes; `down -v` leaves nothing with the project label.
 #[tokio::test(flavor = "multi_thread")]
 async fn compose_stack_is_healthy_survives_a_killed_worker_and_cleans_up() -> Result<()> {
+    // SIGKILLing a container's main process from the host needs root.
+    require(Prereq::Root);
     let report = images()?;
-    if !report.has("taskstack-web") {
-        eprintln!("skipped: the compose stack needs taskstack-web, not in the workspace yet");
-        return Ok(());
-    }
+    ensure!(
+        report.has("taskstack-web"),
+        "the app image lacks taskstack-web: {:?}",
+        report.binaries
+    );
     let redis_image = report.redis_image.clone().context("no Redis image")?;
     let secrets = tempfile::tempdir()?;
     let status = std::process::Command::new(workspace_root()?.join("compose/init-secrets"))
@@ -425,55 +425,51 @@ async fn compose_stack_is_healthy_survives_a_killed_worker_and_cleans_up() -> Re
         .filter(|(_, name)| name.starts_with(&format!("{}_", project.name)))
         .collect::<Vec<_>>();
     ensure!(workers.len() == 2, "two workers expected: {workers:?}");
-    if running_as_root()? {
-        // Mid-batch: once the first tasks finished, crash the worker that
-        // ran the most (it holds the rest of what it took).
-        wait_until("the first task of the batch to finish", WAIT, || {
-            let (addr, token, batch) = (&addr, &token, &batch);
-            async move { Ok((succeeded(addr, token, batch).await? > 0).then_some(())) }
-        })
-        .await?;
-        let mut busiest = (0, workers[0].clone());
-        for w in &workers {
-            let n = worker_processed(&w.0)?;
-            if n > busiest.0 {
-                busiest = (n, w.clone());
-            }
+    // Mid-batch: once the first tasks finished, crash the worker that
+    // ran the most (it holds the rest of what it took).
+    wait_until("the first task of the batch to finish", WAIT, || {
+        let (addr, token, batch) = (&addr, &token, &batch);
+        async move { Ok((succeeded(addr, token, batch).await? > 0).then_some(())) }
+    })
+    .await?;
+    let mut busiest = (0, workers[0].clone());
+    for w in &workers {
+        let n = worker_processed(&w.0)?;
+        if n > busiest.0 {
+            busiest = (n, w.clone());
         }
-        let (ran, (victim, victim_name)) = busiest;
-        let done = succeeded(&addr, &token, &batch).await?;
-        ensure!(
-            done < batch.len(),
-            "the batch ended before the crash; make it longer"
-        );
-        taskstack_integration::docker::crash_main_process(&docker, &victim).await?;
-        eprintln!(
-            "{:?}: crashed {victim_name} (it had run {ran}); {done} of {} tasks done",
-            started.elapsed(),
-            batch.len()
-        );
-        // The restart policy brings it back, healthy.
-        wait_until(
-            &format!("{victim_name} to be restarted and healthy"),
-            Duration::from_secs(60),
-            || {
-                let (docker, victim) = (&docker, &victim);
-                async move {
-                    let c = docker.inspect_container(victim, None).await?;
-                    Ok((c.restart_count.unwrap_or(0) >= 1
-                        && health(&c) == Some(HealthStatusEnum::HEALTHY))
-                    .then_some(()))
-                }
-            },
-        )
-        .await?;
-        eprintln!(
-            "{:?}: {victim_name} restarted and healthy",
-            started.elapsed()
-        );
-    } else {
-        eprintln!("not root: cannot SIGKILL a container's process; skipping the crash");
     }
+    let (ran, (victim, victim_name)) = busiest;
+    let done = succeeded(&addr, &token, &batch).await?;
+    ensure!(
+        done < batch.len(),
+        "the batch ended before the crash; make it longer"
+    );
+    taskstack_integration::docker::crash_main_process(&docker, &victim).await?;
+    eprintln!(
+        "{:?}: crashed {victim_name} (it had run {ran}); {done} of {} tasks done",
+        started.elapsed(),
+        batch.len()
+    );
+    // The restart policy brings it back, healthy.
+    wait_until(
+        &format!("{victim_name} to be restarted and healthy"),
+        Duration::from_secs(60),
+        || {
+            let (docker, victim) = (&docker, &victim);
+            async move {
+                let c = docker.inspect_container(victim, None).await?;
+                Ok((c.restart_count.unwrap_or(0) >= 1
+                    && health(&c) == Some(HealthStatusEnum::HEALTHY))
+                .then_some(()))
+            }
+        },
+    )
+    .await?;
+    eprintln!(
+        "{:?}: {victim_name} restarted and healthy",
+        started.elapsed()
+    );
     // Every task of the batch completes: the killed worker's tasks come
     // back after its lease (4 s) lapses.
     let results = results_via_web(&addr, &token, &batch, Duration::from_secs(90))

@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
-use taskstack_integration::{bin, free_port, wait_until_sync};
+use taskstack_integration::{Prereq, bin, free_port, require, wait_until_sync};
 
 /// `deploy/` of this workspace.
 fn deploy() -> PathBuf {
@@ -31,22 +31,15 @@ const UNITS: [(&str, &str); 3] = [
 /// Debian 12's systemd 252; a unit that loses a hardening setting fails.
 const MAX_EXPOSURE_TENTHS: u32 = 15;
 
-/// `systemd-analyze`, or `None` (with a loud message) when it is missing:
-/// `scripts/prereqs` installs it (Debian's `systemd` package).
-fn systemd_analyze() -> Option<&'static str> {
-    let found = Command::new("systemd-analyze")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        eprintln!(
-            "\n*** SKIPPED: systemd-analyze is not installed, so the systemd units were NOT \
-             checked. Run scripts/prereqs (Debian: apt-get install systemd). ***\n"
-        );
+/// `systemd-analyze` (and `systemd-sysusers`), which `scripts/prereqs`
+/// installs (Debian's `systemd` package; systemd need not run).
+fn require_systemd_tools() {
+    for name in ["systemd-analyze", "systemd-sysusers"] {
+        require(Prereq::Program {
+            name,
+            package: "systemd",
+        });
     }
-    found.then_some("systemd-analyze")
 }
 
 fn run(cmd: &mut Command) -> Result<Output> {
@@ -153,21 +146,26 @@ impl SystemRoot {
 
 #[test]
 fn systemd_units_pass_verify_without_a_warning() -> Result<()> {
-    let Some(_) = systemd_analyze() else {
-        return Ok(());
-    };
+    require_systemd_tools();
     let root = SystemRoot::new()?;
     let mut units: Vec<&str> = UNITS.iter().map(|(_, instance)| *instance).collect();
     // A second worker instance: the instance name feeds paths and the port.
     units.push("taskstack-worker@4.service");
-    if root.has_redis_unit() {
-        units.push("redis-server.service");
-    } else {
-        eprintln!(
-            "*** redis-server.service or /usr/bin/redis-server missing on this host: the \
-             Redis drop-in was NOT verified (apt-get install redis-server) ***"
-        );
+    // The drop-in extends Debian's redis-server.service.
+    for path in [
+        "/lib/systemd/system/redis-server.service",
+        "/usr/bin/redis-server",
+    ] {
+        require(Prereq::File {
+            path,
+            package: "redis-server",
+        });
     }
+    ensure!(
+        root.has_redis_unit(),
+        "redis-server.service was not copied into the root"
+    );
+    units.push("redis-server.service");
     for unit in units {
         let out = root.analyze(&["verify"], unit)?;
         // verify exits 0 on an unknown key or a bad value (it only warns),
@@ -198,9 +196,7 @@ fn systemd_units_pass_verify_without_a_warning() -> Result<()> {
 
 #[test]
 fn systemd_units_are_hardened() -> Result<()> {
-    let Some(_) = systemd_analyze() else {
-        return Ok(());
-    };
+    require_systemd_tools();
     let root = SystemRoot::new()?;
     let threshold = format!("--threshold={MAX_EXPOSURE_TENTHS}");
     for (_, unit) in UNITS {
@@ -221,9 +217,7 @@ fn systemd_units_are_hardened() -> Result<()> {
 
 #[test]
 fn sysusers_file_makes_a_user_without_login() -> Result<()> {
-    let Some(_) = systemd_analyze() else {
-        return Ok(());
-    };
+    require_systemd_tools();
     let root = tempfile::tempdir()?;
     std::fs::create_dir_all(root.path().join("etc"))?;
     let out = run(Command::new("systemd-sysusers")

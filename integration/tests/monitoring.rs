@@ -13,19 +13,19 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use taskstack_integration::http::request;
 use taskstack_integration::{
-    BeatProcess, RedisServer, WebProcess, WorkerProcess, free_port, namespace, wait_until,
+    BeatProcess, Prereq, RedisServer, WebProcess, WorkerProcess, free_port, namespace, require,
+    wait_until,
 };
 
 fn monitoring_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/monitoring")
 }
 
-fn tool(name: &str) -> Result<Command> {
-    let found = Command::new(name).arg("--version").output();
-    ensure!(
-        found.is_ok_and(|o| o.status.success()),
-        "{name} is not installed: apt-get install -y prometheus (scripts/prereqs does)"
-    );
+fn tool(name: &'static str) -> Result<Command> {
+    require(Prereq::Program {
+        name,
+        package: "prometheus",
+    });
     Ok(Command::new(name))
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use taskstack::proto::TaskState;
 use taskstack::{SendOptions, TaskRequest};
 use taskstack_integration::{
-    RedisServer, WorkerProcess, namespace, producer, run_to_exit, running_as_root, wait_until,
+    Prereq, RedisServer, WorkerProcess, namespace, producer, require, run_to_exit, wait_until,
     wait_until_sync,
 };
 
@@ -342,10 +342,7 @@ fn bad_configuration_exits_2_naming_key_and_value() -> Result<()> {
 
 #[test]
 fn refuses_to_run_as_root_unless_allowed() -> Result<()> {
-    if !running_as_root()? {
-        eprintln!("not running as root: the refusal cannot be exercised here (CI runs as root)");
-        return Ok(());
-    }
+    require(Prereq::Root);
     let out = run_worker(
         "redis://127.0.0.1:1/0",
         &[("TASKSTACK_ALLOW_ROOT", "0")],

@@ -18,7 +18,7 @@ use taskstack_integration::docker::{
     StackctlProject, crash_main_process, docker, health, images, init_secrets, leftovers, unique,
     workspace_root,
 };
-use taskstack_integration::{free_port, running_as_root, wait_until};
+use taskstack_integration::{Prereq, free_port, require, wait_until};
 use testcontainers::bollard::models::HealthStatusEnum;
 
 /// A project on the test images with `secrets`, a free web port and fast
@@ -83,6 +83,8 @@ fn failed_ids(r: &VerifyReport) -> BTreeSet<String> {
 /// nothing with the project's label.
 #[tokio::test(flavor = "multi_thread")]
 async fn up_verify_beat_crash_and_down() -> Result<()> {
+    // SIGKILLing a container's main process from the host needs root.
+    require(Prereq::Root);
     let secrets = init_secrets()?;
     let p = project("sctl", secrets.path(), &[])?;
     let engine = Live::connect().await?;
@@ -140,57 +142,53 @@ async fn up_verify_beat_crash_and_down() -> Result<()> {
         "{rows:?}"
     );
 
-    if running_as_root()? {
-        let beat = format!("{}_beat_1", p.name());
-        let d = docker().await?;
-        crash_main_process(&d, &beat).await?;
-        let crashed = Instant::now();
-        wait_until(
-            &format!("{beat} to be restarted and healthy"),
-            Duration::from_secs(60),
-            || {
-                let (d, beat) = (&d, &beat);
-                async move {
-                    let c = d.inspect_container(beat, None).await?;
-                    Ok((c.restart_count.unwrap_or(0) >= 1
-                        && health(&c) == Some(HealthStatusEnum::HEALTHY))
-                    .then_some(()))
-                }
-            },
-        )
-        .await?;
-        // The dead leader's lock lapses (TTL 10 s), then the restarted
-        // process takes it: verify passes and names it.
-        let last = std::sync::Mutex::new(String::new());
-        let after = wait_until(
-            "verify to pass after the beat crash",
-            Duration::from_secs(60),
-            || {
-                let (engine, p, last) = (&engine, &p, &last);
-                async move {
-                    let r = verify_now(engine, p, false).await?;
-                    *last.lock().expect("lock") = r.render();
-                    Ok(r.ok.then_some(r))
-                }
-            },
-        )
-        .await
-        .with_context(|| last.lock().expect("lock").clone())?;
-        let new = after.beat_lock_holder.context("no lock holder")?;
-        eprintln!(
-            "{:?} after the crash: verify passes; lock holder {} (was {})",
-            crashed.elapsed(),
-            new.holder.id,
-            holder.holder.id
-        );
-        ensure!(
-            new.holder.id != holder.holder.id,
-            "the holder must be the new process: {new:?}"
-        );
-        ensure!(new.container == holder.container, "{new:?}");
-    } else {
-        eprintln!("not root: cannot SIGKILL a container's process; skipping the crash");
-    }
+    let beat = format!("{}_beat_1", p.name());
+    let d = docker().await?;
+    crash_main_process(&d, &beat).await?;
+    let crashed = Instant::now();
+    wait_until(
+        &format!("{beat} to be restarted and healthy"),
+        Duration::from_secs(60),
+        || {
+            let (d, beat) = (&d, &beat);
+            async move {
+                let c = d.inspect_container(beat, None).await?;
+                Ok((c.restart_count.unwrap_or(0) >= 1
+                    && health(&c) == Some(HealthStatusEnum::HEALTHY))
+                .then_some(()))
+            }
+        },
+    )
+    .await?;
+    // The dead leader's lock lapses (TTL 10 s), then the restarted
+    // process takes it: verify passes and names it.
+    let last = std::sync::Mutex::new(String::new());
+    let after = wait_until(
+        "verify to pass after the beat crash",
+        Duration::from_secs(60),
+        || {
+            let (engine, p, last) = (&engine, &p, &last);
+            async move {
+                let r = verify_now(engine, p, false).await?;
+                *last.lock().expect("lock") = r.render();
+                Ok(r.ok.then_some(r))
+            }
+        },
+    )
+    .await
+    .with_context(|| last.lock().expect("lock").clone())?;
+    let new = after.beat_lock_holder.context("no lock holder")?;
+    eprintln!(
+        "{:?} after the crash: verify passes; lock holder {} (was {})",
+        crashed.elapsed(),
+        new.holder.id,
+        holder.holder.id
+    );
+    ensure!(
+        new.holder.id != holder.holder.id,
+        "the holder must be the new process: {new:?}"
+    );
+    ensure!(new.container == holder.container, "{new:?}");
 
     let mut lines = std::sync::Mutex::new(Vec::new());
     let sink = |l: &str| lines.lock().expect("lock").push(l.to_owned());

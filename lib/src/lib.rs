@@ -9,6 +9,7 @@
 //! - [`producer`]: send tasks, read and await results.
 //! - [`worker`]: the execution engine, the task registry and built-in tasks.
 //! - [`beat`]: the periodic scheduler (one leader, every slot once).
+//! - [`secret`]: passwords, tokens and URLs that print as `***`.
 //! - [`service`], [`shutdown`], [`telemetry`]: process plumbing shared by
 //!   the binaries (exit codes, root refusal, state file, signals, logs).
 
@@ -18,6 +19,7 @@ pub mod config;
 pub mod producer;
 pub mod proto;
 mod results_listener;
+pub mod secret;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

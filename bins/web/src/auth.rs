@@ -12,6 +12,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ring::digest::{SHA256, digest};
 use subtle::ConstantTimeEq;
+use taskstack::secret::Secret;
 
 /// The accepted API tokens.
 #[derive(Clone)]
@@ -32,11 +33,11 @@ fn sha256(s: &[u8]) -> [u8; 32] {
 }
 
 impl Tokens {
-    pub fn new<S: AsRef<str>>(tokens: &[S]) -> Self {
+    pub fn new(tokens: &[Secret]) -> Self {
         Self {
             digests: tokens
                 .iter()
-                .map(|t| sha256(t.as_ref().as_bytes()))
+                .map(|t| sha256(t.expose().as_bytes()))
                 .collect(),
         }
     }
@@ -78,15 +79,18 @@ pub async fn require_token(State(state): State<AppState>, req: Request, next: Ne
 
 #[cfg(test)]
 mod tests {
-    use super::Tokens;
+    use super::{Secret, Tokens};
 
     #[test]
     fn accepts_only_configured_tokens() {
-        let t = Tokens::new(&["first-token-0123456789", "second-token-0123456789"]);
+        let t = Tokens::new(&[
+            Secret::from("first-token-0123456789"),
+            Secret::from("second-token-0123456789"),
+        ]);
         assert!(t.accepts("first-token-0123456789"));
         assert!(t.accepts("second-token-0123456789"));
         assert!(!t.accepts("first-token-012345678"));
         assert!(!t.accepts(""));
-        assert!(!Tokens::new::<&str>(&[]).accepts("anything"));
+        assert!(!Tokens::new(&[]).accepts("anything"));
     }
 }

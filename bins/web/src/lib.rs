@@ -7,7 +7,8 @@
 //!
 //! - [`router`] builds the axum router and its OpenAPI document; tests drive
 //!   it without a socket.
-//! - [`run`] serves it on a listener until a shutdown future completes.
+//! - [`run`] serves it on a listener until a shutdown future completes,
+//!   within the timeouts and connection cap of [`serve`].
 //! - Modules: [`api`] (the `/api/v1` handlers), [`auth`] (bearer tokens),
 //!   [`error`] (JSON errors), [`health`], [`metrics`], [`openapi`],
 //!   [`state`] (what handlers share).
@@ -18,6 +19,7 @@ pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod openapi;
+pub mod serve;
 pub mod state;
 
 pub use state::{AppState, WebSettings};
@@ -85,17 +87,17 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt as _;
+    let limits = state.settings.limits;
     let (app, _) = router(state);
     let addr = listener.local_addr()?;
-    tracing::info!(listen = %addr, "taskstack-web serving");
-    let listener = listener.tap_io(|tcp| {
-        // Small request/response pairs: never wait to coalesce segments.
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    tracing::info!(
+        listen = %addr,
+        header_timeout = ?limits.header_timeout,
+        idle_timeout = ?limits.idle_timeout,
+        max_connections = limits.max_connections,
+        "taskstack-web serving"
+    );
+    serve::serve(listener, app, limits, shutdown).await;
     tracing::info!("taskstack-web stopped");
     Ok(())
 }

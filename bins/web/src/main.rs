@@ -20,6 +20,10 @@ Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
   TASKSTACK_WEB_BODY_LIMIT           largest request body, e.g. 1MiB  [1MiB]
   TASKSTACK_WEB_TASKS                comma-separated task names accepted  [those live workers announce]
   TASKSTACK_WEB_EXPECT_BEAT          1 when /health must see a beat leader  [0]
+  TASKSTACK_WEB_HEADER_TIMEOUT       time to send a request's headers (and between
+                                     keep-alive requests)  [10s]
+  TASKSTACK_WEB_IDLE_TIMEOUT         a connection with no traffic this long is closed  [60s]
+  TASKSTACK_WEB_MAX_CONNECTIONS      connections served at once; more wait  [1024]
   TASKSTACK_QUEUES                   queues /health requires a live worker on; the first is
                                      the default queue of enqueued tasks  [celery]
   TASKSTACK_BROKER_URL               redis://[user:pass@]host:port/db or rediss://  [redis://127.0.0.1:6379/0]

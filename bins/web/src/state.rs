@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use taskstack::Producer;
 use taskstack::broker::{Broker, BrokerError, WorkerRecord, live_workers};
 use taskstack::config::{Config, ConfigError};
+use taskstack::secret::Secret;
 
 /// How long the view of live workers (the task names and queues they
 /// announce) is reused before it is read again. Bounds what enqueueing
@@ -29,7 +30,11 @@ pub struct WebSettings {
     pub expect_beat: bool,
     pub result_expires: Duration,
     pub body_limit: usize,
-    pub tokens: Vec<String>,
+    /// Accepted API tokens; `Debug` shows them as `***`.
+    pub tokens: Vec<Secret>,
+    /// Timeouts and the connection cap that keep slow clients from taking
+    /// the API down.
+    pub limits: crate::serve::Limits,
 }
 
 impl WebSettings {
@@ -44,6 +49,11 @@ impl WebSettings {
             result_expires: c.result_expires,
             body_limit: usize::try_from(c.web_body_limit).unwrap_or(usize::MAX),
             tokens: c.load_api_tokens()?,
+            limits: crate::serve::Limits {
+                header_timeout: c.web_header_timeout,
+                idle_timeout: c.web_idle_timeout,
+                max_connections: c.web_max_connections.get(),
+            },
         })
     }
 }

@@ -44,10 +44,11 @@ pub fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>,
 }
 
 /// A list from a sequence or a comma-separated string; blanks are dropped.
-pub fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = Vec<String>;
+/// Items are strings or anything made from one (a [`super::Secret`]).
+pub fn list<'de, D: Deserializer<'de>, T: From<String>>(d: D) -> Result<Vec<T>, D::Error> {
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: From<String>> Visitor<'de> for V<T> {
+        type Value = Vec<T>;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a list of names or a comma-separated string")
         }
@@ -55,18 +56,18 @@ pub fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
             Ok(v.split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
-                .map(str::to_owned)
+                .map(|s| T::from(s.to_owned()))
                 .collect())
         }
         fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
             let mut out = Vec::new();
             while let Some(s) = seq.next_element::<String>()? {
-                out.push(s);
+                out.push(T::from(s));
             }
             Ok(out)
         }
     }
-    d.deserialize_any(V)
+    d.deserialize_any(V(std::marker::PhantomData))
 }
 
 /// A boolean from `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`.

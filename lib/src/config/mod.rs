@@ -20,6 +20,8 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::secret::{Secret, SecretUrl, redact_url};
+
 /// Environment variable naming the TOML configuration file.
 pub const CONFIG_FILE_ENV: &str = "TASKSTACK_CONFIG";
 /// Prefix of every configuration environment variable.
@@ -78,19 +80,21 @@ pub enum LogFormat {
 }
 
 /// The whole configuration. Field names are the TOML keys; the environment
-/// variable is `TASKSTACK_` + the key in upper case.
+/// variable is `TASKSTACK_` + the key in upper case. Passwords, tokens and
+/// URLs are [`Secret`]s and [`SecretUrl`]s, so `Debug` and `Serialize`
+/// (the start-up log line, the `config` subcommand) never show them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `redis://[user:pass@]host:port/db` or `rediss://...` (TLS).
-    pub broker_url: String,
+    pub broker_url: SecretUrl,
     /// Overrides the password in `broker_url`.
-    pub broker_password: Option<String>,
+    pub broker_password: Option<Secret>,
     /// A file whose content (trailing newline removed) is the broker password.
     pub broker_password_file: Option<PathBuf>,
     /// Where results are stored; defaults to the broker.
-    pub result_backend: Option<String>,
-    pub result_backend_password: Option<String>,
+    pub result_backend: Option<SecretUrl>,
+    pub result_backend_password: Option<Secret>,
     pub result_backend_password_file: Option<PathBuf>,
     /// Prefix of taskstack's own Redis keys (queues and results keep Celery's names).
     pub namespace: String,
@@ -167,7 +171,7 @@ pub struct Config {
     /// `taskstack-web`: bearer tokens accepted on `/api/*` (comma-separated
     /// in the environment). At least one, from here or `api_tokens_file`.
     #[serde(deserialize_with = "de::list")]
-    pub api_tokens: Vec<String>,
+    pub api_tokens: Vec<Secret>,
     /// `taskstack-web`: a file of API tokens, one per line (blank lines and
     /// `#` comments ignored), for Docker secrets and credentials.
     pub api_tokens_file: Option<PathBuf>,
@@ -182,6 +186,19 @@ pub struct Config {
     /// `taskstack-web`: `/health` also requires a beat leader holding the lock.
     #[serde(deserialize_with = "de::flag")]
     pub web_expect_beat: bool,
+    /// `taskstack-web`: how long a client may take to send a request's
+    /// headers (also how long an idle keep-alive connection waits for the
+    /// next request); then the connection is closed.
+    #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
+    pub web_header_timeout: Duration,
+    /// `taskstack-web`: a connection on which nothing is read or written for
+    /// this long (a stalled body, a client that does not read its answer)
+    /// is closed.
+    #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
+    pub web_idle_timeout: Duration,
+    /// `taskstack-web`: connections served at once; further ones wait in the
+    /// listen backlog until one closes (a WARN says the limit was hit).
+    pub web_max_connections: NonZeroUsize,
 }
 
 /// One periodic entry of `taskstack-beat` (a `[[schedule]]` table).
@@ -290,6 +307,9 @@ impl Default for Config {
             web_body_limit: 1 << 20,
             web_tasks: Vec::new(),
             web_expect_beat: false,
+            web_header_timeout: Duration::from_secs(10),
+            web_idle_timeout: Duration::from_secs(60),
+            web_max_connections: NonZeroUsize::new(1024).expect("1024 > 0"),
         }
     }
 }
@@ -342,9 +362,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        parse_redis_url("broker_url", &self.broker_url)?;
+        parse_redis_url("broker_url", self.broker_url.expose())?;
         if let Some(b) = &self.result_backend {
-            parse_redis_url("result_backend", b)?;
+            parse_redis_url("result_backend", b.expose())?;
         }
         if self.namespace.is_empty()
             || !self
@@ -480,10 +500,10 @@ impl Config {
     pub fn broker_target(&self) -> Result<RedisTarget, ConfigError> {
         let pw = secret(
             "broker_password_file",
-            self.broker_password.as_deref(),
+            self.broker_password.as_ref(),
             self.broker_password_file.as_deref(),
         )?;
-        RedisTarget::new("broker_url", &self.broker_url, pw)
+        RedisTarget::new("broker_url", self.broker_url.expose(), pw.as_ref())
     }
 
     /// The result backend's URL (the broker's when none is set).
@@ -493,35 +513,19 @@ impl Config {
             Some(url) => {
                 let pw = secret(
                     "result_backend_password_file",
-                    self.result_backend_password.as_deref(),
+                    self.result_backend_password.as_ref(),
                     self.result_backend_password_file.as_deref(),
                 )?;
-                RedisTarget::new("result_backend", url, pw)
+                RedisTarget::new("result_backend", url.expose(), pw.as_ref())
             }
         }
     }
 
-    /// The effective configuration as JSON with every secret replaced, for
-    /// the start-up log line.
+    /// The effective configuration as JSON, for the start-up log line and
+    /// the `config` subcommand. Secrets show as `***`: their types
+    /// serialize that way, so no key can be forgotten.
     pub fn redacted(&self) -> Value {
-        let mut v =
-            serde_json::to_value(self).unwrap_or_else(|e| json!({ "error": e.to_string() }));
-        for key in ["broker_password", "result_backend_password"] {
-            if v.get(key).is_some_and(|s| !s.is_null()) {
-                v[key] = json!("<redacted>");
-            }
-        }
-        if let Some(tokens) = v.get_mut("api_tokens").and_then(Value::as_array_mut) {
-            for t in tokens {
-                *t = json!("<redacted>");
-            }
-        }
-        for key in ["broker_url", "result_backend"] {
-            if let Some(s) = v.get(key).and_then(Value::as_str) {
-                v[key] = json!(redact_url(s));
-            }
-        }
-        v
+        serde_json::to_value(self).unwrap_or_else(|e| json!({ "error": e.to_string() }))
     }
 }
 
@@ -617,11 +621,13 @@ fn invalid(key: &'static str, value: &str, reason: &str) -> ConfigError {
     }
 }
 
+/// A password: the content of `file` when set (trailing newline removed),
+/// else `inline`.
 fn secret(
     file_key: &'static str,
-    inline: Option<&str>,
+    inline: Option<&Secret>,
     file: Option<&Path>,
-) -> Result<Option<String>, ConfigError> {
+) -> Result<Option<Secret>, ConfigError> {
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
             key: file_key,
@@ -636,9 +642,9 @@ fn secret(
                 reason: "the file is empty".into(),
             });
         }
-        return Ok(Some(pw));
+        return Ok(Some(Secret::new(pw)));
     }
-    Ok(inline.map(str::to_owned))
+    Ok(inline.cloned())
 }
 
 fn parse_redis_url(key: &'static str, raw: &str) -> Result<url::Url, ConfigError> {
@@ -665,18 +671,6 @@ fn parse_redis_url(key: &'static str, raw: &str) -> Result<url::Url, ConfigError
     Ok(url)
 }
 
-/// `raw` with any password replaced by `<redacted>`.
-pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("<redacted>"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparseable URL>".into(),
-    }
-}
-
 /// A Redis server to connect to: the full URL (with password) and a
 /// redacted form for logs.
 #[derive(Clone)]
@@ -691,10 +685,10 @@ impl std::fmt::Debug for RedisTarget {
 }
 
 impl RedisTarget {
-    fn new(key: &'static str, raw: &str, password: Option<String>) -> Result<Self, ConfigError> {
+    fn new(key: &'static str, raw: &str, password: Option<&Secret>) -> Result<Self, ConfigError> {
         let mut url = parse_redis_url(key, raw)?;
         if let Some(pw) = password {
-            url.set_password(Some(&pw))
+            url.set_password(Some(pw.expose()))
                 .map_err(|()| invalid(key, &redact_url(raw), "cannot carry a password"))?;
         }
         Ok(Self { url: url.into() })

@@ -270,8 +270,9 @@ fn api_tokens_come_from_a_file_with_comments() {
     let path = dir.path().join("tokens");
     std::fs::write(&path, "# deploy tokens\n\nfile-token-0123456789abcdef\n").expect("write");
     let c = with(&[("api_tokens_file", json!(path))]).expect("valid");
+    let tokens = c.load_api_tokens().expect("tokens");
     assert_eq!(
-        c.load_api_tokens().expect("tokens"),
+        tokens.iter().map(Secret::expose).collect::<Vec<_>>(),
         ["file-token-0123456789abcdef"]
     );
     std::fs::write(&path, "tiny\n").expect("write");
@@ -280,4 +281,104 @@ fn api_tokens_come_from_a_file_with_comments() {
     let missing = with(&[("api_tokens_file", json!(dir.path().join("none")))]).expect("valid");
     let e = missing.load_api_tokens().expect_err("missing file");
     assert!(e.to_string().contains("cannot read"), "{e}");
+}
+
+#[test]
+fn web_connection_limits_parse_and_are_validated() {
+    let c = with(&[]).expect("defaults");
+    assert_eq!(c.web_header_timeout, Duration::from_secs(10));
+    assert_eq!(c.web_idle_timeout, Duration::from_secs(60));
+    assert_eq!(c.web_max_connections.get(), 1024);
+    let c = with(&[
+        ("web_header_timeout", json!("2s")),
+        ("web_idle_timeout", json!(30)),
+        ("web_max_connections", json!(50)),
+    ])
+    .expect("valid");
+    assert_eq!(c.web_header_timeout, Duration::from_secs(2));
+    assert_eq!(c.web_idle_timeout, Duration::from_secs(30));
+    assert_eq!(c.web_max_connections.get(), 50);
+    let e = err(&[("web_header_timeout", json!("5ms"))]);
+    assert!(e.contains("web_header_timeout") && e.contains("5ms"), "{e}");
+    let e = err(&[("web_idle_timeout", json!("never"))]);
+    assert!(e.contains("web_idle_timeout") && e.contains("never"), "{e}");
+    let e = err(&[("web_max_connections", json!(0))]);
+    assert!(e.contains("web_max_connections"), "{e}");
+}
+
+/// Every secret a configuration can hold, each one distinct.
+const SECRETS: [&str; 5] = [
+    "url-pass-4f1e",
+    "broker-pass-77ab",
+    "backend-url-pass-19cd",
+    "backend-pass-0e5f",
+    "api-token-aaaa-0123456789",
+];
+
+fn with_every_secret() -> Config {
+    with(&[
+        (
+            "broker_url",
+            json!(format!("redis://app:{}@redis:6379/0", SECRETS[0])),
+        ),
+        ("broker_password", json!(SECRETS[1])),
+        (
+            "result_backend",
+            json!(format!("rediss://app:{}@other:6380/1", SECRETS[2])),
+        ),
+        ("result_backend_password", json!(SECRETS[3])),
+        ("api_tokens", json!(SECRETS[4])),
+    ])
+    .expect("valid")
+}
+
+#[test]
+fn no_secret_shows_in_debug_or_the_printed_configuration() {
+    let c = with_every_secret();
+    let shown = [
+        format!("{c:?}"),
+        format!("{c:#?}"),
+        c.redacted().to_string(),
+        format!("{:#}", c.redacted()),
+        toml_like(&c),
+        format!("{:?} {:?}", c.broker_target(), c.backend_target()),
+    ];
+    for text in &shown {
+        for s in SECRETS {
+            assert!(!text.contains(s), "{s} shown in {text}");
+        }
+    }
+    // What the secrets were replaced by, and the rest still readable.
+    let v = c.redacted();
+    assert_eq!(v["broker_password"], "***");
+    assert_eq!(v["api_tokens"], json!(["***"]));
+    assert_eq!(v["broker_url"], "redis://app:***@redis:6379/0");
+    assert_eq!(v["result_backend"], "rediss://app:***@other:6380/1");
+    // The connections still get them.
+    assert_eq!(
+        c.broker_target().expect("broker").url(),
+        format!("redis://app:{}@redis:6379/0", SECRETS[1])
+    );
+    assert_eq!(
+        c.backend_target().expect("backend").url(),
+        format!("rediss://app:{}@other:6380/1", SECRETS[3])
+    );
+    assert_eq!(c.load_api_tokens().expect("tokens")[0].expose(), SECRETS[4]);
+}
+
+/// The configuration through another serializer (figment's own value
+/// tree), as a tool printing TOML would.
+fn toml_like(c: &Config) -> String {
+    format!(
+        "{:?}",
+        figment::value::Value::serialize(c).expect("serializable")
+    )
+}
+
+#[test]
+fn bad_secret_values_are_refused_without_showing_them() {
+    let e = err(&[("api_tokens", json!("short-secret"))]);
+    assert!(!e.contains("short-secret"), "{e}");
+    let e = err(&[("broker_url", json!("redis://:pw-9f8e7d@/0"))]);
+    assert!(e.contains("broker_url") && !e.contains("pw-9f8e7d"), "{e}");
 }

@@ -1,7 +1,8 @@
 //! The `taskstack-web` keys: listen address, API tokens, limits.
 
-use super::{Config, ConfigError, invalid};
+use super::{Config, ConfigError, Secret, invalid};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// Shortest API token accepted: a guessable token is no protection.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -9,11 +10,15 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// Smallest body limit that still fits a useful enqueue request.
 const MIN_BODY_LIMIT: u64 = 1024;
 
+/// Shortest header and idle timeouts: below this, ordinary clients on a
+/// slow link would be cut off.
+const MIN_WEB_TIMEOUT: Duration = Duration::from_millis(100);
+
 impl Config {
     pub(super) fn validate_web(&self) -> Result<(), ConfigError> {
         self.web_addr()?;
         for t in &self.api_tokens {
-            check_token("api_tokens", t)?;
+            check_token("api_tokens", t.expose())?;
         }
         if self.web_body_limit < MIN_BODY_LIMIT {
             return Err(invalid(
@@ -21,6 +26,21 @@ impl Config {
                 &self.web_body_limit.to_string(),
                 &format!("must be at least {MIN_BODY_LIMIT} bytes"),
             ));
+        }
+        for (key, d) in [
+            ("web_header_timeout", self.web_header_timeout),
+            ("web_idle_timeout", self.web_idle_timeout),
+        ] {
+            if d < MIN_WEB_TIMEOUT {
+                return Err(invalid(
+                    key,
+                    &humantime::format_duration(d).to_string(),
+                    &format!(
+                        "must be at least {}",
+                        humantime::format_duration(MIN_WEB_TIMEOUT)
+                    ),
+                ));
+            }
         }
         for t in &self.web_tasks {
             if t.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -48,7 +68,7 @@ impl Config {
     /// Every API token: `api_tokens` plus the lines of `api_tokens_file`.
     /// Fails when the file cannot be read, a token is too short, or there
     /// is no token at all (the API never runs unauthenticated).
-    pub fn load_api_tokens(&self) -> Result<Vec<String>, ConfigError> {
+    pub fn load_api_tokens(&self) -> Result<Vec<Secret>, ConfigError> {
         let mut tokens = self.api_tokens.clone();
         if let Some(path) = &self.api_tokens_file {
             let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
@@ -61,7 +81,7 @@ impl Config {
                     continue;
                 }
                 check_token("api_tokens_file", line)?;
-                tokens.push(line.to_owned());
+                tokens.push(Secret::from(line));
             }
         }
         if tokens.is_empty() {
@@ -81,7 +101,7 @@ fn check_token(key: &'static str, token: &str) -> Result<(), ConfigError> {
     if token.chars().count() < MIN_TOKEN_LEN {
         return Err(invalid(
             key,
-            "<redacted>",
+            crate::secret::REDACTED,
             &format!(
                 "an API token must be at least {MIN_TOKEN_LEN} characters \
                  (this one has {})",
@@ -92,7 +112,7 @@ fn check_token(key: &'static str, token: &str) -> Result<(), ConfigError> {
     if token.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(invalid(
             key,
-            "<redacted>",
+            crate::secret::REDACTED,
             "an API token may not contain spaces or control characters",
         ));
     }

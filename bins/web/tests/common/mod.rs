@@ -24,7 +24,8 @@ pub fn settings(queues: &[&str], tasks: &[&str]) -> WebSettings {
         expect_beat: false,
         result_expires: Duration::from_secs(600),
         body_limit: 64 * 1024,
-        tokens: vec![TEST_TOKEN.to_owned()],
+        tokens: vec![TEST_TOKEN.into()],
+        limits: taskstack_web::serve::Limits::default(),
     }
 }
 
