@@ -10,7 +10,6 @@ pub mod checks;
 use crate::compose::{Project, parse_duration};
 use crate::engine::{ContainerInfo, Engine, ExecOutput};
 use crate::error::StackError;
-use crate::http;
 use crate::plan::{Role, labels, project_label};
 use checks::{
     Check, Facts, LockFacts, LockHolder, Probe, RedisFacts, ServiceFacts, SmokeFacts, WorkerRecord,
@@ -18,6 +17,7 @@ use checks::{
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::time::Duration;
+use taskstack::http_client;
 use taskstack::proto::{Keys, keys::result_key};
 
 /// How `verify` runs.
@@ -259,9 +259,10 @@ pub async fn verify<E: Engine>(
     let t = Duration::from_secs(5);
     let web_health: Probe<u16> = match &web {
         None => Err("no running web container publishes a port".into()),
-        Some(addr) => http::request(addr, "GET", "/health", None, None, t)
+        Some(addr) => http_client::request(addr, "GET", "/health", None, None, t)
             .await
-            .map(|(s, _)| s),
+            .map(|r| r.status)
+            .map_err(|e| e.to_string()),
     };
     let smoke: Probe<SmokeFacts> = match (&web, &token) {
         (None, _) => Err("no running web container publishes a port".into()),
@@ -405,8 +406,13 @@ async fn smoke_task(addr: &str, token: &str, deadline: Duration) -> Probe<SmokeF
     let (a, b) = (i64::from(nanos % 1000), i64::from(nanos / 1000 % 1000));
     let start = tokio::time::Instant::now();
     let body = json!({"task": "taskstack.add", "args": [a, b]});
-    let (status, reply) =
-        http::request(addr, "POST", "/api/v1/tasks", Some(token), Some(&body), t).await?;
+    let call = |method: &'static str, path: String, body: Option<Value>| async move {
+        http_client::request(addr, method, &path, Some(token), body.as_ref(), t)
+            .await
+            .map(|r| (r.status, r.json()))
+            .map_err(|e| e.to_string())
+    };
+    let (status, reply) = call("POST", "/api/v1/tasks".into(), Some(body)).await?;
     if status != 202 {
         return Err(format!("POST /api/v1/tasks answered {status}: {reply}"));
     }
@@ -416,7 +422,7 @@ async fn smoke_task(addr: &str, token: &str, deadline: Duration) -> Probe<SmokeF
         .to_owned();
     let path = format!("/api/v1/tasks/{id}");
     loop {
-        let (status, reply) = http::request(addr, "GET", &path, Some(token), None, t).await?;
+        let (status, reply) = call("GET", path.clone(), None).await?;
         let state = reply["state"].as_str().unwrap_or_default().to_owned();
         if status == 200 && matches!(state.as_str(), "SUCCESS" | "FAILURE" | "REVOKED")
             || start.elapsed() > deadline
