@@ -9,7 +9,7 @@ use super::checks::{LockFacts, LockHolder, Probe, WorkerRecord};
 use crate::compose::Project;
 use crate::engine::{ContainerInfo, Engine};
 use std::time::Duration;
-use taskstack::broker::{Broker, QueueCounts, live_workers, queue_counts};
+use taskstack::broker::{Broker, QueueCounts, RedisPool, live_workers, queue_counts};
 use taskstack::config::Config;
 use taskstack::proto::keys::result_key;
 
@@ -140,40 +140,34 @@ pub async fn queues(broker: &Broker, queues: &[String]) -> Probe<Vec<(String, Qu
     .await
 }
 
-/// `CONFIG GET key`'s value.
-pub async fn config_get(broker: &Broker, key: &str) -> Probe<String> {
-    bounded("CONFIG GET", async {
-        let mut conn = broker
-            .broker_pool()
-            .get("CONFIG GET")
+/// One command on a connection of `pool`, bounded.
+async fn query<T: redis::FromRedisValue>(
+    pool: &RedisPool,
+    what: &'static str,
+    cmd: redis::Cmd,
+) -> Probe<T> {
+    bounded(what, async {
+        let mut conn = pool.get(what).await.map_err(|e| e.to_string())?;
+        cmd.query_async(&mut *conn)
             .await
-            .map_err(|e| e.to_string())?;
-        let pair: Vec<String> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg(key)
-            .query_async(&mut *conn)
-            .await
-            .map_err(|e| format!("CONFIG GET {key}: {e}"))?;
-        pair.into_iter()
-            .nth(1)
-            .ok_or_else(|| format!("CONFIG GET {key}: no such setting"))
+            .map_err(|e| format!("{what}: {e}"))
     })
     .await
 }
 
+/// `CONFIG GET key`'s value.
+pub async fn config_get(broker: &Broker, key: &str) -> Probe<String> {
+    let mut cmd = redis::cmd("CONFIG");
+    cmd.arg("GET").arg(key);
+    let pair: Vec<String> = query(broker.broker_pool(), "CONFIG GET", cmd).await?;
+    pair.into_iter()
+        .nth(1)
+        .ok_or_else(|| format!("CONFIG GET {key}: no such setting"))
+}
+
 /// The PTTL (ms) of a task's result record, in the result backend.
 pub async fn result_pttl(broker: &Broker, task_id: &str) -> Probe<i64> {
-    bounded("result PTTL", async {
-        let mut conn = broker
-            .backend_pool()
-            .get("result PTTL")
-            .await
-            .map_err(|e| e.to_string())?;
-        redis::cmd("PTTL")
-            .arg(result_key(task_id))
-            .query_async(&mut *conn)
-            .await
-            .map_err(|e| format!("PTTL: {e}"))
-    })
-    .await
+    let mut cmd = redis::cmd("PTTL");
+    cmd.arg(result_key(task_id));
+    query(broker.backend_pool(), "result PTTL", cmd).await
 }

@@ -217,16 +217,17 @@ fn heartbeats(redis: &RedisServer, engine: &Fake, ns: &str, leased: usize) {
     }
 }
 
-async fn stack_on(
-    file: Option<&Path>,
-    open_redis: bool,
-) -> (
-    Fake,
-    Project,
-    tempfile::TempDir,
-    tokio::task::JoinHandle<()>,
-    RedisServer,
-) {
+/// A stack `up` made on the fake engine, its Redis and its web real
+/// servers of the test's own.
+struct Stack {
+    engine: Fake,
+    p: Project,
+    _secrets: tempfile::TempDir,
+    web: tokio::task::JoinHandle<()>,
+    redis: RedisServer,
+}
+
+async fn stack_on(file: Option<&Path>, open_redis: bool) -> Stack {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = Fake::with_images(&[APP, REDIS]);
     engine.set_exec(redis_cli(open_redis));
@@ -243,27 +244,27 @@ async fn stack_on(
     up(&engine, &p, &opts, &mut Recorder::default())
         .await
         .expect("up");
-    (engine, p, dir, web, redis)
+    Stack {
+        engine,
+        p,
+        _secrets: dir,
+        web,
+        redis,
+    }
 }
 
-async fn stack(
-    open_redis: bool,
-) -> (
-    Fake,
-    Project,
-    tempfile::TempDir,
-    tokio::task::JoinHandle<()>,
-    RedisServer,
-) {
+/// [`stack_on`] the shipped file, with a live beat and live workers.
+async fn stack(open_redis: bool) -> Stack {
     let s = stack_on(None, open_redis).await;
-    heartbeats(&s.4, &s.0, "taskstack", usize::MAX);
+    heartbeats(&s.redis, &s.engine, "taskstack", usize::MAX);
     s
 }
 
 #[tokio::test]
 async fn a_good_stack_passes_and_names_the_lock_holder() {
-    let (engine, p, _dir, web, _redis) = stack(false).await;
-    let report = verify(&engine, &p, &VerifyOptions::default())
+    let s = stack(false).await;
+    let (engine, p, web) = (&s.engine, &s.p, &s.web);
+    let report = verify(engine, p, &VerifyOptions::default())
         .await
         .expect("verify");
     assert!(report.ok, "{}", report.render());
@@ -283,9 +284,10 @@ async fn a_good_stack_passes_and_names_the_lock_holder() {
 
 #[tokio::test]
 async fn an_open_redis_and_a_stopped_worker_fail_their_checks() {
-    let (engine, p, _dir, web, _redis) = stack(true).await;
+    let s = stack(true).await;
+    let (engine, p, web) = (&s.engine, &s.p, &s.web);
     engine.stop_by_name("proj_worker_2");
-    let report = verify(&engine, &p, &VerifyOptions::default())
+    let report = verify(engine, p, &VerifyOptions::default())
         .await
         .expect("verify");
     let failed: Vec<&str> = report.failed().iter().map(|c| c.id.as_str()).collect();
@@ -315,14 +317,14 @@ async fn the_mounted_toml_decides_and_only_leased_workers_are_live() {
         format!("namespace = \"from-toml\"\n{toml}"),
     )
     .expect("write toml");
-    let (engine, p, _dir, web, redis) =
-        stack_on(Some(&compose.path().join("docker-compose.yml")), false).await;
+    let s = stack_on(Some(&compose.path().join("docker-compose.yml")), false).await;
+    let (engine, p, web, redis) = (&s.engine, &s.p, &s.web, &s.redis);
     // Worker 2 left a heartbeat key behind but holds no lease.
-    heartbeats(&redis, &engine, "from-toml", 1);
+    heartbeats(redis, engine, "from-toml", 1);
     // The default namespace has a full set: it must not be looked at.
-    heartbeats(&redis, &engine, "taskstack", usize::MAX);
+    heartbeats(redis, engine, "taskstack", usize::MAX);
 
-    let report = verify(&engine, &p, &VerifyOptions::default())
+    let report = verify(engine, p, &VerifyOptions::default())
         .await
         .expect("verify");
     let failed: Vec<String> = report
@@ -337,8 +339,8 @@ async fn the_mounted_toml_decides_and_only_leased_workers_are_live() {
         report.render()
     );
 
-    heartbeats(&redis, &engine, "from-toml", usize::MAX);
-    let report = verify(&engine, &p, &VerifyOptions::default())
+    heartbeats(redis, engine, "from-toml", usize::MAX);
+    let report = verify(engine, p, &VerifyOptions::default())
         .await
         .expect("verify");
     assert!(report.ok, "{}", report.render());
