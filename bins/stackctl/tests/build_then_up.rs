@@ -12,7 +12,7 @@ use stackctl::engine::Engine as _;
 use stackctl::engine::live::Live;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use taskstack_integration::docker::{unique, workspace_root};
+use taskstack_integration::docker::{is_compose_setting, unique, workspace_root};
 use taskstack_integration::free_port;
 
 /// `stackctl <args>` in the workspace, with none of the caller's compose
@@ -21,13 +21,7 @@ fn stackctl(args: &[&str], env: &[(&str, String)]) -> Result<Output> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stackctl"));
     cmd.args(args).current_dir(workspace_root()?);
     for (k, _) in std::env::vars() {
-        if k.starts_with("TASKSTACK_")
-            || k.starts_with("WORKER_")
-            || k.starts_with("WEB_")
-            || k.starts_with("REDIS_")
-            || k.starts_with("COMPOSE_")
-            || matches!(k.as_str(), "HEALTHCHECK_INTERVAL" | "LOG_LEVEL")
-        {
+        if is_compose_setting(&k) {
             cmd.env_remove(k);
         }
     }
