@@ -72,6 +72,11 @@ pub async fn connect<E: Engine>(
     taskstack::connect(&config).map_err(|e| e.to_string())
 }
 
+/// The broker, or why there is none (prefixed with what needed it).
+fn usable<'a>(broker: &'a Probe<Broker>, what: &str) -> Probe<&'a Broker> {
+    broker.as_ref().map_err(|e| format!("{what}: {e}"))
+}
+
 async fn bounded<T>(what: &str, f: impl Future<Output = Probe<T>>) -> Probe<T> {
     tokio::time::timeout(DEADLINE, f)
         .await
@@ -79,7 +84,8 @@ async fn bounded<T>(what: &str, f: impl Future<Output = Probe<T>>) -> Probe<T> {
 }
 
 /// The beat lock: who holds it (the beat's own parser) and its PTTL.
-pub async fn beat_lock(broker: &Broker) -> Probe<Option<LockFacts>> {
+pub async fn beat_lock(broker: &Probe<Broker>) -> Probe<Option<LockFacts>> {
+    let broker = usable(broker, "beat lock")?;
     bounded("beat lock", async {
         let key = broker.keys().beat_lock();
         let mut conn = broker
@@ -110,7 +116,8 @@ pub async fn beat_lock(broker: &Broker) -> Probe<Option<LockFacts>> {
 }
 
 /// The live workers, exactly as `/health` reads them (the leases set).
-pub async fn workers(broker: &Broker) -> Probe<Vec<WorkerRecord>> {
+pub async fn workers(broker: &Probe<Broker>) -> Probe<Vec<WorkerRecord>> {
+    let broker = usable(broker, "live workers")?;
     bounded("live workers", async {
         let mut lane = broker.broker_pool().shared_lane();
         let live = live_workers(&mut lane, broker.keys())
@@ -129,7 +136,11 @@ pub async fn workers(broker: &Broker) -> Probe<Vec<WorkerRecord>> {
 }
 
 /// Each queue's messages (ready, delayed, in flight, dead-lettered).
-pub async fn queues(broker: &Broker, queues: &[String]) -> Probe<Vec<(String, QueueCounts)>> {
+pub async fn queues(
+    broker: &Probe<Broker>,
+    queues: &[String],
+) -> Probe<Vec<(String, QueueCounts)>> {
+    let broker = usable(broker, "queue counts")?;
     bounded("queue counts", async {
         let mut lane = broker.broker_pool().shared_lane();
         let counts = queue_counts(&mut lane, broker.keys(), queues)
@@ -156,7 +167,8 @@ async fn query<T: redis::FromRedisValue>(
 }
 
 /// `CONFIG GET key`'s value.
-pub async fn config_get(broker: &Broker, key: &str) -> Probe<String> {
+pub async fn config_get(broker: &Probe<Broker>, key: &str) -> Probe<String> {
+    let broker = usable(broker, key)?;
     let mut cmd = redis::cmd("CONFIG");
     cmd.arg("GET").arg(key);
     let pair: Vec<String> = query(broker.broker_pool(), "CONFIG GET", cmd).await?;
@@ -166,7 +178,8 @@ pub async fn config_get(broker: &Broker, key: &str) -> Probe<String> {
 }
 
 /// The PTTL (ms) of a task's result record, in the result backend.
-pub async fn result_pttl(broker: &Broker, task_id: &str) -> Probe<i64> {
+pub async fn result_pttl(broker: &Probe<Broker>, task_id: &str) -> Probe<i64> {
+    let broker = usable(broker, "result")?;
     let mut cmd = redis::cmd("PTTL");
     cmd.arg(result_key(task_id));
     query(broker.backend_pool(), "result PTTL", cmd).await
