@@ -277,7 +277,9 @@ impl Drop for ComposeProject {
     }
 }
 
-fn is_compose_setting(k: &str) -> bool {
+/// Whether environment variable `k` is a compose setting of the stack (a
+/// test clears the caller's before setting its own).
+pub fn is_compose_setting(k: &str) -> bool {
     k.starts_with("TASKSTACK_")
         || k.starts_with("WORKER_")
         || k.starts_with("WEB_")

@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use nix::sys::signal::Signal;
 use redis::Commands as _;
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
 use std::time::{Duration, Instant};
+use taskstack_integration::http::get_blocking;
 use taskstack_integration::{
     BeatProcess, Prereq, RedisServer, free_port, namespace, require, run_to_exit, wait_until_sync,
 };
@@ -470,15 +470,11 @@ fn refuses_to_run_as_root_unless_allowed() -> Result<()> {
     Ok(())
 }
 
-/// GET /metrics over a plain TCP connection.
+/// GET /metrics (its body).
 fn scrape(port: u16) -> Result<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    if !body.starts_with("HTTP/1.1 200") {
-        bail!("metrics answered {body:?}");
+    let (status, body) = get_blocking(&format!("127.0.0.1:{port}"), "/metrics")?;
+    if status != 200 {
+        bail!("metrics answered {status}: {body:?}");
     }
     Ok(body)
 }

@@ -10,12 +10,16 @@
 //! - [`worker`]: the execution engine, the task registry and built-in tasks.
 //! - [`beat`]: the periodic scheduler (one leader, every slot once).
 //! - [`secret`]: passwords, tokens and URLs that print as `***`.
+//! - `http_client` (feature `http-client`): one HTTP/1.1 request with a
+//!   deadline, for health checks, `stackctl verify` and tests.
 //! - [`service`], [`shutdown`], [`telemetry`]: process plumbing shared by
 //!   the binaries (exit codes, root refusal, state file, signals, logs).
 
 pub mod beat;
 pub mod broker;
 pub mod config;
+#[cfg(feature = "http-client")]
+pub mod http_client;
 pub mod producer;
 pub mod proto;
 mod results_listener;

@@ -23,11 +23,18 @@ pub enum StackError {
     )]
     ImageMissing { service: String, image: String },
     #[error(
-        "secret `{name}`: {} does not exist; create the stack's secrets with `compose/init-secrets` \
-         (TASKSTACK_SECRETS_DIR chooses where)",
+        "secret `{name}`: {} does not exist, and the other secrets of its set do (`up` makes a \
+         set only when none of it exists); create the missing ones with `{command}`",
         file.display()
     )]
-    SecretMissing { name: String, file: PathBuf },
+    SecretMissing {
+        name: String,
+        file: PathBuf,
+        /// The command that creates it.
+        command: String,
+    },
+    #[error("cannot write the secret file {}: {detail}", path.display())]
+    SecretWrite { path: PathBuf, detail: String },
     #[error("service {service}: {} (mounted into the container) does not exist", source_path.display())]
     BindMissing {
         service: String,

@@ -18,8 +18,8 @@
 //!   and an in-memory fake;
 //! - [`up`]: bringing services up in dependency order (also `scale`);
 //! - [`verify`]: the checklist; [`ops`]: `status`, `logs`, `down`;
-//! - [`progress`]: live per-service progress; [`http`]: the tiny HTTP
-//!   client `verify` uses; [`error`]: what can go wrong, and what to do.
+//! - [`progress`]: live per-service progress; [`error`]: what can go
+//!   wrong, and what to do. (HTTP: `taskstack::http_client`.)
 //!
 //! The integration tests call these functions directly, so a human and
 //! the test suite drive the stack through the same code.
@@ -29,7 +29,6 @@ pub mod compose;
 pub mod docker;
 pub mod engine;
 pub mod error;
-pub mod http;
 pub mod ops;
 pub mod plan;
 pub mod progress;

@@ -231,6 +231,21 @@ fn load(args: &ProjectArgs, env: &Env) -> Result<Project, StackError> {
     Ok(compose::load(&args.file, &env, args.project.as_deref())?)
 }
 
+/// The project `up` and `scale` run: `stackctl build`'s images where the
+/// file's defaults are not here (each substitution announced).
+async fn load_for_up(
+    engine: &Live,
+    args: &ProjectArgs,
+    mut env: Env,
+) -> Result<Project, StackError> {
+    let (project, notes) =
+        stackctl::up::images::prefer_built(engine, &mut env, |env| load(args, env)).await?;
+    for n in notes {
+        eprintln!("stackctl: {n}");
+    }
+    Ok(project)
+}
+
 fn progress_sink(services: &[String]) -> Box<dyn Progress> {
     if std::io::stderr().is_terminal() {
         Box::new(progress::Live::new(std::io::stderr(), services))
@@ -266,8 +281,8 @@ async fn run(command: Command) -> Result<ExitCode, StackError> {
                     env.insert("REDIS_IMAGE".into(), redis.clone());
                 }
             }
-            let project = load(&args.project, &env)?;
             let engine = Live::connect().await?;
+            let project = load_for_up(&engine, &args.project, env).await?;
             let opts = UpOptions {
                 allow_standby_beats: args.allow_standby_beats,
                 timeout: Duration::from_secs(args.timeout),
@@ -356,7 +371,8 @@ async fn run(command: Command) -> Result<ExitCode, StackError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Scale(args) => {
-            let project = load(&args.project, &process_env())?;
+            let engine = Live::connect().await?;
+            let project = load_for_up(&engine, &args.project, process_env()).await?;
             let mut replicas = BTreeMap::new();
             for c in &args.counts {
                 let (svc, n) = c
@@ -373,7 +389,6 @@ async fn run(command: Command) -> Result<ExitCode, StackError> {
                     })?;
                 replicas.insert(svc, n);
             }
-            let engine = Live::connect().await?;
             let opts = UpOptions {
                 allow_standby_beats: args.allow_standby_beats,
                 timeout: Duration::from_secs(args.timeout),
@@ -452,10 +467,15 @@ fn print_build(report: &build::BuildReport) {
             "{redis}  {:.1} MB  ({how})",
             mb(report.redis_bytes.unwrap_or_default())
         );
-        println!(
-            "\nrun the stack with these images:\n  compose/init-secrets\n  \
-             REDIS_IMAGE={redis} TASKSTACK_IMAGE={} stackctl up",
-            report.app_image
-        );
+        // `up` runs the default tag's images without being told.
+        if report.app_image == format!("{}:{}", build::APP_REPOSITORY, build::DEFAULT_TAG) {
+            println!("\nrun the stack with these images: stackctl up");
+        } else {
+            println!(
+                "\nrun the stack with these images:\n  \
+                 REDIS_IMAGE={redis} TASKSTACK_IMAGE={} stackctl up",
+                report.app_image
+            );
+        }
     }
 }

@@ -11,7 +11,6 @@ use serde::Serialize;
 use std::net::SocketAddr;
 use std::time::Duration;
 use taskstack::beat::lock::holder;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use utoipa::ToSchema;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -233,40 +232,15 @@ pub fn probe_addr(listen: SocketAddr) -> SocketAddr {
 }
 
 /// `GET /health` on `addr` with a deadline: `Ok(body)` on 200, `Err` with
-/// the status and body (or the connection error) otherwise. A plain
-/// HTTP/1.1 exchange, so a shell-less image needs nothing else.
+/// the status and body (or the connection error) otherwise.
 pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
+    let r =
+        taskstack::http_client::request(&addr.to_string(), "GET", "/health", None, None, timeout)
             .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        let req = format!(
-            "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n\r\n"
-        );
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("cannot send the request: {e}"))?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf)
-            .await
-            .map_err(|e| format!("cannot read the answer: {e}"))?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .ok_or_else(|| format!("not an HTTP answer: {text:?}"))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .to_owned();
-        if status == 200 {
-            Ok(body)
-        } else {
-            Err(format!("/health answered {status}: {body}"))
-        }
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| format!("no answer from {addr} within {timeout:?}"))?
+            .map_err(|e| e.to_string())?;
+    if r.status == 200 {
+        Ok(r.text())
+    } else {
+        Err(format!("/health answered {}: {}", r.status, r.text()))
+    }
 }

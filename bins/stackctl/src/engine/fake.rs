@@ -48,6 +48,8 @@ struct State {
     images: BTreeMap<String, String>,
     behaviours: BTreeMap<String, Behaviour>,
     busy_ports: BTreeSet<u16>,
+    /// Container port → where the test serves it.
+    forwards: BTreeMap<u16, String>,
     calls: Vec<String>,
     next_id: u64,
     exec: Option<ExecHandler>,
@@ -93,6 +95,12 @@ impl Fake {
     }
 
     /// Marks a host port as taken by something else.
+    /// Makes every running container's `port` reachable at `addr` (a real
+    /// server of the test's own, e.g. a redis-server on a free port).
+    pub fn forward(&self, port: u16, addr: &str) {
+        self.lock().forwards.insert(port, addr.to_owned());
+    }
+
     pub fn occupy_port(&self, port: u16) {
         self.lock().busy_ports.insert(port);
     }
@@ -319,7 +327,9 @@ impl Engine for Fake {
             }
         }
         s.next_id += 1;
-        let id = format!("{:064x}", s.next_id);
+        // Distinct in the first 12 digits, the container's host name (as
+        // Docker's ids are).
+        let id = format!("{:012x}{}", s.next_id, "0".repeat(52));
         s.calls.push(format!("create {}", spec.name));
         s.containers.insert(
             id.clone(),
@@ -483,6 +493,18 @@ impl Engine for Fake {
             ));
         }
         Ok(h.map_or_else(ExecOutput::default, |h| h(&c, cmd)))
+    }
+
+    async fn reach(&self, id: &str, port: u16) -> EngineResult<Option<String>> {
+        let s = self.lock();
+        let c = s.containers.values().find(|c| c.id == id).ok_or_else(|| {
+            EngineError::new(
+                format!("inspect container {id}"),
+                "No such container",
+                Some(404),
+            )
+        })?;
+        Ok(s.forwards.get(&port).filter(|_| c.running).cloned())
     }
 
     fn host_port_free(&self, _ip: &str, port: u16) -> bool {

@@ -531,6 +531,23 @@ impl Engine for Live {
         Ok(out)
     }
 
+    async fn reach(&self, id: &str, port: u16) -> EngineResult<Option<String>> {
+        let c = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| err(format!("inspect container {id}"), e))?;
+        // Any network will do: on the engine's host every bridge network is
+        // routed, internal ones included.
+        Ok(c.network_settings
+            .and_then(|n| n.networks)
+            .unwrap_or_default()
+            .into_values()
+            .filter_map(|e| e.ip_address)
+            .find(|ip| !ip.is_empty())
+            .map(|ip| format!("{ip}:{port}")))
+    }
+
     fn host_port_free(&self, ip: &str, port: u16) -> bool {
         if !self.local {
             return true;

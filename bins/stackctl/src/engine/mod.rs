@@ -240,6 +240,14 @@ pub trait Engine: Sync {
         cmd: &[String],
         env: &[String],
     ) -> impl Future<Output = EngineResult<ExecOutput>> + Send;
+    /// Where this host reaches container `id`'s `port` (`ip:port`, the
+    /// container's address on one of its networks; no port need be
+    /// published), None when it has no address.
+    fn reach(
+        &self,
+        id: &str,
+        port: u16,
+    ) -> impl Future<Output = EngineResult<Option<String>>> + Send;
     /// Whether host port `ip:port` can be bound on the engine's host (false
     /// when something already listens there).
     fn host_port_free(&self, ip: &str, port: u16) -> bool;

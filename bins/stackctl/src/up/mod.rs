@@ -6,6 +6,9 @@
 //! removed), failing with the health-check outputs and the last log lines
 //! of a container that turns unhealthy or exits.
 
+pub mod images;
+pub mod secrets;
+
 use crate::compose::{Condition, Project};
 use crate::engine::{Engine, Health, last_log_lines};
 use crate::error::StackError;
@@ -119,15 +122,6 @@ pub async fn up<E: Engine>(
                 });
             }
         }
-        for name in &svc.secrets {
-            let file = &project.secrets[name].file;
-            if !file.exists() {
-                return Err(StackError::SecretMissing {
-                    name: name.clone(),
-                    file: file.clone(),
-                });
-            }
-        }
         for b in &svc.binds {
             if !b.source.exists() {
                 return Err(StackError::BindMissing {
@@ -136,6 +130,14 @@ pub async fn up<E: Engine>(
                 });
             }
         }
+    }
+    let needed = project
+        .services
+        .values()
+        .filter(|s| selected(&s.name))
+        .flat_map(|s| s.secrets.iter());
+    for file in secrets::ensure(project, needed)? {
+        progress.note(&format!("created secret {}", file.display()));
     }
     let plans = plan::plan(project, &opts.replicas, &image_ids);
     for p in plans.values() {

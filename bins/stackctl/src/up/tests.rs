@@ -10,6 +10,13 @@ pub(crate) const REDIS: &str = "localhost/taskstack-redis:t";
 /// The shipped compose file with test images, a secrets directory of its
 /// own, fast health checks; `extra` overrides.
 pub(crate) fn shipped(secrets: &Path, extra: &[(&str, &str)]) -> Project {
+    let file: PathBuf =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../compose/docker-compose.yml");
+    shipped_file(&file, secrets, extra)
+}
+
+/// [`shipped`] with another compose file.
+pub(crate) fn shipped_file(file: &Path, secrets: &Path, extra: &[(&str, &str)]) -> Project {
     for f in ["redis_password", "api_token", "redis_users.acl"] {
         std::fs::write(secrets.join(f), "s3cret-s3cret-s3cret\n").expect("write secret");
     }
@@ -28,9 +35,7 @@ pub(crate) fn shipped(secrets: &Path, extra: &[(&str, &str)]) -> Project {
     for (k, v) in extra {
         env.insert((*k).to_owned(), (*v).to_owned());
     }
-    let file: PathBuf =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../compose/docker-compose.yml");
-    compose::load(&file, &env, Some("proj")).expect("the shipped file loads")
+    compose::load(file, &env, Some("proj")).expect("the shipped file loads")
 }
 
 fn fast() -> UpOptions {
@@ -327,4 +332,129 @@ async fn a_stack_that_never_turns_healthy_times_out_naming_what_it_waited_for() 
         text.contains("redis (not healthy yet)") && text.contains("web (not started"),
         "{text}"
     );
+}
+
+/// The shipped file with no image variables, secrets in `secrets`.
+fn load_plain(secrets: &Path) -> impl Fn(&Env) -> Result<Project, StackError> {
+    let secrets = secrets.display().to_string();
+    move |env: &Env| {
+        let mut env = env.clone();
+        env.insert("TASKSTACK_SECRETS_DIR".into(), secrets.clone());
+        let file: PathBuf =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../compose/docker-compose.yml");
+        Ok(compose::load(&file, &env, Some("proj"))?)
+    }
+}
+
+#[tokio::test]
+async fn after_stackctl_build_a_plain_up_runs_the_built_images_and_makes_the_secrets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = dir.path().join("secrets");
+    let built_app = "localhost/taskstack:local";
+    let built_redis = "localhost/taskstack-redis:local";
+    let engine = Fake::with_images(&[built_app, built_redis]);
+    let mut env = Env::new();
+    let (p, notes) = images::prefer_built(&engine, &mut env, load_plain(&secrets))
+        .await
+        .expect("load");
+    assert_eq!(p.services["web"].image, built_app);
+    assert_eq!(p.services["worker"].image, built_app);
+    assert_eq!(p.services["redis"].image, built_redis);
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(
+        notes[0].starts_with("using localhost/taskstack:local (made by `stackctl build`) for beat, web, worker: ghcr.io/taskstack/taskstack:latest is not on this engine"),
+        "{notes:?}"
+    );
+    assert_eq!(env["TASKSTACK_IMAGE"], built_app);
+
+    let mut progress = Recorder::default();
+    let report = up(&engine, &p, &fast(), &mut progress).await.expect("up");
+    assert_eq!(report.created.len(), 5, "{report:?}");
+    let created: Vec<&String> = progress
+        .events
+        .iter()
+        .filter(|e| e.starts_with("created secret"))
+        .collect();
+    assert_eq!(created.len(), 4, "{:?}", progress.events);
+    // The format is init-secrets' own: run on this directory, it keeps
+    // every value and rewrites the ACL byte for byte.
+    let read = |f: &str| std::fs::read(secrets.join(f)).expect(f);
+    let before: Vec<Vec<u8>> = ["redis_password", "api_token", "redis_users.acl"]
+        .iter()
+        .map(|f| read(f))
+        .collect();
+    assert_eq!(before[0].len(), 64);
+    let status = std::process::Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../compose/init-secrets"),
+    )
+    .env("TASKSTACK_SECRETS_DIR", &secrets)
+    .stdout(std::process::Stdio::null())
+    .status()
+    .expect("init-secrets runs");
+    assert!(status.success());
+    let after: Vec<Vec<u8>> = ["redis_password", "api_token", "redis_users.acl"]
+        .iter()
+        .map(|f| read(f))
+        .collect();
+    assert_eq!(before, after);
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode(&secrets), 0o700);
+    assert_eq!(mode(&secrets.join("api_token")), 0o644);
+}
+
+#[tokio::test]
+async fn a_choice_is_never_overridden_and_a_partial_secret_set_is_refused_with_the_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = dir.path().join("secrets");
+    // The file's default is here: it stays.
+    let engine = Fake::with_images(&[
+        "ghcr.io/taskstack/taskstack:latest",
+        "localhost/taskstack:local",
+    ]);
+    let (p, notes) = images::prefer_built(&engine, &mut Env::new(), load_plain(&secrets))
+        .await
+        .expect("load");
+    assert_eq!(
+        p.services["web"].image,
+        "ghcr.io/taskstack/taskstack:latest"
+    );
+    assert_eq!(p.services["redis"].image, "redis:7-alpine");
+    assert!(notes.is_empty(), "{notes:?}");
+    // A variable that is set stays, even naming an image that is not here.
+    let engine = Fake::with_images(&["localhost/taskstack:local"]);
+    let mut env: Env = [("TASKSTACK_IMAGE".to_owned(), "mine:1".to_owned())].into();
+    let (p, _) = images::prefer_built(&engine, &mut env, load_plain(&secrets))
+        .await
+        .expect("load");
+    assert_eq!(p.services["web"].image, "mine:1");
+    let e = up(&engine, &p, &fast(), &mut Recorder::default())
+        .await
+        .expect_err("mine:1 is not here");
+    assert!(e.to_string().contains("image mine:1"), "{e}");
+
+    // One file of an existing set missing: refused, naming the command.
+    std::fs::create_dir_all(&secrets).expect("mkdir");
+    std::fs::write(secrets.join("redis_password"), "pw").expect("write");
+    let engine = Fake::with_images(&[
+        "localhost/taskstack:local",
+        "localhost/taskstack-redis:local",
+    ]);
+    let (p, _) = images::prefer_built(&engine, &mut Env::new(), load_plain(&secrets))
+        .await
+        .expect("load");
+    let e = up(&engine, &p, &fast(), &mut Recorder::default())
+        .await
+        .expect_err("partial set");
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!("TASKSTACK_SECRETS_DIR={} ", secrets.display()))
+            && text.contains("compose/init-secrets`"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(secrets.join("redis_password")).expect("pw"),
+        "pw"
+    );
+    assert!(engine.containers().is_empty());
 }

@@ -6,6 +6,7 @@ use crate::engine::{ContainerInfo, ExecOutput, Health, Published};
 use crate::plan::Role;
 use serde::Serialize;
 use std::time::Duration;
+use taskstack::broker::QueueCounts;
 
 /// An observation that may have failed (Err says why).
 pub type Probe<T> = Result<T, String>;
@@ -90,8 +91,10 @@ pub struct Facts {
     pub beat_lock: Probe<Option<LockFacts>>,
     pub beat_lock_ttl: Duration,
     pub workers: Probe<Vec<WorkerRecord>>,
-    /// Queues the workers are configured to serve.
+    /// Queues `/health` requires a live worker on (the web's `queues`).
     pub queues: Vec<String>,
+    /// Each of those queues' messages (`taskstack::broker::queue_counts`).
+    pub queue_counts: Probe<Vec<(String, QueueCounts)>>,
     /// Status of `GET /health` on the published web port.
     pub web_health: Probe<u16>,
     pub smoke: Probe<SmokeFacts>,
@@ -355,6 +358,18 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
             (false, problems.join("; "))
         }
     }));
+    out.push(probe("queues.readable", &f.queue_counts, |counts| {
+        let each: Vec<String> = counts
+            .iter()
+            .map(|(q, c)| {
+                format!(
+                    "{q}: {} ready, {} delayed, {} in flight, {} dead-lettered",
+                    c.ready, c.delayed, c.in_flight, c.dead_lettered
+                )
+            })
+            .collect();
+        (true, each.join("; "))
+    }));
     let mut root = Vec::new();
     for c in f.role(Role::Worker) {
         if configured_uid(&c.user) == Some(0) || c.process_uid == Some(0) {
@@ -499,6 +514,7 @@ mod tests {
                 },
             ]),
             queues: vec!["celery".into()],
+            queue_counts: Ok(vec![("celery".into(), QueueCounts::default())]),
             web_health: Ok(200),
             smoke: Ok(SmokeFacts {
                 task_id: "t".into(),

@@ -1,24 +1,25 @@
 //! `stackctl verify`: the production checklist of a running stack. Facts
-//! are gathered through the engine (inspect; `redis-cli` run inside the
-//! Redis container with the password passed in the exec's environment, so
-//! nothing depends on reaching Redis's internal network from this host)
-//! and through the web API's published port; [`checks::evaluate`] turns
-//! them into pass/fail with reasons.
+//! are gathered through the engine (inspect; an unauthenticated
+//! `redis-cli PING` in the Redis container), through Redis with each
+//! service's own configuration ([`config`]) and the library's queries
+//! (`store`: what `/health` reads), and through the web API's published
+//! port; [`checks::evaluate`] turns them into pass/fail with reasons.
 
 pub mod checks;
+pub mod config;
+mod store;
 
-use crate::compose::{Project, parse_duration};
-use crate::engine::{ContainerInfo, Engine, ExecOutput};
+use crate::compose::Project;
+use crate::engine::{ContainerInfo, Engine};
 use crate::error::StackError;
-use crate::http;
 use crate::plan::{Role, labels, project_label};
-use checks::{
-    Check, Facts, LockFacts, LockHolder, Probe, RedisFacts, ServiceFacts, SmokeFacts, WorkerRecord,
-};
+use checks::{Check, Facts, LockHolder, Probe, RedisFacts, ServiceFacts, SmokeFacts};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::time::Duration;
-use taskstack::proto::{Keys, keys::result_key};
+use taskstack::broker::Broker;
+use taskstack::config::Config;
+use taskstack::http_client;
 
 /// How `verify` runs.
 #[derive(Debug, Clone)]
@@ -131,40 +132,46 @@ pub async fn verify<E: Engine>(
             .filter(|c| c.running)
             .collect()
     };
-    let app_env = |role: Role, key: &str| -> Option<String> {
+    // Each service's configuration as it loads it; Redis through the
+    // library, with the configuration the web uses (the one `/health` reads).
+    let config_of = |role: Role| {
         project
             .services
             .values()
-            .filter(|s| Role::of(s) == role)
-            .find_map(|s| s.environment.get(key).cloned())
+            .find(|s| Role::of(s) == role)
+            .map(|s| config::service_config(project, s))
     };
-    let any_app_env = |key: &str| {
-        [Role::Worker, Role::Beat, Role::Web]
-            .into_iter()
-            .find_map(|r| app_env(r, key))
+    let web_config = config_of(Role::Web);
+    let main_config: Probe<Config> = [
+        web_config.clone(),
+        config_of(Role::Worker),
+        config_of(Role::Beat),
+    ]
+    .into_iter()
+    .flatten()
+    .next()
+    .unwrap_or_else(|| Err("no web, worker or beat service in the compose file".into()));
+    // What `/health` requires a live worker on (the web's `queues`).
+    let queues: Vec<String> = main_config
+        .as_ref()
+        .map(|c| c.queues.clone())
+        .unwrap_or_default();
+    let beat_lock_ttl = match config_of(Role::Beat) {
+        Some(Ok(c)) => c.beat_lock_ttl,
+        _ => Config::default().beat_lock_ttl,
     };
-
-    let namespace = any_app_env("TASKSTACK_NAMESPACE").unwrap_or_else(|| "taskstack".into());
-    let keys = Keys::new(&namespace);
-    // None: the services use no password (then neither does verify).
-    let password = match (
-        any_app_env("TASKSTACK_BROKER_PASSWORD"),
-        any_app_env("TASKSTACK_BROKER_PASSWORD_FILE"),
-    ) {
-        (None, None) => Ok(None),
-        (direct, file) => secret_value(project, direct, file).map(Some),
-    };
-    let queues: Vec<String> = app_env(Role::Worker, "TASKSTACK_QUEUES")
-        .unwrap_or_else(|| "celery".into())
-        .split(',')
-        .map(|q| q.trim().to_owned())
-        .filter(|q| !q.is_empty())
+    let all_running: Vec<&ContainerInfo> = services
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .filter(|c| c.running)
         .collect();
-    let beat_lock_ttl = app_env(Role::Beat, "TASKSTACK_BEAT_LOCK_TTL")
-        .and_then(|t| parse_duration(&t).ok())
-        .unwrap_or(Duration::from_secs(10));
+    let broker: Probe<Broker> = match main_config {
+        Ok(c) => store::connect(engine, project, &all_running, c).await,
+        Err(e) => Err(e),
+    };
 
-    // Redis, through redis-cli in its container.
+    // Unauthenticated PING through redis-cli in the Redis container: it
+    // must be refused.
     let redis_container = running(Role::Redis).first().map(|c| (*c).clone());
     let cli = project
         .services
@@ -175,58 +182,25 @@ pub async fn verify<E: Engine>(
         .filter(|p| p.ends_with("redis-cli"))
         .cloned()
         .unwrap_or_else(|| "redis-cli".into());
-    let redis = Redis {
-        engine,
-        container: redis_container.as_ref().map(|c| c.id.clone()),
-        cli,
-        password: password.clone(),
-    };
     let redis_facts = match &redis_container {
         None => None,
-        Some(c) => Some(RedisFacts {
-            container: c.name.clone(),
-            unauthenticated_ping: redis.exec(&["PING"], false).await,
-            appendonly: redis.config_get("appendonly").await,
-            maxmemory_policy: redis.config_get("maxmemory-policy").await,
-            published: c.published.clone(),
-        }),
+        Some(c) => {
+            let cmd = [cli, "--no-auth-warning".into(), "-e".into(), "PING".into()];
+            Some(RedisFacts {
+                container: c.name.clone(),
+                unauthenticated_ping: engine
+                    .exec(&c.id, &cmd, &[])
+                    .await
+                    .map_err(|e| e.to_string()),
+                appendonly: store::config_get(&broker, "appendonly").await,
+                maxmemory_policy: store::config_get(&broker, "maxmemory-policy").await,
+                published: c.published.clone(),
+            })
+        }
     };
-
-    let lock_key = keys.beat_lock();
-    let beat_lock: Probe<Option<LockFacts>> = async {
-        let raw = redis.cmd(&["GET", &lock_key]).await?;
-        let raw = raw.trim_end_matches('\n').to_owned();
-        if raw.is_empty() {
-            return Ok(None);
-        }
-        let pttl = redis.cmd(&["PTTL", &lock_key]).await?;
-        Ok(Some(LockFacts {
-            holder: serde_json::from_str(&raw).ok(),
-            pttl_ms: pttl
-                .trim()
-                .parse()
-                .map_err(|_| format!("PTTL {lock_key}: {pttl:?}"))?,
-            raw,
-        }))
-    }
-    .await;
-
-    let workers: Probe<Vec<WorkerRecord>> = async {
-        let pattern = format!("{}*", keys.worker_prefix());
-        let list = redis.cmd(&["KEYS", &pattern]).await?;
-        let names: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
-        if names.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut args = vec!["MGET"];
-        args.extend(names.iter().copied());
-        let values = redis.cmd(&args).await?;
-        Ok(values
-            .lines()
-            .filter_map(|v| serde_json::from_str::<WorkerRecord>(v).ok())
-            .collect())
-    }
-    .await;
+    let beat_lock = store::beat_lock(&broker).await;
+    let workers = store::workers(&broker).await;
+    let queue_counts = store::queues(&broker, &queues).await;
 
     // The web API, through its published port.
     let web = running(Role::Web).first().and_then(|c| {
@@ -243,25 +217,25 @@ pub async fn verify<E: Engine>(
                 format!("{ip}:{}", p.host_port)
             })
     });
-    let token = secret_value(
-        project,
-        app_env(Role::Web, "TASKSTACK_API_TOKENS")
-            .map(|t| t.split(',').next().unwrap_or("").to_owned()),
-        app_env(Role::Web, "TASKSTACK_API_TOKENS_FILE"),
-    )
-    .map(|t| {
-        t.lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty() && !l.starts_with('#'))
-            .unwrap_or("")
-            .to_owned()
-    });
+    let token: Probe<String> = match web_config {
+        None => Err("no web service in the compose file".into()),
+        Some(Err(e)) => Err(e),
+        Some(Ok(c)) => c
+            .load_api_tokens()
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                t.into_iter()
+                    .next()
+                    .ok_or_else(|| "the web service has no API token".into())
+            }),
+    };
     let t = Duration::from_secs(5);
     let web_health: Probe<u16> = match &web {
         None => Err("no running web container publishes a port".into()),
-        Some(addr) => http::request(addr, "GET", "/health", None, None, t)
+        Some(addr) => http_client::request(addr, "GET", "/health", None, None, t)
             .await
-            .map(|(s, _)| s),
+            .map(|r| r.status)
+            .map_err(|e| e.to_string()),
     };
     let smoke: Probe<SmokeFacts> = match (&web, &token) {
         (None, _) => Err("no running web container publishes a port".into()),
@@ -270,10 +244,7 @@ pub async fn verify<E: Engine>(
     };
     let result_pttl: Probe<i64> = match &smoke {
         Err(_) => Err("no smoke task result to look at".into()),
-        Ok(s) => redis
-            .cmd(&["PTTL", &result_key(&s.task_id)])
-            .await
-            .and_then(|v| v.trim().parse().map_err(|_| format!("PTTL: {v:?}"))),
+        Ok(s) => store::result_pttl(&broker, &s.task_id).await,
     };
 
     let holder = beat_lock
@@ -289,6 +260,7 @@ pub async fn verify<E: Engine>(
         beat_lock_ttl,
         workers,
         queues,
+        queue_counts,
         web_health,
         smoke,
         result_pttl,
@@ -312,89 +284,6 @@ pub async fn verify<E: Engine>(
     })
 }
 
-/// A secret's value: given directly, or from the file a `/run/secrets/<name>`
-/// path names (read on this host from the project's secret file).
-fn secret_value(
-    project: &Project,
-    direct: Option<String>,
-    file: Option<String>,
-) -> Result<String, String> {
-    if let Some(v) = direct.filter(|v| !v.is_empty()) {
-        return Ok(v);
-    }
-    let path = file.ok_or("neither the value nor a *_FILE is configured")?;
-    let name = path
-        .strip_prefix("/run/secrets/")
-        .ok_or_else(|| format!("{path} is not a Docker secret (/run/secrets/...)"))?;
-    let secret = project
-        .secrets
-        .get(name)
-        .ok_or_else(|| format!("no secret `{name}` in the compose file"))?;
-    std::fs::read_to_string(&secret.file)
-        .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
-        .map_err(|e| format!("{}: {e}", secret.file.display()))
-}
-
-/// `redis-cli` run in the Redis container.
-struct Redis<'a, E: Engine> {
-    engine: &'a E,
-    container: Option<String>,
-    cli: String,
-    password: Result<Option<String>, String>,
-}
-
-impl<E: Engine> Redis<'_, E> {
-    /// Runs `redis-cli -e <args>`, authenticated (REDISCLI_AUTH in the
-    /// exec's environment) or not.
-    async fn exec(&self, args: &[&str], auth: bool) -> Probe<ExecOutput> {
-        let id = self
-            .container
-            .as_ref()
-            .ok_or("no running Redis container")?;
-        let mut cmd = vec![self.cli.clone(), "--no-auth-warning".into(), "-e".into()];
-        cmd.extend(args.iter().map(|a| (*a).to_owned()));
-        let password = if auth {
-            self.password
-                .as_ref()
-                .map_err(|e| format!("no Redis password: {e}"))?
-                .as_ref()
-        } else {
-            None
-        };
-        let env: Vec<String> = password
-            .map(|p| format!("REDISCLI_AUTH={p}"))
-            .into_iter()
-            .collect();
-        self.engine
-            .exec(id, &cmd, &env)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    /// An authenticated command's output; Err with its error reply.
-    async fn cmd(&self, args: &[&str]) -> Probe<String> {
-        let out = self.exec(args, true).await?;
-        if out.exit_code == Some(0) {
-            Ok(out.stdout)
-        } else {
-            Err(format!(
-                "redis-cli {}: {}{}",
-                args[0],
-                out.stdout.trim(),
-                out.stderr.trim()
-            ))
-        }
-    }
-
-    async fn config_get(&self, key: &str) -> Probe<String> {
-        let out = self.cmd(&["CONFIG", "GET", key]).await?;
-        out.lines()
-            .nth(1)
-            .map(|v| v.trim().to_owned())
-            .ok_or_else(|| format!("CONFIG GET {key}: {out:?}"))
-    }
-}
-
 /// Enqueues `taskstack.add` through the API and polls its result until
 /// the deadline.
 async fn smoke_task(addr: &str, token: &str, deadline: Duration) -> Probe<SmokeFacts> {
@@ -405,8 +294,13 @@ async fn smoke_task(addr: &str, token: &str, deadline: Duration) -> Probe<SmokeF
     let (a, b) = (i64::from(nanos % 1000), i64::from(nanos / 1000 % 1000));
     let start = tokio::time::Instant::now();
     let body = json!({"task": "taskstack.add", "args": [a, b]});
-    let (status, reply) =
-        http::request(addr, "POST", "/api/v1/tasks", Some(token), Some(&body), t).await?;
+    let call = |method: &'static str, path: String, body: Option<Value>| async move {
+        http_client::request(addr, method, &path, Some(token), body.as_ref(), t)
+            .await
+            .map(|r| (r.status, r.json()))
+            .map_err(|e| e.to_string())
+    };
+    let (status, reply) = call("POST", "/api/v1/tasks".into(), Some(body)).await?;
     if status != 202 {
         return Err(format!("POST /api/v1/tasks answered {status}: {reply}"));
     }
@@ -416,7 +310,7 @@ async fn smoke_task(addr: &str, token: &str, deadline: Duration) -> Probe<SmokeF
         .to_owned();
     let path = format!("/api/v1/tasks/{id}");
     loop {
-        let (status, reply) = http::request(addr, "GET", &path, Some(token), None, t).await?;
+        let (status, reply) = call("GET", path.clone(), None).await?;
         let state = reply["state"].as_str().unwrap_or_default().to_owned();
         if status == 200 && matches!(state.as_str(), "SUCCESS" | "FAILURE" | "REVOKED")
             || start.elapsed() > deadline

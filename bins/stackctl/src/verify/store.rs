@@ -1,0 +1,186 @@
+//! What Redis holds, read through the library the services use: a
+//! `Broker` from the service's own configuration (see [`super::config`]),
+//! with the Redis service's name in the URL replaced by where this host
+//! reaches its container; the live workers from the leases
+//! (`taskstack::broker::live_workers`, as `/health`), the beat lock read
+//! with the beat's own parser, the queues' counts (`queue_counts`).
+
+use super::checks::{LockFacts, LockHolder, Probe, WorkerRecord};
+use crate::compose::Project;
+use crate::engine::{ContainerInfo, Engine};
+use std::time::Duration;
+use taskstack::broker::{Broker, QueueCounts, RedisPool, live_workers, queue_counts};
+use taskstack::config::Config;
+use taskstack::proto::keys::result_key;
+
+/// Every Redis read is bounded by this (an unreachable address must not
+/// hang `verify`).
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// `url` with its host, when it names one of the project's services,
+/// replaced by where this host reaches that service's running container.
+async fn reachable<E: Engine>(
+    engine: &E,
+    project: &Project,
+    running: &[&ContainerInfo],
+    key: &str,
+    raw: &str,
+) -> Probe<String> {
+    let mut url = url::Url::parse(raw).map_err(|e| format!("{key}: {e}"))?;
+    let Some(host) = url.host_str().map(str::to_owned) else {
+        return Ok(raw.to_owned());
+    };
+    if !project.services.contains_key(&host) {
+        return Ok(raw.to_owned());
+    }
+    let port = url.port().unwrap_or(6379);
+    let c = running
+        .iter()
+        .find(|c| c.label(crate::plan::labels::SERVICE) == Some(host.as_str()))
+        .ok_or_else(|| format!("no running container of service {host} ({key})"))?;
+    let addr = engine
+        .reach(&c.id, port)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{} has no network address this host reaches", c.name))?;
+    let (ip, port) = addr
+        .rsplit_once(':')
+        .and_then(|(ip, p)| Some((ip.to_owned(), p.parse::<u16>().ok()?)))
+        .ok_or_else(|| format!("{}: not an address: {addr}", c.name))?;
+    url.set_host(Some(&ip))
+        .and_then(|()| {
+            url.set_port(Some(port))
+                .map_err(|()| url::ParseError::InvalidPort)
+        })
+        .map_err(|e| format!("{key}: {e}"))?;
+    Ok(url.into())
+}
+
+/// A broker for `config`, reaching the project's Redis from this host.
+pub async fn connect<E: Engine>(
+    engine: &E,
+    project: &Project,
+    running: &[&ContainerInfo],
+    mut config: Config,
+) -> Probe<Broker> {
+    config.broker_url =
+        reachable(engine, project, running, "broker_url", &config.broker_url).await?;
+    if let Some(b) = config.result_backend.take() {
+        config.result_backend =
+            Some(reachable(engine, project, running, "result_backend", &b).await?);
+    }
+    taskstack::connect(&config).map_err(|e| e.to_string())
+}
+
+/// The broker, or why there is none (prefixed with what needed it).
+fn usable<'a>(broker: &'a Probe<Broker>, what: &str) -> Probe<&'a Broker> {
+    broker.as_ref().map_err(|e| format!("{what}: {e}"))
+}
+
+async fn bounded<T>(what: &str, f: impl Future<Output = Probe<T>>) -> Probe<T> {
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .map_err(|_| format!("{what}: no answer from Redis within {DEADLINE:?}"))?
+}
+
+/// The beat lock: who holds it (the beat's own parser) and its PTTL.
+pub async fn beat_lock(broker: &Probe<Broker>) -> Probe<Option<LockFacts>> {
+    let broker = usable(broker, "beat lock")?;
+    bounded("beat lock", async {
+        let key = broker.keys().beat_lock();
+        let mut conn = broker
+            .broker_pool()
+            .get("read beat lock")
+            .await
+            .map_err(|e| e.to_string())?;
+        let (raw, pttl): (Option<String>, i64) = redis::pipe()
+            .cmd("GET")
+            .arg(&key)
+            .cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut *conn)
+            .await
+            .map_err(|e| format!("GET {key}: {e}"))?;
+        Ok(raw.map(|raw| LockFacts {
+            holder: taskstack::beat::lock::LockHolder::parse(&raw).map(|h| LockHolder {
+                id: h.id,
+                host: h.host,
+                pid: u64::from(h.pid),
+                since: h.since,
+            }),
+            raw,
+            pttl_ms: pttl,
+        }))
+    })
+    .await
+}
+
+/// The live workers, exactly as `/health` reads them (the leases set).
+pub async fn workers(broker: &Probe<Broker>) -> Probe<Vec<WorkerRecord>> {
+    let broker = usable(broker, "live workers")?;
+    bounded("live workers", async {
+        let mut lane = broker.broker_pool().shared_lane();
+        let live = live_workers(&mut lane, broker.keys())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(live
+            .into_iter()
+            .map(|w| WorkerRecord {
+                id: w.id,
+                host: w.host,
+                queues: w.queues,
+            })
+            .collect())
+    })
+    .await
+}
+
+/// Each queue's messages (ready, delayed, in flight, dead-lettered).
+pub async fn queues(
+    broker: &Probe<Broker>,
+    queues: &[String],
+) -> Probe<Vec<(String, QueueCounts)>> {
+    let broker = usable(broker, "queue counts")?;
+    bounded("queue counts", async {
+        let mut lane = broker.broker_pool().shared_lane();
+        let counts = queue_counts(&mut lane, broker.keys(), queues)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(queues.iter().cloned().zip(counts).collect())
+    })
+    .await
+}
+
+/// One command on a connection of `pool`, bounded.
+async fn query<T: redis::FromRedisValue>(
+    pool: &RedisPool,
+    what: &'static str,
+    cmd: redis::Cmd,
+) -> Probe<T> {
+    bounded(what, async {
+        let mut conn = pool.get(what).await.map_err(|e| e.to_string())?;
+        cmd.query_async(&mut *conn)
+            .await
+            .map_err(|e| format!("{what}: {e}"))
+    })
+    .await
+}
+
+/// `CONFIG GET key`'s value.
+pub async fn config_get(broker: &Probe<Broker>, key: &str) -> Probe<String> {
+    let broker = usable(broker, key)?;
+    let mut cmd = redis::cmd("CONFIG");
+    cmd.arg("GET").arg(key);
+    let pair: Vec<String> = query(broker.broker_pool(), "CONFIG GET", cmd).await?;
+    pair.into_iter()
+        .nth(1)
+        .ok_or_else(|| format!("CONFIG GET {key}: no such setting"))
+}
+
+/// The PTTL (ms) of a task's result record, in the result backend.
+pub async fn result_pttl(broker: &Probe<Broker>, task_id: &str) -> Probe<i64> {
+    let broker = usable(broker, "result")?;
+    let mut cmd = redis::cmd("PTTL");
+    cmd.arg(result_key(task_id));
+    query(broker.backend_pool(), "result PTTL", cmd).await
+}
