@@ -4,6 +4,9 @@
 //!
 //! - [`config`]: figment-based configuration (defaults < TOML < `TASKSTACK_*`).
 //! - [`proto`]: the Celery message envelope, result records and every Redis key name.
+//! - [`backend`]: capability traits (enqueue, consume, leases, delayed set,
+//!   results, task states, dead letters, inspection, leader lock, slot
+//!   ledger) with a Redis and an in-memory implementation.
 //! - [`broker`]: the Redis side — atomic Lua steps for taking, settling,
 //!   delaying, dead-lettering and restoring messages; leases; results.
 //! - [`producer`]: send tasks, read and await results.
@@ -12,6 +15,7 @@
 //! - [`service`], [`shutdown`], [`telemetry`]: process plumbing shared by
 //!   the binaries (exit codes, root refusal, state file, signals, logs).
 
+pub mod backend;
 pub mod beat;
 pub mod broker;
 pub mod config;

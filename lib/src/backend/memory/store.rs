@@ -1,0 +1,365 @@
+//! Results, task states, dead letters, inspection and the beat's lock and
+//! slot ledger.
+
+use super::{Expiring, MemorySession, State, ms, to_json};
+use crate::backend::traits::{
+    Acquired, BackendError, DeadLetters, Inspect, LeaderLock, ResultStore, SlotLedger, SlotOutcome,
+    SlotPublish, TaskStates,
+};
+use crate::broker::{
+    DeadLetter, DeadLetterAction, DeadSelection, PickedDeadLetter, QueueCounts, RevokeOutcome,
+    WorkerRecord,
+};
+use crate::proto::keys::{PRIORITY_BUCKETS, queue_key, queue_of_key};
+use crate::proto::{TaskResult, TaskState};
+use async_trait::async_trait;
+use std::time::Duration;
+
+fn parse_result(raw: &str) -> Result<TaskResult, BackendError> {
+    crate::broker::results_parse(raw).map_err(BackendError::from)
+}
+
+impl State {
+    fn result(&self, task_id: &str, now: i64) -> Option<&str> {
+        self.results
+            .get(task_id)
+            .and_then(|r| r.live(now))
+            .map(String::as_str)
+    }
+}
+
+#[async_trait]
+impl ResultStore for MemorySession {
+    async fn write(&mut self, results: &[TaskResult], ttl: Duration) -> Result<(), BackendError> {
+        let json = results
+            .iter()
+            .map(|r| to_json("store results", r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (mut st, now) = self.state("store results")?;
+        for (r, json) in results.iter().zip(json) {
+            st.set_result(&r.task_id, json, now + ms(ttl));
+        }
+        drop(st);
+        self.inner.recorded.notify_waiters();
+        Ok(())
+    }
+
+    async fn read(&mut self, task_id: &str) -> Result<Option<TaskResult>, BackendError> {
+        let (st, now) = self.state("read result")?;
+        st.result(task_id, now).map(parse_result).transpose()
+    }
+
+    async fn wait(
+        &mut self,
+        task_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<TaskResult>, BackendError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let inner = std::sync::Arc::clone(&self.inner);
+        loop {
+            // Registered before reading, so a result stored in between wakes it.
+            let recorded = inner.recorded.notified();
+            let mut recorded = std::pin::pin!(recorded);
+            recorded.as_mut().enable();
+            if let Some(r) = self.read(task_id).await?
+                && r.status.is_ready()
+            {
+                return Ok(Some(r));
+            }
+            if tokio::time::timeout_at(deadline, recorded).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// The `status` of a stored record ('' when it has none).
+fn status_of(raw: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(raw)
+        .ok()
+        .and_then(|v| v.get("status")?.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl TaskStates for MemorySession {
+    async fn start_batch(
+        &mut self,
+        tasks: &[(String, String)],
+        ttl: Duration,
+    ) -> Result<Vec<bool>, BackendError> {
+        let (mut st, now) = self.state("start tasks")?;
+        let mut out = Vec::with_capacity(tasks.len());
+        for (id, record) in tasks {
+            let revoked = st.revoked.get(id).is_some_and(|until| *until > now);
+            if !revoked {
+                st.set_result(id, record.clone(), now + ms(ttl));
+            }
+            out.push(!revoked);
+        }
+        Ok(out)
+    }
+
+    async fn revoke(
+        &mut self,
+        task_id: &str,
+        record: &str,
+        ttl: Duration,
+    ) -> Result<RevokeOutcome, BackendError> {
+        let (mut st, now) = self.state("revoke task")?;
+        let Some(current) = st.results.get(task_id).filter(|r| r.until_ms > now) else {
+            return Ok(RevokeOutcome::Unknown);
+        };
+        let status = status_of(&current.value);
+        match status.as_str() {
+            "REVOKED" => return Ok(RevokeOutcome::AlreadyRevoked),
+            "PENDING" | "RECEIVED" | "RETRY" => {}
+            _ => {
+                let state =
+                    serde_json::from_value::<TaskState>(serde_json::Value::String(status.clone()))
+                        .map_err(|_| BackendError::Invalid {
+                            op: "revoke task",
+                            detail: format!("unknown task state {status:?}"),
+                        })?;
+                return Ok(RevokeOutcome::Refused(state));
+            }
+        }
+        // A record that would live longer (a task due later) keeps its expiry.
+        let until = (now + ms(ttl)).max(current.until_ms);
+        st.revoked.insert(task_id.to_owned(), until);
+        st.set_result(task_id, record.to_owned(), until);
+        drop(st);
+        self.inner.recorded.notify_waiters();
+        Ok(RevokeOutcome::Revoked)
+    }
+}
+
+#[async_trait]
+impl DeadLetters for MemorySession {
+    async fn page(
+        &mut self,
+        queue: &str,
+        count: usize,
+    ) -> Result<(Vec<DeadLetter>, u64), BackendError> {
+        let (st, _) = self.state("read dead letters")?;
+        let Some(list) = st.dead.get(queue) else {
+            return Ok((Vec::new(), 0));
+        };
+        // As `LRANGE 0 count-1`: a count of 0 reads them all.
+        let take = if count == 0 { list.len() } else { count };
+        let items = list
+            .iter()
+            .take(take)
+            .map(|raw| {
+                serde_json::from_str(raw).map_err(|e| BackendError::Invalid {
+                    op: "read dead letters",
+                    detail: e.to_string(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((items, list.len() as u64))
+    }
+
+    async fn pick(
+        &mut self,
+        queue: &str,
+        selection: &DeadSelection,
+    ) -> Result<Vec<PickedDeadLetter>, BackendError> {
+        let (st, _) = self.state("read dead letters")?;
+        let list = st.dead.get(queue).cloned().unwrap_or_default();
+        // The list is newest first; the oldest `limit` are at its end (as
+        // `LRANGE -limit -1`: a limit of 0 reads them all).
+        let skip = match selection {
+            DeadSelection::Oldest { limit } if *limit > 0 => list.len().saturating_sub(*limit),
+            _ => 0,
+        };
+        Ok(list
+            .into_iter()
+            .skip(skip)
+            .rev()
+            .filter_map(|raw| {
+                let record = serde_json::from_str::<DeadLetter>(&raw).ok()?;
+                let wanted = match selection {
+                    DeadSelection::Oldest { .. } => true,
+                    DeadSelection::TaskIds(ids) => {
+                        record.task_id.as_ref().is_some_and(|id| ids.contains(id))
+                    }
+                };
+                wanted.then_some(PickedDeadLetter { raw, record })
+            })
+            .collect())
+    }
+
+    async fn apply(
+        &mut self,
+        queue: &str,
+        action: DeadLetterAction,
+        picked: &[PickedDeadLetter],
+    ) -> Result<Vec<DeadLetter>, BackendError> {
+        let (mut st, _) = self.state("move dead letters")?;
+        let mut done = Vec::new();
+        for p in picked {
+            let Some(list) = st.dead.get_mut(queue) else {
+                break;
+            };
+            // The first match from the newest end, as `LREM key 1 raw`.
+            let Some(at) = list.iter().position(|r| *r == p.raw) else {
+                continue;
+            };
+            list.remove(at);
+            if action == DeadLetterAction::Requeue {
+                st.push_back(&p.record.queue_key, p.record.payload.clone());
+            }
+            done.push(p.record.clone());
+        }
+        drop(st);
+        if action == DeadLetterAction::Requeue && !done.is_empty() {
+            self.inner.arrived.notify_waiters();
+        }
+        Ok(done)
+    }
+}
+
+/// How long ago (ms) a message became ready, from its `taskstack_ready_at`
+/// header; `None` when it has none (e.g. sent by Python Celery).
+fn ready_for(payload: &str, now: i64) -> Option<i64> {
+    const FIELD: &str = "\"taskstack_ready_at\":";
+    let at = payload.find(FIELD)? + FIELD.len();
+    let digits: String = payload[at..]
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let at: i64 = digits.parse().ok()?;
+    Some((now - at).max(0))
+}
+
+#[async_trait]
+impl Inspect for MemorySession {
+    async fn queue_counts(&mut self, queues: &[String]) -> Result<Vec<QueueCounts>, BackendError> {
+        let (st, now) = self.state("count queue messages")?;
+        let mut out = Vec::with_capacity(queues.len());
+        for q in queues {
+            let mut c = QueueCounts::default();
+            let mut oldest = Some(0_i64);
+            for b in PRIORITY_BUCKETS {
+                let Some(list) = st.lists.get(&queue_key(q, b)).filter(|l| !l.is_empty()) else {
+                    continue;
+                };
+                c.ready += list.len() as u64;
+                let waited = list.front().and_then(|m| ready_for(m, now));
+                oldest = match (oldest, waited) {
+                    (Some(o), Some(w)) => Some(o.max(w)),
+                    _ => None,
+                };
+            }
+            c.oldest_ready_age = oldest.map(|o| Duration::from_millis(o.unsigned_abs()));
+            c.delayed = st
+                .delayed
+                .values()
+                .filter(|p| queue_of_key(&p.queue_key) == q)
+                .count() as u64;
+            c.in_flight = st
+                .holds
+                .values()
+                .flat_map(|h| h.values())
+                .filter(|p| queue_of_key(&p.queue_key) == q)
+                .count() as u64;
+            c.dead_lettered = st.dead.get(q).map_or(0, |d| d.len() as u64);
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    async fn live_workers(&mut self) -> Result<Vec<WorkerRecord>, BackendError> {
+        let (st, now) = self.state("list workers")?;
+        let mut live: Vec<(i64, &str)> = st
+            .leases
+            .iter()
+            .filter(|(_, d)| **d >= now)
+            .map(|(w, d)| (*d, w.as_str()))
+            .collect();
+        live.sort_unstable();
+        Ok(live
+            .into_iter()
+            .filter_map(|(_, w)| st.workers.get(w)?.live(now).cloned())
+            .collect())
+    }
+}
+
+impl State {
+    /// The lock's value while it is held.
+    fn lock_value(&self, now: i64) -> Option<&str> {
+        self.lock.as_ref()?.live(now).map(String::as_str)
+    }
+}
+
+#[async_trait]
+impl LeaderLock for MemorySession {
+    async fn try_acquire(&mut self, value: &str, ttl: Duration) -> Result<Acquired, BackendError> {
+        let (mut st, now) = self.state("take beat lock")?;
+        if let Some(current) = st.lock_value(now) {
+            return Ok(Acquired::HeldBy(Some(current.to_owned())));
+        }
+        st.lock = Some(Expiring {
+            value: value.to_owned(),
+            until_ms: now + ms(ttl),
+        });
+        Ok(Acquired::Yes)
+    }
+
+    async fn renew(&mut self, value: &str, ttl: Duration) -> Result<bool, BackendError> {
+        let (mut st, now) = self.state("renew beat lock")?;
+        let ours = st.lock_value(now) == Some(value);
+        if let Some(lock) = st.lock.as_mut().filter(|_| ours) {
+            lock.until_ms = now + ms(ttl);
+        }
+        Ok(ours)
+    }
+
+    async fn release(&mut self, value: &str) -> Result<bool, BackendError> {
+        let (mut st, now) = self.state("release beat lock")?;
+        let ours = st.lock_value(now) == Some(value);
+        if ours {
+            st.lock = None;
+        }
+        Ok(ours)
+    }
+
+    async fn holder(&mut self) -> Result<Option<String>, BackendError> {
+        let (st, now) = self.state("read beat lock")?;
+        Ok(st.lock_value(now).map(str::to_owned))
+    }
+}
+
+#[async_trait]
+impl SlotLedger for MemorySession {
+    async fn publish(&mut self, slot: SlotPublish<'_>) -> Result<SlotOutcome, BackendError> {
+        let (mut st, now) = self.state("publish beat slot")?;
+        if st.lock_value(now) != Some(slot.lock_value) {
+            return Ok(SlotOutcome::NotLeader);
+        }
+        let pttl_ms = st.lock.as_ref().map_or(0, |l| l.until_ms - now);
+        if pttl_ms <= i64::try_from(slot.margin.as_millis()).unwrap_or(i64::MAX) {
+            return Ok(SlotOutcome::LeaseTooShort { pttl_ms });
+        }
+        if let Some(last_ms) = st.last_slots.get(slot.entry).copied()
+            && last_ms >= slot.slot_ms
+        {
+            return Ok(SlotOutcome::AlreadyPublished { last_ms });
+        }
+        st.push_back(&queue_key(slot.queue, 0), slot.payload.to_owned());
+        st.last_slots.insert(slot.entry.to_owned(), slot.slot_ms);
+        drop(st);
+        self.inner.arrived.notify_waiters();
+        Ok(SlotOutcome::Published)
+    }
+
+    async fn last_slots(&mut self, entries: &[&str]) -> Result<Vec<Option<i64>>, BackendError> {
+        let (st, _) = self.state("read beat last slots")?;
+        Ok(entries
+            .iter()
+            .map(|e| st.last_slots.get(*e).copied())
+            .collect())
+    }
+}
