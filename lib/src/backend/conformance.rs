@@ -19,6 +19,8 @@ use tokio::time::Instant;
 #[async_trait::async_trait]
 pub(crate) trait Harness: Send + Sync {
     fn backend(&self) -> Arc<dyn Backend>;
+    /// The same broker, with a result store that cannot be reached.
+    fn results_down(&self) -> Arc<dyn Backend>;
     /// One step of waiting for time to pass.
     async fn tick(&self);
 }
@@ -331,6 +333,44 @@ pub(crate) async fn settle_stores_results_then_acks_idempotently(h: &dyn Harness
     );
 }
 
+pub(crate) async fn settle_acknowledges_nothing_until_results_are_stored(h: &dyn Harness) {
+    let (b, down) = (h.backend(), h.results_down());
+    let q = keys(&["q"]);
+    send(&*b, &[out("q", "m1")]).await;
+    let held = down.consume("w1").take(&q, 1, LONG).await.expect("take");
+    let done = record("t1", TaskState::Success);
+    let batch = [Settle {
+        seq: held[0].seq,
+        result: Some(("t1".into(), json(&done))),
+    }];
+    let failed = down.consume("w1").settle(&batch, LONG).await;
+    assert!(failed.is_err(), "no result store, no settlement");
+    let counts = b
+        .inspect(Use::Request)
+        .queue_counts(&q)
+        .await
+        .expect("counts");
+    assert_eq!(
+        counts[0].in_flight, 1,
+        "still held, so redelivered if we die"
+    );
+    assert_eq!(
+        b.results(Use::Request).read("t1").await.expect("read"),
+        None
+    );
+    b.consume("w1").settle(&batch, LONG).await.expect("settle");
+    assert_eq!(
+        b.results(Use::Request).read("t1").await.expect("read"),
+        Some(done)
+    );
+    let counts = b
+        .inspect(Use::Request)
+        .queue_counts(&q)
+        .await
+        .expect("counts");
+    assert_eq!(counts[0].in_flight, 0);
+}
+
 fn dead(queue: &str, task_id: &str, payload: &str) -> DeadLetter {
     DeadLetter {
         reason: format!("{task_id} is poison"),
@@ -379,7 +419,7 @@ pub(crate) async fn dead_letters_keep_reason_and_payload_and_move_once(h: &dyn H
         .expect("pick");
     assert_eq!(picked.len(), 1);
     let moved = dl.apply("q", DeadLetterAction::Requeue, &picked).await;
-    assert_eq!(moved.expect("requeue"), [d1.clone()]);
+    assert_eq!(moved.expect("requeue"), std::slice::from_ref(&d1));
     let again = dl.apply("q", DeadLetterAction::Requeue, &picked).await;
     assert!(again.expect("requeue").is_empty(), "requeued exactly once");
     let oldest = dl.pick("q", &DeadSelection::Oldest { limit: 5 }).await;
@@ -499,7 +539,7 @@ pub(crate) async fn results_expire(h: &dyn Harness) {
     let b = h.backend();
     let mut results = b.results(Use::Request);
     let done = record("t1", TaskState::Success);
-    results.write(&[done.clone()], SHORT).await.expect("write");
+    results.write(std::slice::from_ref(&done), SHORT).await.expect("write");
     assert_eq!(results.read("t1").await.expect("read"), Some(done.clone()));
     let waited = results.wait("t1", Duration::from_secs(5)).await;
     assert_eq!(

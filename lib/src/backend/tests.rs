@@ -17,6 +17,7 @@ macro_rules! conformance_suite {
             redelivery_after_lease_expiry,
             hand_back_returns_to_the_front,
             settle_stores_results_then_acks_idempotently,
+            settle_acknowledges_nothing_until_results_are_stored,
             dead_letters_keep_reason_and_payload_and_move_once,
             delayed_messages_move_when_due_and_not_before,
             revoke_and_start_exclude_each_other,
@@ -44,6 +45,9 @@ impl Harness for Memory {
     fn backend(&self) -> Arc<dyn Backend> {
         Arc::new(self.0.clone())
     }
+    fn results_down(&self) -> Arc<dyn Backend> {
+        Arc::new(self.0.with_results_unavailable())
+    }
     async fn tick(&self) {
         tokio::time::advance(Duration::from_millis(50)).await;
     }
@@ -52,6 +56,8 @@ impl Harness for Memory {
 /// The Redis backend on its own server; time steps by a short real wait.
 struct Redis {
     backend: RedisBackend,
+    /// The same broker with results on a port nothing listens on.
+    results_down: RedisBackend,
     _server: crate::test_redis::Server,
 }
 
@@ -60,9 +66,15 @@ impl Redis {
         let server = crate::test_redis::server();
         let target = RedisTarget::from_url(&server.url).expect("url");
         let pool = RedisPool::new(&target, 8, Duration::from_secs(5)).expect("pool");
-        let broker = Broker::new(pool.clone(), pool, crate::proto::Keys::new("conformance"));
+        let keys = crate::proto::Keys::new("conformance");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let nowhere = RedisTarget::from_url(&format!("redis://{closed}/0")).expect("url");
+        let nowhere = RedisPool::new(&nowhere, 1, Duration::from_secs(5)).expect("pool");
         Self {
-            backend: RedisBackend::new(broker),
+            backend: RedisBackend::new(Broker::new(pool.clone(), pool.clone(), keys.clone())),
+            results_down: RedisBackend::new(Broker::new(pool, nowhere, keys)),
             _server: server,
         }
     }
@@ -72,6 +84,9 @@ impl Redis {
 impl Harness for Redis {
     fn backend(&self) -> Arc<dyn Backend> {
         Arc::new(self.backend.clone())
+    }
+    fn results_down(&self) -> Arc<dyn Backend> {
+        Arc::new(self.results_down.clone())
     }
     async fn tick(&self) {
         tokio::time::sleep(Duration::from_millis(20)).await;

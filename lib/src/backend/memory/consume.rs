@@ -15,6 +15,8 @@ const REAP_BATCH: usize = 100;
 #[async_trait]
 impl Enqueue for MemorySession {
     async fn enqueue(&mut self, batch: &[Outgoing]) -> Result<(), BackendError> {
+        let pending = batch.iter().any(|o| o.pending.is_some());
+        self.results_reachable("record pending task", pending)?;
         let (mut st, now) = self.state("enqueue")?;
         for o in batch {
             if let Some(p) = &o.pending {
@@ -113,6 +115,8 @@ impl Consume for MemorySession {
     }
 
     async fn settle(&mut self, batch: &[Settle], result_ttl: Duration) -> Result<(), BackendError> {
+        let results = batch.iter().any(|s| s.result.is_some());
+        self.results_reachable("store results", results)?;
         let (mut st, now) = self.state("store results and acknowledge")?;
         // As Redis's `SET ... EX`: whole seconds, at least one.
         let until = now + i64::try_from(result_ttl.as_secs().max(1) * 1000).unwrap_or(i64::MAX);

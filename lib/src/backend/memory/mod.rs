@@ -161,6 +161,9 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct MemoryBackend {
     inner: Arc<Inner>,
+    /// This handle's result store is unreachable (see
+    /// [`MemoryBackend::with_results_unavailable`]).
+    results_down: bool,
 }
 
 impl Default for MemoryBackend {
@@ -184,6 +187,18 @@ impl MemoryBackend {
                 recorded: Notify::new(),
                 unavailable: AtomicBool::new(false),
             }),
+            results_down: false,
+        }
+    }
+
+    /// A handle on the same state whose result store is unreachable while
+    /// the broker side works, as with a separate result server that is
+    /// down: for tests that a result is stored before its message is
+    /// acknowledged.
+    pub fn with_results_unavailable(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            results_down: true,
         }
     }
 
@@ -197,6 +212,7 @@ impl MemoryBackend {
         Box::new(MemorySession {
             inner: Arc::clone(&self.inner),
             worker_id: worker_id.to_owned(),
+            results_down: self.results_down,
         })
     }
 }
@@ -242,6 +258,7 @@ impl Backend for MemoryBackend {
 struct MemorySession {
     inner: Arc<Inner>,
     worker_id: String,
+    results_down: bool,
 }
 
 impl MemorySession {
@@ -257,6 +274,21 @@ impl MemorySession {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         Ok((guard, self.inner.clock.now_ms()))
+    }
+
+    /// [`MemorySession::state`] for an operation on the result store.
+    fn result_state(&self, op: &'static str) -> Result<(MutexGuard<'_, State>, i64), BackendError> {
+        self.results_reachable(op, true)?;
+        self.state(op)
+    }
+
+    /// Fails when this session's result store is unreachable and `touches`
+    /// it; checked before anything is written, so nothing half happens.
+    fn results_reachable(&self, op: &'static str, touches: bool) -> Result<(), BackendError> {
+        if touches && self.results_down {
+            return Err(BackendError::Unavailable { op });
+        }
+        Ok(())
     }
 }
 

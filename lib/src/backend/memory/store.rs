@@ -35,7 +35,7 @@ impl ResultStore for MemorySession {
             .iter()
             .map(|r| to_json("store results", r))
             .collect::<Result<Vec<_>, _>>()?;
-        let (mut st, now) = self.state("store results")?;
+        let (mut st, now) = self.result_state("store results")?;
         for (r, json) in results.iter().zip(json) {
             st.set_result(&r.task_id, json, now + ms(ttl));
         }
@@ -45,7 +45,7 @@ impl ResultStore for MemorySession {
     }
 
     async fn read(&mut self, task_id: &str) -> Result<Option<TaskResult>, BackendError> {
-        let (st, now) = self.state("read result")?;
+        let (st, now) = self.result_state("read result")?;
         st.result(task_id, now).map(parse_result).transpose()
     }
 
@@ -88,7 +88,7 @@ impl TaskStates for MemorySession {
         tasks: &[(String, String)],
         ttl: Duration,
     ) -> Result<Vec<bool>, BackendError> {
-        let (mut st, now) = self.state("start tasks")?;
+        let (mut st, now) = self.result_state("start tasks")?;
         let mut out = Vec::with_capacity(tasks.len());
         for (id, record) in tasks {
             let revoked = st.revoked.get(id).is_some_and(|until| *until > now);
@@ -106,7 +106,7 @@ impl TaskStates for MemorySession {
         record: &str,
         ttl: Duration,
     ) -> Result<RevokeOutcome, BackendError> {
-        let (mut st, now) = self.state("revoke task")?;
+        let (mut st, now) = self.result_state("revoke task")?;
         let Some(current) = st.results.get(task_id).filter(|r| r.until_ms > now) else {
             return Ok(RevokeOutcome::Unknown);
         };
