@@ -6,7 +6,10 @@
 //! [`Harness::tick`]: paused time advanced on the memory backend, a short
 //! real wait on Redis.
 
-use super::{Acquired, Backend, Outgoing, PendingRecord, SlotOutcome, SlotPublish, Use};
+use super::{
+    Acquired, Backend, LeaderLock, Outgoing, PendingRecord, SlotLedger, SlotOutcome, SlotPublish,
+    Use,
+};
 use crate::broker::{DeadLetter, DeadLetterAction, DeadSelection, RevokeOutcome, Settle};
 use crate::proto::keys::queue_key;
 use crate::proto::result::Provenance;
@@ -89,6 +92,16 @@ fn record(id: &str, status: TaskState) -> TaskResult {
     }
 }
 
+/// Settles a hold with no result to store.
+fn ack(seq: u64) -> Settle {
+    Settle { seq, result: None }
+}
+
+async fn counts_of(b: &dyn Backend, queues: &[String]) -> Vec<crate::broker::QueueCounts> {
+    let counts = b.inspect(Use::Request).queue_counts(queues).await;
+    counts.expect("counts")
+}
+
 fn json(r: &TaskResult) -> String {
     serde_json::to_string(r).expect("record JSON")
 }
@@ -134,11 +147,7 @@ pub(crate) async fn delivery_order_and_priority_buckets(h: &dyn Harness) {
     seqs.dedup();
     assert_eq!(seqs.len(), 5, "every hold has its own sequence number");
     assert!(c.take(&order, 10, LONG).await.expect("take").is_empty());
-    let counts = b
-        .inspect(Use::Request)
-        .queue_counts(&keys(&["q", "r"]))
-        .await
-        .expect("counts");
+    let counts = counts_of(&*b, &keys(&["q", "r"])).await;
     assert_eq!((counts[0].ready, counts[0].in_flight), (0, 4));
     assert_eq!((counts[1].ready, counts[1].in_flight), (0, 1));
 }
@@ -216,10 +225,7 @@ pub(crate) async fn redelivery_after_lease_expiry(h: &dyn Harness) {
     );
 
     // The stale holder's late settlements touch nothing.
-    let late = Settle {
-        seq: held[0].seq,
-        result: None,
-    };
+    let late = ack(held[0].seq);
     a.settle(&[late], LONG).await.expect("late settle");
     a.dead_letter(held[1].seq, &dead("q", "x", held[1].payload.as_str()))
         .await
@@ -229,11 +235,7 @@ pub(crate) async fn redelivery_after_lease_expiry(h: &dyn Harness) {
         ["a", "b", "c"],
         "front, oldest first"
     );
-    let counts = b
-        .inspect(Use::Request)
-        .queue_counts(&q)
-        .await
-        .expect("counts");
+    let counts = counts_of(&*b, &q).await;
     assert_eq!((counts[0].in_flight, counts[0].dead_lettered), (3, 0));
     assert!(
         leases.heartbeat(&rec, "q", SHORT).await.expect("beat"),
@@ -276,20 +278,8 @@ pub(crate) async fn hand_back_returns_to_the_front(h: &dyn Harness) {
     let next = c.take(&q, 10, LONG).await.expect("take");
     let payloads: Vec<_> = next.iter().map(|d| d.payload.as_str()).collect();
     assert_eq!(payloads, ["a", "c", "d"]);
-    c.settle(
-        &[Settle {
-            seq: sb,
-            result: None,
-        }],
-        LONG,
-    )
-    .await
-    .expect("settle");
-    let counts = b
-        .inspect(Use::Request)
-        .queue_counts(&q)
-        .await
-        .expect("counts");
+    c.settle(&[ack(sb)], LONG).await.expect("settle");
+    let counts = counts_of(&*b, &q).await;
     assert_eq!((counts[0].ready, counts[0].in_flight), (0, 3));
 }
 
@@ -305,10 +295,7 @@ pub(crate) async fn settle_stores_results_then_acks_idempotently(h: &dyn Harness
             seq: held[0].seq,
             result: Some(("t1".into(), json(&done))),
         },
-        Settle {
-            seq: held[1].seq,
-            result: None,
-        },
+        ack(held[1].seq),
     ];
     let mut results = b.results(Use::Request);
     let (waited, settled) = tokio::join!(results.wait("t1", Duration::from_secs(5)), async {
@@ -321,11 +308,7 @@ pub(crate) async fn settle_stores_results_then_acks_idempotently(h: &dyn Harness
         .await
         .expect("settling again is harmless");
     assert_eq!(results.read("t1").await.expect("read"), Some(done));
-    let counts = b
-        .inspect(Use::Request)
-        .queue_counts(&q)
-        .await
-        .expect("counts");
+    let counts = counts_of(&*b, &q).await;
     assert_eq!(
         (counts[0].ready, counts[0].in_flight),
         (0, 0),
@@ -345,11 +328,7 @@ pub(crate) async fn settle_acknowledges_nothing_until_results_are_stored(h: &dyn
     }];
     let failed = down.consume("w1").settle(&batch, LONG).await;
     assert!(failed.is_err(), "no result store, no settlement");
-    let counts = b
-        .inspect(Use::Request)
-        .queue_counts(&q)
-        .await
-        .expect("counts");
+    let counts = counts_of(&*b, &q).await;
     assert_eq!(
         counts[0].in_flight, 1,
         "still held, so redelivered if we die"
@@ -363,11 +342,7 @@ pub(crate) async fn settle_acknowledges_nothing_until_results_are_stored(h: &dyn
         b.results(Use::Request).read("t1").await.expect("read"),
         Some(done)
     );
-    let counts = b
-        .inspect(Use::Request)
-        .queue_counts(&q)
-        .await
-        .expect("counts");
+    let counts = counts_of(&*b, &q).await;
     assert_eq!(counts[0].in_flight, 0);
 }
 
@@ -406,11 +381,7 @@ pub(crate) async fn dead_letters_keep_reason_and_payload_and_move_once(h: &dyn H
     assert_eq!(total, 2);
     let (page, total) = dl.page("q", 1).await.expect("page");
     assert_eq!((page.len(), total), (1, 2));
-    let counts = b
-        .inspect(Use::Request)
-        .queue_counts(&q)
-        .await
-        .expect("counts");
+    let counts = counts_of(&*b, &q).await;
     assert_eq!((counts[0].in_flight, counts[0].dead_lettered), (0, 2));
 
     let picked = dl
@@ -460,11 +431,7 @@ pub(crate) async fn delayed_messages_move_when_due_and_not_before(h: &dyn Harnes
         p.next_due_in
             .is_some_and(|n| n > Duration::ZERO && n <= SHORT)
     );
-    let counts = b
-        .inspect(Use::Request)
-        .queue_counts(&q)
-        .await
-        .expect("counts");
+    let counts = counts_of(&*b, &q).await;
     assert_eq!(
         (counts[0].ready, counts[0].delayed, counts[0].in_flight),
         (1, 2, 0)
@@ -539,7 +506,10 @@ pub(crate) async fn results_expire(h: &dyn Harness) {
     let b = h.backend();
     let mut results = b.results(Use::Request);
     let done = record("t1", TaskState::Success);
-    results.write(std::slice::from_ref(&done), SHORT).await.expect("write");
+    results
+        .write(std::slice::from_ref(&done), SHORT)
+        .await
+        .expect("write");
     assert_eq!(results.read("t1").await.expect("read"), Some(done.clone()));
     let waited = results.wait("t1", Duration::from_secs(5)).await;
     assert_eq!(
@@ -555,14 +525,23 @@ pub(crate) async fn results_expire(h: &dyn Harness) {
     }
 }
 
+async fn acquire(lock: &mut dyn LeaderLock, value: &str, ttl: Duration) -> Acquired {
+    lock.try_acquire(value, ttl).await.expect("acquire")
+}
+
+/// Waits until `lock` can be taken with `value` (the holder's TTL ran out).
+async fn take_over(h: &dyn Harness, lock: &mut dyn LeaderLock, value: &str) {
+    let w = Waiter::new(h, "the lock to expire");
+    while acquire(lock, value, LONG).await != Acquired::Yes {
+        w.tick().await;
+    }
+}
+
 pub(crate) async fn leader_lock_is_exclusive(h: &dyn Harness) {
     let b = h.backend();
     let (mut a, mut other) = (b.leader_lock(Use::Loop), b.leader_lock(Use::Loop));
-    assert_eq!(
-        a.try_acquire("A", LONG).await.expect("acquire"),
-        Acquired::Yes
-    );
-    let held = other.try_acquire("B", LONG).await.expect("acquire");
+    assert_eq!(acquire(&mut *a, "A", LONG).await, Acquired::Yes);
+    let held = acquire(&mut *other, "B", LONG).await;
     assert_eq!(held, Acquired::HeldBy(Some("A".into())));
     assert!(!other.renew("B", LONG).await.expect("renew"), "wrong token");
     assert!(!other.release("B").await.expect("release"), "wrong token");
@@ -573,96 +552,64 @@ pub(crate) async fn leader_lock_is_exclusive(h: &dyn Harness) {
     assert!(!a.renew("A", LONG).await.expect("renew"), "released");
 
     // Expiry hands the lock over; the old holder cannot renew it back.
-    assert_eq!(
-        other.try_acquire("B", SHORT).await.expect("acquire"),
-        Acquired::Yes
-    );
-    let w = Waiter::new(h, "the lock to expire");
-    while a.try_acquire("A2", LONG).await.expect("acquire") != Acquired::Yes {
-        w.tick().await;
-    }
+    assert_eq!(acquire(&mut *other, "B", SHORT).await, Acquired::Yes);
+    take_over(h, &mut *a, "A2").await;
     assert!(!other.renew("B", LONG).await.expect("renew"), "lost");
     assert_eq!(other.holder().await.expect("holder").as_deref(), Some("A2"));
+}
+
+/// Publishes slot `slot_ms` of entry `e` (queue `bq`) holding `lock_value`.
+async fn publish(
+    ledger: &mut dyn SlotLedger,
+    lock_value: &str,
+    slot_ms: i64,
+    margin: Duration,
+) -> SlotOutcome {
+    let payload = format!("p{slot_ms}");
+    let slot = SlotPublish {
+        lock_value,
+        margin,
+        entry: "e",
+        queue: "bq",
+        slot_ms,
+        payload: &payload,
+    };
+    ledger.publish(slot).await.expect("publish")
 }
 
 pub(crate) async fn slots_publish_once_across_handover(h: &dyn Harness) {
     let b = h.backend();
     let (mut lock_a, mut lock_b) = (b.leader_lock(Use::Loop), b.leader_lock(Use::Loop));
-    let (mut ledger_a, mut ledger_b) = (b.slot_ledger(Use::Loop), b.slot_ledger(Use::Loop));
-    let slot = |lock_value, slot_ms, payload| SlotPublish {
-        lock_value,
-        margin: Duration::from_millis(100),
-        entry: "e",
-        queue: "bq",
-        slot_ms,
-        payload,
-    };
-    assert_eq!(
-        lock_a.try_acquire("A", LONG).await.expect("acquire"),
-        Acquired::Yes
-    );
-    let publish = ledger_a
-        .publish(slot("A", 1000, "p1000"))
-        .await
-        .expect("publish");
-    assert_eq!(publish, SlotOutcome::Published);
-    for again in [1000, 500] {
-        let r = ledger_a
-            .publish(slot("A", again, "dup"))
-            .await
-            .expect("publish");
-        assert_eq!(r, SlotOutcome::AlreadyPublished { last_ms: 1000 });
-    }
-    let r = ledger_b
-        .publish(slot("B", 2000, "p2000"))
-        .await
-        .expect("publish");
+    let (mut a, mut other) = (b.slot_ledger(Use::Loop), b.slot_ledger(Use::Loop));
+    let m = Duration::from_millis(100);
+    let already = |last_ms| SlotOutcome::AlreadyPublished { last_ms };
+    assert_eq!(acquire(&mut *lock_a, "A", LONG).await, Acquired::Yes);
+    assert_eq!(publish(&mut *a, "A", 1000, m).await, SlotOutcome::Published);
+    assert_eq!(publish(&mut *a, "A", 1000, m).await, already(1000));
+    assert_eq!(publish(&mut *a, "A", 500, m).await, already(1000));
+    let r = publish(&mut *other, "B", 2000, m).await;
     assert_eq!(r, SlotOutcome::NotLeader, "only the holder publishes");
-    let mut tight = slot("A", 2000, "tight");
-    tight.margin = LONG * 2;
-    let r = ledger_a.publish(tight).await.expect("publish");
+    let r = publish(&mut *a, "A", 2000, LONG * 2).await;
     assert!(matches!(r, SlotOutcome::LeaseTooShort { pttl_ms } if pttl_ms > 0));
 
     // Handover: the new leader cannot repeat a slot, the old one publishes nothing.
     assert!(lock_a.release("A").await.expect("release"));
+    assert_eq!(acquire(&mut *lock_b, "B", SHORT).await, Acquired::Yes);
+    assert_eq!(publish(&mut *other, "B", 1000, m).await, already(1000));
     assert_eq!(
-        lock_b.try_acquire("B", SHORT).await.expect("acquire"),
-        Acquired::Yes
+        publish(&mut *other, "B", 2000, m).await,
+        SlotOutcome::Published
     );
-    let r = ledger_b
-        .publish(slot("B", 1000, "dup"))
-        .await
-        .expect("publish");
-    assert_eq!(r, SlotOutcome::AlreadyPublished { last_ms: 1000 });
-    let r = ledger_b
-        .publish(slot("B", 2000, "p2000"))
-        .await
-        .expect("publish");
-    assert_eq!(r, SlotOutcome::Published);
-    let r = ledger_a
-        .publish(slot("A", 3000, "stale"))
-        .await
-        .expect("publish");
-    assert_eq!(r, SlotOutcome::NotLeader);
-    let w = Waiter::new(h, "the second leader's lock to expire");
-    while lock_a.try_acquire("A2", LONG).await.expect("acquire") != Acquired::Yes {
-        w.tick().await;
-    }
-    let r = ledger_b
-        .publish(slot("B", 3000, "stale"))
-        .await
-        .expect("publish");
+    assert_eq!(publish(&mut *a, "A", 3000, m).await, SlotOutcome::NotLeader);
+    take_over(h, &mut *lock_a, "A2").await;
+    let r = publish(&mut *other, "B", 3000, m).await;
     assert_eq!(
         r,
         SlotOutcome::NotLeader,
         "an expired leader publishes nothing"
     );
-    let r = ledger_a
-        .publish(slot("A2", 2000, "dup"))
-        .await
-        .expect("publish");
-    assert_eq!(r, SlotOutcome::AlreadyPublished { last_ms: 2000 });
-    let last = ledger_a.last_slots(&["e", "never"]).await.expect("last");
+    assert_eq!(publish(&mut *a, "A2", 2000, m).await, already(2000));
+    let last = a.last_slots(&["e", "never"]).await.expect("last");
     assert_eq!(last, [Some(2000), None]);
     assert_eq!(drain(&*b, "w", &keys(&["bq"])).await, ["p1000", "p2000"]);
 }
