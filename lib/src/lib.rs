@@ -16,17 +16,21 @@
 //!   the binaries (exit codes, root refusal, state file, signals, logs).
 
 pub mod backend;
+#[cfg(feature = "beat")]
 pub mod beat;
 pub mod broker;
 pub mod config;
 pub mod producer;
 pub mod proto;
 mod results_listener;
+#[cfg(feature = "service")]
 pub mod service;
 pub mod shutdown;
+#[cfg(feature = "service")]
 pub mod telemetry;
 #[cfg(test)]
 mod test_redis;
+#[cfg(feature = "worker")]
 pub mod worker;
 
 pub use producer::{Producer, SendOptions, TaskRequest};

@@ -22,9 +22,16 @@ macro_rules! conformance_suite {
             delayed_messages_move_when_due_and_not_before,
             revoke_and_start_exclude_each_other,
             results_expire,
-            leader_lock_is_exclusive,
-            slots_publish_once_across_handover,
         );
+        #[cfg(feature = "beat")]
+        mod beat {
+            use super::*;
+            use crate::backend::conformance::beat as conformance;
+            conformance_suite!(@cases #[$attr] $make;
+                leader_lock_is_exclusive,
+                slots_publish_once_across_handover,
+            );
+        }
     };
     (@cases #[$attr:meta] $make:expr; $($case:ident),* $(,)?) => {
         $(

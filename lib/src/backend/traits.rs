@@ -76,7 +76,9 @@ pub trait Backend: Send + Sync + Debug {
     fn task_states(&self, usage: Use) -> Box<dyn TaskStates>;
     fn dead_letters(&self, usage: Use) -> Box<dyn DeadLetters>;
     fn inspect(&self, usage: Use) -> Box<dyn Inspect>;
+    #[cfg(feature = "beat")]
     fn leader_lock(&self, usage: Use) -> Box<dyn LeaderLock>;
+    #[cfg(feature = "beat")]
     fn slot_ledger(&self, usage: Use) -> Box<dyn SlotLedger>;
 }
 

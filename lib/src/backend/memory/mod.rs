@@ -9,13 +9,17 @@
 //! A list's front is the message served next (Redis's RPOP end): producers
 //! push to the back, hand-backs and reaping return messages to the front.
 
+#[cfg(feature = "beat")]
+mod beat;
 mod consume;
 mod store;
 
 use super::traits::{
-    Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Inspect, LeaderLock,
-    Leases, ResultStore, SlotLedger, TaskStates, Use,
+    Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Inspect, Leases,
+    ResultStore, TaskStates, Use,
 };
+#[cfg(feature = "beat")]
+use super::traits::{LeaderLock, SlotLedger};
 use crate::broker::WorkerRecord;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,8 +99,10 @@ struct State {
     results: HashMap<String, Expiring<String>>,
     /// Task id → revoked marker expiry.
     revoked: HashMap<String, i64>,
+    #[cfg(feature = "beat")]
     lock: Option<Expiring<String>>,
     /// Beat entry → last published slot (ms).
+    #[cfg(feature = "beat")]
     last_slots: HashMap<String, i64>,
     last_seq: u64,
     parked: u64,
@@ -245,9 +251,11 @@ impl Backend for MemoryBackend {
     fn inspect(&self, _: Use) -> Box<dyn Inspect> {
         self.session("")
     }
+    #[cfg(feature = "beat")]
     fn leader_lock(&self, _: Use) -> Box<dyn LeaderLock> {
         self.session("")
     }
+    #[cfg(feature = "beat")]
     fn slot_ledger(&self, _: Use) -> Box<dyn SlotLedger> {
         self.session("")
     }

@@ -2,12 +2,15 @@
 //! functions (the same Lua scripts and pipelines), one [`Lane`] pair per
 //! session.
 
+#[cfg(feature = "beat")]
+mod beat;
+
 use super::traits::{
-    Acquired, Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Inspect,
-    LeaderLock, Leases, Outgoing, Parked, Promoted, Reaped, ResultStore, SlotLedger, SlotOutcome,
-    SlotPublish, TaskStates, Use,
+    Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Inspect, Leases,
+    Outgoing, Parked, Promoted, Reaped, ResultStore, TaskStates, Use,
 };
-use crate::beat::{lock, publish};
+#[cfg(feature = "beat")]
+use super::traits::{LeaderLock, SlotLedger};
 use crate::broker::{
     self, Broker, DeadLetter, DeadLetterAction, DeadSelection, Delivery, Lane, PickedDeadLetter,
     QueueCounts, RevokeOutcome, Settle, Take, WorkerRecord, on_lane,
@@ -99,9 +102,11 @@ impl Backend for RedisBackend {
     fn inspect(&self, usage: Use) -> Box<dyn Inspect> {
         self.session(usage, "")
     }
+    #[cfg(feature = "beat")]
     fn leader_lock(&self, usage: Use) -> Box<dyn LeaderLock> {
         self.session(usage, "")
     }
+    #[cfg(feature = "beat")]
     fn slot_ledger(&self, usage: Use) -> Box<dyn SlotLedger> {
         self.session(usage, "")
     }
@@ -118,10 +123,6 @@ struct RedisSession {
 }
 
 impl RedisSession {
-    fn keys(&self) -> &crate::proto::Keys {
-        self.shared.broker.keys()
-    }
-
     fn same_server(&self) -> bool {
         self.shared.broker.backend_is_broker()
     }
@@ -384,51 +385,6 @@ impl Inspect for RedisSession {
     async fn live_workers(&mut self) -> Result<Vec<WorkerRecord>, BackendError> {
         let keys = self.shared.broker.keys();
         Ok(broker::live_workers(&mut self.lane, keys).await?)
-    }
-}
-
-#[async_trait]
-impl LeaderLock for RedisSession {
-    async fn try_acquire(&mut self, value: &str, ttl: Duration) -> Result<Acquired, BackendError> {
-        let keys = self.shared.broker.keys();
-        Ok(
-            match lock::try_acquire(&mut self.lane, keys, value, ttl).await? {
-                None => Acquired::Yes,
-                Some(current) => Acquired::HeldBy(current),
-            },
-        )
-    }
-
-    async fn renew(&mut self, value: &str, ttl: Duration) -> Result<bool, BackendError> {
-        let keys = self.shared.broker.keys();
-        Ok(lock::renew(&mut self.lane, keys, value, ttl).await?)
-    }
-
-    async fn release(&mut self, value: &str) -> Result<bool, BackendError> {
-        let keys = self.shared.broker.keys();
-        Ok(lock::release(&mut self.lane, keys, value).await?)
-    }
-
-    async fn holder(&mut self) -> Result<Option<String>, BackendError> {
-        let key = self.keys().beat_lock();
-        Ok(on_lane!(&mut self.lane, "read beat lock", |c| redis::cmd(
-            "GET"
-        )
-        .arg(&key)
-        .query_async(c))?)
-    }
-}
-
-#[async_trait]
-impl SlotLedger for RedisSession {
-    async fn publish(&mut self, slot: SlotPublish<'_>) -> Result<SlotOutcome, BackendError> {
-        let keys = self.shared.broker.keys();
-        Ok(publish::publish_slot(&mut self.lane, keys, slot).await?)
-    }
-
-    async fn last_slots(&mut self, entries: &[&str]) -> Result<Vec<Option<i64>>, BackendError> {
-        let keys = self.shared.broker.keys();
-        Ok(publish::last_slots(&mut self.lane, keys, entries).await?)
     }
 }
 
