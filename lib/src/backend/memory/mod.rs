@@ -310,3 +310,65 @@ fn to_json<T: serde::Serialize>(op: &'static str, v: &T) -> Result<String, Backe
         detail: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Outgoing;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_clock_follows_paused_tokio_time() {
+        let clock = TokioClock::starting_at(1_000);
+        assert_eq!(clock.now_ms(), 1_000);
+        tokio::time::advance(Duration::from_secs(90)).await;
+        assert_eq!(
+            clock.now_ms(),
+            91_000,
+            "moved by advance, not by the wall clock"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unavailable_backend_fails_every_call_and_changes_nothing() {
+        let b = MemoryBackend::new();
+        let q = vec!["q".to_owned()];
+        let msg = Outgoing {
+            queue_key: "q".into(),
+            payload: "m".into(),
+            due_ms: None,
+            pending: None,
+        };
+        b.set_available(false);
+        let err = b
+            .enqueue(Use::Request)
+            .enqueue(std::slice::from_ref(&msg))
+            .await;
+        assert!(matches!(
+            err,
+            Err(BackendError::Unavailable { op: "enqueue" })
+        ));
+        let err = b.consume("w").take(&q, 1, Duration::from_secs(1)).await;
+        assert!(matches!(err, Err(BackendError::Unavailable { .. })));
+        b.set_available(true);
+        assert!(
+            b.consume("w")
+                .take(&q, 1, Duration::from_secs(1))
+                .await
+                .expect("take")
+                .is_empty()
+        );
+        b.enqueue(Use::Request)
+            .enqueue(&[msg])
+            .await
+            .expect("enqueue");
+        assert_eq!(
+            b.consume("w")
+                .take(&q, 1, Duration::from_secs(1))
+                .await
+                .expect("take")
+                .len(),
+            1
+        );
+    }
+}
