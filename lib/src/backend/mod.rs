@@ -22,6 +22,11 @@ pub use traits::{
     SlotOutcome, SlotPublish, TaskStates, Use,
 };
 
+/// How long from `now_ms` until `due_ms` (zero when already due).
+pub(crate) fn due_in(due_ms: i64, now_ms: i64) -> std::time::Duration {
+    std::time::Duration::from_millis(u64::try_from(due_ms.saturating_sub(now_ms)).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod conformance;
 #[cfg(test)]

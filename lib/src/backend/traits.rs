@@ -60,7 +60,10 @@ pub enum Use {
     Request,
 }
 
-/// Opens capability sessions. One per process, shared as `Arc<dyn Backend>`.
+/// Opens capability sessions. One per process, shared as `Arc<dyn Backend>`
+/// (clones of one implementation share its state; two separately built
+/// backends do not share hold sequence numbers, so they must not take
+/// messages for the same worker id).
 pub trait Backend: Send + Sync + Debug {
     /// The clock every due time, lease and expiry of this backend follows.
     fn clock(&self) -> Arc<dyn Clock>;

@@ -1,7 +1,7 @@
 //! Messages: sending, taking, settling, leases and the delayed set.
 
 use super::{Expiring, MemorySession, Placed, State, ms, to_json};
-use crate::backend::redis::due_in;
+use crate::backend::due_in;
 use crate::backend::traits::{
     BackendError, Consume, Delayed, Enqueue, Leases, Outgoing, Parked, Promoted, Reaped,
 };

@@ -5,6 +5,7 @@
 #[cfg(feature = "beat")]
 mod beat;
 
+use super::due_in;
 use super::traits::{
     Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Inspect, Leases,
     Outgoing, Parked, Promoted, Reaped, ResultStore, TaskStates, Use,
@@ -390,9 +391,4 @@ impl Inspect for RedisSession {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-/// How long from `now_ms` until `due_ms` (zero when already due).
-pub(crate) fn due_in(due_ms: i64, now_ms: i64) -> Duration {
-    Duration::from_millis(u64::try_from(due_ms.saturating_sub(now_ms)).unwrap_or(0))
 }
