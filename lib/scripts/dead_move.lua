@@ -7,8 +7,9 @@
 -- ARGV[1]  'requeue' or 'discard'
 -- ARGV[2..]  the exact records (as read) to act on
 -- Returns the records acted on (those still listed when the script ran).
--- A record that cannot be requeued (not JSON, no queue key or payload) is
--- left where it is: a script is not rolled back on error, so everything is
+-- A record that cannot be requeued (not JSON, no queue key or payload, or a
+-- message that was not UTF-8 text, kept as `payload_base64`) is left where
+-- it is: a script is not rolled back on error, so everything is
 -- checked before anything is written.
 local done = {}
 for i = 2, #ARGV do
@@ -17,7 +18,7 @@ for i = 2, #ARGV do
   if ARGV[1] == 'requeue' then
     local ok, d = pcall(cjson.decode, rec)
     if ok and type(d) == 'table' and type(d['queue_key']) == 'string'
-        and type(d['payload']) == 'string' then
+        and type(d['payload']) == 'string' and d['payload_base64'] == nil then
       target, payload = d['queue_key'], d['payload']
     end
   end

@@ -4,6 +4,9 @@
 //!
 //! - [`config`]: figment-based configuration (defaults < TOML < `TASKSTACK_*`).
 //! - [`proto`]: the Celery message envelope, result records and every Redis key name.
+//! - [`backend`]: capability traits (enqueue, consume, leases, delayed set,
+//!   results, task states, dead letters, inspection, leader lock, slot
+//!   ledger) with a Redis and an in-memory implementation.
 //! - [`broker`]: the Redis side — atomic Lua steps for taking, settling,
 //!   delaying, dead-lettering and restoring messages; leases; results.
 //! - [`producer`]: send tasks, read and await results.
@@ -15,6 +18,8 @@
 //! - [`service`], [`shutdown`], [`telemetry`]: process plumbing shared by
 //!   the binaries (exit codes, root refusal, state file, signals, logs).
 
+pub mod backend;
+#[cfg(feature = "beat")]
 pub mod beat;
 pub mod broker;
 pub mod config;
@@ -24,11 +29,14 @@ pub mod producer;
 pub mod proto;
 mod results_listener;
 pub mod secret;
+#[cfg(feature = "service")]
 pub mod service;
 pub mod shutdown;
+#[cfg(feature = "service")]
 pub mod telemetry;
 #[cfg(test)]
 mod test_redis;
+#[cfg(feature = "worker")]
 pub mod worker;
 
 pub use producer::{Producer, SendOptions, TaskRequest};

@@ -1,8 +1,8 @@
 //! The producer API: send Celery-protocol tasks, read and await results.
 
+use crate::broker::get_result;
 use crate::broker::on_lane;
 use crate::broker::{Broker, BrokerError, Lane};
-use crate::broker::{get_result, results_parse};
 use crate::proto::TaskResult;
 use crate::proto::envelope::{MessageSpec, encode};
 use crate::proto::keys::{priority_bucket, queue_key, result_key};
@@ -348,48 +348,16 @@ impl Producer {
         task_id: &str,
         timeout: Duration,
     ) -> Result<TaskResult, ProducerError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let channel = result_key(task_id);
-        loop {
-            let rx = {
-                let mut guard = self.listener.lock().await;
-                if guard.as_ref().is_none_or(|l| !l.is_alive()) {
-                    *guard = Some(Listener::connect(self.broker.backend_pool()).await?);
-                }
-                let Some(listener) = guard.as_ref() else {
-                    continue;
-                };
-                listener.watch(&channel).await?
-            };
-            // Subscribed first, read second: a result published in between
-            // is in the key; one published later wakes the receiver.
-            let outcome = match self.result(task_id).await? {
-                Some(r) if r.status.is_ready() => Some(Ok(r)),
-                _ => match tokio::time::timeout_at(deadline, rx).await {
-                    Ok(Ok(raw)) => match results_parse(&raw) {
-                        Ok(r) if r.status.is_ready() => Some(Ok(r)),
-                        Ok(_) => None,
-                        Err(e) => Some(Err(e.into())),
-                    },
-                    Ok(Err(_)) => None, // listener lost; resubscribe
-                    Err(_) => Some(Err(ProducerError::Timeout {
-                        task_id: task_id.to_owned(),
-                        waited: timeout,
-                    })),
-                },
-            };
-            if let Some(l) = self.listener.lock().await.as_ref() {
-                l.unwatch(&channel);
-            }
-            if let Some(done) = outcome {
-                return done;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ProducerError::Timeout {
-                    task_id: task_id.to_owned(),
-                    waited: timeout,
-                });
-            }
-        }
+        crate::results_listener::wait_ready(
+            &self.listener,
+            self.broker.backend_pool(),
+            task_id,
+            timeout,
+        )
+        .await?
+        .ok_or_else(|| ProducerError::Timeout {
+            task_id: task_id.to_owned(),
+            waited: timeout,
+        })
     }
 }

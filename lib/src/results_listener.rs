@@ -2,7 +2,9 @@
 //! like Celery's result consumer: waiters are woken by the result's
 //! `PUBLISH`, never by polling.
 
-use crate::broker::{BrokerError, RedisPool};
+use crate::broker::{BrokerError, RedisPool, get_result, results_parse as parse_result};
+use crate::proto::TaskResult;
+use crate::proto::keys::result_key;
 use futures_util::StreamExt as _;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -112,6 +114,55 @@ impl Listener {
         });
         if idle {
             let _ = self.unsubscribe.send(channel.to_owned());
+        }
+    }
+}
+
+/// Waits up to `timeout` for `task_id`'s final record (SUCCESS, FAILURE or
+/// REVOKED) through the process's one listener in `slot` (connected on
+/// first use, replaced when lost). `None` when none came in time.
+pub(crate) async fn wait_ready(
+    slot: &tokio::sync::Mutex<Option<Listener>>,
+    pool: &RedisPool,
+    task_id: &str,
+    timeout: std::time::Duration,
+) -> Result<Option<TaskResult>, BrokerError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let channel = result_key(task_id);
+    loop {
+        let rx = {
+            let mut guard = slot.lock().await;
+            if guard.as_ref().is_none_or(|l| !l.is_alive()) {
+                *guard = Some(Listener::connect(pool).await?);
+            }
+            let Some(listener) = guard.as_ref() else {
+                continue;
+            };
+            listener.watch(&channel).await?
+        };
+        // Subscribed first, read second: a result published in between
+        // is in the key; one published later wakes the receiver.
+        let read = get_result(&mut pool.shared_lane(), task_id).await;
+        let outcome = match read? {
+            Some(r) if r.status.is_ready() => Some(Ok(Some(r))),
+            _ => match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(raw)) => match parse_result(&raw) {
+                    Ok(r) if r.status.is_ready() => Some(Ok(Some(r))),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                },
+                Ok(Err(_)) => None, // listener lost; resubscribe
+                Err(_) => Some(Ok(None)),
+            },
+        };
+        if let Some(l) = slot.lock().await.as_ref() {
+            l.unwatch(&channel);
+        }
+        if let Some(done) = outcome {
+            return done;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(None);
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct WebSettings {
     pub tasks: Vec<String>,
     pub expect_beat: bool,
     pub result_expires: Duration,
+    /// ETAs and countdowns further ahead are refused (422).
+    pub max_task_delay: Duration,
     pub body_limit: usize,
     /// Accepted API tokens; `Debug` shows them as `***`.
     pub tokens: Vec<Secret>,
@@ -47,6 +49,7 @@ impl WebSettings {
             tasks: c.web_tasks.clone(),
             expect_beat: c.web_expect_beat,
             result_expires: c.result_expires,
+            max_task_delay: c.max_task_delay,
             body_limit: usize::try_from(c.web_body_limit).unwrap_or(usize::MAX),
             tokens: c.load_api_tokens()?,
             limits: crate::serve::Limits {
@@ -152,7 +155,9 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub fn new(broker: Broker, settings: WebSettings) -> Self {
-        let producer = Producer::new(broker, origin()).record_pending(settings.result_expires);
+        let producer = Producer::new(broker, origin())
+            .record_pending(settings.result_expires)
+            .max_task_delay(settings.max_task_delay);
         Self(Arc::new(Inner {
             producer,
             tokens: Tokens::new(&settings.tokens),

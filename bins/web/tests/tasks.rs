@@ -88,6 +88,15 @@ async fn a_task_waiting_in_the_queue_is_pending_and_unknown_ids_are_404() -> Res
         (StatusCode::OK, json!("PENDING")),
         "{v}"
     );
+    // The delayed set shows when its messages are due.
+    let (s, v) = app.call(Method::GET, "/api/v1/queues", None).await?;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["delayed"]["parked"], 1, "{v}");
+    let due = v["delayed"]["last_due"].as_str().unwrap_or_default();
+    assert!(
+        due.starts_with("20") && due == v["delayed"]["first_due"],
+        "{v}"
+    );
     let (s, v) = app
         .call(Method::GET, "/api/v1/tasks/never-sent", None)
         .await?;
@@ -233,6 +242,13 @@ async fn bad_requests_get_a_named_error_and_enqueue_nothing() -> Result<()> {
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_request",
             "countdown",
+        ),
+        (
+            // Past max_task_delay (1 h in these settings).
+            json!({"task": ADD, "countdown": 7200}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "max_task_delay",
         ),
         (
             json!({"task": ADD, "countdown": 5, "eta": future}),

@@ -3,6 +3,7 @@
 //! atomic step.
 
 use super::schedule::{Entry, format_slot};
+use crate::backend::SlotPublish;
 use crate::broker::{BrokerError, Lane, on_lane};
 use crate::proto::Keys;
 use crate::proto::envelope::{MessageSpec, encode};
@@ -22,17 +23,7 @@ pub const HEADER_BEAT_ENTRY: &str = "beat_entry";
 pub const HEADER_BEAT_SLOT: &str = "beat_slot";
 
 /// What the publish script did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// Pushed, and recorded as the entry's last slot.
-    Published,
-    /// Refused: this slot, or a later one, was already published.
-    AlreadyPublished { last_ms: i64 },
-    /// Refused: the lock is not ours any more.
-    NotLeader,
-    /// Refused: the lock is ours but expires within the margin.
-    LeaseTooShort { pttl_ms: i64 },
-}
+pub(crate) use crate::backend::SlotOutcome as Outcome;
 
 /// The Celery message for `entry`'s `slot`: a fresh task id, `origin` set to
 /// the publishing instance, and the `beat_entry` / `beat_slot` headers.
@@ -69,15 +60,36 @@ pub(crate) async fn publish(
     slot: DateTime<Utc>,
     payload: &str,
 ) -> Result<Outcome, BrokerError> {
+    publish_slot(
+        lane,
+        keys,
+        SlotPublish {
+            lock_value,
+            margin,
+            entry: &entry.name,
+            queue: &entry.queue,
+            slot_ms: slot.timestamp_millis(),
+            payload,
+        },
+    )
+    .await
+}
+
+/// [`publish`] by the entry's name and queue (what the script needs).
+pub(crate) async fn publish_slot(
+    lane: &mut Lane,
+    keys: &Keys,
+    slot: SlotPublish<'_>,
+) -> Result<Outcome, BrokerError> {
     let mut inv = PUBLISH.prepare_invoke();
     inv.key(keys.beat_lock())
         .key(keys.beat_last())
-        .key(queue_key(&entry.queue, 0))
-        .arg(lock_value)
-        .arg(u64::try_from(margin.as_millis()).unwrap_or(u64::MAX))
-        .arg(&entry.name)
-        .arg(slot.timestamp_millis())
-        .arg(payload);
+        .key(queue_key(slot.queue, 0))
+        .arg(slot.lock_value)
+        .arg(u64::try_from(slot.margin.as_millis()).unwrap_or(u64::MAX))
+        .arg(slot.entry)
+        .arg(slot.slot_ms)
+        .arg(slot.payload);
     let (code, detail): (i64, i64) =
         on_lane!(&mut *lane, "publish beat slot", |c| inv.invoke_async(c))?;
     match code {

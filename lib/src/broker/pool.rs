@@ -309,7 +309,7 @@ impl Lane {
 
     /// Closes this lane's pooled connection instead of returning it to the
     /// pool (the next call opens a fresh one), when `bytes` moved over it
-    /// exceed [`LARGE_TRANSFER`]: a connection's buffers keep the size of
+    /// exceed `LARGE_TRANSFER` (1 MiB): a connection's buffers keep the size of
     /// the largest reply or request it carried for as long as it lives. The
     /// shared connection is left alone.
     pub fn recycle_after(&mut self, bytes: usize) {

@@ -456,10 +456,13 @@ async fn a_message_restored_from_an_expired_lease_never_starts_on_its_old_worker
         "no STARTED record for a task that did not start"
     );
     // The same answer through the separate-backend path (one HMGET).
-    let holds = held(&mut l, &keys, "w1", &[got[0].seq, got[1].seq])
-        .await
-        .expect("held");
-    assert_eq!(holds, [false, false]);
+    #[cfg(feature = "worker")]
+    {
+        let holds = held(&mut l, &keys, "w1", &[got[0].seq, got[1].seq])
+            .await
+            .expect("held");
+        assert_eq!(holds, [false, false]);
+    }
     let queued: Vec<String> = cmd(&mut l, redis::cmd("LRANGE").arg("q").arg(0).arg(-1)).await;
     assert_eq!(
         queued.len(),
@@ -511,4 +514,19 @@ async fn non_utf8_messages_are_delivered_as_bytes_and_dead_lettered_with_base64(
     );
     let inflight: u64 = cmd(&mut l, redis::cmd("HLEN").arg(keys.inflight("w1"))).await;
     assert_eq!(inflight, 0, "nothing stays held");
+    // It could never run: a requeue leaves it listed, a discard removes it.
+    let all = DeadSelection::Oldest { limit: 10 };
+    let picked = pick_dead_letters(&mut l, &keys, "celery", &all)
+        .await
+        .expect("pick");
+    let moved = move_dead_letters(&mut l, &keys, "celery", DeadLetterAction::Requeue, &picked)
+        .await
+        .expect("requeue");
+    assert!(moved.is_empty(), "not requeued: {moved:?}");
+    let queued: u64 = cmd(&mut l, redis::cmd("LLEN").arg("celery")).await;
+    assert_eq!(queued, 0);
+    let moved = move_dead_letters(&mut l, &keys, "celery", DeadLetterAction::Discard, &picked)
+        .await
+        .expect("discard");
+    assert_eq!(moved.len(), 1);
 }

@@ -440,6 +440,8 @@ impl Config {
             self.redis_timeout,
             Duration::from_millis(100),
         )?;
+        // Checked where logs are set up; a producer-only build has no telemetry.
+        #[cfg(feature = "service")]
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", &self.log_level, &e.to_string()))?;
         at_least("beat_lock_ttl", self.beat_lock_ttl, Duration::from_secs(1))?;
@@ -460,6 +462,9 @@ impl Config {
     fn validate_schedule(&self) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
         for (i, entry) in self.schedule.iter().enumerate() {
+            // Only a build with the beat can compile an entry; a producer
+            // never runs the schedule.
+            #[cfg(feature = "beat")]
             crate::beat::schedule::Entry::compile(entry).map_err(|e| ConfigError::Schedule {
                 entry: entry.label(i),
                 field: e.field,

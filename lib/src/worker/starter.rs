@@ -51,7 +51,7 @@ pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<StartRequest>) {
             .iter_mut()
             .zip(&verdicts)
             .filter(|(_, v)| v.is_none())
-            .map(|(r, _)| std::mem::replace(&mut r.start, Starting::default()))
+            .map(|(r, _)| std::mem::take(&mut r.start))
             .collect();
         if !tasks.is_empty() {
             let checks_holds = broker_lane.is_none().then_some(sh.id.as_str());

@@ -226,6 +226,7 @@ pub async fn verify<E: Engine>(
             .and_then(|t| {
                 t.into_iter()
                     .next()
+                    .map(|s| s.expose().to_owned())
                     .ok_or_else(|| "the web service has no API token".into())
             }),
     };

@@ -12,6 +12,7 @@ use std::time::Duration;
 use taskstack::broker::{Broker, QueueCounts, RedisPool, live_workers, queue_counts};
 use taskstack::config::Config;
 use taskstack::proto::keys::result_key;
+use taskstack::secret::SecretUrl;
 
 /// Every Redis read is bounded by this (an unreachable address must not
 /// hang `verify`).
@@ -63,11 +64,12 @@ pub async fn connect<E: Engine>(
     running: &[&ContainerInfo],
     mut config: Config,
 ) -> Probe<Broker> {
-    config.broker_url =
-        reachable(engine, project, running, "broker_url", &config.broker_url).await?;
+    let broker_url = config.broker_url.expose();
+    let url = reachable(engine, project, running, "broker_url", broker_url).await?;
+    config.broker_url = SecretUrl::new(url);
     if let Some(b) = config.result_backend.take() {
-        config.result_backend =
-            Some(reachable(engine, project, running, "result_backend", &b).await?);
+        let url = reachable(engine, project, running, "result_backend", b.expose()).await?;
+        config.result_backend = Some(SecretUrl::new(url));
     }
     taskstack::connect(&config).map_err(|e| e.to_string())
 }

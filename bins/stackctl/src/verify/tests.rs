@@ -198,6 +198,7 @@ fn heartbeats(redis: &RedisServer, engine: &Fake, ns: &str, leased: usize) {
             retried: 0,
             dead_lettered: 0,
             version: String::new(),
+            metrics_addr: None,
         };
         let json = serde_json::to_string(&record).expect("json");
         let _: () = ::redis::cmd("SET")

@@ -1,0 +1,56 @@
+//! The beat's capabilities on Redis: the leader lock (`beat/lock.rs`) and
+//! the fenced slot ledger (`beat_publish.lua`).
+
+use super::RedisSession;
+use crate::backend::traits::{
+    Acquired, BackendError, LeaderLock, SlotLedger, SlotOutcome, SlotPublish,
+};
+use crate::beat::{lock, publish};
+use crate::broker::on_lane;
+use async_trait::async_trait;
+use std::time::Duration;
+
+#[async_trait]
+impl LeaderLock for RedisSession {
+    async fn try_acquire(&mut self, value: &str, ttl: Duration) -> Result<Acquired, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(
+            match lock::try_acquire(&mut self.lane, keys, value, ttl).await? {
+                None => Acquired::Yes,
+                Some(current) => Acquired::HeldBy(current),
+            },
+        )
+    }
+
+    async fn renew(&mut self, value: &str, ttl: Duration) -> Result<bool, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(lock::renew(&mut self.lane, keys, value, ttl).await?)
+    }
+
+    async fn release(&mut self, value: &str) -> Result<bool, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(lock::release(&mut self.lane, keys, value).await?)
+    }
+
+    async fn holder(&mut self) -> Result<Option<String>, BackendError> {
+        let key = self.shared.broker.keys().beat_lock();
+        Ok(on_lane!(&mut self.lane, "read beat lock", |c| redis::cmd(
+            "GET"
+        )
+        .arg(&key)
+        .query_async(c))?)
+    }
+}
+
+#[async_trait]
+impl SlotLedger for RedisSession {
+    async fn publish(&mut self, slot: SlotPublish<'_>) -> Result<SlotOutcome, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(publish::publish_slot(&mut self.lane, keys, slot).await?)
+    }
+
+    async fn last_slots(&mut self, entries: &[&str]) -> Result<Vec<Option<i64>>, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(publish::last_slots(&mut self.lane, keys, entries).await?)
+    }
+}

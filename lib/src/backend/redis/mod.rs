@@ -1,0 +1,395 @@
+//! The Redis implementation: a thin layer over the broker's and the beat's
+//! functions (the same Lua scripts and pipelines), one [`Lane`] pair per
+//! session.
+
+#[cfg(feature = "beat")]
+mod beat;
+
+use super::due_in;
+use super::traits::{
+    Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Inspect, Leases,
+    Outgoing, Parked, Promoted, Reaped, ResultStore, TaskStates, Use,
+};
+#[cfg(feature = "beat")]
+use super::traits::{LeaderLock, SlotLedger};
+use crate::broker::{
+    self, Broker, DeadLetter, DeadLetterAction, DeadSelection, Delivery, Lane, PickedDeadLetter,
+    QueueCounts, RevokeOutcome, Settle, StartVerdict, Starting, Take, WorkerRecord, on_lane,
+};
+use crate::proto::TaskResult;
+use crate::proto::keys::result_key;
+use crate::results_listener::Listener;
+use async_trait::async_trait;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// The wall clock Redis's lease and due times are compared with.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        broker::now_ms()
+    }
+}
+
+/// The Redis backend: the broker's pools and key layout, plus what every
+/// session of the process shares (hold sequence numbers, the result
+/// subscription).
+#[derive(Debug, Clone)]
+pub struct RedisBackend {
+    broker: Broker,
+    /// The last hold sequence number handed out; every take reserves its
+    /// whole range first, so a reply lost after the script ran never lets a
+    /// later take reuse (and overwrite) a number recording a held message.
+    last_seq: Arc<AtomicU64>,
+    listener: Arc<tokio::sync::Mutex<Option<Listener>>>,
+}
+
+impl RedisBackend {
+    pub fn new(broker: Broker) -> Self {
+        Self {
+            broker,
+            last_seq: Arc::default(),
+            listener: Arc::default(),
+        }
+    }
+
+    /// The pools and key layout underneath.
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    fn session(&self, usage: Use, worker_id: &str) -> Box<RedisSession> {
+        let lane = |pool: &broker::RedisPool| match usage {
+            Use::Loop => pool.lane(),
+            Use::Request => pool.shared_lane(),
+        };
+        Box::new(RedisSession {
+            lane: lane(self.broker.broker_pool()),
+            backend: lane(self.broker.backend_pool()),
+            worker_id: worker_id.to_owned(),
+            shared: self.clone(),
+        })
+    }
+}
+
+impl Backend for RedisBackend {
+    fn clock(&self) -> Arc<dyn Clock> {
+        Arc::new(SystemClock)
+    }
+    fn enqueue(&self, usage: Use) -> Box<dyn Enqueue> {
+        self.session(usage, "")
+    }
+    fn consume(&self, worker_id: &str) -> Box<dyn Consume> {
+        self.session(Use::Loop, worker_id)
+    }
+    fn leases(&self, usage: Use) -> Box<dyn Leases> {
+        self.session(usage, "")
+    }
+    fn delayed(&self, usage: Use) -> Box<dyn Delayed> {
+        self.session(usage, "")
+    }
+    fn results(&self, usage: Use) -> Box<dyn ResultStore> {
+        self.session(usage, "")
+    }
+    fn task_states(&self, usage: Use) -> Box<dyn TaskStates> {
+        self.session(usage, "")
+    }
+    fn dead_letters(&self, usage: Use) -> Box<dyn DeadLetters> {
+        self.session(usage, "")
+    }
+    fn inspect(&self, usage: Use) -> Box<dyn Inspect> {
+        self.session(usage, "")
+    }
+    #[cfg(feature = "beat")]
+    fn leader_lock(&self, usage: Use) -> Box<dyn LeaderLock> {
+        self.session(usage, "")
+    }
+    #[cfg(feature = "beat")]
+    fn slot_ledger(&self, usage: Use) -> Box<dyn SlotLedger> {
+        self.session(usage, "")
+    }
+}
+
+/// One session: a lane to the broker and one to the result backend (the
+/// same server or not), opened lazily.
+#[derive(Debug)]
+struct RedisSession {
+    lane: Lane,
+    backend: Lane,
+    worker_id: String,
+    shared: RedisBackend,
+}
+
+impl RedisSession {
+    fn same_server(&self) -> bool {
+        self.shared.broker.backend_is_broker()
+    }
+}
+
+#[async_trait]
+impl Enqueue for RedisSession {
+    async fn enqueue(&mut self, batch: &[Outgoing]) -> Result<(), BackendError> {
+        let mut records = redis::pipe();
+        for p in batch.iter().filter_map(|o| o.pending.as_ref()) {
+            records
+                .cmd("SET")
+                .arg(result_key(&p.task_id))
+                .arg(&p.record)
+                .arg("PX")
+                .arg(millis(p.ttl))
+                .ignore();
+        }
+        // Records first, so a fast worker's STARTED record is never
+        // overwritten; in the messages' pipeline when on the same server.
+        let mut pipe = if self.same_server() {
+            records
+        } else {
+            if !records.is_empty() {
+                on_lane!(&mut self.backend, "record pending task", |c| records
+                    .query_async::<()>(c))?;
+            }
+            redis::pipe()
+        };
+        for o in batch.iter().filter(|o| o.due_ms.is_none()) {
+            pipe.cmd("LPUSH").arg(&o.queue_key).arg(&o.payload).ignore();
+        }
+        if !pipe.is_empty() {
+            on_lane!(&mut self.lane, "enqueue", |c| pipe.query_async::<()>(c))?;
+        }
+        let parked: Vec<Parked> = batch
+            .iter()
+            .filter_map(|o| {
+                o.due_ms.map(|due_ms| Parked {
+                    queue_key: o.queue_key.clone(),
+                    payload: o.payload.clone(),
+                    due_ms,
+                })
+            })
+            .collect();
+        Delayed::park(self, &parked).await
+    }
+}
+
+#[async_trait]
+impl Consume for RedisSession {
+    fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    async fn take(
+        &mut self,
+        queue_keys: &[String],
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let last_seq = self.shared.last_seq.fetch_add(max as u64, Ordering::SeqCst);
+        let take = Take {
+            worker_id: &self.worker_id,
+            queue_keys,
+            max,
+            last_seq,
+            lease,
+        };
+        let keys = self.shared.broker.keys();
+        Ok(broker::fetch(&mut self.lane, keys, take).await?)
+    }
+
+    async fn wait_for_message(
+        &mut self,
+        queue_keys: &[String],
+        wait: Duration,
+    ) -> Result<bool, BackendError> {
+        let Some(first) = queue_keys.first() else {
+            return Err(BackendError::Invalid {
+                op: "wait for messages",
+                detail: "no queue to wait on".into(),
+            });
+        };
+        let keys = self.shared.broker.keys();
+        Ok(broker::wait_for_message(&mut self.lane, keys, &self.worker_id, first, wait).await?)
+    }
+
+    async fn settle(&mut self, batch: &[Settle], result_ttl: Duration) -> Result<(), BackendError> {
+        let backend = (!self.same_server()).then_some(&mut self.backend);
+        let keys = self.shared.broker.keys();
+        Ok(broker::settle(
+            &mut self.lane,
+            backend,
+            keys,
+            &self.worker_id,
+            batch,
+            result_ttl,
+        )
+        .await?)
+    }
+
+    async fn hand_back(&mut self, seqs: &[u64]) -> Result<usize, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(broker::requeue(&mut self.lane, keys, &self.worker_id, seqs).await?)
+    }
+
+    async fn park_held(
+        &mut self,
+        seq: u64,
+        queue_key: &str,
+        payload: &[u8],
+        due_ms: i64,
+    ) -> Result<(), BackendError> {
+        let keys = self.shared.broker.keys();
+        let held = Some((self.worker_id.as_str(), seq));
+        Ok(broker::park(&mut self.lane, keys, due_ms, queue_key, payload, held).await?)
+    }
+
+    async fn dead_letter(&mut self, seq: u64, record: &DeadLetter) -> Result<(), BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(broker::dead_letter(&mut self.lane, keys, &self.worker_id, seq, record).await?)
+    }
+}
+
+#[async_trait]
+impl Leases for RedisSession {
+    async fn heartbeat(
+        &mut self,
+        record: &WorkerRecord,
+        landing_source: &str,
+        lease: Duration,
+    ) -> Result<bool, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(broker::heartbeat(&mut self.lane, keys, record, landing_source, lease).await?)
+    }
+
+    async fn reap_expired(&mut self) -> Result<Reaped, BackendError> {
+        let keys = self.shared.broker.keys();
+        let (workers, restored) = broker::reap(&mut self.lane, keys, broker::now_ms()).await?;
+        Ok(Reaped { workers, restored })
+    }
+
+    async fn release(&mut self, worker_id: &str) -> Result<u64, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(broker::release(&mut self.lane, keys, worker_id).await?)
+    }
+}
+
+#[async_trait]
+impl Delayed for RedisSession {
+    async fn park(&mut self, batch: &[Parked]) -> Result<(), BackendError> {
+        let keys = self.shared.broker.keys();
+        for p in batch {
+            broker::park(
+                &mut self.lane,
+                keys,
+                p.due_ms,
+                &p.queue_key,
+                p.payload.as_bytes(),
+                None,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn promote_due(&mut self, max: usize) -> Result<Promoted, BackendError> {
+        let keys = self.shared.broker.keys();
+        let now = broker::now_ms();
+        let (moved, next) = broker::promote(&mut self.lane, keys, now, max).await?;
+        Ok(Promoted {
+            moved,
+            next_due_in: next.map(|due| due_in(due, now)),
+        })
+    }
+}
+
+#[async_trait]
+impl ResultStore for RedisSession {
+    async fn write(&mut self, results: &[TaskResult], ttl: Duration) -> Result<(), BackendError> {
+        Ok(broker::store_results(&mut self.backend, results, ttl).await?)
+    }
+
+    async fn read(&mut self, task_id: &str) -> Result<Option<TaskResult>, BackendError> {
+        Ok(broker::get_result(&mut self.backend, task_id).await?)
+    }
+
+    async fn wait(
+        &mut self,
+        task_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<TaskResult>, BackendError> {
+        let pool = self.shared.broker.backend_pool();
+        let slot = &self.shared.listener;
+        Ok(crate::results_listener::wait_ready(slot, pool, task_id, timeout).await?)
+    }
+}
+
+#[async_trait]
+impl TaskStates for RedisSession {
+    async fn start_batch(
+        &mut self,
+        worker_id: Option<&str>,
+        tasks: &[Starting],
+        ttl: Duration,
+    ) -> Result<Vec<StartVerdict>, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(broker::start_batch(&mut self.backend, keys, worker_id, tasks, ttl).await?)
+    }
+
+    async fn revoke(
+        &mut self,
+        task_id: &str,
+        record: &str,
+        ttl: Duration,
+    ) -> Result<RevokeOutcome, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(broker::revoke(&mut self.backend, keys, task_id, record, ttl).await?)
+    }
+}
+
+#[async_trait]
+impl DeadLetters for RedisSession {
+    async fn page(
+        &mut self,
+        queue: &str,
+        count: usize,
+    ) -> Result<(Vec<DeadLetter>, u64), BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(broker::dead_letters(&mut self.lane, keys, queue, count).await?)
+    }
+
+    async fn pick(
+        &mut self,
+        queue: &str,
+        selection: &DeadSelection,
+    ) -> Result<Vec<PickedDeadLetter>, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(broker::pick_dead_letters(&mut self.lane, keys, queue, selection).await?)
+    }
+
+    async fn apply(
+        &mut self,
+        queue: &str,
+        action: DeadLetterAction,
+        picked: &[PickedDeadLetter],
+    ) -> Result<Vec<DeadLetter>, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(broker::move_dead_letters(&mut self.lane, keys, queue, action, picked).await?)
+    }
+}
+
+#[async_trait]
+impl Inspect for RedisSession {
+    async fn queue_counts(&mut self, queues: &[String]) -> Result<Vec<QueueCounts>, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(broker::queue_counts(&mut self.lane, keys, queues).await?)
+    }
+
+    async fn live_workers(&mut self) -> Result<Vec<WorkerRecord>, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(broker::live_workers(&mut self.lane, keys).await?)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
