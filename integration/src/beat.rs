@@ -40,20 +40,7 @@ impl BeatProcess {
         toml: &str,
         env: &[(&str, &str)],
     ) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let state_file = dir.path().join("beat.json");
-        let config_file = dir.path().join("beat.toml");
-        std::fs::write(&config_file, toml)?;
-        let cmd = Self::command(redis_url, namespace, &state_file, &config_file)?;
-        let process = ServiceProcess::spawn("beat", cmd, env, dir.path().join("beat.log"))?;
-        Ok(Self {
-            process,
-            state_file,
-            config_file,
-            _dir: dir,
-            redis_url: redis_url.to_owned(),
-            namespace: namespace.to_owned(),
-        })
+        Self::launch(redis_url, namespace, toml, env, false)
     }
 
     /// Starts a beat with the host defaults for its state file (one per
@@ -64,13 +51,32 @@ impl BeatProcess {
         toml: &str,
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::launch(redis_url, namespace, toml, env, true)
+    }
+
+    fn launch(
+        redis_url: &str,
+        namespace: &str,
+        toml: &str,
+        env: &[(&str, &str)],
+        host_defaults: bool,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let config_file = dir.path().join("beat.toml");
         std::fs::write(&config_file, toml)?;
-        let mut cmd = clean_command("taskstack-beat", redis_url, namespace)?;
-        cmd.env("TASKSTACK_CONFIG", &config_file);
+        let (cmd, state_file) = if host_defaults {
+            let mut cmd = clean_command("taskstack-beat", redis_url, namespace)?;
+            cmd.env("TASKSTACK_CONFIG", &config_file);
+            (cmd, None)
+        } else {
+            let state_file = dir.path().join("beat.json");
+            let cmd = Self::command(redis_url, namespace, &state_file, &config_file)?;
+            (cmd, Some(state_file))
+        };
         let process = ServiceProcess::spawn("beat", cmd, env, dir.path().join("beat.log"))?;
-        let state_file = PathBuf::from(format!("/tmp/taskstack-beat-{}.json", process.pid()));
+        let state_file = state_file.unwrap_or_else(|| {
+            PathBuf::from(format!("/tmp/taskstack-beat-{}.json", process.pid()))
+        });
         Ok(Self {
             process,
             state_file,

@@ -31,6 +31,17 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// [`DeadLetter::set_payload`] without copying `raw` when it is text.
+    pub fn set_payload_owned(&mut self, raw: Vec<u8>) {
+        match String::from_utf8(raw) {
+            Ok(text) => {
+                self.payload = text;
+                self.payload_base64 = None;
+            }
+            Err(e) => self.set_payload(e.as_bytes()),
+        }
+    }
+
     /// Stores `raw` as [`DeadLetter::payload`] when it is UTF-8 text, else
     /// as [`DeadLetter::payload_base64`], so no byte is lost either way.
     pub fn set_payload(&mut self, raw: &[u8]) {

@@ -2,9 +2,7 @@
 
 use super::registry::{TaskContext, TaskError, TaskOptions};
 use super::shared::{Held, SettleMsg, Shared, Stats, panic_text, persist};
-use crate::broker::{
-    DeadLetter, Delivery, Settle, StartVerdict, Starting, dead_letter, park, store_result,
-};
+use crate::broker::{DeadLetter, Settle, StartVerdict, Starting, dead_letter, park, store_result};
 use crate::proto::envelope::{self, DecodeError, TaskMessage};
 use crate::proto::keys::queue_of_key;
 use crate::proto::{ExceptionInfo, Provenance, TaskResult, TaskState};
@@ -32,7 +30,7 @@ pub(crate) async fn handle(sh: Arc<Shared>, d: Held) {
                     task: None,
                     retries: 0,
                 };
-                Box::pin(poison(&sh, &d, &queue, origin, err.to_string(), exc)).await;
+                Box::pin(poison(&sh, d, &queue, origin, err.to_string(), exc)).await;
             }
             .instrument(span)
             .await;
@@ -98,7 +96,7 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) 
         );
         tracing::warn!(reason = %reason, "refusing task; dead-lettering it");
         let exc = ExceptionInfo::builtin("ValueError", reason.clone());
-        Box::pin(poison(&sh, &d, &queue, Origin::of(&msg), reason, exc)).await;
+        Box::pin(poison(&sh, d, &queue, Origin::of(&msg), reason, exc)).await;
         return;
     }
     if let Some(eta) = msg.eta
@@ -136,7 +134,7 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) 
             format!("task {:?} is not registered in this worker", msg.task),
         );
         let reason = format!("unknown task {:?}", msg.task);
-        Box::pin(poison(&sh, &d, &queue, Origin::of(&msg), reason, exc)).await;
+        Box::pin(poison(&sh, d, &queue, Origin::of(&msg), reason, exc)).await;
         return;
     };
 
@@ -255,12 +253,12 @@ async fn execute(
             finish(&sh, d, &msg, Some(stamp(r))).await;
         }
         Ok(Ok(Err(TaskError::Retry { reason, countdown }))) => {
-            retry(&sh, &d, &queue, &msg, options, reason, countdown).await;
+            retry(&sh, d, &queue, &msg, options, reason, countdown).await;
         }
         Ok(Ok(Err(TaskError::Reject { reason }))) => {
             tracing::warn!(reason = %reason, "task rejected its message; dead-lettering it");
             let exc = ExceptionInfo::celery("Reject", reason.clone());
-            poison(&sh, &d, &queue, Origin::of(&msg), reason, exc).await;
+            poison(&sh, d, &queue, Origin::of(&msg), reason, exc).await;
         }
         Ok(Err(panic)) => {
             let what = panic_text(panic.as_ref());
@@ -301,7 +299,7 @@ async fn finish(sh: &Shared, d: Held, msg: &TaskMessage, result: Option<TaskResu
 #[allow(clippy::too_many_arguments)] // one call site; the fields are all distinct
 async fn retry(
     sh: &Shared,
-    d: &Delivery,
+    d: Held,
     queue: &str,
     msg: &TaskMessage,
     options: TaskOptions,
@@ -377,7 +375,7 @@ impl<'a> Origin<'a> {
 /// message to its queue's dead-letter list (releasing the hold atomically).
 async fn poison(
     sh: &Shared,
-    d: &Delivery,
+    mut d: Held,
     queue: &str,
     origin: Origin<'_>,
     reason: String,
@@ -416,7 +414,8 @@ async fn poison(
         worker: sh.id.clone(),
         at: envelope::format_time(Utc::now()),
     };
-    record.set_payload(&d.payload);
+    // Moved, not copied: a large message is in memory once, not twice.
+    record.set_payload_owned(d.take_payload());
     let ttl = sh.settings.result_expires;
     let done = persist!(
         sh,

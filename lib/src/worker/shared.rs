@@ -56,6 +56,11 @@ impl Held {
         Self { delivery, slot }
     }
 
+    /// Takes the message's bytes out (the hold stays), for a dead letter.
+    pub fn take_payload(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.delivery.payload)
+    }
+
     /// The hold's sequence number and slot, for a settlement (the payload
     /// is freed now rather than when the batch is settled).
     pub fn into_settlement(self) -> (u64, Slot) {
