@@ -252,7 +252,7 @@ impl redis::aio::ConnectionLike for LaneConn {
 
 /// Transfers over this size make [`Lane::recycle_after`] close the
 /// connection that carried them.
-pub const LARGE_TRANSFER: usize = 1 << 20;
+pub const LARGE_TRANSFER: usize = 4 << 20;
 
 /// The handle a Redis step runs on (see the module docs for the two
 /// kinds). After an I/O error or a timeout the connection is dropped and
@@ -309,7 +309,7 @@ impl Lane {
 
     /// Closes this lane's pooled connection instead of returning it to the
     /// pool (the next call opens a fresh one), when `bytes` moved over it
-    /// exceed `LARGE_TRANSFER` (1 MiB): a connection's buffers keep the size of
+    /// exceed `LARGE_TRANSFER` (4 MiB): a connection's buffers keep the size of
     /// the largest reply or request it carried for as long as it lives. The
     /// shared connection is left alone.
     pub fn recycle_after(&mut self, bytes: usize) {

@@ -12,6 +12,32 @@ pub struct State {
     pub pid: u32,
     /// The Redis namespace it uses.
     pub namespace: String,
+    /// When the process started (clock ticks since boot, from
+    /// `/proc/<pid>/stat`), so a file left by a killed process is not taken
+    /// for a live one when its pid is reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<u64>,
+}
+
+impl State {
+    /// Whether the process this state names is still running: its pid is
+    /// alive and, when recorded, started at the same moment.
+    pub fn running(&self) -> bool {
+        process_alive(self.pid) && self.started.is_none_or(|t| start_time(self.pid) == Some(t))
+    }
+}
+
+/// When `pid` started, in clock ticks since boot (`/proc/<pid>/stat` field 22).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is
+    // field 3, so starttime (22) is the 20th.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 /// Where a service records itself for `healthcheck`.
@@ -122,7 +148,7 @@ pub fn claim(
     match at {
         StatePath::File(p) => {
             if let Some(other) = read(p).filter(|s| s.pid != std::process::id())
-                && process_alive(other.pid)
+                && other.running()
             {
                 return Err(StateError::InUse {
                     key,
@@ -135,7 +161,7 @@ pub fn claim(
         }
         StatePath::PerProcess { .. } => {
             for stale in at.candidates() {
-                if read(&stale).is_some_and(|s| !process_alive(s.pid)) {
+                if read(&stale).is_some_and(|s| !s.running()) {
                     let _ = std::fs::remove_file(stale);
                 }
             }
@@ -160,6 +186,7 @@ pub fn write(path: &Path, id: &str, namespace: &str) -> std::io::Result<()> {
         id: id.to_owned(),
         pid: std::process::id(),
         namespace: namespace.to_owned(),
+        started: start_time(std::process::id()),
     };
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, serde_json::to_vec(&state)?)?;
@@ -177,8 +204,8 @@ pub fn read_all_live(at: &StatePath, what: &str, namespace: &str) -> Result<Vec<
     let mut elsewhere = Vec::new();
     for path in at.candidates() {
         match read(&path) {
-            Some(s) if process_alive(s.pid) && s.namespace == namespace => live.push(s),
-            Some(s) if process_alive(s.pid) => elsewhere.push(s.namespace),
+            Some(s) if s.running() && s.namespace == namespace => live.push(s),
+            Some(s) if s.running() => elsewhere.push(s.namespace),
             _ => {}
         }
     }
@@ -205,7 +232,7 @@ pub fn read_live(path: &Path, what: &str, namespace: &str) -> Result<State, Stri
     })?;
     let state: State = serde_json::from_slice(&raw)
         .map_err(|e| format!("{what} state file {path:?} is unreadable: {e}"))?;
-    if !process_alive(state.pid) {
+    if !state.running() {
         return Err(format!(
             "{what} {} (pid {}) is not running",
             state.id, state.pid
@@ -247,6 +274,30 @@ mod tests {
         let e = read_live(&dir.path().join("none"), "beat", "ns").expect_err("missing");
         assert!(e.contains("no beat state"), "{e}");
         assert!(!process_alive(u32::MAX));
+    }
+
+    #[test]
+    fn a_reused_pid_is_not_taken_for_the_process_that_wrote_the_file() {
+        let me = std::process::id();
+        let now = State {
+            id: "w".into(),
+            pid: me,
+            namespace: "ns".into(),
+            started: start_time(me),
+        };
+        assert!(now.started.is_some());
+        assert!(now.running());
+        // The same pid, started at another moment: someone else's process.
+        let earlier = State {
+            started: now.started.map(|t| t.saturating_sub(1)),
+            ..now.clone()
+        };
+        assert!(!earlier.running());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.json");
+        std::fs::write(&path, serde_json::to_vec(&earlier).expect("json")).expect("write");
+        let e = read_live(&path, "worker", "ns").expect_err("not running");
+        assert!(e.contains("is not running"), "{e}");
     }
 
     #[test]
