@@ -189,6 +189,11 @@ async fn several_workers_and_beats_share_a_host_with_default_settings() -> Resul
         w.wait_exit(WAIT)?;
         assert!(!w.state_file.exists(), "{:?} removed at exit", w.state_file);
     }
+    for mut b in beats {
+        b.signal(Signal::SIGTERM)?;
+        b.wait_exit(WAIT)?;
+        assert!(!b.state_file.exists(), "{:?} removed at exit", b.state_file);
+    }
     Ok(())
 }
 
