@@ -309,7 +309,8 @@ async fn an_oversized_message_is_dead_lettered_unread() -> Result<()> {
         })
         .await?;
     let small = p.send_task("taskstack.echo", vec![json!("ok")]).await?;
-    let _w = WorkerProcess::spawn(
+    let original: String = redis.conn()?.lindex("celery", -1)?;
+    let w = WorkerProcess::spawn(
         &redis.url(),
         &ns,
         &[("TASKSTACK_MAX_MESSAGE_SIZE", "64KiB")],
@@ -321,16 +322,38 @@ async fn an_oversized_message_is_dead_lettered_unread() -> Result<()> {
         reason.contains("max_message_size") && reason.contains("65536"),
         "{reason}"
     );
-    let payload = dead[0]["payload"].as_str().context("payload kept")?;
-    assert!(payload.len() > 200 * 1024, "the message is kept whole");
+    // Never sent to the worker: kept apart in Redis, byte for byte.
+    let key = dead[0]["payload_key"].as_str().context("payload_key")?;
+    let mut c = redis.conn()?;
+    let kept: String = c.get(key)?;
+    assert_eq!(kept, original, "the message is kept whole");
+    assert_eq!(dead[0]["payload_size"], original.len());
     // Refused unread: the id inside was never looked at.
     assert!(dead[0]["task_id"].is_null());
     assert!(
-        redis
-            .conn()?
-            .get::<_, Option<String>>(format!("celery-task-meta-{big}"))?
+        c.get::<_, Option<String>>(format!("celery-task-meta-{big}"))?
             .is_none()
     );
+    assert_eq!(held_by_anyone(&redis, &ns)?, 0, "nothing stays held");
+    // Requeued, it is the same message again (dead-lettered again by this
+    // worker), and its separate copy goes with the record.
+    drop(w);
+    let b = taskstack_integration::broker(&redis.url(), &ns)?;
+    let mut lane = b.broker_pool().lane();
+    let all = taskstack::broker::DeadSelection::Oldest { limit: 10 };
+    let picked = taskstack::broker::pick_dead_letters(&mut lane, b.keys(), "celery", &all).await?;
+    let moved = taskstack::broker::move_dead_letters(
+        &mut lane,
+        b.keys(),
+        "celery",
+        taskstack::broker::DeadLetterAction::Requeue,
+        &picked,
+    )
+    .await?;
+    assert_eq!(moved.len(), 1);
+    let requeued: String = c.lindex("celery", 0)?;
+    assert_eq!(requeued, original);
+    assert!(!c.exists::<_, bool>(key)?, "the kept copy is deleted");
     Ok(())
 }
 

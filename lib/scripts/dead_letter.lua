@@ -6,10 +6,19 @@
 -- KEYS[2]  the holding worker's in-flight HASH
 -- ARGV[1]  the dead-letter record (JSON: reason, payload, ...)
 -- ARGV[2]  sequence number to settle
+-- ARGV[3]  '' or a key: the message is too large to have been sent to the
+--          worker, so it is copied from the hold to this STRING key (the
+--          record names it as `payload_key`) instead of being in the record
 -- Returns 0 without writing when the hold is already gone (an earlier
 -- attempt whose reply was lost, or a reaper restored the message).
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then
+local held = redis.call('HGET', KEYS[2], ARGV[2])
+if not held then
   return 0
+end
+if ARGV[3] ~= '' then
+  -- The hold is "<queue key>\n<message>"; queue keys hold no newline.
+  local nl = string.find(held, '\n', 1, true)
+  redis.call('SET', ARGV[3], string.sub(held, nl + 1))
 end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[2])

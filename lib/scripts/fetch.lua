@@ -12,13 +12,19 @@
 -- ARGV[3]    most messages to take
 -- ARGV[4]    last sequence number used by this worker
 -- ARGV[5]    index (1-based, into KEYS[4..]) of the queue feeding the landing list
--- Returns a flat array: seq, queue index, message, seq, queue index, message, ...
+-- ARGV[6]    largest message (bytes) to return; a larger one is recorded as
+--            held like any other but its size (an integer) is returned in
+--            place of the message, so it never crosses the network (the
+--            worker dead-letters it from the hold, see dead_letter.lua)
+-- Returns a flat array: seq, queue index, message or size, seq, ...
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 local max = tonumber(ARGV[3])
 local seq = tonumber(ARGV[4])
 local out = {}
 local hset = {}
 local n = 0
+
+local max_size = tonumber(ARGV[6])
 
 local function take(index, message)
   seq = seq + 1
@@ -27,7 +33,11 @@ local function take(index, message)
   hset[#hset + 1] = KEYS[3 + index] .. '\n' .. message
   out[#out + 1] = seq
   out[#out + 1] = index
-  out[#out + 1] = message
+  if #message > max_size then
+    out[#out + 1] = #message
+  else
+    out[#out + 1] = message
+  end
 end
 
 -- The landing list first: BLMOVE already moved those off their queue.

@@ -16,6 +16,9 @@ pub struct Delivery {
     /// message that is not UTF-8 is still delivered (and dead-lettered by
     /// the worker), never left held.
     pub payload: Vec<u8>,
+    /// `Some(size)` when the message is larger than the taker's
+    /// `max_size`: it stays in Redis (in the hold) and `payload` is empty.
+    pub oversized: Option<u64>,
 }
 
 impl Delivery {
@@ -44,6 +47,8 @@ pub(crate) struct Take<'a> {
     /// The worker's last used sequence number.
     pub last_seq: u64,
     pub lease: Duration,
+    /// Larger messages are held but not sent (see [`Delivery::oversized`]).
+    pub max_size: usize,
 }
 
 /// Takes up to `max` messages from `queue_keys` (served in order), recording
@@ -59,6 +64,7 @@ pub(crate) async fn fetch(
         max,
         last_seq,
         lease,
+        max_size,
     } = take;
     let deadline = super::now_ms() + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     let mut inv = FETCH.prepare_invoke();
@@ -72,7 +78,8 @@ pub(crate) async fn fetch(
         .arg(deadline)
         .arg(max)
         .arg(last_seq)
-        .arg(1);
+        .arg(1)
+        .arg(max_size);
     let flat: Vec<redis::Value> = on_lane!(&mut *lane, "fetch", |c| inv.invoke_async(c))?;
     let mut out = Vec::with_capacity(flat.len() / 3);
     let mut it = flat.into_iter();
@@ -83,8 +90,14 @@ pub(crate) async fn fetch(
         };
         let seq: u64 = redis::from_redis_value(seq).map_err(|_| bad("sequence number"))?;
         let idx: usize = redis::from_redis_value(idx).map_err(|_| bad("queue index"))?;
-        let payload: Vec<u8> =
-            redis::from_redis_value(payload).map_err(|_| bad("message is not a string"))?;
+        let (payload, oversized) = match payload {
+            redis::Value::Int(size) => (Vec::new(), Some(u64::try_from(size).unwrap_or(0))),
+            other => (
+                redis::from_redis_value::<Vec<u8>>(other)
+                    .map_err(|_| bad("message is not a string"))?,
+                None,
+            ),
+        };
         let queue_key = queue_keys
             .get(idx.wrapping_sub(1))
             .ok_or_else(|| bad("queue index out of range"))?
@@ -93,6 +106,7 @@ pub(crate) async fn fetch(
             seq,
             queue_key,
             payload,
+            oversized,
         });
     }
     lane.recycle_after(out.iter().map(|d| d.payload.len()).sum());
@@ -110,13 +124,16 @@ pub(crate) async fn wait_for_message(
     wait: Duration,
 ) -> Result<bool, BrokerError> {
     let landing = keys.landing(worker_id);
-    let moved: Option<String> = on_lane!(&mut *lane, "wait", |c| redis::cmd("BLMOVE")
+    // BLMOVE answers with the message it moved: bytes, whatever they are,
+    // and a large one must not leave its size in this connection's buffers.
+    let moved: Option<Vec<u8>> = on_lane!(&mut *lane, "wait", |c| redis::cmd("BLMOVE")
         .arg(queue_key)
         .arg(&landing)
         .arg("RIGHT")
         .arg("LEFT")
         .arg(wait.as_secs_f64())
         .query_async(c))?;
+    lane.recycle_after(moved.as_ref().map_or(0, Vec::len));
     Ok(moved.is_some())
 }
 

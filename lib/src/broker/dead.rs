@@ -25,6 +25,14 @@ pub struct DeadLetter {
     /// it listed): it could never run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_base64: Option<String>,
+    /// A message over `max_message_size` is never sent to the worker: it
+    /// is kept apart, byte for byte, in this STRING key (requeueing reads
+    /// it back; requeue and discard delete it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_key: Option<String>,
+    /// The size of the message kept at `payload_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_size: Option<u64>,
     pub worker: String,
     /// When it was dead-lettered (RFC 3339).
     pub at: String,
@@ -75,7 +83,8 @@ pub(crate) async fn dead_letter(
     inv.key(keys.dead_letters(&record.queue))
         .key(keys.inflight(worker_id))
         .arg(&json)
-        .arg(seq);
+        .arg(seq)
+        .arg(record.payload_key.as_deref().unwrap_or(""));
     on_lane!(&mut *lane, "dead-letter", |c| inv.invoke_async::<()>(c))?;
     lane.recycle_after(json.len());
     Ok(())

@@ -30,6 +30,7 @@ fn take<'a>(keys: &'a [String], max: usize, last_seq: u64) -> Take<'a> {
         max,
         last_seq,
         lease: Duration::from_secs(30),
+        max_size: usize::MAX,
     }
 }
 
@@ -174,6 +175,8 @@ async fn parked_messages_move_when_due_and_settling_twice_is_harmless() {
         task: None,
         payload: "x-retry".into(),
         payload_base64: None,
+        payload_key: None,
+        payload_size: None,
         worker: "w1".into(),
         at: "now".into(),
     };
@@ -241,6 +244,8 @@ async fn queue_counts_are_one_snapshot_of_every_place_a_message_can_be() {
         task: Some("x".into()),
         payload: "p".into(),
         payload_base64: None,
+        payload_key: None,
+        payload_size: None,
         worker: "w1".into(),
         at: "now".into(),
     };
@@ -363,6 +368,8 @@ async fn dead_letters_are_requeued_or_discarded_exactly_once() {
             task: None,
             payload: (*m).into(),
             payload_base64: None,
+            payload_key: None,
+            payload_size: None,
             worker: "w1".into(),
             at: "now".into(),
         };
@@ -493,6 +500,8 @@ async fn non_utf8_messages_are_delivered_as_bytes_and_dead_lettered_with_base64(
         task: None,
         payload: String::new(),
         payload_base64: None,
+        payload_key: None,
+        payload_size: None,
         worker: "w1".into(),
         at: "now".into(),
     };

@@ -139,6 +139,12 @@ impl Keys {
         format!("{}:dead:{queue}", self.ns)
     }
 
+    /// STRING: a dead-lettered message too large to have been sent to the
+    /// worker, kept apart from its record (which names this key).
+    pub fn dead_payload(&self, queue: &str, worker_id: &str, seq: u64) -> String {
+        format!("{}:dead:{queue}:payload:{worker_id}:{seq}", self.ns)
+    }
+
     /// STRING with expiry per worker: its heartbeat record (JSON).
     pub fn worker(&self, worker_id: &str) -> String {
         format!("{}:worker:{worker_id}", self.ns)

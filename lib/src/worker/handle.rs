@@ -18,7 +18,19 @@ const ETA_TOLERANCE: Duration = Duration::from_millis(100);
 
 pub(crate) async fn handle(sh: Arc<Shared>, d: Held) {
     let queue = queue_of_key(&d.queue_key).to_owned();
-    let msg = match envelope::decode_bytes(&d.payload, sh.settings.max_message_size) {
+    let limit = sh.settings.max_message_size;
+    let decoded = match d.oversized {
+        // fetch.lua kept it in Redis: refused unread, never transferred.
+        Some(size) => Err((
+            DecodeError::TooLarge {
+                size: usize::try_from(size).unwrap_or(usize::MAX),
+                limit,
+            },
+            None,
+        )),
+        None => envelope::decode_bytes(&d.payload, limit),
+    };
+    let msg = match decoded {
         Ok(m) => m,
         Err((err, id)) => {
             let span = tracing::warn_span!("message", task_id = id.as_deref().unwrap_or(""), queue = %queue);
@@ -411,11 +423,21 @@ async fn poison(
         task: task.map(str::to_owned),
         payload: String::new(),
         payload_base64: None,
+        payload_key: None,
+        payload_size: None,
         worker: sh.id.clone(),
         at: envelope::format_time(Utc::now()),
     };
-    // Moved, not copied: a large message is in memory once, not twice.
-    record.set_payload_owned(d.take_payload());
+    match d.oversized {
+        // Too large to have been sent here: dead_letter.lua copies it from
+        // the hold to a key of its own.
+        Some(size) => {
+            record.payload_key = Some(sh.broker.keys().dead_payload(queue, &sh.id, d.seq));
+            record.payload_size = Some(size);
+        }
+        // Moved, not copied: a large message is in memory once, not twice.
+        None => record.set_payload_owned(d.take_payload()),
+    }
     let ttl = sh.settings.result_expires;
     let done = persist!(
         sh,

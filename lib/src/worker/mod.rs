@@ -296,6 +296,7 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
             max: budget,
             last_seq,
             lease: sh.settings.lease,
+            max_size: sh.settings.max_message_size,
         };
         // Reserve the whole range before asking: if the reply is lost after
         // the script ran, the next call must not reuse (and overwrite) a

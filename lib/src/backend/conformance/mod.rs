@@ -390,6 +390,8 @@ fn dead(queue: &str, task_id: &str, payload: &str) -> DeadLetter {
         task: Some("t.add".into()),
         payload: payload.to_owned(),
         payload_base64: None,
+        payload_key: None,
+        payload_size: None,
         worker: "w1".into(),
         at: "2026-01-01T00:00:00Z".into(),
     }

@@ -82,6 +82,7 @@ impl Consume for MemorySession {
                     seq,
                     queue_key: key.clone(),
                     payload,
+                    oversized: None,
                 });
             }
         }

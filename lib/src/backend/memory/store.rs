@@ -211,7 +211,11 @@ impl DeadLetters for MemorySession {
             };
             // As dead_move.lua: a message that was not UTF-8 text could
             // never run; it can be discarded, not requeued.
-            if action == DeadLetterAction::Requeue && p.record.payload_base64.is_some() {
+            // (Messages kept apart under `payload_key` come only from the
+            // Redis fetch's size limit; this backend never makes them.)
+            if action == DeadLetterAction::Requeue
+                && (p.record.payload_base64.is_some() || p.record.payload_key.is_some())
+            {
                 continue;
             }
             // The first match from the newest end, as `LREM key 1 raw`.

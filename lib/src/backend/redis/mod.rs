@@ -192,6 +192,8 @@ impl Consume for RedisSession {
             max,
             last_seq,
             lease,
+            // The trait has no size limit yet: every message is sent.
+            max_size: usize::MAX,
         };
         let keys = self.shared.broker.keys();
         Ok(broker::fetch(&mut self.lane, keys, take).await?)
