@@ -18,7 +18,8 @@ pub struct DeadLetter {
     pub task_id: Option<String>,
     pub task: Option<String>,
     /// The original message, byte for byte, when it is UTF-8 text (every
-    /// Celery message is); empty otherwise.
+    /// Celery message is) and was sent to the worker; empty otherwise (see
+    /// `payload_base64` and `payload_key`).
     pub payload: String,
     /// The original message in base64, only when it is not UTF-8 text. Such
     /// a record can be discarded but not requeued (`dead_move.lua` leaves

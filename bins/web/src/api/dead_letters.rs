@@ -27,8 +27,20 @@ pub struct DeadLetterView {
     pub worker: String,
     /// When (RFC 3339).
     pub at: String,
-    /// The original message, byte for byte.
+    /// The original message, byte for byte, when it is UTF-8 text and was
+    /// read by the worker; empty otherwise.
     pub payload: String,
+    /// The original message in base64, when it was not UTF-8 text (such a
+    /// dead letter can be discarded, not requeued).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+    /// Where a message over `max_message_size` is kept, byte for byte (it
+    /// was refused unread); requeueing reads it from there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_key: Option<String>,
+    /// The size in bytes of the message kept at `payload_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_size: Option<u64>,
 }
 
 impl From<DeadLetter> for DeadLetterView {
@@ -40,6 +52,9 @@ impl From<DeadLetter> for DeadLetterView {
             worker: d.worker,
             at: d.at,
             payload: d.payload,
+            payload_base64: d.payload_base64,
+            payload_key: d.payload_key,
+            payload_size: d.payload_size,
         }
     }
 }
