@@ -182,6 +182,20 @@ async fn several_workers_and_beats_share_a_host_with_default_settings() -> Resul
         said.contains("leader: ") && said.contains("standby "),
         "the healthcheck covers both beats: {said}"
     );
+    // Each beat announces where its metrics are (one fell back from 9102).
+    let mut beat_addrs = Vec::new();
+    for b in &beats {
+        let id = wait_until_sync("the beat's state file", WAIT, || state_id(&b.state_file))?;
+        let raw: String = redis.conn()?.get(format!("{ns}:beat:instance:{id}"))?;
+        let rec: Value = serde_json::from_str(&raw)?;
+        beat_addrs.push(
+            rec["metrics_addr"]
+                .as_str()
+                .context("metrics_addr")?
+                .to_owned(),
+        );
+    }
+    assert_ne!(beat_addrs[0], beat_addrs[1], "{beat_addrs:?}");
 
     // Stopping cleans the per-process files.
     for mut w in workers {

@@ -55,6 +55,8 @@ pub(super) struct Engine {
     leader_seen: Option<String>,
     redis_ok: bool,
     ready: bool,
+    /// Where `/metrics` is served, announced in the heartbeat record.
+    metrics_addr: Option<String>,
     /// The state file this instance wrote, removed at shutdown.
     state_written: Option<std::path::PathBuf>,
 }
@@ -64,7 +66,7 @@ fn jitter(d: Duration) -> Duration {
 }
 
 impl Engine {
-    pub(super) fn new(beat: Beat) -> Self {
+    pub(super) fn new(beat: Beat, metrics_addr: Option<std::net::SocketAddr>) -> Self {
         let now = Instant::now();
         Self {
             lane: beat.broker.broker_pool().lane(),
@@ -83,6 +85,7 @@ impl Engine {
             leader_seen: None,
             redis_ok: true,
             ready: false,
+            metrics_addr: metrics_addr.map(|a| a.to_string()),
             state_written: None,
         }
     }
@@ -250,6 +253,7 @@ impl Engine {
             started_at: self.started_at.clone(),
             last_seen: crate::proto::envelope::format_time(self.clock.now()),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            metrics_addr: self.metrics_addr.clone(),
         };
         let ttl = self.settings.instance_ttl();
         match health::heartbeat(&mut self.lane, self.broker.keys(), &record, ttl).await {

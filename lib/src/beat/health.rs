@@ -31,6 +31,10 @@ pub struct InstanceRecord {
     pub started_at: String,
     pub last_seen: String,
     pub version: String,
+    /// Where this instance serves Prometheus `/metrics` (`ip:port` as bound:
+    /// with the default setting, a free port when 9102 was taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 /// Writes this instance's heartbeat record, expiring after `ttl`.

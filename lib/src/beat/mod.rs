@@ -185,6 +185,7 @@ impl Beat {
     ) -> Result<BeatSummary, BeatError> {
         let stop = CancellationToken::new();
         let mut services = JoinSet::new();
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(listener) = metrics_listener {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "serving metrics at /metrics");
@@ -195,7 +196,7 @@ impl Beat {
                 stop.clone(),
             ));
         }
-        let mut engine = Engine::new(self);
+        let mut engine = Engine::new(self, metrics_addr);
         tracing::info!(
             instance = %engine.id,
             entries = ?engine.planner.entries().iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
