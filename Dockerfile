@@ -1,7 +1,8 @@
 # taskstack's image for machines with registry access:
 #   docker build -t taskstack .
-# One image holds /taskstack-web, /taskstack-worker and /taskstack-beat;
-# each service runs a different command of it (compose/docker-compose.yml).
+# One image holds the multi-call /taskstack and the links /taskstack-web,
+# /taskstack-worker and /taskstack-beat to it; each service runs a different
+# command of it (compose/docker-compose.yml).
 #
 # The project's CI and air-gapped machines cannot pull rust:1-bookworm, so
 # this file is not built there: `stackctl build` makes the same image
@@ -20,12 +21,13 @@ RUN target="$(uname -m)-unknown-linux-gnu" \
  && RUSTFLAGS="-C target-feature=+crt-static" \
     CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
     cargo build --release --locked --target "$target" \
-      -p taskstack-web -p taskstack-worker -p taskstack-beat \
+      -p taskstack-multicall \
  && mkdir -p /out/tmp /out/etc/ssl/certs \
  && chmod 1777 /out/tmp \
- && cp "target/$target/release/taskstack-web" \
-       "target/$target/release/taskstack-worker" \
-       "target/$target/release/taskstack-beat" /out/ \
+ && cp "target/$target/release/taskstack" /out/ \
+ && ln -s taskstack /out/taskstack-web \
+ && ln -s taskstack /out/taskstack-worker \
+ && ln -s taskstack /out/taskstack-beat \
  && cp /etc/ssl/certs/ca-certificates.crt /out/etc/ssl/certs/
 
 FROM scratch

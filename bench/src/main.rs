@@ -51,6 +51,10 @@ struct Cli {
     /// Repetitions of the throughput, latency and memory phases.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Run the worker with Celery task events on (`-E`,
+    /// TASKSTACK_WORKER_SEND_TASK_EVENTS=1).
+    #[arg(long)]
+    task_events: bool,
     /// The worker binary (default: `<workspace>/target/release/taskstack-worker`).
     // `help` keeps the `--help` text as it was; rustdoc reads `[...]` as a link.
     #[arg(

@@ -68,6 +68,10 @@ impl WorkerProc {
             .env("TASKSTACK_LOG_FORMAT", "json")
             .env("TASKSTACK_CONCURRENCY", cli.concurrency.to_string())
             .env("TASKSTACK_PREFETCH", cli.prefetch.to_string())
+            .env(
+                "TASKSTACK_WORKER_SEND_TASK_EVENTS",
+                if cli.task_events { "1" } else { "0" },
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

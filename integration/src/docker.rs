@@ -60,6 +60,7 @@ fn build_images() -> std::result::Result<BuildReport, String> {
         // are larger.
         max_app_bytes: None,
         strip_debug_info: !release,
+        worker_bin: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

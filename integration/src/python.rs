@@ -51,6 +51,27 @@ impl Venv {
     }
 }
 
+/// The tests' Python files (`integration/python`).
+pub fn python_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python")
+}
+
+/// The Celery the interoperability tests run against.
+pub const CELERY_REQUIREMENT: &str = "celery[redis]==5.*";
+
+/// A Python interpreter that can `import celery, redis`: the one named by
+/// `TASKSTACK_CELERY_PYTHON`, or `target/celery-venv/bin/python`, created
+/// (once per process) with `python3 -m venv` and pip when missing or broken.
+pub fn celery_python() -> Result<PathBuf> {
+    Ok(Venv::ensure(
+        "celery-venv",
+        CELERY_REQUIREMENT,
+        "import celery, redis",
+        "TASKSTACK_CELERY_PYTHON",
+    )?
+    .python)
+}
+
 /// Environment every Python process of the tests gets: nothing written
 /// into the source tree, output unbuffered.
 pub fn clean_env(cmd: &mut Command) -> &mut Command {
@@ -85,7 +106,8 @@ pub fn run(cmd: &mut Command, what: &str) -> Result<Output> {
     Ok(out)
 }
 
-/// `target/<name>/bin/python`, made if needed. The venv is built under a
+/// `target/<name>/bin/python`, made if needed (`requirement`: one or more
+/// pip requirements, separated by spaces). The venv is built under a
 /// name of this process's own and renamed into place, so concurrent test
 /// processes never see (or reuse) a half-installed one; the scripts in its
 /// `bin` are then pointed at the final path (the tests themselves use
@@ -116,7 +138,8 @@ fn make(name: &str, requirement: &str, check: &str) -> Result<PathBuf> {
     let tmp_python = tmp.join("bin").join("python");
     run(
         Command::new(&tmp_python)
-            .args(["-m", "pip", "install", "--quiet", requirement])
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(requirement.split_whitespace())
             .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
         &format!("`pip install {requirement}`"),
     )?;

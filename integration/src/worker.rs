@@ -92,6 +92,9 @@ pub fn settings(queues: &[&str]) -> taskstack::worker::WorkerSettings {
         max_message_size: 1 << 20,
         max_task_delay: taskstack::config::DEFAULT_MAX_TASK_DELAY,
         state_file: None,
+        nodename: None,
+        remote_control: taskstack::config::RemoteControl::default(),
+        task_events: false,
     }
 }
 

@@ -12,29 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use taskstack::proto::TaskState;
 use taskstack::{SendOptions, TaskRequest};
-use taskstack_integration::python::{Venv, clean_env as python_env};
+use taskstack_integration::python::{celery_python, clean_env as python_env, python_dir};
 use taskstack_integration::{RedisServer, WorkerProcess, namespace, producer, wait_until_sync};
-
-/// The Celery version range the tests run against.
-const CELERY_REQUIREMENT: &str = "celery[redis]==5.*";
-
-/// `integration/python`: the Celery app and client scripts.
-fn python_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("python")
-}
-
-/// A Python interpreter that can `import celery, redis`: the one named by
-/// `TASKSTACK_CELERY_PYTHON`, or `target/celery-venv/bin/python`, created
-/// (once per process) with `python3 -m venv` and pip when missing or broken.
-fn celery_python() -> Result<PathBuf> {
-    Ok(Venv::ensure(
-        "celery-venv",
-        CELERY_REQUIREMENT,
-        "import celery, redis",
-        "TASKSTACK_CELERY_PYTHON",
-    )?
-    .python)
-}
 
 /// A real Celery worker process (`-A interop_tasks`), killed on drop.
 #[derive(Debug)]

@@ -6,6 +6,7 @@ use redis::Commands as _;
 use serde_json::{Map, Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use taskstack::backend::Use;
 use taskstack::proto::TaskState;
 use taskstack::worker::{Registry, TaskContext, TaskError, TaskOptions, builtin};
 use taskstack::{SendOptions, TaskRequest};
@@ -135,10 +136,9 @@ async fn retries_back_off_then_succeed_or_dead_letter() -> Result<()> {
     assert_eq!(res.retries, Some(1));
     // The FAILURE result is stored first, then the message is dead-lettered.
     let dead = wait_until("the dead letter", WAIT, || {
-        let b = p.broker().clone();
+        let mut dl = p.backend().dead_letters(Use::Request);
         async move {
-            let mut lane = b.broker_pool().lane();
-            let (d, _) = taskstack::broker::dead_letters(&mut lane, b.keys(), "celery", 10).await?;
+            let (d, _) = dl.page("celery", 10).await?;
             Ok((!d.is_empty()).then_some(d))
         }
     })
@@ -386,11 +386,9 @@ async fn bad_input_is_dead_lettered_while_good_tasks_flow() -> Result<()> {
     let r = p.wait("good-1", WAIT).await?;
     assert_eq!(r.result, json!(42));
     let dead = wait_until("five dead letters", WAIT, || {
-        let b = p.broker().clone();
+        let mut dl = p.backend().dead_letters(Use::Request);
         async move {
-            let mut lane = b.broker_pool().lane();
-            let (d, _) =
-                taskstack::broker::dead_letters(&mut lane, b.keys(), "celery", 100).await?;
+            let (d, _) = dl.page("celery", 100).await?;
             Ok((d.len() >= 5).then_some(d))
         }
     })

@@ -61,7 +61,7 @@ impl Response {
 
 /// An error with its causes, `: `-separated (hyper's own message is only
 /// "client error (Connect)").
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

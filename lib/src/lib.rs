@@ -9,6 +9,8 @@
 //!   ledger) with a Redis and an in-memory implementation.
 //! - [`broker`]: the Redis side — atomic Lua steps for taking, settling,
 //!   delaying, dead-lettering and restoring messages; leases; results.
+//! - [`canvas`]: Celery's chain, link, link_error and chord on the wire
+//!   (signatures, follow-up messages, Celery's chord counters).
 //! - [`producer`]: send tasks, read and await results.
 //! - [`worker`]: the execution engine, the task registry and built-in tasks.
 //! - [`beat`]: the periodic scheduler (one leader, every slot once).
@@ -22,7 +24,12 @@ pub mod backend;
 #[cfg(feature = "beat")]
 pub mod beat;
 pub mod broker;
+pub mod canvas;
 pub mod config;
+#[cfg(feature = "worker")]
+pub mod control;
+#[cfg(feature = "worker")]
+pub mod events;
 #[cfg(feature = "http-client")]
 pub mod http_client;
 pub mod producer;

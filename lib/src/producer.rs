@@ -1,16 +1,14 @@
 //! The producer API: send Celery-protocol tasks, read and await results.
 
-use crate::broker::get_result;
-use crate::broker::on_lane;
-use crate::broker::{Broker, BrokerError, Lane};
+use crate::backend::{Backend, BackendError, Clock, Outgoing, PendingRecord, RedisBackend, Use};
+use crate::broker::{Broker, BrokerError};
 use crate::proto::TaskResult;
 use crate::proto::envelope::{MessageSpec, encode};
-use crate::proto::keys::{priority_bucket, queue_key, result_key};
-use crate::results_listener::Listener;
+use crate::proto::keys::{priority_bucket, queue_key};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Mutex;
 
 /// Errors of the producer API.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +16,8 @@ use tokio::sync::Mutex;
 pub enum ProducerError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     #[error("no result for task {task_id} within {waited:?}")]
     Timeout { task_id: String, waited: Duration },
     #[error("invalid send option `{option}`: {reason}")]
@@ -66,9 +66,9 @@ pub struct TaskRequest {
 /// Sends tasks and reads results. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Producer {
-    broker: Broker,
+    backend: Arc<dyn Backend>,
+    clock: Arc<dyn Clock>,
     origin: String,
-    listener: Mutex<Option<Listener>>,
     /// Store a PENDING record for each task sent, kept this long after the
     /// task is due.
     pending_ttl: Option<Duration>,
@@ -76,37 +76,26 @@ pub struct Producer {
     max_delay: Duration,
 }
 
+/// A task ready to send, and its id.
 struct Prepared {
     id: String,
-    queue_key: String,
-    due_ms: Option<i64>,
-    payload: String,
-    /// The PENDING record and its expiry (ms), when the producer records them.
-    pending: Option<(String, u64)>,
-}
-
-impl Prepared {
-    /// Adds the `SET` of this task's PENDING record, if it has one.
-    fn add_record(&self, pipe: &mut redis::Pipeline) {
-        if let Some((record, ttl_ms)) = &self.pending {
-            pipe.cmd("SET")
-                .arg(result_key(&self.id))
-                .arg(record)
-                .arg("PX")
-                .arg(*ttl_ms)
-                .ignore();
-        }
-    }
+    out: Outgoing,
 }
 
 impl Producer {
     /// A producer on `broker`; `origin` goes into each message's `origin`
     /// header (Celery uses `gen<pid>@<host>`).
     pub fn new(broker: Broker, origin: impl Into<String>) -> Self {
+        Self::on_backend(Arc::new(RedisBackend::new(broker)), origin)
+    }
+
+    /// A producer on any backend (e.g. [`crate::backend::MemoryBackend`] in
+    /// tests).
+    pub fn on_backend(backend: Arc<dyn Backend>, origin: impl Into<String>) -> Self {
         Self {
-            broker,
+            clock: backend.clock(),
+            backend,
             origin: origin.into(),
-            listener: Mutex::new(None),
             pending_ttl: None,
             max_delay: crate::config::DEFAULT_MAX_TASK_DELAY,
         }
@@ -122,17 +111,17 @@ impl Producer {
     /// Makes every send store a PENDING result record first, kept `ttl`
     /// after the task is due, so a reader can tell a task that is waiting
     /// from one never sent (or long forgotten), and a task can be revoked
-    /// before it starts ([`crate::broker::revoke`]). Costs one more Redis
-    /// command per task, in the same round trip when results live on the
-    /// broker.
+    /// before it starts ([`crate::backend::TaskStates::revoke`]). Costs one
+    /// more command per task, in the same round trip when results live on
+    /// the broker.
     pub fn record_pending(mut self, ttl: Duration) -> Self {
         self.pending_ttl = Some(ttl);
         self
     }
 
-    /// The broker this producer sends to.
-    pub fn broker(&self) -> &Broker {
-        &self.broker
+    /// The backend this producer sends to and reads results from.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
     }
 
     fn prepare(&self, req: &TaskRequest) -> Result<Prepared, ProducerError> {
@@ -168,7 +157,7 @@ impl Producer {
                 reason: format!("{p} is outside 0..=9"),
             });
         }
-        let now = Utc::now();
+        let now = DateTime::from_timestamp_millis(self.clock.now_ms()).unwrap_or_else(Utc::now);
         let eta = match (o.eta, o.countdown) {
             (Some(t), _) => Some(t),
             (None, Some(d)) => Some(
@@ -219,19 +208,22 @@ impl Producer {
                         reason: format!("cannot record the task: {e}"),
                     })?;
                 let wait_ms = due_ms.map_or(0, |d| d.saturating_sub(now.timestamp_millis()));
-                let ttl_ms = u64::try_from(ttl.as_millis())
-                    .unwrap_or(u64::MAX)
-                    .saturating_add(u64::try_from(wait_ms).unwrap_or(0))
-                    .max(1);
-                Some((record, ttl_ms))
+                let wait = Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0));
+                Some(PendingRecord {
+                    task_id: id.clone(),
+                    record,
+                    ttl: ttl.saturating_add(wait).max(Duration::from_millis(1)),
+                })
             }
         };
         Ok(Prepared {
-            queue_key: queue_key(queue, priority_bucket(o.priority.unwrap_or(0))),
-            due_ms,
+            out: Outgoing {
+                queue_key: queue_key(queue, priority_bucket(o.priority.unwrap_or(0))),
+                payload,
+                due_ms,
+                pending,
+            },
             id,
-            payload,
-            pending,
         })
     }
 
@@ -241,43 +233,6 @@ impl Producer {
         self.send_many(std::slice::from_ref(req))
             .await
             .map(|mut ids| ids.pop().unwrap_or_default())
-    }
-
-    /// Stores the PENDING records of `prepared` (those that have one) on the
-    /// result backend. Runs before the messages are pushed, so a fast
-    /// worker's STARTED or final record can never be overwritten by it.
-    async fn record(&self, prepared: &[Prepared]) -> Result<(), ProducerError> {
-        let mut pipe = redis::pipe();
-        for p in prepared {
-            p.add_record(&mut pipe);
-        }
-        if pipe.is_empty() {
-            return Ok(());
-        }
-        let mut lane = self.broker.backend_pool().shared_lane();
-        Ok(on_lane!(&mut lane, "record pending task", |c| pipe
-            .query_async::<()>(c))?)
-    }
-
-    async fn push(&self, lane: &mut Lane, p: &Prepared) -> Result<(), ProducerError> {
-        match p.due_ms {
-            Some(due) => {
-                crate::broker::park(
-                    lane,
-                    self.broker.keys(),
-                    due,
-                    &p.queue_key,
-                    p.payload.as_bytes(),
-                    None,
-                )
-                .await?
-            }
-            None => on_lane!(lane, "enqueue", |c| redis::cmd("LPUSH")
-                .arg(&p.queue_key)
-                .arg(&p.payload)
-                .query_async::<()>(c))?,
-        }
-        Ok(())
     }
 
     /// Sends a task by name with positional arguments and default options.
@@ -291,54 +246,24 @@ impl Producer {
         .await
     }
 
-    /// Sends many immediate tasks in one pipeline (one round trip; two when
-    /// PENDING records go to a separate result backend). Tasks with an ETA
-    /// or countdown are parked one by one. Nothing is sent when any request
-    /// is invalid.
+    /// Sends many tasks in one batch (on Redis one round trip for the
+    /// immediate ones, PENDING records included; two when results live on
+    /// another server). Tasks with an ETA or countdown are parked until due.
+    /// Nothing is sent when any request is invalid.
     pub async fn send_many(&self, reqs: &[TaskRequest]) -> Result<Vec<String>, ProducerError> {
         let prepared = reqs
             .iter()
             .map(|r| self.prepare(r))
             .collect::<Result<Vec<_>, _>>()?;
-        let same_server = self.broker.backend_is_broker();
-        if !same_server {
-            self.record(&prepared).await?;
-        }
-        let mut lane = self.broker.broker_pool().shared_lane();
-        self.push_many(&mut lane, &prepared, same_server).await?;
-        Ok(prepared.into_iter().map(|p| p.id).collect())
-    }
-
-    /// Pushes the messages; with `with_records`, each one's PENDING record
-    /// goes first in the same pipeline (results live on the broker).
-    async fn push_many(
-        &self,
-        lane: &mut Lane,
-        prepared: &[Prepared],
-        with_records: bool,
-    ) -> Result<(), ProducerError> {
-        let mut pipe = redis::pipe();
-        for p in prepared {
-            if with_records {
-                p.add_record(&mut pipe);
-            }
-            if p.due_ms.is_none() {
-                pipe.cmd("LPUSH").arg(&p.queue_key).arg(&p.payload).ignore();
-            }
-        }
-        if !pipe.is_empty() {
-            on_lane!(lane, "enqueue", |c| pipe.query_async::<()>(c))?;
-        }
-        for p in prepared.iter().filter(|p| p.due_ms.is_some()) {
-            self.push(lane, p).await?;
-        }
-        Ok(())
+        let (ids, batch): (Vec<String>, Vec<Outgoing>) =
+            prepared.into_iter().map(|p| (p.id, p.out)).unzip();
+        self.backend.enqueue(Use::Request).enqueue(&batch).await?;
+        Ok(ids)
     }
 
     /// Reads a task's stored result; `None` when there is none yet (or it expired).
     pub async fn result(&self, task_id: &str) -> Result<Option<TaskResult>, ProducerError> {
-        let mut lane = self.broker.backend_pool().shared_lane();
-        Ok(get_result(&mut lane, task_id).await?)
+        Ok(self.backend.results(Use::Request).read(task_id).await?)
     }
 
     /// Waits up to `timeout` for a task's final result (SUCCESS, FAILURE or
@@ -348,16 +273,123 @@ impl Producer {
         task_id: &str,
         timeout: Duration,
     ) -> Result<TaskResult, ProducerError> {
-        crate::results_listener::wait_ready(
-            &self.listener,
-            self.broker.backend_pool(),
-            task_id,
-            timeout,
-        )
-        .await?
-        .ok_or_else(|| ProducerError::Timeout {
-            task_id: task_id.to_owned(),
-            waited: timeout,
-        })
+        self.backend
+            .results(Use::Request)
+            .wait(task_id, timeout)
+            .await?
+            .ok_or_else(|| ProducerError::Timeout {
+                task_id: task_id.to_owned(),
+                waited: timeout,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+
+    fn req(name: &str, options: SendOptions) -> TaskRequest {
+        TaskRequest {
+            name: name.into(),
+            args: vec![serde_json::json!(1)],
+            kwargs: Map::new(),
+            options,
+        }
+    }
+
+    async fn counts(b: &dyn Backend) -> crate::broker::QueueCounts {
+        let mut inspect = b.inspect(Use::Request);
+        let c = inspect.queue_counts(&["celery".into()]).await;
+        c.expect("counts").remove(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sends_record_pending_and_park_what_is_due_later() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+        let p =
+            Producer::on_backend(Arc::clone(&b), "test").record_pending(Duration::from_secs(60));
+        let now = p.send(&req("t.now", SendOptions::default())).await;
+        let later = SendOptions {
+            countdown: Some(Duration::from_secs(30)),
+            ..SendOptions::default()
+        };
+        let later = p.send(&req("t.later", later)).await.expect("send");
+        let c = counts(&*b).await;
+        assert_eq!((c.ready, c.delayed), (1, 1));
+        for id in [now.expect("send"), later.clone()] {
+            let r = p
+                .result(&id)
+                .await
+                .expect("read")
+                .expect("a PENDING record");
+            assert_eq!(r.status, crate::proto::TaskState::Pending);
+        }
+        // The later task's record outlives the pending TTL by its wait.
+        tokio::time::advance(Duration::from_secs(75)).await;
+        assert!(p.result(&later).await.expect("read").is_some());
+        let mut delayed = b.delayed(Use::Request);
+        assert_eq!(delayed.promote_due(10).await.expect("promote").moved, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bad_options_name_what_is_wrong_and_send_nothing() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+        let p =
+            Producer::on_backend(Arc::clone(&b), "test").max_task_delay(Duration::from_secs(3600));
+        let far = SendOptions {
+            countdown: Some(Duration::from_secs(7200)),
+            ..SendOptions::default()
+        };
+        let bad_priority = SendOptions {
+            priority: Some(12),
+            ..SendOptions::default()
+        };
+        let batch = [req("t.ok", SendOptions::default()), req("t.far", far)];
+        match p.send_many(&batch).await {
+            Err(ProducerError::Option { option, reason }) => {
+                assert_eq!(option, "countdown");
+                assert!(reason.contains("max_task_delay"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let r = p.send(&req("t.x", bad_priority)).await;
+        assert!(
+            matches!(
+                r,
+                Err(ProducerError::Option {
+                    option: "priority",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        let r = p.send(&req("", SendOptions::default())).await;
+        assert!(
+            matches!(r, Err(ProducerError::Option { option: "name", .. })),
+            "{r:?}"
+        );
+        let c = counts(&*b).await;
+        assert_eq!(
+            (c.ready, c.delayed),
+            (0, 0),
+            "nothing of a refused batch is sent"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_times_out_naming_the_task() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+        let p = Producer::on_backend(b, "test");
+        let r = p.wait("nobody", Duration::from_secs(5)).await;
+        match r {
+            Err(ProducerError::Timeout { task_id, waited }) => {
+                assert_eq!(
+                    (task_id.as_str(), waited),
+                    ("nobody", Duration::from_secs(5))
+                );
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
     }
 }

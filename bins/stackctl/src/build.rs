@@ -21,8 +21,14 @@ use crate::rootfs::{Rootfs, append_file};
 use bollard::Docker;
 use std::path::{Path, PathBuf};
 
-/// The service binaries the app image holds, in this order.
+/// The service commands the app image holds, in this order: each a link
+/// to the multi-call binary (`/taskstack-worker` may be a team's own
+/// worker instead).
 pub const SERVICE_BINARIES: [&str; 3] = ["taskstack-web", "taskstack-worker", "taskstack-beat"];
+/// The package of the multi-call binary, and the binary (`/taskstack`):
+/// one copy of the library for the three services.
+pub const MULTICALL_PACKAGE: &str = "taskstack-multicall";
+pub const MULTICALL_BINARY: &str = "taskstack";
 /// Repository of the app image.
 pub const APP_REPOSITORY: &str = "localhost/taskstack";
 /// Repository of the Redis image built from the host's `redis-server`.
@@ -112,6 +118,11 @@ pub struct BuildOptions {
     /// (`strip --strip-debug`): a debug build's 120 MB binaries become
     /// about 25 MB. Release builds are stripped by the cargo profile.
     pub strip_debug_info: bool,
+    /// A team's own worker binary (built on `taskstack::worker::main`) to
+    /// package as `/taskstack-worker` instead of the stock one, so the
+    /// compose stack runs it unchanged; the stock worker is then not
+    /// compiled. The size limit is not applied to an image holding it.
+    pub worker_bin: Option<PathBuf>,
 }
 
 impl Default for BuildOptions {
@@ -123,6 +134,7 @@ impl Default for BuildOptions {
             redis: RedisChoice::Auto,
             max_app_bytes: Some(MAX_APP_IMAGE_BYTES),
             strip_debug_info: false,
+            worker_bin: None,
         }
     }
 }
@@ -143,6 +155,9 @@ pub struct BuildReport {
     /// Whether `redis_image` was built now (false: found locally, or skipped).
     pub redis_built: bool,
     pub redis_bytes: Option<u64>,
+    /// The tasks `/taskstack-worker` runs when it is a team's own binary
+    /// (what its `tasks` subcommand printed); empty for the stock worker.
+    pub worker_tasks: Vec<String>,
 }
 
 impl BuildReport {
@@ -156,43 +171,68 @@ impl BuildReport {
 pub async fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildReport, BuildError> {
     // Fail on a missing engine before spending minutes compiling.
     let docker = docker::connect().await?;
-    let (bin_dir, binaries, left_out) = match &opts.bin_dir {
-        Some(dir) => (
-            dir.clone(),
-            SERVICE_BINARIES.map(String::from).to_vec(),
-            Vec::new(),
-        ),
+    let worker_tasks = match &opts.worker_bin {
+        Some(path) => own_worker_tasks(path).await?,
+        None => Vec::new(),
+    };
+    let (bin_dir, left_out) = match &opts.bin_dir {
+        Some(dir) => (dir.clone(), Vec::new()),
         None => {
             let ws = workspace().await?;
-            let (present, absent): (Vec<_>, Vec<_>) = SERVICE_BINARIES
-                .iter()
-                .map(|s| (*s).to_owned())
-                .partition(|s| ws.packages.contains(s));
-            for name in &absent {
+            let dir = ws.target_dir.join(opts.profile.dir());
+            if ws.packages.iter().any(|p| p == MULTICALL_PACKAGE) {
                 log(&format!(
-                    "note: package {name} is not in the workspace; the image will not hold /{name}"
+                    "compiling {MULTICALL_PACKAGE} (/{MULTICALL_BINARY}: {}; {})",
+                    SERVICE_BINARIES.join(", "),
+                    opts.profile.dir()
                 ));
+                cargo_build(
+                    &[MULTICALL_PACKAGE.to_owned()],
+                    opts.profile,
+                    &ws.target_dir,
+                )
+                .await?;
+                (dir, Vec::new())
+            } else {
+                log(&format!(
+                    "note: package {MULTICALL_PACKAGE} is not in the workspace; \
+                     the image will hold no service of its own"
+                ));
+                (dir, vec![MULTICALL_PACKAGE.to_owned()])
             }
-            log(&format!(
-                "compiling {} ({})",
-                present.join(", "),
-                opts.profile.dir()
-            ));
-            cargo_build(&present, opts.profile, &ws.target_dir).await?;
-            (ws.target_dir.join(opts.profile.dir()), present, absent)
         }
     };
+    let mut sources: Vec<(String, PathBuf)> = Vec::new();
+    let mut links: Vec<String> = Vec::new();
+    if left_out.is_empty() {
+        sources.push((MULTICALL_BINARY.into(), bin_dir.join(MULTICALL_BINARY)));
+        links.extend(
+            SERVICE_BINARIES
+                .into_iter()
+                .filter(|b| opts.worker_bin.is_none() || *b != "taskstack-worker")
+                .map(String::from),
+        );
+    }
+    if let Some(path) = &opts.worker_bin {
+        sources.push(("taskstack-worker".into(), path.clone()));
+    }
+    let binaries: Vec<String> = sources
+        .iter()
+        .map(|(name, _)| name.clone())
+        .chain(links.iter().cloned())
+        .collect();
     let app_image = format!("{APP_REPOSITORY}:{}", opts.tag);
     let app_bytes = build_app_image(
         &docker,
         &app_image,
-        &bin_dir,
-        &binaries,
+        &sources,
+        &links,
         opts.strip_debug_info,
         log,
     )
     .await?;
     if let Some(max) = opts.max_app_bytes
+        && opts.worker_bin.is_none()
         && app_bytes > max
     {
         return Err(BuildError::TooLarge {
@@ -230,7 +270,50 @@ pub async fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildRepor
         redis_image,
         redis_built,
         redis_bytes,
+        worker_tasks,
     })
+}
+
+/// Checks that `path` is a worker binary built on `taskstack::worker::main`
+/// by running its `tasks` subcommand (with the defaults: no configuration
+/// file, no environment), and returns the tasks it printed.
+async fn own_worker_tasks(path: &Path) -> Result<Vec<String>, BuildError> {
+    let not_a_worker = |detail: String| BuildError::NotAWorker {
+        path: path.to_path_buf(),
+        detail,
+    };
+    if !path.is_file() {
+        return Err(not_a_worker("no such file".into()));
+    }
+    let out = tokio::process::Command::new(path)
+        .arg("tasks")
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| not_a_worker(format!("cannot run it: {e}")))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(not_a_worker(format!(
+            "`{} tasks` exited with {}: {}",
+            path.display(),
+            out.status,
+            stderr.trim()
+        )));
+    }
+    let tasks: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if tasks.is_empty() {
+        return Err(not_a_worker(
+            "its `tasks` subcommand printed no task".into(),
+        ));
+    }
+    Ok(tasks)
 }
 
 /// The app image's Dockerfile (kept in step with the top-level `Dockerfile`:
@@ -266,34 +349,39 @@ pub fn redis_dockerfile() -> String {
     )
 }
 
-/// Builds the app image `tag` from `binaries` in `bin_dir`; returns its size.
+/// Builds the app image `tag` from `binaries` (each packaged as `/<name>`
+/// from its path on this host) and `links` (each `/<name>`, a link to the
+/// multi-call `/taskstack`); returns its size.
 pub async fn build_app_image(
     docker: &Docker,
     tag: &str,
-    bin_dir: &Path,
-    binaries: &[String],
+    binaries: &[(String, PathBuf)],
+    links: &[String],
     strip_debug_info: bool,
     log: &dyn Fn(&str),
 ) -> Result<u64, BuildError> {
     let mut fs = Rootfs::new();
-    for name in binaries {
-        let src = bin_dir.join(name);
+    for (name, src) in binaries {
+        let src = src.as_path();
         if !src.is_file() {
             return Err(BuildError::BinaryMissing {
                 name: name.clone(),
-                dir: bin_dir.to_path_buf(),
+                dir: src.parent().unwrap_or(Path::new("/")).to_path_buf(),
             });
         }
         if strip_debug_info {
-            let stripped = strip_debug(&src).await?;
+            let stripped = strip_debug(src).await?;
             let added = fs
                 .binary_with_libs(&stripped, &format!("/{name}"))
                 .map(|_| ());
             let _ = std::fs::remove_file(&stripped);
             added?;
         } else {
-            fs.binary_with_libs(&src, &format!("/{name}"))?;
+            fs.binary_with_libs(src, &format!("/{name}"))?;
         }
+    }
+    for name in links {
+        fs.symlink(&format!("/{name}"), MULTICALL_BINARY);
     }
     fs.dir("/tmp", 0o1777, 0, 0);
     if let Ok(ca) = std::fs::read(CA_BUNDLE) {
@@ -301,7 +389,11 @@ pub async fn build_app_image(
     }
     log(&format!(
         "building {tag} from {} ({} files, {:.1} MB)",
-        bin_dir.display(),
+        binaries
+            .iter()
+            .map(|(_, p)| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         binaries.len(),
         mb(fs.content_size())
     ));

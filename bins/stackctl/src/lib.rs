@@ -64,6 +64,11 @@ pub enum BuildError {
     )]
     BinaryMissing { name: String, dir: PathBuf },
     #[error(
+        "--worker-bin {}: not a worker built on `taskstack::worker::main` ({detail})",
+        path.display()
+    )]
+    NotAWorker { path: PathBuf, detail: String },
+    #[error(
         "`{program}` is not installed on this host; the Redis image is built from it: \
          `apt-get install {package}` (or load a Redis image and pass --redis skip)"
     )]

@@ -136,11 +136,16 @@ struct DownArgs {
 
 #[derive(Debug, clap::Args)]
 struct BuildArgs {
-    /// Directory holding taskstack-web, taskstack-worker and taskstack-beat
-    /// [default: compile them (see --profile) and use <target
-    /// dir>/<profile>; CARGO_TARGET_DIR is honoured].
+    /// Directory holding the multi-call `taskstack` binary (package
+    /// taskstack-multicall) [default: compile it (see --profile) and use
+    /// <target dir>/<profile>; CARGO_TARGET_DIR is honoured].
     #[arg(long, value_name = "DIR")]
     bin_dir: Option<PathBuf>,
+    /// Your own worker binary (built on `taskstack::worker::main`, e.g. from
+    /// examples/my-worker), packaged as /taskstack-worker in place of the
+    /// stock one, so the compose stack runs your tasks unchanged.
+    #[arg(long, value_name = "PATH")]
+    worker_bin: Option<PathBuf>,
     /// Tag of both images.
     #[arg(long, default_value = build::DEFAULT_TAG)]
     tag: String,
@@ -170,6 +175,7 @@ enum Redis {
 
 fn build_options(
     bin_dir: Option<PathBuf>,
+    worker_bin: Option<PathBuf>,
     profile: CliProfile,
     tag: String,
     redis: Redis,
@@ -190,6 +196,7 @@ fn build_options(
         },
         max_app_bytes: (!debug).then_some(build::MAX_APP_IMAGE_BYTES),
         strip_debug_info: debug,
+        worker_bin,
     }
 }
 
@@ -257,7 +264,13 @@ fn progress_sink(services: &[String]) -> Box<dyn Progress> {
 async fn run(command: Command) -> Result<ExitCode, StackError> {
     match command {
         Command::Build(args) => {
-            let opts = build_options(args.bin_dir, args.profile, args.tag, args.redis);
+            let opts = build_options(
+                args.bin_dir,
+                args.worker_bin,
+                args.profile,
+                args.tag,
+                args.redis,
+            );
             let report = build::build(&opts, &|line| eprintln!("stackctl: {line}")).await?;
             print_build(&report);
             Ok(ExitCode::SUCCESS)
@@ -266,6 +279,7 @@ async fn run(command: Command) -> Result<ExitCode, StackError> {
             let mut env = process_env();
             if args.build {
                 let opts = build_options(
+                    None,
                     None,
                     args.build_profile,
                     build::DEFAULT_TAG.into(),
@@ -457,6 +471,12 @@ fn print_build(report: &build::BuildReport) {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    if !report.worker_tasks.is_empty() {
+        println!(
+            "  /taskstack-worker is your own worker; its tasks: {}",
+            report.worker_tasks.join(", ")
+        );
+    }
     if let Some(redis) = &report.redis_image {
         let how = if report.redis_built {
             "built"

@@ -10,8 +10,19 @@ use std::process::Command;
 /// One entry of the tree (paths are absolute inside the image).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
-    Dir { mode: u32, uid: u64, gid: u64 },
-    File { data: Vec<u8>, mode: u32 },
+    Dir {
+        mode: u32,
+        uid: u64,
+        gid: u64,
+    },
+    File {
+        data: Vec<u8>,
+        mode: u32,
+    },
+    /// A symbolic link to `target` (relative to the link's directory).
+    Symlink {
+        target: String,
+    },
 }
 
 /// A file tree to send as (part of) a build context.
@@ -39,6 +50,19 @@ impl Rootfs {
         self.parents(path);
         self.entries
             .insert(path.to_path_buf(), Entry::File { data, mode });
+        self
+    }
+
+    /// A symbolic link at `path` to `target`.
+    pub fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
+        let path = PathBuf::from(path);
+        self.parents(&path);
+        self.entries.insert(
+            path,
+            Entry::Symlink {
+                target: target.to_owned(),
+            },
+        );
         self
     }
 
@@ -75,7 +99,7 @@ impl Rootfs {
             .values()
             .map(|e| match e {
                 Entry::File { data, .. } => data.len() as u64,
-                Entry::Dir { .. } => 0,
+                Entry::Dir { .. } | Entry::Symlink { .. } => 0,
             })
             .sum()
     }
@@ -94,6 +118,7 @@ impl Rootfs {
             match entry {
                 Entry::Dir { mode, uid, gid } => append_dir(tar, &name, *mode, *uid, *gid)?,
                 Entry::File { data, mode } => append_file(tar, &name, data, *mode)?,
+                Entry::Symlink { target } => append_symlink(tar, &name, target)?,
             }
         }
         Ok(())
@@ -129,6 +154,22 @@ pub fn append_file(
     h.set_mtime(0);
     h.set_cksum();
     tar.append_data(&mut h, name, data)
+        .map_err(|source| BuildError::Context { source })
+}
+
+fn append_symlink(
+    tar: &mut tar::Builder<Vec<u8>>,
+    name: &str,
+    target: &str,
+) -> Result<(), BuildError> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    h.set_mode(0o777);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    tar.append_link(&mut h, name, target)
         .map_err(|source| BuildError::Context { source })
 }
 

@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::time::Duration;
-use taskstack::beat::lock::holder;
+use taskstack::backend::Use;
 use utoipa::ToSchema;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -72,7 +72,7 @@ pub struct HealthReport {
 }
 
 async fn check_redis(state: &AppState) -> RedisCheck {
-    match state.broker().ping().await {
+    match state.backend().inspect(Use::Request).ping().await {
         Ok(d) => RedisCheck {
             ok: true,
             latency_ms: Some(d.as_secs_f64() * 1000.0),
@@ -87,7 +87,7 @@ async fn check_redis(state: &AppState) -> RedisCheck {
 }
 
 async fn check_workers(state: &AppState) -> WorkersCheck {
-    match read_snapshot(state.broker()).await {
+    match read_snapshot(state.backend().as_ref()).await {
         Ok(s) => {
             let queues: Vec<QueueWorkers> = state
                 .settings
@@ -121,8 +121,7 @@ async fn check_workers(state: &AppState) -> WorkersCheck {
 
 async fn check_beat(state: &AppState) -> BeatCheck {
     let required = state.settings.expect_beat;
-    let mut lane = state.broker().broker_pool().shared_lane();
-    match holder(&mut lane, state.broker().keys()).await {
+    match state.beat_leader().await {
         Ok(h) => BeatCheck {
             ok: !required || h.is_some(),
             required,

@@ -192,9 +192,8 @@ impl Metrics {
         self.workers_live.clear();
         let read = async {
             let queues = crate::api::queues::queue_views(state).await?;
-            let mut lane = state.broker().broker_pool().shared_lane();
-            let leader = taskstack::beat::lock::holder(&mut lane, state.broker().keys()).await?;
-            Ok::<_, taskstack::broker::BrokerError>((queues, leader.is_some()))
+            let leader = state.beat_leader().await?;
+            Ok::<_, taskstack::backend::BackendError>((queues, leader.is_some()))
         };
         let up = match read.await {
             Ok((queues, leader)) => {

@@ -1,4 +1,4 @@
-//! What every handler shares: the producer, the broker, the settings, the
+//! What every handler shares: the producer, the backend, the settings, the
 //! tokens, the metrics and a short-lived view of the live workers.
 
 use crate::auth::Tokens;
@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use taskstack::Producer;
-use taskstack::broker::{Broker, BrokerError, WorkerRecord, live_workers};
+use taskstack::backend::{Backend, BackendError, RedisBackend, Use};
+use taskstack::beat::lock::LockHolder;
+use taskstack::broker::{Broker, WorkerRecord};
 use taskstack::config::{Config, ConfigError};
 use taskstack::secret::Secret;
 
@@ -111,7 +113,7 @@ impl Catalog {
             .map(|(_, s)| Arc::clone(s))
     }
 
-    async fn get(&self, broker: &Broker) -> Result<Arc<Snapshot>, BrokerError> {
+    async fn get(&self, backend: &dyn Backend) -> Result<Arc<Snapshot>, BackendError> {
         if let Some(s) = self.fresh() {
             return Ok(s);
         }
@@ -119,7 +121,7 @@ impl Catalog {
         if let Some(s) = self.fresh() {
             return Ok(s);
         }
-        let s = Arc::new(read_snapshot(broker).await?);
+        let s = Arc::new(read_snapshot(backend).await?);
         if let Ok(mut g) = self.current.write() {
             *g = Some((Instant::now(), Arc::clone(&s)));
         }
@@ -128,9 +130,9 @@ impl Catalog {
 }
 
 /// Reads the live workers now.
-pub async fn read_snapshot(broker: &Broker) -> Result<Snapshot, BrokerError> {
-    let mut lane = broker.broker_pool().shared_lane();
-    Ok(Snapshot::of(live_workers(&mut lane, broker.keys()).await?))
+pub async fn read_snapshot(backend: &dyn Backend) -> Result<Snapshot, BackendError> {
+    let workers = backend.inspect(Use::Request).live_workers().await?;
+    Ok(Snapshot::of(workers))
 }
 
 /// Shared by every handler; cheap to clone.
@@ -140,6 +142,7 @@ pub struct AppState(Arc<Inner>);
 #[derive(Debug)]
 pub struct Inner {
     pub producer: Producer,
+    backend: Arc<dyn Backend>,
     pub settings: WebSettings,
     pub tokens: Tokens,
     pub metrics: Metrics,
@@ -154,12 +157,19 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
+    /// The web API on Redis.
     pub fn new(broker: Broker, settings: WebSettings) -> Self {
-        let producer = Producer::new(broker, origin())
+        Self::on_backend(Arc::new(RedisBackend::new(broker)), settings)
+    }
+
+    /// The web API on any backend (e.g. `MemoryBackend` in unit tests).
+    pub fn on_backend(backend: Arc<dyn Backend>, settings: WebSettings) -> Self {
+        let producer = Producer::on_backend(Arc::clone(&backend), origin())
             .record_pending(settings.result_expires)
             .max_task_delay(settings.max_task_delay);
         Self(Arc::new(Inner {
             producer,
+            backend,
             tokens: Tokens::new(&settings.tokens),
             settings,
             metrics: Metrics::new(),
@@ -167,13 +177,20 @@ impl AppState {
         }))
     }
 
-    pub fn broker(&self) -> &Broker {
-        self.producer.broker()
+    /// Where queues, results and records live.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The beat instance holding the leader lock, if any.
+    pub async fn beat_leader(&self) -> Result<Option<LockHolder>, BackendError> {
+        let raw = self.backend.leader_lock(Use::Request).holder().await?;
+        Ok(raw.as_deref().and_then(LockHolder::parse))
     }
 
     /// The live workers, at most [`CATALOG_TTL`] old.
-    pub async fn snapshot(&self) -> Result<Arc<Snapshot>, BrokerError> {
-        self.catalog.get(self.broker()).await
+    pub async fn snapshot(&self) -> Result<Arc<Snapshot>, BackendError> {
+        self.catalog.get(self.backend.as_ref()).await
     }
 }
 

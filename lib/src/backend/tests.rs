@@ -19,6 +19,7 @@ macro_rules! conformance_suite {
             settle_stores_results_then_acks_idempotently,
             settle_acknowledges_nothing_until_results_are_stored,
             dead_letters_keep_reason_and_payload_and_move_once,
+            oversized_messages_stay_unsent_and_dead_letter_whole,
             delayed_messages_move_when_due_and_not_before,
             revoke_and_start_exclude_each_other,
             results_expire,

@@ -7,8 +7,8 @@
 //! `Arc<dyn Backend>` and open one session per loop.
 
 use crate::broker::{
-    BrokerError, DeadLetter, DeadLetterAction, DeadSelection, Delivery, PickedDeadLetter,
-    QueueCounts, RevokeOutcome, Settle, StartVerdict, Starting, WorkerRecord,
+    BrokerError, DeadLetter, DeadLetterAction, DeadSelection, DelayedSpan, Delivery,
+    PickedDeadLetter, QueueCounts, RevokeOutcome, Settle, StartVerdict, Starting, WorkerRecord,
 };
 use crate::proto::TaskResult;
 use async_trait::async_trait;
@@ -67,6 +67,9 @@ pub enum Use {
 pub trait Backend: Send + Sync + Debug {
     /// The clock every due time, lease and expiry of this backend follows.
     fn clock(&self) -> Arc<dyn Clock>;
+    /// The namespace of taskstack's own records on this backend (what a
+    /// state file records, so `healthcheck` looks in the same place).
+    fn namespace(&self) -> &str;
     fn enqueue(&self, usage: Use) -> Box<dyn Enqueue>;
     /// A worker's consuming session: always a connection of its own (it
     /// blocks while waiting for messages). Sequence numbers of holds are
@@ -83,6 +86,13 @@ pub trait Backend: Send + Sync + Debug {
     fn leader_lock(&self, usage: Use) -> Box<dyn LeaderLock>;
     #[cfg(feature = "beat")]
     fn slot_ledger(&self, usage: Use) -> Box<dyn SlotLedger>;
+    /// The Redis broker under this backend, for the Celery features whose
+    /// wire format is Redis itself (remote control's pidbox, task events,
+    /// chord counters); `None` on a backend without one, where those
+    /// features are off.
+    fn redis(&self) -> Option<&crate::broker::Broker> {
+        None
+    }
 }
 
 /// A message to send.
@@ -127,12 +137,16 @@ pub trait Consume: Send {
 
     /// Takes up to `max` messages from `queue_keys` (served in that order,
     /// each list oldest first), recording each as held and renewing the
-    /// worker's lease to `lease` from now, in one atomic step.
+    /// worker's lease to `lease` from now, in one atomic step. A message
+    /// longer than `max_size` bytes is held but not sent: its delivery has
+    /// an empty payload and [`Delivery::oversized`] set, and only
+    /// [`Consume::dead_letter`] (which keeps its bytes) may settle it.
     async fn take(
         &mut self,
         queue_keys: &[String],
         max: usize,
         lease: Duration,
+        max_size: usize,
     ) -> Result<Vec<Delivery>, BackendError>;
 
     /// Waits up to `wait` for a message the next [`Consume::take`] can
@@ -165,7 +179,10 @@ pub trait Consume: Send {
     ) -> Result<(), BackendError>;
 
     /// Appends `record` to its queue's dead letters and releases the hold in
-    /// one step; nothing happens when the hold is already gone.
+    /// one step; nothing happens when the hold is already gone. For an
+    /// oversized delivery (`record.payload_size` set, no payload) the
+    /// backend keeps the held bytes itself and names where
+    /// (`payload_key`), so requeueing the dead letter restores them.
     async fn dead_letter(&mut self, seq: u64, record: &DeadLetter) -> Result<(), BackendError>;
 }
 
@@ -303,6 +320,11 @@ pub trait Inspect: Send {
     async fn queue_counts(&mut self, queues: &[String]) -> Result<Vec<QueueCounts>, BackendError>;
     /// The records of every worker whose lease is live.
     async fn live_workers(&mut self) -> Result<Vec<WorkerRecord>, BackendError>;
+    /// How many messages wait in the delayed set and when the first and
+    /// the last are due.
+    async fn delayed_span(&mut self) -> Result<DelayedSpan, BackendError>;
+    /// One round trip to the store; how long it took.
+    async fn ping(&mut self) -> Result<Duration, BackendError>;
 }
 
 /// What [`LeaderLock::try_acquire`] found.
@@ -325,6 +347,16 @@ pub trait LeaderLock: Send {
     async fn release(&mut self, value: &str) -> Result<bool, BackendError>;
     /// The lock's current value, if it is held.
     async fn holder(&mut self) -> Result<Option<String>, BackendError>;
+    /// Stores a beat instance's heartbeat record (JSON) for `ttl`, whether
+    /// it leads or stands by: a record that exists is a live instance.
+    async fn announce(
+        &mut self,
+        instance_id: &str,
+        record: &str,
+        ttl: Duration,
+    ) -> Result<(), BackendError>;
+    /// Deletes an instance's heartbeat record (at a clean stop).
+    async fn forget(&mut self, instance_id: &str) -> Result<(), BackendError>;
 }
 
 /// One slot to publish.

@@ -7,10 +7,8 @@ use super::metrics::Metrics;
 use super::plan::{Decision, Planner};
 use super::publish::Outcome;
 use super::schedule::Clock;
-use super::{
-    Beat, BeatError, BeatSettings, HEARTBEAT_EVERY, RETRY_SOON, health, lock, publish, schedule,
-};
-use crate::broker::{Broker, BrokerError, Lane};
+use super::{Beat, BeatError, BeatSettings, HEARTBEAT_EVERY, RETRY_SOON, publish, schedule};
+use crate::backend::{Acquired, BackendError, LeaderLock, SlotLedger, SlotPublish, Use};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -36,16 +34,17 @@ enum State {
 }
 
 /// The loop's state.
-#[derive(Debug)]
 pub(super) struct Engine {
-    broker: Broker,
+    /// The namespace the state file records.
+    namespace: String,
     pub(super) settings: BeatSettings,
     pub(super) id: String,
     host: String,
     started_at: String,
     pub(super) metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
-    lane: Lane,
+    lock: Box<dyn LeaderLock>,
+    ledger: Box<dyn SlotLedger>,
     pub(super) planner: Planner,
     state: State,
     next_try: Instant,
@@ -69,9 +68,10 @@ impl Engine {
     pub(super) fn new(beat: Beat, metrics_addr: Option<std::net::SocketAddr>) -> Self {
         let now = Instant::now();
         Self {
-            lane: beat.broker.broker_pool().lane(),
+            lock: beat.backend.leader_lock(Use::Loop),
+            ledger: beat.backend.slot_ledger(Use::Loop),
+            namespace: beat.backend.namespace().to_owned(),
             planner: Planner::new(&beat.settings.entries, beat.settings.missed_grace),
-            broker: beat.broker,
             started_at: crate::proto::envelope::format_time(beat.clock.now()),
             settings: beat.settings,
             id: beat.id,
@@ -104,7 +104,7 @@ impl Engine {
 
     /// Logs the first failure of an outage (repeats at DEBUG; recovery at
     /// INFO); a refused password is an ERROR that says what to fix.
-    fn redis_failed(&mut self, what: &'static str, e: &BrokerError) {
+    fn redis_failed(&mut self, what: &'static str, e: &BackendError) {
         if self.redis_ok && e.is_auth_failure() {
             tracing::error!(
                 error = %e,
@@ -140,8 +140,8 @@ impl Engine {
         let claim = LockHolder::new(&self.id, &self.host);
         let value = claim.value();
         let ttl = self.settings.lock_ttl;
-        match lock::try_acquire(&mut self.lane, self.broker.keys(), &value, ttl).await {
-            Ok(None) => {
+        match self.lock.try_acquire(&value, ttl).await {
+            Ok(Acquired::Yes) => {
                 self.redis_answered();
                 tracing::info!(instance = %self.id, since = %claim.since, "became leader");
                 self.state = State::Leader(Term {
@@ -155,7 +155,7 @@ impl Engine {
                 self.metrics.set_leader(true);
                 self.planner.suspend();
             }
-            Ok(Some(current)) => {
+            Ok(Acquired::HeldBy(current)) => {
                 self.redis_answered();
                 let holder = current.as_deref().and_then(LockHolder::parse);
                 let id = holder.as_ref().map(|h| h.id.clone());
@@ -181,7 +181,7 @@ impl Engine {
         let sent = Instant::now();
         let value = term.value.clone();
         let ttl = self.settings.lock_ttl;
-        let r = lock::renew(&mut self.lane, self.broker.keys(), &value, ttl).await;
+        let r = self.lock.renew(&value, ttl).await;
         let renew_every = self.settings.renew_every();
         match r {
             Ok(true) => {
@@ -234,6 +234,7 @@ impl Engine {
         self.metrics.set_leader(false);
         self.metrics.lost_leadership();
         self.planner.suspend();
+        self.retry_at = None;
         self.leader_seen = None;
         self.next_try = Instant::now();
     }
@@ -256,7 +257,8 @@ impl Engine {
             metrics_addr: self.metrics_addr.clone(),
         };
         let ttl = self.settings.instance_ttl();
-        match health::heartbeat(&mut self.lane, self.broker.keys(), &record, ttl).await {
+        let json = serde_json::to_string(&record).unwrap_or_default();
+        match self.lock.announce(&self.id, &json, ttl).await {
             Ok(()) => {
                 self.redis_answered();
                 if !self.ready {
@@ -266,7 +268,7 @@ impl Engine {
                             "beat",
                             "beat_state_file",
                             &self.id,
-                            self.broker.keys().namespace(),
+                            &self.namespace,
                         )?);
                     }
                     self.ready = true;
@@ -299,7 +301,7 @@ impl Engine {
                 .iter()
                 .map(|e| e.name.as_str())
                 .collect();
-            match publish::last_slots(&mut self.lane, self.broker.keys(), &names).await {
+            match self.ledger.last_slots(&names).await {
                 Ok(last) => {
                     self.planner.resume(&last, self.clock.now());
                     if let Some(next) = self.planner.next_due() {
@@ -341,16 +343,17 @@ impl Engine {
                     let value = term.value.clone();
                     let e = &self.planner.entries()[entry];
                     let payload = publish::message(e, slot, &self.id);
-                    let r = publish::publish(
-                        &mut self.lane,
-                        self.broker.keys(),
-                        &value,
-                        margin,
-                        e,
-                        slot,
-                        &payload,
-                    )
-                    .await;
+                    let r = self
+                        .ledger
+                        .publish(SlotPublish {
+                            lock_value: &value,
+                            margin,
+                            entry: &e.name,
+                            queue: &e.queue,
+                            slot_ms: slot.timestamp_millis(),
+                            payload: &payload,
+                        })
+                        .await;
                     let name = self.planner.entries()[entry].name.clone();
                     let shown = schedule::format_slot(slot);
                     match r {
@@ -407,14 +410,19 @@ impl Engine {
             State::Standby => wake = wake.min(self.next_try),
             State::Leader(t) => {
                 wake = wake.min(t.next_renew).min(t.lease_until);
-                if let Some(slot) = self.planner.next_due() {
-                    let until = (slot - self.clock.now()).to_std().unwrap_or(Duration::ZERO);
-                    wake = wake.min(now + until);
+                // While publishing is held (a failing renewal, a short
+                // lease) a due slot waits for the renewal; after a failed
+                // publish it waits for the retry: never a busy loop.
+                if self.may_publish() {
+                    let publish_at = self.retry_at.or_else(|| {
+                        let slot = self.planner.next_due()?;
+                        Some(now + (slot - self.clock.now()).to_std().unwrap_or(Duration::ZERO))
+                    });
+                    if let Some(at) = publish_at {
+                        wake = wake.min(at);
+                    }
                 }
             }
-        }
-        if let Some(r) = self.retry_at {
-            wake = wake.min(r);
         }
         wake.max(now)
     }
@@ -424,7 +432,7 @@ impl Engine {
     pub(super) async fn stop(&mut self) {
         if let State::Leader(term) = &self.state {
             let value = term.value.clone();
-            match lock::release(&mut self.lane, self.broker.keys(), &value).await {
+            match self.lock.release(&value).await {
                 Ok(true) => tracing::info!("released the leader lock"),
                 Ok(false) => tracing::warn!("the leader lock was not ours any more at shutdown"),
                 Err(e) => tracing::warn!(
@@ -436,7 +444,7 @@ impl Engine {
             self.state = State::Standby;
             self.metrics.set_leader(false);
         }
-        if let Err(e) = health::forget(&mut self.lane, self.broker.keys(), &self.id).await {
+        if let Err(e) = self.lock.forget(&self.id).await {
             tracing::debug!(error = %e, "cannot delete the heartbeat record; it expires");
         }
         if let Some(path) = self.state_written.take() {

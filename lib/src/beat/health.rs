@@ -8,7 +8,6 @@ use crate::broker::{Broker, BrokerError, Lane, on_lane};
 use crate::proto::Keys;
 use crate::service::state::StatePath;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
 
 /// A beat instance's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,33 +34,6 @@ pub struct InstanceRecord {
     /// with the default setting, a free port when 9102 was taken).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,
-}
-
-/// Writes this instance's heartbeat record, expiring after `ttl`.
-pub(crate) async fn heartbeat(
-    lane: &mut Lane,
-    keys: &Keys,
-    record: &InstanceRecord,
-    ttl: Duration,
-) -> Result<(), BrokerError> {
-    let json = serde_json::to_string(record).map_err(|e| BrokerError::Reply {
-        op: "beat heartbeat",
-        detail: e.to_string(),
-    })?;
-    let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-    on_lane!(&mut *lane, "beat heartbeat", |c| redis::cmd("SET")
-        .arg(keys.beat_instance(&record.id))
-        .arg(json)
-        .arg("PX")
-        .arg(ms)
-        .query_async::<()>(c))
-}
-
-/// Deletes this instance's heartbeat record (at a clean stop).
-pub(crate) async fn forget(lane: &mut Lane, keys: &Keys, id: &str) -> Result<(), BrokerError> {
-    on_lane!(&mut *lane, "delete beat heartbeat", |c| redis::cmd("DEL")
-        .arg(keys.beat_instance(id))
-        .query_async::<()>(c))
 }
 
 /// Reads one instance's heartbeat record, if fresh.

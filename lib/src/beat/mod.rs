@@ -26,10 +26,11 @@ pub mod plan;
 pub mod publish;
 pub mod schedule;
 
+use crate::backend::{Backend, RedisBackend};
 use crate::broker::Broker;
 use crate::config::{Config, ConfigError};
 use metrics::Metrics;
-use schedule::{Clock, Entry, SystemClock};
+use schedule::{BackendClock, Clock, Entry};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,7 +129,7 @@ pub struct BeatSummary {
 /// One beat instance.
 #[derive(Debug)]
 pub struct Beat {
-    broker: Broker,
+    backend: Arc<dyn Backend>,
     settings: BeatSettings,
     id: String,
     host: String,
@@ -139,6 +140,12 @@ pub struct Beat {
 impl Beat {
     /// An instance with a fresh identity (`<host>.<pid>.<tag>`).
     pub fn new(broker: Broker, settings: BeatSettings) -> Self {
+        Self::on_backend(Arc::new(RedisBackend::new(broker)), settings)
+    }
+
+    /// An instance on any backend (e.g. [`crate::backend::MemoryBackend`]
+    /// in tests), with a fresh identity.
+    pub fn on_backend(backend: Arc<dyn Backend>, settings: BeatSettings) -> Self {
         let host = crate::worker::hostname();
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let id = format!("{host}.{}.{}", std::process::id(), &tag[..8]);
@@ -148,13 +155,14 @@ impl Beat {
             .filter(|e| e.enabled)
             .map(|e| e.name.clone())
             .collect();
+        let clock = Arc::new(BackendClock(backend.clock()));
         Self {
-            broker,
+            backend,
             settings,
             id,
             host,
             metrics: Arc::new(Metrics::new(names)),
-            clock: Arc::new(SystemClock),
+            clock,
         }
     }
 
@@ -249,5 +257,7 @@ impl Beat {
     }
 }
 
+#[cfg(test)]
+mod engine_tests;
 #[cfg(test)]
 mod tests;

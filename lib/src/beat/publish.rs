@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use redis::Script;
 use serde_json::{Map, Value, json};
 use std::sync::LazyLock;
+#[cfg(test)]
 use std::time::Duration;
 
 static PUBLISH: LazyLock<Script> =
@@ -51,6 +52,7 @@ pub(crate) fn message(entry: &Entry, slot: DateTime<Utc>, origin: &str) -> Strin
 
 /// Runs the publish script for one slot. `lock_value` is the lock value we
 /// hold; `margin` how long the lock must still live for us to publish.
+#[cfg(test)]
 pub(crate) async fn publish(
     lane: &mut Lane,
     keys: &Keys,

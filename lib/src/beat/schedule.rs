@@ -47,6 +47,17 @@ impl Clock for SystemClock {
     }
 }
 
+/// A backend's clock (ms since the epoch) as a schedule clock, so a beat
+/// on the in-memory backend follows paused test time.
+#[derive(Debug, Clone)]
+pub struct BackendClock(pub std::sync::Arc<dyn crate::backend::Clock>);
+
+impl Clock for BackendClock {
+    fn now(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(self.0.now_ms()).unwrap_or_default()
+    }
+}
+
 /// Why an entry of the configuration does not compile; the configuration
 /// loader adds the entry's name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

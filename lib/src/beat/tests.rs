@@ -17,7 +17,7 @@ fn broker(s: &Server) -> Broker {
     Broker::new(pool.clone(), pool, Keys::new("t"))
 }
 
-fn tick(every: &str) -> Entry {
+pub(super) fn tick(every: &str) -> Entry {
     Entry::compile(&ScheduleEntry {
         name: "tick".into(),
         task: "proj.tick".into(),

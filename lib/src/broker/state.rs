@@ -77,7 +77,6 @@ pub(crate) async fn start_batch(
         .collect()
 }
 
-#[cfg(feature = "worker")]
 /// Which of `seqs` the worker still holds (one `HMGET`), for when results
 /// live on another server than the broker.
 pub(crate) async fn held(

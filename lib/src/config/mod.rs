@@ -8,6 +8,7 @@
 //! Nothing else in taskstack reads the environment.
 
 mod de;
+mod tasks;
 mod web;
 
 use figment::Figment;
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use crate::secret::{Secret, SecretUrl, redact_url};
+pub use tasks::{DeclaredTasks, ExecDecl, HttpDecl, TaskDecl, TaskKind};
 
 /// Environment variable naming the TOML configuration file.
 pub const CONFIG_FILE_ENV: &str = "TASKSTACK_CONFIG";
@@ -77,6 +79,38 @@ pub enum LogFormat {
     Json,
     #[serde(alias = "text", alias = "human")]
     Pretty,
+}
+
+/// Which remote-control commands a worker obeys (`worker_remote_control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RemoteControl {
+    /// Every command, `shutdown` included.
+    All,
+    /// Read-only commands and those that change no more than what a
+    /// producer could (`revoke`, `enable_events`, `disable_events`,
+    /// `heartbeat`); `shutdown` is refused with an error reply. The default:
+    /// a worker stopped with exit code 0 is not restarted by an
+    /// `on-failure` restart policy, so `shutdown` from any broker client
+    /// would outlast that client's access.
+    #[default]
+    Control,
+    /// Read-only commands only (`ping`, `stats`, `active`, `registered`, ...).
+    Inspect,
+    /// No pidbox at all: `celery inspect ping` does not see the worker.
+    Off,
+}
+
+impl RemoteControl {
+    /// The setting's name in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Control => "control",
+            Self::Inspect => "inspect",
+            Self::Off => "off",
+        }
+    }
 }
 
 /// The whole configuration. Field names are the TOML keys; the environment
@@ -148,6 +182,21 @@ pub struct Config {
     /// logs it and announces it in its heartbeat record; a port set here
     /// is used or the start fails.
     pub worker_metrics_listen: String,
+    /// `taskstack-worker`: the Celery node name remote control and events
+    /// know the worker by (`celery inspect -d`, Flower). Unset:
+    /// `taskstack@<hostname>`, or `taskstack-<pid>@<hostname>` when another
+    /// worker on this host has that name.
+    pub worker_nodename: Option<String>,
+    /// `taskstack-worker`: which Celery remote-control commands are obeyed:
+    /// `all`, `control` (the default: everything but `shutdown`), `inspect`
+    /// (read-only commands) or `off` (no pidbox). Whoever can write to the
+    /// broker can send them.
+    pub worker_remote_control: RemoteControl,
+    /// `taskstack-worker`: send Celery task events (Flower, `celery
+    /// events`) from the start; the `-E` flag. Worker heartbeat events are
+    /// sent in any case.
+    #[serde(deserialize_with = "de::flag")]
+    pub worker_send_task_events: bool,
     /// `taskstack-beat`: how long the leader lock lasts without renewal. The
     /// leader renews it every third of this; a standby takes over at most
     /// about this long (plus a second) after the leader dies.
@@ -199,6 +248,10 @@ pub struct Config {
     /// `taskstack-web`: connections served at once; further ones wait in the
     /// listen backlog until one closes (a WARN says the limit was hit).
     pub web_max_connections: NonZeroUsize,
+    /// `taskstack-worker`: program and HTTP tasks (`[tasks."name"]` tables
+    /// with `exec = [...]` or `http = "url"`), run like built-in tasks.
+    #[serde(default)]
+    pub tasks: DeclaredTasks,
 }
 
 /// One periodic entry of `taskstack-beat` (a `[[schedule]]` table).
@@ -296,6 +349,9 @@ impl Default for Config {
             allow_root: false,
             worker_state_file: None,
             worker_metrics_listen: DEFAULT_WORKER_METRICS_LISTEN.into(),
+            worker_nodename: None,
+            worker_remote_control: RemoteControl::default(),
+            worker_send_task_events: false,
             beat_lock_ttl: Duration::from_secs(10),
             beat_missed_grace: Duration::from_secs(300),
             beat_metrics_listen: DEFAULT_BEAT_METRICS_LISTEN.into(),
@@ -310,6 +366,7 @@ impl Default for Config {
             web_header_timeout: Duration::from_secs(10),
             web_idle_timeout: Duration::from_secs(60),
             web_max_connections: NonZeroUsize::new(1024).expect("1024 > 0"),
+            tasks: DeclaredTasks::default(),
         }
     }
 }

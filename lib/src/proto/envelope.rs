@@ -82,6 +82,9 @@ pub struct TaskMessage {
     pub root_id: Option<String>,
     pub group: Option<String>,
     pub ignore_result: bool,
+    /// The body's third element (`callbacks`, `errbacks`, `chain`, `chord`):
+    /// what Celery's canvas asks to happen after this task.
+    embed: Value,
     raw: Value,
 }
 
@@ -181,7 +184,7 @@ fn decode_value(raw: Value) -> Result<TaskMessage, DecodeError> {
             });
         }
     };
-    let (args, kwargs) = split_body(body)?;
+    let (args, kwargs, embed) = split_body(body)?;
 
     let task = required_str(headers, "task")?;
     let id = required_str(headers, "id")?;
@@ -219,11 +222,14 @@ fn decode_value(raw: Value) -> Result<TaskMessage, DecodeError> {
             .get("ignore_result")
             .and_then(Value::as_bool)
             .unwrap_or(false),
+        embed,
         raw,
     })
 }
 
-fn split_body(body: Value) -> Result<(Vec<Value>, Map<String, Value>), DecodeError> {
+type Body = (Vec<Value>, Map<String, Value>, Value);
+
+fn split_body(body: Value) -> Result<Body, DecodeError> {
     let Value::Array(mut parts) = body else {
         return Err(DecodeError::Body {
             detail: "body is not an array".into(),
@@ -234,7 +240,11 @@ fn split_body(body: Value) -> Result<(Vec<Value>, Map<String, Value>), DecodeErr
             detail: format!("body has {} elements, expected 2 or 3", parts.len()),
         });
     }
-    parts.truncate(2);
+    let embed = if parts.len() == 3 {
+        parts.pop().unwrap_or(Value::Null)
+    } else {
+        Value::Null
+    };
     let kwargs = match parts.pop() {
         Some(Value::Object(m)) => m,
         Some(Value::Null) | None => Map::new(),
@@ -253,7 +263,7 @@ fn split_body(body: Value) -> Result<(Vec<Value>, Map<String, Value>), DecodeErr
             });
         }
     };
-    Ok((args, kwargs))
+    Ok((args, kwargs, embed))
 }
 
 fn bad(header: &'static str, detail: String) -> DecodeError {
@@ -327,6 +337,11 @@ fn time_limits(v: Option<&Value>) -> Result<(Option<Duration>, Option<Duration>)
 }
 
 impl TaskMessage {
+    /// A text header of the original message (e.g. `argsrepr`), if any.
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        self.raw.get("headers")?.get(name)?.as_str()
+    }
+
     /// The message to publish for the next attempt: `retries` incremented,
     /// `eta` set, a fresh delivery tag, every other field as it was.
     pub fn for_retry(&self, eta: DateTime<Utc>) -> String {
@@ -343,6 +358,28 @@ impl TaskMessage {
             );
         }
         raw.to_string()
+    }
+
+    /// The body's embed (`{"callbacks", "errbacks", "chain", "chord"}`;
+    /// `null` when the body had only args and kwargs).
+    pub fn embed(&self) -> &Value {
+        &self.embed
+    }
+
+    /// A header as sent, `None` when absent or null.
+    pub fn header(&self, name: &str) -> Option<&Value> {
+        self.raw
+            .get("headers")
+            .and_then(|h| h.get(name))
+            .filter(|v| !v.is_null())
+    }
+
+    /// A message property as sent (`reply_to`, `priority`, ...).
+    pub fn property(&self, name: &str) -> Option<&Value> {
+        self.raw
+            .get("properties")
+            .and_then(|h| h.get(name))
+            .filter(|v| !v.is_null())
     }
 
     /// The queue the producer routed this message to, if it said.

@@ -48,6 +48,9 @@ pub struct TaskResult {
     pub queue: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
+    /// The group (or chord header) the task belonged to, as Celery records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
     /// When a worker started the task (RFC 3339); taskstack's own field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub date_started: Option<String>,
@@ -119,6 +122,7 @@ impl TaskResult {
             retries: Some(from.retries),
             queue: Some(from.queue.to_owned()),
             parent_id: from.parent_id.map(str::to_owned),
+            group_id: None,
             date_started: None,
         }
     }
@@ -138,6 +142,7 @@ impl TaskResult {
             retries: None,
             queue: Some(queue.to_owned()),
             parent_id: None,
+            group_id: None,
             date_started: None,
         }
     }

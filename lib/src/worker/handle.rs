@@ -2,11 +2,11 @@
 
 use super::registry::{TaskContext, TaskError, TaskOptions};
 use super::shared::{Held, SettleMsg, Shared, Stats, panic_text, persist};
-use crate::broker::{DeadLetter, Settle, StartVerdict, Starting, dead_letter, park, store_result};
+use crate::backend::Use;
+use crate::broker::{DeadLetter, Settle, StartVerdict, Starting};
 use crate::proto::envelope::{self, DecodeError, TaskMessage};
 use crate::proto::keys::queue_of_key;
 use crate::proto::{ExceptionInfo, Provenance, TaskResult, TaskState};
-use chrono::Utc;
 use futures_util::FutureExt as _;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -81,13 +81,15 @@ fn provenance<'a>(sh: &'a Shared, msg: &'a TaskMessage, queue: &'a str) -> Prove
 }
 
 async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) {
-    let now = Utc::now();
+    let track = sh.monitor.received(&msg, &queue);
+    let now = sh.now();
     if let Some(exp) = msg.expires
         && exp <= now
     {
         tracing::info!(expired_at = %envelope::format_time(exp), "task expired before it ran; recording REVOKED");
         Stats::bump(&sh.stats.revoked);
         sh.metrics.finished(task_label(&sh, &msg.task), "expired");
+        track.revoked(false, true);
         let exc = ExceptionInfo::celery("TaskRevokedError", "expired");
         let r = TaskResult::new(
             &msg.id,
@@ -119,18 +121,14 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) 
         tracing::debug!(eta = %envelope::format_time(eta), "task not due yet; parking it");
         let due = eta.timestamp_millis();
         let done = Box::pin(async {
+            // A session per rare path: it must not hold a connection long.
+            let mut consume = sh.backend.consume(&sh.id);
             persist!(
                 sh,
                 "park task until its ETA",
-                park(
-                    &mut sh.broker.broker_pool().lane(),
-                    sh.broker.keys(),
-                    due,
-                    &d.queue_key,
-                    &d.payload,
-                    Some((&sh.id, d.seq)),
-                )
-                .await
+                consume
+                    .park_held(d.seq, &d.queue_key, &d.payload, due)
+                    .await
             )
         })
         .await;
@@ -146,6 +144,7 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) 
             format!("task {:?} is not registered in this worker", msg.task),
         );
         let reason = format!("unknown task {:?}", msg.task);
+        track.rejected();
         Box::pin(poison(&sh, d, &queue, Origin::of(&msg), reason, exc)).await;
         return;
     };
@@ -164,11 +163,12 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) 
     // Boxed, like the rare paths above: up to prefetch − concurrency
     // messages wait for a slot, each in a spawned task, and a waiting task
     // should not carry the (much larger) state of a running one.
-    Box::pin(execute(sh, d, queue, msg, handler, options, permit)).await;
+    Box::pin(execute(sh, d, queue, msg, handler, options, permit, track)).await;
 }
 
 /// Starts (or skips, when revoked) and runs a task that has a slot, then
 /// records its outcome.
+#[allow(clippy::too_many_arguments)] // one call site; the fields are all distinct
 async fn execute(
     sh: Arc<Shared>,
     d: Held,
@@ -177,8 +177,9 @@ async fn execute(
     handler: super::registry::Handler,
     options: TaskOptions,
     permit: tokio::sync::OwnedSemaphorePermit,
+    track: crate::control::Tracked,
 ) {
-    let started_at = envelope::format_time(Utc::now());
+    let started_at = envelope::format_time(sh.now());
     let mut record = TaskResult::new(
         &msg.id,
         TaskState::Started,
@@ -197,6 +198,7 @@ async fn execute(
         Some(StartVerdict::Revoked) => {
             drop(permit);
             tracing::info!("task was revoked before it started; skipping it");
+            track.revoked(false, false);
             Stats::bump(&sh.stats.revoked);
             sh.metrics.finished(&msg.task, "revoked");
             // The revocation stored the REVOKED record; only the hold is settled.
@@ -221,6 +223,7 @@ async fn execute(
         }
     }
     tracing::debug!("task started");
+    let terminate = track.started();
     let started = tokio::time::Instant::now();
     let ctx = TaskContext {
         id: msg.id.clone(),
@@ -230,6 +233,10 @@ async fn execute(
         args: std::mem::take(&mut msg.args),
         kwargs: std::mem::take(&mut msg.kwargs),
         retries: msg.retries,
+        eta: msg.eta,
+        expires: msg.expires,
+        root_id: msg.root_id.clone(),
+        parent_id: msg.parent_id.clone(),
         soft_deadline: msg.soft_time_limit.map(|s| started + s),
         shutdown: sh.stop.clone(),
     };
@@ -237,11 +244,35 @@ async fn execute(
         let fut = std::panic::catch_unwind(AssertUnwindSafe(|| handler(ctx)))?;
         AssertUnwindSafe(fut).catch_unwind().await
     };
-    let outcome = match msg.hard_time_limit {
-        Some(limit) => tokio::time::timeout(limit, run).await.map_err(|_| limit),
-        None => Ok(run.await),
+    let outcome = async {
+        match msg.hard_time_limit {
+            Some(limit) => tokio::time::timeout(limit, run).await.map_err(|_| limit),
+            None => Ok(run.await),
+        }
+    };
+    // `revoke terminate=True` stops the task where it awaits (its future
+    // is dropped) and records it REVOKED.
+    let outcome = tokio::select! {
+        o = outcome => Some(o),
+        () = terminate.cancelled() => None,
     };
     drop(permit);
+    let Some(outcome) = outcome else {
+        tracing::warn!(runtime = ?started.elapsed(), "task terminated by a remote revoke; recording REVOKED");
+        Stats::bump(&sh.stats.revoked);
+        sh.metrics.finished(&msg.task, "revoked");
+        track.revoked(true, false);
+        let exc = ExceptionInfo::celery("TaskRevokedError", "terminated");
+        let mut r = TaskResult::new(
+            &msg.id,
+            TaskState::Revoked,
+            exc.to_value(),
+            provenance(&sh, &msg, &queue),
+        );
+        r.date_started = Some(started_at.clone());
+        finish(&sh, d, &msg, Some(r)).await;
+        return;
+    };
     let runtime = started.elapsed();
     sh.metrics.ran(&msg.task, runtime);
     let from = provenance(&sh, &msg, &queue);
@@ -254,6 +285,7 @@ async fn execute(
             tracing::debug!(runtime = ?runtime, "task succeeded");
             Stats::bump(&sh.stats.succeeded);
             sh.metrics.finished(&msg.task, "success");
+            track.succeeded(&value, runtime);
             let r = TaskResult::new(&msg.id, TaskState::Success, value, from);
             finish(&sh, d, &msg, Some(stamp(r))).await;
         }
@@ -261,15 +293,18 @@ async fn execute(
             tracing::info!(runtime = ?runtime, exc_type = %exc.exc_type, error = %exc.message, "task failed");
             Stats::bump(&sh.stats.failed);
             sh.metrics.finished(&msg.task, "failure");
+            track.failed(&exc);
             let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
             finish(&sh, d, &msg, Some(stamp(r))).await;
         }
         Ok(Ok(Err(TaskError::Retry { reason, countdown }))) => {
+            track.retried(&ExceptionInfo::celery("Retry", reason.clone()));
             retry(&sh, d, &queue, &msg, options, reason, countdown).await;
         }
         Ok(Ok(Err(TaskError::Reject { reason }))) => {
             tracing::warn!(reason = %reason, "task rejected its message; dead-lettering it");
             let exc = ExceptionInfo::celery("Reject", reason.clone());
+            track.rejected();
             poison(&sh, d, &queue, Origin::of(&msg), reason, exc).await;
         }
         Ok(Err(panic)) => {
@@ -278,6 +313,7 @@ async fn execute(
             Stats::bump(&sh.stats.failed);
             sh.metrics.finished(&msg.task, "failure");
             let exc = ExceptionInfo::builtin("RuntimeError", format!("task panicked: {what}"));
+            track.failed(&exc);
             let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
             finish(&sh, d, &msg, Some(stamp(r))).await;
         }
@@ -289,6 +325,7 @@ async fn execute(
                 "TimeLimitExceeded",
                 format!("hard time limit ({}s) exceeded", limit.as_secs_f64()),
             );
+            track.failed(&exc);
             let r = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from);
             finish(&sh, d, &msg, Some(stamp(r))).await;
         }
@@ -296,7 +333,14 @@ async fn execute(
 }
 
 /// Stores the result (unless the message asked not to) and releases the hold.
-async fn finish(sh: &Shared, d: Held, msg: &TaskMessage, result: Option<TaskResult>) {
+async fn finish(sh: &Shared, d: Held, msg: &TaskMessage, mut result: Option<TaskResult>) {
+    // Canvas follow-ups (chain, link, link_error, chord) go out before the
+    // acknowledgement; giving up on Redis leaves the message to be handed back.
+    if let Some(r) = result.as_mut()
+        && !super::followups::run(sh, msg, r).await
+    {
+        return;
+    }
     let result = result.filter(|_| !msg.ignore_result).and_then(|r| {
         serde_json::to_string(&r)
             .map_err(|e| tracing::error!(error = %e, "result is not serializable"))
@@ -331,7 +375,7 @@ async fn retry(
         return;
     }
     let delay = countdown.unwrap_or_else(|| options.backoff(msg.retries));
-    let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+    let eta = sh.now() + chrono::Duration::from_std(delay).unwrap_or_default();
     tracing::info!(reason = %reason, retry_in = ?delay, "task will be retried");
     Stats::bump(&sh.stats.retried);
     sh.metrics.finished(&msg.task, "retry");
@@ -344,20 +388,15 @@ async fn retry(
         sh,
         "schedule retry",
         async {
-            // One pooled connection at a time: rare paths must not starve the pool.
+            // One session at a time: rare paths must not starve the pool.
             if !msg.ignore_result {
-                store_result(&mut sh.broker.backend_pool().lane(), &r, ttl).await?;
+                let mut results = sh.backend.results(Use::Loop);
+                results.write(std::slice::from_ref(&r), ttl).await?;
             }
-            let held = Some((sh.id.as_str(), d.seq));
-            park(
-                &mut sh.broker.broker_pool().lane(),
-                sh.broker.keys(),
-                due,
-                &d.queue_key,
-                next.as_bytes(),
-                held,
-            )
-            .await
+            let mut consume = sh.backend.consume(&sh.id);
+            consume
+                .park_held(d.seq, &d.queue_key, next.as_bytes(), due)
+                .await
         }
         .await
     );
@@ -426,15 +465,13 @@ async fn poison(
         payload_key: None,
         payload_size: None,
         worker: sh.id.clone(),
-        at: envelope::format_time(Utc::now()),
+        at: envelope::format_time(sh.now()),
     };
     match d.oversized {
-        // Too large to have been sent here: dead_letter.lua copies it from
-        // the hold to a key of its own.
-        Some(size) => {
-            record.payload_key = Some(sh.broker.keys().dead_payload(queue, &sh.id, d.seq));
-            record.payload_size = Some(size);
-        }
+        // Too large to have been sent here: the backend keeps its bytes
+        // (on Redis, dead_letter.lua copies them from the hold to a key of
+        // their own).
+        Some(size) => record.payload_size = Some(size),
         // Moved, not copied: a large message is in memory once, not twice.
         None => record.set_payload_owned(d.take_payload()),
     }
@@ -443,12 +480,13 @@ async fn poison(
         sh,
         "dead-letter message",
         async {
-            // One pooled connection at a time: rare paths must not starve the pool.
+            // One session at a time: rare paths must not starve the pool.
             if let Some(r) = &result {
-                store_result(&mut sh.broker.backend_pool().lane(), r, ttl).await?;
+                let mut results = sh.backend.results(Use::Loop);
+                results.write(std::slice::from_ref(r), ttl).await?;
             }
-            let mut lane = sh.broker.broker_pool().lane();
-            dead_letter(&mut lane, sh.broker.keys(), &sh.id, d.seq, &record).await
+            let mut consume = sh.backend.consume(&sh.id);
+            consume.dead_letter(d.seq, &record).await
         }
         .await
     );

@@ -2,7 +2,8 @@
 //! restore the messages of dead workers, move due delayed messages.
 
 use super::shared::{Shared, jitter};
-use crate::broker::{Lane, WorkerRecord, heartbeat, now_ms, promote, reap};
+use crate::backend::{Delayed, Leases, Promoted, Reaped, Use};
+use crate::broker::WorkerRecord;
 use crate::proto::envelope::format_time;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -24,7 +25,7 @@ pub(crate) fn record(sh: &Shared, started_at: &str) -> WorkerRecord {
         tasks: sh.registry.names(),
         concurrency: sh.settings.concurrency,
         started_at: started_at.to_owned(),
-        last_heartbeat: format_time(chrono::Utc::now()),
+        last_heartbeat: format_time(sh.now()),
         processed: s.processed.load(Ordering::Relaxed),
         failed: s.failed.load(Ordering::Relaxed),
         retried: s.retried.load(Ordering::Relaxed),
@@ -34,11 +35,12 @@ pub(crate) fn record(sh: &Shared, started_at: &str) -> WorkerRecord {
     }
 }
 
-/// Until `until` is cancelled, on one connection: renews the lease every
+/// Until `until` is cancelled, on one connection each: renews the lease every
 /// third of its length, restores messages of workers whose lease expired
 /// every half lease (jittered), and moves due delayed messages when due.
 pub(crate) async fn run(sh: Arc<Shared>, started_at: String, until: CancellationToken) {
-    let mut lane = sh.broker.broker_pool().lane();
+    let mut leases = sh.backend.leases(Use::Loop);
+    let mut delayed = sh.backend.delayed(Use::Loop);
     let landing_source = sh.settings.queue_keys()[0].clone();
     let beat_every = sh.settings.lease / 3;
     let reap_every = sh.settings.lease / 2;
@@ -48,32 +50,27 @@ pub(crate) async fn run(sh: Arc<Shared>, started_at: String, until: Cancellation
         tokio::select! {
             () = until.cancelled() => return,
             () = tokio::time::sleep_until(next_beat) => {
-                beat(&sh, &mut lane, &started_at, &landing_source).await;
+                beat(&sh, &mut *leases, &started_at, &landing_source).await;
                 next_beat = tokio::time::Instant::now() + beat_every;
             }
             () = tokio::time::sleep_until(next_reap) => {
-                reap_dead(&sh, &mut lane).await;
+                reap_dead(&sh, &mut *leases).await;
                 next_reap = tokio::time::Instant::now() + jitter(reap_every);
             }
             () = tokio::time::sleep_until(next_promote) => {
-                next_promote = tokio::time::Instant::now() + promote_due(&sh, &mut lane).await;
+                next_promote = tokio::time::Instant::now() + promote_due(&mut *delayed).await;
             }
         }
     }
 }
 
-async fn beat(sh: &Shared, lane: &mut Lane, started_at: &str, landing_source: &str) {
+async fn beat(sh: &Shared, leases: &mut dyn Leases, started_at: &str, landing_source: &str) {
     // Every third of a lease: give back what large messages left behind.
     crate::service::memory::trim();
     let rec = record(sh, started_at);
-    match heartbeat(
-        lane,
-        sh.broker.keys(),
-        &rec,
-        landing_source,
-        sh.settings.lease,
-    )
-    .await
+    match leases
+        .heartbeat(&rec, landing_source, sh.settings.lease)
+        .await
     {
         Ok(false) => {}
         Ok(true) => tracing::warn!(
@@ -84,10 +81,10 @@ async fn beat(sh: &Shared, lane: &mut Lane, started_at: &str, landing_source: &s
     }
 }
 
-async fn reap_dead(sh: &Shared, lane: &mut Lane) {
-    match reap(lane, sh.broker.keys(), now_ms()).await {
-        Ok((0, _)) => {}
-        Ok((workers, restored)) => {
+async fn reap_dead(sh: &Shared, leases: &mut dyn Leases) {
+    match leases.reap_expired().await {
+        Ok(r) if r.workers == 0 => {}
+        Ok(Reaped { workers, restored }) => {
             sh.stats
                 .restored_from_dead_workers
                 .fetch_add(restored, Ordering::Relaxed);
@@ -103,16 +100,14 @@ async fn reap_dead(sh: &Shared, lane: &mut Lane) {
 }
 
 /// Moves due delayed messages; returns how long to wait before the next look.
-async fn promote_due(sh: &Shared, lane: &mut Lane) -> Duration {
-    match promote(lane, sh.broker.keys(), now_ms(), PROMOTE_BATCH).await {
-        Ok((moved, _)) if moved as usize == PROMOTE_BATCH => Duration::ZERO,
-        Ok((moved, next)) => {
+async fn promote_due(delayed: &mut dyn Delayed) -> Duration {
+    match delayed.promote_due(PROMOTE_BATCH).await {
+        Ok(p) if p.moved as usize == PROMOTE_BATCH => Duration::ZERO,
+        Ok(Promoted { moved, next_due_in }) => {
             if moved > 0 {
                 tracing::debug!(moved, "moved due delayed messages to their queues");
             }
-            next.map_or(PROMOTE_POLL, |due| {
-                Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)).min(PROMOTE_POLL)
-            })
+            next_due_in.map_or(PROMOTE_POLL, |due_in| due_in.min(PROMOTE_POLL))
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot move delayed messages");

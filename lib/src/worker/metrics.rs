@@ -29,6 +29,9 @@ pub const CONCURRENCY: &str = "taskstack_worker_concurrency";
 pub const MESSAGES_RESTORED: &str = "taskstack_worker_messages_restored";
 /// Counter (`_total` appended): messages handed back unstarted at shutdown.
 pub const MESSAGES_HANDED_BACK: &str = "taskstack_worker_messages_handed_back";
+/// Counter (`_total` appended): task events dropped (buffer full or Redis
+/// unreachable); tasks never wait for events.
+pub const EVENTS_DROPPED: &str = "taskstack_worker_events_dropped";
 
 /// The values of the `outcome` label.
 pub const OUTCOMES: [&str; 7] = [
@@ -79,6 +82,7 @@ pub struct Metrics {
     concurrency: Gauge,
     restored: Counter,
     handed_back: Counter,
+    events_dropped: Counter,
 }
 
 impl Metrics {
@@ -94,6 +98,7 @@ impl Metrics {
             concurrency: Gauge::default(),
             restored: Counter::default(),
             handed_back: Counter::default(),
+            events_dropped: Counter::default(),
             registry: Registry::default(),
             per_task: std::collections::HashMap::new(),
         };
@@ -127,6 +132,11 @@ impl Metrics {
             MESSAGES_HANDED_BACK,
             "Messages handed back unstarted at shutdown",
             m.handed_back.clone(),
+        );
+        registry.register(
+            EVENTS_DROPPED,
+            "Task events dropped (buffer full or Redis unreachable)",
+            m.events_dropped.clone(),
         );
         m.concurrency
             .set(i64::try_from(concurrency).unwrap_or(i64::MAX));
@@ -197,6 +207,11 @@ impl Metrics {
     }
 
     /// The text exposition, with the held and running gauges as given.
+    /// The counter of dropped task events (handed to the event dispatcher).
+    pub fn events_dropped(&self) -> Counter {
+        self.events_dropped.clone()
+    }
+
     pub fn render(&self, held: usize, running: usize) -> String {
         self.held.set(i64::try_from(held).unwrap_or(i64::MAX));
         self.running.set(i64::try_from(running).unwrap_or(i64::MAX));

@@ -18,21 +18,30 @@
 //! ```
 
 pub mod builtin;
+pub mod declared;
+mod followups;
 mod handle;
 pub mod health;
 mod keeper;
 pub mod metrics;
 mod phases;
 mod registry;
+#[cfg(feature = "cli")]
+pub mod service_main;
 mod settler;
-mod shared;
+pub(crate) mod shared;
 mod starter;
+#[cfg(test)]
+mod tests;
 
 pub use registry::{Registry, TaskContext, TaskError, TaskFuture, TaskOptions, TaskOutcome};
+#[cfg(feature = "cli")]
+pub use service_main::{WorkerMain, main};
 pub use shared::Stats;
 pub(crate) use shared::panic_text;
 
-use crate::broker::{Broker, BrokerError, Delivery, Take, fetch, requeue, wait_for_message};
+use crate::backend::{Backend, BackendError, RedisBackend};
+use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::proto::keys::{PRIORITY_BUCKETS, queue_key};
 use crate::service::state::StatePath;
@@ -58,6 +67,8 @@ pub enum WorkerError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
     StateFile(#[from] crate::service::state::StateError),
 }
 
@@ -76,6 +87,13 @@ pub struct WorkerSettings {
     pub max_task_delay: Duration,
     /// Where to record this worker's id for `healthcheck`; `None` for none.
     pub state_file: Option<StatePath>,
+    /// The Celery node name (`worker_nodename`); `None`: `taskstack@<host>`
+    /// (or `taskstack-<pid>@<host>` when taken).
+    pub nodename: Option<String>,
+    /// Which remote-control commands are obeyed (`worker_remote_control`).
+    pub remote_control: crate::control::RemoteControl,
+    /// Send task events from the start (`worker_send_task_events`, `-E`).
+    pub task_events: bool,
 }
 
 impl WorkerSettings {
@@ -91,6 +109,9 @@ impl WorkerSettings {
             max_message_size: usize::try_from(c.max_message_size).unwrap_or(usize::MAX),
             max_task_delay: c.max_task_delay,
             state_file: Some(StatePath::new("worker", c.worker_state_file.as_deref())),
+            nodename: c.worker_nodename.clone(),
+            remote_control: c.worker_remote_control,
+            task_events: c.worker_send_task_events,
         }
     }
 
@@ -115,7 +136,7 @@ pub struct RunSummary {
 /// A worker process's engine.
 #[derive(Debug)]
 pub struct Worker {
-    broker: Broker,
+    backend: Arc<dyn Backend>,
     registry: Registry,
     settings: WorkerSettings,
     id: String,
@@ -134,8 +155,18 @@ pub fn hostname() -> String {
 }
 
 impl Worker {
-    /// A worker with a fresh identity (unique per process start).
+    /// A worker on Redis with a fresh identity (unique per process start).
     pub fn new(broker: Broker, registry: Registry, settings: WorkerSettings) -> Self {
+        Self::on_backend(Arc::new(RedisBackend::new(broker)), registry, settings)
+    }
+
+    /// A worker on any backend (e.g. [`crate::backend::MemoryBackend`] in
+    /// tests) with a fresh identity (unique per process start).
+    pub fn on_backend(
+        backend: Arc<dyn Backend>,
+        registry: Registry,
+        settings: WorkerSettings,
+    ) -> Self {
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let id = format!("{}.{}.{}", hostname(), std::process::id(), &tag[..8]);
         let metrics = Arc::new(metrics::Metrics::new(
@@ -143,7 +174,7 @@ impl Worker {
             settings.concurrency,
         ));
         Self {
-            broker,
+            backend,
             registry,
             settings,
             id,
@@ -185,10 +216,20 @@ impl Worker {
         let metrics_listener = self.metrics_listener;
         let (settle_tx, settle_rx) = mpsc::channel(self.settings.prefetch.max(64) * 2);
         let (start_tx, start_rx) = mpsc::channel(self.settings.concurrency.max(64) * 2);
+        let nodename =
+            crate::control::claim_nodename(self.backend.redis(), self.settings.nodename.as_deref())
+                .await;
+        let monitor = Arc::new(crate::control::Monitor::new(
+            nodename,
+            self.settings.task_events,
+            self.metrics.events_dropped(),
+        ));
         let sh = Arc::new(Shared {
+            monitor,
             held: Arc::new(Semaphore::new(self.settings.prefetch)),
             exec: Arc::new(Semaphore::new(self.settings.concurrency)),
-            broker: self.broker,
+            clock: self.backend.clock(),
+            backend: self.backend,
             registry: self.registry,
             settings: self.settings,
             id: self.id,
@@ -201,7 +242,7 @@ impl Worker {
             start_tx: std::sync::Mutex::new(Some(start_tx)),
         });
         let mut shutdown = std::pin::pin!(shutdown);
-        let started_at = crate::proto::envelope::format_time(chrono::Utc::now());
+        let started_at = crate::proto::envelope::format_time(sh.now());
 
         // 1. Register: the lease exists before anything is taken.
         if !phases::register(&sh, &started_at, &mut shutdown).await {
@@ -213,10 +254,12 @@ impl Worker {
         let state_file = phases::record_state(&sh)?;
         // 2. Serve: the background loops, then the dispatcher until shutdown.
         let loops = phases::Loops::spawn(&sh, metrics_listener, started_at, settle_rx, start_rx);
+        let control = crate::control::pidbox::Service::spawn(&sh);
         let mut tasks = JoinSet::new();
         let queue_keys = sh.settings.queue_keys();
         tokio::select! {
             () = &mut shutdown => {}
+            () = sh.monitor.shutdown.cancelled() => {}
             () = dispatch(&sh, &queue_keys, &mut tasks) => {}
         }
         // 3. Drain: no new messages; running tasks get the drain timeout.
@@ -230,6 +273,7 @@ impl Worker {
         // 4. Settle what finished, stop the loops, and hand back the rest.
         loops.finish(&sh).await;
         let at_release = phases::release(&sh).await;
+        control.stop(&sh).await;
         if let Some(path) = state_file {
             let _ = std::fs::remove_file(path);
         }
@@ -269,8 +313,7 @@ async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
 
 /// Takes messages while there is room and spawns a task per message.
 async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<()>) {
-    let mut lane = sh.broker.broker_pool().lane();
-    let mut last_seq: u64 = 0;
+    let mut consume = sh.backend.consume(&sh.id);
     let mut backoff = Duration::from_millis(50);
     loop {
         while let Some(r) = tasks.try_join_next() {
@@ -290,20 +333,15 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
             slots.merge(more);
         }
         let budget = slots.num_permits();
-        let take = Take {
-            worker_id: &sh.id,
-            queue_keys,
-            max: budget,
-            last_seq,
-            lease: sh.settings.lease,
-            max_size: sh.settings.max_message_size,
-        };
-        // Reserve the whole range before asking: if the reply is lost after
-        // the script ran, the next call must not reuse (and overwrite) a
-        // sequence number that records a held message.
-        last_seq += budget as u64;
-        let got = fetch(&mut lane, sh.broker.keys(), take).await;
-        let deliveries: Vec<Delivery> = match got {
+        let got = consume
+            .take(
+                queue_keys,
+                budget,
+                sh.settings.lease,
+                sh.settings.max_message_size,
+            )
+            .await;
+        let deliveries = match got {
             Ok(d) => {
                 backoff = Duration::from_millis(50);
                 d
@@ -321,8 +359,8 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
         for d in deliveries {
             match slots.split(1) {
                 Some(slot) => held.push(shared::Held::new(d, slot)),
-                // fetch.lua never returns more than asked; should a reply
-                // ever do so, the extra goes back rather than unaccounted.
+                // A take never returns more than asked; should a reply ever
+                // do so, the extra goes back rather than unaccounted.
                 None => surplus.push(d.seq),
             }
         }
@@ -332,20 +370,12 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
                 count = surplus.len(),
                 "took more messages than asked; handing them back"
             );
-            if let Err(e) = requeue(&mut lane, sh.broker.keys(), &sh.id, &surplus).await {
+            if let Err(e) = consume.hand_back(&surplus).await {
                 tracing::warn!(error = %e, "cannot hand back; the lease returns them");
             }
         }
         if held.is_empty() {
-            if let Err(e) = wait_for_message(
-                &mut lane,
-                sh.broker.keys(),
-                &sh.id,
-                &queue_keys[0],
-                IDLE_WAIT,
-            )
-            .await
-            {
+            if let Err(e) = consume.wait_for_message(queue_keys, IDLE_WAIT).await {
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot wait for messages");
                 tokio::time::sleep(jitter(backoff)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));

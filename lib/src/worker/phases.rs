@@ -6,7 +6,7 @@ use super::keeper;
 use super::shared::{SettleMsg, Shared};
 use super::starter::StartRequest;
 use super::{WorkerError, settler, starter};
-use crate::broker::{heartbeat, release as release_lease};
+use crate::backend::Use;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -28,18 +28,13 @@ pub(super) async fn register(
 ) -> bool {
     let queue_keys = sh.settings.queue_keys();
     let register = async {
-        let mut lane = sh.broker.broker_pool().lane();
-        let mut retry = sh.retrier("register worker (is Redis reachable?)");
+        let mut leases = sh.backend.leases(Use::Loop);
+        let mut retry = sh.retrier("register worker (is the broker reachable?)");
         loop {
             let rec = keeper::record(sh, started_at);
-            match heartbeat(
-                &mut lane,
-                sh.broker.keys(),
-                &rec,
-                &queue_keys[0],
-                sh.settings.lease,
-            )
-            .await
+            match leases
+                .heartbeat(&rec, &queue_keys[0], sh.settings.lease)
+                .await
             {
                 Ok(_) => return true,
                 Err(e) => {
@@ -63,7 +58,7 @@ pub(super) fn record_state(sh: &Shared) -> Result<Option<PathBuf>, WorkerError> 
             "worker",
             "worker_state_file",
             &sh.id,
-            sh.broker.keys().namespace(),
+            sh.backend.namespace(),
         )?),
         None => None,
     };
@@ -174,8 +169,7 @@ impl Loops {
 /// Ends the lease at once, handing back anything still held; returns how
 /// many messages went back.
 pub(super) async fn release(sh: &Shared) -> u64 {
-    let mut lane = sh.broker.broker_pool().lane();
-    match release_lease(&mut lane, sh.broker.keys(), &sh.id).await {
+    match sh.backend.leases(Use::Loop).release(&sh.id).await {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(error = %e, "cannot release the lease; held messages return when it expires");

@@ -101,6 +101,14 @@ pub struct TaskContext {
     pub kwargs: Map<String, Value>,
     /// How many times this task was retried before this attempt.
     pub retries: u32,
+    /// When the task was due (its ETA or countdown), if it had one.
+    pub eta: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the task expires, if it does.
+    pub expires: Option<chrono::DateTime<chrono::Utc>>,
+    /// The first task of the workflow this one belongs to.
+    pub root_id: Option<String>,
+    /// The task that sent this one.
+    pub parent_id: Option<String>,
     pub(crate) soft_deadline: Option<Instant>,
     pub(crate) shutdown: CancellationToken,
 }
@@ -114,6 +122,10 @@ impl TaskContext {
             args,
             kwargs,
             retries: 0,
+            eta: None,
+            expires: None,
+            root_id: None,
+            parent_id: None,
             soft_deadline: None,
             shutdown: CancellationToken::new(),
         }
@@ -189,6 +201,21 @@ impl Registry {
         self.tasks.keys().cloned().collect()
     }
 
+    /// Whether `name` is registered.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tasks.contains_key(name)
+    }
+
+    /// Moves every task of `other` into this registry; a name both hold is
+    /// refused (returned) and nothing is moved.
+    pub fn absorb(&mut self, other: Registry) -> Result<(), String> {
+        if let Some(name) = other.tasks.keys().find(|n| self.tasks.contains_key(*n)) {
+            return Err(name.clone());
+        }
+        self.tasks.extend(other.tasks);
+        Ok(())
+    }
+
     /// Whether no task is registered.
     pub fn is_empty(&self) -> bool {
         self.tasks.is_empty()
@@ -246,5 +273,21 @@ mod tests {
         let out = h(TaskContext::new("t.double", vec![], Map::new())).await;
         assert_eq!(out, Err(TaskError::fail("TypeError", "need an int")));
         assert!(r.get("t.other").is_none());
+    }
+
+    #[test]
+    fn absorbing_refuses_a_name_both_hold_and_moves_nothing() {
+        let ok = |_: TaskContext| async { Ok(Value::Null) };
+        let mut base = Registry::new();
+        base.register("a", ok);
+        let mut other = Registry::new();
+        other.register("b", ok).register("a", ok);
+        assert_eq!(base.absorb(other), Err("a".to_owned()));
+        assert_eq!(base.names(), ["a"]);
+        let mut other = Registry::new();
+        other.register("b", ok);
+        assert_eq!(base.absorb(other), Ok(()));
+        assert!(base.contains("b"));
+        assert_eq!(base.names(), ["a", "b"]);
     }
 }

@@ -2,7 +2,7 @@
 //! acknowledgements) and hands back messages that never started.
 
 use super::shared::{SettleMsg, Shared, persist};
-use crate::broker::{Settle, requeue, settle};
+use crate::broker::Settle;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -11,10 +11,7 @@ const MAX_BATCH: usize = 512;
 /// Runs until every sender is gone and everything received is settled (or
 /// the worker abandons Redis work).
 pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
-    let keys = sh.broker.keys().clone();
-    let mut broker_lane = sh.broker.broker_pool().lane();
-    let mut backend_lane =
-        (!sh.broker.backend_is_broker()).then(|| sh.broker.backend_pool().lane());
+    let mut consume = sh.backend.consume(&sh.id);
     let mut buf = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
         let mut done: Vec<Settle> = Vec::with_capacity(buf.len());
@@ -39,7 +36,7 @@ pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
             let n = persist!(
                 sh,
                 "hand back unstarted messages",
-                requeue(&mut broker_lane, &keys, &sh.id, &back).await
+                consume.hand_back(&back).await
             );
             if let Some(n) = n {
                 tracing::info!(count = n, "handed unstarted messages back to their queues");
@@ -54,15 +51,7 @@ pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
             let ok = persist!(
                 sh,
                 "store results and acknowledge",
-                settle(
-                    &mut broker_lane,
-                    backend_lane.as_mut(),
-                    &keys,
-                    &sh.id,
-                    &done,
-                    ttl
-                )
-                .await
+                consume.settle(&done, ttl).await
             );
             if ok.is_some() {
                 sh.stats

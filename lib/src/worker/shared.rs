@@ -2,7 +2,8 @@
 
 use super::WorkerSettings;
 use super::registry::Registry;
-use crate::broker::{Broker, BrokerError, Delivery, Settle, StartVerdict, Starting};
+use crate::backend::{Backend, BackendError, Clock};
+use crate::broker::{Delivery, Settle, StartVerdict, Starting};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -95,7 +96,11 @@ impl SettleMsg {
 
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub broker: Broker,
+    /// Remote control's view of this worker and its event dispatcher.
+    pub monitor: Arc<crate::control::Monitor>,
+    pub backend: Arc<dyn Backend>,
+    /// The backend's clock: due times, ETAs and expiries are read on it.
+    pub clock: Arc<dyn Clock>,
     pub registry: Registry,
     pub settings: WorkerSettings,
     pub id: String,
@@ -116,6 +121,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Now, on the backend's clock.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp_millis(self.clock.now_ms()).unwrap_or_default()
+    }
+
     /// Queues a settlement; the settler batches them.
     pub async fn settle(&self, msg: SettleMsg) {
         // The settler outlives every message task, so a send only fails once
@@ -173,7 +183,7 @@ pub(crate) struct Retrier {
 
 impl Retrier {
     /// Logs `err` and waits before the next attempt; false means give up.
-    pub async fn again(&mut self, err: &BrokerError) -> bool {
+    pub async fn again(&mut self, err: &BackendError) -> bool {
         if err.is_auth_failure() {
             // Not a passing outage: say what to fix, loudly, on every try.
             tracing::error!(
@@ -196,7 +206,7 @@ impl Retrier {
 }
 
 /// Evaluates `$step` (an expression ending in `.await` that yields a
-/// `Result<T, BrokerError>`) until it succeeds, retrying through
+/// `Result<T, BackendError>`) until it succeeds, retrying through
 /// [`Shared::retrier`]; `Some(T)`, or `None` once the worker abandons Redis
 /// work (the lease release then hands the message back).
 macro_rules! persist {

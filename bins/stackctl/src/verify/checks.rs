@@ -67,6 +67,9 @@ pub struct WorkerRecord {
     pub host: String,
     #[serde(default)]
     pub queues: Vec<String>,
+    /// The tasks it runs (built-in, its binary's own, declared).
+    #[serde(default)]
+    pub tasks: Vec<String>,
 }
 
 /// The end-to-end smoke task.
@@ -109,6 +112,57 @@ impl Facts {
             .filter(move |s| s.role == role)
             .flat_map(|s| s.containers.iter())
     }
+}
+
+/// The tasks each live worker announces; workers that serve one queue
+/// must run the same tasks (a message on that queue may reach any of them,
+/// and one without its task dead-letters it as unknown).
+fn worker_tasks(records: &[WorkerRecord]) -> (bool, String) {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut problems = Vec::new();
+    let mut served: BTreeMap<&str, Vec<&WorkerRecord>> = BTreeMap::new();
+    for r in records {
+        if r.tasks.is_empty() {
+            problems.push(format!("worker {} announces no task", r.id));
+        }
+        for q in &r.queues {
+            served.entry(q).or_default().push(r);
+        }
+    }
+    for (queue, workers) in &served {
+        let all: BTreeSet<&str> = workers
+            .iter()
+            .flat_map(|w| w.tasks.iter().map(String::as_str))
+            .collect();
+        for w in workers {
+            let missing: Vec<&str> = all
+                .iter()
+                .copied()
+                .filter(|t| !w.tasks.iter().any(|x| x == t))
+                .collect();
+            if !missing.is_empty() {
+                problems.push(format!(
+                    "worker {} serves queue {queue} but lacks {} that other workers there run",
+                    w.id,
+                    missing.join(", ")
+                ));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return (false, problems.join("; "));
+    }
+    let mut sets: BTreeMap<Vec<&str>, Vec<&str>> = BTreeMap::new();
+    for r in records {
+        let mut tasks: Vec<&str> = r.tasks.iter().map(String::as_str).collect();
+        tasks.sort_unstable();
+        sets.entry(tasks).or_default().push(&r.id);
+    }
+    let each: Vec<String> = sets
+        .iter()
+        .map(|(tasks, ids)| format!("{}: {}", ids.join(", "), tasks.join(", ")))
+        .collect();
+    (true, each.join("; "))
 }
 
 fn check(id: &str, ok: bool, reason: impl Into<String>) -> Check {
@@ -358,6 +412,9 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
             (false, problems.join("; "))
         }
     }));
+    out.push(probe("workers.tasks", &f.workers, |records| {
+        worker_tasks(records)
+    }));
     out.push(probe("queues.readable", &f.queue_counts, |counts| {
         let each: Vec<String> = counts
             .iter()
@@ -506,11 +563,13 @@ mod tests {
                     id: "w1.1".into(),
                     host: "w1".into(),
                     queues: vec!["celery".into()],
+                    tasks: vec!["taskstack.add".into(), "invoices.render".into()],
                 },
                 WorkerRecord {
                     id: "w2.1".into(),
                     host: "w2".into(),
                     queues: vec!["celery".into()],
+                    tasks: vec!["invoices.render".into(), "taskstack.add".into()],
                 },
             ]),
             queues: vec!["celery".into()],
@@ -547,6 +606,33 @@ mod tests {
             lock.reason.starts_with("held by p_beat_1 (b1.7.abc"),
             "{}",
             lock.reason
+        );
+        let tasks = checks
+            .iter()
+            .find(|c| c.id == "workers.tasks")
+            .expect("workers.tasks");
+        assert_eq!(tasks.reason, "w1.1, w2.1: invoices.render, taskstack.add");
+    }
+
+    #[test]
+    fn workers_serving_one_queue_must_run_the_same_tasks() {
+        let mut f = good();
+        let records = f.workers.as_mut().expect("records");
+        records[1].tasks = vec!["taskstack.add".into()];
+        records[0].queues.push("reports".into());
+        assert_eq!(
+            failed(&f),
+            [
+                "workers.tasks: worker w2.1 serves queue celery but lacks invoices.render that other workers there run"
+            ]
+        );
+        let mut f = good();
+        f.workers.as_mut().expect("records")[0].tasks.clear();
+        let failures = failed(&f);
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(
+            failures[0].starts_with("workers.tasks: worker w1.1 announces no task; worker w1.1 serves queue celery but lacks"),
+            "{failures:?}"
         );
     }
 
@@ -624,6 +710,7 @@ mod tests {
             id: "w1.1".into(),
             host: "w1".into(),
             queues: vec!["other".into()],
+            tasks: vec!["taskstack.add".into()],
         }]);
         assert_eq!(
             failed(&f),

@@ -131,6 +131,7 @@ pub async fn workers(broker: &Probe<Broker>) -> Probe<Vec<WorkerRecord>> {
                 id: w.id,
                 host: w.host,
                 queues: w.queues,
+                tasks: w.tasks,
             })
             .collect())
     })

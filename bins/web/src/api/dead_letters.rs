@@ -6,10 +6,8 @@ use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
-use taskstack::broker::{
-    DeadLetter, DeadLetterAction, DeadSelection, dead_letters, move_dead_letters,
-    pick_dead_letters, store_results,
-};
+use taskstack::backend::Use;
+use taskstack::broker::{DeadLetter, DeadLetterAction, DeadSelection};
 use taskstack::proto::TaskResult;
 use utoipa::{IntoParams, ToSchema};
 
@@ -145,9 +143,10 @@ pub async fn list(
             "`limit` is {limit}; it must be 1 to 1000"
         )));
     }
-    let broker = state.broker();
-    let mut lane = broker.broker_pool().shared_lane();
-    let (items, total) = dead_letters(&mut lane, broker.keys(), &queue, limit)
+    let (items, total) = state
+        .backend()
+        .dead_letters(Use::Request)
+        .page(&queue, limit)
         .await
         .map_err(|e| ApiError::broker(&e))?;
     Ok(Json(DeadLetterList {
@@ -190,9 +189,9 @@ async fn act(
 ) -> Result<Json<DeadLettersMoved>, ApiError> {
     check_queue(&queue)?;
     let sel = selection(body)?;
-    let broker = state.broker();
-    let mut lane = broker.broker_pool().shared_lane();
-    let picked = pick_dead_letters(&mut lane, broker.keys(), &queue, &sel)
+    let mut dead = state.backend().dead_letters(Use::Request);
+    let picked = dead
+        .pick(&queue, &sel)
         .await
         .map_err(|e| ApiError::broker(&e))?;
     if action == DeadLetterAction::Requeue {
@@ -210,12 +209,15 @@ async fn act(
                 ))
             })
             .collect();
-        let mut backend = broker.backend_pool().shared_lane();
-        store_results(&mut backend, &pending, state.settings.result_expires)
+        state
+            .backend()
+            .results(Use::Request)
+            .write(&pending, state.settings.result_expires)
             .await
             .map_err(|e| ApiError::broker(&e))?;
     }
-    let moved = move_dead_letters(&mut lane, broker.keys(), &queue, action, &picked)
+    let moved = dead
+        .apply(&queue, action, &picked)
         .await
         .map_err(|e| ApiError::broker(&e))?;
     tracing::info!(queue = %queue, count = moved.len(), action = ?action, "dead letters moved");

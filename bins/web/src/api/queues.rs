@@ -6,7 +6,8 @@ use crate::state::{AppState, read_snapshot};
 use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
-use taskstack::broker::{BrokerError, DelayedSpan, WorkerRecord, delayed_span, queue_counts};
+use taskstack::backend::{BackendError, Use};
+use taskstack::broker::{DelayedSpan, WorkerRecord};
 use utoipa::ToSchema;
 
 /// One queue's messages and workers.
@@ -62,16 +63,19 @@ impl From<DelayedSpan> for DelayedView {
 }
 
 /// Every configured queue and every queue a live worker consumes.
-pub async fn queue_views(state: &AppState) -> Result<Vec<QueueView>, BrokerError> {
-    let snapshot = read_snapshot(state.broker()).await?;
+pub async fn queue_views(state: &AppState) -> Result<Vec<QueueView>, BackendError> {
+    let snapshot = read_snapshot(state.backend().as_ref()).await?;
     let mut names = state.settings.queues.clone();
     for q in &snapshot.queues {
         if !names.contains(q) {
             names.push(q.clone());
         }
     }
-    let mut lane = state.broker().broker_pool().shared_lane();
-    let counts = queue_counts(&mut lane, state.broker().keys(), &names).await?;
+    let counts = state
+        .backend()
+        .inspect(Use::Request)
+        .queue_counts(&names)
+        .await?;
     Ok(names
         .into_iter()
         .zip(counts)
@@ -103,8 +107,10 @@ pub async fn list_queues(State(state): State<AppState>) -> Result<Json<QueueList
     let queues = queue_views(&state)
         .await
         .map_err(|e| ApiError::broker(&e))?;
-    let mut lane = state.broker().broker_pool().shared_lane();
-    let delayed = delayed_span(&mut lane, state.broker().keys())
+    let delayed = state
+        .backend()
+        .inspect(Use::Request)
+        .delayed_span()
         .await
         .map_err(|e| ApiError::broker(&e))?
         .into();
@@ -130,7 +136,7 @@ pub struct WorkerList {
     )
 )]
 pub async fn list_workers(State(state): State<AppState>) -> Result<Json<WorkerList>, ApiError> {
-    let snapshot = read_snapshot(state.broker())
+    let snapshot = read_snapshot(state.backend().as_ref())
         .await
         .map_err(|e| ApiError::broker(&e))?;
     let mut workers = snapshot.workers.clone();

@@ -10,7 +10,8 @@ use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Value, json};
-use taskstack::broker::{RevokeOutcome, get_result, revoke};
+use taskstack::backend::Use;
+use taskstack::broker::RevokeOutcome;
 use taskstack::producer::ProducerError;
 use taskstack::proto::{ExceptionInfo, Provenance, TaskResult, TaskState};
 use utoipa::ToSchema;
@@ -209,8 +210,10 @@ pub async fn get_task(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<TaskView>, ApiError> {
     check_id(&id)?;
-    let mut lane = state.broker().backend_pool().shared_lane();
-    match get_result(&mut lane, &id)
+    match state
+        .backend()
+        .results(Use::Request)
+        .read(&id)
         .await
         .map_err(|e| ApiError::broker(&e))?
     {
@@ -271,16 +274,12 @@ pub async fn revoke_task(
     record.queue = None;
     record.retries = None;
     let json = serde_json::to_string(&record).map_err(|e| ApiError::broker(&e))?;
-    let mut lane = state.broker().backend_pool().shared_lane();
-    let outcome = revoke(
-        &mut lane,
-        state.broker().keys(),
-        &id,
-        &json,
-        state.settings.result_expires,
-    )
-    .await
-    .map_err(|e| ApiError::broker(&e))?;
+    let outcome = state
+        .backend()
+        .task_states(Use::Request)
+        .revoke(&id, &json, state.settings.result_expires)
+        .await
+        .map_err(|e| ApiError::broker(&e))?;
     let done = |now| {
         Ok(axum::Json(Revoked {
             id: id.clone(),

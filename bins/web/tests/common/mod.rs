@@ -30,45 +30,16 @@ pub fn settings(queues: &[&str], tasks: &[&str]) -> WebSettings {
     }
 }
 
-pub struct App {
-    pub redis: RedisServer,
-    pub ns: String,
+/// The router of `state`, driven without a socket.
+pub struct Api {
     pub state: AppState,
     pub router: Router,
 }
 
-impl App {
-    pub fn new(test: &str, settings: WebSettings) -> Result<Self> {
-        let redis = RedisServer::start()?;
-        let ns = namespace(test);
-        let broker = taskstack_integration::broker(&redis.url(), &ns)?;
-        let state = AppState::new(broker, settings);
+impl Api {
+    pub fn new(state: AppState) -> Self {
         let (router, _) = taskstack_web::router(state.clone());
-        Ok(Self {
-            redis,
-            ns,
-            state,
-            router,
-        })
-    }
-
-    /// A worker engine in this process with the built-in tasks (or `registry`).
-    pub fn worker(
-        &self,
-        queues: &[&str],
-        registry: Option<taskstack::worker::Registry>,
-    ) -> Result<InProcessWorker> {
-        let registry = registry.unwrap_or_else(|| {
-            let mut r = taskstack::worker::Registry::new();
-            taskstack::worker::builtin::register(&mut r);
-            r
-        });
-        InProcessWorker::start(
-            &self.redis.url(),
-            &self.ns,
-            registry,
-            taskstack_integration::settings(queues),
-        )
+        Self { state, router }
     }
 
     /// Sends `req` and returns status, headers and body text.
@@ -125,6 +96,52 @@ impl App {
             },
         )
         .await
+    }
+}
+
+/// [`Api`] on a real `redis-server` of its own.
+pub struct App {
+    pub redis: RedisServer,
+    pub ns: String,
+    pub api: Api,
+}
+
+impl std::ops::Deref for App {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+impl App {
+    pub fn new(test: &str, settings: WebSettings) -> Result<Self> {
+        let redis = RedisServer::start()?;
+        let ns = namespace(test);
+        let broker = taskstack_integration::broker(&redis.url(), &ns)?;
+        Ok(Self {
+            redis,
+            ns,
+            api: Api::new(AppState::new(broker, settings)),
+        })
+    }
+
+    /// A worker engine in this process with the built-in tasks (or `registry`).
+    pub fn worker(
+        &self,
+        queues: &[&str],
+        registry: Option<taskstack::worker::Registry>,
+    ) -> Result<InProcessWorker> {
+        let registry = registry.unwrap_or_else(|| {
+            let mut r = taskstack::worker::Registry::new();
+            taskstack::worker::builtin::register(&mut r);
+            r
+        });
+        InProcessWorker::start(
+            &self.redis.url(),
+            &self.ns,
+            registry,
+            taskstack_integration::settings(queues),
+        )
     }
 
     /// The length of a Redis list.

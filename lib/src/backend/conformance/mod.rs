@@ -34,6 +34,8 @@ pub(crate) trait Harness: Send + Sync {
 /// for the few round trips a case makes before it must not have run out.
 const SHORT: Duration = Duration::from_secs(1);
 const LONG: Duration = Duration::from_secs(60);
+/// A `max_size` no message reaches.
+const ANY_SIZE: usize = usize::MAX;
 
 /// Waits for a condition, stepping time, until a deadline.
 struct Waiter<'a> {
@@ -113,7 +115,7 @@ fn json(r: &TaskResult) -> String {
 async fn drain(b: &dyn Backend, worker: &str, queue_keys: &[String]) -> Vec<String> {
     let got = b
         .consume(worker)
-        .take(queue_keys, 100, LONG)
+        .take(queue_keys, 100, LONG, ANY_SIZE)
         .await
         .expect("take");
     got.into_iter()
@@ -137,13 +139,13 @@ pub(crate) async fn delivery_order_and_priority_buckets(h: &dyn Harness) {
     send(&*b, &[out("q", "m3")]).await;
     let order = keys(&["q", "r", &low]);
     let mut c = b.consume("w1");
-    let first = c.take(&order, 2, LONG).await.expect("take");
+    let first = c.take(&order, 2, LONG, ANY_SIZE).await.expect("take");
     let payloads: Vec<_> = first
         .iter()
         .map(|d| d.text().unwrap_or("<not UTF-8>"))
         .collect();
     assert_eq!(payloads, ["m1", "m2"], "oldest first");
-    let rest = c.take(&order, 10, LONG).await.expect("take");
+    let rest = c.take(&order, 10, LONG, ANY_SIZE).await.expect("take");
     let payloads: Vec<_> = rest
         .iter()
         .map(|d| d.text().unwrap_or("<not UTF-8>"))
@@ -157,7 +159,12 @@ pub(crate) async fn delivery_order_and_priority_buckets(h: &dyn Harness) {
     let mut seqs: Vec<u64> = first.iter().chain(&rest).map(|d| d.seq).collect();
     seqs.dedup();
     assert_eq!(seqs.len(), 5, "every hold has its own sequence number");
-    assert!(c.take(&order, 10, LONG).await.expect("take").is_empty());
+    assert!(
+        c.take(&order, 10, LONG, ANY_SIZE)
+            .await
+            .expect("take")
+            .is_empty()
+    );
     let counts = counts_of(&*b, &keys(&["q", "r"])).await;
     assert_eq!((counts[0].ready, counts[0].in_flight), (0, 4));
     assert_eq!((counts[1].ready, counts[1].in_flight), (0, 1));
@@ -179,7 +186,7 @@ pub(crate) async fn waiting_wakes_on_arrival(h: &dyn Harness) {
         start.elapsed() < Duration::from_secs(5),
         "woken, not timed out"
     );
-    let got = c.take(&q, 10, LONG).await.expect("take");
+    let got = c.take(&q, 10, LONG, ANY_SIZE).await.expect("take");
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].text(), Some("m1"));
 }
@@ -199,7 +206,7 @@ pub(crate) async fn redelivery_after_lease_expiry(h: &dyn Harness) {
         !leases.heartbeat(&rec, "q", SHORT).await.expect("beat"),
         "renewed"
     );
-    let held = a.take(&q, 2, SHORT).await.expect("take");
+    let held = a.take(&q, 2, SHORT, ANY_SIZE).await.expect("take");
     assert_eq!(held.len(), 2);
     let mut states = b.task_states(Use::Loop);
     let starting = |seq| Starting {
@@ -302,12 +309,12 @@ pub(crate) async fn hand_back_returns_to_the_front(h: &dyn Harness) {
     )
     .await;
     let mut c = b.consume("w1");
-    let held = c.take(&q, 3, LONG).await.expect("take");
+    let held = c.take(&q, 3, LONG, ANY_SIZE).await.expect("take");
     let (sa, sb, sc) = (held[0].seq, held[1].seq, held[2].seq);
     assert_eq!(c.hand_back(&[sa, sc]).await.expect("hand back"), 2);
     assert_eq!(c.hand_back(&[sa, sc]).await.expect("hand back"), 0, "once");
     assert_eq!(c.hand_back(&[]).await.expect("hand back"), 0);
-    let next = c.take(&q, 10, LONG).await.expect("take");
+    let next = c.take(&q, 10, LONG, ANY_SIZE).await.expect("take");
     let payloads: Vec<_> = next
         .iter()
         .map(|d| d.text().unwrap_or("<not UTF-8>"))
@@ -323,7 +330,7 @@ pub(crate) async fn settle_stores_results_then_acks_idempotently(h: &dyn Harness
     let q = keys(&["q"]);
     send(&*b, &[out("q", "m1"), out("q", "m2")]).await;
     let mut c = b.consume("w1");
-    let held = c.take(&q, 2, LONG).await.expect("take");
+    let held = c.take(&q, 2, LONG, ANY_SIZE).await.expect("take");
     let done = record("t1", TaskState::Success);
     let batch = [
         Settle {
@@ -355,7 +362,11 @@ pub(crate) async fn settle_acknowledges_nothing_until_results_are_stored(h: &dyn
     let (b, down) = (h.backend(), h.results_down());
     let q = keys(&["q"]);
     send(&*b, &[out("q", "m1")]).await;
-    let held = down.consume("w1").take(&q, 1, LONG).await.expect("take");
+    let held = down
+        .consume("w1")
+        .take(&q, 1, LONG, ANY_SIZE)
+        .await
+        .expect("take");
     let done = record("t1", TaskState::Success);
     let batch = [Settle {
         seq: held[0].seq,
@@ -402,7 +413,7 @@ pub(crate) async fn dead_letters_keep_reason_and_payload_and_move_once(h: &dyn H
     let q = keys(&["q"]);
     send(&*b, &[out("q", "{\"p\":1}"), out("q", "not json")]).await;
     let mut c = b.consume("w1");
-    let held = c.take(&q, 2, LONG).await.expect("take");
+    let held = c.take(&q, 2, LONG, ANY_SIZE).await.expect("take");
     let (d1, d2) = (dead("q", "t1", "{\"p\":1}"), dead("q", "t2", "not json"));
     c.dead_letter(held[0].seq, &d1).await.expect("dead-letter");
     c.dead_letter(held[0].seq, &d1)
@@ -444,6 +455,45 @@ pub(crate) async fn dead_letters_keep_reason_and_payload_and_move_once(h: &dyn H
     );
 }
 
+pub(crate) async fn oversized_messages_stay_unsent_and_dead_letter_whole(h: &dyn Harness) {
+    let b = h.backend();
+    let q = keys(&["q"]);
+    let big = "x".repeat(300);
+    send(&*b, &[out("q", "small"), out("q", &big)]).await;
+    let mut c = b.consume("w1");
+    let held = c.take(&q, 2, LONG, 100).await.expect("take");
+    assert_eq!(held.len(), 2);
+    assert_eq!((held[0].text(), held[0].oversized), (Some("small"), None));
+    assert!(
+        held[1].payload.is_empty(),
+        "an oversized message is not sent"
+    );
+    assert_eq!(held[1].oversized, Some(300));
+    let counts = counts_of(&*b, &q).await;
+    assert_eq!(counts[0].in_flight, 2, "both are held");
+
+    let mut record = dead("q", "t-big", "");
+    record.payload_size = held[1].oversized;
+    c.dead_letter(held[1].seq, &record)
+        .await
+        .expect("dead-letter");
+    c.settle(&[ack(held[0].seq)], LONG).await.expect("settle");
+    let mut dl = b.dead_letters(Use::Request);
+    let (page, total) = dl.page("q", 10).await.expect("page");
+    assert_eq!(total, 1);
+    assert_eq!(page[0].payload_size, Some(300));
+    let picked = dl.pick("q", &DeadSelection::Oldest { limit: 1 }).await;
+    let moved = dl
+        .apply("q", DeadLetterAction::Requeue, &picked.expect("pick"))
+        .await;
+    assert_eq!(moved.expect("requeue").len(), 1);
+    assert_eq!(
+        drain(&*b, "w2", &q).await,
+        [big],
+        "requeued byte for byte from where the backend kept it"
+    );
+}
+
 pub(crate) async fn delayed_messages_move_when_due_and_not_before(h: &dyn Harness) {
     let b = h.backend();
     let q = keys(&["q"]);
@@ -454,7 +504,7 @@ pub(crate) async fn delayed_messages_move_when_due_and_not_before(h: &dyn Harnes
     send(&*b, &[later]).await;
     send(&*b, &[out("q", "held")]).await;
     let mut c = b.consume("w1");
-    let held = c.take(&q, 1, LONG).await.expect("take");
+    let held = c.take(&q, 1, LONG, ANY_SIZE).await.expect("take");
     c.park_held(held[0].seq, "q", b"retry", due)
         .await
         .expect("park held");
@@ -474,6 +524,13 @@ pub(crate) async fn delayed_messages_move_when_due_and_not_before(h: &dyn Harnes
         (counts[0].ready, counts[0].delayed, counts[0].in_flight),
         (1, 2, 0)
     );
+    let mut inspect = b.inspect(Use::Request);
+    let span = inspect.delayed_span().await.expect("span");
+    assert_eq!(
+        (span.parked, span.first_due_ms, span.last_due_ms),
+        (2, Some(due), Some(due))
+    );
+    inspect.ping().await.expect("ping");
 
     let w = Waiter::new(h, "the parked messages to come due");
     let mut moved = 0;
@@ -485,6 +542,8 @@ pub(crate) async fn delayed_messages_move_when_due_and_not_before(h: &dyn Harnes
     assert_eq!(moved, 2, "each moved once");
     let p = d.promote_due(100).await.expect("promote");
     assert_eq!((p.moved, p.next_due_in), (0, None));
+    let span = inspect.delayed_span().await.expect("span");
+    assert_eq!((span.parked, span.first_due_ms), (0, None));
     let mut got = drain(&*b, "w2", &q).await;
     assert_eq!(got.remove(0), "first", "promoted to the back of the queue");
     got.sort();

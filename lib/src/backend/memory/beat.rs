@@ -6,6 +6,7 @@ use crate::backend::traits::{
 };
 use crate::proto::keys::queue_key;
 use async_trait::async_trait;
+use std::sync::PoisonError;
 use std::time::Duration;
 
 impl State {
@@ -50,6 +51,46 @@ impl LeaderLock for MemorySession {
     async fn holder(&mut self) -> Result<Option<String>, BackendError> {
         let (st, now) = self.state("read beat lock")?;
         Ok(st.lock_value(now).map(str::to_owned))
+    }
+
+    async fn announce(
+        &mut self,
+        instance_id: &str,
+        record: &str,
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let (mut st, now) = self.state("beat heartbeat")?;
+        let record = Expiring {
+            value: record.to_owned(),
+            until_ms: now + ms(ttl),
+        };
+        st.beat_instances.insert(instance_id.to_owned(), record);
+        Ok(())
+    }
+
+    async fn forget(&mut self, instance_id: &str) -> Result<(), BackendError> {
+        let (mut st, _) = self.state("delete beat heartbeat")?;
+        st.beat_instances.remove(instance_id);
+        Ok(())
+    }
+}
+
+impl super::MemoryBackend {
+    /// The heartbeat records of live beat instances (id → JSON), for tests.
+    pub fn beat_instances(&self) -> Vec<(String, String)> {
+        let st = self
+            .inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = crate::backend::Clock::now_ms(&self.inner.clock);
+        let mut live: Vec<_> = st
+            .beat_instances
+            .iter()
+            .filter_map(|(id, r)| r.live(now).map(|v| (id.clone(), v.clone())))
+            .collect();
+        live.sort();
+        live
     }
 }
 

@@ -59,6 +59,7 @@ impl Consume for MemorySession {
         queue_keys: &[String],
         max: usize,
         lease: Duration,
+        max_size: usize,
     ) -> Result<Vec<Delivery>, BackendError> {
         let (mut st, now) = self.state("take")?;
         let st = &mut *st;
@@ -71,18 +72,25 @@ impl Consume for MemorySession {
                 };
                 st.last_seq += 1;
                 let seq = st.last_seq;
+                // Oversized: held, but only its length is handed out.
+                let oversized = (payload.len() > max_size).then_some(payload.len() as u64);
+                let sent = if oversized.is_some() {
+                    Vec::new()
+                } else {
+                    payload.clone()
+                };
                 st.holds.entry(self.worker_id.clone()).or_default().insert(
                     seq,
                     Placed {
                         queue_key: key.clone(),
-                        payload: payload.clone(),
+                        payload,
                     },
                 );
                 out.push(Delivery {
                     seq,
                     queue_key: key.clone(),
-                    payload,
-                    oversized: None,
+                    payload: sent,
+                    oversized,
                 });
             }
         }
@@ -174,14 +182,24 @@ impl Consume for MemorySession {
     }
 
     async fn dead_letter(&mut self, seq: u64, record: &DeadLetter) -> Result<(), BackendError> {
-        let json = to_json("dead-letter", record)?;
         let (mut st, _) = self.state("dead-letter")?;
-        if Self::unhold(&mut st, &self.worker_id, seq).is_some() {
-            st.dead
-                .entry(record.queue.clone())
-                .or_default()
-                .push_front(json);
-        }
+        let Some(held) = st.holds.get(&self.worker_id).and_then(|h| h.get(&seq)) else {
+            return Ok(());
+        };
+        let json = if record.payload_size.is_some() && record.payload_key.is_none() {
+            // Oversized: the worker never had the bytes; the record keeps
+            // them here, so a requeue restores the message.
+            let mut record = record.clone();
+            record.set_payload(&held.payload);
+            to_json("dead-letter", &record)?
+        } else {
+            to_json("dead-letter", record)?
+        };
+        Self::unhold(&mut st, &self.worker_id, seq);
+        st.dead
+            .entry(record.queue.clone())
+            .or_default()
+            .push_front(json);
         Ok(())
     }
 }

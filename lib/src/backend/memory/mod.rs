@@ -104,6 +104,9 @@ struct State {
     /// Beat entry → last published slot (ms).
     #[cfg(feature = "beat")]
     last_slots: HashMap<String, i64>,
+    /// Beat instance id → its heartbeat record (JSON).
+    #[cfg(feature = "beat")]
+    beat_instances: HashMap<String, Expiring<String>>,
     last_seq: u64,
     parked: u64,
 }
@@ -227,6 +230,9 @@ impl Backend for MemoryBackend {
     fn clock(&self) -> Arc<dyn Clock> {
         Arc::new(self.inner.clock)
     }
+    fn namespace(&self) -> &str {
+        "memory"
+    }
     fn enqueue(&self, _: Use) -> Box<dyn Enqueue> {
         self.session("")
     }
@@ -348,12 +354,15 @@ mod tests {
             err,
             Err(BackendError::Unavailable { op: "enqueue" })
         ));
-        let err = b.consume("w").take(&q, 1, Duration::from_secs(1)).await;
+        let err = b
+            .consume("w")
+            .take(&q, 1, Duration::from_secs(1), usize::MAX)
+            .await;
         assert!(matches!(err, Err(BackendError::Unavailable { .. })));
         b.set_available(true);
         assert!(
             b.consume("w")
-                .take(&q, 1, Duration::from_secs(1))
+                .take(&q, 1, Duration::from_secs(1), usize::MAX)
                 .await
                 .expect("take")
                 .is_empty()
@@ -364,7 +373,7 @@ mod tests {
             .expect("enqueue");
         assert_eq!(
             b.consume("w")
-                .take(&q, 1, Duration::from_secs(1))
+                .take(&q, 1, Duration::from_secs(1), usize::MAX)
                 .await
                 .expect("take")
                 .len(),

@@ -4,8 +4,8 @@
 use super::{MemorySession, State, ms, to_json};
 use crate::backend::traits::{BackendError, DeadLetters, Inspect, ResultStore, TaskStates};
 use crate::broker::{
-    DeadLetter, DeadLetterAction, DeadSelection, PickedDeadLetter, QueueCounts, RevokeOutcome,
-    StartVerdict, Starting, WorkerRecord,
+    DeadLetter, DeadLetterAction, DeadSelection, DelayedSpan, PickedDeadLetter, QueueCounts,
+    RevokeOutcome, StartVerdict, Starting, WorkerRecord,
 };
 use crate::proto::keys::{PRIORITY_BUCKETS, queue_key, queue_of_key};
 use crate::proto::{TaskResult, TaskState};
@@ -286,6 +286,21 @@ impl Inspect for MemorySession {
             out.push(c);
         }
         Ok(out)
+    }
+
+    async fn delayed_span(&mut self) -> Result<DelayedSpan, BackendError> {
+        let (st, _) = self.state("read the delayed set")?;
+        Ok(DelayedSpan {
+            parked: st.delayed.len() as u64,
+            first_due_ms: st.delayed.keys().next().map(|(due, _)| *due),
+            last_due_ms: st.delayed.keys().next_back().map(|(due, _)| *due),
+        })
+    }
+
+    async fn ping(&mut self) -> Result<Duration, BackendError> {
+        let start = std::time::Instant::now();
+        drop(self.state("ping")?);
+        Ok(start.elapsed())
     }
 
     async fn live_workers(&mut self) -> Result<Vec<WorkerRecord>, BackendError> {

@@ -40,6 +40,29 @@ impl LeaderLock for RedisSession {
         .arg(&key)
         .query_async(c))?)
     }
+
+    async fn announce(
+        &mut self,
+        instance_id: &str,
+        record: &str,
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut set = redis::cmd("SET");
+        set.arg(self.shared.broker.keys().beat_instance(instance_id))
+            .arg(record)
+            .arg("PX")
+            .arg(ms);
+        Ok(on_lane!(&mut self.lane, "beat heartbeat", |c| set
+            .query_async::<()>(c))?)
+    }
+
+    async fn forget(&mut self, instance_id: &str) -> Result<(), BackendError> {
+        let mut del = redis::cmd("DEL");
+        del.arg(self.shared.broker.keys().beat_instance(instance_id));
+        Ok(on_lane!(&mut self.lane, "delete beat heartbeat", |c| del
+            .query_async::<()>(c))?)
+    }
 }
 
 #[async_trait]

@@ -13,8 +13,9 @@ use super::traits::{
 #[cfg(feature = "beat")]
 use super::traits::{LeaderLock, SlotLedger};
 use crate::broker::{
-    self, Broker, DeadLetter, DeadLetterAction, DeadSelection, Delivery, Lane, PickedDeadLetter,
-    QueueCounts, RevokeOutcome, Settle, StartVerdict, Starting, Take, WorkerRecord, on_lane,
+    self, Broker, DeadLetter, DeadLetterAction, DeadSelection, DelayedSpan, Delivery, Lane,
+    PickedDeadLetter, QueueCounts, RevokeOutcome, Settle, StartVerdict, Starting, Take,
+    WorkerRecord, on_lane,
 };
 use crate::proto::TaskResult;
 use crate::proto::keys::result_key;
@@ -78,6 +79,12 @@ impl RedisBackend {
 impl Backend for RedisBackend {
     fn clock(&self) -> Arc<dyn Clock> {
         Arc::new(SystemClock)
+    }
+    fn namespace(&self) -> &str {
+        self.broker.keys().namespace()
+    }
+    fn redis(&self) -> Option<&Broker> {
+        Some(&self.broker)
     }
     fn enqueue(&self, usage: Use) -> Box<dyn Enqueue> {
         self.session(usage, "")
@@ -184,7 +191,11 @@ impl Consume for RedisSession {
         queue_keys: &[String],
         max: usize,
         lease: Duration,
+        max_size: usize,
     ) -> Result<Vec<Delivery>, BackendError> {
+        // The whole range is reserved before asking: if the reply is lost
+        // after the script ran, a later take must not reuse (and overwrite)
+        // a number that records a held message.
         let last_seq = self.shared.last_seq.fetch_add(max as u64, Ordering::SeqCst);
         let take = Take {
             worker_id: &self.worker_id,
@@ -192,8 +203,7 @@ impl Consume for RedisSession {
             max,
             last_seq,
             lease,
-            // The trait has no size limit yet: every message is sent.
-            max_size: usize::MAX,
+            max_size,
         };
         let keys = self.shared.broker.keys();
         Ok(broker::fetch(&mut self.lane, keys, take).await?)
@@ -247,6 +257,15 @@ impl Consume for RedisSession {
 
     async fn dead_letter(&mut self, seq: u64, record: &DeadLetter) -> Result<(), BackendError> {
         let keys = self.shared.broker.keys();
+        if record.payload_size.is_some() && record.payload_key.is_none() {
+            // Oversized: dead_letter.lua copies the held bytes to a key of
+            // their own instead of fetching them.
+            let mut record = record.clone();
+            record.payload_key = Some(keys.dead_payload(&record.queue, &self.worker_id, seq));
+            return Ok(
+                broker::dead_letter(&mut self.lane, keys, &self.worker_id, seq, &record).await?,
+            );
+        }
         Ok(broker::dead_letter(&mut self.lane, keys, &self.worker_id, seq, record).await?)
     }
 }
@@ -334,7 +353,37 @@ impl TaskStates for RedisSession {
         ttl: Duration,
     ) -> Result<Vec<StartVerdict>, BackendError> {
         let keys = self.shared.broker.keys();
-        Ok(broker::start_batch(&mut self.backend, keys, worker_id, tasks, ttl).await?)
+        let Some(worker) = worker_id.filter(|_| !self.same_server()) else {
+            // Results on the broker's server: start.lua checks the holds
+            // itself, atomically with the reaper.
+            return Ok(broker::start_batch(&mut self.backend, keys, worker_id, tasks, ttl).await?);
+        };
+        // Elsewhere: one HMGET of the holds on the broker first; only the
+        // tasks still held are started.
+        let seqs: Vec<u64> = tasks.iter().map(|t| t.seq).collect();
+        let holds = broker::held(&mut self.lane, keys, worker, &seqs).await?;
+        let still_held: Vec<Starting> = tasks
+            .iter()
+            .zip(&holds)
+            .filter(|(_, h)| **h)
+            .map(|(t, _)| t.clone())
+            .collect();
+        let mut started = if still_held.is_empty() {
+            Vec::new()
+        } else {
+            broker::start_batch(&mut self.backend, keys, None, &still_held, ttl).await?
+        }
+        .into_iter();
+        Ok(holds
+            .into_iter()
+            .map(|h| {
+                if h {
+                    started.next().unwrap_or(StartVerdict::NotHeld)
+                } else {
+                    StartVerdict::NotHeld
+                }
+            })
+            .collect())
     }
 
     async fn revoke(
@@ -389,6 +438,20 @@ impl Inspect for RedisSession {
     async fn live_workers(&mut self) -> Result<Vec<WorkerRecord>, BackendError> {
         let keys = self.shared.broker.keys();
         Ok(broker::live_workers(&mut self.lane, keys).await?)
+    }
+
+    async fn delayed_span(&mut self) -> Result<DelayedSpan, BackendError> {
+        let keys = self.shared.broker.keys();
+        Ok(broker::delayed_span(&mut self.lane, keys).await?)
+    }
+
+    async fn ping(&mut self) -> Result<Duration, BackendError> {
+        // The connection first, so the figure is one round trip.
+        self.lane.conn("ping").await?;
+        let start = std::time::Instant::now();
+        on_lane!(&mut self.lane, "ping", |c| redis::cmd("PING")
+            .query_async::<String>(c))?;
+        Ok(start.elapsed())
     }
 }
 

@@ -1,0 +1,12 @@
+//! `my-worker`: taskstack's worker with this crate's tasks added. It has the
+//! stock `taskstack-worker`'s whole command line (`--help`, `healthcheck`,
+//! `config`, `tasks`), configuration, metrics, signals and exit codes.
+
+fn main() -> std::process::ExitCode {
+    taskstack::worker::WorkerMain::new(
+        env!("CARGO_PKG_NAME"),
+        env!("CARGO_PKG_VERSION"),
+        my_worker::register,
+    )
+    .run()
+}

@@ -1,0 +1,416 @@
+//! Celery's canvas (chain, link, link_error, chord) from a real Python
+//! Celery 5.7 client against a real taskstack worker process on a real
+//! Redis; a chord split between a Python Celery worker and a taskstack
+//! worker; and a redelivered message that must not send its follow-ups
+//! twice. The Python side comes from the venv the interop tests use
+//! (`target/celery-venv`, or `TASKSTACK_CELERY_PYTHON`).
+
+use anyhow::{Context as _, Result, ensure};
+use serde_json::{Value, json};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use taskstack::proto::TaskState;
+use taskstack_integration::python::{celery_python, clean_env, python_dir};
+use taskstack_integration::{RedisServer, WorkerProcess, namespace, producer, wait_until_sync};
+
+/// A Redis server and one stock taskstack worker on it (own namespace).
+struct Stack {
+    redis: RedisServer,
+    worker: WorkerProcess,
+    ns: String,
+    python: PathBuf,
+}
+
+impl Stack {
+    async fn start(test: &str) -> Result<Self> {
+        let python = tokio::task::spawn_blocking(celery_python).await??;
+        let redis = RedisServer::start()?;
+        let ns = namespace(test);
+        let worker = WorkerProcess::spawn(&redis.url(), &ns, &[])?;
+        worker.wait_log("worker ready", Duration::from_secs(60))?;
+        Ok(Self {
+            redis,
+            worker,
+            ns,
+            python,
+        })
+    }
+
+    /// Runs one scenario of `canvas_client.py`; what the client saw.
+    async fn client(&self, scenario: &str, extra: &[&str]) -> Result<Value> {
+        let mut cmd = tokio::process::Command::new(&self.python);
+        cmd.arg(python_dir().join("canvas_client.py"))
+            .arg(self.redis.url())
+            .arg(scenario)
+            .args(extra)
+            .current_dir(python_dir())
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("PYTHONUNBUFFERED", "1")
+            .env_remove("PYTHONPATH")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+            .await
+            .with_context(|| {
+                format!(
+                    "canvas_client.py {scenario} hung; worker log:\n{}",
+                    self.worker.log()
+                )
+            })??;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.success(),
+            "canvas_client.py {scenario} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}\nworker log:\n{}",
+            out.status,
+            self.worker.log()
+        );
+        let seen = stdout
+            .lines()
+            .rev()
+            .find_map(|l| {
+                serde_json::from_str::<Value>(l.trim())
+                    .ok()
+                    .filter(Value::is_object)
+            })
+            .with_context(|| format!("no JSON line:\n{stdout}\nstderr:\n{stderr}"))?;
+        eprintln!("Celery client saw: {seen}");
+        Ok(seen)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_of_three_adds_runs_to_the_end_with_parent_and_children() -> Result<()> {
+    let s = Stack::start("canvas-chain").await?;
+    let seen = s.client("chain", &[]).await?;
+    assert_eq!(seen["result"], json!(16), "{seen}");
+    assert_eq!(
+        seen["states"],
+        json!(["SUCCESS", "SUCCESS", "SUCCESS"]),
+        "{seen}"
+    );
+    let ids = seen["ids"].as_array().context("ids")?;
+    // The first step's stored record lists the second as its child.
+    assert_eq!(seen["first_children"], json!([ids[1]]), "{seen}");
+    let p = producer(&s.redis.url(), &s.ns)?;
+    for (i, id) in ids.iter().enumerate() {
+        let id = id.as_str().context("id")?;
+        let r = p.result(id).await?.context("stored result")?;
+        assert_eq!(r.status, TaskState::Success);
+        assert_eq!(
+            r.parent_id.as_deref(),
+            seen["parent_ids"][i].as_str(),
+            "step {i}: {r:?}"
+        );
+        assert!(r.worker.is_some(), "our worker ran step {i}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_immutable_step_ignores_the_previous_result() -> Result<()> {
+    let s = Stack::start("canvas-immutable").await?;
+    let seen = s.client("immutable", &[]).await?;
+    // (2+2) is dropped by the immutable (10+1); then 11 + 1.
+    assert_eq!(seen["result"], json!(12), "{seen}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_step_stops_the_chain_and_runs_its_errback() -> Result<()> {
+    let s = Stack::start("canvas-chain-fail").await?;
+    let seen = s.client("chain_fail", &[]).await?;
+    assert_eq!(seen["failing_state"], "FAILURE", "{seen}");
+    // The step after the failure never ran: Celery's client sees the
+    // failure on it too, as it does with a Python worker.
+    assert_eq!(seen["last_state"], "FAILURE", "{seen}");
+    assert_eq!(seen["raised"], "RuntimeError", "{seen}");
+    // Old-style errback, as Celery sends one it cannot call in-process:
+    // the failed task's id first, then the errback's own args.
+    let failing = seen["failing_id"].clone();
+    assert_eq!(
+        seen["errback_result"],
+        json!({"args": [failing, "errback"], "kwargs": {}}),
+        "{seen}"
+    );
+    assert_eq!(seen["errback_parent_id"], failing, "{seen}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_callback_gets_the_result() -> Result<()> {
+    let s = Stack::start("canvas-link").await?;
+    let seen = s.client("link", &[]).await?;
+    assert_eq!(seen["result"], json!(7), "{seen}");
+    assert_eq!(
+        seen["callback_result"],
+        json!({"args": [7, "linked"], "kwargs": {}}),
+        "{seen}"
+    );
+    assert_eq!(seen["children"], json!([seen["callback_id"]]), "{seen}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chord_body_gets_the_ordered_header_results_once() -> Result<()> {
+    let s = Stack::start("canvas-chord").await?;
+    let seen = s.client("chord", &[]).await?;
+    assert_eq!(
+        seen["result"],
+        json!({"args": [[0, 2, 4, 6, 8], "body"], "kwargs": {}}),
+        "{seen}"
+    );
+    // The body went out through the send-once marker (so never twice).
+    use redis::Commands as _;
+    let body = seen["body_id"].as_str().context("body id")?;
+    let mut conn = s.redis.conn()?;
+    let marked: bool = conn.exists(taskstack::canvas::redis::sent_marker(&s.ns, body))?;
+    assert!(marked, "no send-once marker for the body {body}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_chord_member_gives_chord_error_on_the_body() -> Result<()> {
+    let s = Stack::start("canvas-chord-fail").await?;
+    let seen = s.client("chord_fail", &[]).await?;
+    assert_eq!(seen["state"], "FAILURE", "{seen}");
+    assert_eq!(seen["body_exc_type"], "ChordError", "{seen}");
+    assert_eq!(seen["body_exc_module"], "celery.exceptions", "{seen}");
+    let msg = seen["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("Dependency") && msg.contains("member broke"),
+        "{seen}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_as_the_last_chain_step_gets_the_result_in_each_member() -> Result<()> {
+    let s = Stack::start("canvas-chain-group").await?;
+    let seen = s.client("chain_group", &[]).await?;
+    assert_eq!(seen["result"], json!([12, 22]), "{seen}");
+    Ok(())
+}
+
+/// What taskstack cannot run yet fails loudly, naming it, on the ids the
+/// client waits for: never a silent drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nested_chord_in_a_chain_is_refused_with_not_implemented() -> Result<()> {
+    let s = Stack::start("canvas-nested").await?;
+    let seen = s.client("nested_chord", &[]).await?;
+    assert_eq!(seen["state"], "FAILURE", "{seen}");
+    assert_eq!(seen["exc_type"], "NotImplementedError", "{seen}");
+    let msg = seen["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("\"chord\""), "{seen}");
+    Ok(())
+}
+
+/// A real Celery worker (`-A interop_tasks`) serving `queue`, killed on drop.
+struct CeleryWorker {
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl CeleryWorker {
+    fn spawn(python: &Path, redis_url: &str, queue: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("celery.log");
+        let out = File::create(&log)?;
+        let mut cmd = Command::new(python);
+        clean_env(&mut cmd)
+            .args(["-m", "celery", "-A", "interop_tasks", "worker"])
+            .args(["--pool", "solo", "--concurrency", "1", "-Q", queue])
+            .args([
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ])
+            .args(["-l", "info", "-n", &format!("{queue}@%h")])
+            .current_dir(python_dir())
+            .env("INTEROP_REDIS_URL", redis_url)
+            .env("C_FORCE_ROOT", "1")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = cmd.spawn().context("cannot start the Celery worker")?;
+        Ok(Self {
+            child,
+            log,
+            _dir: dir,
+        })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for CeleryWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chord_split_between_python_celery_and_taskstack_completes_once() -> Result<()> {
+    let s = Stack::start("canvas-mixed").await?;
+    let pyq = format!("py-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let celery = CeleryWorker::spawn(&s.python, &s.redis.url(), &pyq)?;
+    wait_until_sync(
+        "the Celery worker to be ready",
+        Duration::from_secs(60),
+        || celery.log().contains(" ready.").then_some(()),
+    )
+    .with_context(|| celery.log())?;
+    let seen = s
+        .client("mixed_chord", &[&pyq])
+        .await
+        .with_context(|| celery.log())?;
+    assert_eq!(
+        seen["result"],
+        json!({"args": [[2, 7, 30, 15], "body"], "kwargs": {}}),
+        "{seen}\nCelery log:\n{}",
+        celery.log()
+    );
+    // Both kinds of worker ran header tasks.
+    assert!(celery.log().contains("interop.mul"), "{}", celery.log());
+    Ok(())
+}
+
+/// A message redelivered after its follow-ups went out (a worker killed
+/// between sending them and acknowledging) runs again but sends nothing
+/// twice: the chain step (frozen id) and the callback (id derived from the
+/// parent's) each reach their queue once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_message_does_not_send_its_follow_ups_twice() -> Result<()> {
+    use redis::Commands as _;
+    let s = Stack::start("canvas-redelivery").await?;
+    let sink = format!("sink-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let id = uuid::Uuid::new_v4().to_string();
+    let parent = taskstack::canvas::Signature::parse(&json!({
+        "task": "taskstack.add",
+        "args": [1, 2],
+        "options": {
+            "task_id": id,
+            "chain": [{"task": "taskstack.add", "args": [10],
+                       "options": {"task_id": uuid::Uuid::new_v4().to_string(), "queue": sink}}],
+            "link": [{"task": "taskstack.echo", "options": {"queue": sink}}],
+        },
+    }))?;
+    let msg = taskstack::canvas::build(
+        &parent,
+        &taskstack::canvas::Dispatch::default(),
+        &taskstack::canvas::Lineage {
+            parent_id: "",
+            root_id: &id,
+            origin: "test",
+            now: chrono::Utc::now(),
+        },
+    );
+    let p = producer(&s.redis.url(), &s.ns)?;
+    let mut conn = s.redis.conn()?;
+    for delivery in 1..=2 {
+        let _: () = conn.del(taskstack::proto::keys::result_key(&id))?;
+        let _: () = conn.lpush("celery", &msg.payload)?;
+        let r = p
+            .wait(&id, Duration::from_secs(30))
+            .await
+            .with_context(|| format!("delivery {delivery}; worker log:\n{}", s.worker.log()))?;
+        assert_eq!(r.status, TaskState::Success, "delivery {delivery}: {r:?}");
+        assert_eq!(r.result, json!(3));
+        assert_eq!(r.children.len(), 2, "{r:?}");
+    }
+    let queued: usize = conn.llen(&sink)?;
+    assert_eq!(queued, 2, "chain step + callback, each once");
+    Ok(())
+}
+
+/// A worker SIGKILLed in the middle of a long chain loses no step: another
+/// worker picks the held message up after the lease and the chain runs to
+/// its end, every step once in the chain (each step's value is its index),
+/// each follow-up pushed once (one send-once marker per step).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_chain_loses_no_step() -> Result<()> {
+    use redis::Commands as _;
+    const STEPS: usize = 300;
+    let redis = RedisServer::start()?;
+    let ns = namespace("canvas-kill");
+    let env = [("TASKSTACK_LEASE", "2s")];
+    let mut first_worker = WorkerProcess::spawn(&redis.url(), &ns, &env)?;
+    first_worker.wait_log("worker ready", Duration::from_secs(60))?;
+
+    let ids: Vec<String> = (0..STEPS)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
+    // Step 0 is add(1); step k is add(<previous>, 1), so step k returns k + 1.
+    let rest: Vec<Value> = ids[1..]
+        .iter()
+        .rev()
+        .map(|id| json!({"task": "taskstack.add", "args": [1], "options": {"task_id": id}}))
+        .collect();
+    let first = taskstack::canvas::Signature::parse(&json!({
+        "task": "taskstack.add",
+        "args": [1],
+        "options": {"task_id": ids[0], "chain": rest},
+    }))?;
+    let msg = taskstack::canvas::build(
+        &first,
+        &taskstack::canvas::Dispatch::default(),
+        &taskstack::canvas::Lineage {
+            parent_id: &ids[0],
+            root_id: &ids[0],
+            origin: "test",
+            now: chrono::Utc::now(),
+        },
+    );
+    let mut conn = redis.conn()?;
+    let _: () = conn.lpush("celery", &msg.payload)?;
+
+    let p = producer(&redis.url(), &ns)?;
+    let third = &ids[STEPS / 3];
+    p.wait(third, Duration::from_secs(60))
+        .await
+        .with_context(|| first_worker.log())?;
+    first_worker.kill()?;
+    let mut done_at_kill = 0;
+    for id in &ids {
+        if p.result(id)
+            .await?
+            .is_none_or(|r| r.status != TaskState::Success)
+        {
+            break;
+        }
+        done_at_kill += 1;
+    }
+    eprintln!("{done_at_kill} of {STEPS} steps done when the worker was killed");
+    assert!(done_at_kill < STEPS, "the chain finished before the kill");
+    let second_worker = WorkerProcess::spawn(&redis.url(), &ns, &env)?;
+    let last = p
+        .wait(&ids[STEPS - 1], Duration::from_secs(120))
+        .await
+        .with_context(|| format!("chain did not finish; worker log:\n{}", second_worker.log()))?;
+    assert_eq!(last.status, TaskState::Success, "{last:?}");
+    assert_eq!(last.result, json!(STEPS), "{last:?}");
+    for (k, id) in ids.iter().enumerate() {
+        let r = p
+            .result(id)
+            .await?
+            .with_context(|| format!("step {k} has no result"))?;
+        assert_eq!(
+            (r.status, r.result.clone()),
+            (TaskState::Success, json!(k + 1)),
+            "step {k}"
+        );
+    }
+    let markers: Vec<String> = conn.keys(format!("{ns}:canvas:sent:*"))?;
+    assert_eq!(
+        markers.len(),
+        STEPS - 1,
+        "one send-once marker per follow-up"
+    );
+    Ok(())
+}
