@@ -46,6 +46,7 @@ mod test_redis;
 #[cfg(feature = "worker")]
 pub mod worker;
 
+pub use canvas::send::{ChainSent, ChordOptions, ChordSent};
 pub use producer::{Producer, SendOptions, TaskRequest};
 
 use broker::{Broker, BrokerError, RedisPool};

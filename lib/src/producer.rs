@@ -52,6 +52,15 @@ pub struct SendOptions {
     pub soft_time_limit: Option<Duration>,
     /// Extra headers to put on the message.
     pub headers: Option<Map<String, Value>>,
+    /// Tasks sent with this task's result prepended to their args when it
+    /// succeeds (Celery's `link`; see [`crate::canvas`]).
+    pub link: Vec<TaskRequest>,
+    /// Tasks sent with this task's id prepended to their args when it fails
+    /// (Celery's `link_error`).
+    pub link_error: Vec<TaskRequest>,
+    /// As a chain step or callback: do not prepend the previous result
+    /// (Celery's immutable signature, `.si()`).
+    pub immutable: bool,
 }
 
 /// A task to send, with its options.
@@ -61,6 +70,18 @@ pub struct TaskRequest {
     pub args: Vec<Value>,
     pub kwargs: Map<String, Value>,
     pub options: SendOptions,
+}
+
+impl TaskRequest {
+    /// `name(args)` with no keyword arguments and default options.
+    pub fn new(name: impl Into<String>, args: Vec<Value>) -> Self {
+        Self {
+            name: name.into(),
+            args,
+            kwargs: Map::new(),
+            options: SendOptions::default(),
+        }
+    }
 }
 
 /// Sends tasks and reads results. Cheap to share behind an `Arc`.
@@ -77,9 +98,20 @@ pub struct Producer {
 }
 
 /// A task ready to send, and its id.
-struct Prepared {
-    id: String,
-    out: Outgoing,
+pub(crate) struct Prepared {
+    pub(crate) id: String,
+    pub(crate) out: Outgoing,
+}
+
+/// What a canvas adds to a task's message beyond its own options.
+#[derive(Debug, Default)]
+pub(crate) struct Embedded {
+    /// The rest of the chain, next step LAST, as Celery carries it.
+    pub(crate) chain: Option<Value>,
+    /// The chord body this header task counts into.
+    pub(crate) chord: Option<Value>,
+    /// The `group` id and `group_index` headers.
+    pub(crate) group: Option<(String, usize)>,
 }
 
 impl Producer {
@@ -119,16 +151,33 @@ impl Producer {
         self
     }
 
+    /// How long PENDING records live, when this producer stores them.
+    pub(crate) fn pending_ttl(&self) -> Option<Duration> {
+        self.pending_ttl
+    }
+
     /// The backend this producer sends to and reads results from.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }
 
     fn prepare(&self, req: &TaskRequest) -> Result<Prepared, ProducerError> {
+        self.prepare_embedded(req, None, Embedded::default())
+    }
+
+    /// Checks `req` and builds its message under `id` (default: its
+    /// `task_id` option, else a fresh UUID v4), its links and `extra` in
+    /// the embed.
+    pub(crate) fn prepare_embedded(
+        &self,
+        req: &TaskRequest,
+        id: Option<&str>,
+        extra: Embedded,
+    ) -> Result<Prepared, ProducerError> {
         let o = &req.options;
-        let id = o
-            .task_id
-            .clone()
+        let id = id
+            .map(str::to_owned)
+            .or_else(|| o.task_id.clone())
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         if id.is_empty() || id.chars().any(char::is_control) {
             return Err(ProducerError::Option {
@@ -183,6 +232,27 @@ impl Producer {
                 ),
             });
         }
+        let link = crate::canvas::send::signatures("link", &o.link)?;
+        let link_error = crate::canvas::send::signatures("link_error", &o.link_error)?;
+        let embed = (!link.is_empty()
+            || !link_error.is_empty()
+            || extra.chain.is_some()
+            || extra.chord.is_some())
+        .then(|| {
+            let list = |l: Vec<Value>| {
+                if l.is_empty() {
+                    Value::Null
+                } else {
+                    Value::Array(l)
+                }
+            };
+            serde_json::json!({
+                "callbacks": list(link),
+                "errbacks": list(link_error),
+                "chain": extra.chain.unwrap_or(Value::Null),
+                "chord": extra.chord.unwrap_or(Value::Null),
+            })
+        });
         let payload = encode(&MessageSpec {
             id: &id,
             task: &req.name,
@@ -197,6 +267,8 @@ impl Producer {
             soft_time_limit: o.soft_time_limit,
             origin: &self.origin,
             extra_headers: o.headers.as_ref(),
+            embed: embed.as_ref(),
+            group: extra.group.as_ref().map(|(g, i)| (g.as_str(), *i)),
         });
         let due_ms = eta.filter(|t| *t > now).map(|t| t.timestamp_millis());
         let pending = match self.pending_ttl {
@@ -255,6 +327,14 @@ impl Producer {
             .iter()
             .map(|r| self.prepare(r))
             .collect::<Result<Vec<_>, _>>()?;
+        self.send_prepared(prepared).await
+    }
+
+    /// Sends prepared tasks in one batch; returns their ids.
+    pub(crate) async fn send_prepared(
+        &self,
+        prepared: Vec<Prepared>,
+    ) -> Result<Vec<String>, ProducerError> {
         let (ids, batch): (Vec<String>, Vec<Outgoing>) =
             prepared.into_iter().map(|p| (p.id, p.out)).unzip();
         self.backend.enqueue(Use::Request).enqueue(&batch).await?;

@@ -41,6 +41,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let api = OpenApiRouter::new()
         .routes(routes!(api::tasks::enqueue))
         .routes(routes!(api::tasks::get_task, api::tasks::revoke_task))
+        .routes(routes!(api::workflows::send_workflow))
         .routes(routes!(api::queues::list_queues))
         .routes(routes!(api::queues::list_workers))
         .routes(routes!(api::dead_letters::list))

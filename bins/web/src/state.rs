@@ -8,10 +8,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use taskstack::Producer;
+use taskstack::TaskRequest;
 use taskstack::backend::{Backend, BackendError, RedisBackend, Use};
 use taskstack::beat::lock::LockHolder;
 use taskstack::broker::{Broker, WorkerRecord};
 use taskstack::config::{Config, ConfigError};
+use taskstack::events::sent::SentEvents;
 use taskstack::secret::Secret;
 
 /// How long the view of live workers (the task names and queues they
@@ -33,6 +35,9 @@ pub struct WebSettings {
     pub result_expires: Duration,
     /// ETAs and countdowns further ahead are refused (422).
     pub max_task_delay: Duration,
+    /// Publish Celery's `task-sent` event for each task enqueued
+    /// (`task_send_sent_event`).
+    pub send_sent_event: bool,
     pub body_limit: usize,
     /// Accepted API tokens; `Debug` shows them as `***`.
     pub tokens: Vec<Secret>,
@@ -52,6 +57,7 @@ impl WebSettings {
             expect_beat: c.web_expect_beat,
             result_expires: c.result_expires,
             max_task_delay: c.max_task_delay,
+            send_sent_event: c.task_send_sent_event,
             body_limit: usize::try_from(c.web_body_limit).unwrap_or(usize::MAX),
             tokens: c.load_api_tokens()?,
             limits: crate::serve::Limits {
@@ -147,6 +153,8 @@ pub struct Inner {
     pub tokens: Tokens,
     pub metrics: Metrics,
     catalog: Catalog,
+    /// `task-sent` events, when `task_send_sent_event` is on (Redis only).
+    sent_events: Option<SentEvents>,
 }
 
 impl std::ops::Deref for AppState {
@@ -167,14 +175,32 @@ impl AppState {
         let producer = Producer::on_backend(Arc::clone(&backend), origin())
             .record_pending(settings.result_expires)
             .max_task_delay(settings.max_task_delay);
+        let sent_events = backend
+            .redis()
+            .filter(|_| settings.send_sent_event)
+            .map(|b| SentEvents::new(&origin(), b.clone()));
         Self(Arc::new(Inner {
             producer,
+            sent_events,
             backend,
             tokens: Tokens::new(&settings.tokens),
             settings,
             metrics: Metrics::new(),
             catalog: Catalog::default(),
         }))
+    }
+
+    /// Publishes `task-sent` for tasks just sent under `ids`, when
+    /// `task_send_sent_event` is on; a lost event is logged, never an error.
+    pub async fn tasks_sent(&self, sent: &[(&str, &TaskRequest)]) {
+        let Some(ev) = &self.sent_events else {
+            return;
+        };
+        let events = sent.iter().map(|(id, req)| ev.event(id, req)).collect();
+        let lost = ev.publish(events).await;
+        if lost > 0 {
+            tracing::debug!(lost, "task-sent events not published");
+        }
     }
 
     /// Where queues, results and records live.

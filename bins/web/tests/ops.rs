@@ -320,6 +320,7 @@ async fn the_openapi_document_describes_every_route() -> Result<()> {
         ("/api/v1/tasks", "post"),
         ("/api/v1/tasks/{id}", "get"),
         ("/api/v1/tasks/{id}", "delete"),
+        ("/api/v1/workflows", "post"),
         ("/api/v1/queues", "get"),
         ("/api/v1/workers", "get"),
         ("/api/v1/dead-letters/{queue}", "get"),

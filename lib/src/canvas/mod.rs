@@ -10,8 +10,11 @@
 //!   unless immutable, `parent_id`/`root_id`, the remaining chain, options).
 //! - [`redis`]: sending follow-ups at most once each, and Celery's chord
 //!   counters (the same Lua scripts as Celery's Redis result backend).
+//! - [`send`]: chains, chords and links sent from Rust
+//!   ([`crate::Producer::send_chain`], [`crate::Producer::send_chord`]).
 
 pub mod redis;
+pub mod send;
 
 use crate::proto::envelope::{self, CONTENT_TYPE_JSON, HEADER_READY_AT};
 use crate::proto::keys::{priority_bucket, queue_key};

@@ -197,6 +197,10 @@ pub struct Config {
     /// sent in any case.
     #[serde(deserialize_with = "de::flag")]
     pub worker_send_task_events: bool,
+    /// `taskstack-web`: publish Celery's `task-sent` event for each task
+    /// enqueued through the API (Celery's `task_send_sent_event`).
+    #[serde(deserialize_with = "de::flag")]
+    pub task_send_sent_event: bool,
     /// `taskstack-beat`: how long the leader lock lasts without renewal. The
     /// leader renews it every third of this; a standby takes over at most
     /// about this long (plus a second) after the leader dies.
@@ -352,6 +356,7 @@ impl Default for Config {
             worker_nodename: None,
             worker_remote_control: RemoteControl::default(),
             worker_send_task_events: false,
+            task_send_sent_event: false,
             beat_lock_ttl: Duration::from_secs(10),
             beat_missed_grace: Duration::from_secs(300),
             beat_metrics_listen: DEFAULT_BEAT_METRICS_LISTEN.into(),

@@ -12,6 +12,8 @@
 //! piled up while one was being published go out as one `task.multi`
 //! message (a JSON list), as Celery batches them.
 
+pub mod sent;
+
 use crate::broker::{Lane, on_lane};
 use crate::control::kombu;
 use serde_json::{Map, Value, json};

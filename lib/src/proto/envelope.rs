@@ -408,6 +408,11 @@ pub struct MessageSpec<'a> {
     pub soft_time_limit: Option<Duration>,
     pub origin: &'a str,
     pub extra_headers: Option<&'a Map<String, Value>>,
+    /// The body's embed (`callbacks`, `errbacks`, `chain`, `chord`); `None`
+    /// for all four null.
+    pub embed: Option<&'a Value>,
+    /// The `group` and `group_index` headers (a chord's header task).
+    pub group: Option<(&'a str, usize)>,
 }
 
 impl Default for MessageSpec<'_> {
@@ -426,6 +431,8 @@ impl Default for MessageSpec<'_> {
             soft_time_limit: None,
             origin: "",
             extra_headers: None,
+            embed: None,
+            group: None,
         }
     }
 }
@@ -433,11 +440,8 @@ impl Default for MessageSpec<'_> {
 /// Builds the envelope JSON exactly as Celery 5 writes it, so Python workers
 /// accept it.
 pub fn encode(spec: &MessageSpec<'_>) -> String {
-    let body = json!([
-        spec.args,
-        spec.kwargs,
-        {"callbacks": null, "errbacks": null, "chain": null, "chord": null}
-    ]);
+    let no_embed = json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null});
+    let body = json!([spec.args, spec.kwargs, spec.embed.unwrap_or(&no_embed)]);
     let secs = |d: Option<Duration>| d.map(|d| json!(d.as_secs_f64())).unwrap_or(Value::Null);
     let mut headers = json!({
         "lang": "py",
@@ -446,8 +450,8 @@ pub fn encode(spec: &MessageSpec<'_>) -> String {
         "shadow": null,
         "eta": spec.eta.map(format_time),
         "expires": spec.expires.map(format_time),
-        "group": null,
-        "group_index": null,
+        "group": spec.group.map(|(g, _)| g),
+        "group_index": spec.group.map(|(_, i)| i),
         "retries": 0,
         "timelimit": [secs(spec.hard_time_limit), secs(spec.soft_time_limit)],
         "root_id": spec.id,

@@ -63,6 +63,10 @@ pub struct EnqueueRequest {
     /// Soft time limit in seconds: the task is told to wrap up.
     #[schema(exclusive_minimum = 0, maximum = 31_536_000)]
     pub soft_time_limit: Option<f64>,
+    /// Workflows only (`POST /api/v1/workflows`): a chain step that does
+    /// not receive the previous step's result (Celery's `.si()`).
+    #[serde(default)]
+    pub immutable: bool,
 }
 
 fn seconds(field: &str, v: Option<f64>, allow_zero: bool) -> Result<Option<Duration>, ApiError> {
@@ -199,6 +203,7 @@ pub async fn validate(state: &AppState, req: EnqueueRequest) -> Result<TaskReque
             max_retries: req.max_retries,
             time_limit,
             soft_time_limit,
+            immutable: req.immutable,
             ..SendOptions::default()
         },
     })

@@ -4,6 +4,7 @@ pub mod dead_letters;
 pub mod enqueue;
 pub mod queues;
 pub mod tasks;
+pub mod workflows;
 
 use crate::error::ApiError;
 

@@ -122,7 +122,18 @@ pub struct Revoked {
     pub revoked_now: bool,
 }
 
-fn link(id: &str) -> String {
+/// A producer's refusal as a 422 naming the option; anything else as the
+/// broker's failure.
+pub(super) fn send_error(e: ProducerError) -> ApiError {
+    match e {
+        ProducerError::Option { option, reason } => {
+            ApiError::invalid(format!("`{option}`: {reason}"))
+        }
+        other => ApiError::broker(&other),
+    }
+}
+
+pub(super) fn link(id: &str) -> String {
     format!("/api/v1/tasks/{id}")
 }
 
@@ -152,14 +163,15 @@ pub async fn enqueue(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<EnqueueRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
+    if req.immutable {
+        return Err(ApiError::invalid(
+            "`immutable` is for workflow steps (POST /api/v1/workflows): a single task has no previous result",
+        ));
+    }
     let task = validate(&state, req).await?;
-    let id = state.producer.send(&task).await.map_err(|e| match e {
-        ProducerError::Option { option, reason } => {
-            ApiError::invalid(format!("`{option}`: {reason}"))
-        }
-        other => ApiError::broker(&other),
-    })?;
+    let id = state.producer.send(&task).await.map_err(send_error)?;
     state.metrics.task_enqueued(&task.name);
+    state.tasks_sent(&[(&id, &task)]).await;
     let now = Utc::now();
     let eta = task.options.eta.or_else(|| {
         task.options

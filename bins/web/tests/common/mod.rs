@@ -24,6 +24,7 @@ pub fn settings(queues: &[&str], tasks: &[&str]) -> WebSettings {
         expect_beat: false,
         result_expires: Duration::from_secs(600),
         max_task_delay: Duration::from_secs(3600),
+        send_sent_event: false,
         body_limit: 64 * 1024,
         tokens: vec![TEST_TOKEN.into()],
         limits: taskstack_web::serve::Limits::default(),

@@ -1,0 +1,74 @@
+//! `task-sent`: the event a producer publishes for each task it sends when
+//! Celery's `task_send_sent_event` is on, so Flower and `celery events`
+//! see tasks from the moment they are queued.
+
+use super::{Events, Publisher};
+use crate::TaskRequest;
+use crate::broker::Broker;
+use crate::control::kombu::{self, py_repr, py_tuple};
+use crate::proto::envelope::format_time;
+use serde_json::{Map, Value, json};
+
+/// Publishes `task-sent` events for a producer.
+#[derive(Debug)]
+pub struct SentEvents {
+    events: Events,
+    broker: Broker,
+    db: i64,
+}
+
+impl SentEvents {
+    /// Events sent as `hostname` (the producer's origin, e.g.
+    /// `gen<pid>@<host>`) to the broker's Redis.
+    pub fn new(hostname: &str, broker: Broker) -> Self {
+        let db = kombu::db_of_url(broker.broker_pool().target().url());
+        Self {
+            events: Events::new(hostname, true, Default::default()),
+            broker,
+            db,
+        }
+    }
+
+    /// The `task-sent` event of `req`, sent under `id` (root of its own
+    /// tree: a producer's task has no parent).
+    pub fn event(&self, id: &str, req: &TaskRequest) -> Value {
+        let o = &req.options;
+        let queue = o.queue.as_deref().unwrap_or(crate::canvas::DEFAULT_QUEUE);
+        let eta = o.eta.or_else(|| {
+            o.countdown
+                .and_then(|d| chrono::Duration::from_std(d).ok())
+                .map(|d| chrono::Utc::now() + d)
+        });
+        let mut f = Map::new();
+        f.insert("uuid".into(), json!(id));
+        f.insert("root_id".into(), json!(id));
+        f.insert("parent_id".into(), Value::Null);
+        f.insert("name".into(), json!(req.name));
+        f.insert("args".into(), json!(py_tuple(&req.args)));
+        f.insert("kwargs".into(), json!(py_repr(&json!(req.kwargs))));
+        f.insert("retries".into(), json!(0));
+        f.insert("eta".into(), json!(eta.map(format_time)));
+        f.insert("expires".into(), json!(o.expires.map(format_time)));
+        f.insert("queue".into(), json!(queue));
+        f.insert("exchange".into(), json!(""));
+        f.insert("routing_key".into(), json!(queue));
+        self.events.event("task-sent", f)
+    }
+
+    /// Publishes the events of tasks just sent (one alone, several as one
+    /// `task.multi`); returns how many were lost because Redis refused
+    /// them. Monitoring never fails a send: the caller only counts losses.
+    pub async fn publish(&self, events: Vec<Value>) -> u64 {
+        if events.is_empty() {
+            return 0;
+        }
+        let mut lane = self.broker.broker_pool().lane();
+        let mut out = Publisher {
+            lane: &mut lane,
+            db: self.db,
+            hostname: self.events.hostname(),
+            warned: true,
+        };
+        out.send_batch(events).await
+    }
+}
