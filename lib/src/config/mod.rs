@@ -7,7 +7,9 @@
 //! key and the value (for a `[[schedule]]` entry: the entry and the field).
 //! Nothing else in taskstack reads the environment.
 
+mod annotations;
 mod de;
+mod rate;
 mod tasks;
 mod web;
 
@@ -22,6 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use crate::secret::{Secret, SecretUrl, redact_url};
+pub use annotations::{Annotation, TaskAnnotations};
+pub use rate::RateLimit;
 pub use tasks::{DeclaredTasks, ExecDecl, HttpDecl, TaskDecl, TaskKind};
 
 /// Environment variable naming the TOML configuration file.
@@ -81,15 +85,28 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// Whether `q` may name a queue a worker serves; the reason if not.
+pub fn check_queue_name(q: &str) -> Result<(), &'static str> {
+    if q.is_empty() {
+        Err("a queue name may not be empty")
+    } else if q.chars().any(|c| c.is_control() || c.is_whitespace()) || q.contains(':') {
+        Err("queue names may not contain spaces, control characters or ':'")
+    } else {
+        Ok(())
+    }
+}
+
 /// Which remote-control commands a worker obeys (`worker_remote_control`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RemoteControl {
     /// Every command, `shutdown` included.
     All,
-    /// Read-only commands and those that change no more than what a
-    /// producer could (`revoke`, `enable_events`, `disable_events`,
-    /// `heartbeat`); `shutdown` is refused with an error reply. The default:
+    /// Read-only commands and those that change how tasks run but not
+    /// whether the worker runs (`revoke`, `add_consumer`,
+    /// `cancel_consumer`, `rate_limit`, `time_limit`, `enable_events`,
+    /// `disable_events`, `heartbeat`); `shutdown` is refused with an error
+    /// reply. The default:
     /// a worker stopped with exit code 0 is not restarted by an
     /// `on-failure` restart policy, so `shutdown` from any broker client
     /// would outlast that client's access.
@@ -256,6 +273,12 @@ pub struct Config {
     /// with `exec = [...]` or `http = "url"`), run like built-in tasks.
     #[serde(default)]
     pub tasks: DeclaredTasks,
+    /// `taskstack-worker`: rate and time limits of built-in tasks and of
+    /// the worker's own (`[task_annotations."name"]` tables with
+    /// `rate_limit`, `time_limit`, `soft_time_limit`), as Celery's
+    /// `task_annotations`.
+    #[serde(default)]
+    pub task_annotations: TaskAnnotations,
 }
 
 /// One periodic entry of `taskstack-beat` (a `[[schedule]]` table).
@@ -372,6 +395,7 @@ impl Default for Config {
             web_idle_timeout: Duration::from_secs(60),
             web_max_connections: NonZeroUsize::new(1024).expect("1024 > 0"),
             tasks: DeclaredTasks::default(),
+            task_annotations: TaskAnnotations::default(),
         }
     }
 }
@@ -444,13 +468,7 @@ impl Config {
             return Err(invalid("queues", "", "at least one queue is needed"));
         }
         for q in &self.queues {
-            if q.chars().any(|c| c.is_control() || c.is_whitespace()) || q.contains(':') {
-                return Err(invalid(
-                    "queues",
-                    q,
-                    "queue names may not contain spaces, control characters or ':'",
-                ));
-            }
+            check_queue_name(q).map_err(|why| invalid("queues", q, why))?;
         }
         if let Some(p) = self.prefetch
             && p < self.concurrency

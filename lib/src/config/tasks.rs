@@ -40,6 +40,8 @@ pub struct TaskDecl {
     pub max_retries: Option<u32>,
     /// First backoff before a retry, doubled each time, with jitter.
     pub retry_backoff: Option<Duration>,
+    /// Starts a second on one worker (`"10/s"`, `"100/m"`, `"5/h"`).
+    pub rate_limit: Option<super::RateLimit>,
 }
 
 /// What runs the task.
@@ -74,7 +76,7 @@ pub struct HttpDecl {
     pub secret_file: Option<PathBuf>,
 }
 
-const COMMON_KEYS: &[&str] = &["max_retries", "retry_backoff"];
+const COMMON_KEYS: &[&str] = &["max_retries", "retry_backoff", "rate_limit"];
 const EXEC_KEYS: &[&str] = &["exec", "time_limit", "soft_time_limit", "env", "cwd"];
 const HTTP_KEYS: &[&str] = &["http", "timeout", "secret_file"];
 
@@ -156,6 +158,8 @@ impl TaskDecl {
             })
             .transpose()?;
         let retry_backoff = dur("retry_backoff")?;
+        let rate_limit = super::annotations::rate_limit(t.get("rate_limit"))
+            .map_err(|e| refuse(name, "rate_limit", e))?;
         let kind = if kind == "exec" {
             TaskKind::Exec(ExecDecl {
                 argv: argv(name, &t["exec"])?,
@@ -191,6 +195,7 @@ impl TaskDecl {
             kind,
             max_retries,
             retry_backoff,
+            rate_limit,
         })
     }
 
@@ -240,6 +245,9 @@ impl TaskDecl {
                 "retry_backoff".into(),
                 json!(humantime::format_duration(d).to_string()),
             );
+        }
+        if let Some(r) = &self.rate_limit {
+            m.insert("rate_limit".into(), json!(r.to_string()));
         }
         Value::Object(m)
     }
@@ -382,9 +390,11 @@ mod tests {
                 "exec": ["/usr/bin/python3", "-m", "reports.render"],
                 "time_limit": "5m", "soft_time_limit": 240, "max_retries": 5,
                 "retry_backoff": "2s", "env": { "BUCKET": "b", "N": 3 }, "cwd": "/srv",
+                "rate_limit": "30/m",
             }),
         )
         .expect("valid");
+        assert_eq!(d.rate_limit.as_ref().map(|r| r.per_second()), Some(0.5));
         assert_eq!(d.max_retries, Some(5));
         assert_eq!(d.retry_backoff, Some(Duration::from_secs(2)));
         let TaskKind::Exec(e) = d.kind else {
@@ -451,6 +461,11 @@ mod tests {
             &["key `exec`", "list of strings"],
         );
         refused("t", json!({ "exec": [] }), &["key `exec`", "empty"]);
+        refused(
+            "t",
+            json!({ "exec": ["/bin/true"], "rate_limit": "5/d" }),
+            &["key `rate_limit`", "unknown unit"],
+        );
         refused(
             "t",
             json!({ "exec": ["/bin/true"], "time_limit": "soon" }),

@@ -30,7 +30,7 @@ const INSPECT: &[&str] = &[
     "report",
 ];
 
-/// Commands that change only what a producer could change.
+/// Commands that change how tasks run, not whether the worker runs.
 const CONTROL: &[&str] = &[
     "revoke",
     "terminate",
@@ -38,14 +38,14 @@ const CONTROL: &[&str] = &[
     "enable_events",
     "disable_events",
     "heartbeat",
+    "add_consumer",
+    "cancel_consumer",
+    "rate_limit",
+    "time_limit",
 ];
 
 /// Celery commands a taskstack worker does not implement.
 const UNSUPPORTED: &[&str] = &[
-    "rate_limit",
-    "time_limit",
-    "add_consumer",
-    "cancel_consumer",
     "pool_grow",
     "pool_shrink",
     "pool_restart",
@@ -114,8 +114,12 @@ pub(crate) async fn dispatch(
         "reserved" => Value::Array(m.requests(false)),
         // ETA tasks are parked in Redis, not held by a worker.
         "scheduled" => json!([]),
-        "registered" | "dump_tasks" => json!(sh.registry.names()),
-        "active_queues" => Value::Array(sh.settings.queues.iter().map(|q| queue_dict(q)).collect()),
+        "registered" | "dump_tasks" => registered(sh, args),
+        "active_queues" => Value::Array(sh.queues.borrow().iter().map(|q| queue_dict(q)).collect()),
+        "add_consumer" => super::runtime::add_consumer(sh, args),
+        "cancel_consumer" => super::runtime::cancel_consumer(sh, args),
+        "rate_limit" => super::runtime::rate_limit(sh, args),
+        "time_limit" => super::runtime::time_limit(sh, args),
         "revoked" => json!(m.revoked()),
         "query_task" => {
             let ids = id_list(args.get("ids"));
@@ -175,6 +179,20 @@ pub(crate) async fn dispatch(
         }
         other => nok(format!("KeyError({})", py_repr(&json!(other)))),
     })
+}
+
+/// Celery's `registered`: the names, each with ` [rate_limit=...]` when it
+/// has one and `taskinfoitems` asks for it (Celery's default items do).
+fn registered(sh: &Shared, args: &Map<String, Value>) -> Value {
+    let items = id_list(args.get("taskinfoitems"));
+    let show_rate = items.is_empty() || items.iter().any(|i| i == "rate_limit");
+    let names = sh.registry.names().into_iter().map(|n| {
+        match sh.limits.rate(&n).filter(|_| show_rate) {
+            Some(r) => format!("{n} [rate_limit={r}]"),
+            None => n,
+        }
+    });
+    Value::Array(names.map(Value::String).collect())
 }
 
 /// `task_id` as Celery sends it: one id or a list.
@@ -374,5 +392,14 @@ mod tests {
         assert!(e["error"].as_str().unwrap_or("").contains("\"all\""), "{e}");
         assert!(allowed(RemoteControl::All, "shutdown").is_ok());
         assert!(allowed(RemoteControl::Inspect, "no_such").is_ok());
+        for m in [
+            "add_consumer",
+            "cancel_consumer",
+            "rate_limit",
+            "time_limit",
+        ] {
+            assert!(allowed(RemoteControl::Control, m).is_ok(), "{m}");
+            assert!(allowed(RemoteControl::Inspect, m).is_err(), "{m}");
+        }
     }
 }

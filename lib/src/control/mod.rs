@@ -14,6 +14,7 @@ pub(crate) mod commands;
 pub mod kombu;
 mod monitor;
 pub(crate) mod pidbox;
+mod runtime;
 
 pub(crate) use monitor::{Monitor, Tracked};
 

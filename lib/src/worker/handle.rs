@@ -15,6 +15,9 @@ use tracing::Instrument as _;
 
 /// An ETA closer than this is treated as due (clock reads differ slightly).
 const ETA_TOLERANCE: Duration = Duration::from_millis(100);
+/// Beyond a self-limiting handler's grace, how long the engine waits past
+/// the hard limit before it drops the handler itself.
+const HARD_LIMIT_SLACK: Duration = Duration::from_secs(1);
 
 pub(crate) async fn handle(sh: Arc<Shared>, d: Held) {
     let queue = queue_of_key(&d.queue_key).to_owned();
@@ -149,6 +152,18 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) 
         return;
     };
 
+    // A rate-limited task waits for its token still holding its message
+    // (leased, so nothing is lost) but no concurrency slot, so tasks that
+    // may run are not held up.
+    let admitted = tokio::select! {
+        biased;
+        () = sh.stop.cancelled() => false,
+        () = sh.limits.admit(&msg.task) => true,
+    };
+    if !admitted {
+        sh.settle(SettleMsg::hand_back(d)).await;
+        return;
+    }
     let permit = tokio::select! {
         biased;
         () = sh.stop.cancelled() => {
@@ -225,6 +240,18 @@ async fn execute(
     tracing::debug!("task started");
     let terminate = track.started();
     let started = tokio::time::Instant::now();
+    // The message's limits win; the task's (configured, or changed by
+    // remote control) apply where it names none, as in Celery.
+    let (task_soft, task_hard) = sh.limits.time_limits(&msg.task);
+    let soft = msg.soft_time_limit.or(task_soft);
+    let hard = msg.hard_time_limit.or(task_hard);
+    // A handler that stops itself at the hard deadline (a program task
+    // terminating its process group) gets time to do so.
+    let backstop = if sh.registry.has_own_hard_limit(&msg.task) {
+        super::declared::KILL_GRACE + HARD_LIMIT_SLACK
+    } else {
+        Duration::ZERO
+    };
     let ctx = TaskContext {
         id: msg.id.clone(),
         name: msg.task.clone(),
@@ -237,7 +264,8 @@ async fn execute(
         expires: msg.expires,
         root_id: msg.root_id.clone(),
         parent_id: msg.parent_id.clone(),
-        soft_deadline: msg.soft_time_limit.map(|s| started + s),
+        soft_deadline: soft.map(|s| started + s),
+        hard_deadline: hard.map(|h| started + h),
         shutdown: sh.stop.clone(),
     };
     let run = async move {
@@ -245,8 +273,10 @@ async fn execute(
         AssertUnwindSafe(fut).catch_unwind().await
     };
     let outcome = async {
-        match msg.hard_time_limit {
-            Some(limit) => tokio::time::timeout(limit, run).await.map_err(|_| limit),
+        match hard {
+            Some(limit) => tokio::time::timeout(limit + backstop, run)
+                .await
+                .map_err(|_| limit),
             None => Ok(run.await),
         }
     };

@@ -21,7 +21,7 @@ pub(crate) fn record(sh: &Shared, started_at: &str) -> WorkerRecord {
         id: sh.id.clone(),
         host: super::hostname(),
         pid: std::process::id(),
-        queues: sh.settings.queues.clone(),
+        queues: sh.queues.borrow().clone(),
         tasks: sh.registry.names(),
         concurrency: sh.settings.concurrency,
         started_at: started_at.to_owned(),
@@ -41,7 +41,6 @@ pub(crate) fn record(sh: &Shared, started_at: &str) -> WorkerRecord {
 pub(crate) async fn run(sh: Arc<Shared>, started_at: String, until: CancellationToken) {
     let mut leases = sh.backend.leases(Use::Loop);
     let mut delayed = sh.backend.delayed(Use::Loop);
-    let landing_source = sh.settings.queue_keys()[0].clone();
     let beat_every = sh.settings.lease / 3;
     let reap_every = sh.settings.lease / 2;
     let now = tokio::time::Instant::now();
@@ -50,6 +49,7 @@ pub(crate) async fn run(sh: Arc<Shared>, started_at: String, until: Cancellation
         tokio::select! {
             () = until.cancelled() => return,
             () = tokio::time::sleep_until(next_beat) => {
+                let landing_source = sh.landing_source();
                 beat(&sh, &mut *leases, &started_at, &landing_source).await;
                 next_beat = tokio::time::Instant::now() + beat_every;
             }

@@ -1,6 +1,6 @@
 //! The execution engine: takes messages, runs registered handlers within
-//! concurrency and time limits, records results, retries with backoff,
-//! dead-letters what cannot run, and drains gracefully.
+//! concurrency, rate and time limits, records results, retries with
+//! backoff, dead-letters what cannot run, and drains gracefully.
 //!
 //! A worker with your own tasks is a few lines:
 //!
@@ -23,6 +23,7 @@ mod followups;
 mod handle;
 pub mod health;
 mod keeper;
+pub(crate) mod limits;
 pub mod metrics;
 mod phases;
 mod registry;
@@ -34,7 +35,9 @@ mod starter;
 #[cfg(test)]
 mod tests;
 
-pub use registry::{Registry, TaskContext, TaskError, TaskFuture, TaskOptions, TaskOutcome};
+pub use registry::{
+    Registry, TaskContext, TaskError, TaskFuture, TaskLimits, TaskOptions, TaskOutcome,
+};
 #[cfg(feature = "cli")]
 pub use service_main::{WorkerMain, main};
 pub use shared::Stats;
@@ -117,11 +120,17 @@ impl WorkerSettings {
 
     /// The lists served, in order: priority bucket first, then queue.
     pub fn queue_keys(&self) -> Vec<String> {
-        PRIORITY_BUCKETS
-            .iter()
-            .flat_map(|b| self.queues.iter().map(move |q| queue_key(q, *b)))
-            .collect()
+        queue_keys(&self.queues)
     }
+}
+
+/// The lists of `queues`, in the order they are served: priority bucket
+/// first, then queue.
+fn queue_keys(queues: &[String]) -> Vec<String> {
+    PRIORITY_BUCKETS
+        .iter()
+        .flat_map(|b| queues.iter().map(move |q| queue_key(q, *b)))
+        .collect()
 }
 
 /// What a finished run reports.
@@ -230,6 +239,15 @@ impl Worker {
             exec: Arc::new(Semaphore::new(self.settings.concurrency)),
             clock: self.backend.clock(),
             backend: self.backend,
+            limits: limits::Limits::new(&self.registry),
+            queues: tokio::sync::watch::Sender::new(self.settings.queues.clone()),
+            landing_source: std::sync::Mutex::new(
+                self.settings
+                    .queue_keys()
+                    .first()
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
             registry: self.registry,
             settings: self.settings,
             id: self.id,
@@ -253,14 +271,19 @@ impl Worker {
         }
         let state_file = phases::record_state(&sh)?;
         // 2. Serve: the background loops, then the dispatcher until shutdown.
-        let loops = phases::Loops::spawn(&sh, metrics_listener, started_at, settle_rx, start_rx);
+        let loops = phases::Loops::spawn(
+            &sh,
+            metrics_listener,
+            started_at.clone(),
+            settle_rx,
+            start_rx,
+        );
         let control = crate::control::pidbox::Service::spawn(&sh);
         let mut tasks = JoinSet::new();
-        let queue_keys = sh.settings.queue_keys();
         tokio::select! {
             () = &mut shutdown => {}
             () = sh.monitor.shutdown.cancelled() => {}
-            () = dispatch(&sh, &queue_keys, &mut tasks) => {}
+            () = dispatch(&sh, &started_at, &mut tasks) => {}
         }
         // 3. Drain: no new messages; running tasks get the drain timeout.
         sh.stop.cancel();
@@ -311,11 +334,22 @@ async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
     }
 }
 
-/// Takes messages while there is room and spawns a task per message.
-async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<()>) {
+/// Takes messages while there is room and spawns a task per message,
+/// from the queues served at the time (remote control may change them).
+async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
     let mut consume = sh.backend.consume(&sh.id);
     let mut backoff = Duration::from_millis(50);
+    let mut queues = sh.queues.subscribe();
+    let mut keys = queue_keys(&queues.borrow_and_update());
     loop {
+        if keys.is_empty() {
+            // Every queue was cancelled: wait for an `add_consumer`.
+            if queues.changed().await.is_err() {
+                return;
+            }
+            keys = serve(sh, started_at, &mut queues, &keys).await;
+            continue;
+        }
         while let Some(r) = tasks.try_join_next() {
             if let Err(e) = r {
                 tracing::error!(error = %e, "message task failed");
@@ -335,7 +369,7 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
         let budget = slots.num_permits();
         let got = consume
             .take(
-                queue_keys,
+                &keys,
                 budget,
                 sh.settings.lease,
                 sh.settings.max_message_size,
@@ -344,6 +378,11 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
         let deliveries = match got {
             Ok(d) => {
                 backoff = Duration::from_millis(50);
+                // The take emptied the landing list (it is taken first),
+                // so the lists served may change now.
+                if queues.has_changed().unwrap_or(false) {
+                    keys = serve(sh, started_at, &mut queues, &keys).await;
+                }
                 d
             }
             Err(e) => {
@@ -374,11 +413,18 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
                 tracing::warn!(error = %e, "cannot hand back; the lease returns them");
             }
         }
-        if held.is_empty() {
-            if let Err(e) = consume.wait_for_message(queue_keys, IDLE_WAIT).await {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot wait for messages");
-                tokio::time::sleep(jitter(backoff)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+        if held.is_empty() && !keys.is_empty() {
+            match consume.wait_for_message(&keys, IDLE_WAIT).await {
+                // Nothing landed: the lists served may change now too.
+                Ok(false) if queues.has_changed().unwrap_or(false) => {
+                    keys = serve(sh, started_at, &mut queues, &keys).await;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot wait for messages");
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
             }
             continue;
         }
@@ -386,4 +432,29 @@ async fn dispatch(sh: &Arc<Shared>, queue_keys: &[String], tasks: &mut JoinSet<(
             tasks.spawn(handle::handle(Arc::clone(sh), h));
         }
     }
+}
+
+/// The lists of the queues now served (remote control changed them). When
+/// the first one changes (the one the blocking wait moves messages from),
+/// the lease record names it before any message lands from it.
+async fn serve(
+    sh: &Shared,
+    started_at: &str,
+    queues: &mut tokio::sync::watch::Receiver<Vec<String>>,
+    old: &[String],
+) -> Vec<String> {
+    let keys = queue_keys(&queues.borrow_and_update());
+    if let Some(first) = keys.first()
+        && old.first() != Some(first)
+    {
+        *sh.landing_source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = first.clone();
+        let rec = keeper::record(sh, started_at);
+        let mut leases = sh.backend.leases(crate::backend::Use::Loop);
+        if let Err(e) = leases.heartbeat(&rec, first, sh.settings.lease).await {
+            tracing::warn!(error = %e, "cannot record the new first queue in the lease; the next heartbeat will");
+        }
+    }
+    keys
 }

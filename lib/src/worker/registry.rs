@@ -92,6 +92,17 @@ impl TaskOptions {
     }
 }
 
+/// The limits of one task: how often it may start on one worker, and how
+/// long it may run when its message names no time limits (a message's
+/// `timelimit` header wins, as in Celery). Remote control's `rate_limit`
+/// and `time_limit` commands change them while the worker runs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskLimits {
+    pub rate_limit: Option<crate::config::RateLimit>,
+    pub soft_time_limit: Option<Duration>,
+    pub time_limit: Option<Duration>,
+}
+
 /// Everything a handler knows about the task it runs.
 #[derive(Debug, Clone)]
 pub struct TaskContext {
@@ -110,6 +121,9 @@ pub struct TaskContext {
     /// The task that sent this one.
     pub parent_id: Option<String>,
     pub(crate) soft_deadline: Option<Instant>,
+    /// When the hard time limit passes; handlers registered as enforcing
+    /// it themselves (program tasks) stop there, the engine a grace later.
+    pub(crate) hard_deadline: Option<Instant>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -127,6 +141,7 @@ impl TaskContext {
             root_id: None,
             parent_id: None,
             soft_deadline: None,
+            hard_deadline: None,
             shutdown: CancellationToken::new(),
         }
     }
@@ -152,10 +167,19 @@ impl TaskContext {
     }
 }
 
+#[derive(Clone)]
+struct Entry {
+    handler: Handler,
+    options: TaskOptions,
+    limits: TaskLimits,
+    /// The handler stops itself at its hard deadline (see [`TaskContext`]).
+    own_hard_limit: bool,
+}
+
 /// Task names mapped to handlers.
 #[derive(Clone, Default)]
 pub struct Registry {
-    tasks: BTreeMap<String, (Handler, TaskOptions)>,
+    tasks: BTreeMap<String, Entry>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -192,8 +216,45 @@ impl Registry {
         Fut: Future<Output = TaskOutcome> + Send + 'static,
     {
         let h: Handler = Arc::new(move |ctx| Box::pin(handler(ctx)));
-        self.tasks.insert(name.to_owned(), (h, options));
+        self.tasks.insert(
+            name.to_owned(),
+            Entry {
+                handler: h,
+                options,
+                limits: TaskLimits::default(),
+                own_hard_limit: false,
+            },
+        );
         self
+    }
+
+    /// Sets the rate and time limits of `name`; false when no task of that
+    /// name is registered.
+    pub fn set_limits(&mut self, name: &str, limits: TaskLimits) -> bool {
+        match self.tasks.get_mut(name) {
+            Some(e) => {
+                e.limits = limits;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The limits `name` starts with (`None`: not registered).
+    pub fn limits(&self, name: &str) -> Option<&TaskLimits> {
+        self.tasks.get(name).map(|e| &e.limits)
+    }
+
+    /// Marks `name`'s handler as stopping itself at its hard deadline.
+    pub(crate) fn enforces_own_hard_limit(&mut self, name: &str) {
+        if let Some(e) = self.tasks.get_mut(name) {
+            e.own_hard_limit = true;
+        }
+    }
+
+    /// Whether `name`'s handler stops itself at its hard deadline.
+    pub(crate) fn has_own_hard_limit(&self, name: &str) -> bool {
+        self.tasks.get(name).is_some_and(|e| e.own_hard_limit)
     }
 
     /// The registered names, sorted.
@@ -222,7 +283,9 @@ impl Registry {
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<(Handler, TaskOptions)> {
-        self.tasks.get(name).map(|(h, o)| (Arc::clone(h), *o))
+        self.tasks
+            .get(name)
+            .map(|e| (Arc::clone(&e.handler), e.options))
     }
 }
 

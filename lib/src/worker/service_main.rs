@@ -229,7 +229,33 @@ pub fn registry(config: &Config, own: Registry) -> Result<Registry, ConfigError>
         ))
     })?;
     declared::register(&mut registry, &config.tasks)?;
+    annotate(&mut registry, config)?;
     Ok(registry)
+}
+
+/// Applies `[task_annotations."name"]`: each names a built-in task or one
+/// of the worker's own (a declared task carries the keys in its table).
+fn annotate(registry: &mut Registry, config: &Config) -> Result<(), ConfigError> {
+    for (name, a) in config.task_annotations.iter() {
+        if config.tasks.0.contains_key(name) {
+            return Err(ConfigError::Load(format!(
+                "task_annotations: task `{name}` is declared in [tasks.\"{name}\"]; set \
+                 rate_limit, time_limit and soft_time_limit in that table"
+            )));
+        }
+        let limits = crate::worker::TaskLimits {
+            rate_limit: a.rate_limit.clone(),
+            soft_time_limit: a.soft_time_limit,
+            time_limit: a.time_limit,
+        };
+        if !registry.set_limits(name, limits) {
+            return Err(ConfigError::Load(format!(
+                "task_annotations: task `{name}` is not registered in this worker (its tasks: {})",
+                registry.names().join(", ")
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn own_and_builtin(own: &Registry) -> Vec<String> {

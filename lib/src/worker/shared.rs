@@ -102,6 +102,16 @@ pub(crate) struct Shared {
     /// The backend's clock: due times, ETAs and expiries are read on it.
     pub clock: Arc<dyn Clock>,
     pub registry: Registry,
+    /// Rate and time limits per task, changed by remote control.
+    pub limits: super::limits::Limits,
+    /// The queues served now: the configured ones, changed by remote
+    /// control's `add_consumer` and `cancel_consumer` (not kept across a
+    /// restart). The dispatcher watches it.
+    pub queues: tokio::sync::watch::Sender<Vec<String>>,
+    /// The list the dispatcher's blocking wait moves messages from (the
+    /// first it serves), named in the lease record so that a dead worker's
+    /// landed message goes back where it came from.
+    pub landing_source: std::sync::Mutex<String>,
     pub settings: WorkerSettings,
     pub id: String,
     pub stats: Arc<Stats>,
@@ -124,6 +134,14 @@ impl Shared {
     /// Now, on the backend's clock.
     pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
         chrono::DateTime::from_timestamp_millis(self.clock.now_ms()).unwrap_or_default()
+    }
+
+    /// See [`Shared::landing_source`].
+    pub fn landing_source(&self) -> String {
+        self.landing_source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Queues a settlement; the settler batches them.

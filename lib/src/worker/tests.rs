@@ -482,3 +482,81 @@ async fn an_unreachable_backend_is_retried_without_losing_messages() {
     rig.shut_down().await;
     assert_eq!(queued(&*b).await, (0, 0));
 }
+
+fn started_ms(r: &TaskResult) -> i64 {
+    let s = r.date_started.as_deref().expect("date_started");
+    chrono::DateTime::parse_from_rfc3339(s)
+        .expect("rfc3339")
+        .timestamp_millis()
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_limited_tasks_wait_their_turn_without_holding_up_others() {
+    let b = memory();
+    let mut r = adder();
+    r.register("t.free", |_ctx: TaskContext| async { Ok(Value::Null) });
+    let rate = crate::config::RateLimit::parse("2/s").expect("valid");
+    assert!(r.set_limits(
+        "t.add",
+        super::TaskLimits {
+            rate_limit: rate,
+            ..super::TaskLimits::default()
+        },
+    ));
+    let rig = Rig::start(&b, r, settings());
+    for i in 0..4 {
+        send(&*b, &task(&format!("r{i}"), "t.add", &[json!(i)])).await;
+    }
+    send(&*b, &task("free", "t.free", &[])).await;
+    let mut starts = Vec::new();
+    for i in 0..4 {
+        let r = final_record(&*b, &format!("r{i}")).await;
+        assert_eq!((r.status, &r.result), (TaskState::Success, &json!(i)));
+        starts.push(started_ms(&r));
+    }
+    starts.sort_unstable();
+    for pair in starts.windows(2) {
+        assert!(pair[1] - pair[0] >= 500, "{starts:?}");
+    }
+    let free = final_record(&*b, "free").await;
+    assert!(started_ms(&free) < starts[1], "{starts:?}");
+    let summary = rig.shut_down().await;
+    assert_eq!(summary.processed, 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tasks_time_limits_apply_when_its_message_names_none() {
+    let b = memory();
+    let mut r = Registry::new();
+    r.register("t.hang", |_ctx: TaskContext| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok(Value::Null)
+    });
+    r.set_limits(
+        "t.hang",
+        super::TaskLimits {
+            time_limit: Some(Duration::from_secs(5)),
+            ..super::TaskLimits::default()
+        },
+    );
+    let rig = Rig::start(&b, r, settings());
+    let t0 = Instant::now();
+    send(&*b, &task("h1", "t.hang", &[])).await;
+    let r = final_record(&*b, "h1").await;
+    assert_eq!(r.result["exc_type"], "TimeLimitExceeded");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    // The message's own limit wins.
+    let t1 = Instant::now();
+    send(
+        &*b,
+        &MessageSpec {
+            hard_time_limit: Some(Duration::from_secs(1)),
+            ..task("h2", "t.hang", &[])
+        },
+    )
+    .await;
+    let r = final_record(&*b, "h2").await;
+    assert_eq!(r.result["exc_type"], "TimeLimitExceeded");
+    assert!(t1.elapsed() < Duration::from_secs(3));
+    rig.shut_down().await;
+}

@@ -31,8 +31,6 @@ pub struct Program {
     args: Vec<String>,
     env: BTreeMap<OsString, OsString>,
     cwd: Option<PathBuf>,
-    time_limit: Option<Duration>,
-    soft_time_limit: Option<Duration>,
 }
 
 fn bad(task: &str, key: &str, reason: String) -> ConfigError {
@@ -105,8 +103,6 @@ impl Program {
             args: decl.argv[1..].to_vec(),
             env,
             cwd,
-            time_limit: decl.time_limit,
-            soft_time_limit: decl.soft_time_limit,
         })
     }
 }
@@ -218,7 +214,6 @@ pub async fn run(prog: Arc<Program>, ctx: TaskContext, input: Vec<u8>) -> TaskOu
     if let Some(c) = &prog.cwd {
         cmd.current_dir(c);
     }
-    let started = Instant::now();
     let mut child = cmd.spawn().map_err(|e| {
         output::failure(
             "ProcessStartError",
@@ -248,11 +243,9 @@ pub async fn run(prog: Arc<Program>, ctx: TaskContext, input: Vec<u8>) -> TaskOu
     let stdout = stdout.map(|s| tokio::spawn(output::read_head(s, MAX_OUTPUT)));
     let stderr = stderr.map(|s| tokio::spawn(output::read_tail(s, STDERR_TAIL)));
 
-    let hard = prog.time_limit.map(|d| started + d);
-    let soft = match (prog.soft_time_limit.map(|d| started + d), ctx.soft_deadline) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
+    // The declaration's limits are the task's (see `declared::register`),
+    // so the message's or remote control's apply here too.
+    let (hard, soft) = (ctx.hard_deadline, ctx.soft_deadline);
     let mut limit = Limit::None;
     let status = loop {
         tokio::select! {

@@ -13,7 +13,7 @@ mod output;
 pub use exec::KILL_GRACE;
 pub use output::{EX_TEMPFAIL, MAX_OUTPUT, STDERR_TAIL};
 
-use super::{Registry, TaskContext, TaskOptions};
+use super::{Registry, TaskContext, TaskLimits, TaskOptions};
 use crate::config::{ConfigError, DeclaredTasks, TaskDecl, TaskKind};
 use crate::proto::envelope::format_time;
 use serde_json::json;
@@ -52,6 +52,10 @@ pub fn register(registry: &mut Registry, tasks: &DeclaredTasks) -> Result<(), Co
     let mut declared = Registry::new();
     let client = http::Client::new();
     for (name, decl) in tasks.iter() {
+        let mut limits = TaskLimits {
+            rate_limit: decl.rate_limit.clone(),
+            ..TaskLimits::default()
+        };
         match &decl.kind {
             TaskKind::Exec(e) => {
                 let prog = Arc::new(exec::Program::resolve(name, e)?);
@@ -59,6 +63,11 @@ pub fn register(registry: &mut Registry, tasks: &DeclaredTasks) -> Result<(), Co
                     let input = payload(&ctx);
                     exec::run(Arc::clone(&prog), ctx, input)
                 });
+                // The program's group is terminated at the hard limit by
+                // `exec::run` itself, whichever limit applies.
+                declared.enforces_own_hard_limit(name);
+                limits.time_limit = e.time_limit;
+                limits.soft_time_limit = e.soft_time_limit;
             }
             TaskKind::Http(h) => {
                 let endpoint = Arc::new(http::Endpoint::resolve(name, h, client.clone())?);
@@ -68,6 +77,7 @@ pub fn register(registry: &mut Registry, tasks: &DeclaredTasks) -> Result<(), Co
                 });
             }
         }
+        declared.set_limits(name, limits);
     }
     registry.absorb(declared).map_err(|name| {
         ConfigError::Load(format!(
@@ -95,6 +105,7 @@ mod tests {
             }),
             max_retries: None,
             retry_backoff: None,
+            rate_limit: None,
         }
     }
 
@@ -190,6 +201,7 @@ mod tests {
             }),
             max_retries: None,
             retry_backoff: None,
+            rate_limit: None,
         };
         let e = register(&mut Registry::new(), &tasks(&[("h", d)]))
             .expect_err("secret")
