@@ -238,7 +238,10 @@ async fn python_client_runs_program_and_http_tasks_on_the_stock_worker() -> Resu
         .env("PORT", port.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    let _app = Killed(app.spawn().context("cannot start examples/python-app/app.py")?);
+    let _app = Killed(
+        app.spawn()
+            .context("cannot start examples/python-app/app.py")?,
+    );
     wait_until_sync(
         "examples/python-app/app.py to answer its healthcheck",
         Duration::from_secs(30),
@@ -260,6 +263,7 @@ async fn python_client_runs_program_and_http_tasks_on_the_stock_worker() -> Resu
 [tasks."reports.render"]
 exec = ["{python}", "-m", "reports.render"]
 cwd = "{example}"
+env = {{ PYTHONDONTWRITEBYTECODE = "1" }}
 time_limit = "30s"
 [tasks."billing.charge"]
 http = "http://127.0.0.1:{port}/tasks/billing.charge"

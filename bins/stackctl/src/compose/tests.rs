@@ -121,7 +121,11 @@ fn the_app_profile_runs_a_users_image_as_app_and_as_a_worker_of_its_own_queue() 
     assert_eq!(app.image, "localhost/team-app:1");
     assert_eq!(worker.image, "localhost/team-app:1");
     assert_eq!(app.command, None, "the image's own command");
-    assert_eq!(app.networks, ["backend"], "reached by name, never published");
+    assert_eq!(
+        app.networks,
+        ["backend"],
+        "reached by name, never published"
+    );
     assert!(app.ports.is_empty());
     assert_eq!(
         worker.command.as_deref(),
@@ -139,7 +143,11 @@ fn the_app_profile_runs_a_users_image_as_app_and_as_a_worker_of_its_own_queue() 
     );
     assert!(worker.binds[0].source.ends_with("compose/app-tasks.toml"));
     assert_eq!(worker.binds[0].target, "/etc/taskstack/app-tasks.toml");
-    assert_eq!(worker.binds.len(), 1, "not the stock services' taskstack.toml");
+    assert_eq!(
+        worker.binds.len(),
+        1,
+        "not the stock services' taskstack.toml"
+    );
     assert_eq!(worker.secrets, ["redis_password"]);
     assert_eq!(worker.depends_on["app"], Condition::Healthy);
     assert_eq!(worker.depends_on["redis"], Condition::Healthy);
