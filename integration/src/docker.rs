@@ -286,6 +286,7 @@ pub fn is_compose_setting(k: &str) -> bool {
         || k.starts_with("WEB_")
         || k.starts_with("REDIS_")
         || k.starts_with("COMPOSE_")
+        || k.starts_with("APP_")
         || matches!(k, "HEALTHCHECK_INTERVAL" | "LOG_LEVEL")
 }
 

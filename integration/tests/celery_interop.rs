@@ -212,3 +212,126 @@ async fn our_library_task_runs_on_python_worker() -> Result<()> {
     drop(celery);
     Ok(())
 }
+
+/// A process killed on drop (the example app below).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Issue 12: a Celery client's program and HTTP tasks run by the stock
+/// worker from its `[tasks."name"]` declarations. The program is
+/// examples/python-app's `python -m reports.render`, the endpoint that
+/// example's `app.py`, both run by the venv's Python.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_runs_program_and_http_tasks_on_the_stock_worker() -> Result<()> {
+    let python = tokio::task::spawn_blocking(celery_python).await??;
+    let example = python_dir().join("../../examples/python-app");
+    let port = taskstack_integration::free_port()?;
+    let mut app = Command::new(&python);
+    python_env(&mut app)
+        .arg(example.join("app.py"))
+        .env("PORT", port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let _app = Killed(
+        app.spawn()
+            .context("cannot start examples/python-app/app.py")?,
+    );
+    wait_until_sync(
+        "examples/python-app/app.py to answer its healthcheck",
+        Duration::from_secs(30),
+        || {
+            let mut check = Command::new(&python);
+            python_env(&mut check)
+                .arg(example.join("app.py"))
+                .arg("healthcheck")
+                .env("PORT", port.to_string());
+            check.status().is_ok_and(|s| s.success()).then_some(())
+        },
+    )?;
+
+    let redis = RedisServer::start()?;
+    let ns = namespace("celery-declared");
+    let dir = tempfile::tempdir()?;
+    let toml = format!(
+        r#"
+[tasks."reports.render"]
+exec = ["{python}", "-m", "reports.render"]
+cwd = "{example}"
+env = {{ PYTHONDONTWRITEBYTECODE = "1" }}
+time_limit = "30s"
+[tasks."billing.charge"]
+http = "http://127.0.0.1:{port}/tasks/billing.charge"
+timeout = "10s"
+"#,
+        python = python.display(),
+        example = example.canonicalize()?.display()
+    );
+    let file = dir.path().join("worker.toml");
+    std::fs::write(&file, toml)?;
+    let file = file.to_str().context("utf-8 path")?;
+    let worker = WorkerProcess::spawn(&redis.url(), &ns, &[("TASKSTACK_CONFIG", file)])?;
+    worker.wait_log("worker ready", Duration::from_secs(60))?;
+
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.arg(python_dir().join("send_declared.py"))
+        .arg(redis.url())
+        .current_dir(python_dir())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1")
+        .env_remove("PYTHONPATH")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .with_context(|| format!("send_declared.py hung; worker log:\n{}", worker.log()))??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "send_declared.py failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}\nworker log:\n{}",
+        out.status,
+        worker.log()
+    );
+    let seen = last_json_line(&stdout).with_context(|| {
+        format!("send_declared.py printed no JSON line:\n{stdout}\nstderr:\n{stderr}")
+    })?;
+    eprintln!("Celery client saw: {seen}");
+
+    assert_eq!(seen["render_state"], "SUCCESS", "{seen}");
+    assert_eq!(
+        seen["render_result"],
+        json!({"title": "Q3", "lines": 4, "text": "Q3\n==\norders: 12\nrefunds: 1"}),
+        "{seen}"
+    );
+    assert_eq!(seen["charge_state"], "SUCCESS", "{seen}");
+    assert_eq!(
+        seen["charge_result"],
+        json!({"customer": "c-7", "charged": 1250, "currency": "EUR"}),
+        "{seen}"
+    );
+    // The endpoint's 422 is a failure the client sees as an exception.
+    assert_eq!(seen["refused_state"], "FAILURE", "{seen}");
+    assert_eq!(seen["refused_is_exception"], json!(true), "{seen}");
+    assert_eq!(seen["refused_exc_type"], "HTTPError", "{seen}");
+    let message = seen["refused_message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("422") && message.contains("cannot charge 0 cents"),
+        "{message:?}"
+    );
+
+    // Our worker ran them (and recorded itself in the results).
+    let p = producer(&redis.url(), &ns)?;
+    for key in ["render_id", "charge_id"] {
+        let id = seen[key].as_str().context("no task id")?;
+        let stored = p.result(id).await?.context("no stored result")?;
+        assert_eq!(stored.status, TaskState::Success);
+        assert!(stored.worker.is_some(), "our worker records itself");
+    }
+    Ok(())
+}

@@ -41,13 +41,14 @@ pub enum Role {
 
 impl Role {
     /// The role of `svc`: its command's program (`/taskstack-beat`,
-    /// `redis-server`), else its name.
+    /// `redis-server`; for the multi-call `taskstack`, its first argument:
+    /// `taskstack worker`), else its name.
     pub fn of(svc: &Service) -> Self {
-        let program = svc
-            .command
-            .as_ref()
-            .and_then(|c| c.first())
-            .map(|p| p.rsplit('/').next().unwrap_or(p).to_owned());
+        let base = |p: &String| p.rsplit('/').next().unwrap_or(p).to_owned();
+        let program = svc.command.as_ref().and_then(|c| match c.first() {
+            Some(p) if base(p) == "taskstack" => c.get(1).cloned(),
+            p => p.map(base),
+        });
         let by = |s: &str| match s {
             "taskstack-web" | "web" => Some(Self::Web),
             "taskstack-worker" | "worker" => Some(Self::Worker),
@@ -347,6 +348,23 @@ mod tests {
     }
 
     const FILE: &str = "services:\n  worker:\n    image: app\n    command: [/taskstack-worker]\n    deploy: {replicas: 2}\n    secrets: [pw]\n    networks: [backend]\n  cache:\n    image: r\n    command: [redis-server]\n    volumes: [\"data:/data\"]\n    networks: [backend]\nnetworks:\n  backend: {internal: true}\nvolumes:\n  data: {}\nsecrets:\n  pw: {file: ./secrets/pw}\n";
+
+    #[test]
+    fn roles_come_from_the_program_or_the_multi_call_binarys_argument() {
+        let p = project(
+            "services:\n  a: {image: x, command: [/usr/local/bin/taskstack-worker]}\n  \
+             b: {image: x, command: [/usr/local/bin/taskstack, worker, -Q, app]}\n  \
+             c: {image: x, command: [taskstack, beat]}\n  \
+             d: {image: x, command: [python3, /app/app.py]}\n  \
+             web: {image: x}\n",
+        );
+        let role = |s: &str| Role::of(&p.services[s]);
+        assert_eq!(role("a"), Role::Worker);
+        assert_eq!(role("b"), Role::Worker);
+        assert_eq!(role("c"), Role::Beat);
+        assert_eq!(role("d"), Role::Other);
+        assert_eq!(role("web"), Role::Web);
+    }
 
     #[test]
     fn containers_carry_compose_labels_names_secrets_and_networks() {

@@ -104,6 +104,79 @@ fn the_projects_compose_file_loads_with_defaults_and_overrides() {
 }
 
 #[test]
+fn the_app_profile_runs_a_users_image_as_app_and_as_a_worker_of_its_own_queue() {
+    let p = load(&the_file(), &env(&[]), None).expect("loads");
+    assert!(!p.services.contains_key("app") && !p.services.contains_key("app-worker"));
+
+    let p = load(
+        &the_file(),
+        &env(&[
+            ("COMPOSE_PROFILES", "app"),
+            ("APP_IMAGE", "localhost/team-app:1"),
+        ]),
+        None,
+    )
+    .expect("loads with the profile");
+    let (app, worker) = (&p.services["app"], &p.services["app-worker"]);
+    assert_eq!(app.image, "localhost/team-app:1");
+    assert_eq!(worker.image, "localhost/team-app:1");
+    assert_eq!(app.command, None, "the image's own command");
+    assert_eq!(
+        app.networks,
+        ["backend"],
+        "reached by name, never published"
+    );
+    assert!(app.ports.is_empty());
+    assert_eq!(
+        worker.command.as_deref(),
+        Some(&["/usr/local/bin/taskstack-worker".to_owned()][..])
+    );
+    assert_eq!(crate::plan::Role::of(worker), crate::plan::Role::Worker);
+    assert_eq!(worker.environment["TASKSTACK_QUEUES"], "app");
+    assert_eq!(
+        worker.environment["TASKSTACK_CONFIG"],
+        "/etc/taskstack/app-tasks.toml"
+    );
+    assert_eq!(
+        worker.environment["TASKSTACK_BROKER_URL"],
+        "redis://redis:6379/0"
+    );
+    assert!(worker.binds[0].source.ends_with("compose/app-tasks.toml"));
+    assert_eq!(worker.binds[0].target, "/etc/taskstack/app-tasks.toml");
+    assert_eq!(
+        worker.binds.len(),
+        1,
+        "not the stock services' taskstack.toml"
+    );
+    assert_eq!(worker.secrets, ["redis_password"]);
+    assert_eq!(worker.depends_on["app"], Condition::Healthy);
+    assert_eq!(worker.depends_on["redis"], Condition::Healthy);
+    for svc in [app, worker] {
+        assert!(svc.read_only && svc.init, "{}", svc.name);
+        assert_eq!(svc.user.as_deref(), Some("65534:65534"), "{}", svc.name);
+        assert_eq!(svc.cap_drop, ["ALL"], "{}", svc.name);
+    }
+    let order = p.start_order().expect("acyclic");
+    let at = |s: &str| order.iter().position(|x| x == s).expect(s);
+    assert!(at("redis") < at("app-worker") && at("app") < at("app-worker"));
+
+    // The file app-worker reads, as it reads it, declares one task of each kind.
+    let config = crate::verify::config::service_config(&p, worker).expect("app-worker's config");
+    assert_eq!(config.queues, ["app"]);
+    let kinds: Vec<(&str, bool)> = config
+        .tasks
+        .iter()
+        .map(|(name, d)| {
+            (
+                name.as_str(),
+                matches!(d.kind, taskstack::config::TaskKind::Exec(_)),
+            )
+        })
+        .collect();
+    assert_eq!(kinds, [("billing.charge", false), ("reports.render", true)]);
+}
+
+#[test]
 fn unknown_keys_are_errors_naming_file_line_and_key() {
     let text = "services:\n  web:\n    image: x\n    privileged: true\n";
     let e = parse_str(text).expect_err("privileged is not supported");
