@@ -42,6 +42,8 @@ pub mod shutdown;
 #[cfg(feature = "service")]
 pub mod telemetry;
 #[cfg(test)]
+mod test_postgres;
+#[cfg(test)]
 mod test_redis;
 #[cfg(feature = "worker")]
 pub mod worker;
@@ -60,6 +62,25 @@ pub enum ConnectError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Postgres(#[from] backend::postgres::PgError),
+}
+
+/// The backend a configuration names: Redis for everything, or Redis for
+/// messages and PostgreSQL for results (`result_backend =
+/// "postgresql://..."`; run [`backend::postgres::prepare`] once at start-up
+/// first). Connections are opened lazily.
+pub fn open_backend(config: &Config) -> Result<std::sync::Arc<dyn backend::Backend>, ConnectError> {
+    let broker = connect(config)?;
+    Ok(match config.postgres_target()? {
+        None => std::sync::Arc::new(backend::RedisBackend::new(broker)),
+        Some(target) => std::sync::Arc::new(backend::PostgresBackend::new(
+            broker,
+            &target,
+            config.redis_pool_size.get(),
+            config.result_backend_timeout,
+        )?),
+    })
 }
 
 /// Builds the broker (and result backend) pools a configuration names.
@@ -69,6 +90,8 @@ pub fn connect(config: &Config) -> Result<Broker, ConnectError> {
     let broker = RedisPool::new(&config.broker_target()?, size, config.redis_timeout)?;
     let backend = match &config.result_backend {
         None => broker.clone(),
+        // Results in PostgreSQL: Redis keeps chord counters on the broker.
+        Some(url) if config::is_postgres_url(url.expose()) => broker.clone(),
         Some(_) => RedisPool::new(&config.backend_target()?, size, config.redis_timeout)?,
     };
     Ok(Broker::new(

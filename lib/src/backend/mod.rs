@@ -11,15 +11,17 @@
 //! and the beat's slot ledger.
 
 mod memory;
+pub mod postgres;
 mod redis;
 mod traits;
 
 pub use memory::{MemoryBackend, TokioClock};
+pub use postgres::PostgresBackend;
 pub use redis::{RedisBackend, SystemClock};
 pub use traits::{
-    Acquired, Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Inspect,
-    LeaderLock, Leases, Outgoing, Parked, PendingRecord, Promoted, Reaped, ResultStore, SlotLedger,
-    SlotOutcome, SlotPublish, TaskStates, Use,
+    Acquired, Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Expiry,
+    Inspect, LeaderLock, Leases, Outgoing, Parked, PendingRecord, Promoted, Reaped, ResultStore,
+    SlotLedger, SlotOutcome, SlotPublish, TaskStates, Use,
 };
 
 /// How long from `now_ms` until `due_ms` (zero when already due).

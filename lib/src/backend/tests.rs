@@ -1,5 +1,7 @@
 //! The conformance suite against each implementation: the memory one on
-//! paused time, the Redis one on a private `redis-server` per test.
+//! paused time, the Redis one on a private `redis-server` per test, the
+//! PostgreSQL result store on a private `redis-server` and `postgres` per
+//! test.
 
 use super::conformance::{self, Harness};
 use super::{Backend, MemoryBackend, RedisBackend};
@@ -101,6 +103,64 @@ impl Harness for Redis {
     }
 }
 
+/// Messages on Redis, results in PostgreSQL, each its own server.
+struct Postgres {
+    backend: super::PostgresBackend,
+    /// The same broker with results on a port nothing listens on.
+    results_down: super::PostgresBackend,
+    _redis: crate::test_redis::Server,
+    _pg: crate::test_postgres::PgServer,
+}
+
+impl Postgres {
+    async fn new() -> Self {
+        let redis = crate::test_redis::server();
+        let pg = crate::test_postgres::PgServer::start();
+        let db = pg.create_database();
+        let target = pg_target(&pg.url(&db));
+        super::postgres::prepare(&target, Duration::from_secs(5), Duration::from_secs(5))
+            .await
+            .expect("migrate");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let nowhere = pg_target(&format!(
+            "postgresql://taskstack@{closed}/nowhere?sslmode=disable"
+        ));
+        let broker = || {
+            let t = RedisTarget::from_url(&redis.url).expect("url");
+            let pool = RedisPool::new(&t, 8, Duration::from_secs(5)).expect("pool");
+            Broker::new(pool.clone(), pool, crate::proto::Keys::new("conformance"))
+        };
+        let timeout = Duration::from_secs(2);
+        Self {
+            backend: super::PostgresBackend::new(broker(), &target, 8, timeout).expect("pg"),
+            results_down: super::PostgresBackend::new(broker(), &nowhere, 1, timeout).expect("pg"),
+            _redis: redis,
+            _pg: pg,
+        }
+    }
+}
+
+/// A target for the test server's user and password.
+pub(crate) fn pg_target(url: &str) -> crate::config::PgTarget {
+    let pw = crate::config::Secret::new(crate::test_postgres::PASSWORD);
+    crate::config::PgTarget::new("result_backend", url, Some(&pw)).expect("target")
+}
+
+#[async_trait::async_trait]
+impl Harness for Postgres {
+    fn backend(&self) -> Arc<dyn Backend> {
+        Arc::new(self.backend.clone())
+    }
+    fn results_down(&self) -> Arc<dyn Backend> {
+        Arc::new(self.results_down.clone())
+    }
+    async fn tick(&self) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 mod memory {
     use super::*;
     conformance_suite!(
@@ -114,5 +174,13 @@ mod redis {
     conformance_suite!(
         #[tokio::test]
         Redis::new()
+    );
+}
+
+mod postgres {
+    use super::*;
+    conformance_suite!(
+        #[tokio::test]
+        Postgres::new().await
     );
 }

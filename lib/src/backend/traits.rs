@@ -30,6 +30,9 @@ pub enum BackendError {
     /// A value could not be written or read back.
     #[error("{op} failed: {detail}")]
     Invalid { op: &'static str, detail: String },
+    /// The PostgreSQL result store's error.
+    #[error(transparent)]
+    Postgres(#[from] super::postgres::PgError),
 }
 
 impl BackendError {
@@ -38,6 +41,7 @@ impl BackendError {
     pub fn is_auth_failure(&self) -> bool {
         match self {
             Self::Broker(e) => e.is_auth_failure(),
+            Self::Postgres(e) => e.is_config(),
             Self::Unavailable { .. } | Self::Invalid { .. } => false,
         }
     }
@@ -64,6 +68,7 @@ pub enum Use {
 /// (clones of one implementation share its state; two separately built
 /// backends do not share hold sequence numbers, so they must not take
 /// messages for the same worker id).
+#[async_trait]
 pub trait Backend: Send + Sync + Debug {
     /// The clock every due time, lease and expiry of this backend follows.
     fn clock(&self) -> Arc<dyn Clock>;
@@ -93,6 +98,25 @@ pub trait Backend: Send + Sync + Debug {
     fn redis(&self) -> Option<&crate::broker::Broker> {
         None
     }
+    /// Deleting expired results, for a store that does not expire them by
+    /// itself (PostgreSQL); `None` where records expire on their own.
+    fn expiry(&self) -> Option<Box<dyn Expiry>> {
+        None
+    }
+    /// One round trip to the result store when it is not the broker (the
+    /// `/health` check of a PostgreSQL store); `None` when results live on
+    /// the broker, whose ping [`Inspect::ping`] measures.
+    async fn result_store_ping(&self) -> Option<Result<Duration, BackendError>> {
+        None
+    }
+}
+
+/// Deleting expired result records in bounded batches.
+#[async_trait]
+pub trait Expiry: Send {
+    /// Deletes up to `max` expired records, oldest expiry first. `None`
+    /// when another process is cleaning now (exactly one cleans at a time).
+    async fn sweep(&mut self, max: usize) -> Result<Option<u64>, BackendError>;
 }
 
 /// A message to send.

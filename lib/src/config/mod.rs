@@ -9,6 +9,7 @@
 
 mod annotations;
 mod de;
+mod postgres;
 mod rate;
 mod tasks;
 mod web;
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 pub use crate::secret::{Secret, SecretUrl, redact_url};
 pub use annotations::{Annotation, TaskAnnotations};
+pub use postgres::{PgTarget, SslMode, is_postgres_url};
 pub use rate::RateLimit;
 pub use tasks::{DeclaredTasks, ExecDecl, HttpDecl, TaskDecl, TaskKind};
 
@@ -143,10 +145,16 @@ pub struct Config {
     pub broker_password: Option<Secret>,
     /// A file whose content (trailing newline removed) is the broker password.
     pub broker_password_file: Option<PathBuf>,
-    /// Where results are stored; defaults to the broker.
+    /// Where results are stored; defaults to the broker. A `redis://` or
+    /// `rediss://` URL, or `postgresql://user@host/db[?sslmode=...]` for the
+    /// PostgreSQL result store.
     pub result_backend: Option<SecretUrl>,
     pub result_backend_password: Option<Secret>,
     pub result_backend_password_file: Option<PathBuf>,
+    /// PostgreSQL result store: timeout of a connection attempt, of one
+    /// statement (`statement_timeout`) and of waiting for a pooled connection.
+    #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
+    pub result_backend_timeout: Duration,
     /// Prefix of taskstack's own Redis keys (queues and results keep Celery's names).
     pub namespace: String,
     /// Queues this worker consumes, in the order they are served.
@@ -360,6 +368,7 @@ impl Default for Config {
             result_backend: None,
             result_backend_password: None,
             result_backend_password_file: None,
+            result_backend_timeout: Duration::from_secs(5),
             namespace: "taskstack".into(),
             queues: vec!["celery".into()],
             concurrency: NonZeroUsize::new(16).expect("16 > 0"),
@@ -450,7 +459,11 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         parse_redis_url("broker_url", self.broker_url.expose())?;
         if let Some(b) = &self.result_backend {
-            parse_redis_url("result_backend", b.expose())?;
+            if is_postgres_url(b.expose()) {
+                PgTarget::new("result_backend", b.expose(), None)?;
+            } else {
+                parse_redis_url("result_backend", b.expose())?;
+            }
         }
         if self.namespace.is_empty()
             || !self
@@ -518,6 +531,11 @@ impl Config {
         at_least(
             "redis_timeout",
             self.redis_timeout,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "result_backend_timeout",
+            self.result_backend_timeout,
             Duration::from_millis(100),
         )?;
         // Checked where logs are set up; a producer-only build has no telemetry.
@@ -591,10 +609,13 @@ impl Config {
         RedisTarget::new("broker_url", self.broker_url.expose(), pw.as_ref())
     }
 
-    /// The result backend's URL (the broker's when none is set).
+    /// The Redis server of result records and Celery's chord counters: the
+    /// `result_backend` when it is a Redis URL, else the broker's (with a
+    /// PostgreSQL result store, chord counters stay on the broker).
     pub fn backend_target(&self) -> Result<RedisTarget, ConfigError> {
         match &self.result_backend {
             None => self.broker_target(),
+            Some(url) if is_postgres_url(url.expose()) => self.broker_target(),
             Some(url) => {
                 let pw = secret(
                     "result_backend_password_file",
@@ -604,6 +625,24 @@ impl Config {
                 RedisTarget::new("result_backend", url.expose(), pw.as_ref())
             }
         }
+    }
+
+    /// The PostgreSQL result store, when `result_backend` names one
+    /// (password from `result_backend_password(_file)`).
+    pub fn postgres_target(&self) -> Result<Option<PgTarget>, ConfigError> {
+        let Some(url) = self
+            .result_backend
+            .as_ref()
+            .filter(|u| is_postgres_url(u.expose()))
+        else {
+            return Ok(None);
+        };
+        let pw = secret(
+            "result_backend_password_file",
+            self.result_backend_password.as_ref(),
+            self.result_backend_password_file.as_deref(),
+        )?;
+        PgTarget::new("result_backend", url.expose(), pw.as_ref()).map(Some)
     }
 
     /// The effective configuration as JSON, for the start-up log line and

@@ -75,12 +75,23 @@ where
             }
             // Secret files are part of the configuration: one that cannot
             // be read is exit 2 (a supervisor does not restart in a loop).
-            if let Err(e) = config.broker_target().and(config.backend_target()) {
+            if let Err(e) = config
+                .broker_target()
+                .and(config.backend_target())
+                .and(config.postgres_target().map(drop))
+            {
                 eprintln!("{name}: {e}");
                 return ExitCode::from(2);
             }
             crate::telemetry::init(&config.log_level, config.log_format);
             tracing::info!(config = %config.redacted(), "starting {name}");
+            // The PostgreSQL result store: schema migrated, credentials and
+            // database checked, before anything runs (a refusal is exit 2).
+            if let Err(e) = runtime.block_on(prepare_result_store(&config)) {
+                tracing::error!(error = %e, "{name}: the PostgreSQL result store cannot be used");
+                eprintln!("{name}: {e}");
+                return ExitCode::from(if e.is_config() { 2 } else { 1 });
+            }
             match runtime.block_on(run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -103,6 +114,31 @@ pub fn verdict(r: Result<String, String>) -> ExitCode {
         Err(msg) => {
             eprintln!("unhealthy: {msg}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// How long a starting service waits for an unreachable PostgreSQL result
+/// store before giving up (exit 1; a supervisor restarts it).
+const RESULT_STORE_START_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn prepare_result_store(config: &Config) -> Result<(), crate::backend::postgres::PgError> {
+    // Already validated with the other secrets: an error here is not expected.
+    let target = config
+        .postgres_target()
+        .map_err(|e| crate::backend::postgres::PgError::Op {
+            op: "read result_backend",
+            detail: e.to_string(),
+        })?;
+    match target {
+        None => Ok(()),
+        Some(t) => {
+            crate::backend::postgres::prepare(
+                &t,
+                config.result_backend_timeout,
+                RESULT_STORE_START_WAIT,
+            )
+            .await
         }
     }
 }

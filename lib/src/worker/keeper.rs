@@ -2,7 +2,7 @@
 //! restore the messages of dead workers, move due delayed messages.
 
 use super::shared::{Shared, jitter};
-use crate::backend::{Delayed, Leases, Promoted, Reaped, Use};
+use crate::backend::{Delayed, Expiry, Leases, Promoted, Reaped, Use};
 use crate::broker::WorkerRecord;
 use crate::proto::envelope::format_time;
 use std::sync::Arc;
@@ -14,6 +14,12 @@ use tokio_util::sync::CancellationToken;
 /// is unknown (another process may park one at any moment).
 const PROMOTE_POLL: Duration = Duration::from_millis(250);
 const PROMOTE_BATCH: usize = 500;
+/// How often a worker looks for expired results (a store that does not
+/// expire them by itself), and the most rows one statement deletes.
+const EXPIRY_EVERY: Duration = Duration::from_secs(10);
+const EXPIRY_BATCH: usize = 1000;
+/// Most batches one look deletes before yielding to the other duties.
+const EXPIRY_BATCHES: usize = 20;
 
 pub(crate) fn record(sh: &Shared, started_at: &str) -> WorkerRecord {
     let s = &sh.stats;
@@ -41,10 +47,12 @@ pub(crate) fn record(sh: &Shared, started_at: &str) -> WorkerRecord {
 pub(crate) async fn run(sh: Arc<Shared>, started_at: String, until: CancellationToken) {
     let mut leases = sh.backend.leases(Use::Loop);
     let mut delayed = sh.backend.delayed(Use::Loop);
+    let mut expiry = sh.backend.expiry();
     let beat_every = sh.settings.lease / 3;
     let reap_every = sh.settings.lease / 2;
     let now = tokio::time::Instant::now();
     let (mut next_beat, mut next_reap, mut next_promote) = (now + beat_every, now, now);
+    let mut next_expiry = now + jitter(EXPIRY_EVERY);
     loop {
         tokio::select! {
             () = until.cancelled() => return,
@@ -59,6 +67,12 @@ pub(crate) async fn run(sh: Arc<Shared>, started_at: String, until: Cancellation
             }
             () = tokio::time::sleep_until(next_promote) => {
                 next_promote = tokio::time::Instant::now() + promote_due(&mut *delayed).await;
+            }
+            () = tokio::time::sleep_until(next_expiry), if expiry.is_some() => {
+                if let Some(e) = expiry.as_deref_mut() {
+                    delete_expired(&sh, e).await;
+                }
+                next_expiry = tokio::time::Instant::now() + jitter(EXPIRY_EVERY);
             }
         }
     }
@@ -112,6 +126,29 @@ async fn promote_due(delayed: &mut dyn Delayed) -> Duration {
         Err(e) => {
             tracing::warn!(error = %e, "cannot move delayed messages");
             Duration::from_secs(1)
+        }
+    }
+}
+
+/// Deletes expired result records in bounded batches while this worker
+/// holds the cleaner's lock (another worker cleaning: nothing to do).
+async fn delete_expired(sh: &Shared, expiry: &mut dyn Expiry) {
+    for _ in 0..EXPIRY_BATCHES {
+        match expiry.sweep(EXPIRY_BATCH).await {
+            Ok(Some(n)) => {
+                sh.metrics.results_expired(n);
+                if n > 0 {
+                    tracing::debug!(deleted = n, "deleted expired results");
+                }
+                if (n as usize) < EXPIRY_BATCH {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot delete expired results");
+                return;
+            }
         }
     }
 }

@@ -29,6 +29,9 @@ pub const CONCURRENCY: &str = "taskstack_worker_concurrency";
 pub const MESSAGES_RESTORED: &str = "taskstack_worker_messages_restored";
 /// Counter (`_total` appended): messages handed back unstarted at shutdown.
 pub const MESSAGES_HANDED_BACK: &str = "taskstack_worker_messages_handed_back";
+/// Counter (`_total` appended): expired result records this worker deleted
+/// from a PostgreSQL result store (one worker cleans at a time).
+pub const RESULTS_EXPIRED: &str = "taskstack_worker_results_expired";
 /// Counter (`_total` appended): task events dropped (buffer full or Redis
 /// unreachable); tasks never wait for events.
 pub const EVENTS_DROPPED: &str = "taskstack_worker_events_dropped";
@@ -82,6 +85,7 @@ pub struct Metrics {
     concurrency: Gauge,
     restored: Counter,
     handed_back: Counter,
+    results_expired: Counter,
     events_dropped: Counter,
 }
 
@@ -98,6 +102,7 @@ impl Metrics {
             concurrency: Gauge::default(),
             restored: Counter::default(),
             handed_back: Counter::default(),
+            results_expired: Counter::default(),
             events_dropped: Counter::default(),
             registry: Registry::default(),
             per_task: std::collections::HashMap::new(),
@@ -132,6 +137,11 @@ impl Metrics {
             MESSAGES_HANDED_BACK,
             "Messages handed back unstarted at shutdown",
             m.handed_back.clone(),
+        );
+        registry.register(
+            RESULTS_EXPIRED,
+            "Expired result records this worker deleted from the PostgreSQL result store",
+            m.results_expired.clone(),
         );
         registry.register(
             EVENTS_DROPPED,
@@ -200,6 +210,10 @@ impl Metrics {
 
     pub(crate) fn restored(&self, n: u64) {
         self.restored.inc_by(n);
+    }
+
+    pub(crate) fn results_expired(&self, n: u64) {
+        self.results_expired.inc_by(n);
     }
 
     pub(crate) fn handed_back(&self, n: u64) {

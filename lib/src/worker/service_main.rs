@@ -289,7 +289,7 @@ fn print_tasks(name: &str, loaded: Result<Config, ConfigError>, own: Registry) -
 /// Why a running worker stopped with exit code 1.
 #[derive(Debug, thiserror::Error)]
 enum RunError {
-    #[error("invalid Redis settings: {0}")]
+    #[error("invalid broker or result store settings: {0}")]
     Connect(#[source] crate::ConnectError),
     #[error("cannot listen for signals: {0}")]
     Signals(#[source] std::io::Error),
@@ -302,9 +302,9 @@ enum RunError {
 }
 
 async fn run(config: Config, registry: Registry) -> Result<(), RunError> {
-    let broker = crate::connect(&config).map_err(RunError::Connect)?;
+    let backend = crate::open_backend(&config).map_err(RunError::Connect)?;
     let shutdown = crate::shutdown::install().map_err(RunError::Signals)?;
-    let mut worker = Worker::new(broker, registry, WorkerSettings::from_config(&config));
+    let mut worker = Worker::on_backend(backend, registry, WorkerSettings::from_config(&config));
     if let Some(addr) = config.worker_metrics_addr()? {
         let fallback = config.worker_metrics_listen == DEFAULT_WORKER_METRICS_LISTEN;
         let listener = bind("worker_metrics_listen", addr, fallback).await?;

@@ -207,8 +207,8 @@ impl Retrier {
             tracing::error!(
                 error = %err,
                 retry_in = ?self.delay,
-                "{} failed: Redis refused the password; check broker_password / \
-                 broker_password_file (and result_backend_password*); retrying",
+                "{} failed: Redis or the result store refused the password (or database); \
+                 check broker_password / broker_password_file (and result_backend*); retrying",
                 self.what
             );
         } else {

@@ -1,0 +1,96 @@
+//! The result store's schema, created and migrated by the services at
+//! start. Migrations are numbered and never edited once shipped; each runs
+//! once, recorded in `taskstack_schema_migrations`. The whole run is one
+//! transaction under a transaction-level advisory lock, so many workers
+//! starting at once wait for the first instead of racing it, and a failed
+//! migration leaves nothing half done.
+
+use super::connect::PgError;
+
+/// `pg_advisory_xact_lock` key of the migration run ("tsk" + 1).
+pub(crate) const MIGRATE_LOCK: i64 = 0x7473_6b00_0000_0001;
+/// `pg_try_advisory_xact_lock` key of the expiry cleaner ("tsk" + 2).
+pub(crate) const EXPIRE_LOCK: i64 = 0x7473_6b00_0000_0002;
+/// The NOTIFY channel a finished result is announced on (payload: task id).
+pub(crate) const CHANNEL: &str = "taskstack_results";
+
+/// (version, what it does, SQL). Append only.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "task results",
+    "CREATE TABLE taskstack_results (
+        task_id      text PRIMARY KEY,
+        state        text NOT NULL,
+        result       jsonb,
+        error        jsonb,
+        traceback    text,
+        task_name    text,
+        args         jsonb,
+        kwargs       jsonb,
+        worker       text,
+        retries      integer,
+        queue        text,
+        parent_id    text,
+        group_id     text,
+        children     jsonb NOT NULL DEFAULT '[]'::jsonb,
+        revoked      boolean NOT NULL DEFAULT false,
+        date_started timestamptz,
+        date_done    timestamptz,
+        expires_at   timestamptz NOT NULL
+    );
+    CREATE INDEX taskstack_results_expires_at ON taskstack_results (expires_at);",
+)];
+
+/// The newest schema version this build knows.
+pub(crate) fn latest() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
+/// Applies the migrations this database lacks; refuses a database migrated
+/// by a newer build.
+pub(crate) async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), PgError> {
+    let op = "migrate the result store";
+    let e = |e: tokio_postgres::Error| PgError::op(op, &e);
+    let tx = client.transaction().await.map_err(e)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+        .await
+        .map_err(e)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS taskstack_schema_migrations (
+            version    integer PRIMARY KEY,
+            name       text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        )",
+    )
+    .await
+    .map_err(e)?;
+    let row = tx
+        .query_one(
+            "SELECT COALESCE(max(version), 0) FROM taskstack_schema_migrations",
+            &[],
+        )
+        .await
+        .map_err(e)?;
+    let current: i32 = row.get(0);
+    if current > latest() {
+        return Err(PgError::Op {
+            op,
+            detail: format!(
+                "the database's schema is version {current}, newer than this build's {}: \
+                 upgrade taskstack",
+                latest()
+            ),
+        });
+    }
+    for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.batch_execute(sql).await.map_err(e)?;
+        tx.execute(
+            "INSERT INTO taskstack_schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await
+        .map_err(e)?;
+        tracing::info!(version, name, "result store schema migrated");
+    }
+    tx.commit().await.map_err(e)
+}

@@ -1,0 +1,342 @@
+//! The SQL of the result store. Every batch is one statement (one round
+//! trip on a prepared statement): a multi-row upsert that is its own
+//! transaction, so a batch's results are committed together or not at all.
+//! Records cross as JSON text and are taken apart into columns by
+//! PostgreSQL; reads put them back together in Celery's layout.
+
+use super::connect::{Handles, PgError, pool_error};
+use super::schema::{CHANNEL, EXPIRE_LOCK};
+use crate::broker::RevokeOutcome;
+use crate::proto::{TaskResult, TaskState};
+use std::time::Duration;
+
+/// States a waiter waits for; only these are announced with NOTIFY.
+const FINAL: &str = "('SUCCESS', 'FAILURE', 'REVOKED')";
+
+/// Celery keeps an exception in `result`; here it goes to `error` for
+/// these states, and reads put it back.
+const ERROR_STATES: &str = "('FAILURE', 'RETRY', 'REVOKED')";
+
+/// Longest args / kwargs kept (bytes of JSON); longer ones are left out.
+const ARGS_BOUND: usize = 4096;
+
+/// The upsert of a batch: `$1` task ids, `$2` their records (a JSON array
+/// as text, in the same order), `$3` expiry in ms. Of two records of one
+/// task in a batch the later wins. `guard` ends the `ON CONFLICT` update
+/// (the start step's revocation check); `tail` is the final SELECT over
+/// `up`, the upserted `(task_id, state)` rows.
+fn upsert(guard: &str, tail: &str) -> String {
+    format!(
+        "WITH input AS (
+            SELECT DISTINCT ON (id) id, r, r->>'status' AS state
+            FROM (SELECT ($1::text[])[o] AS id, r, o
+                  FROM jsonb_array_elements($2::text::jsonb) WITH ORDINALITY AS e(r, o)) s
+            ORDER BY id, o DESC
+        ), up AS (
+            INSERT INTO taskstack_results AS t
+                (task_id, state, result, error, traceback, task_name, args, kwargs, worker,
+                 retries, queue, parent_id, group_id, children, date_started, date_done,
+                 expires_at)
+            SELECT id, state,
+                CASE WHEN state IN {ERROR_STATES} THEN NULL ELSE r->'result' END,
+                CASE WHEN state IN {ERROR_STATES} THEN r->'result' END,
+                r->>'traceback', r->>'name',
+                CASE WHEN octet_length((r->'args')::text) <= {ARGS_BOUND} THEN r->'args' END,
+                CASE WHEN octet_length((r->'kwargs')::text) <= {ARGS_BOUND} THEN r->'kwargs' END,
+                r->>'worker', (r->>'retries')::integer, r->>'queue', r->>'parent_id',
+                r->>'group_id', COALESCE(r->'children', '[]'::jsonb),
+                (r->>'date_started')::timestamptz, (r->>'date_done')::timestamptz,
+                now() + $3::bigint * interval '1 millisecond'
+            FROM input
+            ON CONFLICT (task_id) DO UPDATE SET
+                state = EXCLUDED.state, result = EXCLUDED.result, error = EXCLUDED.error,
+                traceback = EXCLUDED.traceback, task_name = EXCLUDED.task_name,
+                args = EXCLUDED.args, kwargs = EXCLUDED.kwargs, worker = EXCLUDED.worker,
+                retries = EXCLUDED.retries, queue = EXCLUDED.queue,
+                parent_id = EXCLUDED.parent_id, group_id = EXCLUDED.group_id,
+                children = EXCLUDED.children, date_started = EXCLUDED.date_started,
+                date_done = EXCLUDED.date_done, expires_at = EXCLUDED.expires_at
+                {guard}
+            RETURNING task_id, state
+        )
+        {tail}"
+    )
+}
+
+/// Stores records and announces the final ones (on commit).
+fn write_sql() -> String {
+    upsert(
+        "",
+        &format!("SELECT pg_notify('{CHANNEL}', task_id) FROM up WHERE state IN {FINAL}"),
+    )
+}
+
+/// Stores STARTED records except over a live revocation; returns the
+/// started ids. The row lock of `ON CONFLICT` makes the check and the write
+/// one step against [`revoke`]'s `SELECT ... FOR UPDATE`.
+fn start_sql() -> String {
+    upsert(
+        ", revoked = false WHERE NOT (t.revoked AND t.expires_at > now())",
+        "SELECT task_id FROM up",
+    )
+}
+
+const DATE: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'";
+
+fn read_sql() -> String {
+    format!(
+        "SELECT jsonb_build_object(
+            'status', state, 'result', COALESCE(error, result), 'traceback', traceback,
+            'children', children,
+            'date_done', to_char(date_done AT TIME ZONE 'UTC', {DATE}),
+            'task_id', task_id, 'name', task_name, 'worker', worker, 'retries', retries,
+            'queue', queue, 'parent_id', parent_id, 'group_id', group_id,
+            'date_started', to_char(date_started AT TIME ZONE 'UTC', {DATE}))::text
+        FROM taskstack_results WHERE task_id = $1 AND expires_at > now()"
+    )
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+/// `(ids, records as one JSON array)` of a batch.
+fn batch<'a>(items: impl Iterator<Item = (&'a str, &'a str)>) -> (Vec<&'a str>, String) {
+    let mut ids = Vec::new();
+    let mut json = String::from("[");
+    for (id, record) in items {
+        if !ids.is_empty() {
+            json.push(',');
+        }
+        ids.push(id);
+        json.push_str(record);
+    }
+    json.push(']');
+    (ids, json)
+}
+
+/// Runs `f` within the store's deadline: a server that stops answering
+/// fails the operation instead of hanging it.
+async fn timed<T>(
+    pg: &Handles,
+    op: &'static str,
+    f: impl Future<Output = Result<T, PgError>>,
+) -> Result<T, PgError> {
+    // Pool wait + a connection + the statement, each bounded by `timeout`.
+    let deadline = pg.connector.timeout * 3;
+    match tokio::time::timeout(deadline, f).await {
+        Ok(r) => r,
+        Err(_) => Err(PgError::Op {
+            op,
+            detail: format!("no answer within {deadline:?}"),
+        }),
+    }
+}
+
+/// Stores `(task id, record JSON)` pairs, each kept `ttl`, in one statement.
+pub(crate) async fn write(
+    pg: &Handles,
+    records: &[(&str, &str)],
+    ttl: Duration,
+) -> Result<(), PgError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let op = "store results";
+    let (ids, json) = batch(records.iter().copied());
+    timed(pg, op, async {
+        let client = pg
+            .pool
+            .get()
+            .await
+            .map_err(|e| pool_error(op, &pg.connector.user, e))?;
+        let stmt = client
+            .prepare_cached(&write_sql())
+            .await
+            .map_err(|e| PgError::op(op, &e))?;
+        client
+            .execute(&stmt, &[&ids, &json, &millis(ttl)])
+            .await
+            .map_err(|e| PgError::op(op, &e))?;
+        Ok(())
+    })
+    .await
+}
+
+/// A task's live record.
+pub(crate) async fn read(pg: &Handles, task_id: &str) -> Result<Option<TaskResult>, PgError> {
+    let op = "read result";
+    let raw: Option<String> = timed(pg, op, async {
+        let client = pg
+            .pool
+            .get()
+            .await
+            .map_err(|e| pool_error(op, &pg.connector.user, e))?;
+        let stmt = client
+            .prepare_cached(&read_sql())
+            .await
+            .map_err(|e| PgError::op(op, &e))?;
+        let row = client
+            .query_opt(&stmt, &[&task_id])
+            .await
+            .map_err(|e| PgError::op(op, &e))?;
+        Ok(row.map(|r| r.get(0)))
+    })
+    .await?;
+    raw.map(|s| {
+        serde_json::from_str(&s).map_err(|e| PgError::Op {
+            op,
+            detail: format!("stored row is not a result record: {e}"),
+        })
+    })
+    .transpose()
+}
+
+/// Records `(task id, STARTED record)` pairs unless revoked; returns, per
+/// pair, whether it was started.
+pub(crate) async fn start(
+    pg: &Handles,
+    tasks: &[(&str, &str)],
+    ttl: Duration,
+) -> Result<Vec<bool>, PgError> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let op = "start tasks";
+    let (ids, json) = batch(tasks.iter().copied());
+    let started: Vec<String> = timed(pg, op, async {
+        let client = pg
+            .pool
+            .get()
+            .await
+            .map_err(|e| pool_error(op, &pg.connector.user, e))?;
+        let stmt = client
+            .prepare_cached(&start_sql())
+            .await
+            .map_err(|e| PgError::op(op, &e))?;
+        let rows = client
+            .query(&stmt, &[&ids, &json, &millis(ttl)])
+            .await
+            .map_err(|e| PgError::op(op, &e))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    })
+    .await?;
+    let started: std::collections::HashSet<&str> = started.iter().map(String::as_str).collect();
+    Ok(tasks.iter().map(|(id, _)| started.contains(id)).collect())
+}
+
+/// Revokes a task that has not started, in one transaction: the row is
+/// locked, its state checked, the REVOKED record stored (kept at least
+/// `ttl`, longer when the row already lives longer) and marked revoked.
+pub(crate) async fn revoke(
+    pg: &Handles,
+    task_id: &str,
+    record: &str,
+    ttl: Duration,
+) -> Result<RevokeOutcome, PgError> {
+    let op = "revoke task";
+    let e = |e: tokio_postgres::Error| PgError::op(op, &e);
+    timed(pg, op, async {
+        let mut client = pg
+            .pool
+            .get()
+            .await
+            .map_err(|e| pool_error(op, &pg.connector.user, e))?;
+        let tx = client.transaction().await.map_err(e)?;
+        let row = tx
+            .query_opt(
+                "SELECT state, revoked,
+                        (extract(epoch FROM expires_at - now()) * 1000)::bigint
+                 FROM taskstack_results
+                 WHERE task_id = $1 AND expires_at > now() FOR UPDATE",
+                &[&task_id],
+            )
+            .await
+            .map_err(e)?;
+        let Some(row) = row else {
+            return Ok(RevokeOutcome::Unknown);
+        };
+        let (state, revoked, left_ms): (String, bool, i64) = (row.get(0), row.get(1), row.get(2));
+        if revoked || state == "REVOKED" {
+            return Ok(RevokeOutcome::AlreadyRevoked);
+        }
+        if !matches!(state.as_str(), "PENDING" | "RECEIVED" | "RETRY") {
+            let parsed =
+                serde_json::from_value::<TaskState>(serde_json::Value::String(state.clone()))
+                    .map_err(|_| PgError::Op {
+                        op,
+                        detail: format!("unknown task state {state:?}"),
+                    })?;
+            return Ok(RevokeOutcome::Refused(parsed));
+        }
+        let keep = millis(ttl).max(left_ms);
+        let stmt = tx.prepare_cached(&write_sql()).await.map_err(e)?;
+        tx.execute(&stmt, &[&vec![task_id], &format!("[{record}]"), &keep])
+            .await
+            .map_err(e)?;
+        tx.execute(
+            "UPDATE taskstack_results SET revoked = true WHERE task_id = $1",
+            &[&task_id],
+        )
+        .await
+        .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        Ok(RevokeOutcome::Revoked)
+    })
+    .await
+}
+
+/// Deletes up to `max` expired rows, oldest expiry first, if no other
+/// process is cleaning (a transaction-level advisory lock); `None` when one
+/// is.
+pub(crate) async fn sweep(pg: &Handles, max: usize) -> Result<Option<u64>, PgError> {
+    let op = "delete expired results";
+    let e = |e: tokio_postgres::Error| PgError::op(op, &e);
+    timed(pg, op, async {
+        let mut client = pg
+            .pool
+            .get()
+            .await
+            .map_err(|e| pool_error(op, &pg.connector.user, e))?;
+        let tx = client.transaction().await.map_err(e)?;
+        let locked: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&EXPIRE_LOCK])
+            .await
+            .map_err(e)?
+            .get(0);
+        if !locked {
+            return Ok(None);
+        }
+        let n = tx
+            .execute(
+                "DELETE FROM taskstack_results WHERE task_id IN (
+                    SELECT task_id FROM taskstack_results WHERE expires_at <= now()
+                    ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)",
+                &[&i64::try_from(max).unwrap_or(i64::MAX)],
+            )
+            .await
+            .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        Ok(Some(n))
+    })
+    .await
+}
+
+/// One round trip; how long it took.
+pub(crate) async fn ping(pg: &Handles) -> Result<Duration, PgError> {
+    let op = "ping PostgreSQL";
+    timed(pg, op, async {
+        let client = pg
+            .pool
+            .get()
+            .await
+            .map_err(|e| pool_error(op, &pg.connector.user, e))?;
+        let start = std::time::Instant::now();
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| PgError::op(op, &e))?;
+        Ok(start.elapsed())
+    })
+    .await
+}

@@ -1,0 +1,203 @@
+//! What the conformance suite cannot see of the PostgreSQL store: start-up
+//! checks, concurrent migrations, the expiry cleaner and its lock, batch
+//! round trips. Each test has its own `postgres` (and Redis when needed).
+
+use super::{PgError, PostgresBackend, prepare, store};
+use crate::backend::tests::pg_target;
+use crate::backend::{Backend, Use};
+use crate::broker::{Broker, RedisPool};
+use crate::config::RedisTarget;
+use crate::proto::result::Provenance;
+use crate::proto::{TaskResult, TaskState};
+use crate::test_postgres::PgServer;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(5);
+
+fn done(id: &str) -> TaskResult {
+    let from = Provenance {
+        name: "t.add",
+        worker: "w",
+        retries: 0,
+        queue: "q",
+        parent_id: None,
+    };
+    TaskResult::new(id, TaskState::Success, serde_json::json!([1, "two"]), from)
+}
+
+async fn backend(pg: &PgServer, db: &str) -> (PostgresBackend, crate::test_redis::Server) {
+    let redis = crate::test_redis::server();
+    let target = pg_target(&pg.url(db));
+    prepare(&target, T, T).await.expect("migrate");
+    let t = RedisTarget::from_url(&redis.url).expect("url");
+    let pool = RedisPool::new(&t, 4, T).expect("pool");
+    let broker = Broker::new(pool.clone(), pool, crate::proto::Keys::new("pgtest"));
+    let b = PostgresBackend::new(broker, &target, 4, T).expect("backend");
+    (b, redis)
+}
+
+#[tokio::test]
+async fn a_wrong_password_or_missing_database_is_a_configuration_error() {
+    let pg = PgServer::start();
+    let db = pg.create_database();
+    let wrong = crate::config::PgTarget::new(
+        "result_backend",
+        &pg.url(&db),
+        Some(&crate::config::Secret::new("not-the-password")),
+    )
+    .expect("target");
+    let e = prepare(&wrong, T, T).await.expect_err("refused");
+    assert!(matches!(e, PgError::Auth { .. }), "{e:?}");
+    assert!(e.is_config());
+    assert!(e.to_string().contains("result_backend_password"), "{e}");
+
+    let missing = pg_target(&pg.url("no_such_db"));
+    let e = prepare(&missing, T, T).await.expect_err("no database");
+    assert!(matches!(e, PgError::NoDatabase { .. }), "{e:?}");
+    assert!(e.to_string().contains("`result_backend`"), "{e}");
+}
+
+#[tokio::test]
+async fn many_processes_migrating_at_once_apply_each_migration_once() {
+    let pg = PgServer::start();
+    let db = pg.create_database();
+    let target = pg_target(&pg.url(&db));
+    let runs: Vec<_> = (0..12).map(|_| prepare(&target, T, T)).collect();
+    for r in futures_util::future::join_all(runs).await {
+        r.expect("migrate");
+    }
+    let applied = pg
+        .psql(
+            &db,
+            "SELECT count(*), max(version) FROM taskstack_schema_migrations",
+        )
+        .expect("query");
+    assert_eq!(
+        applied.trim(),
+        format!("{}|{}", super::schema::latest(), super::schema::latest())
+    );
+}
+
+#[tokio::test]
+async fn expiry_deletes_exactly_the_expired_rows_under_one_cleaner() {
+    let pg = PgServer::start();
+    let db = pg.create_database();
+    let (b, _redis) = backend(&pg, &db).await;
+    let mut results = b.results(Use::Request);
+    let short: Vec<TaskResult> = (0..25).map(|i| done(&format!("s{i}"))).collect();
+    let long: Vec<TaskResult> = (0..7).map(|i| done(&format!("l{i}"))).collect();
+    results
+        .write(&short, Duration::from_millis(300))
+        .await
+        .expect("write");
+    results
+        .write(&long, Duration::from_secs(3600))
+        .await
+        .expect("write");
+    // Expired rows are invisible at once, before any cleaner ran.
+    let start = tokio::time::Instant::now();
+    while results.read("s0").await.expect("read").is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "s0 never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let count = |sql: &str| pg.psql(&db, sql).expect("query").trim().to_owned();
+    let expired = "SELECT count(*) FROM taskstack_results WHERE expires_at <= now()";
+    while count(expired) != "25" {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "rows never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Another cleaner holds the lock: this one does nothing.
+    let (client, conn) = super::connect::Connector::new(&pg_target(&pg.url(&db)), T)
+        .expect("connector")
+        .connect("test")
+        .await
+        .expect("connect");
+    let driver = tokio::spawn(conn);
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&super::schema::EXPIRE_LOCK],
+        )
+        .await
+        .expect("lock");
+    let mut expiry = b.expiry().expect("a PostgreSQL store needs a cleaner");
+    assert_eq!(expiry.sweep(10).await.expect("sweep"), None);
+    client.batch_execute("COMMIT").await.expect("commit");
+
+    // Bounded batches: 10, 10, 5, then nothing.
+    let mut deleted = Vec::new();
+    loop {
+        let n = expiry.sweep(10).await.expect("sweep").expect("lock free");
+        deleted.push(n);
+        if n < 10 {
+            break;
+        }
+    }
+    assert_eq!(deleted, [10, 10, 5]);
+    assert_eq!(count("SELECT count(*) FROM taskstack_results"), "7");
+    for r in &long {
+        assert_eq!(
+            results.read(&r.task_id).await.expect("read").as_ref(),
+            Some(r)
+        );
+    }
+    drop(client);
+    let _ = driver.await;
+}
+
+#[tokio::test]
+async fn a_batch_is_one_statement_and_the_later_record_of_a_task_wins() {
+    let pg = PgServer::start();
+    let db = pg.create_database();
+    let (b, _redis) = backend(&pg, &db).await;
+    let first = done("dup");
+    let mut later = done("dup");
+    later.result = serde_json::json!("later");
+    let batch = vec![first, done("other"), later.clone()];
+    b.results(Use::Request)
+        .write(&batch, T)
+        .await
+        .expect("a task twice in a batch is not an error");
+    assert_eq!(
+        b.results(Use::Request).read("dup").await.expect("read"),
+        Some(later)
+    );
+    let failure = TaskResult::failure(
+        "bad",
+        TaskState::Failure,
+        &crate::proto::ExceptionInfo::builtin("ValueError", "no"),
+        Provenance {
+            name: "t.add",
+            worker: "w",
+            retries: 2,
+            queue: "q",
+            parent_id: Some("p1"),
+        },
+    );
+    b.results(Use::Request)
+        .write(std::slice::from_ref(&failure), T)
+        .await
+        .expect("write");
+    assert_eq!(
+        b.results(Use::Request).read("bad").await.expect("read"),
+        Some(failure)
+    );
+    let row = pg
+        .psql(
+            &db,
+            "SELECT state, result IS NULL, error->>'exc_type', task_name, retries, queue \
+             FROM taskstack_results WHERE task_id = 'bad'",
+        )
+        .expect("query");
+    assert_eq!(row.trim(), "FAILURE|t|ValueError|t.add|2|q");
+    let n = store::write(&b.pg, &[], T).await;
+    assert!(n.is_ok(), "an empty batch needs no round trip");
+}
