@@ -10,8 +10,10 @@
 //! its standard library and the libraries `ldd` lists (a stand-in for
 //! `python:3.12-slim`), then the example's Dockerfile lines that copy
 //! `/taskstack` in, taken literally from examples/python-app/Dockerfile.
-//! Its own project, secrets and tags; the project is taken down with
-//! `stackctl down -v` and the four images removed, even after a failure.
+//! `docker-compose --profile app ps` must list the same containers healthy.
+//! Its own project, secrets and tags; the project is taken down
+//! (`docker-compose down -v`, then `stackctl down -v`) and the four images
+//! removed, even after a failure.
 
 use anyhow::{Context as _, Result, ensure};
 use bollard::query_parameters::RemoveImageOptions;
@@ -21,7 +23,7 @@ use stackctl::rootfs::{Rootfs, append_file};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-use taskstack_integration::docker::{is_compose_setting, unique, workspace_root};
+use taskstack_integration::docker::{ComposeProject, is_compose_setting, unique, workspace_root};
 use taskstack_integration::http::request;
 use taskstack_integration::{Prereq, free_port, require, wait_until};
 
@@ -221,6 +223,10 @@ async fn the_apps_http_and_program_tasks_run_in_the_stack() -> Result<()> {
         path: PYTHON,
         package: "python3",
     });
+    require(Prereq::Program {
+        name: "docker-compose",
+        package: "docker-compose",
+    });
     let root = workspace_root()?;
     let example = root.join("examples/python-app");
     let tag = unique("apptasks");
@@ -324,6 +330,16 @@ async fn the_apps_http_and_program_tasks_run_in_the_stack() -> Result<()> {
             "{svc}: {}",
             reason(svc)
         );
+    }
+    // docker-compose v1 reads the same profile and sees what stackctl made.
+    let compose = ComposeProject::new(&project, &env)?;
+    let ps = compose.run(&["--profile", "app", "ps"])?;
+    for svc in ["app_1", "app-worker_1"] {
+        let line = ps
+            .lines()
+            .find(|l| l.starts_with(&format!("{project}_{svc}")))
+            .with_context(|| format!("docker-compose ps does not list {svc}:\n{ps}"))?;
+        ensure!(line.contains("Up (healthy)"), "{line}");
     }
     let tasks = reason("workers.tasks");
     ensure!(
