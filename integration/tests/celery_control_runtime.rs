@@ -126,7 +126,7 @@ async fn add_consumer_and_cancel_consumer_change_the_queues_served() -> Result<(
     let ns = namespace("ctl_queues");
     let node = format!("q@{ns}");
     let dir = tempfile::tempdir()?;
-    let w = worker(&redis, &ns, &node, dir.path(), "")?;
+    let mut w = worker(&redis, &ns, &node, dir.path(), "")?;
     let celery = Celery {
         python: &python,
         url: &url,
@@ -198,6 +198,20 @@ async fn add_consumer_and_cancel_consumer_change_the_queues_served() -> Result<(
         "{r}"
     );
     assert!(w.is_running());
+
+    // As with Celery, the change lasts until the worker stops: a restarted
+    // worker serves its configured queues.
+    celery.control(&["add_consumer", "reports"])?;
+    assert_eq!(celery.queues()?, ["celery", "reports"]);
+    w.signal(nix::sys::signal::Signal::SIGTERM)?;
+    let status = w.wait_exit(LONG)?;
+    assert!(status.success(), "{status}\n{}", w.log());
+    let w = worker(&redis, &ns, &node, dir.path(), "")?;
+    let queues = wait_until_sync("the restarted worker to answer", LONG, || {
+        celery.queues().ok()
+    })
+    .with_context(|| w.log())?;
+    assert_eq!(queues, ["celery"]);
     Ok(())
 }
 
@@ -246,9 +260,14 @@ async fn rate_limits_space_task_starts_and_change_at_run_time() -> Result<()> {
     let r = celery.control(&["rate_limit", "taskstack.echo", "120/m"])?;
     assert_eq!(r, json!({"ok": "new rate limit set successfully"}));
     let registered = celery.call("inspect", &["registered"])?;
-    for want in ["taskstack.add [rate_limit=2/s]", "taskstack.echo [rate_limit=120/m]"] {
+    for want in [
+        "taskstack.add [rate_limit=2/s]",
+        "taskstack.echo [rate_limit=120/m]",
+    ] {
         assert!(
-            registered.as_array().is_some_and(|a| a.contains(&json!(want))),
+            registered
+                .as_array()
+                .is_some_and(|a| a.contains(&json!(want))),
             "{registered}"
         );
     }

@@ -186,12 +186,14 @@ pub(crate) async fn dispatch(
 fn registered(sh: &Shared, args: &Map<String, Value>) -> Value {
     let items = id_list(args.get("taskinfoitems"));
     let show_rate = items.is_empty() || items.iter().any(|i| i == "rate_limit");
-    let names = sh.registry.names().into_iter().map(|n| {
-        match sh.limits.rate(&n).filter(|_| show_rate) {
-            Some(r) => format!("{n} [rate_limit={r}]"),
-            None => n,
-        }
-    });
+    let names =
+        sh.registry
+            .names()
+            .into_iter()
+            .map(|n| match sh.limits.rate(&n).filter(|_| show_rate) {
+                Some(r) => format!("{n} [rate_limit={r}]"),
+                None => n,
+            });
     Value::Array(names.map(Value::String).collect())
 }
 
