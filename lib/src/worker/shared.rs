@@ -204,11 +204,17 @@ impl Retrier {
     pub async fn again(&mut self, err: &BackendError) -> bool {
         if err.is_auth_failure() {
             // Not a passing outage: say what to fix, loudly, on every try.
+            let fix = if matches!(err, BackendError::Postgres(_)) {
+                "PostgreSQL refused the password or has no such database; check \
+                 result_backend / result_backend_password / result_backend_password_file"
+            } else {
+                "Redis refused the password; check broker_password / broker_password_file \
+                 (or result_backend_password for a separate result Redis)"
+            };
             tracing::error!(
                 error = %err,
                 retry_in = ?self.delay,
-                "{} failed: Redis or the result store refused the password (or database); \
-                 check broker_password / broker_password_file (and result_backend*); retrying",
+                "{} failed: {fix}; retrying",
                 self.what
             );
         } else {
