@@ -248,3 +248,59 @@ async fn postgresql_restarted_under_load_loses_nothing_and_the_worker_resumes() 
     assert!(worker.is_running(), "{}", worker.log());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_celery_chord_completes_with_results_in_postgresql() -> Result<()> {
+    use taskstack_integration::python::{celery_python, clean_env, python_dir};
+    let python = tokio::task::spawn_blocking(celery_python).await??;
+    let redis = RedisServer::start()?;
+    let pg = PgServer::start();
+    let db = pg.create_database();
+    let ns = namespace("pg-chord");
+    let env = pg_env(&pg, &db);
+    let worker = WorkerProcess::spawn(&redis.url(), &ns, &refs(&env))?;
+    worker.wait_log("worker ready", Duration::from_secs(60))?;
+    let mut cmd = std::process::Command::new(&python);
+    cmd.arg(python_dir().join("canvas_client.py"))
+        .arg(redis.url())
+        .arg("chord_send")
+        .current_dir(python_dir());
+    clean_env(&mut cmd);
+    let out = run_to_exit(cmd, Duration::from_secs(120))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "canvas_client.py chord_send: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent: Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l.trim()).ok())
+        .ok_or_else(|| anyhow::anyhow!("no JSON line: {stdout}"))?;
+    let body = sent["body_id"].as_str().unwrap_or_default().to_owned();
+    let producer = producer(&redis, &ns, &pg, &db)?;
+    let r = producer.wait(&body, Duration::from_secs(60)).await?;
+    assert_eq!(r.status, taskstack::proto::TaskState::Success, "{r:?}");
+    assert_eq!(
+        r.result,
+        json!({"args": [[0, 2, 4, 6, 8], "body"], "kwargs": {}}),
+        "the body got every header result, in order"
+    );
+    for id in sent["header_ids"].as_array().into_iter().flatten() {
+        let id = id.as_str().unwrap_or_default();
+        let h = producer.result(id).await?;
+        assert_eq!(
+            h.map(|h| h.status),
+            Some(taskstack::proto::TaskState::Success)
+        );
+    }
+    let on_redis: Vec<String> = redis::cmd("KEYS")
+        .arg("celery-task-meta-*")
+        .query(&mut redis.conn()?)?;
+    assert!(
+        on_redis.is_empty(),
+        "results only in PostgreSQL: {on_redis:?}"
+    );
+    Ok(())
+}
