@@ -1,7 +1,7 @@
 """A real Celery client using the canvas against taskstack workers.
 
 Usage: ``python canvas_client.py REDIS_URL SCENARIO [PYTHON_QUEUE]``.
-Runs one scenario (chain, immutable, chain_fail, link, chord, chord_fail,
+Runs one scenario (chain, immutable, chain_fail, link, chord, chord_send, chord_fail,
 chain_group, nested_chord, mixed_chord), waits for its outcome and prints one JSON line describing
 what the client saw. Tasks named ``taskstack.*`` are taskstack's built-ins
 (served on the default ``celery`` queue); ``interop.*`` tasks run on a
@@ -92,6 +92,12 @@ def main() -> int:
         out["body_exc_module"] = type(exc).__module__
         out["message"] = str(exc)
         out["state"] = body.state
+    elif scenario == "chord_send":
+        # Sent only: the results live where this client cannot read them
+        # (a worker with a PostgreSQL result store); the test reads them.
+        res = chord([add(i, i) for i in range(5)], echo("body")).apply_async()
+        out["body_id"] = res.id
+        out["header_ids"] = [r.id for r in res.parent.results]
     elif scenario == "chain_group":
         res = chain(add(1, 1), group(add(10), add(20))).apply_async()
         out["result"] = res.get(timeout=TIMEOUT)

@@ -5,6 +5,8 @@
 mod beat;
 pub mod docker;
 pub mod http;
+#[path = "../../lib/src/test_postgres.rs"]
+mod postgres_server;
 mod prereq;
 mod process;
 pub mod python;
@@ -13,6 +15,7 @@ mod web;
 mod worker;
 
 pub use beat::BeatProcess;
+pub use postgres_server::{PASSWORD as PG_PASSWORD, PgServer};
 pub use prereq::{Prereq, in_ci, require};
 pub use process::{ServiceProcess, bin, run_to_exit};
 pub use redis_server::RedisServer;

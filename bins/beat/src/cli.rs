@@ -101,7 +101,8 @@ where
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let broker = taskstack::connect(&config).context("invalid Redis settings")?;
+    let backend =
+        taskstack::open_backend(&config).context("invalid broker or result store settings")?;
     let settings = BeatSettings::from_config(&config)?;
     let listener = match config.beat_metrics_addr()? {
         Some(addr) => {
@@ -111,7 +112,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let shutdown = taskstack::shutdown::install().context("cannot listen for signals")?;
-    Beat::new(broker, settings)
+    Beat::on_backend(backend, settings)
         .run(listener, shutdown.cancelled_owned())
         .await?;
     Ok(())

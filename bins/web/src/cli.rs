@@ -99,13 +99,14 @@ where
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let settings = WebSettings::from_config(&config)?;
-    let broker = taskstack::connect(&config).context("invalid Redis settings")?;
+    let backend =
+        taskstack::open_backend(&config).context("invalid broker or result store settings")?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {} (web_listen)", settings.listen))?;
     let shutdown = taskstack::shutdown::install().context("cannot listen for signals")?;
     crate::run(
-        AppState::new(broker, settings),
+        AppState::on_backend(backend, settings),
         listener,
         shutdown.cancelled_owned(),
     )

@@ -57,6 +57,10 @@ pub struct BeatCheck {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Checks {
     pub redis: RedisCheck,
+    /// The PostgreSQL result store (`result_backend = "postgresql://..."`);
+    /// absent when results live on Redis. Same fields as `redis`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgresql: Option<RedisCheck>,
     pub workers: WorkersCheck,
     pub beat: BeatCheck,
 }
@@ -84,6 +88,23 @@ async fn check_redis(state: &AppState) -> RedisCheck {
             error: Some(e.to_string()),
         },
     }
+}
+
+/// One round trip to the PostgreSQL result store, when there is one.
+async fn check_result_store(state: &AppState) -> Option<RedisCheck> {
+    let r = state.backend().result_store_ping().await?;
+    Some(match r {
+        Ok(d) => RedisCheck {
+            ok: true,
+            latency_ms: Some(d.as_secs_f64() * 1000.0),
+            error: None,
+        },
+        Err(e) => RedisCheck {
+            ok: false,
+            latency_ms: None,
+            error: Some(e.to_string()),
+        },
+    })
 }
 
 async fn check_workers(state: &AppState) -> WorkersCheck {
@@ -143,7 +164,7 @@ async fn check_beat(state: &AppState) -> BeatCheck {
     }
 }
 
-/// Readiness: Redis answers, every configured queue has a live worker and,
+/// Readiness: Redis (and a PostgreSQL result store) answers, every configured queue has a live worker and,
 /// when a beat is expected, a beat leader holds the lock.
 #[utoipa::path(
     get,
@@ -155,13 +176,15 @@ async fn check_beat(state: &AppState) -> BeatCheck {
     )
 )]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthReport>) {
-    let (redis, workers, beat) = tokio::join!(
+    let (redis, postgresql, workers, beat) = tokio::join!(
         check_redis(&state),
+        check_result_store(&state),
         check_workers(&state),
         check_beat(&state)
     );
     let failed: Vec<String> = [
         ("redis", redis.ok),
+        ("postgresql", postgresql.as_ref().is_none_or(|c| c.ok)),
         ("workers", workers.ok),
         ("beat", beat.ok),
     ]
@@ -181,6 +204,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthRe
             failed,
             checks: Checks {
                 redis,
+                postgresql,
                 workers,
                 beat,
             },

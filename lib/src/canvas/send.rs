@@ -228,8 +228,7 @@ impl Producer {
     /// its args. A failing header task fails the body with Celery's
     /// `ChordError`. The chord's size is recorded on the result store
     /// before any header task is sent, so no worker can finish the chord
-    /// early. Needs the Redis result store (Celery's chord counters live
-    /// there).
+    /// early. Needs a Redis broker (Celery's chord counters live there).
     pub async fn send_chord(
         &self,
         header: &[TaskRequest],
@@ -245,7 +244,7 @@ impl Producer {
         let Some(broker) = self.backend().redis() else {
             return Err(refuse(
                 "chord",
-                "chords need the Redis result store (Celery's chord counters live there)",
+                "chords need a Redis broker (Celery's chord counters live there)",
             ));
         };
         let group_id = options
@@ -392,7 +391,7 @@ mod tests {
             )
             .await
             .expect_err("no redis");
-        assert!(e.to_string().contains("Redis result store"), "{e}");
+        assert!(e.to_string().contains("Redis broker"), "{e}");
         let mut c = mem.consume("t");
         let left = c
             .take(
