@@ -13,6 +13,8 @@
 
 #[path = "../canvas_procs.rs"]
 mod canvas_procs;
+#[path = "../canvas_report.rs"]
+mod canvas_report;
 #[allow(
     dead_code,
     reason = "shared with the main bench; this binary uses part of it"
@@ -28,6 +30,7 @@ mod stats;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use canvas_procs::{CeleryClient, CeleryPool, Service};
+use canvas_report::{print_measure, print_summary};
 use clap::Parser;
 use redis_info::{CmdStat, commandstats, info_field, redis_cpu_s};
 use serde_json::{Value, json};
@@ -83,13 +86,13 @@ pub(crate) struct Cli {
 
 /// The worker processes compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum System {
+pub(crate) enum System {
     Taskstack,
     Celery,
 }
 
 impl System {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Taskstack => "taskstack",
             Self::Celery => "celery",
@@ -99,13 +102,13 @@ impl System {
 
 /// The canvases measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Canvas {
+pub(crate) enum Canvas {
     Chain,
     Chord,
 }
 
 impl Canvas {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Chain => "chain",
             Self::Chord => "chord",
@@ -115,26 +118,26 @@ impl Canvas {
 
 /// One canvas sent and followed to its result.
 #[derive(Debug)]
-struct Measure {
-    system: System,
-    canvas: Canvas,
-    n: usize,
-    outcome: Result<Timed, String>,
+pub(crate) struct Measure {
+    pub(crate) system: System,
+    pub(crate) canvas: Canvas,
+    pub(crate) n: usize,
+    pub(crate) outcome: Result<Timed, String>,
 }
 
 #[derive(Debug)]
-struct Timed {
+pub(crate) struct Timed {
     /// Start of the send → the final result seen.
-    seconds: f64,
+    pub(crate) seconds: f64,
     /// How long the send call itself took.
-    send_s: f64,
+    pub(crate) send_s: f64,
     /// Commands over the measurement, the bench's own polling removed.
-    cmds: Vec<CmdStat>,
-    redis_cpu_s: Option<f64>,
+    pub(crate) cmds: Vec<CmdStat>,
+    pub(crate) redis_cpu_s: Option<f64>,
 }
 
 impl Timed {
-    fn cmds_per_step(&self, n: usize) -> f64 {
+    pub(crate) fn cmds_per_step(&self, n: usize) -> f64 {
         self.cmds.iter().map(|c| c.calls).sum::<u64>() as f64 / n as f64
     }
 }
@@ -435,88 +438,4 @@ fn check_result(
         );
     }
     Ok(())
-}
-
-fn print_measure(k: usize, m: &Measure) {
-    let head = format!(
-        "run {k} {:<9} {} of {}",
-        m.system.label(),
-        m.canvas.label(),
-        m.n
-    );
-    match &m.outcome {
-        Err(e) => println!("{head}: NOT RUN: {e}"),
-        Ok(t) => {
-            let per = m.n as f64;
-            let parts: Vec<String> = t
-                .cmds
-                .iter()
-                .map(|c| format!("{} {:.2}", c.name, c.calls as f64 / per))
-                .collect();
-            println!(
-                "{head}: {:.3} s (send call {:.3} s), {:.0} steps/s, redis CPU {}",
-                t.seconds,
-                t.send_s,
-                per / t.seconds,
-                t.redis_cpu_s
-                    .map_or_else(|| "?".to_owned(), |c| format!("{c:.2} s"))
-            );
-            println!(
-                "    redis cmds per step {:.2} = {}",
-                t.cmds_per_step(m.n),
-                parts.join(", ")
-            );
-        }
-    }
-}
-
-fn print_summary(cli: &Cli, all: &[Measure]) {
-    println!();
-    println!(
-        "medians over {} run(s); seconds = start of the send to the final result seen",
-        cli.runs
-    );
-    println!(
-        "{:<10} {:<6} {:>7} {:>10} {:>10} {:>12} {:>10} {:>6}",
-        "system", "canvas", "N", "seconds", "steps/s", "cmds/step", "send s", "runs"
-    );
-    for system in [System::Taskstack, System::Celery] {
-        for canvas in [Canvas::Chain, Canvas::Chord] {
-            let ms: Vec<&Measure> = all
-                .iter()
-                .filter(|m| m.system == system && m.canvas == canvas)
-                .collect();
-            let Some(first) = ms.first() else { continue };
-            let ok: Vec<(&Timed, usize)> = ms
-                .iter()
-                .filter_map(|m| m.outcome.as_ref().ok().map(|t| (t, m.n)))
-                .collect();
-            if ok.is_empty() {
-                let why = ms.iter().find_map(|m| m.outcome.as_ref().err());
-                println!(
-                    "{:<10} {:<6} {:>7} NOT RUN: {}",
-                    system.label(),
-                    canvas.label(),
-                    first.n,
-                    why.map_or("", String::as_str)
-                );
-                continue;
-            }
-            let med = |f: &dyn Fn(&Timed, usize) -> f64| {
-                stats::median(&ok.iter().map(|(t, n)| Some(f(t, *n))).collect::<Vec<_>>())
-                    .unwrap_or(f64::NAN)
-            };
-            println!(
-                "{:<10} {:<6} {:>7} {:>10.3} {:>10.0} {:>12.2} {:>10.3} {:>6}",
-                system.label(),
-                canvas.label(),
-                first.n,
-                med(&|t, _| t.seconds),
-                med(&|t, n| n as f64 / t.seconds),
-                med(&|t, n| t.cmds_per_step(n)),
-                med(&|t, _| t.send_s),
-                format!("{}/{}", ok.len(), ms.len())
-            );
-        }
-    }
 }
