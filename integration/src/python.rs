@@ -3,10 +3,11 @@
 
 use anyhow::{Context as _, Result, bail, ensure};
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A Python environment: its interpreter.
 #[derive(Debug, Clone)]
@@ -196,4 +197,84 @@ fn repoint_scripts(bin: &Path, from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A real Celery worker process (`-A interop_tasks`), killed on drop.
+#[derive(Debug)]
+pub struct CeleryWorker {
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl CeleryWorker {
+    /// Starts a solo-pool worker consuming only `queue`.
+    pub fn spawn(python: &Path, redis_url: &str, queue: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("celery.log");
+        let out = File::create(&log)?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(python);
+        clean_env(&mut cmd)
+            .args(["-m", "celery", "-A", "interop_tasks", "worker"])
+            .args(["--pool", "solo", "--concurrency", "1", "-Q", queue])
+            .args([
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ])
+            .args(["-l", "info", "-n", &format!("{queue}@%h")])
+            .current_dir(python_dir())
+            .env("INTEROP_REDIS_URL", redis_url)
+            .env("C_FORCE_ROOT", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = cmd.spawn().context("cannot start the Celery worker")?;
+        Ok(Self {
+            child: Some(child),
+            log,
+            _dir: dir,
+        })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for Celery's "celery@<host> ready." line, failing early with
+    /// the log if the process exits.
+    pub fn wait_ready(&mut self, deadline: Duration) -> Result<()> {
+        let mut exited = None;
+        let ready = crate::wait_until_sync(
+            "the Celery worker to log that it is ready",
+            deadline,
+            || {
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    exited = Some(status);
+                    return Some(false);
+                }
+                self.log().contains(" ready.").then_some(true)
+            },
+        );
+        match (ready, exited) {
+            (Ok(true), _) => Ok(()),
+            (_, Some(status)) => bail!("the Celery worker exited ({status}):\n{}", self.log()),
+            (Err(e), None) => Err(e).with_context(|| format!("Celery worker log:\n{}", self.log())),
+            (Ok(false), None) => bail!("the Celery worker stopped:\n{}", self.log()),
+        }
+    }
+}
+
+impl Drop for CeleryWorker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

@@ -7,13 +7,12 @@
 
 use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
 use taskstack::proto::TaskState;
-use taskstack_integration::python::{celery_python, clean_env, python_dir};
-use taskstack_integration::{RedisServer, WorkerProcess, namespace, producer, wait_until_sync};
+use taskstack_integration::python::{CeleryWorker, celery_python, python_dir};
+use taskstack_integration::{RedisServer, WorkerProcess, namespace, producer};
 
 /// A Redis server and one stock taskstack worker on it (own namespace).
 struct Stack {
@@ -207,65 +206,12 @@ async fn a_nested_chord_in_a_chain_is_refused_with_not_implemented() -> Result<(
     Ok(())
 }
 
-/// A real Celery worker (`-A interop_tasks`) serving `queue`, killed on drop.
-struct CeleryWorker {
-    child: Child,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl CeleryWorker {
-    fn spawn(python: &Path, redis_url: &str, queue: &str) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let log = dir.path().join("celery.log");
-        let out = File::create(&log)?;
-        let mut cmd = Command::new(python);
-        clean_env(&mut cmd)
-            .args(["-m", "celery", "-A", "interop_tasks", "worker"])
-            .args(["--pool", "solo", "--concurrency", "1", "-Q", queue])
-            .args([
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ])
-            .args(["-l", "info", "-n", &format!("{queue}@%h")])
-            .current_dir(python_dir())
-            .env("INTEROP_REDIS_URL", redis_url)
-            .env("C_FORCE_ROOT", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        let child = cmd.spawn().context("cannot start the Celery worker")?;
-        Ok(Self {
-            child,
-            log,
-            _dir: dir,
-        })
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for CeleryWorker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chord_split_between_python_celery_and_taskstack_completes_once() -> Result<()> {
     let s = Stack::start("canvas-mixed").await?;
     let pyq = format!("py-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let celery = CeleryWorker::spawn(&s.python, &s.redis.url(), &pyq)?;
-    wait_until_sync(
-        "the Celery worker to be ready",
-        Duration::from_secs(60),
-        || celery.log().contains(" ready.").then_some(()),
-    )
-    .with_context(|| celery.log())?;
+    let mut celery = CeleryWorker::spawn(&s.python, &s.redis.url(), &pyq)?;
+    celery.wait_ready(Duration::from_secs(60))?;
     let seen = s
         .client("mixed_chord", &[&pyq])
         .await

@@ -4,96 +4,16 @@
 //! (`target/celery-venv`) or from `TASKSTACK_CELERY_PYTHON`; these tests
 //! never skip.
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use serde_json::{Map, Value, json};
-use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use taskstack::proto::TaskState;
 use taskstack::{SendOptions, TaskRequest};
-use taskstack_integration::python::{celery_python, clean_env as python_env, python_dir};
+use taskstack_integration::python::{
+    CeleryWorker, celery_python, clean_env as python_env, python_dir,
+};
 use taskstack_integration::{RedisServer, WorkerProcess, namespace, producer, wait_until_sync};
-
-/// A real Celery worker process (`-A interop_tasks`), killed on drop.
-#[derive(Debug)]
-struct CeleryWorker {
-    child: Option<Child>,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl CeleryWorker {
-    /// Starts a solo-pool worker consuming only `queue`.
-    fn spawn(python: &Path, redis_url: &str, queue: &str) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let log = dir.path().join("celery.log");
-        let out = File::create(&log)?;
-        let err = out.try_clone()?;
-        let mut cmd = Command::new(python);
-        python_env(&mut cmd)
-            .args(["-m", "celery", "-A", "interop_tasks", "worker"])
-            .args(["--pool", "solo", "--concurrency", "1", "-Q", queue])
-            .args([
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ])
-            .args(["-l", "info", "-n", &format!("{queue}@%h")])
-            .current_dir(python_dir())
-            .env("INTEROP_REDIS_URL", redis_url)
-            .env("C_FORCE_ROOT", "1")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let child = cmd.spawn().context("cannot start the Celery worker")?;
-        Ok(Self {
-            child: Some(child),
-            log,
-            _dir: dir,
-        })
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for Celery's "celery@<host> ready." line, failing early with
-    /// the log if the process exits.
-    fn wait_ready(&mut self, deadline: Duration) -> Result<()> {
-        let mut exited = None;
-        let ready = wait_until_sync(
-            "the Celery worker to log that it is ready",
-            deadline,
-            || {
-                if let Some(status) = self
-                    .child
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten())
-                {
-                    exited = Some(status);
-                    return Some(false);
-                }
-                self.log().contains(" ready.").then_some(true)
-            },
-        );
-        match (ready, exited) {
-            (Ok(true), _) => Ok(()),
-            (_, Some(status)) => bail!("the Celery worker exited ({status}):\n{}", self.log()),
-            (Err(e), None) => Err(e).with_context(|| format!("Celery worker log:\n{}", self.log())),
-            (Ok(false), None) => bail!("the Celery worker stopped:\n{}", self.log()),
-        }
-    }
-}
-
-impl Drop for CeleryWorker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// The last line of `stdout` that parses as a JSON object.
 fn last_json_line(stdout: &str) -> Option<Value> {

@@ -76,35 +76,30 @@ pub struct HealthReport {
 }
 
 async fn check_redis(state: &AppState) -> RedisCheck {
-    match state.backend().inspect(Use::Request).ping().await {
-        Ok(d) => RedisCheck {
-            ok: true,
-            latency_ms: Some(d.as_secs_f64() * 1000.0),
-            error: None,
-        },
-        Err(e) => RedisCheck {
-            ok: false,
-            latency_ms: None,
-            error: Some(e.to_string()),
-        },
+    RedisCheck::of(state.backend().inspect(Use::Request).ping().await)
+}
+
+impl RedisCheck {
+    /// A round trip's outcome: its latency, or why it failed.
+    fn of<E: std::fmt::Display>(r: Result<std::time::Duration, E>) -> Self {
+        match r {
+            Ok(d) => Self {
+                ok: true,
+                latency_ms: Some(d.as_secs_f64() * 1000.0),
+                error: None,
+            },
+            Err(e) => Self {
+                ok: false,
+                latency_ms: None,
+                error: Some(e.to_string()),
+            },
+        }
     }
 }
 
 /// One round trip to the PostgreSQL result store, when there is one.
 async fn check_result_store(state: &AppState) -> Option<RedisCheck> {
-    let r = state.backend().result_store_ping().await?;
-    Some(match r {
-        Ok(d) => RedisCheck {
-            ok: true,
-            latency_ms: Some(d.as_secs_f64() * 1000.0),
-            error: None,
-        },
-        Err(e) => RedisCheck {
-            ok: false,
-            latency_ms: None,
-            error: Some(e.to_string()),
-        },
-    })
+    Some(RedisCheck::of(state.backend().result_store_ping().await?))
 }
 
 async fn check_workers(state: &AppState) -> WorkersCheck {

@@ -312,17 +312,21 @@ mod tests {
         TaskRequest::new(name, args)
     }
 
-    async fn one_message(b: &MemoryBackend) -> TaskMessage {
+    /// Every message queued on `celery`, taken off the queue.
+    async fn queued(b: &MemoryBackend) -> Vec<crate::broker::Delivery> {
         let mut c = b.consume("t");
-        let got = c
-            .take(
-                &["celery".to_owned()],
-                10,
-                Duration::from_secs(60),
-                usize::MAX,
-            )
-            .await
-            .expect("take");
+        c.take(
+            &["celery".to_owned()],
+            10,
+            Duration::from_secs(60),
+            usize::MAX,
+        )
+        .await
+        .expect("take")
+    }
+
+    async fn one_message(b: &MemoryBackend) -> TaskMessage {
+        let got = queued(b).await;
         assert_eq!(got.len(), 1, "one message sent");
         crate::proto::envelope::decode(got[0].text().expect("utf-8")).expect("decodes")
     }
@@ -392,16 +396,7 @@ mod tests {
             .await
             .expect_err("no redis");
         assert!(e.to_string().contains("Redis broker"), "{e}");
-        let mut c = mem.consume("t");
-        let left = c
-            .take(
-                &["celery".to_owned()],
-                10,
-                Duration::from_secs(60),
-                usize::MAX,
-            )
-            .await
-            .expect("take");
+        let left = queued(&mem).await;
         assert!(left.is_empty(), "nothing sent: {left:?}");
     }
 

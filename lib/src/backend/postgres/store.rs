@@ -145,15 +145,8 @@ pub(crate) async fn write(
     let op = "store results";
     let (ids, json) = batch(records.iter().copied());
     timed(pg, op, async {
-        let client = pg
-            .pool
-            .get()
-            .await
-            .map_err(|e| pool_error(op, &pg.connector.user, e))?;
-        let stmt = client
-            .prepare_cached(&write_sql())
-            .await
-            .map_err(|e| PgError::op(op, &e))?;
+        let client = client(pg, op).await?;
+        let stmt = prepared(&client, op, &write_sql()).await?;
         client
             .execute(&stmt, &[&ids, &json, &millis(ttl)])
             .await
@@ -163,19 +156,32 @@ pub(crate) async fn write(
     .await
 }
 
+/// A pooled connection for `op`.
+async fn client(pg: &Handles, op: &'static str) -> Result<deadpool_postgres::Client, PgError> {
+    pg.pool
+        .get()
+        .await
+        .map_err(|e| pool_error(op, &pg.connector.user, e))
+}
+
+/// `sql` prepared on `client` (cached per connection).
+async fn prepared(
+    client: &deadpool_postgres::Client,
+    op: &'static str,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, PgError> {
+    client
+        .prepare_cached(sql)
+        .await
+        .map_err(|e| PgError::op(op, &e))
+}
+
 /// A task's live record.
 pub(crate) async fn read(pg: &Handles, task_id: &str) -> Result<Option<TaskResult>, PgError> {
     let op = "read result";
     let raw: Option<String> = timed(pg, op, async {
-        let client = pg
-            .pool
-            .get()
-            .await
-            .map_err(|e| pool_error(op, &pg.connector.user, e))?;
-        let stmt = client
-            .prepare_cached(&read_sql())
-            .await
-            .map_err(|e| PgError::op(op, &e))?;
+        let client = client(pg, op).await?;
+        let stmt = prepared(&client, op, &read_sql()).await?;
         let row = client
             .query_opt(&stmt, &[&task_id])
             .await
@@ -205,15 +211,8 @@ pub(crate) async fn start(
     let op = "start tasks";
     let (ids, json) = batch(tasks.iter().copied());
     let started: Vec<String> = timed(pg, op, async {
-        let client = pg
-            .pool
-            .get()
-            .await
-            .map_err(|e| pool_error(op, &pg.connector.user, e))?;
-        let stmt = client
-            .prepare_cached(&start_sql())
-            .await
-            .map_err(|e| PgError::op(op, &e))?;
+        let client = client(pg, op).await?;
+        let stmt = prepared(&client, op, &start_sql()).await?;
         let rows = client
             .query(&stmt, &[&ids, &json, &millis(ttl)])
             .await
@@ -237,11 +236,7 @@ pub(crate) async fn revoke(
     let op = "revoke task";
     let e = |e: tokio_postgres::Error| PgError::op(op, &e);
     timed(pg, op, async {
-        let mut client = pg
-            .pool
-            .get()
-            .await
-            .map_err(|e| pool_error(op, &pg.connector.user, e))?;
+        let mut client = client(pg, op).await?;
         let tx = client.transaction().await.map_err(e)?;
         let row = tx
             .query_opt(
@@ -293,11 +288,7 @@ pub(crate) async fn sweep(pg: &Handles, max: usize) -> Result<Option<u64>, PgErr
     let op = "delete expired results";
     let e = |e: tokio_postgres::Error| PgError::op(op, &e);
     timed(pg, op, async {
-        let mut client = pg
-            .pool
-            .get()
-            .await
-            .map_err(|e| pool_error(op, &pg.connector.user, e))?;
+        let mut client = client(pg, op).await?;
         let tx = client.transaction().await.map_err(e)?;
         let locked: bool = tx
             .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&EXPIRE_LOCK])
@@ -326,11 +317,7 @@ pub(crate) async fn sweep(pg: &Handles, max: usize) -> Result<Option<u64>, PgErr
 pub(crate) async fn ping(pg: &Handles) -> Result<Duration, PgError> {
     let op = "ping PostgreSQL";
     timed(pg, op, async {
-        let client = pg
-            .pool
-            .get()
-            .await
-            .map_err(|e| pool_error(op, &pg.connector.user, e))?;
+        let client = client(pg, op).await?;
         let start = std::time::Instant::now();
         client
             .simple_query("SELECT 1")
