@@ -242,7 +242,7 @@ impl CeleryWorker {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits for Celery's "celery@<host> ready." line, failing early with
+    /// Waits for Celery's `celery@<host> ready.` line, failing early with
     /// the log if the process exits.
     pub fn wait_ready(&mut self, deadline: Duration) -> Result<()> {
         let mut exited = None;
