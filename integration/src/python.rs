@@ -278,3 +278,44 @@ impl Drop for CeleryWorker {
         }
     }
 }
+
+/// Runs `python <python_dir>/<script> <args>` (a Celery client of the
+/// tests) for at most two minutes and returns the last line it printed
+/// that is a JSON object: what the client saw. A failure, a hang or no
+/// JSON line is an error carrying the client's output and `context` (e.g.
+/// the worker's log).
+pub async fn run_client(
+    python: &Path,
+    script: &str,
+    args: &[&str],
+    context: impl Fn() -> String,
+) -> Result<serde_json::Value> {
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.arg(python_dir().join(script))
+        .args(args)
+        .current_dir(python_dir())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1")
+        .env_remove("PYTHONPATH")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .with_context(|| format!("{script} {args:?} hung; worker log:\n{}", context()))??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "{script} {args:?} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}\nworker log:\n{}",
+        out.status,
+        context()
+    );
+    let seen = stdout
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+        .find(serde_json::Value::is_object)
+        .with_context(|| format!("{script} printed no JSON line:\n{stdout}\nstderr:\n{stderr}"))?;
+    eprintln!("Celery client saw: {seen}");
+    Ok(seen)
+}

@@ -5,13 +5,12 @@
 //! twice. The Python side comes from the venv the interop tests use
 //! (`target/celery-venv`, or `TASKSTACK_CELERY_PYTHON`).
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 use taskstack::proto::TaskState;
-use taskstack_integration::python::{CeleryWorker, celery_python, python_dir};
+use taskstack_integration::python::{CeleryWorker, celery_python, run_client};
 use taskstack_integration::{RedisServer, WorkerProcess, namespace, producer};
 
 /// A Redis server and one stock taskstack worker on it (own namespace).
@@ -39,44 +38,13 @@ impl Stack {
 
     /// Runs one scenario of `canvas_client.py`; what the client saw.
     async fn client(&self, scenario: &str, extra: &[&str]) -> Result<Value> {
-        let mut cmd = tokio::process::Command::new(&self.python);
-        cmd.arg(python_dir().join("canvas_client.py"))
-            .arg(self.redis.url())
-            .arg(scenario)
-            .args(extra)
-            .current_dir(python_dir())
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env("PYTHONUNBUFFERED", "1")
-            .env_remove("PYTHONPATH")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-            .await
-            .with_context(|| {
-                format!(
-                    "canvas_client.py {scenario} hung; worker log:\n{}",
-                    self.worker.log()
-                )
-            })??;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            out.status.success(),
-            "canvas_client.py {scenario} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}\nworker log:\n{}",
-            out.status,
+        let url = self.redis.url();
+        let mut args = vec![url.as_str(), scenario];
+        args.extend_from_slice(extra);
+        run_client(&self.python, "canvas_client.py", &args, || {
             self.worker.log()
-        );
-        let seen = stdout
-            .lines()
-            .rev()
-            .find_map(|l| {
-                serde_json::from_str::<Value>(l.trim())
-                    .ok()
-                    .filter(Value::is_object)
-            })
-            .with_context(|| format!("no JSON line:\n{stdout}\nstderr:\n{stderr}"))?;
-        eprintln!("Celery client saw: {seen}");
-        Ok(seen)
+        })
+        .await
     }
 }
 

@@ -4,25 +4,16 @@
 //! (`target/celery-venv`) or from `TASKSTACK_CELERY_PYTHON`; these tests
 //! never skip.
 
-use anyhow::{Context as _, Result, ensure};
-use serde_json::{Map, Value, json};
+use anyhow::{Context as _, Result};
+use serde_json::{Map, json};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use taskstack::proto::TaskState;
 use taskstack::{SendOptions, TaskRequest};
 use taskstack_integration::python::{
-    CeleryWorker, celery_python, clean_env as python_env, python_dir,
+    CeleryWorker, celery_python, clean_env as python_env, python_dir, run_client,
 };
 use taskstack_integration::{RedisServer, WorkerProcess, namespace, producer, wait_until_sync};
-
-/// The last line of `stdout` that parses as a JSON object.
-fn last_json_line(stdout: &str) -> Option<Value> {
-    stdout
-        .lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-        .find(Value::is_object)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_runs_on_our_worker() -> Result<()> {
@@ -32,30 +23,7 @@ async fn python_client_runs_on_our_worker() -> Result<()> {
     let worker = WorkerProcess::spawn(&redis.url(), &ns, &[])?;
     worker.wait_log("worker ready", Duration::from_secs(60))?;
 
-    let mut cmd = tokio::process::Command::new(&python);
-    cmd.arg(python_dir().join("send_add.py"))
-        .arg(redis.url())
-        .current_dir(python_dir())
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("PYTHONUNBUFFERED", "1")
-        .env_remove("PYTHONPATH")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-        .await
-        .with_context(|| format!("send_add.py hung; worker log:\n{}", worker.log()))??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.success(),
-        "send_add.py failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}\nworker log:\n{}",
-        out.status,
-        worker.log()
-    );
-    let seen = last_json_line(&stdout).with_context(|| {
-        format!("send_add.py printed no JSON line:\n{stdout}\nstderr:\n{stderr}")
-    })?;
-    eprintln!("Celery client saw: {seen}");
+    let seen = run_client(&python, "send_add.py", &[&redis.url()], || worker.log()).await?;
 
     assert_eq!(seen["add_state"], "SUCCESS", "{seen}");
     assert_eq!(seen["add_result"], json!(5), "{seen}");
@@ -198,30 +166,10 @@ timeout = "10s"
     let worker = WorkerProcess::spawn(&redis.url(), &ns, &[("TASKSTACK_CONFIG", file)])?;
     worker.wait_log("worker ready", Duration::from_secs(60))?;
 
-    let mut cmd = tokio::process::Command::new(&python);
-    cmd.arg(python_dir().join("send_declared.py"))
-        .arg(redis.url())
-        .current_dir(python_dir())
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("PYTHONUNBUFFERED", "1")
-        .env_remove("PYTHONPATH")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-        .await
-        .with_context(|| format!("send_declared.py hung; worker log:\n{}", worker.log()))??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.success(),
-        "send_declared.py failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}\nworker log:\n{}",
-        out.status,
+    let seen = run_client(&python, "send_declared.py", &[&redis.url()], || {
         worker.log()
-    );
-    let seen = last_json_line(&stdout).with_context(|| {
-        format!("send_declared.py printed no JSON line:\n{stdout}\nstderr:\n{stderr}")
-    })?;
-    eprintln!("Celery client saw: {seen}");
+    })
+    .await?;
 
     assert_eq!(seen["render_state"], "SUCCESS", "{seen}");
     assert_eq!(
