@@ -61,6 +61,7 @@ fn build_images() -> std::result::Result<BuildReport, String> {
         max_app_bytes: None,
         strip_debug_info: !release,
         worker_bin: None,
+        postgres: false,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -12,6 +12,10 @@
 //!   image, so one compose file fits both) and their libraries, with `/data`
 //!   owned by `999:1000` (the official image's `redis` user).
 //!
+//! * with `postgres`, `localhost/taskstack-postgres:<tag>`: the host's
+//!   Debian PostgreSQL for the compose profile `postgres` (see
+//!   [`crate::postgres`]).
+//!
 //! Tags live under `localhost/`, so a missing image can never be fetched
 //! from Docker Hub by mistake.
 
@@ -123,6 +127,8 @@ pub struct BuildOptions {
     /// compose stack runs it unchanged; the stock worker is then not
     /// compiled. The size limit is not applied to an image holding it.
     pub worker_bin: Option<PathBuf>,
+    /// Also build the PostgreSQL image (profile `postgres`).
+    pub postgres: bool,
 }
 
 impl Default for BuildOptions {
@@ -135,6 +141,7 @@ impl Default for BuildOptions {
             max_app_bytes: Some(MAX_APP_IMAGE_BYTES),
             strip_debug_info: false,
             worker_bin: None,
+            postgres: false,
         }
     }
 }
@@ -158,6 +165,8 @@ pub struct BuildReport {
     /// The tasks `/taskstack-worker` runs when it is a team's own binary
     /// (what its `tasks` subcommand printed); empty for the stock worker.
     pub worker_tasks: Vec<String>,
+    /// The PostgreSQL image built now, with its size (`postgres` only).
+    pub postgres_image: Option<(String, u64)>,
 }
 
 impl BuildReport {
@@ -262,6 +271,13 @@ pub async fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildRepor
             (Some(redis_tag), true, Some(bytes))
         }
     };
+    let postgres_image = if opts.postgres {
+        let tag = format!("{}:{}", crate::postgres::POSTGRES_REPOSITORY, opts.tag);
+        let bytes = crate::postgres::build_image(&docker, &tag, log).await?;
+        Some((tag, bytes))
+    } else {
+        None
+    };
     Ok(BuildReport {
         app_image,
         app_bytes,
@@ -271,6 +287,7 @@ pub async fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildRepor
         redis_built,
         redis_bytes,
         worker_tasks,
+        postgres_image,
     })
 }
 

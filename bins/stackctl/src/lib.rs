@@ -7,6 +7,8 @@
 //! Map:
 //! - [`build`]: the app image and the Redis image, `FROM scratch`, from
 //!   binaries of this host, through an in-memory build context;
+//! - [`postgres`]: the PostgreSQL image (profile `postgres`) and the
+//!   profile's result store settings;
 //! - [`rootfs`]: a file tree of binaries plus exactly the libraries `ldd`
 //!   lists, written as a tar;
 //! - [`docker`]: connecting to the engine and the image build calls;
@@ -31,6 +33,7 @@ pub mod engine;
 pub mod error;
 pub mod ops;
 pub mod plan;
+pub mod postgres;
 pub mod progress;
 pub mod rootfs;
 pub mod up;
@@ -76,6 +79,12 @@ pub enum BuildError {
         program: &'static str,
         package: &'static str,
     },
+    #[error(
+        "PostgreSQL is not installed on this host (no {}/<version>/bin/postgres); the \
+         PostgreSQL image is built from it: `apt-get install postgresql` (scripts/prereqs does)",
+        dir.display()
+    )]
+    PostgresMissing { dir: PathBuf },
     #[error("ldd {}: {detail}", bin.display())]
     Ldd { bin: PathBuf, detail: String },
     #[error("strip --strip-debug {}: {detail}", bin.display())]

@@ -65,7 +65,8 @@ struct UpArgs {
     #[command(flatten)]
     project: ProjectArgs,
     /// Build the images offline first (`stackctl build`) and use them
-    /// (TASKSTACK_IMAGE / REDIS_IMAGE, unless set in the environment).
+    /// (TASKSTACK_IMAGE / REDIS_IMAGE, unless set in the environment); with
+    /// the profile `postgres`, the PostgreSQL image too.
     #[arg(long)]
     build: bool,
     /// Cargo profile for --build.
@@ -157,6 +158,10 @@ struct BuildArgs {
     /// debug information; no size limit).
     #[arg(long, value_enum, default_value_t = CliProfile::Image)]
     profile: CliProfile,
+    /// Also build localhost/taskstack-postgres:<tag> from this host's
+    /// Debian `postgresql` package, for the compose profile `postgres`.
+    #[arg(long)]
+    postgres: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -179,6 +184,7 @@ fn build_options(
     profile: CliProfile,
     tag: String,
     redis: Redis,
+    postgres: bool,
 ) -> BuildOptions {
     let debug = matches!(profile, CliProfile::Debug) && bin_dir.is_none();
     BuildOptions {
@@ -197,6 +203,7 @@ fn build_options(
         max_app_bytes: (!debug).then_some(build::MAX_APP_IMAGE_BYTES),
         strip_debug_info: debug,
         worker_bin,
+        postgres,
     }
 }
 
@@ -226,6 +233,17 @@ fn process_env() -> Env {
 }
 
 fn load(args: &ProjectArgs, env: &Env) -> Result<Project, StackError> {
+    Ok(compose::load(
+        &args.file,
+        &profiled_env(args, env).0,
+        args.project.as_deref(),
+    )?)
+}
+
+/// `env` with the `--profile`s added to COMPOSE_PROFILES and, with the
+/// profile `postgres`, the result store pointed at it
+/// ([`stackctl::postgres::profile_env`], whose note comes back).
+fn profiled_env(args: &ProjectArgs, env: &Env) -> (Env, Option<String>) {
     let mut env = env.clone();
     if !args.profile.is_empty() {
         let mut profiles: Vec<String> = env
@@ -235,7 +253,8 @@ fn load(args: &ProjectArgs, env: &Env) -> Result<Project, StackError> {
         profiles.extend(args.profile.iter().cloned());
         env.insert("COMPOSE_PROFILES".into(), profiles.join(","));
     }
-    Ok(compose::load(&args.file, &env, args.project.as_deref())?)
+    let note = stackctl::postgres::profile_env(&mut env, &args.file);
+    (env, note)
 }
 
 /// The project `up` and `scale` run: `stackctl build`'s images where the
@@ -270,6 +289,7 @@ async fn run(command: Command) -> Result<ExitCode, StackError> {
                 args.profile,
                 args.tag,
                 args.redis,
+                args.postgres,
             );
             let report = build::build(&opts, &|line| eprintln!("stackctl: {line}")).await?;
             print_build(&report);
@@ -277,6 +297,14 @@ async fn run(command: Command) -> Result<ExitCode, StackError> {
         }
         Command::Up(args) => {
             let mut env = process_env();
+            let (profiled, note) = profiled_env(&args.project, &env);
+            if let Some(note) = note {
+                eprintln!("stackctl: {note}");
+            }
+            let postgres = profiled.get("COMPOSE_PROFILES").is_some_and(|p| {
+                p.split(',')
+                    .any(|p| p.trim() == stackctl::postgres::PROFILE)
+            });
             if args.build {
                 let opts = build_options(
                     None,
@@ -284,6 +312,7 @@ async fn run(command: Command) -> Result<ExitCode, StackError> {
                     args.build_profile,
                     build::DEFAULT_TAG.into(),
                     Redis::Auto,
+                    postgres,
                 );
                 let report = build::build(&opts, &|line| eprintln!("stackctl: {line}")).await?;
                 if std::env::var_os("TASKSTACK_IMAGE").is_none() {
@@ -475,6 +504,13 @@ fn print_build(report: &build::BuildReport) {
         println!(
             "  /taskstack-worker is your own worker; its tasks: {}",
             report.worker_tasks.join(", ")
+        );
+    }
+    if let Some((image, bytes)) = &report.postgres_image {
+        println!(
+            "{image}  {:.1} MB  (built; compose profile `{}`)",
+            mb(*bytes),
+            stackctl::postgres::PROFILE
         );
     }
     if let Some(redis) = &report.redis_image {
