@@ -24,8 +24,9 @@ use std::path::{Path, PathBuf};
 
 /// Repository of the PostgreSQL image.
 pub const POSTGRES_REPOSITORY: &str = "localhost/taskstack-postgres";
-/// The compose profile that adds the `postgres` service.
+/// The compose profile that adds the PostgreSQL service, and that service.
 pub const PROFILE: &str = "postgres";
+pub const SERVICE: &str = "postgres";
 /// The image's user, the official postgres (Debian) image's `postgres`.
 pub const POSTGRES_UID: u64 = 999;
 /// Where Debian installs the server's versions (`<major>/bin/postgres`).
@@ -166,9 +167,12 @@ fn rootfs(major: &str, bin: &Path) -> Result<Rootfs, BuildError> {
         let first = rel.components().next().map(|c| c.as_os_str().to_string_lossy());
         match first.as_deref() {
             Some("man" | "contrib") => false,
-            Some("extension") => rel
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("plpgsql")),
+            Some("extension") => {
+                rel.components().count() == 1
+                    || rel
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("plpgsql"))
+            }
             _ => true,
         }
     })?;

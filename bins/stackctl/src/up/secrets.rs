@@ -5,9 +5,12 @@
 //! the directory 0700 and the files 0644 (compose mounts them as they are
 //! and the services run as non-root users).
 //!
-//! Only a set with none of its files present is made: filling in one file
-//! of an existing set could leave the password and the ACL disagreeing, so
-//! a partial set is refused with the exact command that repairs it.
+//! A set with none of its files present is made whole. In a set that
+//! exists, only a missing secret nothing else is derived from (the API
+//! token, Grafana's and PostgreSQL's passwords: e.g. `postgres_password`,
+//! which came with the profile `postgres`) is made on its own; filling in
+//! the Redis password could leave it and the ACL disagreeing, so that is
+//! refused with the exact command that repairs it.
 
 use crate::compose::Project;
 use crate::error::StackError;
@@ -20,7 +23,14 @@ const REDIS_PASSWORD: &str = "redis_password";
 /// The Redis users file (`compose/docker-compose.yml`'s `redis_acl`).
 const REDIS_ACL: &str = "redis_acl";
 /// Secrets that are a fresh random value each.
-const RANDOM: [&str; 3] = [REDIS_PASSWORD, "api_token", "grafana_admin_password"];
+const RANDOM: [&str; 4] = [
+    REDIS_PASSWORD,
+    "api_token",
+    "grafana_admin_password",
+    "postgres_password",
+];
+/// Of those, the ones no other file is derived from.
+const STANDALONE: [&str; 3] = ["api_token", "grafana_admin_password", "postgres_password"];
 
 /// Makes the project's secret files when none exists and one of `needed`
 /// is missing; returns the files it wrote. A missing secret it cannot
@@ -30,13 +40,30 @@ pub fn ensure<'a>(
     project: &Project,
     needed: impl IntoIterator<Item = &'a String>,
 ) -> Result<Vec<PathBuf>, StackError> {
-    let Some(missing) = needed
+    let absent: Vec<&String> = needed
         .into_iter()
-        .find(|n| project.secrets.get(*n).is_some_and(|s| !s.file.exists()))
-    else {
+        .filter(|n| project.secrets.get(*n).is_some_and(|s| !s.file.exists()))
+        .collect();
+    let Some(&missing) = absent.first() else {
         return Ok(Vec::new());
     };
+    let write_err = |path: &Path, e: std::io::Error| StackError::SecretWrite {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    };
     let fresh = project.secrets.values().all(|s| !s.file.exists());
+    if !fresh && absent.iter().all(|n| STANDALONE.contains(&n.as_str())) {
+        let mut written = Vec::new();
+        for name in absent {
+            let file = &project.secrets[name].file;
+            if !file.exists() {
+                write(file, &random_hex().map_err(|e| write_err(file, e))?)
+                    .map_err(|e| write_err(file, e))?;
+                written.push(file.clone());
+            }
+        }
+        return Ok(written);
+    }
     let known = project
         .secrets
         .keys()
@@ -51,10 +78,6 @@ pub fn ensure<'a>(
             file,
         });
     }
-    let write_err = |path: &Path, e: std::io::Error| StackError::SecretWrite {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    };
     let mut written = Vec::new();
     for (name, secret) in &project.secrets {
         if name == REDIS_ACL {

@@ -17,7 +17,12 @@ pub(crate) fn shipped(secrets: &Path, extra: &[(&str, &str)]) -> Project {
 
 /// [`shipped`] with another compose file.
 pub(crate) fn shipped_file(file: &Path, secrets: &Path, extra: &[(&str, &str)]) -> Project {
-    for f in ["redis_password", "api_token", "redis_users.acl"] {
+    for f in [
+        "redis_password",
+        "api_token",
+        "redis_users.acl",
+        "postgres_password",
+    ] {
         std::fs::write(secrets.join(f), "s3cret-s3cret-s3cret\n").expect("write secret");
     }
     let mut env: Env = [
@@ -302,7 +307,7 @@ async fn missing_images_secrets_and_taken_ports_fail_before_any_change() {
     );
     assert!(engine.containers().is_empty());
 
-    std::fs::remove_file(dir.path().join("api_token")).expect("rm");
+    std::fs::remove_file(dir.path().join("redis_password")).expect("rm");
     let e = up(
         &Fake::with_images(&[APP, REDIS]),
         &p,
@@ -375,7 +380,7 @@ async fn after_stackctl_build_a_plain_up_runs_the_built_images_and_makes_the_sec
         .iter()
         .filter(|e| e.starts_with("created secret"))
         .collect();
-    assert_eq!(created.len(), 4, "{:?}", progress.events);
+    assert_eq!(created.len(), 5, "{:?}", progress.events);
     // The format is init-secrets' own: run on this directory, it keeps
     // every value and rewrites the ACL byte for byte.
     let read = |f: &str| std::fs::read(secrets.join(f)).expect(f);
@@ -457,4 +462,31 @@ async fn a_choice_is_never_overridden_and_a_partial_secret_set_is_refused_with_t
         "pw"
     );
     assert!(engine.containers().is_empty());
+}
+
+#[tokio::test]
+async fn a_missing_secret_nothing_derives_from_is_made_in_an_existing_set() {
+    // A set made before the profile `postgres` existed: its password is
+    // made alone, the others are kept.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = shipped(dir.path(), &[]);
+    let before = std::fs::read(dir.path().join("redis_password")).expect("pw");
+    std::fs::remove_file(dir.path().join("postgres_password")).expect("rm");
+    let engine = Fake::with_images(&[APP, REDIS]);
+    let mut progress = Recorder::default();
+    up(&engine, &p, &fast(), &mut progress).await.expect("up");
+    let made = dir.path().join("postgres_password");
+    assert!(
+        progress
+            .events
+            .iter()
+            .any(|e| e == &format!("created secret {}", made.display())),
+        "{:?}",
+        progress.events
+    );
+    assert_eq!(std::fs::read_to_string(&made).expect("made").len(), 64);
+    assert_eq!(
+        std::fs::read(dir.path().join("redis_password")).expect("pw"),
+        before
+    );
 }

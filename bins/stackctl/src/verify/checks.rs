@@ -101,8 +101,8 @@ pub struct Facts {
     /// Status of `GET /health` on the published web port.
     pub web_health: Probe<u16>,
     pub smoke: Probe<SmokeFacts>,
-    /// PTTL (ms) of the smoke task's result record.
-    pub result_pttl: Probe<i64>,
+    /// Where results are kept (on Redis: the smoke record's PTTL).
+    pub results: super::results::ResultsFacts,
 }
 
 impl Facts {
@@ -474,14 +474,7 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
             },
         )
     }));
-    out.push(probe("results.expiry", &f.result_pttl, |&ms| match ms {
-        ms if ms > 0 => (true, format!("the result expires in {} s", ms / 1000)),
-        -1 => (
-            false,
-            "the result has no expiry: Redis would fill up".into(),
-        ),
-        _ => (false, "the result record is gone".into()),
-    }));
+    out.extend(super::results::evaluate(&f.results));
     out
 }
 
@@ -582,7 +575,7 @@ mod tests {
                 result: serde_json::json!(5),
                 elapsed: Duration::from_millis(30),
             }),
-            result_pttl: Ok(3_599_000),
+            results: super::super::results::ResultsFacts::redis(Ok(3_599_000)),
         }
     }
 
@@ -722,7 +715,7 @@ mod tests {
         let mut f = good();
         f.web_health = Ok(503);
         f.smoke = Err("POST /api/v1/tasks answered 401".into());
-        f.result_pttl = Ok(-1);
+        f.results = super::super::results::ResultsFacts::redis(Ok(-1));
         assert_eq!(
             failed(&f),
             [

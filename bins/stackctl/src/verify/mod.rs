@@ -7,6 +7,7 @@
 
 pub mod checks;
 pub mod config;
+pub mod results;
 mod store;
 
 use crate::compose::Project;
@@ -160,6 +161,21 @@ pub async fn verify<E: Engine>(
         Some(Ok(c)) => c.beat_lock_ttl,
         _ => Config::default().beat_lock_ttl,
     };
+    // Which store each service keeps results in; the web's decides what
+    // is checked (its `/health` reads it).
+    let backends: Vec<(String, &'static str)> = [Role::Web, Role::Worker, Role::Beat]
+        .into_iter()
+        .filter_map(|role| {
+            let svc = project.services.values().find(|s| Role::of(s) == role)?;
+            let c = config::service_config(project, svc).ok()?;
+            Some((svc.name.clone(), store_kind(&c)))
+        })
+        .collect();
+    let pg_expires = main_config
+        .as_ref()
+        .ok()
+        .filter(|c| store_kind(c) == "postgresql")
+        .map(|c| c.result_expires);
     let all_running: Vec<&ContainerInfo> = services
         .iter()
         .flat_map(|s| s.containers.iter())
@@ -231,21 +247,41 @@ pub async fn verify<E: Engine>(
             }),
     };
     let t = Duration::from_secs(5);
-    let web_health: Probe<u16> = match &web {
+    let health: Probe<(u16, Value)> = match &web {
         None => Err("no running web container publishes a port".into()),
         Some(addr) => http_client::request(addr, "GET", "/health", None, None, t)
             .await
-            .map(|r| r.status)
+            .map(|r| (r.status, r.json()))
             .map_err(|e| e.to_string()),
     };
+    let web_health: Probe<u16> = health.as_ref().map(|(s, _)| *s).map_err(Clone::clone);
     let smoke: Probe<SmokeFacts> = match (&web, &token) {
         (None, _) => Err("no running web container publishes a port".into()),
         (_, Err(e)) => Err(format!("no API token: {e}")),
         (Some(addr), Ok(token)) => smoke_task(addr, token, opts.smoke_timeout).await,
     };
-    let result_pttl: Probe<i64> = match &smoke {
-        Err(_) => Err("no smoke task result to look at".into()),
-        Ok(s) => store::result_pttl(&broker, &s.task_id).await,
+    let store = match pg_expires {
+        Some(expires) => results::Store::Postgres {
+            expires,
+            health: health
+                .as_ref()
+                .map(|(_, body)| body["checks"]["postgresql"].clone())
+                .map_err(|e| format!("GET /health: {e}")),
+        },
+        None => results::Store::Redis {
+            pttl: match &smoke {
+                Err(_) => Err("no smoke task result to look at".into()),
+                Ok(s) => store::result_pttl(&broker, &s.task_id).await,
+            },
+        },
+    };
+    let results = results::ResultsFacts {
+        store,
+        backends,
+        postgres_service: project
+            .services
+            .contains_key(crate::postgres::SERVICE)
+            .then(|| crate::postgres::SERVICE.to_owned()),
     };
 
     let holder = beat_lock
@@ -264,7 +300,7 @@ pub async fn verify<E: Engine>(
         queue_counts,
         web_health,
         smoke,
-        result_pttl,
+        results,
     };
     let beat_lock_holder = holder.map(|h| HolderReport {
         container: facts
@@ -283,6 +319,14 @@ pub async fn verify<E: Engine>(
         checks,
         beat_lock_holder,
     })
+}
+
+/// `postgresql` when `config` keeps results in PostgreSQL, else `redis`.
+fn store_kind(config: &Config) -> &'static str {
+    match &config.result_backend {
+        Some(u) if taskstack::config::is_postgres_url(u.expose()) => "postgresql",
+        _ => "redis",
+    }
 }
 
 /// Enqueues `taskstack.add` through the API and polls its result until

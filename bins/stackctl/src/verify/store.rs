@@ -67,7 +67,13 @@ pub async fn connect<E: Engine>(
     let broker_url = config.broker_url.expose();
     let url = reachable(engine, project, running, "broker_url", broker_url).await?;
     config.broker_url = SecretUrl::new(url);
-    if let Some(b) = config.result_backend.take() {
+    // A PostgreSQL store is judged by the web's `/health`; this broker
+    // reads Redis only (where chord counters stay in that case too).
+    if let Some(b) = config
+        .result_backend
+        .take()
+        .filter(|b| !taskstack::config::is_postgres_url(b.expose()))
+    {
         let url = reachable(engine, project, running, "result_backend", b.expose()).await?;
         config.result_backend = Some(SecretUrl::new(url));
     }
