@@ -288,7 +288,39 @@ pub fn is_compose_setting(k: &str) -> bool {
         || k.starts_with("REDIS_")
         || k.starts_with("COMPOSE_")
         || k.starts_with("APP_")
+        || k.starts_with("POSTGRES_")
+        || k.starts_with("RESULT_BACKEND")
         || matches!(k, "HEALTHCHECK_INTERVAL" | "LOG_LEVEL")
+}
+
+/// Runs the `stackctl` binary `exe` (a test's `env!("CARGO_BIN_EXE_stackctl")`)
+/// with `args` in the workspace, with none of the caller's compose settings
+/// ([`is_compose_setting`]) and `env` set.
+pub fn run_stackctl(
+    exe: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> Result<std::process::Output> {
+    let mut cmd = Command::new(exe);
+    cmd.args(args).current_dir(workspace_root()?);
+    for (k, _) in std::env::vars() {
+        if is_compose_setting(&k) {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().context("cannot run stackctl")
+}
+
+/// A process's stdout then stderr, for failure messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// The workspace's root directory (this crate's parent).

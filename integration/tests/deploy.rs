@@ -215,6 +215,64 @@ fn systemd_units_are_hardened() -> Result<()> {
     Ok(())
 }
 
+/// `postgresql-results.conf` (results in PostgreSQL on the host),
+/// installed for the three units as its header says: they still pass
+/// `verify` without a warning and keep their exposure, and the drop-in is
+/// really read (a misspelt key in that directory is reported).
+#[test]
+fn the_postgresql_drop_in_orders_the_units_after_postgresql() -> Result<()> {
+    require_systemd_tools();
+    for path in [
+        "/lib/systemd/system/postgresql.service",
+        "/lib/systemd/system/postgresql@.service",
+    ] {
+        require(Prereq::File {
+            path,
+            package: "postgresql",
+        });
+    }
+    let dropin = std::fs::read_to_string(deploy().join("systemd/postgresql-results.conf"))?;
+    for line in ["Wants=postgresql.service", "After=postgresql.service"] {
+        ensure!(
+            dropin.lines().any(|l| l == line),
+            "no `{line}` in the drop-in"
+        );
+    }
+    let root = SystemRoot::new()?;
+    let units_dir = root.path().join("etc/systemd/system");
+    let threshold = format!("--threshold={MAX_EXPOSURE_TENTHS}");
+    for (file, unit) in UNITS {
+        let dir = units_dir.join(format!("{file}.d"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("postgresql.conf"), &dropin)?;
+        let out = root.analyze(&["verify"], unit)?;
+        ensure!(
+            out.status.success() && text(&out).trim().is_empty(),
+            "systemd-analyze verify {unit} with the drop-in: {}\n{}",
+            out.status,
+            text(&out)
+        );
+        let out = root.analyze(&["security", "--offline=yes", &threshold], unit)?;
+        ensure!(
+            out.status.success(),
+            "{unit} with the drop-in is exposed above {MAX_EXPOSURE_TENTHS}/100:\n{}",
+            text(&out)
+        );
+        eprintln!("systemd-analyze verify {unit} with postgresql-results.conf: clean");
+    }
+    std::fs::write(
+        units_dir.join("taskstack-web.service.d/typo.conf"),
+        "[Unit]\nAftr=postgresql.service\n",
+    )?;
+    let out = root.analyze(&["verify"], "taskstack-web.service")?;
+    ensure!(
+        text(&out).contains("Aftr"),
+        "a misspelt key in the drop-in directory went unreported: {}",
+        text(&out)
+    );
+    Ok(())
+}
+
 #[test]
 fn sysusers_file_makes_a_user_without_login() -> Result<()> {
     require_systemd_tools();
