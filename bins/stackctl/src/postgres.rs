@@ -119,7 +119,11 @@ pub fn dockerfile(major: &str) -> String {
 }
 
 /// Builds the image `tag` from the host's PostgreSQL; returns its size.
-pub async fn build_image(docker: &Docker, tag: &str, log: &dyn Fn(&str)) -> Result<u64, BuildError> {
+pub async fn build_image(
+    docker: &Docker,
+    tag: &str,
+    log: &dyn Fn(&str),
+) -> Result<u64, BuildError> {
     let (major, bin) = installed()?;
     let fs = rootfs(&major, &bin)?;
     log(&format!(
@@ -164,7 +168,10 @@ fn rootfs(major: &str, bin: &Path) -> Result<Rootfs, BuildError> {
     }
     let share = Path::new(SHARE_ROOT).join(major);
     copy_tree(&mut fs, &share, &|rel: &Path| {
-        let first = rel.components().next().map(|c| c.as_os_str().to_string_lossy());
+        let first = rel
+            .components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy());
         match first.as_deref() {
             Some("man" | "contrib") => false,
             Some("extension") => {
@@ -300,8 +307,11 @@ mod tests {
         assert_eq!(profile_env(&mut chosen, &file), None);
         assert_eq!(chosen["RESULT_BACKEND"], "redis://redis:6379/0");
 
-        std::fs::write(dir.path().join(".env"), "RESULT_BACKEND=redis://redis:6379/1\n")
-            .expect("write .env");
+        std::fs::write(
+            dir.path().join(".env"),
+            "RESULT_BACKEND=redis://redis:6379/1\n",
+        )
+        .expect("write .env");
         let mut in_dotenv = env(&[("COMPOSE_PROFILES", "postgres")]);
         assert_eq!(profile_env(&mut in_dotenv, &file), None);
         assert!(!in_dotenv.contains_key("RESULT_BACKEND"));

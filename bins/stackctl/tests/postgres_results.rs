@@ -49,8 +49,9 @@ async fn the_postgres_profile_keeps_results_in_postgresql() -> Result<()> {
         stackctl::postgres::POSTGRES_REPOSITORY,
         taskstack_integration::docker::TEST_TAG
     );
-    let bytes = stackctl::postgres::build_image(&docker, &pg_image, &|l| eprintln!("stackctl: {l}"))
-        .await?;
+    let bytes =
+        stackctl::postgres::build_image(&docker, &pg_image, &|l| eprintln!("stackctl: {l}"))
+            .await?;
     eprintln!("{pg_image}: {:.1} MB", bytes as f64 / 1e6);
 
     let secrets = tempfile::tempdir()?;
@@ -133,10 +134,7 @@ async fn the_postgres_profile_keeps_results_in_postgresql() -> Result<()> {
         },
     )
     .await?;
-    ensure!(
-        done["state"] == "SUCCESS" && done["result"] == 42,
-        "{done}"
-    );
+    ensure!(done["state"] == "SUCCESS" && done["result"] == 42, "{done}");
 
     // The row is in PostgreSQL: psql in its container, as the superuser
     // through the socket (peer authentication; no password).
@@ -151,7 +149,17 @@ async fn the_postgres_profile_keeps_results_in_postgresql() -> Result<()> {
         "SELECT state, result, task_name, expires_at > now() FROM taskstack_results \
          WHERE task_id = '{id}'"
     );
-    let cmd = ["psql", "-U", "postgres", "-d", "taskstack", "-tA", "-c", &sql].map(String::from);
+    let cmd = [
+        "psql",
+        "-U",
+        "postgres",
+        "-d",
+        "taskstack",
+        "-tA",
+        "-c",
+        &sql,
+    ]
+    .map(String::from);
     let row = engine.exec(&pg.id, &cmd, &[]).await?;
     ensure!(
         row.exit_code == Some(0) && row.stdout.trim() == "SUCCESS|42|taskstack.add|t",
@@ -160,7 +168,17 @@ async fn the_postgres_profile_keeps_results_in_postgresql() -> Result<()> {
     );
     // The services log in as `taskstack`, not as the superuser.
     let sql = "SELECT rolsuper FROM pg_roles WHERE rolname = 'taskstack'";
-    let cmd = ["psql", "-U", "postgres", "-d", "taskstack", "-tA", "-c", sql].map(String::from);
+    let cmd = [
+        "psql",
+        "-U",
+        "postgres",
+        "-d",
+        "taskstack",
+        "-tA",
+        "-c",
+        sql,
+    ]
+    .map(String::from);
     let su = engine.exec(&pg.id, &cmd, &[]).await?;
     ensure!(su.stdout.trim() == "f", "{su:?}");
 

@@ -148,7 +148,7 @@ fn the_app_profile_runs_a_users_image_as_app_and_as_a_worker_of_its_own_queue() 
         1,
         "not the stock services' taskstack.toml"
     );
-    assert_eq!(worker.secrets, ["redis_password"]);
+    assert_eq!(worker.secrets, ["redis_password", "postgres_password"]);
     assert_eq!(worker.depends_on["app"], Condition::Healthy);
     assert_eq!(worker.depends_on["redis"], Condition::Healthy);
     for svc in [app, worker] {
@@ -265,4 +265,60 @@ fn durations_parse_like_compose() {
     assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
     assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
     assert!(parse_duration("soon").is_err());
+}
+
+#[test]
+fn the_postgres_profile_adds_an_unpublished_non_root_store_and_results_default_to_redis() {
+    let p = load(&the_file(), &env(&[]), None).expect("loads");
+    assert!(!p.services.contains_key("postgres"));
+    assert!(!p.volumes.contains_key("postgres-data"));
+    for name in ["web", "worker", "beat"] {
+        let e = &p.services[name].environment;
+        assert_eq!(
+            e["TASKSTACK_RESULT_BACKEND"], "redis://redis:6379/0",
+            "{name}"
+        );
+        assert_eq!(
+            e["TASKSTACK_RESULT_BACKEND_PASSWORD_FILE"], "/run/secrets/redis_password",
+            "{name}"
+        );
+        assert!(
+            p.services[name]
+                .secrets
+                .iter()
+                .any(|s| s == "postgres_password"),
+            "{name}"
+        );
+    }
+
+    let mut vars = env(&[("COMPOSE_PROFILES", "postgres")]);
+    crate::postgres::profile_env(&mut vars, &the_file());
+    let p = load(&the_file(), &vars, None).expect("loads with the profile");
+    let pg = &p.services["postgres"];
+    assert_eq!(pg.image, "localhost/taskstack-postgres:local");
+    assert_eq!(pg.user.as_deref(), Some("999:999"));
+    assert!(pg.ports.is_empty(), "never published");
+    assert_eq!(pg.networks, ["backend"]);
+    assert_eq!(pg.secrets, ["postgres_password"]);
+    assert!(pg.read_only && pg.init);
+    assert_eq!(pg.cap_drop, ["ALL"]);
+    assert_eq!(pg.volume_mounts[0].volume, "postgres-data");
+    assert_eq!(pg.volume_mounts[0].target, "/var/lib/postgresql");
+    let check = pg.healthcheck.as_ref().expect("a healthcheck");
+    assert_eq!(
+        check.test[0], "CMD",
+        "exec form: the image has no shell for CMD-SHELL"
+    );
+    assert_eq!(check.test[1], "pg_isready");
+    for name in ["web", "worker", "beat"] {
+        let e = &p.services[name].environment;
+        assert_eq!(
+            e["TASKSTACK_RESULT_BACKEND"], "postgresql://taskstack@postgres:5432/taskstack",
+            "{name}"
+        );
+        assert_eq!(
+            e["TASKSTACK_RESULT_BACKEND_PASSWORD_FILE"], "/run/secrets/postgres_password",
+            "{name}"
+        );
+    }
 }

@@ -183,13 +183,22 @@ mod tests {
     fn ids(checks: &[Check]) -> Vec<String> {
         checks
             .iter()
-            .map(|c| format!("{} {}: {}", if c.ok { "PASS" } else { "FAIL" }, c.id, c.reason))
+            .map(|c| {
+                format!(
+                    "{} {}: {}",
+                    if c.ok { "PASS" } else { "FAIL" },
+                    c.id,
+                    c.reason
+                )
+            })
             .collect()
     }
 
     #[test]
     fn postgres_results_need_a_reachable_store_and_an_expiry() {
-        let good = evaluate(&pg(Ok(json!({"ok": true, "latency_ms": 1.25, "error": null}))));
+        let good = evaluate(&pg(Ok(
+            json!({"ok": true, "latency_ms": 1.25, "error": null}),
+        )));
         assert_eq!(
             ids(&good),
             [
@@ -225,7 +234,8 @@ mod tests {
         unused.postgres_service = Some("postgres".into());
         let out = ids(&evaluate(&unused));
         assert!(
-            out[0].starts_with("FAIL results.store: service postgres runs, but results go to Redis"),
+            out[0]
+                .starts_with("FAIL results.store: service postgres runs, but results go to Redis"),
             "{out:?}"
         );
         assert_eq!(out[1], "PASS results.expiry: the result expires in 3599 s");
