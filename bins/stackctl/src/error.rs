@@ -18,8 +18,9 @@ pub enum StackError {
     Engine(#[from] EngineError),
     #[error(
         "image {image} (service {service}) is not on this Docker engine, and stackctl never pulls: \
-         build it offline with `stackctl build` (or `stackctl up --build`), or point \
-         TASKSTACK_IMAGE / REDIS_IMAGE at images that are here"
+         build it offline with `stackctl build` (or `stackctl up --build`; the PostgreSQL \
+         image of the profile `postgres`: `stackctl build --postgres`), or point \
+         TASKSTACK_IMAGE / REDIS_IMAGE / POSTGRES_IMAGE at images that are here"
     )]
     ImageMissing { service: String, image: String },
     #[error(
