@@ -20,6 +20,7 @@ COPY . .
 RUN target="$(uname -m)-unknown-linux-gnu" \
  && RUSTFLAGS="-C target-feature=+crt-static" \
     CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
+    CARGO_PROFILE_RELEASE_OPT_LEVEL=s \
     cargo build --release --locked --target "$target" \
       -p taskstack-multicall \
  && mkdir -p /out/tmp /out/etc/ssl/certs \
