@@ -9,6 +9,12 @@
 -- ARGV[3]  landing LIST prefix (+ worker id)
 -- ARGV[4]  heartbeat record prefix (+ worker id)
 -- ARGV[5]  most workers to reap in this call
+-- ARGV[6]  started-marker prefix (+ task id)
+-- ARGV[7]  expiry of a started marker (ms)
+-- The in-flight HASH also holds start.lua's `s:<task id>` -> sequence
+-- fields: a task that started and whose hold is still there may still be
+-- running in the dead worker, so it gets a started marker (revoke.lua
+-- refuses while it lasts), as a STARTED record would have it.
 -- Returns {workers reaped, messages restored}.
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
 local restored = 0
@@ -29,8 +35,19 @@ for _, w in ipairs(dead) do
   local inflight = ARGV[2] .. w
   local entries = redis.call('HGETALL', inflight)
   local items = {}
+  local held = {}
   for i = 1, #entries, 2 do
-    items[#items + 1] = { tonumber(entries[i]), entries[i + 1] }
+    local seq = tonumber(entries[i])
+    if seq then
+      items[#items + 1] = { seq, entries[i + 1] }
+      held[entries[i]] = true
+    end
+  end
+  for i = 1, #entries, 2 do
+    local f = entries[i]
+    if string.sub(f, 1, 2) == 's:' and held[entries[i + 1]] then
+      redis.call('SET', ARGV[6] .. string.sub(f, 3), '1', 'PX', ARGV[7])
+    end
   end
   -- newest first, so the oldest taken ends at the very front of its queue
   table.sort(items, function(a, b) return a[1] > b[1] end)

@@ -35,6 +35,9 @@ pub struct Settle {
     pub seq: u64,
     /// `(task id, result JSON)` to store and publish before releasing.
     pub result: Option<(String, String)>,
+    /// The task id whose start mark (see `scripts/start.lua`) is released
+    /// with the hold; `None` when the message never reached a start.
+    pub started: Option<String>,
 }
 
 /// One worker's request for messages.
@@ -49,6 +52,9 @@ pub(crate) struct Take<'a> {
     pub lease: Duration,
     /// Larger messages are held but not sent (see [`Delivery::oversized`]).
     pub max_size: usize,
+    /// Whether the landing list may hold a message (the worker waited
+    /// since its last take); `false` spares its `RPOP`.
+    pub landing: bool,
 }
 
 /// Takes up to `max` messages from `queue_keys` (served in order), recording
@@ -65,6 +71,7 @@ pub(crate) async fn fetch(
         last_seq,
         lease,
         max_size,
+        landing,
     } = take;
     let deadline = super::now_ms() + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     let mut inv = FETCH.prepare_invoke();
@@ -79,7 +86,8 @@ pub(crate) async fn fetch(
         .arg(max)
         .arg(last_seq)
         .arg(1)
-        .arg(max_size);
+        .arg(max_size)
+        .arg(u8::from(landing));
     let flat: Vec<redis::Value> = on_lane!(&mut *lane, "fetch", |c| inv.invoke_async(c))?;
     let mut out = Vec::with_capacity(flat.len() / 3);
     let mut it = flat.into_iter();
@@ -193,6 +201,9 @@ pub(crate) async fn settle(
     release.arg(keys.inflight(worker_id));
     for s in batch {
         release.arg(s.seq);
+        if let Some(id) = &s.started {
+            release.arg(super::state::start_mark(id));
+        }
     }
     match backend_lane {
         Some(backend) => {

@@ -378,8 +378,16 @@ async fn finish(sh: &Shared, d: Held, msg: &TaskMessage, mut result: Option<Task
             .map(|json| (msg.id.clone(), json))
     });
     let (seq, slot) = d.into_settlement();
-    sh.settle(SettleMsg::Done(Settle { seq, result }, slot))
-        .await;
+    let started = Some(msg.id.clone());
+    sh.settle(SettleMsg::Done(
+        Settle {
+            seq,
+            result,
+            started,
+        },
+        slot,
+    ))
+    .await;
 }
 
 #[allow(clippy::too_many_arguments)] // one call site; the fields are all distinct
