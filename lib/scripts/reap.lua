@@ -11,10 +11,11 @@
 -- ARGV[5]  most workers to reap in this call
 -- ARGV[6]  started-marker prefix (+ task id)
 -- ARGV[7]  expiry of a started marker (ms)
--- The in-flight HASH also holds start.lua's `s:<task id>` -> sequence
--- fields: a task that started and whose hold is still there may still be
--- running in the dead worker, so it gets a started marker (revoke.lua
--- refuses while it lasts), as a STARTED record would have it.
+-- ARGV[8]  running HASH prefix (+ worker id): start.lua's marks, task id ->
+--          sequence number. A task marked started whose hold is still
+--          there may still be running in the dead worker, so it gets a
+--          started marker (revoke.lua refuses while it lasts), as a
+--          STARTED record would have it.
 -- Returns {workers reaped, messages restored}.
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
 local restored = 0
@@ -37,18 +38,17 @@ for _, w in ipairs(dead) do
   local items = {}
   local held = {}
   for i = 1, #entries, 2 do
-    local seq = tonumber(entries[i])
-    if seq then
-      items[#items + 1] = { seq, entries[i + 1] }
-      held[entries[i]] = true
+    items[#items + 1] = { tonumber(entries[i]), entries[i + 1] }
+    held[entries[i]] = true
+  end
+  local running = ARGV[8] .. w
+  local marks = redis.call('HGETALL', running)
+  for i = 1, #marks, 2 do
+    if held[marks[i + 1]] then
+      redis.call('SET', ARGV[6] .. marks[i], '1', 'PX', ARGV[7])
     end
   end
-  for i = 1, #entries, 2 do
-    local f = entries[i]
-    if string.sub(f, 1, 2) == 's:' and held[entries[i + 1]] then
-      redis.call('SET', ARGV[6] .. string.sub(f, 3), '1', 'PX', ARGV[7])
-    end
-  end
+  redis.call('DEL', running)
   -- newest first, so the oldest taken ends at the very front of its queue
   table.sort(items, function(a, b) return a[1] > b[1] end)
   for _, it in ipairs(items) do

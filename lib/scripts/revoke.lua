@@ -5,8 +5,8 @@
 --
 -- A task is started when its record says so (STARTED, written by
 -- start.lua when asked or when results live on another server), when a
--- leased worker's in-flight HASH has its `s:<task id>` field naming a hold
--- that hash still has (start.lua's per-batch mark), or when its started
+-- leased worker's running HASH maps its id to a hold that worker's
+-- in-flight HASH still has (start.lua's per-batch mark), or when its started
 -- marker exists (reap.lua's, for the marks of a worker it reaped).
 --
 -- KEYS[1]  the task's result record
@@ -19,6 +19,7 @@
 --          live longer (a task due far in the future) keeps its expiry
 -- ARGV[3]  in-flight HASH prefix (+ worker id), or ''
 -- ARGV[4]  the task id
+-- ARGV[5]  running HASH prefix (+ worker id)
 -- Returns {outcome, previous status}: outcome is 'revoked', 'already'
 -- (revoked before), 'unknown' (no record: never enqueued through a
 -- producer that records PENDING, or expired) or 'refused' (the task has
@@ -42,11 +43,9 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
   return { 'refused', 'STARTED' }
 end
 if ARGV[3] ~= '' then
-  local field = 's:' .. ARGV[4]
   for _, w in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-    local inflight = ARGV[3] .. w
-    local seq = redis.call('HGET', inflight, field)
-    if seq and redis.call('HEXISTS', inflight, seq) == 1 then
+    local seq = redis.call('HGET', ARGV[5] .. w, ARGV[4])
+    if seq and redis.call('HEXISTS', ARGV[3] .. w, seq) == 1 then
       return { 'refused', 'STARTED' }
     end
   end

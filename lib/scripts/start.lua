@@ -10,12 +10,12 @@
 --
 -- How a task is marked started:
 --   * with the worker's in-flight HASH (results on the broker's server):
---     one HSET per batch of `s:<task id>` -> hold sequence number in that
---     hash. revoke.lua looks there (in every leased worker's hash); the
---     acknowledgement deletes the field with the hold, and reap.lua turns
---     the fields of a dead worker into started markers (ARGV[6]).
---     The STARTED result record is written only when ARGV[5] is '1'
---     (Celery's task_track_started).
+--     one HSET per batch into the worker's running HASH (ARGV[6]: task id
+--     -> sequence number of its hold). revoke.lua looks there (in every
+--     leased worker's) and counts a mark only while its hold exists; the
+--     acknowledgement deletes it, and reap.lua turns the marks of a dead
+--     worker into started markers. The STARTED result record is written
+--     only when ARGV[5] is '1' (Celery's task_track_started).
 --   * without it (results on another server, or no worker): the STARTED
 --     record is always written; it is what revoke.lua refuses on.
 --
@@ -28,11 +28,12 @@
 -- ARGV[4]  the worker's in-flight HASH, or '' when results live on another
 --          server (the worker then checks its holds there first)
 -- ARGV[5]  '1': write STARTED records; '0': only when ARGV[4] is ''
--- ARGV[6], ARGV[7], ARGV[8], ...  triples: task id, its STARTED record
+-- ARGV[6]  the worker's running HASH (any value when ARGV[4] is '')
+-- ARGV[7], ARGV[8], ARGV[9], ...  triples: task id, its STARTED record
 --          (JSON, '' when none is written), the sequence number of its hold
 -- Returns one integer per task, in order: 1 = run it, 0 = revoked, skip
 -- it, 2 = no longer held, do not run it.
-local first = 6
+local first = 7
 local inflight = ARGV[4]
 local record = ARGV[5] == '1' or inflight == ''
 local n = (#ARGV - first + 1) / 3
@@ -69,7 +70,7 @@ for k = 1, n do
   if out[k] == 1 then
     local i = first + 3 * (k - 1)
     if inflight ~= '' then
-      fields[#fields + 1] = 's:' .. ARGV[i]
+      fields[#fields + 1] = ARGV[i]
       fields[#fields + 1] = ARGV[i + 2]
     end
     if record then
@@ -78,6 +79,6 @@ for k = 1, n do
   end
 end
 if #fields > 0 then
-  redis.call('HSET', inflight, unpack(fields))
+  redis.call('HSET', ARGV[6], unpack(fields))
 end
 return out

@@ -297,7 +297,7 @@ pub trait TaskStates: Send {
     /// backend marks starts by that record (PostgreSQL, the in-memory
     /// backend, Redis with results on another server or without
     /// `worker_id`); Redis with results on the broker's server marks them
-    /// in the worker's in-flight hash instead.
+    /// in the worker's running hash instead.
     async fn start_batch(
         &mut self,
         worker_id: Option<&str>,

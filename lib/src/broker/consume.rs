@@ -35,7 +35,7 @@ pub struct Settle {
     pub seq: u64,
     /// `(task id, result JSON)` to store and publish before releasing.
     pub result: Option<(String, String)>,
-    /// The task id whose start mark (see `scripts/start.lua`) is released
+    /// The task id whose start mark (see `scripts/start.lua`) is deleted
     /// with the hold; `None` when the message never reached a start.
     pub started: Option<String>,
 }
@@ -197,14 +197,22 @@ pub(crate) async fn settle(
                 .ignore();
         }
     }
-    let mut release = redis::cmd("HDEL");
-    release.arg(keys.inflight(worker_id));
-    for s in batch {
-        release.arg(s.seq);
-        if let Some(id) = &s.started {
-            release.arg(super::state::start_mark(id));
+    // The holds, and (results on the broker's server, where start.lua marks
+    // started tasks in the running hash) the start marks.
+    let release = |p: &mut redis::Pipeline, marks: bool| {
+        let holds = p.cmd("HDEL").arg(keys.inflight(worker_id));
+        for s in batch {
+            holds.arg(s.seq);
         }
-    }
+        p.ignore();
+        let started: Vec<&str> = batch.iter().filter_map(|s| s.started.as_deref()).collect();
+        if marks && !started.is_empty() {
+            p.cmd("HDEL")
+                .arg(keys.running(worker_id))
+                .arg(&started)
+                .ignore();
+        }
+    };
     match backend_lane {
         Some(backend) => {
             if !results.is_empty() {
@@ -212,11 +220,13 @@ pub(crate) async fn settle(
                     .query_async::<()>(c))?;
                 backend.recycle_after(bytes);
             }
-            on_lane!(&mut *broker_lane, "acknowledge", |c| release
+            let mut acks = redis::pipe();
+            release(&mut acks, false);
+            on_lane!(&mut *broker_lane, "acknowledge", |c| acks
                 .query_async::<()>(c))
         }
         None => {
-            results.add_command(release).ignore();
+            release(&mut results, true);
             on_lane!(&mut *broker_lane, "store results and acknowledge", |c| {
                 results.query_async::<()>(c)
             })?;

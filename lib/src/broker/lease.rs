@@ -101,7 +101,8 @@ pub(crate) async fn reap(
         .arg(keys.worker_prefix())
         .arg(100)
         .arg(keys.started_prefix())
-        .arg(u64::try_from(ORPHAN_START_TTL.as_millis()).unwrap_or(u64::MAX));
+        .arg(u64::try_from(ORPHAN_START_TTL.as_millis()).unwrap_or(u64::MAX))
+        .arg(keys.running_prefix());
     on_lane!(&mut *lane, "reap", |c| inv.invoke_async(c))
 }
 

@@ -5,9 +5,9 @@
 //! revoke script refuses a task that is started, and the start script skips
 //! a task that carries a revoked marker, so every task is either revoked
 //! before it runs or the revocation is refused. "Started" is a STARTED
-//! record, or (results on the broker's server, `task_track_started` off)
-//! a mark in the worker's in-flight hash written for the whole batch in
-//! one command (see `scripts/start.lua`).
+//! record, or (results on the broker's server) a mark in the worker's
+//! running hash written for the whole batch in one command (see
+//! `scripts/start.lua`).
 
 use super::pool::on_lane;
 use super::{BrokerError, Lane, REVOKE, START};
@@ -40,16 +40,10 @@ pub struct Starting {
     pub seq: u64,
 }
 
-/// The field of a worker's in-flight hash that marks `task_id` started
-/// (value: the sequence number of its hold).
-pub(crate) fn start_mark(task_id: &str) -> String {
-    format!("s:{task_id}")
-}
-
 /// Decides, for a batch of tasks held by `worker_id`, which may run (see
 /// `scripts/start.lua`). With `worker_id` (results on the broker's server)
 /// the script checks the holds in the same atomic step and marks the tasks
-/// started in the worker's in-flight hash, writing STARTED records only
+/// started in the worker's running hash, writing STARTED records only
 /// when `track_started`; without it (the caller checked the holds with
 /// [`held`] first) STARTED records are always written.
 pub(crate) async fn start_batch(
@@ -66,7 +60,8 @@ pub(crate) async fn start_batch(
         .arg(RESULT_PREFIX)
         .arg(millis(ttl))
         .arg(worker_id.map(|w| keys.inflight(w)).unwrap_or_default())
-        .arg(u8::from(track_started));
+        .arg(u8::from(track_started))
+        .arg(worker_id.map(|w| keys.running(w)).unwrap_or_default());
     for t in tasks {
         let json = if record { t.record.as_str() } else { "" };
         inv.arg(&t.task_id).arg(json).arg(t.seq);
@@ -131,8 +126,8 @@ pub enum RevokeOutcome {
 /// Revokes a task that has not started. `record` is the REVOKED result
 /// record to store; `ttl` its least expiry (a longer-lived PENDING record,
 /// e.g. of a task due in two hours, keeps its expiry). `on_broker`: results
-/// live on the broker's server, so the workers' start marks (in their
-/// in-flight hashes) are looked at too.
+/// live on the broker's server, so the workers' start marks (their running
+/// hashes) are looked at too.
 pub async fn revoke(
     lane: &mut Lane,
     keys: &Keys,
@@ -153,7 +148,8 @@ pub async fn revoke(
         } else {
             String::new()
         })
-        .arg(task_id);
+        .arg(task_id)
+        .arg(keys.running_prefix());
     let (outcome, status): (String, String) =
         on_lane!(&mut *lane, "revoke task", |c| inv.invoke_async(c))?;
     let state = || {

@@ -628,7 +628,7 @@ async fn a_batch_start_checks_holds_and_revocations_once_and_marks_without_recor
     assert_eq!(status_of(&mut l, "a").await.as_deref(), Some("PENDING"));
     let mark: Option<u64> = cmd(
         &mut l,
-        redis::cmd("HGET").arg(keys.inflight("w1")).arg("s:a"),
+        redis::cmd("HGET").arg(keys.running("w1")).arg("a"),
     )
     .await;
     assert_eq!(mark, Some(got[0].seq));
@@ -649,6 +649,8 @@ async fn a_batch_start_checks_holds_and_revocations_once_and_marks_without_recor
         .expect("settle");
     let left: Vec<String> = cmd(&mut l, redis::cmd("HKEYS").arg(keys.inflight("w1"))).await;
     assert_eq!(left, [got[2].seq.to_string()]);
+    let marks: u64 = cmd(&mut l, redis::cmd("HLEN").arg(keys.running("w1"))).await;
+    assert_eq!(marks, 0, "the mark goes with the hold");
     let out = revoke(&mut l, &keys, "a", revoked, ttl, true).await;
     assert_eq!(
         out.expect("revoke"),
@@ -689,7 +691,9 @@ async fn tasks_started_by_a_reaped_worker_stay_unrevocable() {
     assert_eq!(go, [StartVerdict::Run]);
     // The worker stalls while running a; its lease expires.
     let (workers, restored) = reap(&mut l, &keys, now_ms() + 60_000).await.expect("reap");
-    assert_eq!((workers, restored), (1, 2), "marks are not messages");
+    assert_eq!((workers, restored), (1, 2));
+    let marks: bool = cmd(&mut l, redis::cmd("EXISTS").arg(keys.running("w1"))).await;
+    assert!(!marks, "the reaper deletes the dead worker's marks");
     let queued: Vec<String> = cmd(&mut l, redis::cmd("LRANGE").arg("q").arg(0).arg(-1)).await;
     assert_eq!(queued, ["m2", "m1"], "both back, oldest at the front");
     // a may still be running in the stalled worker: never reported revoked.

@@ -128,6 +128,19 @@ impl Keys {
         format!("{}:revoked:", self.ns)
     }
 
+    /// HASH per worker: task id → sequence number of its hold, for each task
+    /// the worker started (one `HSET` per batch, see `scripts/start.lua`)
+    /// and has not settled. A revocation is refused while a mark's hold
+    /// exists.
+    pub fn running(&self, worker_id: &str) -> String {
+        format!("{}:running:{worker_id}", self.ns)
+    }
+
+    /// Prefix of [`Keys::running`].
+    pub fn running_prefix(&self) -> String {
+        format!("{}:running:", self.ns)
+    }
+
     /// STRING with expiry per task: the task may still be running in a
     /// worker whose lease expired (the reaper found it marked started), so
     /// a revocation is refused while it lasts.
@@ -225,6 +238,7 @@ mod tests {
             k.delayed_counts(),
             k.revoked("t"),
             k.started("t"),
+            k.running("w"),
             k.dead_letters("q"),
             k.worker("w"),
             k.beat_lock(),

@@ -55,6 +55,7 @@ Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
   TASKSTACK_WORKER_NODENAME          Celery node name for inspect/control/Flower  [taskstack@<host>; taken: taskstack-<pid>@<host>]
   TASKSTACK_WORKER_REMOTE_CONTROL    all | control | inspect | off  [control: all but shutdown]
   TASKSTACK_WORKER_SEND_TASK_EVENTS  1 to send Celery task events (-E)  [0]
+  TASKSTACK_TASK_TRACK_STARTED       1 to store a STARTED record when a task starts  [0]
 
 Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration or refused start,
 130 stopped at once by a second signal.";

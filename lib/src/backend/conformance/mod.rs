@@ -613,7 +613,7 @@ pub(crate) async fn revoke_and_start_exclude_each_other(h: &dyn Harness) {
 }
 
 /// A worker's start without `track_started` (the default): a Redis
-/// backend with results on the broker marks it in the worker's in-flight
+/// backend with results on the broker marks it in the worker's running
 /// hash instead of a STARTED record; every backend refuses a revocation
 /// while the task runs, and after its result is stored.
 pub(crate) async fn a_start_without_tracking_still_refuses_revocation(h: &dyn Harness) {
@@ -652,7 +652,7 @@ pub(crate) async fn a_start_without_tracking_still_refuses_revocation(h: &dyn Ha
         "a running task is never reported revoked"
     );
     let counts = counts_of(&*b, &keys(&["q"])).await;
-    assert_eq!(counts[0].in_flight, 2, "start marks are not messages: {counts:?}");
+    assert_eq!(counts[0].in_flight, 2, "{counts:?}");
     let done = record("t1", TaskState::Success);
     let batch = [
         Settle {
