@@ -98,6 +98,13 @@ pub trait Backend: Send + Sync + Debug {
     fn redis(&self) -> Option<&crate::broker::Broker> {
         None
     }
+    /// Whether [`TaskStates::start_batch`] with a worker id marks starts
+    /// without STARTED records (Redis with results on the broker's
+    /// server): then a worker without `task_track_started` need not build
+    /// them.
+    fn marks_starts(&self) -> bool {
+        false
+    }
     /// Deleting expired results, for a store that does not expire them by
     /// itself (PostgreSQL); `None` where records expire on their own.
     fn expiry(&self) -> Option<Box<dyn Expiry>> {

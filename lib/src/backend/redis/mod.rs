@@ -87,6 +87,9 @@ impl Backend for RedisBackend {
     fn redis(&self) -> Option<&Broker> {
         Some(&self.broker)
     }
+    fn marks_starts(&self) -> bool {
+        self.broker.backend_is_broker()
+    }
     fn enqueue(&self, usage: Use) -> Box<dyn Enqueue> {
         self.session(usage, "")
     }
