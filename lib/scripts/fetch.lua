@@ -20,7 +20,7 @@
 --            waited since its last take), '0' when it cannot: no RPOP then
 -- Lists are polled only while they can hold messages: the first queue
 -- list, then (when the batch is not full) one EXISTS over the others, and
--- only as many of them as that found non-empty.
+-- those in order until as many non-empty ones as it counted were found.
 -- Returns a flat array: seq, queue index, message or size, seq, ...
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 local max = tonumber(ARGV[3])
