@@ -372,9 +372,7 @@ fn print_drain(run: usize, d: &Drain) {
 
 fn print_summary(drains: &[Drain]) {
     println!();
-    println!(
-        "| system | tasks/s (median) | runs | Redis commands per task (median) |"
-    );
+    println!("| system | tasks/s (median) | runs | Redis commands per task (median) |");
     println!("| --- | --- | --- | --- |");
     let mut medians = Vec::new();
     for system in [System::Taskstack, System::Celery] {

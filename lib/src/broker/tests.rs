@@ -323,9 +323,16 @@ async fn revoking_and_starting_exclude_each_other() {
         record: started.clone(),
         seq: 0,
     };
-    let go = start_batch(&mut l, &keys, None, &[starting("t1"), starting("t2")], ttl, true)
-        .await
-        .expect("start");
+    let go = start_batch(
+        &mut l,
+        &keys,
+        None,
+        &[starting("t1"), starting("t2")],
+        ttl,
+        true,
+    )
+    .await
+    .expect("start");
     assert_eq!(
         go,
         [StartVerdict::Revoked, StartVerdict::Run],
@@ -440,16 +447,30 @@ async fn a_message_restored_from_an_expired_lease_never_starts_on_its_old_worker
         record: r#"{"status":"STARTED"}"#.into(),
         seq,
     };
-    let first = start_batch(&mut l, &keys, Some("w1"), &[starting("a", got[0].seq)], ttl, true)
-        .await
-        .expect("start");
+    let first = start_batch(
+        &mut l,
+        &keys,
+        Some("w1"),
+        &[starting("a", got[0].seq)],
+        ttl,
+        true,
+    )
+    .await
+    .expect("start");
     assert_eq!(first, [StartVerdict::Run]);
     // The lease expires (the worker stalled) and a reaper restores m2.
     let (workers, restored) = reap(&mut l, &keys, now_ms() + 60_000).await.expect("reap");
     assert_eq!((workers, restored), (1, 2));
-    let late = start_batch(&mut l, &keys, Some("w1"), &[starting("b", got[1].seq)], ttl, true)
-        .await
-        .expect("start");
+    let late = start_batch(
+        &mut l,
+        &keys,
+        Some("w1"),
+        &[starting("b", got[1].seq)],
+        ttl,
+        true,
+    )
+    .await
+    .expect("start");
     assert_eq!(
         late,
         [StartVerdict::NotHeld],
@@ -626,11 +647,7 @@ async fn a_batch_start_checks_holds_and_revocations_once_and_marks_without_recor
     assert_eq!(calls(&mut l, "hset").await, 1);
     assert_eq!(calls(&mut l, "set").await, 0);
     assert_eq!(status_of(&mut l, "a").await.as_deref(), Some("PENDING"));
-    let mark: Option<u64> = cmd(
-        &mut l,
-        redis::cmd("HGET").arg(keys.running("w1")).arg("a"),
-    )
-    .await;
+    let mark: Option<u64> = cmd(&mut l, redis::cmd("HGET").arg(keys.running("w1")).arg("a")).await;
     assert_eq!(mark, Some(got[0].seq));
     // Running: the revocation is refused, as on a STARTED record.
     let out = revoke(&mut l, &keys, "a", revoked, ttl, true).await;
@@ -661,9 +678,16 @@ async fn a_batch_start_checks_holds_and_revocations_once_and_marks_without_recor
     cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg("m4")).await;
     let got = fetch(&mut l, &keys, take(&qk, 1, 10)).await.expect("fetch");
     record_pending(&mut l, &["d"]).await;
-    let go = start_batch(&mut l, &keys, Some("w1"), &[starting("d", got[0].seq)], ttl, true)
-        .await
-        .expect("start");
+    let go = start_batch(
+        &mut l,
+        &keys,
+        Some("w1"),
+        &[starting("d", got[0].seq)],
+        ttl,
+        true,
+    )
+    .await
+    .expect("start");
     assert_eq!(go, [StartVerdict::Run]);
     assert_eq!(status_of(&mut l, "d").await.as_deref(), Some("STARTED"));
 }

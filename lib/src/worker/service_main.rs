@@ -38,7 +38,7 @@ Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
   TASKSTACK_RESULT_BACKEND_PASSWORD / _FILE
   TASKSTACK_NAMESPACE                prefix of taskstack's own keys  [taskstack]
   TASKSTACK_QUEUES                   comma-separated queues, served in order  [celery]
-  TASKSTACK_CONCURRENCY              tasks run at once  [16]
+  TASKSTACK_CONCURRENCY              tasks run at once  [64]
   TASKSTACK_PREFETCH                 messages held at once, >= concurrency  [4 x concurrency]
   TASKSTACK_LEASE                    claim on held messages without renewal  [30s]
   TASKSTACK_DRAIN_TIMEOUT            time running tasks get at shutdown  [20s]

@@ -626,7 +626,10 @@ pub(crate) async fn a_start_without_tracking_still_refuses_revocation(h: &dyn Ha
     });
     send(&*b, &[o, out("q", "m2")]).await;
     let mut c = b.consume("w1");
-    let held = c.take(&keys(&["q"]), 2, LONG, ANY_SIZE).await.expect("take");
+    let held = c
+        .take(&keys(&["q"]), 2, LONG, ANY_SIZE)
+        .await
+        .expect("take");
     assert_eq!(held.len(), 2);
     let mut ts = b.task_states(Use::Loop);
     let starting = |id: &str, seq| Starting {
