@@ -335,7 +335,7 @@ async fn drain(
         c.calls = c.calls.saturating_sub(own);
     }
     stats.retain(|c| c.calls > 0);
-    stats.sort_by(|a, b| b.calls.cmp(&a.calls));
+    stats.sort_by_key(|c| std::cmp::Reverse(c.calls));
     worker.stop()?;
     Ok(Drain {
         system,
