@@ -1,8 +1,8 @@
-//! The processes of the canvas benchmark (`bin/canvas.rs`): a
-//! `taskstack-worker`, a Python Celery worker, and the Celery client that
-//! sends one canvas (`bench/python/canvas_tasks.py`).
+//! The processes of the canvas and drain benchmarks (`bin/canvas.rs`,
+//! `bin/drain_defaults.rs`): a `taskstack-worker`, a Python Celery worker,
+//! and the Celery client that sends one canvas
+//! (`bench/python/canvas_tasks.py`).
 
-use crate::Cli;
 use anyhow::{Context as _, Result, bail};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -95,10 +95,12 @@ pub(crate) struct Service {
 }
 
 impl Service {
-    /// A `taskstack-worker` in a fresh namespace, ready.
-    pub(crate) fn taskstack(cli: &Cli, bin: &Path, url: &str) -> Result<Self> {
+    /// A `taskstack-worker` in a fresh namespace, ready, with `env` set
+    /// (every other `TASKSTACK_*` variable removed, so its settings are
+    /// the defaults unless `env` names them).
+    pub(crate) fn taskstack(bin: &Path, url: &str, env: &[(&str, String)]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let namespace = taskstack_integration::namespace("canvas");
+        let namespace = taskstack_integration::namespace("bench");
         let mut cmd = Command::new(bin);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("TASKSTACK_") {
@@ -114,17 +116,24 @@ impl Service {
                 "TASKSTACK_LOG_LEVEL",
                 "warn,taskstack::worker=info,taskstack::worker::handle=warn",
             )
-            .env("TASKSTACK_CONCURRENCY", cli.concurrency.to_string())
-            .env("TASKSTACK_MAX_MESSAGE_SIZE", &cli.max_message_size);
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         Self::start("taskstack-worker", cmd, dir, namespace, "worker ready")
     }
 
-    /// A Celery worker serving `celery` with the tasks of `canvas_tasks.py`, ready.
-    pub(crate) fn celery(cli: &Cli, python: &Path, url: &str) -> Result<Self> {
+    /// A Celery worker serving `celery` with the tasks of `app`
+    /// (`bench/python/<app>.py`, which prints `BENCH-WORKER-READY` when
+    /// ready), with the pool `pool` of `concurrency` processes, ready.
+    pub(crate) fn celery(
+        python: &Path,
+        url: &str,
+        app: &str,
+        pool: CeleryPool,
+        concurrency: usize,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut cmd = Command::new(python);
-        cmd.args(["-m", "celery", "-A", "canvas_tasks", "worker"])
-            .args(cli.celery_pool.args(cli.celery_concurrency))
+        cmd.args(["-m", "celery", "-A", app, "worker"])
+            .args(pool.args(concurrency))
             .args(["--loglevel", "WARNING", "-Q", "celery"])
             .current_dir(python_dir())
             .env("BENCH_CELERY_URL", url);

@@ -95,6 +95,7 @@ pub fn settings(queues: &[&str]) -> taskstack::worker::WorkerSettings {
         nodename: None,
         remote_control: taskstack::config::RemoteControl::default(),
         task_events: false,
+        track_started: false,
     }
 }
 

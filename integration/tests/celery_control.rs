@@ -115,7 +115,7 @@ fn celery_inspect_and_control_reach_a_taskstack_worker() -> Result<()> {
         "{registered}"
     );
     let stats = inspect(&python, &url, "stats", &node)?;
-    assert_eq!(stats["pool"]["max-concurrency"], json!(16), "{stats}");
+    assert_eq!(stats["pool"]["max-concurrency"], json!(64), "{stats}");
     assert_eq!(stats["pid"], json!(worker.pid()), "{stats}");
     let queues = inspect(&python, &url, "active_queues", &node)?;
     assert_eq!(queues[0]["name"], "celery", "{queues}");

@@ -50,7 +50,9 @@ fn replace_all(text: &str, from: &str, to: &str) -> Result<String> {
 /// The shipped config for this test: `/usr/local/bin` → the built binaries,
 /// `/etc/taskstack`, `/var/log/taskstack`, `/var/lib/taskstack` and `/run` →
 /// under `dir`, `user=` commented out (the test's user runs everything),
-/// `TASKSTACK_ALLOW_ROOT=1` added to each environment (CI runs as root), and
+/// `TASKSTACK_ALLOW_ROOT=1` added to each environment (CI runs as root),
+/// `TASKSTACK_TASK_TRACK_STARTED=1` too (the test finds running tasks by
+/// their STARTED records), and
 /// worker metrics ports `127.0.0.1:911<n>` → `127.0.0.1:<metrics_prefix><n>`.
 fn derive_config(shipped: &str, dir: &Path, bin_dir: &Path, metrics_prefix: u16) -> Result<String> {
     let d = dir.display();
@@ -78,7 +80,7 @@ fn derive_config(shipped: &str, dir: &Path, bin_dir: &Path, metrics_prefix: u16)
                 format!(";{line}")
             } else if line.starts_with("environment=") {
                 envs += 1;
-                format!("{line},TASKSTACK_ALLOW_ROOT=\"1\"")
+                format!("{line},TASKSTACK_ALLOW_ROOT=\"1\",TASKSTACK_TASK_TRACK_STARTED=\"1\"")
             } else {
                 line.to_owned()
             }

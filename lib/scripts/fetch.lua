@@ -16,6 +16,11 @@
 --            held like any other but its size (an integer) is returned in
 --            place of the message, so it never crosses the network (the
 --            worker dead-letters it from the hold, see dead_letter.lua)
+-- ARGV[7]    '1' when the landing list may hold a message (the worker
+--            waited since its last take), '0' when it cannot: no RPOP then
+-- Lists are polled only while they can hold messages: the first queue
+-- list, then (when the batch is not full) one EXISTS over the others, and
+-- those in order until as many non-empty ones as it counted were found.
 -- Returns a flat array: seq, queue index, message or size, seq, ...
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 local max = tonumber(ARGV[3])
@@ -42,17 +47,30 @@ end
 
 -- The landing list first: BLMOVE already moved those off their queue.
 local landing_index = tonumber(ARGV[5])
-while n < max do
-  local m = redis.call('RPOP', KEYS[3])
-  if not m then break end
-  take(landing_index, m)
+if ARGV[7] ~= '0' then
+  local landed = redis.call('RPOP', KEYS[3], max)
+  if landed then
+    for _, m in ipairs(landed) do take(landing_index, m) end
+  end
 end
 
-for i = 4, #KEYS do
-  if n >= max then break end
+local function pop(i)
   local batch = redis.call('RPOP', KEYS[i], max - n)
   if batch then
     for _, m in ipairs(batch) do take(i - 3, m) end
+    return true
+  end
+  return false
+end
+
+if n < max and #KEYS >= 4 then
+  pop(4)
+end
+if n < max and #KEYS >= 5 then
+  local left = redis.call('EXISTS', unpack(KEYS, 5))
+  for i = 5, #KEYS do
+    if n >= max or left == 0 then break end
+    if pop(i) then left = left - 1 end
   end
 end
 

@@ -9,6 +9,13 @@
 -- ARGV[3]  landing LIST prefix (+ worker id)
 -- ARGV[4]  heartbeat record prefix (+ worker id)
 -- ARGV[5]  most workers to reap in this call
+-- ARGV[6]  started-marker prefix (+ task id)
+-- ARGV[7]  expiry of a started marker (ms)
+-- ARGV[8]  running HASH prefix (+ worker id): start.lua's marks, task id ->
+--          sequence number. A task marked started whose hold is still
+--          there may still be running in the dead worker, so it gets a
+--          started marker (revoke.lua refuses while it lasts), as a
+--          STARTED record would have it.
 -- Returns {workers reaped, messages restored}.
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
 local restored = 0
@@ -29,9 +36,19 @@ for _, w in ipairs(dead) do
   local inflight = ARGV[2] .. w
   local entries = redis.call('HGETALL', inflight)
   local items = {}
+  local held = {}
   for i = 1, #entries, 2 do
     items[#items + 1] = { tonumber(entries[i]), entries[i + 1] }
+    held[entries[i]] = true
   end
+  local running = ARGV[8] .. w
+  local marks = redis.call('HGETALL', running)
+  for i = 1, #marks, 2 do
+    if held[marks[i + 1]] then
+      redis.call('SET', ARGV[6] .. marks[i], '1', 'PX', ARGV[7])
+    end
+  end
+  redis.call('DEL', running)
   -- newest first, so the oldest taken ends at the very front of its queue
   table.sort(items, function(a, b) return a[1] > b[1] end)
   for _, it in ipairs(items) do

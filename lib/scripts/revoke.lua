@@ -3,11 +3,23 @@
 -- record are one step, so a task is either revoked before it starts or the
 -- revocation is refused.
 --
+-- A task is started when its record says so (STARTED, written by
+-- start.lua when asked or when results live on another server), when a
+-- leased worker's running HASH maps its id to a hold that worker's
+-- in-flight HASH still has (start.lua's per-batch mark), or when its started
+-- marker exists (reap.lua's, for the marks of a worker it reaped).
+--
 -- KEYS[1]  the task's result record
 -- KEYS[2]  the task's revoked marker
+-- KEYS[3]  the task's started marker
+-- KEYS[4]  lease ZSET (worker id -> lease deadline), or any key when
+--          ARGV[3] is '' (results on another server than the broker)
 -- ARGV[1]  the REVOKED record (JSON)
 -- ARGV[2]  least expiry of the marker and record (ms); a record that would
 --          live longer (a task due far in the future) keeps its expiry
+-- ARGV[3]  in-flight HASH prefix (+ worker id), or ''
+-- ARGV[4]  the task id
+-- ARGV[5]  running HASH prefix (+ worker id)
 -- Returns {outcome, previous status}: outcome is 'revoked', 'already'
 -- (revoked before), 'unknown' (no record: never enqueued through a
 -- producer that records PENDING, or expired) or 'refused' (the task has
@@ -26,6 +38,17 @@ if status == 'REVOKED' then
 end
 if status ~= 'PENDING' and status ~= 'RECEIVED' and status ~= 'RETRY' then
   return { 'refused', status }
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return { 'refused', 'STARTED' }
+end
+if ARGV[3] ~= '' then
+  for _, w in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    local seq = redis.call('HGET', ARGV[5] .. w, ARGV[4])
+    if seq and redis.call('HEXISTS', ARGV[3] .. w, seq) == 1 then
+      return { 'refused', 'STARTED' }
+    end
+  end
 end
 local ms = tonumber(ARGV[2])
 local left = redis.call('PTTL', KEYS[1])

@@ -1,12 +1,23 @@
 -- start.lua: the step between "a worker holds the message" and "the task
 -- runs", for a batch of tasks. A task revoked meanwhile is not started,
 -- nor is one whose hold the worker lost (its lease expired and a reaper
--- put the message back on its queue: another worker may run it now);
--- every other one is recorded STARTED. Atomic with revoke.lua on the same
--- keys, so a revocation either lands first (the task is skipped) or finds
--- the task STARTED and is refused: a revoke the API reports as done never
--- races a run. Atomic with reap.lua too when results live on the broker's
--- server: a message restored to its queue is never also started here.
+-- put the message back on its queue: another worker may run it now).
+-- Every other one is marked started, atomically with revoke.lua, so a
+-- revocation either lands first (the task is skipped) or finds the task
+-- started and is refused: a revoke the API reports as done never races a
+-- run. Atomic with reap.lua too when results live on the broker's server:
+-- a message restored to its queue is never also started here.
+--
+-- How a task is marked started:
+--   * with the worker's in-flight HASH (results on the broker's server):
+--     one HSET per batch into the worker's running HASH (ARGV[6]: task id
+--     -> sequence number of its hold). revoke.lua looks there (in every
+--     leased worker's) and counts a mark only while its hold exists; the
+--     acknowledgement deletes it, and reap.lua turns the marks of a dead
+--     worker into started markers. The STARTED result record is written
+--     only when ARGV[5] is '1' (Celery's task_track_started).
+--   * without it (results on another server, or no worker): the STARTED
+--     record is always written; it is what revoke.lua refuses on.
 --
 -- Keys are derived from task ids (like Celery's own result keys):
 --   <ARGV[1]><id>  revoked marker (STRING with expiry)
@@ -16,21 +27,58 @@
 -- ARGV[3]  expiry of the STARTED record (ms)
 -- ARGV[4]  the worker's in-flight HASH, or '' when results live on another
 --          server (the worker then checks its holds there first)
--- ARGV[5], ARGV[6], ARGV[7], ...  triples: task id, its STARTED record
---          (JSON), the sequence number of its hold
+-- ARGV[5]  '1': write STARTED records; '0': only when ARGV[4] is ''
+-- ARGV[6]  the worker's running HASH (any value when ARGV[4] is '')
+-- ARGV[7], ARGV[8], ARGV[9], ...  triples: task id, its STARTED record
+--          (JSON, '' when none is written), the sequence number of its hold
 -- Returns one integer per task, in order: 1 = run it, 0 = revoked, skip
 -- it, 2 = no longer held, do not run it.
-local out = {}
+local first = 7
 local inflight = ARGV[4]
-for i = 5, #ARGV, 3 do
-  local id = ARGV[i]
-  if inflight ~= '' and redis.call('HEXISTS', inflight, ARGV[i + 2]) == 0 then
-    out[#out + 1] = 2
-  elseif redis.call('EXISTS', ARGV[1] .. id) == 1 then
-    out[#out + 1] = 0
-  else
-    redis.call('SET', ARGV[2] .. id, ARGV[i + 1], 'PX', ARGV[3])
-    out[#out + 1] = 1
+local record = ARGV[5] == '1' or inflight == ''
+local n = (#ARGV - first + 1) / 3
+local out = {}
+
+-- 1. Holds: one HMGET for the batch.
+if inflight ~= '' then
+  local seqs = {}
+  for i = first, #ARGV, 3 do seqs[#seqs + 1] = ARGV[i + 2] end
+  local held = redis.call('HMGET', inflight, unpack(seqs))
+  for k = 1, n do out[k] = held[k] and 1 or 2 end
+else
+  for k = 1, n do out[k] = 1 end
+end
+
+-- 2. Revocations: one multi-key EXISTS for the tasks still held; one
+-- lookup per task only when it finds any.
+local markers = {}
+for k = 1, n do
+  if out[k] == 1 then markers[#markers + 1] = ARGV[1] .. ARGV[first + 3 * (k - 1)] end
+end
+if #markers > 0 and redis.call('EXISTS', unpack(markers)) > 0 then
+  for k = 1, n do
+    if out[k] == 1 and redis.call('EXISTS', ARGV[1] .. ARGV[first + 3 * (k - 1)]) == 1 then
+      out[k] = 0
+    end
   end
+end
+
+-- 3. Mark the rest started: one HSET for the batch, and the STARTED
+-- records when asked (or when there is no in-flight hash to mark).
+local fields = {}
+for k = 1, n do
+  if out[k] == 1 then
+    local i = first + 3 * (k - 1)
+    if inflight ~= '' then
+      fields[#fields + 1] = ARGV[i]
+      fields[#fields + 1] = ARGV[i + 2]
+    end
+    if record then
+      redis.call('SET', ARGV[2] .. ARGV[i], ARGV[i + 1], 'PX', ARGV[3])
+    end
+  end
+end
+if #fields > 0 then
+  redis.call('HSET', ARGV[6], unpack(fields))
 end
 return out

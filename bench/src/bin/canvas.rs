@@ -201,7 +201,11 @@ async fn main() -> Result<()> {
     let mut all = Vec::new();
     for k in 1..=cli.runs {
         let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await?;
-        let worker = Service::taskstack(&cli, &worker_bin, &url)?;
+        let env = [
+            ("TASKSTACK_CONCURRENCY", cli.concurrency.to_string()),
+            ("TASKSTACK_MAX_MESSAGE_SIZE", cli.max_message_size.clone()),
+        ];
+        let worker = Service::taskstack(&worker_bin, &url, &env)?;
         for canvas in [Canvas::Chain, Canvas::Chord] {
             let m = measure_taskstack(&cli, &worker, &url, &mut con, canvas).await?;
             print_measure(k, &m);
@@ -210,7 +214,13 @@ async fn main() -> Result<()> {
         worker.stop()?;
         if let Some(python) = &python {
             let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await?;
-            let worker = Service::celery(&cli, python, &celery_url)?;
+            let worker = Service::celery(
+                python,
+                &celery_url,
+                "canvas_tasks",
+                cli.celery_pool,
+                cli.celery_concurrency,
+            )?;
             for canvas in [Canvas::Chain, Canvas::Chord] {
                 let m = measure_celery(&cli, &worker, python, &celery_url, &mut celery_con, canvas)
                     .await?;

@@ -24,6 +24,7 @@ macro_rules! conformance_suite {
             oversized_messages_stay_unsent_and_dead_letter_whole,
             delayed_messages_move_when_due_and_not_before,
             revoke_and_start_exclude_each_other,
+            a_start_without_tracking_still_refuses_revocation,
             results_expire,
         );
         #[cfg(feature = "beat")]

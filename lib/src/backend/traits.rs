@@ -98,6 +98,13 @@ pub trait Backend: Send + Sync + Debug {
     fn redis(&self) -> Option<&crate::broker::Broker> {
         None
     }
+    /// Whether [`TaskStates::start_batch`] with a worker id marks starts
+    /// without STARTED records (Redis with results on the broker's
+    /// server): then a worker without `task_track_started` need not build
+    /// them.
+    fn marks_starts(&self) -> bool {
+        false
+    }
     /// Deleting expired results, for a store that does not expire them by
     /// itself (PostgreSQL); `None` where records expire on their own.
     fn expiry(&self) -> Option<Box<dyn Expiry>> {
@@ -289,15 +296,21 @@ pub trait ResultStore: Send {
 #[async_trait]
 pub trait TaskStates: Send {
     /// For each task about to start: [`StartVerdict::Run`] when it may run
-    /// (its STARTED record, kept `ttl`, is now stored),
+    /// (it is now marked started, so [`TaskStates::revoke`] refuses it),
     /// [`StartVerdict::Revoked`] when it was revoked, and, when `worker_id`
     /// is given, [`StartVerdict::NotHeld`] when that worker no longer holds
-    /// its message (checked atomically with the start).
+    /// its message (checked atomically with the start). Its STARTED record
+    /// (kept `ttl`) is stored when `track_started`, and also when the
+    /// backend marks starts by that record (PostgreSQL, the in-memory
+    /// backend, Redis with results on another server or without
+    /// `worker_id`); Redis with results on the broker's server marks them
+    /// in the worker's running hash instead.
     async fn start_batch(
         &mut self,
         worker_id: Option<&str>,
         tasks: &[Starting],
         ttl: Duration,
+        track_started: bool,
     ) -> Result<Vec<StartVerdict>, BackendError>;
 
     /// Revokes a task that has not started: stores `record` (its REVOKED

@@ -61,7 +61,11 @@ async fn published(b: &dyn Backend, into: &mut Vec<i64>) {
         }
         let acks: Vec<_> = seqs
             .into_iter()
-            .map(|seq| crate::broker::Settle { seq, result: None })
+            .map(|seq| crate::broker::Settle {
+                seq,
+                result: None,
+                started: None,
+            })
             .collect();
         c.settle(&acks, Duration::from_secs(1)).await.expect("ack");
     }

@@ -35,6 +35,9 @@ pub struct Settle {
     pub seq: u64,
     /// `(task id, result JSON)` to store and publish before releasing.
     pub result: Option<(String, String)>,
+    /// The task id whose start mark (see `scripts/start.lua`) is deleted
+    /// with the hold; `None` when the message never reached a start.
+    pub started: Option<String>,
 }
 
 /// One worker's request for messages.
@@ -49,6 +52,9 @@ pub(crate) struct Take<'a> {
     pub lease: Duration,
     /// Larger messages are held but not sent (see [`Delivery::oversized`]).
     pub max_size: usize,
+    /// Whether the landing list may hold a message (the worker waited
+    /// since its last take); `false` spares its `RPOP`.
+    pub landing: bool,
 }
 
 /// Takes up to `max` messages from `queue_keys` (served in order), recording
@@ -65,6 +71,7 @@ pub(crate) async fn fetch(
         last_seq,
         lease,
         max_size,
+        landing,
     } = take;
     let deadline = super::now_ms() + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     let mut inv = FETCH.prepare_invoke();
@@ -79,7 +86,8 @@ pub(crate) async fn fetch(
         .arg(max)
         .arg(last_seq)
         .arg(1)
-        .arg(max_size);
+        .arg(max_size)
+        .arg(u8::from(landing));
     let flat: Vec<redis::Value> = on_lane!(&mut *lane, "fetch", |c| inv.invoke_async(c))?;
     let mut out = Vec::with_capacity(flat.len() / 3);
     let mut it = flat.into_iter();
@@ -189,11 +197,22 @@ pub(crate) async fn settle(
                 .ignore();
         }
     }
-    let mut release = redis::cmd("HDEL");
-    release.arg(keys.inflight(worker_id));
-    for s in batch {
-        release.arg(s.seq);
-    }
+    // The holds, and (results on the broker's server, where start.lua marks
+    // started tasks in the running hash) the start marks.
+    let release = |p: &mut redis::Pipeline, marks: bool| {
+        let holds = p.cmd("HDEL").arg(keys.inflight(worker_id));
+        for s in batch {
+            holds.arg(s.seq);
+        }
+        p.ignore();
+        let started: Vec<&str> = batch.iter().filter_map(|s| s.started.as_deref()).collect();
+        if marks && !started.is_empty() {
+            p.cmd("HDEL")
+                .arg(keys.running(worker_id))
+                .arg(&started)
+                .ignore();
+        }
+    };
     match backend_lane {
         Some(backend) => {
             if !results.is_empty() {
@@ -201,11 +220,13 @@ pub(crate) async fn settle(
                     .query_async::<()>(c))?;
                 backend.recycle_after(bytes);
             }
-            on_lane!(&mut *broker_lane, "acknowledge", |c| release
+            let mut acks = redis::pipe();
+            release(&mut acks, false);
+            on_lane!(&mut *broker_lane, "acknowledge", |c| acks
                 .query_async::<()>(c))
         }
         None => {
-            results.add_command(release).ignore();
+            release(&mut results, true);
             on_lane!(&mut *broker_lane, "store results and acknowledge", |c| {
                 results.query_async::<()>(c)
             })?;

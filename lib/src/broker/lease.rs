@@ -79,6 +79,12 @@ pub(crate) async fn heartbeat(
     Ok(added == 1)
 }
 
+/// How long a task marked started in a reaped worker's in-flight hash keeps
+/// its revocation refused (it may still be running there): a day, longer
+/// than the STARTED record it stands in for would last by default
+/// (`result_expires`, an hour), since a reaper does not know that setting.
+pub(crate) const ORPHAN_START_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Restores the messages of every worker whose lease expired before `now_ms`.
 /// Returns (workers reaped, messages restored).
 pub(crate) async fn reap(
@@ -93,7 +99,10 @@ pub(crate) async fn reap(
         .arg(keys.inflight_prefix())
         .arg(keys.landing_prefix())
         .arg(keys.worker_prefix())
-        .arg(100);
+        .arg(100)
+        .arg(keys.started_prefix())
+        .arg(u64::try_from(ORPHAN_START_TTL.as_millis()).unwrap_or(u64::MAX))
+        .arg(keys.running_prefix());
     on_lane!(&mut *lane, "reap", |c| inv.invoke_async(c))
 }
 

@@ -2,9 +2,12 @@
 //! starting a task, and an operator revoking it.
 //!
 //! Both live on the result backend, beside the task's result record: the
-//! revoke script refuses a task that is STARTED, and the start script skips
+//! revoke script refuses a task that is started, and the start script skips
 //! a task that carries a revoked marker, so every task is either revoked
-//! before it runs or the revocation is refused.
+//! before it runs or the revocation is refused. "Started" is a STARTED
+//! record, or (results on the broker's server) a mark in the worker's
+//! running hash written for the whole batch in one command (see
+//! `scripts/start.lua`).
 
 use super::pool::on_lane;
 use super::{BrokerError, Lane, REVOKE, START};
@@ -38,23 +41,30 @@ pub struct Starting {
 }
 
 /// Decides, for a batch of tasks held by `worker_id`, which may run (see
-/// `scripts/start.lua`). `holds_checked_here` is true when results live on
-/// the broker's server, so the script checks the holds in the same atomic
-/// step; otherwise the caller checked them with [`held`] first.
+/// `scripts/start.lua`). With `worker_id` (results on the broker's server)
+/// the script checks the holds in the same atomic step and marks the tasks
+/// started in the worker's running hash, writing STARTED records only
+/// when `track_started`; without it (the caller checked the holds with
+/// [`held`] first) STARTED records are always written.
 pub(crate) async fn start_batch(
     lane: &mut Lane,
     keys: &Keys,
     worker_id: Option<&str>,
     tasks: &[Starting],
     ttl: Duration,
+    track_started: bool,
 ) -> Result<Vec<StartVerdict>, BrokerError> {
+    let record = track_started || worker_id.is_none();
     let mut inv = START.prepare_invoke();
     inv.arg(keys.revoked_prefix())
         .arg(RESULT_PREFIX)
         .arg(millis(ttl))
-        .arg(worker_id.map(|w| keys.inflight(w)).unwrap_or_default());
+        .arg(worker_id.map(|w| keys.inflight(w)).unwrap_or_default())
+        .arg(u8::from(track_started))
+        .arg(worker_id.map(|w| keys.running(w)).unwrap_or_default());
     for t in tasks {
-        inv.arg(&t.task_id).arg(&t.record).arg(t.seq);
+        let json = if record { t.record.as_str() } else { "" };
+        inv.arg(&t.task_id).arg(json).arg(t.seq);
     }
     let flags: Vec<i64> = on_lane!(&mut *lane, "start tasks", |c| inv.invoke_async(c))?;
     if flags.len() != tasks.len() {
@@ -115,19 +125,31 @@ pub enum RevokeOutcome {
 
 /// Revokes a task that has not started. `record` is the REVOKED result
 /// record to store; `ttl` its least expiry (a longer-lived PENDING record,
-/// e.g. of a task due in two hours, keeps its expiry).
+/// e.g. of a task due in two hours, keeps its expiry). `on_broker`: results
+/// live on the broker's server, so the workers' start marks (their running
+/// hashes) are looked at too.
 pub async fn revoke(
     lane: &mut Lane,
     keys: &Keys,
     task_id: &str,
     record: &str,
     ttl: Duration,
+    on_broker: bool,
 ) -> Result<RevokeOutcome, BrokerError> {
     let mut inv = REVOKE.prepare_invoke();
     inv.key(result_key(task_id))
         .key(keys.revoked(task_id))
+        .key(keys.started(task_id))
+        .key(keys.leases())
         .arg(record)
-        .arg(millis(ttl));
+        .arg(millis(ttl))
+        .arg(if on_broker {
+            keys.inflight_prefix()
+        } else {
+            String::new()
+        })
+        .arg(task_id)
+        .arg(keys.running_prefix());
     let (outcome, status): (String, String) =
         on_lane!(&mut *lane, "revoke task", |c| inv.invoke_async(c))?;
     let state = || {

@@ -31,6 +31,7 @@ fn take<'a>(keys: &'a [String], max: usize, last_seq: u64) -> Take<'a> {
         last_seq,
         lease: Duration::from_secs(30),
         max_size: usize::MAX,
+        landing: true,
     }
 }
 
@@ -202,6 +203,7 @@ async fn settle_stores_expiring_results_then_releases() {
     let batch = [Settle {
         seq: got[0].seq,
         result: Some(("id1".into(), "{\"status\":\"SUCCESS\"}".into())),
+        started: None,
     }];
     settle(&mut l, None, &keys, "w1", &batch, Duration::from_secs(90))
         .await
@@ -292,7 +294,7 @@ async fn revoking_and_starting_exclude_each_other() {
     let keys = Keys::new("ns");
     let ttl = Duration::from_secs(60);
     let revoked = r#"{"status":"REVOKED"}"#;
-    let unknown = revoke(&mut l, &keys, "t1", revoked, ttl)
+    let unknown = revoke(&mut l, &keys, "t1", revoked, ttl, true)
         .await
         .expect("revoke");
     assert_eq!(unknown, RevokeOutcome::Unknown);
@@ -307,11 +309,11 @@ async fn revoking_and_starting_exclude_each_other() {
         )
         .await;
     }
-    let out = revoke(&mut l, &keys, "t1", revoked, ttl)
+    let out = revoke(&mut l, &keys, "t1", revoked, ttl, true)
         .await
         .expect("revoke");
     assert_eq!(out, RevokeOutcome::Revoked);
-    let again = revoke(&mut l, &keys, "t1", revoked, ttl)
+    let again = revoke(&mut l, &keys, "t1", revoked, ttl, true)
         .await
         .expect("revoke");
     assert_eq!(again, RevokeOutcome::AlreadyRevoked);
@@ -321,9 +323,16 @@ async fn revoking_and_starting_exclude_each_other() {
         record: started.clone(),
         seq: 0,
     };
-    let go = start_batch(&mut l, &keys, None, &[starting("t1"), starting("t2")], ttl)
-        .await
-        .expect("start");
+    let go = start_batch(
+        &mut l,
+        &keys,
+        None,
+        &[starting("t1"), starting("t2")],
+        ttl,
+        true,
+    )
+    .await
+    .expect("start");
     assert_eq!(
         go,
         [StartVerdict::Revoked, StartVerdict::Run],
@@ -335,7 +344,7 @@ async fn revoking_and_starting_exclude_each_other() {
     )
     .await;
     assert_eq!(t1, revoked, "starting must not overwrite a revocation");
-    let late = revoke(&mut l, &keys, "t2", revoked, ttl)
+    let late = revoke(&mut l, &keys, "t2", revoked, ttl, true)
         .await
         .expect("revoke");
     assert_eq!(
@@ -438,16 +447,30 @@ async fn a_message_restored_from_an_expired_lease_never_starts_on_its_old_worker
         record: r#"{"status":"STARTED"}"#.into(),
         seq,
     };
-    let first = start_batch(&mut l, &keys, Some("w1"), &[starting("a", got[0].seq)], ttl)
-        .await
-        .expect("start");
+    let first = start_batch(
+        &mut l,
+        &keys,
+        Some("w1"),
+        &[starting("a", got[0].seq)],
+        ttl,
+        true,
+    )
+    .await
+    .expect("start");
     assert_eq!(first, [StartVerdict::Run]);
     // The lease expires (the worker stalled) and a reaper restores m2.
     let (workers, restored) = reap(&mut l, &keys, now_ms() + 60_000).await.expect("reap");
     assert_eq!((workers, restored), (1, 2));
-    let late = start_batch(&mut l, &keys, Some("w1"), &[starting("b", got[1].seq)], ttl)
-        .await
-        .expect("start");
+    let late = start_batch(
+        &mut l,
+        &keys,
+        Some("w1"),
+        &[starting("b", got[1].seq)],
+        ttl,
+        true,
+    )
+    .await
+    .expect("start");
     assert_eq!(
         late,
         [StartVerdict::NotHeld],
@@ -538,4 +561,211 @@ async fn non_utf8_messages_are_delivered_as_bytes_and_dead_lettered_with_base64(
         .await
         .expect("discard");
     assert_eq!(moved.len(), 1);
+}
+
+/// How often `command` ran since the last `CONFIG RESETSTAT` (scripts'
+/// commands included), from `INFO commandstats`.
+async fn calls(l: &mut Lane, command: &str) -> u64 {
+    let info: String = cmd(l, redis::cmd("INFO").arg("commandstats")).await;
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn record_pending(l: &mut Lane, ids: &[&str]) {
+    for id in ids {
+        let pending =
+            serde_json::to_string(&crate::proto::TaskResult::pending(id, "x", "q")).expect("json");
+        cmd::<()>(
+            l,
+            redis::cmd("SET")
+                .arg(crate::proto::keys::result_key(id))
+                .arg(&pending),
+        )
+        .await;
+    }
+}
+
+async fn status_of(l: &mut Lane, id: &str) -> Option<String> {
+    let raw: Option<String> =
+        cmd(l, redis::cmd("GET").arg(crate::proto::keys::result_key(id))).await;
+    raw.map(|r| {
+        let v: serde_json::Value = serde_json::from_str(&r).expect("record");
+        v["status"].as_str().unwrap_or_default().to_owned()
+    })
+}
+
+#[tokio::test]
+async fn a_batch_start_checks_holds_and_revocations_once_and_marks_without_records() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    let qk = vec!["q".to_string()];
+    for m in ["m1", "m2", "m3"] {
+        cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg(m)).await;
+    }
+    let got = fetch(&mut l, &keys, take(&qk, 3, 0)).await.expect("fetch");
+    record_pending(&mut l, &["a", "b", "c"]).await;
+    let ttl = Duration::from_secs(60);
+    let revoked = r#"{"status":"REVOKED"}"#;
+    let out = revoke(&mut l, &keys, "c", revoked, ttl, true).await;
+    assert_eq!(out.expect("revoke"), RevokeOutcome::Revoked);
+    // b's hold is gone (as after a reaper restored it).
+    cmd::<()>(
+        &mut l,
+        redis::cmd("HDEL").arg(keys.inflight("w1")).arg(got[1].seq),
+    )
+    .await;
+    let starting = |id: &str, seq| Starting {
+        task_id: id.into(),
+        record: r#"{"status":"STARTED"}"#.into(),
+        seq,
+    };
+    let batch = [
+        starting("a", got[0].seq),
+        starting("b", got[1].seq),
+        starting("c", got[2].seq),
+    ];
+    cmd::<()>(&mut l, redis::cmd("CONFIG").arg("RESETSTAT")).await;
+    let go = start_batch(&mut l, &keys, Some("w1"), &batch, ttl, false)
+        .await
+        .expect("start");
+    assert_eq!(
+        go,
+        [
+            StartVerdict::Run,
+            StartVerdict::NotHeld,
+            StartVerdict::Revoked
+        ]
+    );
+    // One HMGET for the holds, one HSET for the marks, no record written.
+    assert_eq!(calls(&mut l, "hmget").await, 1);
+    assert_eq!(calls(&mut l, "hexists").await, 0);
+    assert_eq!(calls(&mut l, "hset").await, 1);
+    assert_eq!(calls(&mut l, "set").await, 0);
+    assert_eq!(status_of(&mut l, "a").await.as_deref(), Some("PENDING"));
+    let mark: Option<u64> = cmd(&mut l, redis::cmd("HGET").arg(keys.running("w1")).arg("a")).await;
+    assert_eq!(mark, Some(got[0].seq));
+    // Running: the revocation is refused, as on a STARTED record.
+    let out = revoke(&mut l, &keys, "a", revoked, ttl, true).await;
+    assert_eq!(
+        out.expect("revoke"),
+        RevokeOutcome::Refused(crate::proto::TaskState::Started)
+    );
+    // The acknowledgement takes the mark with the hold.
+    let done = [Settle {
+        seq: got[0].seq,
+        result: Some(("a".into(), r#"{"status":"SUCCESS"}"#.into())),
+        started: Some("a".into()),
+    }];
+    settle(&mut l, None, &keys, "w1", &done, ttl)
+        .await
+        .expect("settle");
+    let left: Vec<String> = cmd(&mut l, redis::cmd("HKEYS").arg(keys.inflight("w1"))).await;
+    assert_eq!(left, [got[2].seq.to_string()]);
+    let marks: u64 = cmd(&mut l, redis::cmd("HLEN").arg(keys.running("w1"))).await;
+    assert_eq!(marks, 0, "the mark goes with the hold");
+    let out = revoke(&mut l, &keys, "a", revoked, ttl, true).await;
+    assert_eq!(
+        out.expect("revoke"),
+        RevokeOutcome::Refused(crate::proto::TaskState::Success)
+    );
+
+    // Tracked: the STARTED record is written as well.
+    cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg("m4")).await;
+    let got = fetch(&mut l, &keys, take(&qk, 1, 10)).await.expect("fetch");
+    record_pending(&mut l, &["d"]).await;
+    let go = start_batch(
+        &mut l,
+        &keys,
+        Some("w1"),
+        &[starting("d", got[0].seq)],
+        ttl,
+        true,
+    )
+    .await
+    .expect("start");
+    assert_eq!(go, [StartVerdict::Run]);
+    assert_eq!(status_of(&mut l, "d").await.as_deref(), Some("STARTED"));
+}
+
+#[tokio::test]
+async fn tasks_started_by_a_reaped_worker_stay_unrevocable() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    let qk = vec!["q".to_string()];
+    for m in ["m1", "m2"] {
+        cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg(m)).await;
+    }
+    let got = fetch(&mut l, &keys, take(&qk, 2, 0)).await.expect("fetch");
+    record_pending(&mut l, &["a", "b"]).await;
+    let ttl = Duration::from_secs(60);
+    let a = Starting {
+        task_id: "a".into(),
+        record: String::new(),
+        seq: got[0].seq,
+    };
+    let go = start_batch(&mut l, &keys, Some("w1"), &[a], ttl, false)
+        .await
+        .expect("start");
+    assert_eq!(go, [StartVerdict::Run]);
+    // The worker stalls while running a; its lease expires.
+    let (workers, restored) = reap(&mut l, &keys, now_ms() + 60_000).await.expect("reap");
+    assert_eq!((workers, restored), (1, 2));
+    let marks: bool = cmd(&mut l, redis::cmd("EXISTS").arg(keys.running("w1"))).await;
+    assert!(!marks, "the reaper deletes the dead worker's marks");
+    let queued: Vec<String> = cmd(&mut l, redis::cmd("LRANGE").arg("q").arg(0).arg(-1)).await;
+    assert_eq!(queued, ["m2", "m1"], "both back, oldest at the front");
+    // a may still be running in the stalled worker: never reported revoked.
+    let revoked = r#"{"status":"REVOKED"}"#;
+    let out = revoke(&mut l, &keys, "a", revoked, ttl, true).await;
+    assert_eq!(
+        out.expect("revoke"),
+        RevokeOutcome::Refused(crate::proto::TaskState::Started)
+    );
+    let pttl: i64 = cmd(&mut l, redis::cmd("PTTL").arg(keys.started("a"))).await;
+    assert!(pttl > 3_600_000, "the started marker lasts: {pttl}");
+    // b never started: revoked.
+    let out = revoke(&mut l, &keys, "b", revoked, ttl, true).await;
+    assert_eq!(out.expect("revoke"), RevokeOutcome::Revoked);
+}
+
+#[tokio::test]
+async fn fetch_polls_only_lists_that_hold_messages() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    let qk: Vec<String> = crate::proto::keys::PRIORITY_BUCKETS
+        .iter()
+        .map(|b| crate::proto::keys::queue_key("q", *b))
+        .collect();
+    cmd::<()>(&mut l, redis::cmd("LPUSH").arg(&qk[2]).arg("low")).await;
+    cmd::<()>(&mut l, redis::cmd("CONFIG").arg("RESETSTAT")).await;
+    let mut t = take(&qk, 4, 0);
+    t.landing = false;
+    let got = fetch(&mut l, &keys, t).await.expect("fetch");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].queue_key, qk[2]);
+    // The first list, then the others in order until the one non-empty
+    // list the EXISTS counted was found: bucket 9 is not popped.
+    assert_eq!(calls(&mut l, "rpop").await, 3);
+    assert_eq!(calls(&mut l, "exists").await, 1);
+    // Nothing anywhere: one RPOP and one EXISTS.
+    cmd::<()>(&mut l, redis::cmd("CONFIG").arg("RESETSTAT")).await;
+    let got = fetch(&mut l, &keys, t).await.expect("fetch");
+    assert!(got.is_empty());
+    assert_eq!(calls(&mut l, "rpop").await, 1);
+    // A message moved to the landing list is taken when the flag says so.
+    cmd::<()>(
+        &mut l,
+        redis::cmd("LPUSH").arg(keys.landing("w1")).arg("landed"),
+    )
+    .await;
+    let got = fetch(&mut l, &keys, take(&qk, 4, 10)).await.expect("fetch");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].text(), Some("landed"));
 }

@@ -226,6 +226,13 @@ pub struct Config {
     /// enqueued through the API (Celery's `task_send_sent_event`).
     #[serde(deserialize_with = "de::flag")]
     pub task_send_sent_event: bool,
+    /// `taskstack-worker`: store a STARTED result record when a task starts
+    /// (Celery's `task_track_started`, off by default as in Celery). Off,
+    /// a task's record goes from PENDING to its outcome, and a revocation
+    /// of a running task is refused all the same. With results on another
+    /// server than the broker, or in PostgreSQL, STARTED is always stored.
+    #[serde(deserialize_with = "de::flag")]
+    pub task_track_started: bool,
     /// `taskstack-beat`: how long the leader lock lasts without renewal. The
     /// leader renews it every third of this; a standby takes over at most
     /// about this long (plus a second) after the leader dies.
@@ -371,7 +378,10 @@ impl Default for Config {
             result_backend_timeout: Duration::from_secs(5),
             namespace: "taskstack".into(),
             queues: vec!["celery".into()],
-            concurrency: NonZeroUsize::new(16).expect("16 > 0"),
+            // Chosen by measurement (bench `drain_defaults`, README
+            // "Performance"): the start step batches at most this many
+            // tasks, so below it the fixed Redis work per batch shows.
+            concurrency: NonZeroUsize::new(64).expect("64 > 0"),
             prefetch: None,
             lease: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(20),
@@ -389,6 +399,7 @@ impl Default for Config {
             worker_remote_control: RemoteControl::default(),
             worker_send_task_events: false,
             task_send_sent_event: false,
+            task_track_started: false,
             beat_lock_ttl: Duration::from_secs(10),
             beat_missed_grace: Duration::from_secs(300),
             beat_metrics_listen: DEFAULT_BEAT_METRICS_LISTEN.into(),

@@ -19,7 +19,8 @@ fn defaults_are_valid() {
     assert_eq!(c.queues, ["celery"]);
     assert_eq!(c.result_expires, Duration::from_secs(3600));
     assert_eq!(c.lease, Duration::from_secs(30));
-    assert_eq!(c.effective_prefetch(), 64);
+    assert_eq!(c.concurrency.get(), 64);
+    assert_eq!(c.effective_prefetch(), 256);
     assert_eq!(
         c.backend_target().expect("backend").url(),
         c.broker_target().expect("broker").url()

@@ -128,6 +128,31 @@ impl Keys {
         format!("{}:revoked:", self.ns)
     }
 
+    /// HASH per worker: task id → sequence number of its hold, for each task
+    /// the worker started (one `HSET` per batch, see `scripts/start.lua`)
+    /// and has not settled. A revocation is refused while a mark's hold
+    /// exists.
+    pub fn running(&self, worker_id: &str) -> String {
+        format!("{}:running:{worker_id}", self.ns)
+    }
+
+    /// Prefix of [`Keys::running`].
+    pub fn running_prefix(&self) -> String {
+        format!("{}:running:", self.ns)
+    }
+
+    /// STRING with expiry per task: the task may still be running in a
+    /// worker whose lease expired (the reaper found it marked started), so
+    /// a revocation is refused while it lasts.
+    pub fn started(&self, task_id: &str) -> String {
+        format!("{}:started:{task_id}", self.ns)
+    }
+
+    /// Prefix of [`Keys::started`].
+    pub fn started_prefix(&self) -> String {
+        format!("{}:started:", self.ns)
+    }
+
     /// Prefix of [`Keys::dead_letters`].
     pub fn dead_letters_prefix(&self) -> String {
         format!("{}:dead:", self.ns)
@@ -212,6 +237,8 @@ mod tests {
             k.delayed_messages(),
             k.delayed_counts(),
             k.revoked("t"),
+            k.started("t"),
+            k.running("w"),
             k.dead_letters("q"),
             k.worker("w"),
             k.beat_lock(),

@@ -195,14 +195,19 @@ async fn execute(
     track: crate::control::Tracked,
 ) {
     let started_at = envelope::format_time(sh.now());
-    let mut record = TaskResult::new(
-        &msg.id,
-        TaskState::Started,
-        serde_json::json!({ "pid": std::process::id(), "hostname": sh.id }),
-        provenance(&sh, &msg, &queue),
-    );
-    record.date_started = Some(started_at.clone());
-    let record = serde_json::to_string(&record).unwrap_or_default();
+    // The STARTED record, unless it would not be stored.
+    let record = if sh.settings.track_started || !sh.backend.marks_starts() {
+        let mut record = TaskResult::new(
+            &msg.id,
+            TaskState::Started,
+            serde_json::json!({ "pid": std::process::id(), "hostname": sh.id }),
+            provenance(&sh, &msg, &queue),
+        );
+        record.date_started = Some(started_at.clone());
+        serde_json::to_string(&record).unwrap_or_default()
+    } else {
+        String::new()
+    };
     let start = Starting {
         task_id: msg.id.clone(),
         record,
@@ -378,8 +383,16 @@ async fn finish(sh: &Shared, d: Held, msg: &TaskMessage, mut result: Option<Task
             .map(|json| (msg.id.clone(), json))
     });
     let (seq, slot) = d.into_settlement();
-    sh.settle(SettleMsg::Done(Settle { seq, result }, slot))
-        .await;
+    let started = Some(msg.id.clone());
+    sh.settle(SettleMsg::Done(
+        Settle {
+            seq,
+            result,
+            started,
+        },
+        slot,
+    ))
+    .await;
 }
 
 #[allow(clippy::too_many_arguments)] // one call site; the fields are all distinct

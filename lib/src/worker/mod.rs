@@ -97,6 +97,8 @@ pub struct WorkerSettings {
     pub remote_control: crate::control::RemoteControl,
     /// Send task events from the start (`worker_send_task_events`, `-E`).
     pub task_events: bool,
+    /// Store STARTED records (`task_track_started`).
+    pub track_started: bool,
 }
 
 impl WorkerSettings {
@@ -115,6 +117,7 @@ impl WorkerSettings {
             nodename: c.worker_nodename.clone(),
             remote_control: c.worker_remote_control,
             task_events: c.worker_send_task_events,
+            track_started: c.task_track_started,
         }
     }
 

@@ -38,7 +38,7 @@ Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
   TASKSTACK_RESULT_BACKEND_PASSWORD / _FILE
   TASKSTACK_NAMESPACE                prefix of taskstack's own keys  [taskstack]
   TASKSTACK_QUEUES                   comma-separated queues, served in order  [celery]
-  TASKSTACK_CONCURRENCY              tasks run at once  [16]
+  TASKSTACK_CONCURRENCY              tasks run at once  [64]
   TASKSTACK_PREFETCH                 messages held at once, >= concurrency  [4 x concurrency]
   TASKSTACK_LEASE                    claim on held messages without renewal  [30s]
   TASKSTACK_DRAIN_TIMEOUT            time running tasks get at shutdown  [20s]
@@ -55,6 +55,7 @@ Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
   TASKSTACK_WORKER_NODENAME          Celery node name for inspect/control/Flower  [taskstack@<host>; taken: taskstack-<pid>@<host>]
   TASKSTACK_WORKER_REMOTE_CONTROL    all | control | inspect | off  [control: all but shutdown]
   TASKSTACK_WORKER_SEND_TASK_EVENTS  1 to send Celery task events (-E)  [0]
+  TASKSTACK_TASK_TRACK_STARTED       1 to store a STARTED record when a task starts  [0]
 
 Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration or refused start,
 130 stopped at once by a second signal.";

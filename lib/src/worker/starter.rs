@@ -1,8 +1,10 @@
 //! The starter: the last step before a task runs. It batches the tasks
 //! about to start into one [`crate::backend::TaskStates::start_batch`] that
-//! skips revoked ones and ones this worker no longer holds, and records the
-//! rest STARTED (on Redis one `scripts/start.lua` call), so these checks
-//! cost one round trip per batch, not per task.
+//! skips revoked ones and ones this worker no longer holds, and marks the
+//! rest started (on Redis one `scripts/start.lua` call: one HMGET, one
+//! EXISTS and one HSET for the batch, plus STARTED records when
+//! `task_track_started` is on), so these checks cost one round trip per
+//! batch, not per task.
 
 use super::shared::{Shared, persist};
 use crate::backend::Use;
@@ -34,7 +36,9 @@ pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<StartRequest>) {
         let Some(verdicts) = persist!(
             sh,
             "record tasks as started",
-            states.start_batch(Some(&sh.id), &tasks, ttl).await
+            states
+                .start_batch(Some(&sh.id), &tasks, ttl, sh.settings.track_started)
+                .await
         ) else {
             buf.clear();
             continue;

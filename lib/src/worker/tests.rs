@@ -31,6 +31,7 @@ fn settings() -> WorkerSettings {
         nodename: None,
         remote_control: crate::config::RemoteControl::default(),
         task_events: false,
+        track_started: false,
     }
 }
 

@@ -137,12 +137,10 @@ impl App {
             taskstack::worker::builtin::register(&mut r);
             r
         });
-        InProcessWorker::start(
-            &self.redis.url(),
-            &self.ns,
-            registry,
-            taskstack_integration::settings(queues),
-        )
+        // These tests watch tasks go through STARTED.
+        let mut settings = taskstack_integration::settings(queues);
+        settings.track_started = true;
+        InProcessWorker::start(&self.redis.url(), &self.ns, registry, settings)
     }
 
     /// The length of a Redis list.

@@ -99,7 +99,11 @@ fn record(id: &str, status: TaskState) -> TaskResult {
 
 /// Settles a hold with no result to store.
 fn ack(seq: u64) -> Settle {
-    Settle { seq, result: None }
+    Settle {
+        seq,
+        result: None,
+        started: None,
+    }
 }
 
 async fn counts_of(b: &dyn Backend, queues: &[String]) -> Vec<crate::broker::QueueCounts> {
@@ -215,7 +219,7 @@ pub(crate) async fn redelivery_after_lease_expiry(h: &dyn Harness) {
         seq,
     };
     let go = states
-        .start_batch(Some("wa"), &[starting(held[0].seq)], LONG)
+        .start_batch(Some("wa"), &[starting(held[0].seq)], LONG, true)
         .await
         .expect("start");
     assert_eq!(go, [StartVerdict::Run], "a held message starts");
@@ -244,7 +248,7 @@ pub(crate) async fn redelivery_after_lease_expiry(h: &dyn Harness) {
     };
     assert_eq!((reaped.workers, reaped.restored), (1, 2));
     let go = states
-        .start_batch(Some("wa"), &[starting(held[1].seq)], LONG)
+        .start_batch(Some("wa"), &[starting(held[1].seq)], LONG, true)
         .await
         .expect("start");
     assert_eq!(
@@ -336,6 +340,7 @@ pub(crate) async fn settle_stores_results_then_acks_idempotently(h: &dyn Harness
         Settle {
             seq: held[0].seq,
             result: Some(("t1".into(), json(&done))),
+            started: None,
         },
         ack(held[1].seq),
     ];
@@ -371,6 +376,7 @@ pub(crate) async fn settle_acknowledges_nothing_until_results_are_stored(h: &dyn
     let batch = [Settle {
         seq: held[0].seq,
         result: Some(("t1".into(), json(&done))),
+        started: None,
     }];
     let failed = down.consume("w1").settle(&batch, LONG).await;
     assert!(failed.is_err(), "no result store, no settlement");
@@ -580,7 +586,7 @@ pub(crate) async fn revoke_and_start_exclude_each_other(h: &dyn Harness) {
         seq: 0,
     };
     let go = ts
-        .start_batch(None, &[started("r1"), started("s1")], LONG)
+        .start_batch(None, &[started("r1"), started("s1")], LONG, true)
         .await
         .expect("start");
     assert_eq!(go, [StartVerdict::Revoked, StartVerdict::Run]);
@@ -589,7 +595,7 @@ pub(crate) async fn revoke_and_start_exclude_each_other(h: &dyn Harness) {
 
     // Start first: the revocation is refused.
     let go = ts
-        .start_batch(None, &[started("r2")], LONG)
+        .start_batch(None, &[started("r2")], LONG, true)
         .await
         .expect("start");
     assert_eq!(go, [StartVerdict::Run]);
@@ -604,6 +610,73 @@ pub(crate) async fn revoke_and_start_exclude_each_other(h: &dyn Harness) {
     assert_eq!(r2.map(|r| r.status), Some(TaskState::Started));
     let r = ts.revoke("never", "{}", LONG).await.expect("revoke");
     assert_eq!(r, RevokeOutcome::Unknown);
+}
+
+/// A worker's start without `track_started` (the default): a Redis
+/// backend with results on the broker marks it in the worker's running
+/// hash instead of a STARTED record; every backend refuses a revocation
+/// while the task runs, and after its result is stored.
+pub(crate) async fn a_start_without_tracking_still_refuses_revocation(h: &dyn Harness) {
+    let b = h.backend();
+    let mut o = out("q", "m1");
+    o.pending = Some(PendingRecord {
+        task_id: "t1".to_owned(),
+        record: json(&record("t1", TaskState::Pending)),
+        ttl: LONG,
+    });
+    send(&*b, &[o, out("q", "m2")]).await;
+    let mut c = b.consume("w1");
+    let held = c
+        .take(&keys(&["q"]), 2, LONG, ANY_SIZE)
+        .await
+        .expect("take");
+    assert_eq!(held.len(), 2);
+    let mut ts = b.task_states(Use::Loop);
+    let starting = |id: &str, seq| Starting {
+        task_id: id.to_owned(),
+        record: json(&record(id, TaskState::Started)),
+        seq,
+    };
+    let go = ts
+        .start_batch(
+            Some("w1"),
+            &[starting("t1", held[0].seq), starting("t2", held[1].seq)],
+            LONG,
+            false,
+        )
+        .await
+        .expect("start");
+    assert_eq!(go, [StartVerdict::Run, StartVerdict::Run]);
+    let revoked = json(&record("t1", TaskState::Revoked));
+    let r = ts.revoke("t1", &revoked, LONG).await.expect("revoke");
+    assert_eq!(
+        r,
+        RevokeOutcome::Refused(TaskState::Started),
+        "a running task is never reported revoked"
+    );
+    let counts = counts_of(&*b, &keys(&["q"])).await;
+    assert_eq!(counts[0].in_flight, 2, "{counts:?}");
+    let done = record("t1", TaskState::Success);
+    let batch = [
+        Settle {
+            seq: held[0].seq,
+            result: Some(("t1".into(), json(&done))),
+            started: Some("t1".into()),
+        },
+        Settle {
+            seq: held[1].seq,
+            result: None,
+            started: Some("t2".into()),
+        },
+    ];
+    c.settle(&batch, LONG).await.expect("settle");
+    let mut results = b.results(Use::Request);
+    let stored = results.read("t1").await.expect("read");
+    assert_eq!(stored.map(|r| r.status), Some(TaskState::Success));
+    let r = ts.revoke("t1", &revoked, LONG).await.expect("revoke");
+    assert_eq!(r, RevokeOutcome::Refused(TaskState::Success));
+    let counts = counts_of(&*b, &keys(&["q"])).await;
+    assert_eq!(counts[0].ready + counts[0].in_flight, 0, "{counts:?}");
 }
 
 pub(crate) async fn results_expire(h: &dyn Harness) {

@@ -85,6 +85,8 @@ impl TaskStates for MemorySession {
         worker_id: Option<&str>,
         tasks: &[Starting],
         ttl: Duration,
+        // Starts are marked by their STARTED records here: always stored.
+        _track_started: bool,
     ) -> Result<Vec<StartVerdict>, BackendError> {
         let (mut st, now) = self.result_state("start tasks")?;
         let mut out = Vec::with_capacity(tasks.len());

@@ -277,6 +277,7 @@ impl Consume for PgConsume {
             .map(|s| Settle {
                 seq: s.seq,
                 result: None,
+                started: None,
             })
             .collect();
         self.redis.settle(&acks, result_ttl).await
@@ -316,6 +317,8 @@ impl TaskStates for PgTaskStates {
         worker_id: Option<&str>,
         tasks: &[Starting],
         ttl: Duration,
+        // Starts are marked by their STARTED rows here: always stored.
+        _track_started: bool,
     ) -> Result<Vec<StartVerdict>, BackendError> {
         let holds = match worker_id {
             Some(w) => {

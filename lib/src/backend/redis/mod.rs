@@ -72,6 +72,7 @@ impl RedisBackend {
             backend: lane(self.broker.backend_pool()),
             worker_id: worker_id.to_owned(),
             shared: self.clone(),
+            landing: true,
         })
     }
 }
@@ -85,6 +86,9 @@ impl Backend for RedisBackend {
     }
     fn redis(&self) -> Option<&Broker> {
         Some(&self.broker)
+    }
+    fn marks_starts(&self) -> bool {
+        self.broker.backend_is_broker()
     }
     fn enqueue(&self, usage: Use) -> Box<dyn Enqueue> {
         self.session(usage, "")
@@ -128,6 +132,9 @@ struct RedisSession {
     backend: Lane,
     worker_id: String,
     shared: RedisBackend,
+    /// Whether this session's landing list may hold a message: it waited
+    /// (BLMOVE) since its last take, or has not taken yet.
+    landing: bool,
 }
 
 impl RedisSession {
@@ -204,9 +211,13 @@ impl Consume for RedisSession {
             last_seq,
             lease,
             max_size,
+            landing: self.landing,
         };
         let keys = self.shared.broker.keys();
-        Ok(broker::fetch(&mut self.lane, keys, take).await?)
+        let got = broker::fetch(&mut self.lane, keys, take).await?;
+        // The take emptied the landing list (it is read first, whole).
+        self.landing = false;
+        Ok(got)
     }
 
     async fn wait_for_message(
@@ -221,6 +232,9 @@ impl Consume for RedisSession {
             });
         };
         let keys = self.shared.broker.keys();
+        // Set before asking: a reply lost after BLMOVE moved a message
+        // must not leave it unread on the landing list.
+        self.landing = true;
         Ok(broker::wait_for_message(&mut self.lane, keys, &self.worker_id, first, wait).await?)
     }
 
@@ -351,12 +365,22 @@ impl TaskStates for RedisSession {
         worker_id: Option<&str>,
         tasks: &[Starting],
         ttl: Duration,
+        track_started: bool,
     ) -> Result<Vec<StartVerdict>, BackendError> {
         let keys = self.shared.broker.keys();
         let Some(worker) = worker_id.filter(|_| !self.same_server()) else {
             // Results on the broker's server: start.lua checks the holds
-            // itself, atomically with the reaper.
-            return Ok(broker::start_batch(&mut self.backend, keys, worker_id, tasks, ttl).await?);
+            // itself, atomically with the reaper, and marks the tasks
+            // started in the worker's in-flight hash.
+            return Ok(broker::start_batch(
+                &mut self.backend,
+                keys,
+                worker_id,
+                tasks,
+                ttl,
+                track_started,
+            )
+            .await?);
         };
         // Elsewhere: one HMGET of the holds on the broker first; only the
         // tasks still held are started.
@@ -371,7 +395,9 @@ impl TaskStates for RedisSession {
         let mut started = if still_held.is_empty() {
             Vec::new()
         } else {
-            broker::start_batch(&mut self.backend, keys, None, &still_held, ttl).await?
+            // No in-flight hash there to mark: STARTED records carry the
+            // exclusion with revoke.lua.
+            broker::start_batch(&mut self.backend, keys, None, &still_held, ttl, true).await?
         }
         .into_iter();
         Ok(holds
@@ -393,7 +419,8 @@ impl TaskStates for RedisSession {
         ttl: Duration,
     ) -> Result<RevokeOutcome, BackendError> {
         let keys = self.shared.broker.keys();
-        Ok(broker::revoke(&mut self.backend, keys, task_id, record, ttl).await?)
+        let on_broker = self.same_server();
+        Ok(broker::revoke(&mut self.backend, keys, task_id, record, ttl, on_broker).await?)
     }
 }
 
