@@ -83,6 +83,16 @@ fn provenance<'a>(sh: &'a Shared, msg: &'a TaskMessage, queue: &'a str) -> Prove
     }
 }
 
+/// `r` with the task's `args` / `kwargs` when records carry them
+/// (`result_extended`, or a store with columns for them).
+fn extended(sh: &Shared, msg: &TaskMessage, r: TaskResult) -> TaskResult {
+    if sh.settings.result_extended || sh.backend.records_task_args() {
+        r.with_args(&msg.args, &msg.kwargs)
+    } else {
+        r
+    }
+}
+
 async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) {
     let track = sh.monitor.received(&msg, &queue);
     let now = sh.now();
@@ -202,7 +212,7 @@ async fn execute(
         provenance(&sh, &msg, &queue),
     );
     record.date_started = Some(started_at.clone());
-    let record = serde_json::to_string(&record).unwrap_or_default();
+    let record = serde_json::to_string(&extended(&sh, &msg, record)).unwrap_or_default();
     let start = Starting {
         task_id: msg.id.clone(),
         record,
@@ -372,7 +382,7 @@ async fn finish(sh: &Shared, d: Held, msg: &TaskMessage, mut result: Option<Task
         return;
     }
     let result = result.filter(|_| !msg.ignore_result).and_then(|r| {
-        serde_json::to_string(&r)
+        serde_json::to_string(&extended(sh, msg, r))
             .map_err(|e| tracing::error!(error = %e, "result is not serializable"))
             .ok()
             .map(|json| (msg.id.clone(), json))
@@ -410,7 +420,7 @@ async fn retry(
     Stats::bump(&sh.stats.retried);
     sh.metrics.finished(&msg.task, "retry");
     let exc = ExceptionInfo::celery("Retry", reason);
-    let r = TaskResult::failure(&msg.id, TaskState::Retry, &exc, from);
+    let r = extended(sh, msg, TaskResult::failure(&msg.id, TaskState::Retry, &exc, from));
     let next = msg.for_retry(eta);
     let ttl = sh.settings.result_expires;
     let due = eta.timestamp_millis();

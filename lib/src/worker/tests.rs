@@ -25,6 +25,7 @@ fn settings() -> WorkerSettings {
         lease: Duration::from_secs(30),
         drain_timeout: Duration::from_secs(5),
         result_expires: Duration::from_secs(3600),
+        result_extended: false,
         max_message_size: 1 << 20,
         max_task_delay: Duration::from_secs(86_400),
         state_file: None,
