@@ -69,6 +69,15 @@ pub struct TaskResult {
 /// Longest `args` / `kwargs` a record carries (bytes of JSON).
 pub const ARGS_BOUND: usize = 4096;
 
+/// `(args, kwargs)` as records carry them: each only when its JSON is at
+/// most [`ARGS_BOUND`] bytes.
+pub fn bounded_args(
+    args: &[Value],
+    kwargs: &serde_json::Map<String, Value>,
+) -> (Option<Value>, Option<Value>) {
+    (bounded(args), bounded(kwargs))
+}
+
 /// `v` as a JSON value when its JSON is at most [`ARGS_BOUND`] bytes; the
 /// size is counted without building the text, and counting stops at the
 /// bound.
@@ -205,8 +214,7 @@ impl TaskResult {
     /// so a record never grows by more than twice the bound).
     #[must_use]
     pub fn with_args(mut self, args: &[Value], kwargs: &serde_json::Map<String, Value>) -> Self {
-        self.args = bounded(args);
-        self.kwargs = bounded(kwargs);
+        (self.args, self.kwargs) = bounded_args(args, kwargs);
         self
     }
 

@@ -83,12 +83,28 @@ fn provenance<'a>(sh: &'a Shared, msg: &'a TaskMessage, queue: &'a str) -> Prove
     }
 }
 
-/// `r` with the task's `args` / `kwargs` when records carry them
-/// (`result_extended`, or a store with columns for them).
-fn extended(sh: &Shared, msg: &TaskMessage, r: TaskResult) -> TaskResult {
-    if sh.settings.result_extended || sh.backend.records_task_args() {
-        r.with_args(&msg.args, &msg.kwargs)
-    } else {
+/// What the task's records carry of its `args` / `kwargs`: nothing, unless
+/// `result_extended` is on or the store has columns for them; taken from
+/// the message before the run moves them out.
+#[derive(Debug, Clone, Default)]
+struct Extended {
+    args: Option<serde_json::Value>,
+    kwargs: Option<serde_json::Value>,
+}
+
+impl Extended {
+    fn of(sh: &Shared, msg: &TaskMessage) -> Self {
+        if sh.settings.result_extended || sh.backend.records_task_args() {
+            let (args, kwargs) = crate::proto::result::bounded_args(&msg.args, &msg.kwargs);
+            Self { args, kwargs }
+        } else {
+            Self::default()
+        }
+    }
+
+    fn apply(&self, mut r: TaskResult) -> TaskResult {
+        r.args.clone_from(&self.args);
+        r.kwargs.clone_from(&self.kwargs);
         r
     }
 }
@@ -110,6 +126,7 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) 
             exc.to_value(),
             provenance(&sh, &msg, &queue),
         );
+        let r = Extended::of(&sh, &msg).apply(r);
         Box::pin(finish(&sh, d, &msg, Some(r))).await;
         return;
     }
@@ -212,7 +229,8 @@ async fn execute(
         provenance(&sh, &msg, &queue),
     );
     record.date_started = Some(started_at.clone());
-    let record = serde_json::to_string(&extended(&sh, &msg, record)).unwrap_or_default();
+    let ext = Extended::of(&sh, &msg);
+    let record = serde_json::to_string(&ext.apply(record)).unwrap_or_default();
     let start = Starting {
         task_id: msg.id.clone(),
         record,
@@ -310,7 +328,7 @@ async fn execute(
             provenance(&sh, &msg, &queue),
         );
         r.date_started = Some(started_at.clone());
-        finish(&sh, d, &msg, Some(r)).await;
+        finish(&sh, d, &msg, Some(ext.apply(r))).await;
         return;
     };
     let runtime = started.elapsed();
@@ -318,7 +336,7 @@ async fn execute(
     let from = provenance(&sh, &msg, &queue);
     let stamp = |mut r: TaskResult| {
         r.date_started = Some(started_at.clone());
-        r
+        ext.apply(r)
     };
     match outcome {
         Ok(Ok(Ok(value))) => {
@@ -339,7 +357,12 @@ async fn execute(
         }
         Ok(Ok(Err(TaskError::Retry { reason, countdown }))) => {
             track.retried(&ExceptionInfo::celery("Retry", reason.clone()));
-            retry(&sh, d, &queue, &msg, options, reason, countdown).await;
+            let again = Again {
+                options,
+                reason,
+                countdown,
+            };
+            retry(&sh, d, &queue, &msg, again, &ext).await;
         }
         Ok(Ok(Err(TaskError::Reject { reason }))) => {
             tracing::warn!(reason = %reason, "task rejected its message; dead-lettering it");
@@ -382,7 +405,7 @@ async fn finish(sh: &Shared, d: Held, msg: &TaskMessage, mut result: Option<Task
         return;
     }
     let result = result.filter(|_| !msg.ignore_result).and_then(|r| {
-        serde_json::to_string(&extended(sh, msg, r))
+        serde_json::to_string(&r)
             .map_err(|e| tracing::error!(error = %e, "result is not serializable"))
             .ok()
             .map(|json| (msg.id.clone(), json))
@@ -392,16 +415,19 @@ async fn finish(sh: &Shared, d: Held, msg: &TaskMessage, mut result: Option<Task
         .await;
 }
 
-#[allow(clippy::too_many_arguments)] // one call site; the fields are all distinct
-async fn retry(
-    sh: &Shared,
-    d: Held,
-    queue: &str,
-    msg: &TaskMessage,
+/// Why and when a task asked to run again.
+struct Again {
     options: TaskOptions,
     reason: String,
     countdown: Option<Duration>,
-) {
+}
+
+async fn retry(sh: &Shared, d: Held, queue: &str, msg: &TaskMessage, again: Again, ext: &Extended) {
+    let Again {
+        options,
+        reason,
+        countdown,
+    } = again;
     let max = msg.max_retries.unwrap_or(options.max_retries);
     let from = provenance(sh, msg, queue);
     if msg.retries >= max {
@@ -420,7 +446,7 @@ async fn retry(
     Stats::bump(&sh.stats.retried);
     sh.metrics.finished(&msg.task, "retry");
     let exc = ExceptionInfo::celery("Retry", reason);
-    let r = extended(sh, msg, TaskResult::failure(&msg.id, TaskState::Retry, &exc, from));
+    let r = ext.apply(TaskResult::failure(&msg.id, TaskState::Retry, &exc, from));
     let next = msg.for_retry(eta);
     let ttl = sh.settings.result_expires;
     let due = eta.timestamp_millis();
