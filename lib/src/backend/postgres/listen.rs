@@ -1,7 +1,8 @@
 //! Waiting for results without polling: one connection per process runs
-//! `LISTEN taskstack_results`; a committed final result is announced with
-//! its task id (`NOTIFY`, sent by the upsert on commit) and wakes the
-//! waiters of that id, who then read the row.
+//! `LISTEN taskstack_results`; committed final results are announced by
+//! the upsert on commit (`NOTIFY`, the payload a JSON array of task ids;
+//! a payload that is not one is a single task id) and wake the waiters of
+//! those ids, who then read their rows.
 
 use super::connect::{Connector, PgError};
 use super::schema::CHANNEL;
@@ -43,9 +44,14 @@ impl Listener {
             let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
             while let Some(Ok(msg)) = messages.next().await {
                 if let tokio_postgres::AsyncMessage::Notification(n) = msg {
-                    let senders = w.lock().ok().and_then(|mut m| m.remove(n.payload()));
-                    for s in senders.into_iter().flatten() {
-                        let _ = s.send(());
+                    let Ok(mut m) = w.lock() else { continue };
+                    if m.is_empty() {
+                        continue;
+                    }
+                    for id in task_ids(n.payload()) {
+                        for s in m.remove(&id).into_iter().flatten() {
+                            let _ = s.send(());
+                        }
                     }
                 }
             }
@@ -76,6 +82,12 @@ impl Listener {
         }
     }
 
+    /// How many waiters are registered (tests wait for them).
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiters.lock().map_or(0, |m| m.values().map(Vec::len).sum())
+    }
+
     fn is_alive(&self) -> bool {
         !self.reader.is_finished()
     }
@@ -98,6 +110,17 @@ impl Listener {
             }
         }
     }
+}
+
+/// The task ids a notification announces: a JSON array of ids, or (from
+/// an older writer) one id as is.
+fn task_ids(payload: &str) -> Vec<String> {
+    if payload.starts_with('[')
+        && let Ok(ids) = serde_json::from_str::<Vec<String>>(payload)
+    {
+        return ids;
+    }
+    vec![payload.to_owned()]
 }
 
 /// The process's listener, connected on first use and again after a loss.
@@ -142,5 +165,15 @@ pub(crate) async fn wait_ready(
         if tokio::time::Instant::now() >= deadline {
             return Ok(None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_payload_is_a_json_array_of_ids_or_one_id() {
+        assert_eq!(super::task_ids(r#"["a","b\"c"]"#), ["a", "b\"c"]);
+        assert_eq!(super::task_ids("plain-id"), ["plain-id"]);
+        assert_eq!(super::task_ids("[not json"), ["[not json"]);
     }
 }

@@ -324,3 +324,39 @@ async fn args_and_kwargs_fill_their_columns_within_the_bound_and_survive_later_r
     results.write(&[done("a")], T).await.expect("write");
     assert_eq!(cols("a"), r#"[1]|{"k": [3]}"#);
 }
+
+#[tokio::test]
+async fn a_batch_announced_in_parts_wakes_every_waiter() {
+    let pg = PgServer::start();
+    let db = pg.create_database();
+    let (b, _redis) = backend(&pg, &db).await;
+    // 600 uuid-like ids: about 24 KB of JSON, so several notifications.
+    let ids: Vec<String> = (0..600)
+        .map(|i| format!("{i:08}-0000-4000-8000-{:012}", i * 7))
+        .collect();
+    let waiters: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let b = b.clone();
+            let id = id.clone();
+            tokio::spawn(async move { b.results(Use::Request).wait(&id, T * 4).await })
+        })
+        .collect();
+    // Every waiter listens (and has read no row) before the batch commits,
+    // so each is woken by a notification.
+    let start = tokio::time::Instant::now();
+    loop {
+        let n = b.listener.lock().await.as_ref().map_or(0, |l| l.waiting());
+        if n == ids.len() {
+            break;
+        }
+        assert!(start.elapsed() < T * 2, "only {n} waiters registered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let batch: Vec<TaskResult> = ids.iter().map(|id| done(id)).collect();
+    b.results(Use::Request).write(&batch, T).await.expect("write");
+    for (w, id) in waiters.into_iter().zip(&ids) {
+        let r = w.await.expect("join").expect("wait");
+        assert_eq!(r.map(|r| r.task_id), Some(id.clone()), "{id} woken");
+    }
+}
