@@ -1,8 +1,7 @@
 //! Waiting for results without polling: one connection per process runs
-//! `LISTEN taskstack_results`; committed final results are announced by
-//! the upsert on commit (`NOTIFY`, the payload a JSON array of task ids;
-//! a payload that is not one is a single task id) and wake the waiters of
-//! those ids, who then read their rows.
+//! `LISTEN taskstack_results`; a committed final result is announced with
+//! its task id (`NOTIFY`, sent by the upsert on commit) and wakes the
+//! waiters of that id, who then read the row.
 
 use super::connect::{Connector, PgError};
 use super::schema::CHANNEL;
@@ -44,14 +43,9 @@ impl Listener {
             let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
             while let Some(Ok(msg)) = messages.next().await {
                 if let tokio_postgres::AsyncMessage::Notification(n) = msg {
-                    let Ok(mut m) = w.lock() else { continue };
-                    if m.is_empty() {
-                        continue;
-                    }
-                    for id in task_ids(n.payload()) {
-                        for s in m.remove(&id).into_iter().flatten() {
-                            let _ = s.send(());
-                        }
+                    let senders = w.lock().ok().and_then(|mut m| m.remove(n.payload()));
+                    for s in senders.into_iter().flatten() {
+                        let _ = s.send(());
                     }
                 }
             }
@@ -112,17 +106,6 @@ impl Listener {
     }
 }
 
-/// The task ids a notification announces: a JSON array of ids, or (from
-/// an older writer) one id as is.
-fn task_ids(payload: &str) -> Vec<String> {
-    if payload.starts_with('[')
-        && let Ok(ids) = serde_json::from_str::<Vec<String>>(payload)
-    {
-        return ids;
-    }
-    vec![payload.to_owned()]
-}
-
 /// The process's listener, connected on first use and again after a loss.
 pub(crate) type Slot = Arc<tokio::sync::Mutex<Option<Listener>>>;
 
@@ -168,12 +151,3 @@ pub(crate) async fn wait_ready(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_payload_is_a_json_array_of_ids_or_one_id() {
-        assert_eq!(super::task_ids(r#"["a","b\"c"]"#), ["a", "b\"c"]);
-        assert_eq!(super::task_ids("plain-id"), ["plain-id"]);
-        assert_eq!(super::task_ids("[not json"), ["[not json"]);
-    }
-}

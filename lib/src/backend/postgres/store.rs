@@ -66,38 +66,11 @@ fn upsert(guard: &str, tail: &str) -> String {
     )
 }
 
-/// Ids announced together in one notification: their JSON text (with
-/// quotes and escapes) up to this many bytes, so a payload stays under
-/// PostgreSQL's 8,000-byte limit.
-const NOTIFY_PART: usize = 7000;
-/// An id whose JSON text is longer than this is announced alone (and one
-/// longer than a payload can hold not at all: its waiters time out rather
-/// than the batch's commit failing).
-const NOTIFY_ALONE: usize = 900;
-const NOTIFY_MAX: usize = 7990;
-
-/// Stores records and announces the final ones on commit: one
-/// notification per part of the batch, its payload a JSON array of task
-/// ids (a few notifications per statement, not one per row).
+/// Stores records and announces the final ones (on commit).
 fn write_sql() -> String {
     upsert(
         "",
-        &format!(
-            "SELECT pg_notify('{CHANNEL}', json_agg(id)::text)
-            FROM (SELECT task_id AS id,
-                         sum(octet_length(to_json(task_id)::text) + 2)
-                             OVER (ORDER BY task_id) / {NOTIFY_PART} AS part
-                  FROM up
-                  WHERE state IN {FINAL}
-                    AND octet_length(to_json(task_id)::text) <= {NOTIFY_ALONE}) f
-            GROUP BY part
-            UNION ALL
-            SELECT pg_notify('{CHANNEL}', json_build_array(task_id)::text)
-            FROM up
-            WHERE state IN {FINAL}
-              AND octet_length(to_json(task_id)::text) > {NOTIFY_ALONE}
-              AND octet_length(to_json(task_id)::text) <= {NOTIFY_MAX}"
-        ),
+        &format!("SELECT pg_notify('{CHANNEL}', task_id) FROM up WHERE state IN {FINAL}"),
     )
 }
 

@@ -326,11 +326,11 @@ async fn args_and_kwargs_fill_their_columns_within_the_bound_and_survive_later_r
 }
 
 #[tokio::test]
-async fn a_batch_announced_in_parts_wakes_every_waiter() {
+async fn one_batch_wakes_each_of_its_many_waiters() {
     let pg = PgServer::start();
     let db = pg.create_database();
     let (b, _redis) = backend(&pg, &db).await;
-    // 600 uuid-like ids: about 24 KB of JSON, so several notifications.
+    // 600 uuid-like ids, one statement.
     let ids: Vec<String> = (0..600)
         .map(|i| format!("{i:08}-0000-4000-8000-{:012}", i * 7))
         .collect();
