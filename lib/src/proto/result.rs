@@ -247,7 +247,10 @@ mod tests {
         kw.insert("k".into(), json!(true));
         let r = TaskResult::new("id", TaskState::Success, json!(3), from()).with_args(&small, &kw);
         let v = serde_json::to_value(&r).expect("serializes");
-        assert_eq!((&v["args"], &v["kwargs"]), (&json!([1, "two"]), &json!({"k": true})));
+        assert_eq!(
+            (&v["args"], &v["kwargs"]),
+            (&json!([1, "two"]), &json!({"k": true}))
+        );
         // `["xxx…"]` is the string plus 4 bytes: exactly at the bound, then over it.
         let at = [json!("x".repeat(ARGS_BOUND - 4))];
         let over = [json!("x".repeat(ARGS_BOUND - 3))];
@@ -255,8 +258,9 @@ mod tests {
         let r = r.with_args(&over, &kw);
         assert_eq!((r.args, r.kwargs), (None, Some(json!({"k": true}))));
         // Without them the record is as before (no keys at all).
-        let plain = serde_json::to_value(TaskResult::new("id", TaskState::Success, json!(3), from()))
-            .expect("serializes");
+        let plain =
+            serde_json::to_value(TaskResult::new("id", TaskState::Success, json!(3), from()))
+                .expect("serializes");
         assert!(plain.get("args").is_none() && plain.get("kwargs").is_none());
     }
 

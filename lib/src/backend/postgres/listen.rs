@@ -79,7 +79,9 @@ impl Listener {
     /// How many waiters are registered (tests wait for them).
     #[cfg(test)]
     pub(crate) fn waiting(&self) -> usize {
-        self.waiters.lock().map_or(0, |m| m.values().map(Vec::len).sum())
+        self.waiters
+            .lock()
+            .map_or(0, |m| m.values().map(Vec::len).sum())
     }
 
     fn is_alive(&self) -> bool {
@@ -150,4 +152,3 @@ pub(crate) async fn wait_ready(
         }
     }
 }
-

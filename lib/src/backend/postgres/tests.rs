@@ -227,7 +227,11 @@ async fn session_is_tls(target: &crate::config::PgTarget) -> bool {
 async fn tls_require_and_verify_full_work_against_a_server_with_ssl_on() {
     let pg = PgServer::start_tls();
     let db = pg.create_database();
-    let ca = pg.ca_cert().expect("a TLS server has a CA").display().to_string();
+    let ca = pg
+        .ca_cert()
+        .expect("a TLS server has a CA")
+        .display()
+        .to_string();
     let verify = format!("sslmode=verify-full&sslrootcert={ca}");
     for (host, query) in [
         ("127.0.0.1", "sslmode=require"),
@@ -247,7 +251,10 @@ async fn tls_require_and_verify_full_work_against_a_server_with_ssl_on() {
         let b = PostgresBackend::new(broker, &target, 2, T).expect("backend");
         let id = format!("tls-{host}-{}", query.len());
         let mut results = b.results(Use::Request);
-        results.write(&[done(&id)], T).await.expect("write over TLS");
+        results
+            .write(&[done(&id)], T)
+            .await
+            .expect("write over TLS");
         let r = results.wait(&id, T).await.expect("wait over TLS");
         assert_eq!(r.map(|r| r.status), Some(TaskState::Success));
     }
@@ -304,7 +311,10 @@ async fn args_and_kwargs_fill_their_columns_within_the_bound_and_survive_later_r
     huge.args = Some(serde_json::json!(["x".repeat(crate::proto::ARGS_BOUND)]));
     huge.kwargs = Some(serde_json::Value::Object(kw.clone()));
     let mut results = b.results(Use::Request);
-    results.write(&[with.clone(), huge], T).await.expect("write");
+    results
+        .write(&[with.clone(), huge], T)
+        .await
+        .expect("write");
     assert_eq!(results.read("a").await.expect("read"), Some(with));
     let cols = |id: &str| {
         pg.psql(
@@ -354,7 +364,10 @@ async fn one_batch_wakes_each_of_its_many_waiters() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let batch: Vec<TaskResult> = ids.iter().map(|id| done(id)).collect();
-    b.results(Use::Request).write(&batch, T).await.expect("write");
+    b.results(Use::Request)
+        .write(&batch, T)
+        .await
+        .expect("write");
     for (w, id) in waiters.into_iter().zip(&ids) {
         let r = w.await.expect("join").expect("wait");
         assert_eq!(r.map(|r| r.task_id), Some(id.clone()), "{id} woken");
