@@ -154,6 +154,34 @@ async fn runs_tasks_and_stores_their_results() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn records_carry_args_and_kwargs_only_with_result_extended() {
+    for extended in [false, true] {
+        let b = memory();
+        let rig = Rig::start(
+            &b,
+            adder(),
+            WorkerSettings {
+                result_extended: extended,
+                ..settings()
+            },
+        );
+        let big = json!("x".repeat(crate::proto::ARGS_BOUND));
+        send(&*b, &task("small", "t.add", &[json!(1), json!(2)])).await;
+        send(&*b, &task("big", "t.add", &[big])).await;
+        let small = final_record(&*b, "small").await;
+        let over = final_record(&*b, "big").await;
+        if extended {
+            assert_eq!(small.args, Some(json!([1, 2])), "taken before the run");
+            assert_eq!(small.kwargs, Some(json!({})));
+            assert_eq!((over.args, over.kwargs), (None, Some(json!({}))), "bounded");
+        } else {
+            assert_eq!((small.args, small.kwargs), (None, None), "Celery's default");
+        }
+        rig.shut_down().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn retries_wait_their_backoff_then_succeed() {
     let b = memory();
     let attempts = Arc::new(AtomicU32::new(0));
