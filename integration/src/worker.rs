@@ -89,6 +89,7 @@ pub fn settings(queues: &[&str]) -> taskstack::worker::WorkerSettings {
         lease: Duration::from_secs(3),
         drain_timeout: Duration::from_secs(5),
         result_expires: Duration::from_secs(600),
+        result_extended: false,
         max_message_size: 1 << 20,
         max_task_delay: taskstack::config::DEFAULT_MAX_TASK_DELAY,
         state_file: None,

@@ -1,12 +1,15 @@
 //! The PostgreSQL result store with real processes: `taskstack-worker` and
 //! `taskstack-web` on a private `redis-server` and a private `postgres`
 //! (Debian's package; its own database per test). Results read through the
-//! web API; start-up refusals; PostgreSQL restarted under load.
+//! web API; start-up refusals; PostgreSQL restarted under load; a worker
+//! SIGKILLed mid-batch; the task's arguments in the row.
 //!
 //! Needs `cargo build -p taskstack-worker -p taskstack-web` first.
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use taskstack::backend::{Backend, PostgresBackend};
@@ -16,7 +19,7 @@ use taskstack::proto::Keys;
 use taskstack::{Producer, SendOptions, TaskRequest};
 use taskstack_integration::{
     PG_PASSWORD, PgServer, RedisServer, WebProcess, WorkerProcess, namespace, run_to_exit,
-    wait_until,
+    wait_until, wait_until_sync,
 };
 
 fn pg_env(pg: &PgServer, db: &str) -> Vec<(&'static str, String)> {
@@ -301,6 +304,178 @@ async fn a_celery_chord_completes_with_results_in_postgresql() -> Result<()> {
     assert!(
         on_redis.is_empty(),
         "results only in PostgreSQL: {on_redis:?}"
+    );
+    Ok(())
+}
+
+/// `(task id, state, worker)` of every row of `db`.
+fn rows(pg: &PgServer, db: &str) -> Result<Vec<(String, String, String)>> {
+    let out = pg
+        .psql(
+            db,
+            "SELECT task_id, state, coalesce(worker, '') FROM taskstack_results",
+        )
+        .map_err(anyhow::Error::msg)?;
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let mut f = l.splitn(3, '|').map(str::to_owned);
+            match (f.next(), f.next(), f.next()) {
+                (Some(id), Some(state), Some(worker)) => Ok((id, state, worker)),
+                _ => anyhow::bail!("unexpected psql line {l:?}"),
+            }
+        })
+        .collect()
+}
+
+fn worker_id(w: &WorkerProcess) -> Result<String> {
+    let v: Value = serde_json::from_slice(&std::fs::read(&w.state_file)?)?;
+    Ok(v["id"].as_str().context("id")?.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_sigkilled_mid_batch_leaves_exactly_one_committed_result_per_task() -> Result<()> {
+    const N: usize = 2000;
+    let redis = RedisServer::start()?;
+    let pg = PgServer::start();
+    let db = pg.create_database();
+    let ns = namespace("pg-sigkill");
+    let env = pg_env(&pg, &db);
+    let mut env = refs(&env);
+    env.extend([
+        ("TASKSTACK_CONCURRENCY", "20"),
+        ("TASKSTACK_PREFETCH", "300"),
+        ("TASKSTACK_LEASE", "2s"),
+    ]);
+    let a = WorkerProcess::spawn(&redis.url(), &ns, &env)?;
+    let b = WorkerProcess::spawn(&redis.url(), &ns, &env)?;
+    a.wait_log("worker ready", Duration::from_secs(30))?;
+    b.wait_log("worker ready", Duration::from_secs(30))?;
+    let (a_id, b_id) = (worker_id(&a)?, worker_id(&b)?);
+    let producer = producer(&redis, &ns, &pg, &db)?;
+    let reqs: Vec<TaskRequest> = (0..N)
+        .map(|i| TaskRequest {
+            name: "taskstack.sleep".into(),
+            args: vec![json!(0.05), json!(i)],
+            kwargs: serde_json::Map::new(),
+            options: SendOptions::default(),
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for chunk in reqs.chunks(500) {
+        ids.extend(producer.send_many(chunk).await?);
+    }
+
+    // Kill A while it holds messages (running, or settling a batch) and
+    // after it has committed results of its own.
+    let inflight = format!("{ns}:inflight:{a_id}");
+    let held = || -> Option<i64> {
+        redis::cmd("HLEN")
+            .arg(&inflight)
+            .query(&mut redis.conn().ok()?)
+            .ok()
+    };
+    wait_until_sync(
+        "worker A to hold messages and to have committed 100 results",
+        Duration::from_secs(30),
+        || {
+            let a_done = rows(&pg, &db)
+                .ok()?
+                .iter()
+                .filter(|(_, s, w)| s == "SUCCESS" && *w == a_id)
+                .count();
+            (held()? > 0 && a_done >= 100).then_some(())
+        },
+    )?;
+    let held_at_kill = held().unwrap_or(0);
+    a.signal(Signal::SIGKILL)?;
+    anyhow::ensure!(
+        held_at_kill > 0,
+        "A held nothing when killed: the test proved nothing"
+    );
+
+    wait_until(
+        "every task to have a SUCCESS row after the SIGKILL",
+        Duration::from_secs(90),
+        || async { Ok((count(&pg, &db, "SUCCESS")? == N).then_some(())) },
+    )
+    .await
+    .with_context(|| b.log())?;
+    let rows = rows(&pg, &db)?;
+    let sent: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let stored: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(rows.len(), N, "one row per task, no other rows");
+    assert_eq!(stored, sent, "every task sent has its row, none missing");
+    assert!(rows.iter().all(|r| r.1 == "SUCCESS"), "all SUCCESS");
+    let by_b = rows.iter().filter(|r| r.2 == b_id).count();
+    let by_a = rows.iter().filter(|r| r.2 == a_id).count();
+    assert_eq!(by_a + by_b, N, "each row written by A or B");
+    assert!(by_b > 0 && by_a > 0, "both workers committed results");
+    // B took over A's holds after A's lease (2 s), and nothing is left.
+    b.wait_log(
+        "restored messages held by workers whose lease expired",
+        Duration::from_secs(30),
+    )?;
+    let mut c = redis.conn()?;
+    let left: bool = redis::cmd("EXISTS").arg(&inflight).query(&mut c)?;
+    assert!(!left, "A's holds were restored");
+    let ready: usize = redis::cmd("LLEN").arg("celery").query(&mut c)?;
+    assert_eq!(ready, 0, "every message acknowledged");
+    let on_redis: Vec<String> = redis::cmd("KEYS").arg("celery-task-meta-*").query(&mut c)?;
+    assert!(on_redis.is_empty(), "no result on Redis: {on_redis:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_row_keeps_the_tasks_args_and_kwargs_up_to_the_bound() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let pg = PgServer::start();
+    let db = pg.create_database();
+    let ns = namespace("pg-args");
+    let env = pg_env(&pg, &db);
+    let worker = WorkerProcess::spawn(&redis.url(), &ns, &refs(&env))?;
+    worker.wait_log("worker ready", Duration::from_secs(30))?;
+    let producer = producer(&redis, &ns, &pg, &db)?;
+    let task = |args: Vec<Value>, kwargs: Value| TaskRequest {
+        name: "taskstack.echo".into(),
+        args,
+        kwargs: kwargs.as_object().cloned().unwrap_or_default(),
+        options: SendOptions::default(),
+    };
+    let big = "x".repeat(taskstack::proto::ARGS_BOUND);
+    let small = producer
+        .send(&task(vec![json!(1), json!("two")], json!({"k": [3]})))
+        .await?;
+    let large = producer
+        .send(&task(vec![json!(big)], json!({"k": "small"})))
+        .await?;
+    for id in [&small, &large] {
+        let r = producer.wait(id, Duration::from_secs(30)).await?;
+        assert_eq!(r.status, taskstack::proto::TaskState::Success, "{r:?}");
+    }
+    let row = |id: &str| -> Result<String> {
+        let out = pg
+            .psql(
+                &db,
+                &format!(
+                    "SELECT coalesce(args::text, 'NULL'), coalesce(kwargs::text, 'NULL') \
+                     FROM taskstack_results WHERE task_id = '{id}'"
+                ),
+            )
+            .map_err(anyhow::Error::msg)?;
+        Ok(out.trim().to_owned())
+    };
+    assert_eq!(row(&small)?, r#"[1, "two"]|{"k": [3]}"#);
+    assert_eq!(
+        row(&large)?,
+        r#"NULL|{"k": "small"}"#,
+        "args over 4 KiB are left out, kwargs kept"
+    );
+    // Reads give them back in Celery's extended record.
+    let r = producer.result(&small).await?.context("result")?;
+    assert_eq!(
+        (r.args, r.kwargs),
+        (Some(json!([1, "two"])), Some(json!({"k": [3]})))
     );
     Ok(())
 }

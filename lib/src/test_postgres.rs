@@ -2,7 +2,9 @@
 //! directory and `postgres` on a free loopback port, password login
 //! (scram-sha-256) for the superuser [`USER`]; stopped (SIGQUIT) and its
 //! directory removed on drop. Each test makes its own database
-//! ([`PgServer::create_database`]). PostgreSQL refuses to run as root, so
+//! ([`PgServer::create_database`]). [`PgServer::start_tls`] starts one with
+//! `ssl=on` and a server certificate for `localhost` / `127.0.0.1` signed
+//! by a CA of its own, made with `openssl`. PostgreSQL refuses to run as root, so
 //! when the tests run as root the server runs as the `postgres` user that
 //! Debian's package creates. `scripts/prereqs` installs the package; a
 //! missing server fails the test, never skips it.
@@ -32,6 +34,8 @@ pub struct PgServer {
     /// `(uid, gid)` to run as when we are root.
     run_as: Option<(u32, u32)>,
     child: Option<Child>,
+    /// With TLS: the CA certificate the server's certificate is signed by.
+    ca_cert: Option<PathBuf>,
     dir: tempfile::TempDir,
 }
 
@@ -82,9 +86,121 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Runs `openssl` with `args` in `dir`; panics with its stderr on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl (Debian: apt-get install -y openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A new self-signed CA in `dir` (`<name>.crt`, `<name>.key`, P-256); the
+/// certificate's path.
+pub fn make_ca(dir: &Path, name: &str) -> PathBuf {
+    let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=taskstack test {name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    dir.join(crt)
+}
+
+/// A CA (`ca.crt`) and a server certificate it signed (`server.crt`,
+/// `server.key`) for `localhost` and `127.0.0.1`, in `dir`.
+fn make_server_cert(dir: &Path) {
+    make_ca(dir, "ca");
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("extensions file");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+}
+
 impl PgServer {
     /// Initialises and starts a server; returns once it accepts logins.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// The same with `ssl=on`: a server certificate for `localhost` and
+    /// `127.0.0.1` signed by a CA of its own ([`PgServer::ca_cert`]).
+    /// Plain connections are still accepted (`sslmode` decides).
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    /// With TLS, the CA certificate (PEM) that signed the server's.
+    pub fn ca_cert(&self) -> Option<&Path> {
+        self.ca_cert.as_deref()
+    }
+
+    fn start_with(tls: bool) -> Self {
         let bin = bin_dir();
         let run_as = if running_as_root() {
             Some(ids_of("postgres").expect(
@@ -123,12 +239,25 @@ impl PgServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let ca_cert = tls.then(|| {
+            let certs = dir.path().join("tls");
+            std::fs::create_dir(&certs).expect("tls dir");
+            make_server_cert(&certs);
+            let key = certs.join("server.key");
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod server.key");
+            if let Some((uid, gid)) = run_as {
+                std::os::unix::fs::chown(&key, Some(uid), Some(gid)).expect("chown server.key");
+            }
+            certs.join("ca.crt")
+        });
         let mut server = Self {
             port: free_port(),
             bin,
             data,
             run_as,
             child: None,
+            ca_cert,
             dir,
         };
         server.start_again();
@@ -146,6 +275,7 @@ impl PgServer {
             .arg(self.dir.path())
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
             .args(["-c", "max_connections=200"])
+            .args(self.tls_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.log_path()).expect("log file"));
@@ -167,6 +297,22 @@ impl PgServer {
         }
     }
 
+    /// `ssl=on` and the certificate files, when started with TLS.
+    fn tls_args(&self) -> Vec<String> {
+        let Some(ca) = &self.ca_cert else {
+            return Vec::new();
+        };
+        let certs = ca.parent().unwrap_or(Path::new("."));
+        [
+            "ssl=on".to_owned(),
+            format!("ssl_cert_file={}", certs.join("server.crt").display()),
+            format!("ssl_key_file={}", certs.join("server.key").display()),
+        ]
+        .into_iter()
+        .flat_map(|kv| ["-c".to_owned(), kv])
+        .collect()
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("postgres.log")
     }
@@ -182,6 +328,12 @@ impl PgServer {
             "postgresql://{USER}@127.0.0.1:{}/{db}?sslmode=disable",
             self.port
         )
+    }
+
+    /// The URL of `db` at `host` (`127.0.0.1` or `localhost`) with
+    /// `query` (e.g. `sslmode=require`) instead of `sslmode=disable`.
+    pub fn url_with(&self, host: &str, db: &str, query: &str) -> String {
+        format!("postgresql://{USER}@{host}:{}/{db}?{query}", self.port)
     }
 
     /// The same with the password in it.

@@ -110,6 +110,13 @@ pub trait Backend: Send + Sync + Debug {
     fn expiry(&self) -> Option<Box<dyn Expiry>> {
         None
     }
+    /// Whether the task's `args` / `kwargs` belong in every record the
+    /// worker stores, whatever `result_extended` says (the PostgreSQL
+    /// store's columns, bounded); false where the record's layout is
+    /// Celery's own (Redis), which has them only with `result_extended`.
+    fn records_task_args(&self) -> bool {
+        false
+    }
     /// One round trip to the result store when it is not the broker (the
     /// `/health` check of a PostgreSQL store); `None` when results live on
     /// the broker, whose ping [`Inspect::ping`] measures.

@@ -174,6 +174,12 @@ pub struct Config {
     /// How long results are kept.
     #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
     pub result_expires: Duration,
+    /// `taskstack-worker`: result records carry the task's `args` and
+    /// `kwargs` (Celery's `result_extended`; off by default, as in Celery),
+    /// each when its JSON is at most 4 KiB. The PostgreSQL store keeps them
+    /// in its columns either way.
+    #[serde(deserialize_with = "de::flag")]
+    pub result_extended: bool,
     /// Largest message a worker decodes (`"2MiB"`); a larger one is
     /// dead-lettered unread, with the reason. The default admits anything
     /// the web API accepts (a 1 MiB body grows by a third in base64).
@@ -386,6 +392,7 @@ impl Default for Config {
             lease: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(20),
             result_expires: Duration::from_secs(3600),
+            result_extended: false,
             max_message_size: 2 << 20,
             max_task_delay: DEFAULT_MAX_TASK_DELAY,
             redis_pool_size: NonZeroUsize::new(8).expect("8 > 0"),

@@ -7,4 +7,4 @@ pub mod result;
 
 pub use envelope::{DecodeError, MessageSpec, TaskMessage};
 pub use keys::Keys;
-pub use result::{ExceptionInfo, Provenance, TaskResult, TaskState};
+pub use result::{ARGS_BOUND, ExceptionInfo, Provenance, TaskResult, TaskState};

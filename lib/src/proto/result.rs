@@ -29,6 +29,9 @@ impl TaskState {
 /// The stored record of a task's outcome. Field names are Celery's; the
 /// extended fields (`name`, `worker`, `retries`, `queue`) match Celery's
 /// `result_extended`, and Python clients ignore what they do not know.
+/// `args` / `kwargs` are there only when the worker records them
+/// ([`TaskResult::with_args`]): with `result_extended`, or in the
+/// PostgreSQL store's columns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskResult {
     pub status: TaskState,
@@ -40,6 +43,13 @@ pub struct TaskResult {
     pub task_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The task's positional arguments (Celery's `result_extended`), when
+    /// their JSON is at most [`ARGS_BOUND`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Value>,
+    /// Its keyword arguments, on the same terms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kwargs: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -54,6 +64,39 @@ pub struct TaskResult {
     /// When a worker started the task (RFC 3339); taskstack's own field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub date_started: Option<String>,
+}
+
+/// Longest `args` / `kwargs` a record carries (bytes of JSON).
+pub const ARGS_BOUND: usize = 4096;
+
+/// `(args, kwargs)` as records carry them: each only when its JSON is at
+/// most [`ARGS_BOUND`] bytes.
+pub fn bounded_args(
+    args: &[Value],
+    kwargs: &serde_json::Map<String, Value>,
+) -> (Option<Value>, Option<Value>) {
+    (bounded(args), bounded(kwargs))
+}
+
+/// `v` as a JSON value when its JSON is at most [`ARGS_BOUND`] bytes; the
+/// size is counted without building the text, and counting stops at the
+/// bound.
+fn bounded<T: Serialize + ?Sized>(v: &T) -> Option<Value> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            if self.0 > ARGS_BOUND {
+                return Err(std::io::Error::other("over the bound"));
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    serde_json::to_writer(Count(0), v).ok()?;
+    serde_json::to_value(v).ok()
 }
 
 /// A failure as Celery encodes exceptions: Python clients rebuild an
@@ -118,6 +161,8 @@ impl TaskResult {
             date_done,
             task_id: task_id.to_owned(),
             name: Some(from.name.to_owned()),
+            args: None,
+            kwargs: None,
             worker: Some(from.worker.to_owned()),
             retries: Some(from.retries),
             queue: Some(from.queue.to_owned()),
@@ -138,6 +183,8 @@ impl TaskResult {
             date_done: None,
             task_id: task_id.to_owned(),
             name: Some(name.to_owned()),
+            args: None,
+            kwargs: None,
             worker: None,
             retries: None,
             queue: Some(queue.to_owned()),
@@ -162,6 +209,15 @@ impl TaskResult {
         r
     }
 
+    /// The record with the task's `args` and `kwargs`, each kept only when
+    /// its JSON is at most [`ARGS_BOUND`] bytes (a larger one is left out,
+    /// so a record never grows by more than twice the bound).
+    #[must_use]
+    pub fn with_args(mut self, args: &[Value], kwargs: &serde_json::Map<String, Value>) -> Self {
+        (self.args, self.kwargs) = bounded_args(args, kwargs);
+        self
+    }
+
     /// When the task finished, if it did.
     pub fn done_at(&self) -> Option<DateTime<Utc>> {
         self.date_done
@@ -182,6 +238,30 @@ mod tests {
             queue: "q",
             parent_id: None,
         }
+    }
+
+    #[test]
+    fn args_and_kwargs_are_kept_up_to_the_bound() {
+        let small = [json!(1), json!("two")];
+        let mut kw = serde_json::Map::new();
+        kw.insert("k".into(), json!(true));
+        let r = TaskResult::new("id", TaskState::Success, json!(3), from()).with_args(&small, &kw);
+        let v = serde_json::to_value(&r).expect("serializes");
+        assert_eq!(
+            (&v["args"], &v["kwargs"]),
+            (&json!([1, "two"]), &json!({"k": true}))
+        );
+        // `["xxx…"]` is the string plus 4 bytes: exactly at the bound, then over it.
+        let at = [json!("x".repeat(ARGS_BOUND - 4))];
+        let over = [json!("x".repeat(ARGS_BOUND - 3))];
+        assert!(r.clone().with_args(&at, &kw).args.is_some());
+        let r = r.with_args(&over, &kw);
+        assert_eq!((r.args, r.kwargs), (None, Some(json!({"k": true}))));
+        // Without them the record is as before (no keys at all).
+        let plain =
+            serde_json::to_value(TaskResult::new("id", TaskState::Success, json!(3), from()))
+                .expect("serializes");
+        assert!(plain.get("args").is_none() && plain.get("kwargs").is_none());
     }
 
     #[test]

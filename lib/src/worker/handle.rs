@@ -83,6 +83,32 @@ fn provenance<'a>(sh: &'a Shared, msg: &'a TaskMessage, queue: &'a str) -> Prove
     }
 }
 
+/// What the task's records carry of its `args` / `kwargs`: nothing, unless
+/// `result_extended` is on or the store has columns for them; taken from
+/// the message before the run moves them out.
+#[derive(Debug, Clone, Default)]
+struct Extended {
+    args: Option<serde_json::Value>,
+    kwargs: Option<serde_json::Value>,
+}
+
+impl Extended {
+    fn of(sh: &Shared, msg: &TaskMessage) -> Self {
+        if sh.settings.result_extended || sh.backend.records_task_args() {
+            let (args, kwargs) = crate::proto::result::bounded_args(&msg.args, &msg.kwargs);
+            Self { args, kwargs }
+        } else {
+            Self::default()
+        }
+    }
+
+    fn apply(&self, mut r: TaskResult) -> TaskResult {
+        r.args.clone_from(&self.args);
+        r.kwargs.clone_from(&self.kwargs);
+        r
+    }
+}
+
 async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) {
     let track = sh.monitor.received(&msg, &queue);
     let now = sh.now();
@@ -100,6 +126,7 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) 
             exc.to_value(),
             provenance(&sh, &msg, &queue),
         );
+        let r = Extended::of(&sh, &msg).apply(r);
         Box::pin(finish(&sh, d, &msg, Some(r))).await;
         return;
     }
@@ -196,6 +223,7 @@ async fn execute(
 ) {
     let started_at = envelope::format_time(sh.now());
     // The STARTED record, unless it would not be stored.
+    let ext = Extended::of(&sh, &msg);
     let record = if sh.settings.track_started || !sh.backend.marks_starts() {
         let mut record = TaskResult::new(
             &msg.id,
@@ -204,7 +232,7 @@ async fn execute(
             provenance(&sh, &msg, &queue),
         );
         record.date_started = Some(started_at.clone());
-        serde_json::to_string(&record).unwrap_or_default()
+        serde_json::to_string(&ext.apply(record)).unwrap_or_default()
     } else {
         String::new()
     };
@@ -305,7 +333,7 @@ async fn execute(
             provenance(&sh, &msg, &queue),
         );
         r.date_started = Some(started_at.clone());
-        finish(&sh, d, &msg, Some(r)).await;
+        finish(&sh, d, &msg, Some(ext.apply(r))).await;
         return;
     };
     let runtime = started.elapsed();
@@ -313,7 +341,7 @@ async fn execute(
     let from = provenance(&sh, &msg, &queue);
     let stamp = |mut r: TaskResult| {
         r.date_started = Some(started_at.clone());
-        r
+        ext.apply(r)
     };
     match outcome {
         Ok(Ok(Ok(value))) => {
@@ -334,7 +362,12 @@ async fn execute(
         }
         Ok(Ok(Err(TaskError::Retry { reason, countdown }))) => {
             track.retried(&ExceptionInfo::celery("Retry", reason.clone()));
-            retry(&sh, d, &queue, &msg, options, reason, countdown).await;
+            let again = Again {
+                options,
+                reason,
+                countdown,
+            };
+            retry(&sh, d, &queue, &msg, again, &ext).await;
         }
         Ok(Ok(Err(TaskError::Reject { reason }))) => {
             tracing::warn!(reason = %reason, "task rejected its message; dead-lettering it");
@@ -395,16 +428,19 @@ async fn finish(sh: &Shared, d: Held, msg: &TaskMessage, mut result: Option<Task
     .await;
 }
 
-#[allow(clippy::too_many_arguments)] // one call site; the fields are all distinct
-async fn retry(
-    sh: &Shared,
-    d: Held,
-    queue: &str,
-    msg: &TaskMessage,
+/// Why and when a task asked to run again.
+struct Again {
     options: TaskOptions,
     reason: String,
     countdown: Option<Duration>,
-) {
+}
+
+async fn retry(sh: &Shared, d: Held, queue: &str, msg: &TaskMessage, again: Again, ext: &Extended) {
+    let Again {
+        options,
+        reason,
+        countdown,
+    } = again;
     let max = msg.max_retries.unwrap_or(options.max_retries);
     let from = provenance(sh, msg, queue);
     if msg.retries >= max {
@@ -423,7 +459,7 @@ async fn retry(
     Stats::bump(&sh.stats.retried);
     sh.metrics.finished(&msg.task, "retry");
     let exc = ExceptionInfo::celery("Retry", reason);
-    let r = TaskResult::failure(&msg.id, TaskState::Retry, &exc, from);
+    let r = ext.apply(TaskResult::failure(&msg.id, TaskState::Retry, &exc, from));
     let next = msg.for_retry(eta);
     let ttl = sh.settings.result_expires;
     let due = eta.timestamp_millis();

@@ -84,6 +84,8 @@ pub struct WorkerSettings {
     pub lease: Duration,
     pub drain_timeout: Duration,
     pub result_expires: Duration,
+    /// Records carry `args` / `kwargs` (`result_extended`).
+    pub result_extended: bool,
     /// Largest message decoded; larger ones are dead-lettered unread.
     pub max_message_size: usize,
     /// Furthest an ETA may lie ahead; later ones are dead-lettered.
@@ -111,6 +113,7 @@ impl WorkerSettings {
             lease: c.lease,
             drain_timeout: c.drain_timeout,
             result_expires: c.result_expires,
+            result_extended: c.result_extended,
             max_message_size: usize::try_from(c.max_message_size).unwrap_or(usize::MAX),
             max_task_delay: c.max_task_delay,
             state_file: Some(StatePath::new("worker", c.worker_state_file.as_deref())),

@@ -205,8 +205,8 @@ impl Retrier {
         if err.is_auth_failure() {
             // Not a passing outage: say what to fix, loudly, on every try.
             let fix = if matches!(err, BackendError::Postgres(_)) {
-                "PostgreSQL refused the password or has no such database; check \
-                 result_backend / result_backend_password / result_backend_password_file"
+                "PostgreSQL refused the password, has no such database or refused TLS; \
+                 check result_backend / result_backend_password / result_backend_password_file"
             } else {
                 "Redis refused the password; check broker_password / broker_password_file \
                  (or result_backend_password for a separate result Redis)"

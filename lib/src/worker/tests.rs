@@ -25,6 +25,7 @@ fn settings() -> WorkerSettings {
         lease: Duration::from_secs(30),
         drain_timeout: Duration::from_secs(5),
         result_expires: Duration::from_secs(3600),
+        result_extended: false,
         max_message_size: 1 << 20,
         max_task_delay: Duration::from_secs(86_400),
         state_file: None,
@@ -151,6 +152,34 @@ async fn runs_tasks_and_stores_their_results() {
     let summary = rig.shut_down().await;
     assert_eq!(summary.processed, 20);
     assert_eq!(queued(&*b).await, (0, 0), "nothing left held");
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_carry_args_and_kwargs_only_with_result_extended() {
+    for extended in [false, true] {
+        let b = memory();
+        let rig = Rig::start(
+            &b,
+            adder(),
+            WorkerSettings {
+                result_extended: extended,
+                ..settings()
+            },
+        );
+        let big = json!("x".repeat(crate::proto::ARGS_BOUND));
+        send(&*b, &task("small", "t.add", &[json!(1), json!(2)])).await;
+        send(&*b, &task("big", "t.add", &[big])).await;
+        let small = final_record(&*b, "small").await;
+        let over = final_record(&*b, "big").await;
+        if extended {
+            assert_eq!(small.args, Some(json!([1, 2])), "taken before the run");
+            assert_eq!(small.kwargs, Some(json!({})));
+            assert_eq!((over.args, over.kwargs), (None, Some(json!({}))), "bounded");
+        } else {
+            assert_eq!((small.args, small.kwargs), (None, None), "Celery's default");
+        }
+        rig.shut_down().await;
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -23,6 +23,13 @@ pub enum PgError {
          {user:?}: {detail} (check result_backend_password / result_backend_password_file)"
     )]
     Auth { user: String, detail: String },
+    /// TLS could not be set up: the server has no TLS (`sslmode=require`
+    /// or `verify-full` against `ssl=off`) or its certificate was refused.
+    #[error(
+        "configuration key `result_backend`: TLS to PostgreSQL failed: {detail} (check the \
+         URL's sslmode and sslrootcert, and the server's ssl settings)"
+    )]
+    Tls { detail: String },
     /// The database named in the URL does not exist.
     #[error("configuration key `result_backend`: {detail} (create it, or fix the URL's database)")]
     NoDatabase { detail: String },
@@ -36,7 +43,7 @@ impl PgError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Self::Config { .. } | Self::Auth { .. } | Self::NoDatabase { .. }
+            Self::Config { .. } | Self::Auth { .. } | Self::NoDatabase { .. } | Self::Tls { .. }
         )
     }
 
@@ -47,9 +54,12 @@ impl PgError {
         }
     }
 
-    /// Classifies a client error: refused logins and missing databases are
-    /// configuration errors.
+    /// Classifies a client error: refused logins, missing databases and
+    /// TLS refusals are configuration errors.
     pub(crate) fn from_pg(op: &'static str, user: &str, e: &tokio_postgres::Error) -> Self {
+        if let Some(detail) = tls_refusal(e) {
+            return Self::Tls { detail };
+        }
         let detail = e
             .as_db_error()
             .map_or_else(|| full_chain(e), |d| d.message().to_owned());
@@ -67,6 +77,30 @@ impl PgError {
             _ => Self::Op { op, detail },
         }
     }
+}
+
+/// Why TLS was refused, when it was: the server does not offer it, or
+/// rustls refused the handshake (an unknown issuer, a wrong host name, an
+/// alert). A connection cut during the handshake is not a refusal.
+fn tls_refusal(e: &tokio_postgres::Error) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        if let Some(t) = c.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
+        }
+        if let Some(t) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(t.to_string());
+        }
+        if c.to_string() == "server does not support TLS" {
+            return Some("the server does not support TLS (it runs with ssl=off)".into());
+        }
+        cur = c.source();
+    }
+    None
 }
 
 /// An error's message with its sources (tokio-postgres puts the cause of a

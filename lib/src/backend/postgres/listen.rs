@@ -76,6 +76,14 @@ impl Listener {
         }
     }
 
+    /// How many waiters are registered (tests wait for them).
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiters
+            .lock()
+            .map_or(0, |m| m.values().map(Vec::len).sum())
+    }
+
     fn is_alive(&self) -> bool {
         !self.reader.is_finished()
     }

@@ -139,6 +139,9 @@ impl Backend for PostgresBackend {
     fn expiry(&self) -> Option<Box<dyn Expiry>> {
         Some(self.session())
     }
+    fn records_task_args(&self) -> bool {
+        true
+    }
     async fn result_store_ping(&self) -> Option<Result<Duration, BackendError>> {
         Some(store::ping(&self.pg).await.map_err(BackendError::from))
     }

@@ -17,8 +17,10 @@ const FINAL: &str = "('SUCCESS', 'FAILURE', 'REVOKED')";
 /// these states, and reads put it back.
 const ERROR_STATES: &str = "('FAILURE', 'RETRY', 'REVOKED')";
 
-/// Longest args / kwargs kept (bytes of JSON); longer ones are left out.
-const ARGS_BOUND: usize = 4096;
+/// Longest args / kwargs kept (bytes of JSON); longer ones are left out
+/// (the worker leaves them out of its records already; this holds for any
+/// writer).
+const ARGS_BOUND: usize = crate::proto::ARGS_BOUND;
 
 /// The upsert of a batch: `$1` task ids, `$2` their records (a JSON array
 /// as text, in the same order), `$3` expiry in ms. Of two records of one
@@ -51,7 +53,8 @@ fn upsert(guard: &str, tail: &str) -> String {
             ON CONFLICT (task_id) DO UPDATE SET
                 state = EXCLUDED.state, result = EXCLUDED.result, error = EXCLUDED.error,
                 traceback = EXCLUDED.traceback, task_name = EXCLUDED.task_name,
-                args = EXCLUDED.args, kwargs = EXCLUDED.kwargs, worker = EXCLUDED.worker,
+                args = COALESCE(EXCLUDED.args, t.args),
+                kwargs = COALESCE(EXCLUDED.kwargs, t.kwargs), worker = EXCLUDED.worker,
                 retries = EXCLUDED.retries, queue = EXCLUDED.queue,
                 parent_id = EXCLUDED.parent_id, group_id = EXCLUDED.group_id,
                 children = EXCLUDED.children, date_started = EXCLUDED.date_started,
@@ -89,7 +92,8 @@ fn read_sql() -> String {
             'status', state, 'result', COALESCE(error, result), 'traceback', traceback,
             'children', children,
             'date_done', to_char(date_done AT TIME ZONE 'UTC', {DATE}),
-            'task_id', task_id, 'name', task_name, 'worker', worker, 'retries', retries,
+            'task_id', task_id, 'name', task_name, 'args', args, 'kwargs', kwargs,
+            'worker', worker, 'retries', retries,
             'queue', queue, 'parent_id', parent_id, 'group_id', group_id,
             'date_started', to_char(date_started AT TIME ZONE 'UTC', {DATE}))::text
         FROM taskstack_results WHERE task_id = $1 AND expires_at > now()"

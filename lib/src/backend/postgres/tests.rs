@@ -201,3 +201,175 @@ async fn a_batch_is_one_statement_and_the_later_record_of_a_task_wins() {
     let n = store::write(&b.pg, &[], T).await;
     assert!(n.is_ok(), "an empty batch needs no round trip");
 }
+
+/// Whether the session of `target` is encrypted (`pg_stat_ssl`).
+async fn session_is_tls(target: &crate::config::PgTarget) -> bool {
+    let (client, conn) = super::connect::Connector::new(target, T)
+        .expect("connector")
+        .connect("test")
+        .await
+        .expect("connect");
+    let driver = tokio::spawn(conn);
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    drop(client);
+    let _ = driver.await;
+    ssl
+}
+
+#[tokio::test]
+async fn tls_require_and_verify_full_work_against_a_server_with_ssl_on() {
+    let pg = PgServer::start_tls();
+    let db = pg.create_database();
+    let ca = pg
+        .ca_cert()
+        .expect("a TLS server has a CA")
+        .display()
+        .to_string();
+    let verify = format!("sslmode=verify-full&sslrootcert={ca}");
+    for (host, query) in [
+        ("127.0.0.1", "sslmode=require"),
+        ("127.0.0.1", verify.as_str()),
+        ("localhost", verify.as_str()),
+    ] {
+        let target = pg_target(&pg.url_with(host, &db, query));
+        prepare(&target, T, T)
+            .await
+            .unwrap_or_else(|e| panic!("{host} {query}: {e}"));
+        assert!(session_is_tls(&target).await, "{host} {query}: encrypted");
+        // The pool and the LISTEN connection go over TLS too.
+        let redis = crate::test_redis::server();
+        let t = RedisTarget::from_url(&redis.url).expect("url");
+        let pool = RedisPool::new(&t, 4, T).expect("pool");
+        let broker = Broker::new(pool.clone(), pool, crate::proto::Keys::new("pgtls"));
+        let b = PostgresBackend::new(broker, &target, 2, T).expect("backend");
+        let id = format!("tls-{host}-{}", query.len());
+        let mut results = b.results(Use::Request);
+        results
+            .write(&[done(&id)], T)
+            .await
+            .expect("write over TLS");
+        let r = results.wait(&id, T).await.expect("wait over TLS");
+        assert_eq!(r.map(|r| r.status), Some(TaskState::Success));
+    }
+    // Without sslmode=disable in the URL, a plain session is still allowed
+    // by the server: the client's sslmode decides.
+    assert!(!session_is_tls(&pg_target(&pg.url(&db))).await);
+}
+
+#[tokio::test]
+async fn tls_refusals_are_configuration_errors_naming_result_backend() {
+    let pg = PgServer::start_tls();
+    let db = pg.create_database();
+    let other = tempfile::tempdir().expect("tempdir");
+    let other_ca = crate::test_postgres::make_ca(other.path(), "other-ca");
+    let wrong_ca = pg_target(&pg.url_with(
+        "127.0.0.1",
+        &db,
+        &format!("sslmode=verify-full&sslrootcert={}", other_ca.display()),
+    ));
+    // Refused at once, not retried until `give_up`.
+    let started = std::time::Instant::now();
+    let e = prepare(&wrong_ca, T, Duration::from_secs(60))
+        .await
+        .expect_err("a certificate from another CA is refused");
+    assert!(started.elapsed() < Duration::from_secs(30), "not retried");
+    assert!(matches!(e, PgError::Tls { .. }), "{e:?}");
+    assert!(e.is_config());
+    let msg = e.to_string();
+    assert!(msg.contains("`result_backend`"), "{msg}");
+    assert!(msg.to_lowercase().contains("certificate"), "{msg}");
+
+    let plain = PgServer::start();
+    let plain_db = plain.create_database();
+    let require = pg_target(&plain.url_with("127.0.0.1", &plain_db, "sslmode=require"));
+    let e = prepare(&require, T, Duration::from_secs(60))
+        .await
+        .expect_err("sslmode=require against ssl=off");
+    assert!(matches!(e, PgError::Tls { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains("`result_backend`"), "{msg}");
+    assert!(msg.contains("does not support TLS"), "{msg}");
+}
+
+#[tokio::test]
+async fn args_and_kwargs_fill_their_columns_within_the_bound_and_survive_later_records() {
+    let pg = PgServer::start();
+    let db = pg.create_database();
+    let (b, _redis) = backend(&pg, &db).await;
+    let mut kw = serde_json::Map::new();
+    kw.insert("k".into(), serde_json::json!([3]));
+    let with = done("a").with_args(&[serde_json::json!(1)], &kw);
+    // A writer that does not bound them (not the worker): the store does.
+    let mut huge = done("h");
+    huge.args = Some(serde_json::json!(["x".repeat(crate::proto::ARGS_BOUND)]));
+    huge.kwargs = Some(serde_json::Value::Object(kw.clone()));
+    let mut results = b.results(Use::Request);
+    results
+        .write(&[with.clone(), huge], T)
+        .await
+        .expect("write");
+    assert_eq!(results.read("a").await.expect("read"), Some(with));
+    let cols = |id: &str| {
+        pg.psql(
+            &db,
+            &format!(
+                "SELECT coalesce(args::text, 'NULL'), coalesce(kwargs::text, 'NULL') \
+                 FROM taskstack_results WHERE task_id = '{id}'"
+            ),
+        )
+        .expect("query")
+        .trim()
+        .to_owned()
+    };
+    assert_eq!(cols("a"), r#"[1]|{"k": [3]}"#);
+    assert_eq!(cols("h"), r#"NULL|{"k": [3]}"#);
+    // A later record without them (a revocation, a dead letter) keeps the row's.
+    results.write(&[done("a")], T).await.expect("write");
+    assert_eq!(cols("a"), r#"[1]|{"k": [3]}"#);
+}
+
+#[tokio::test]
+async fn one_batch_wakes_each_of_its_many_waiters() {
+    let pg = PgServer::start();
+    let db = pg.create_database();
+    let (b, _redis) = backend(&pg, &db).await;
+    // 600 uuid-like ids, one statement.
+    let ids: Vec<String> = (0..600)
+        .map(|i| format!("{i:08}-0000-4000-8000-{:012}", i * 7))
+        .collect();
+    let waiters: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let b = b.clone();
+            let id = id.clone();
+            tokio::spawn(async move { b.results(Use::Request).wait(&id, T * 4).await })
+        })
+        .collect();
+    // Every waiter listens (and has read no row) before the batch commits,
+    // so each is woken by a notification.
+    let start = tokio::time::Instant::now();
+    loop {
+        let n = b.listener.lock().await.as_ref().map_or(0, |l| l.waiting());
+        if n == ids.len() {
+            break;
+        }
+        assert!(start.elapsed() < T * 2, "only {n} waiters registered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let batch: Vec<TaskResult> = ids.iter().map(|id| done(id)).collect();
+    b.results(Use::Request)
+        .write(&batch, T)
+        .await
+        .expect("write");
+    for (w, id) in waiters.into_iter().zip(&ids) {
+        let r = w.await.expect("join").expect("wait");
+        assert_eq!(r.map(|r| r.task_id), Some(id.clone()), "{id} woken");
+    }
+}
