@@ -809,7 +809,7 @@ fn the_services_accept_their_rendered_configuration() -> Result<()> {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .any(|p| p["containerPort"].to_string() == port),
+                    .any(|p| p["containerPort"].as_u64() == port.parse().ok()),
                 "{rel}: {component} does not declare port {port}"
             );
             configs.insert(component, (config, w));
