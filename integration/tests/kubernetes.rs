@@ -1065,6 +1065,12 @@ fn secrets_and_configuration_are_the_compose_files() -> Result<()> {
                 raw == tree.secret_file(key)?,
                 "{rel}: Secret key {key} is not compose/init-secrets' file"
             );
+            // KEDA reads the password as it is (the services would drop
+            // a trailing newline, KEDA does not).
+            ensure!(
+                key != "redis_password" || !raw.ends_with(b"\n"),
+                "{rel}: redis_password ends with a newline, which KEDA would send"
+            );
             values.push(String::from_utf8(raw)?);
         }
         // No secret value outside the Secret.
