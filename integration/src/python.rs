@@ -76,8 +76,10 @@ pub fn celery_python() -> Result<PathBuf> {
 
 /// The Kubernetes manifest checkers (`tests/kubernetes.rs`), pinned:
 /// `kubernetes-validate` ships the Kubernetes JSON schemas it validates
-/// against, `checkov` checks the security posture.
-pub const KUBERNETES_TOOLS_REQUIREMENT: &str = "kubernetes-validate==1.37.0 checkov==3.3.30";
+/// against, `checkov` checks the security posture, PyYAML reads and
+/// writes the manifests (`kubernetes_manifests.py`, `kustomize_render.py`).
+pub const KUBERNETES_TOOLS_REQUIREMENT: &str =
+    "kubernetes-validate==1.37.0 checkov==3.3.30 PyYAML==6.0.4";
 
 /// A venv with [`KUBERNETES_TOOLS_REQUIREMENT`]: the interpreter named by
 /// `TASKSTACK_KUBERNETES_PYTHON`, or `target/kubernetes-venv`, made (once

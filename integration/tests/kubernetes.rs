@@ -1,6 +1,9 @@
 //! `deploy/kubernetes` without a cluster (none exists offline): the
-//! kustomizations render with the real kustomize (`kustomize build`, or
-//! the one inside `kubectl kustomize`); every rendered object passes the
+//! kustomizations render with `integration/python/kustomize_render.py`
+//! (a small kustomize of just the features the manifests use; CI needs no
+//! kustomize binary), and, when a real kustomize v5 is on PATH
+//! (`kustomize build`, or the one inside `kubectl kustomize`), that one's
+//! rendering must hold exactly the same objects; every rendered object passes the
 //! Kubernetes schemas of `kubernetes-validate` (strict, two Kubernetes
 //! versions) or, for KEDA's objects, the schema of KEDA's own CRDs
 //! (`integration/kubernetes/keda`); `checkov` finds nothing but the checks
@@ -66,11 +69,15 @@ fn missing(what: &str) -> ! {
     panic!("missing prerequisite, so this test did NOT run: {what}");
 }
 
-/// The command that renders a kustomization directory: `kustomize build`
-/// when a kustomize v5 is on PATH, else `kubectl kustomize` with its
-/// embedded kustomize v5. Debian's kubernetes-client (1.20, kustomize
-/// v2) is too old: it knows no components.
-fn kustomize() -> Vec<&'static str> {
+/// A real kustomize v5 to cross-check `integration/python/kustomize_render.py`
+/// against, when one is on PATH: `kustomize build`, else `kubectl
+/// kustomize` with its embedded kustomize v5 (Debian's kubernetes-client,
+/// 1.20 with kustomize v2, is too old: it knows no components). Optional:
+/// CI need not have one; `TASKSTACK_KUSTOMIZE_CROSSCHECK=0` skips it.
+fn kustomize_binary() -> Option<Vec<&'static str>> {
+    if std::env::var_os("TASKSTACK_KUSTOMIZE_CROSSCHECK").is_some_and(|v| v == "0") {
+        return None;
+    }
     let major = |v: &str| {
         v.trim()
             .trim_start_matches("v")
@@ -82,7 +89,7 @@ fn kustomize() -> Vec<&'static str> {
         && out.status.success()
         && major(&String::from_utf8_lossy(&out.stdout)).is_some_and(|m| m >= 5)
     {
-        return vec!["kustomize", "build"];
+        return Some(vec!["kustomize", "build"]);
     }
     if let Ok(out) = run(Command::new("kubectl").args(["version", "--client", "-o", "json"]))
         && out.status.success()
@@ -92,12 +99,27 @@ fn kustomize() -> Vec<&'static str> {
             .and_then(major)
             .is_some_and(|m| m >= 5)
     {
-        return vec!["kubectl", "kustomize"];
+        return Some(vec!["kubectl", "kustomize"]);
     }
-    missing(
-        "a kustomize v5: `kustomize` or a `kubectl` of 1.27 or later (`kubectl kustomize`); \
-         Debian's kubernetes-client is too old",
-    )
+    None
+}
+
+/// The objects of a rendered YAML stream, each as canonical JSON, sorted:
+/// two renderings hold the same objects when these are equal.
+fn canonical_objects(venv: &Venv, rendered: &Path) -> Result<Vec<String>> {
+    let mut cmd = Command::new(&venv.python);
+    python::clean_env(&mut cmd)
+        .arg(python::python_dir().join("kustomize_render.py"))
+        .arg("objects")
+        .arg(rendered);
+    let objects: Vec<Value> =
+        serde_json::from_str(&ok(run(&mut cmd)?, "kustomize_render.py objects")?)?;
+    let mut out = objects
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<Result<Vec<_>, _>>()?;
+    out.sort();
+    Ok(out)
 }
 
 fn tools() -> Venv {
@@ -139,19 +161,54 @@ impl Tree {
         std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))
     }
 
-    /// The rendered YAML of the kustomization `rel`, written beside it.
+    /// The rendered YAML of the kustomization `rel`, written beside it,
+    /// by `integration/python/kustomize_render.py` (CI needs no kustomize
+    /// binary); when a real kustomize v5 is on PATH, its rendering must
+    /// hold exactly the same objects.
     fn render(&self, rel: &str) -> Result<PathBuf> {
-        let argv = kustomize();
-        let yaml = ok(
-            run(Command::new(argv[0])
-                .args(&argv[1..])
-                .arg(self.path().join(rel)))?,
-            &format!("{} {rel}", argv.join(" ")),
-        )?;
+        let venv = tools();
+        let mut cmd = Command::new(&venv.python);
+        python::clean_env(&mut cmd)
+            .arg(python::python_dir().join("kustomize_render.py"))
+            .arg("build")
+            .arg(self.path().join(rel));
+        let yaml = ok(run(&mut cmd)?, &format!("kustomize_render.py build {rel}"))?;
         let out = self
             .path()
             .join(format!("{}.rendered.yaml", rel.replace('/', "_")));
         std::fs::write(&out, yaml)?;
+        if let Some(argv) = kustomize_binary() {
+            let what = format!("{} {rel}", argv.join(" "));
+            let real = ok(
+                run(Command::new(argv[0])
+                    .args(&argv[1..])
+                    .arg(self.path().join(rel)))?,
+                &what,
+            )?;
+            let real_out = self
+                .path()
+                .join(format!("{}.kustomize.yaml", rel.replace('/', "_")));
+            std::fs::write(&real_out, real)?;
+            let (mine, theirs) = (
+                canonical_objects(&venv, &out)?,
+                canonical_objects(&venv, &real_out)?,
+            );
+            let only = |a: &[String], b: &[String]| -> Vec<String> {
+                a.iter().filter(|o| !b.contains(o)).cloned().collect()
+            };
+            ensure!(
+                mine == theirs,
+                "kustomize_render.py and `{what}` differ on {rel}:\nonly kustomize_render.py:\n{}\nonly {what}:\n{}",
+                only(&mine, &theirs).join("\n"),
+                only(&theirs, &mine).join("\n")
+            );
+            eprintln!(
+                "{rel}: kustomize_render.py == `{what}` ({} objects)",
+                mine.len()
+            );
+        } else {
+            eprintln!("{rel}: no kustomize v5 on PATH, rendered by kustomize_render.py alone");
+        }
         Ok(out)
     }
 }
