@@ -340,6 +340,46 @@ fn selects(selector: &Value, labels: &Value) -> bool {
     by_labels && by_expr
 }
 
+/// `kustomize_render.py` refuses what it does not implement, naming it,
+/// rather than rendering something kustomize would render differently.
+#[test]
+fn the_python_renderer_refuses_what_it_does_not_implement() -> Result<()> {
+    let venv = tools();
+    let cases: [(&str, &str, &str); 3] = [
+        (EXAMPLE, "commonLabels:\n  team: a\n", "commonLabels"),
+        (
+            EXAMPLE,
+            "  - patch: |-\n      apiVersion: v1\n      kind: Service\n      metadata:\n        name: web\n      spec:\n        ports:\n          - port: 80\n",
+            "ports: strategic merge of this list not implemented",
+        ),
+        (
+            EXAMPLE,
+            "  - path: web-replicas.yaml\n    target:\n      kind: Deployment\n",
+            "target",
+        ),
+    ];
+    for (rel, append, refused) in cases {
+        let tree = Tree::new()?;
+        let file = tree.path().join(rel).join("kustomization.yaml");
+        let mut text = std::fs::read_to_string(&file)?;
+        text.push_str(append);
+        std::fs::write(&file, text)?;
+        let mut cmd = Command::new(&venv.python);
+        python::clean_env(&mut cmd)
+            .arg(python::python_dir().join("kustomize_render.py"))
+            .arg("build")
+            .arg(tree.path().join(rel));
+        let out = run(&mut cmd)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains(refused),
+            "kustomize_render.py did not refuse `{refused}` ({}):\n{stderr}",
+            out.status
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn every_rendered_object_passes_the_kubernetes_and_keda_schemas() -> Result<()> {
     let (tree, venv) = (Tree::new()?, tools());
