@@ -1,5 +1,6 @@
-//! Python tools the tests drive (the real Celery, schemathesis), each in a
-//! virtual environment under the target directory, made on first use.
+//! Python tools the tests drive (the real Celery, schemathesis, the
+//! Kubernetes manifest checkers), each in a virtual environment under the
+//! target directory, made on first use.
 
 use anyhow::{Context as _, Result, bail, ensure};
 use std::collections::HashMap;
@@ -71,6 +72,26 @@ pub fn celery_python() -> Result<PathBuf> {
         "TASKSTACK_CELERY_PYTHON",
     )?
     .python)
+}
+
+/// The Kubernetes manifest checkers (`tests/kubernetes.rs`), pinned:
+/// `kubernetes-validate` ships the Kubernetes JSON schemas it validates
+/// against, `checkov` checks the security posture, PyYAML reads and
+/// writes the manifests (`kubernetes_manifests.py`, `kustomize_render.py`).
+pub const KUBERNETES_TOOLS_REQUIREMENT: &str =
+    "kubernetes-validate==1.37.0 checkov==3.3.30 PyYAML==6.0.4";
+
+/// A venv with [`KUBERNETES_TOOLS_REQUIREMENT`]: the interpreter named by
+/// `TASKSTACK_KUBERNETES_PYTHON`, or `target/kubernetes-venv`, made (once
+/// per process) when missing or broken. Its own venv: checkov's many
+/// pinned dependencies stay away from Celery's.
+pub fn kubernetes_tools() -> Result<Venv> {
+    Venv::ensure(
+        "kubernetes-venv",
+        KUBERNETES_TOOLS_REQUIREMENT,
+        "import kubernetes_validate, checkov, jsonschema, yaml",
+        "TASKSTACK_KUBERNETES_PYTHON",
+    )
 }
 
 /// Environment every Python process of the tests gets: nothing written
