@@ -106,4 +106,19 @@ impl WebProcess {
     ) -> Result<(u16, serde_json::Value)> {
         crate::http::request(&self.addr, method, path, Some(TEST_TOKEN), body).await
     }
+
+    /// Waits (30 s at most) until `GET /api/v1/tasks/{id}` reports `state`;
+    /// returns that answer.
+    pub async fn wait_state(&self, id: &str, state: &str) -> Result<serde_json::Value> {
+        let path = format!("/api/v1/tasks/{id}");
+        wait_until(
+            &format!("task {id} to be {state}"),
+            Duration::from_secs(30),
+            || async {
+                let (s, v) = self.call("GET", &path, None).await?;
+                Ok((s == 200 && v["state"] == state).then_some(v))
+            },
+        )
+        .await
+    }
 }

@@ -55,19 +55,6 @@ fn producer(redis: &RedisServer, ns: &str, pg: &PgServer, db: &str) -> Result<Pr
     Ok(Producer::on_backend(backend, "pg-test").record_pending(Duration::from_secs(3600)))
 }
 
-async fn wait_state(web: &WebProcess, id: &str, state: &str) -> Result<Value> {
-    let path = format!("/api/v1/tasks/{id}");
-    wait_until(
-        &format!("task {id} to be {state}"),
-        Duration::from_secs(30),
-        || async {
-            let (s, v) = web.call("GET", &path, None).await?;
-            Ok((s == 200 && v["state"] == state).then_some(v))
-        },
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn worker_and_web_keep_results_in_postgresql() -> Result<()> {
     let redis = RedisServer::start()?;
@@ -92,7 +79,7 @@ async fn worker_and_web_keep_results_in_postgresql() -> Result<()> {
         .await?;
     assert_eq!(s, 202, "{v}");
     let id = v["id"].as_str().unwrap_or_default().to_owned();
-    let done = wait_state(&web, &id, "SUCCESS").await?;
+    let done = web.wait_state(&id, "SUCCESS").await?;
     assert_eq!(done["result"], 42, "{done}");
     let row = pg
         .psql(
@@ -121,7 +108,9 @@ async fn worker_and_web_keep_results_in_postgresql() -> Result<()> {
             Some(&json!({"task": "taskstack.fail", "args": ["boom"]})),
         )
         .await?;
-    let failed = wait_state(&web, v["id"].as_str().unwrap_or_default(), "FAILURE").await?;
+    let failed = web
+        .wait_state(v["id"].as_str().unwrap_or_default(), "FAILURE")
+        .await?;
     assert!(failed.to_string().contains("boom"), "{failed}");
 
     // Revoked before it runs; refused once finished; unknown ids are 404.
@@ -137,7 +126,7 @@ async fn worker_and_web_keep_results_in_postgresql() -> Result<()> {
         .call("DELETE", &format!("/api/v1/tasks/{later}"), None)
         .await?;
     assert_eq!(s, 200, "{v}");
-    wait_state(&web, &later, "REVOKED").await?;
+    web.wait_state(&later, "REVOKED").await?;
     let (s, v) = web
         .call("DELETE", &format!("/api/v1/tasks/{id}"), None)
         .await?;

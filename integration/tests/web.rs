@@ -13,19 +13,6 @@ use taskstack_integration::{
 /// Short leases, so a killed worker is noticed within seconds.
 const FAST_LEASE: (&str, &str) = ("TASKSTACK_LEASE", "2s");
 
-async fn wait_state(web: &WebProcess, id: &str, state: &str) -> Result<Value> {
-    let path = format!("/api/v1/tasks/{id}");
-    wait_until(
-        &format!("task {id} to be {state}"),
-        Duration::from_secs(20),
-        || async {
-            let (s, v) = web.call("GET", &path, None).await?;
-            Ok((s == 200 && v["state"] == state).then_some(v))
-        },
-    )
-    .await
-}
-
 async fn health(web: &WebProcess) -> Result<(u16, Value)> {
     web.call("GET", "/health", None).await
 }
@@ -63,7 +50,9 @@ async fn tasks_flow_through_the_http_api_and_health_follows_the_worker() -> Resu
         )
         .await?;
     assert_eq!(s, 202, "{v}");
-    let done = wait_state(&web, v["id"].as_str().unwrap_or_default(), "SUCCESS").await?;
+    let done = web
+        .wait_state(v["id"].as_str().unwrap_or_default(), "SUCCESS")
+        .await?;
     assert_eq!(done["result"], 42);
 
     // Revoke one that waits for its countdown: it never runs.
@@ -90,7 +79,7 @@ async fn tasks_flow_through_the_http_api_and_health_follows_the_worker() -> Resu
     )
     .await?;
     assert_eq!(
-        wait_state(&web, &id, "REVOKED").await?["error"]["type"],
+        web.wait_state(&id, "REVOKED").await?["error"]["type"],
         "TaskRevokedError"
     );
     worker.wait_log("revoked before it started", Duration::from_secs(10))?;
