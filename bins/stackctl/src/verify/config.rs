@@ -1,13 +1,18 @@
 //! A service's configuration as the service itself loads it: the
 //! library's `Config` from the defaults, the TOML file `TASKSTACK_CONFIG`
 //! names (the mounted file, read at its host path) and the `TASKSTACK_*`
-//! variables of the service's compose environment, validated by the
-//! library. Paths inside the container (`/run/secrets/<name>`, bind
-//! mount targets) are read at their host paths.
+//! variables of the service's environment, validated by the library.
+//! The environment is the running container's when there is one (what the
+//! service really runs with, even when the compose file was edited after
+//! `up`), the compose file's otherwise. Paths inside the container
+//! (`/run/secrets/<name>`, bind mount targets) are read at their host paths.
 
 use crate::compose::{Project, Service};
+use crate::engine::ContainerInfo;
 use figment::Figment;
 use figment::providers::{Format as _, Serialized, Toml};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use taskstack::config::{CONFIG_FILE_ENV, Config, ENV_PREFIX};
 
@@ -28,6 +33,26 @@ pub fn host_path(project: &Project, svc: &Service, path: &std::path::Path) -> Op
             rest.strip_prefix('/').map(|r| b.source.join(r))
         }
     })
+}
+
+/// `svc` with the environment of its first running container among
+/// `containers` (`KEY=value` as the engine reports it), or as the compose
+/// file has it when none of them runs.
+pub fn as_running<'a>(svc: &'a Service, containers: &[&ContainerInfo]) -> Cow<'a, Service> {
+    let Some(c) = containers.iter().find(|c| c.running) else {
+        return Cow::Borrowed(svc);
+    };
+    let environment: BTreeMap<String, String> = c
+        .env
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (kv.clone(), String::new()),
+        })
+        .collect();
+    let mut svc = svc.clone();
+    svc.environment = environment;
+    Cow::Owned(svc)
 }
 
 /// `svc`'s configuration (see the module docs); Err names what is wrong,

@@ -133,14 +133,24 @@ pub async fn verify<E: Engine>(
             .filter(|c| c.running)
             .collect()
     };
-    // Each service's configuration as it loads it; Redis through the
-    // library, with the configuration the web uses (the one `/health` reads).
+    // Each service's configuration as it loads it (its running container's
+    // environment); Redis through the library, with the configuration the
+    // web uses (the one `/health` reads).
+    let containers_of = |name: &str| -> Vec<&ContainerInfo> {
+        services
+            .iter()
+            .filter(|s| s.name == name)
+            .flat_map(|s| s.containers.iter())
+            .collect()
+    };
     let config_of = |role: Role| {
         project
             .services
             .values()
             .find(|s| Role::of(s) == role)
-            .map(|s| config::service_config(project, s))
+            .map(|s| {
+                config::service_config(project, &config::as_running(s, &containers_of(&s.name)))
+            })
     };
     let web_config = config_of(Role::Web);
     let main_config: Probe<Config> = [
@@ -167,7 +177,7 @@ pub async fn verify<E: Engine>(
         .into_iter()
         .filter_map(|role| {
             let svc = project.services.values().find(|s| Role::of(s) == role)?;
-            let c = config::service_config(project, svc).ok()?;
+            let c = config_of(role)?.ok()?;
             Some((svc.name.clone(), store_kind(&c)))
         })
         .collect();

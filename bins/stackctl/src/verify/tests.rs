@@ -356,3 +356,28 @@ async fn the_mounted_toml_decides_and_only_leased_workers_are_live() {
     );
     web.abort();
 }
+
+/// The running containers' environment decides, not a compose file
+/// edited after `up`: the file now names a namespace the services do not
+/// use, and verify still looks where they work (and passes).
+#[tokio::test]
+async fn the_running_containers_environment_decides_not_an_edited_file() {
+    let s = stack(false).await;
+    let (engine, web) = (&s.engine, &s.web);
+    let mut edited = s.p.clone();
+    for svc in edited.services.values_mut() {
+        svc.environment
+            .insert("TASKSTACK_NAMESPACE".into(), "edited-after-up".into());
+    }
+    let report = verify(engine, &edited, &VerifyOptions::default())
+        .await
+        .expect("verify");
+    assert!(report.ok, "{}", report.render());
+
+    // With no container running, the file is all there is to go by.
+    let svc = &edited.services["worker"];
+    let from_file = config::service_config(&edited, &config::as_running(svc, &[]))
+        .expect("the file's configuration");
+    assert_eq!(from_file.namespace, "edited-after-up");
+    web.abort();
+}
