@@ -455,3 +455,59 @@ impl Drop for StackctlProject {
         }
     }
 }
+
+/// A test's stack run through the `stackctl` binary `exe` (a test's
+/// `env!("CARGO_BIN_EXE_stackctl")`): when dropped, even after a failure,
+/// `stackctl down -v -p <project>` with `env`, then the images the test
+/// made are removed, last first (an image built on another goes before
+/// it). A step that fails is reported on stderr and the rest still run.
+#[derive(Debug)]
+pub struct StackctlDown {
+    pub exe: &'static str,
+    pub project: String,
+    pub env: Vec<(&'static str, String)>,
+    pub images: Vec<String>,
+}
+
+impl Drop for StackctlDown {
+    fn drop(&mut self) {
+        let p = &self.project;
+        match run_stackctl(self.exe, &["down", "-v", "-p", p], &self.env) {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!("stackctl down -v -p {p}: {}", output_text(&o)),
+            Err(e) => eprintln!("stackctl down -v -p {p}: {e:#}"),
+        }
+        let images = std::mem::take(&mut self.images);
+        if images.is_empty() {
+            return;
+        }
+        // A runtime of its own: the test's may be shutting down.
+        let removed = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let docker = stackctl::docker::connect().await?;
+                for image in images.iter().rev() {
+                    if let Err(e) = docker
+                        .remove_image(
+                            image,
+                            None::<testcontainers::bollard::query_parameters::RemoveImageOptions>,
+                            None,
+                        )
+                        .await
+                    {
+                        eprintln!("docker rmi {image}: {e}");
+                    }
+                }
+                anyhow::Ok(())
+            })
+        })
+        .join();
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("removing the test's images: {e:#}"),
+            Err(_) => eprintln!("removing the test's images panicked"),
+        }
+    }
+}

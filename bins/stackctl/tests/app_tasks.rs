@@ -16,14 +16,15 @@
 //! removed, even after a failure.
 
 use anyhow::{Context as _, Result, ensure};
-use bollard::query_parameters::RemoveImageOptions;
 use serde_json::{Value, json};
 use stackctl::build::{APP_REPOSITORY, REDIS_REPOSITORY};
 use stackctl::rootfs::{Rootfs, append_file};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-use taskstack_integration::docker::{ComposeProject, is_compose_setting, unique, workspace_root};
+use taskstack_integration::docker::{
+    ComposeProject, StackctlDown, output_text as text, run_stackctl, unique, workspace_root,
+};
 use taskstack_integration::http::request;
 use taskstack_integration::{Prereq, free_port, require, wait_until};
 
@@ -34,68 +35,8 @@ const PYTHON: &str = "/usr/bin/python3";
 const SNIPPET_START: &str = "# --- taskstack: copy these lines";
 const SNIPPET_END: &str = "# -------";
 
-/// `stackctl <args>` in the workspace, with none of the caller's compose
-/// settings and `env` set.
 fn stackctl(args: &[&str], env: &[(&str, String)]) -> Result<Output> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stackctl"));
-    cmd.args(args).current_dir(workspace_root()?);
-    for (k, _) in std::env::vars() {
-        if is_compose_setting(&k) {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().context("cannot run stackctl")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Takes the project down and removes the images this test made.
-struct Cleanup {
-    project: String,
-    env: Vec<(&'static str, String)>,
-    images: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        match stackctl(&["down", "-v", "-p", &self.project], &self.env) {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("stackctl down -p {}: {}", self.project, text(&o)),
-            Err(e) => eprintln!("stackctl down -p {}: {e:#}", self.project),
-        }
-        // The user image first: it was built on the base.
-        let images = std::mem::take(&mut self.images);
-        let removed = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let docker = stackctl::docker::connect().await?;
-                for image in images.iter().rev() {
-                    if let Err(e) = docker
-                        .remove_image(image, None::<RemoveImageOptions>, None)
-                        .await
-                    {
-                        eprintln!("docker rmi {image}: {e}");
-                    }
-                }
-                anyhow::Ok(())
-            })
-        })
-        .join();
-        if let Ok(Err(e)) = removed {
-            eprintln!("removing the test's images: {e:#}");
-        }
-    }
+    run_stackctl(env!("CARGO_BIN_EXE_stackctl"), args, env)
 }
 
 /// Where `python` keeps its standard library (with lib-dynload inside, as
@@ -248,7 +189,8 @@ async fn the_apps_http_and_program_tasks_run_in_the_stack() -> Result<()> {
         ("APP_IMAGE", user_image.clone()),
     ];
     let project = unique("apptasks").replace('-', "");
-    let _cleanup = Cleanup {
+    let _cleanup = StackctlDown {
+        exe: env!("CARGO_BIN_EXE_stackctl"),
         project: project.clone(),
         env: env.clone(),
         images: vec![app.clone(), redis.clone(), base.clone(), user_image.clone()],

@@ -7,75 +7,31 @@
 //! same path with a team's own worker binary in place of the stock one.
 
 use anyhow::{Context as _, Result, ensure};
-use bollard::query_parameters::RemoveImageOptions;
 use stackctl::build::{APP_REPOSITORY, DEFAULT_TAG, REDIS_REPOSITORY};
 use stackctl::engine::Engine as _;
 use stackctl::engine::live::Live;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-use taskstack_integration::docker::{is_compose_setting, unique, workspace_root};
+use taskstack_integration::docker::{
+    StackctlDown, output_text as text, run_stackctl, unique, workspace_root,
+};
 use taskstack_integration::http::request;
 use taskstack_integration::{free_port, wait_until};
 
 /// `stackctl <args>` in the workspace, with none of the caller's compose
 /// settings (image variables above all) and `env` set.
 fn stackctl(args: &[&str], env: &[(&str, String)]) -> Result<Output> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stackctl"));
-    cmd.args(args).current_dir(workspace_root()?);
-    for (k, _) in std::env::vars() {
-        if is_compose_setting(&k) {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().context("cannot run stackctl")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    run_stackctl(env!("CARGO_BIN_EXE_stackctl"), args, env)
 }
 
 /// Takes the project down and removes the images this test made.
-struct Cleanup {
-    project: String,
-    env: Vec<(&'static str, String)>,
-    new_images: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        match stackctl(&["down", "-v", "-p", &self.project], &self.env) {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("stackctl down -p {}: {}", self.project, text(&o)),
-            Err(e) => eprintln!("stackctl down -p {}: {e:#}", self.project),
-        }
-        let images = std::mem::take(&mut self.new_images);
-        let removed = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let docker = stackctl::docker::connect().await?;
-                for image in images {
-                    docker
-                        .remove_image(&image, None::<RemoveImageOptions>, None)
-                        .await
-                        .with_context(|| format!("docker rmi {image}"))?;
-                }
-                anyhow::Ok(())
-            })
-        })
-        .join();
-        if let Ok(Err(e)) = removed {
-            eprintln!("removing the built images: {e:#}");
-        }
+fn cleanup(project: &str, env: &[(&'static str, String)], images: Vec<String>) -> StackctlDown {
+    StackctlDown {
+        exe: env!("CARGO_BIN_EXE_stackctl"),
+        project: project.to_owned(),
+        env: env.to_vec(),
+        images,
     }
 }
 
@@ -98,11 +54,7 @@ async fn build_then_a_plain_up_runs_what_was_built() -> Result<()> {
         ("HEALTHCHECK_INTERVAL", "1s".to_owned()),
     ];
     let project = unique("buildup").replace('-', "");
-    let _cleanup = Cleanup {
-        project: project.clone(),
-        env: env.clone(),
-        new_images,
-    };
+    let _cleanup = cleanup(&project, &env, new_images);
 
     // Debug binaries (this test's own profile, already compiled): the
     // release images' size limit does not apply to them.
@@ -193,11 +145,7 @@ async fn a_teams_own_worker_runs_its_task_in_the_stack() -> Result<()> {
         ("REDIS_IMAGE", redis.clone()),
     ];
     let project = unique("ownworker").replace('-', "");
-    let _cleanup = Cleanup {
-        project: project.clone(),
-        env: env.clone(),
-        new_images: vec![app.clone(), redis.clone()],
-    };
+    let _cleanup = cleanup(&project, &env, vec![app.clone(), redis.clone()]);
     let bin_arg = bin.display().to_string();
     let args = [
         "build",

@@ -11,28 +11,14 @@ use anyhow::{Context as _, Result, ensure};
 use stackctl::engine::Engine as _;
 use stackctl::engine::live::Live;
 use std::time::Duration;
-use taskstack_integration::docker::{images, leftovers, output_text, run_stackctl, unique};
+use taskstack_integration::docker::{
+    StackctlDown, images, leftovers, output_text, run_stackctl, unique,
+};
 use taskstack_integration::http::request;
 use taskstack_integration::{Prereq, free_port, require, wait_until};
 
 fn stackctl(args: &[&str], env: &[(&str, String)]) -> Result<std::process::Output> {
     run_stackctl(env!("CARGO_BIN_EXE_stackctl"), args, env)
-}
-
-/// `stackctl down -v` of the project when dropped.
-struct Down {
-    project: String,
-    env: Vec<(&'static str, String)>,
-}
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        match stackctl(&["down", "-v", "-p", &self.project], &self.env) {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("stackctl down -v -p {}: {}", self.project, output_text(&o)),
-            Err(e) => eprintln!("stackctl down -v -p {}: {e:#}", self.project),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -68,9 +54,11 @@ async fn the_postgres_profile_keeps_results_in_postgresql() -> Result<()> {
         ("POSTGRES_IMAGE", pg_image),
     ];
     let project = unique("pgresults").replace('-', "");
-    let down = Down {
+    let down = StackctlDown {
+        exe: env!("CARGO_BIN_EXE_stackctl"),
         project: project.clone(),
         env: env.clone(),
+        images: Vec::new(),
     };
 
     let up = stackctl(
