@@ -8,7 +8,7 @@
 
 use anyhow::{Context as _, Result, ensure};
 use serde_json::{Map, Value, json};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use taskstack::proto::{TaskResult, TaskState};
@@ -78,27 +78,59 @@ impl Celery<'_> {
     }
 }
 
-/// A worker named `node` whose TOML file is `toml`, with `TASKSTACK_*`
-/// variables `env`.
-fn worker(
-    redis: &RedisServer,
-    ns: &str,
-    node: &str,
-    dir: &Path,
-    toml: &str,
-) -> Result<WorkerProcess> {
-    let file = dir.join("worker.toml");
-    std::fs::write(&file, toml)?;
-    let w = WorkerProcess::spawn(
-        &redis.url(),
-        ns,
-        &[
-            ("TASKSTACK_CONFIG", file.to_str().context("utf-8 path")?),
-            ("TASKSTACK_WORKER_NODENAME", node),
-        ],
-    )?;
-    w.wait_log("worker ready", LONG).with_context(|| w.log())?;
-    Ok(w)
+/// One test's Redis server, namespace, worker node name and scratch
+/// directory, and the Python with Celery's CLI.
+struct Rig {
+    python: PathBuf,
+    redis: RedisServer,
+    url: String,
+    ns: String,
+    node: String,
+    dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// A fresh Redis server; namespace `what`, node `<name>@<namespace>`.
+    fn new(what: &str, name: &str) -> Result<Self> {
+        let python = celery_python()?;
+        let redis = RedisServer::start()?;
+        let url = redis.url();
+        let ns = namespace(what);
+        Ok(Self {
+            python,
+            redis,
+            url,
+            node: format!("{name}@{ns}"),
+            ns,
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    /// The worker of this node, its TOML file `toml` written to the
+    /// scratch directory, once it says it is ready.
+    fn worker(&self, toml: &str) -> Result<WorkerProcess> {
+        let file = self.dir.path().join("worker.toml");
+        std::fs::write(&file, toml)?;
+        let w = WorkerProcess::spawn(
+            &self.redis.url(),
+            &self.ns,
+            &[
+                ("TASKSTACK_CONFIG", file.to_str().context("utf-8 path")?),
+                ("TASKSTACK_WORKER_NODENAME", &self.node),
+            ],
+        )?;
+        w.wait_log("worker ready", LONG).with_context(|| w.log())?;
+        Ok(w)
+    }
+
+    /// The Celery CLI aimed at this node.
+    fn celery(&self) -> Celery<'_> {
+        Celery {
+            python: &self.python,
+            url: &self.url,
+            node: &self.node,
+        }
+    }
 }
 
 fn request(task: &str, args: Vec<Value>, queue: Option<&str>) -> TaskRequest {
@@ -120,19 +152,11 @@ fn started_ms(r: &TaskResult) -> Result<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_consumer_and_cancel_consumer_change_the_queues_served() -> Result<()> {
-    let python = celery_python()?;
-    let redis = RedisServer::start()?;
-    let url = redis.url();
-    let ns = namespace("ctl_queues");
-    let node = format!("q@{ns}");
-    let dir = tempfile::tempdir()?;
-    let mut w = worker(&redis, &ns, &node, dir.path(), "")?;
-    let celery = Celery {
-        python: &python,
-        url: &url,
-        node: &node,
-    };
-    let p = producer(&url, &ns)?;
+    let rig = Rig::new("ctl_queues", "q")?;
+    let (url, ns) = (rig.url.as_str(), rig.ns.as_str());
+    let mut w = rig.worker("")?;
+    let celery = rig.celery();
+    let p = producer(url, ns)?;
     assert_eq!(celery.queues()?, ["celery"]);
 
     let r = celery.control(&["add_consumer", "reports"])?;
@@ -206,7 +230,7 @@ async fn add_consumer_and_cancel_consumer_change_the_queues_served() -> Result<(
     w.signal(nix::sys::signal::Signal::SIGTERM)?;
     let status = w.wait_exit(LONG)?;
     assert!(status.success(), "{status}\n{}", w.log());
-    let w = worker(&redis, &ns, &node, dir.path(), "")?;
+    let w = rig.worker("")?;
     let queues = wait_until_sync("the restarted worker to answer", LONG, || {
         celery.queues().ok()
     })
@@ -217,20 +241,12 @@ async fn add_consumer_and_cancel_consumer_change_the_queues_served() -> Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_space_task_starts_and_change_at_run_time() -> Result<()> {
-    let python = celery_python()?;
-    let redis = RedisServer::start()?;
-    let url = redis.url();
-    let ns = namespace("ctl_rate");
-    let node = format!("rate@{ns}");
-    let dir = tempfile::tempdir()?;
+    let rig = Rig::new("ctl_rate", "rate")?;
+    let (url, ns) = (rig.url.as_str(), rig.ns.as_str());
     let toml = "[task_annotations.\"taskstack.add\"]\nrate_limit = \"2/s\"\n";
-    let w = worker(&redis, &ns, &node, dir.path(), toml)?;
-    let celery = Celery {
-        python: &python,
-        url: &url,
-        node: &node,
-    };
-    let p = producer(&url, &ns)?;
+    let w = rig.worker(toml)?;
+    let celery = rig.celery();
+    let p = producer(url, ns)?;
 
     // Configured: 2/s on taskstack.add; a task without a limit sent after
     // the burst is not held up by it.
@@ -359,20 +375,12 @@ fn bad_rate_limits_stop_the_worker_naming_the_task_and_key() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_limit_changes_a_tasks_limits_at_run_time() -> Result<()> {
-    let python = celery_python()?;
-    let redis = RedisServer::start()?;
-    let url = redis.url();
-    let ns = namespace("ctl_time");
-    let node = format!("time@{ns}");
-    let dir = tempfile::tempdir()?;
+    let rig = Rig::new("ctl_time", "time")?;
+    let (url, ns) = (rig.url.as_str(), rig.ns.as_str());
     let toml = "[tasks.\"t.prog\"]\nexec = [\"/bin/sh\", \"-c\", \"cat >/dev/null; sleep 60\"]\n";
-    let w = worker(&redis, &ns, &node, dir.path(), toml)?;
-    let celery = Celery {
-        python: &python,
-        url: &url,
-        node: &node,
-    };
-    let p = producer(&url, &ns)?;
+    let w = rig.worker(toml)?;
+    let celery = rig.celery();
+    let p = producer(url, ns)?;
     let run = |task: &'static str| {
         let p = &p;
         async move {
@@ -416,12 +424,8 @@ fn alive(pid: i32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_terminate_kills_a_program_tasks_whole_process_group() -> Result<()> {
-    let python = celery_python()?;
-    let redis = RedisServer::start()?;
-    let url = redis.url();
-    let ns = namespace("ctl_terminate");
-    let node = format!("term@{ns}");
-    let dir = tempfile::tempdir()?;
+    let rig = Rig::new("ctl_terminate", "term")?;
+    let (python, url, ns, dir) = (&rig.python, rig.url.as_str(), rig.ns.as_str(), &rig.dir);
     let d = dir.path().display();
     // The program starts a child that ignores SIGTERM, then waits.
     let script = dir.path().join("stuck.sh");
@@ -437,8 +441,8 @@ async fn revoke_terminate_kills_a_program_tasks_whole_process_group() -> Result<
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
     }
     let toml = format!("[tasks.\"t.stuck\"]\nexec = [\"{}\"]\n", script.display());
-    let w = worker(&redis, &ns, &node, dir.path(), &toml)?;
-    let p = producer(&url, &ns)?;
+    let w = rig.worker(&toml)?;
+    let p = producer(url, ns)?;
 
     let id = p.send_task("t.stuck", vec![]).await?;
     let pid = |f: &str| -> Option<i32> {
@@ -455,7 +459,7 @@ async fn revoke_terminate_kills_a_program_tasks_whole_process_group() -> Result<
     assert!(alive(child) && alive(grandchild));
 
     // AsyncResult(id).revoke(terminate=True), as a Celery user calls it.
-    let out = python_cmd(&python, &url)
+    let out = python_cmd(python, url)
         .args(["control_client.py", "revoke_terminate", &id])
         .output()?;
     ensure!(
@@ -475,7 +479,7 @@ async fn revoke_terminate_kills_a_program_tasks_whole_process_group() -> Result<
     })
     .with_context(|| format!("child {child}, grandchild {grandchild}\n{}", w.log()))?;
     // Python Celery sees the state Celery reports for a terminated task.
-    let out = python_cmd(&python, &url)
+    let out = python_cmd(python, url)
         .args(["control_client.py", "state", &id])
         .output()?;
     let state = String::from_utf8_lossy(&out.stdout);
