@@ -207,17 +207,21 @@ pub trait Consume: Send {
 
     /// Parks a held message (`payload` may differ from the one taken, e.g.
     /// the next retry) until `due_ms`, releasing the hold in the same step;
-    /// nothing happens when the hold is already gone.
+    /// nothing happens when the hold is already gone. `started`: the task
+    /// started under this hold (a retry), so its start mark goes too.
     async fn park_held(
         &mut self,
         seq: u64,
         queue_key: &str,
         payload: &[u8],
         due_ms: i64,
+        started: Option<&str>,
     ) -> Result<(), BackendError>;
 
     /// Appends `record` to its queue's dead letters and releases the hold in
-    /// one step; nothing happens when the hold is already gone. For an
+    /// one step (with the start mark of `record.task_id`, when the task
+    /// started under this hold); nothing happens when the hold is already
+    /// gone. For an
     /// oversized delivery (`record.payload_size` set, no payload) the
     /// backend keeps the held bytes itself and names where
     /// (`payload_key`), so requeueing the dead letter restores them.
