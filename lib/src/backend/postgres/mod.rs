@@ -445,12 +445,19 @@ impl TaskStates for PgTaskStates {
         record: &str,
         ttl: Duration,
     ) -> Result<RevokeOutcome, BackendError> {
+        let keys = self.broker.keys();
         let left_ms = match store::revocable(&self.pg, task_id).await? {
             Ok(ms) => ms,
+            Err(RevokeOutcome::AlreadyRevoked) => {
+                // The marker again (harmless when set): a row revoked by a
+                // build that kept the exclusion in PostgreSQL has none, and
+                // a queued task must not start on a worker of this one.
+                broker::mark_revoked(&mut self.lane, keys, task_id, ttl).await?;
+                return Ok(RevokeOutcome::AlreadyRevoked);
+            }
             Err(answer) => return Ok(answer),
         };
         let keep = ttl.max(Duration::from_millis(u64::try_from(left_ms).unwrap_or(0)));
-        let keys = self.broker.keys();
         if !broker::mark_revoked(&mut self.lane, keys, task_id, keep).await? {
             return Ok(RevokeOutcome::Refused(crate::proto::TaskState::Started));
         }

@@ -221,6 +221,30 @@ async fn every_crash_point_of_a_revocation_ends_in_one_consistent_answer() {
     ];
     c.settle(&done, LONG).await.expect("settle");
 
+    // A row revoked by an older build (the flag, no marker on Redis): a
+    // repeated revocation sets the marker, so the task is not started.
+    send(&b, &["old"], true).await;
+    let sql = "UPDATE taskstack_results SET state = 'REVOKED', revoked = true \
+               WHERE task_id = 'old'";
+    pg.psql(&db, sql).expect("psql");
+    let r = ts
+        .revoke("old", &revoked("old"), LONG)
+        .await
+        .expect("revoke");
+    assert_eq!(r, RevokeOutcome::AlreadyRevoked);
+    let held = c
+        .take(&[Q.into()], 1, LONG, usize::MAX)
+        .await
+        .expect("take");
+    let go = ts
+        .start_batch(Some("w1"), &[starting("old", held[0].seq)], LONG, false)
+        .await
+        .expect("start");
+    assert_eq!(go, [StartVerdict::Revoked]);
+    c.settle(&[settle(held[0].seq, "old", None)], LONG)
+        .await
+        .expect("settle");
+
     // 2. The task finished between the revocation's first check and its
     // row: the row keeps SUCCESS and the answer says so; a redelivered
     // copy is skipped without touching the row.
