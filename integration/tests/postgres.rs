@@ -127,6 +127,55 @@ async fn worker_and_web_keep_results_in_postgresql() -> Result<()> {
         .await?;
     assert_eq!(s, 200, "{v}");
     web.wait_state(&later, "REVOKED").await?;
+    // When due the worker takes it and skips it: it never runs.
+    worker.wait_log(
+        "task was revoked before it started; skipping it",
+        Duration::from_secs(30),
+    )?;
+    let (_, v) = web
+        .call("GET", &format!("/api/v1/tasks/{later}"), None)
+        .await?;
+    assert_eq!(v["state"], "REVOKED", "{v}");
+    assert!(
+        worker
+            .log()
+            .lines()
+            .any(|l| l.contains(&later) && l.contains("revoked before it started")),
+        "the skipped task is the revoked one: {}",
+        worker.log()
+    );
+
+    // Running (marked on Redis, no STARTED row without
+    // task_track_started): the revocation is refused, the task finishes.
+    let (_, v) = web
+        .call(
+            "POST",
+            "/api/v1/tasks",
+            Some(&json!({"task": "taskstack.sleep", "args": [2]})),
+        )
+        .await?;
+    let running = v["id"].as_str().unwrap_or_default().to_owned();
+    let marks = format!("{ns}:running:{}", worker_id(&worker)?);
+    wait_until(
+        "the sleep task to start",
+        Duration::from_secs(30),
+        || async {
+            let mark: Option<String> = redis::cmd("HGET")
+                .arg(&marks)
+                .arg(&running)
+                .query(&mut redis.conn()?)?;
+            Ok(mark.map(|_| ()))
+        },
+    )
+    .await?;
+    let (s, v) = web
+        .call("DELETE", &format!("/api/v1/tasks/{running}"), None)
+        .await?;
+    assert_eq!(s, 409, "a running task is not revoked: {v}");
+    let done = web.wait_state(&running, "SUCCESS").await?;
+    assert_eq!(done["result"], 2.0, "{done}");
+    let left: usize = redis::cmd("HLEN").arg(&marks).query(&mut redis.conn()?)?;
+    assert_eq!(left, 0, "no start mark outlives its task");
     let (s, v) = web
         .call("DELETE", &format!("/api/v1/tasks/{id}"), None)
         .await?;
@@ -412,6 +461,10 @@ async fn worker_sigkilled_mid_batch_leaves_exactly_one_committed_result_per_task
     assert_eq!(ready, 0, "every message acknowledged");
     let on_redis: Vec<String> = redis::cmd("KEYS").arg("celery-task-meta-*").query(&mut c)?;
     assert!(on_redis.is_empty(), "no result on Redis: {on_redis:?}");
+    let marks: usize = redis::cmd("HLEN")
+        .arg(format!("{ns}:running:{b_id}"))
+        .query(&mut c)?;
+    assert_eq!(marks, 0, "B's start marks went with its acknowledgements");
     Ok(())
 }
 

@@ -9,6 +9,10 @@
 -- ARGV[3]  '' or a key: the message is too large to have been sent to the
 --          worker, so it is copied from the hold to this STRING key (the
 --          record names it as `payload_key`) instead of being in the record
+-- KEYS[3]  the holding worker's running HASH (start.lua's marks)
+-- ARGV[4]  the task id, or '' when unknown: its start mark is deleted with
+--          the hold when it names this hold (a task that started and then
+--          gave up: rejected, retries exhausted), so the hash does not grow
 -- Returns 0 without writing when the hold is already gone (an earlier
 -- attempt whose reply was lost, or a reaper restored the message).
 local held = redis.call('HGET', KEYS[2], ARGV[2])
@@ -22,4 +26,7 @@ if ARGV[3] ~= '' then
 end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[2])
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[2] then
+  redis.call('HDEL', KEYS[3], ARGV[4])
+end
 return 1

@@ -11,7 +11,12 @@
 -- ARGV[2]  a fresh unique id for this parked message
 -- ARGV[3]  queue key to push to when due
 -- ARGV[4]  the message
+-- KEYS[5]  the holding worker's running HASH (start.lua's marks; any key
+--          when ARGV[6] is '')
 -- ARGV[5]  sequence number to settle in KEYS[3], or ''
+-- ARGV[6]  the task id whose start mark goes with the hold (a retry after
+--          the task started), or ''; deleted only while it names this
+--          hold, so another hold of the same task id keeps its mark
 -- Returns 1 when parked, 0 when the hold was already gone (settled by an
 -- earlier attempt whose reply was lost, or restored by a reaper): parking
 -- again would duplicate the message.
@@ -22,6 +27,9 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. '\n' .. ARGV[4])
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[5] ~= '' then
   redis.call('HDEL', KEYS[3], ARGV[5])
+  if ARGV[6] ~= '' and redis.call('HGET', KEYS[5], ARGV[6]) == ARGV[5] then
+    redis.call('HDEL', KEYS[5], ARGV[6])
+  end
 end
 -- The queue name is the key without Celery's priority suffix ("\x06\x16<n>").
 local q = ARGV[3]

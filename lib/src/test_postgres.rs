@@ -4,7 +4,10 @@
 //! directory removed on drop. Each test makes its own database
 //! ([`PgServer::create_database`]). [`PgServer::start_tls`] starts one with
 //! `ssl=on` and a server certificate for `localhost` / `127.0.0.1` signed
-//! by a CA of its own, made with `openssl`. PostgreSQL refuses to run as root, so
+//! by a CA of its own, made with `openssl`. The server runs with
+//! `fsync=off` (tests need no durability);
+//! [`PgServer::start_durable`] starts one with `fsync=on`, as in production
+//! (for the benchmarks). PostgreSQL refuses to run as root, so
 //! when the tests run as root the server runs as the `postgres` user that
 //! Debian's package creates. `scripts/prereqs` installs the package; a
 //! missing server fails the test, never skips it.
@@ -36,6 +39,9 @@ pub struct PgServer {
     child: Option<Child>,
     /// With TLS: the CA certificate the server's certificate is signed by.
     ca_cert: Option<PathBuf>,
+    /// `fsync=on` (a durable server, as in production) instead of the
+    /// tests' `fsync=off`.
+    fsync: bool,
     dir: tempfile::TempDir,
 }
 
@@ -185,14 +191,20 @@ fn make_server_cert(dir: &Path) {
 impl PgServer {
     /// Initialises and starts a server; returns once it accepts logins.
     pub fn start() -> Self {
-        Self::start_with(false)
+        Self::start_with(false, false)
+    }
+
+    /// The same with `fsync=on`: every commit waits for the disk, as on a
+    /// production server (the benchmarks measure both).
+    pub fn start_durable() -> Self {
+        Self::start_with(false, true)
     }
 
     /// The same with `ssl=on`: a server certificate for `localhost` and
     /// `127.0.0.1` signed by a CA of its own ([`PgServer::ca_cert`]).
     /// Plain connections are still accepted (`sslmode` decides).
     pub fn start_tls() -> Self {
-        Self::start_with(true)
+        Self::start_with(true, false)
     }
 
     /// With TLS, the CA certificate (PEM) that signed the server's.
@@ -200,7 +212,7 @@ impl PgServer {
         self.ca_cert.as_deref()
     }
 
-    fn start_with(tls: bool) -> Self {
+    fn start_with(tls: bool, fsync: bool) -> Self {
         let bin = bin_dir();
         let run_as = if running_as_root() {
             Some(ids_of("postgres").expect(
@@ -258,6 +270,7 @@ impl PgServer {
             run_as,
             child: None,
             ca_cert,
+            fsync,
             dir,
         };
         server.start_again();
@@ -273,7 +286,8 @@ impl PgServer {
             .arg(&self.data)
             .args(["-p", &self.port.to_string(), "-k"])
             .arg(self.dir.path())
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c"])
+            .arg(if self.fsync { "fsync=on" } else { "fsync=off" })
             .args(["-c", "max_connections=200"])
             .args(self.tls_args())
             .stdin(Stdio::null())

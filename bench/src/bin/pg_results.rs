@@ -7,7 +7,12 @@
 //! ```sh
 //! cargo build --release -p taskstack-worker
 //! cargo run --release -p taskstack-bench --bin pg_results -- --runs 3
+//! cargo run --release -p taskstack-bench --bin pg_results -- --runs 3 --pg-fsync on
 //! ```
+//!
+//! The throwaway `postgres` runs with `fsync=off` unless `--pg-fsync on`
+//! asks for a durable server (every commit waits for the disk, as in
+//! production).
 //!
 //! Throughput: `--tasks` echo tasks are enqueued before the worker starts;
 //! the clock runs from the worker's "worker ready" state file to the moment
@@ -46,9 +51,20 @@ struct Cli {
     /// The worker's TASKSTACK_PREFETCH.
     #[arg(long, default_value_t = 512)]
     prefetch: usize,
+    /// The PostgreSQL server's `fsync`: `on` is a durable server (every
+    /// commit waits for the disk, as in production); `off` is the tests'
+    /// setting.
+    #[arg(long, value_enum, default_value_t = Fsync::Off)]
+    pg_fsync: Fsync,
     /// The worker binary (default: `<target dir>/release/taskstack-worker`).
     #[arg(long, value_name = "PATH")]
     worker_bin: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Fsync {
+    On,
+    Off,
 }
 
 struct Worker {
@@ -215,10 +231,22 @@ async fn main() -> Result<()> {
     );
     let bin = worker_bin(&cli)?;
     let redis = RedisServer::start()?;
-    let pg = PgServer::start();
+    let pg = match cli.pg_fsync {
+        Fsync::On => PgServer::start_durable(),
+        Fsync::Off => PgServer::start(),
+    };
+    let fsync = pg
+        .psql("postgres", "SHOW fsync")
+        .map_err(anyhow::Error::msg)?;
     println!(
-        "{} echo tasks per run, concurrency {}, prefetch {}, {} latency samples, {} runs each",
-        cli.tasks, cli.concurrency, cli.prefetch, cli.latency_samples, cli.runs
+        "{} echo tasks per run, concurrency {}, prefetch {}, {} latency samples, {} runs each, \
+         PostgreSQL fsync={}",
+        cli.tasks,
+        cli.concurrency,
+        cli.prefetch,
+        cli.latency_samples,
+        cli.runs,
+        fsync.trim()
     );
     let mut all: [Vec<Figures>; 2] = [Vec::new(), Vec::new()];
     for r in 0..cli.runs {

@@ -99,9 +99,11 @@ pub trait Backend: Send + Sync + Debug {
         None
     }
     /// Whether [`TaskStates::start_batch`] with a worker id marks starts
-    /// without STARTED records (Redis with results on the broker's
-    /// server): then a worker without `task_track_started` need not build
-    /// them.
+    /// without STARTED records (in the worker's running hash on the
+    /// broker's Redis: Redis with results on the broker's server, and
+    /// PostgreSQL results): then a worker without `task_track_started` need
+    /// not build them, and its settlements name the started task
+    /// ([`Settle::started`]) so the mark goes with the hold.
     fn marks_starts(&self) -> bool {
         false
     }
@@ -207,17 +209,21 @@ pub trait Consume: Send {
 
     /// Parks a held message (`payload` may differ from the one taken, e.g.
     /// the next retry) until `due_ms`, releasing the hold in the same step;
-    /// nothing happens when the hold is already gone.
+    /// nothing happens when the hold is already gone. `started`: the task
+    /// started under this hold (a retry), so its start mark goes too.
     async fn park_held(
         &mut self,
         seq: u64,
         queue_key: &str,
         payload: &[u8],
         due_ms: i64,
+        started: Option<&str>,
     ) -> Result<(), BackendError>;
 
     /// Appends `record` to its queue's dead letters and releases the hold in
-    /// one step; nothing happens when the hold is already gone. For an
+    /// one step (with the start mark of `record.task_id`, when the task
+    /// started under this hold); nothing happens when the hold is already
+    /// gone. For an
     /// oversized delivery (`record.payload_size` set, no payload) the
     /// backend keeps the held bytes itself and names where
     /// (`payload_key`), so requeueing the dead letter restores them.
@@ -308,10 +314,14 @@ pub trait TaskStates: Send {
     /// is given, [`StartVerdict::NotHeld`] when that worker no longer holds
     /// its message (checked atomically with the start). Its STARTED record
     /// (kept `ttl`) is stored when `track_started`, and also when the
-    /// backend marks starts by that record (PostgreSQL, the in-memory
-    /// backend, Redis with results on another server or without
-    /// `worker_id`); Redis with results on the broker's server marks them
-    /// in the worker's running hash instead.
+    /// backend marks starts by that record (the in-memory backend, Redis
+    /// with results on another Redis server, and any backend without
+    /// `worker_id`). With `worker_id`, Redis with results on the broker's
+    /// server and PostgreSQL results mark them in the worker's running
+    /// hash on the broker instead (one script per batch; PostgreSQL then
+    /// commits nothing unless `track_started`), where
+    /// [`TaskStates::revoke`] looks; PostgreSQL also stores REVOKED for a
+    /// task skipped as revoked whose row does not say so yet.
     async fn start_batch(
         &mut self,
         worker_id: Option<&str>,
@@ -322,6 +332,11 @@ pub trait TaskStates: Send {
 
     /// Revokes a task that has not started: stores `record` (its REVOKED
     /// record) for at least `ttl` and marks it so no worker starts it.
+    /// With PostgreSQL results the mark (the broker's revoked marker) is
+    /// set first, atomically with the workers' start marks, then the row
+    /// is stored; a crash in between leaves the task revoked on the broker,
+    /// and the row is completed by a repeated revocation or by the worker
+    /// that skips the task.
     async fn revoke(
         &mut self,
         task_id: &str,

@@ -83,9 +83,11 @@ pub(crate) async fn dead_letter(
     let mut inv = DEAD_LETTER.prepare_invoke();
     inv.key(keys.dead_letters(&record.queue))
         .key(keys.inflight(worker_id))
+        .key(keys.running(worker_id))
         .arg(&json)
         .arg(seq)
-        .arg(record.payload_key.as_deref().unwrap_or(""));
+        .arg(record.payload_key.as_deref().unwrap_or(""))
+        .arg(record.task_id.as_deref().unwrap_or(""));
     on_lane!(&mut *lane, "dead-letter", |c| inv.invoke_async::<()>(c))?;
     lane.recycle_after(json.len());
     Ok(())

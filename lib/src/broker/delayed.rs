@@ -5,29 +5,38 @@ use super::{BrokerError, DELAY, Lane, PROMOTE};
 use crate::proto::Keys;
 
 /// Parks `payload` until `due_ms`, to be pushed to `queue_key` then. With
-/// `held = Some((worker, seq))` the worker's hold is settled in the same step.
+/// `held = Some((worker, seq, started))` the worker's hold is settled in the
+/// same step, and with it the start mark of task `started` (a retry of a
+/// task that ran) while that mark names this hold.
 pub(crate) async fn park(
     lane: &mut Lane,
     keys: &Keys,
     due_ms: i64,
     queue_key: &str,
     payload: &[u8],
-    held: Option<(&str, u64)>,
+    held: Option<(&str, u64, Option<&str>)>,
 ) -> Result<(), BrokerError> {
     let mut inv = DELAY.prepare_invoke();
-    let (inflight, seq) = match held {
-        Some((worker, seq)) => (keys.inflight(worker), seq.to_string()),
-        None => (keys.delayed(), String::new()),
+    let (inflight, running, seq, task_id) = match held {
+        Some((worker, seq, started)) => (
+            keys.inflight(worker),
+            keys.running(worker),
+            seq.to_string(),
+            started.unwrap_or(""),
+        ),
+        None => (keys.delayed(), keys.delayed(), String::new(), ""),
     };
     inv.key(keys.delayed())
         .key(keys.delayed_messages())
         .key(inflight)
         .key(keys.delayed_counts())
+        .key(running)
         .arg(due_ms)
         .arg(uuid::Uuid::new_v4().to_string())
         .arg(queue_key)
         .arg(payload)
-        .arg(seq);
+        .arg(seq)
+        .arg(task_id);
     on_lane!(&mut *lane, "park delayed message", |c| inv
         .invoke_async::<()>(c))?;
     lane.recycle_after(payload.len());

@@ -109,9 +109,9 @@ pub(crate) use lease::{heartbeat, reap, release};
 pub use lease::{live_workers, worker_record};
 pub(crate) use results::parse_result as results_parse;
 pub use results::{get_result, store_result, store_results};
-pub(crate) use state::held;
 pub(crate) use state::start_batch;
 pub use state::{RevokeOutcome, StartVerdict, Starting, revoke};
+pub(crate) use state::{held, mark_revoked};
 
 #[cfg(test)]
 mod tests;

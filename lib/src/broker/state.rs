@@ -136,22 +136,12 @@ pub async fn revoke(
     ttl: Duration,
     on_broker: bool,
 ) -> Result<RevokeOutcome, BrokerError> {
-    let mut inv = REVOKE.prepare_invoke();
-    inv.key(result_key(task_id))
-        .key(keys.revoked(task_id))
-        .key(keys.started(task_id))
-        .key(keys.leases())
-        .arg(record)
-        .arg(millis(ttl))
-        .arg(if on_broker {
-            keys.inflight_prefix()
-        } else {
-            String::new()
-        })
-        .arg(task_id)
-        .arg(keys.running_prefix());
-    let (outcome, status): (String, String) =
-        on_lane!(&mut *lane, "revoke task", |c| inv.invoke_async(c))?;
+    let mode = if on_broker {
+        Mode::OnBroker
+    } else {
+        Mode::Elsewhere
+    };
+    let (outcome, status) = invoke_revoke(lane, keys, task_id, record, ttl, mode).await?;
     let state = || {
         serde_json::from_value::<TaskState>(serde_json::Value::String(status.clone())).map_err(
             |_| BrokerError::Reply {
@@ -172,4 +162,64 @@ pub async fn revoke(
             });
         }
     })
+}
+
+/// How `scripts/revoke.lua` is asked to revoke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Results on the broker's server: state, marks and record in one step.
+    OnBroker,
+    /// Results on another Redis server: the STARTED record decides.
+    Elsewhere,
+    /// Results in PostgreSQL: only the marks and the revoked marker.
+    MarkOnly,
+}
+
+async fn invoke_revoke(
+    lane: &mut Lane,
+    keys: &Keys,
+    task_id: &str,
+    record: &str,
+    ttl: Duration,
+    mode: Mode,
+) -> Result<(String, String), BrokerError> {
+    let mut inv = REVOKE.prepare_invoke();
+    inv.key(result_key(task_id))
+        .key(keys.revoked(task_id))
+        .key(keys.started(task_id))
+        .key(keys.leases())
+        .arg(record)
+        .arg(millis(ttl))
+        .arg(if mode == Mode::Elsewhere {
+            String::new()
+        } else {
+            keys.inflight_prefix()
+        })
+        .arg(task_id)
+        .arg(keys.running_prefix())
+        .arg(if mode == Mode::MarkOnly { "1" } else { "" });
+    on_lane!(&mut *lane, "revoke task", |c| inv.invoke_async(c))
+}
+
+/// The broker's half of a revocation when results live in PostgreSQL: in
+/// one step with `scripts/start.lua`, refuses when a worker's running mark
+/// (with its hold) or a started marker says the task runs, else sets the
+/// task's revoked marker for `ttl`, so no worker starts it from then on.
+/// `true`: marked (the caller then stores the REVOKED record); `false`: it
+/// runs. Marking twice is harmless.
+pub(crate) async fn mark_revoked(
+    lane: &mut Lane,
+    keys: &Keys,
+    task_id: &str,
+    ttl: Duration,
+) -> Result<bool, BrokerError> {
+    let (outcome, _) = invoke_revoke(lane, keys, task_id, "", ttl, Mode::MarkOnly).await?;
+    match outcome.as_str() {
+        "marked" => Ok(true),
+        "refused" => Ok(false),
+        other => Err(BrokerError::Reply {
+            op: "revoke task",
+            detail: format!("unexpected outcome {other:?}"),
+        }),
+    }
 }

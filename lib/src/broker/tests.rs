@@ -137,7 +137,7 @@ async fn parked_messages_move_when_due_and_settling_twice_is_harmless() {
         due,
         "q",
         b"x-retry",
-        Some(("w1", got[0].seq)),
+        Some(("w1", got[0].seq, None)),
     )
     .await
     .expect("park");
@@ -148,7 +148,7 @@ async fn parked_messages_move_when_due_and_settling_twice_is_harmless() {
         due,
         "q",
         b"x-retry",
-        Some(("w1", got[0].seq)),
+        Some(("w1", got[0].seq, None)),
     )
     .await
     .expect("park");
@@ -690,6 +690,102 @@ async fn a_batch_start_checks_holds_and_revocations_once_and_marks_without_recor
     .expect("start");
     assert_eq!(go, [StartVerdict::Run]);
     assert_eq!(status_of(&mut l, "d").await.as_deref(), Some("STARTED"));
+}
+
+/// A long-lived worker's running hash holds only the tasks it runs now: a
+/// task that started and was then parked for a retry, or dead-lettered,
+/// takes its start mark with its hold (before, the marks of such tasks
+/// stayed until the worker's lease ended). A mark naming another hold of
+/// the same task id stays.
+#[tokio::test]
+async fn a_retried_or_dead_lettered_task_leaves_no_start_mark() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    let qk = vec!["q".to_string()];
+    for m in ["m1", "m2", "m3", "m4"] {
+        cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg(m)).await;
+    }
+    let got = fetch(&mut l, &keys, take(&qk, 4, 0)).await.expect("fetch");
+    let ttl = Duration::from_secs(60);
+    // c1 and c2: two copies of one task (a duplicate message); the second
+    // one runs.
+    let batch: Vec<Starting> = [("a", 0), ("b", 1), ("c", 3)]
+        .iter()
+        .map(|(id, i)| Starting {
+            task_id: (*id).into(),
+            record: String::new(),
+            seq: got[*i].seq,
+        })
+        .collect();
+    let go = start_batch(&mut l, &keys, Some("w1"), &batch, ttl, false)
+        .await
+        .expect("start");
+    assert_eq!(go, [StartVerdict::Run; 3]);
+    async fn marks(l: &mut Lane) -> Vec<String> {
+        let key = Keys::new("ns").running("w1");
+        let mut m: Vec<String> = cmd(l, redis::cmd("HKEYS").arg(key)).await;
+        m.sort();
+        m
+    }
+    assert_eq!(marks(&mut l).await, ["a", "b", "c"]);
+
+    // a asks to be retried: parked, its hold and its mark gone in one step.
+    park(
+        &mut l,
+        &keys,
+        now_ms() + 60_000,
+        "q",
+        b"a-retry",
+        Some(("w1", got[0].seq, Some("a"))),
+    )
+    .await
+    .expect("park");
+    assert_eq!(
+        marks(&mut l).await,
+        ["b", "c"],
+        "a's mark went with its hold"
+    );
+    // b gives up (retries exhausted): dead-lettered with its mark.
+    let dead = |id: &str| DeadLetter {
+        reason: "retries exhausted".into(),
+        queue: "q".into(),
+        queue_key: "q".into(),
+        task_id: Some(id.into()),
+        task: Some("t".into()),
+        payload: String::new(),
+        payload_base64: None,
+        payload_key: None,
+        payload_size: None,
+        worker: "w1".into(),
+        at: "now".into(),
+    };
+    dead_letter(&mut l, &keys, "w1", got[1].seq, &dead("b"))
+        .await
+        .expect("dead-letter");
+    assert_eq!(marks(&mut l).await, ["c"], "b's mark went with its hold");
+    // The first copy of c (never started) is dead-lettered: the mark of
+    // the copy that runs stays, and a revocation is still refused.
+    dead_letter(&mut l, &keys, "w1", got[2].seq, &dead("c"))
+        .await
+        .expect("dead-letter");
+    assert_eq!(
+        marks(&mut l).await,
+        ["c"],
+        "the running copy keeps its mark"
+    );
+    let held: Vec<String> = cmd(&mut l, redis::cmd("HKEYS").arg(keys.inflight("w1"))).await;
+    assert_eq!(held, [got[3].seq.to_string()]);
+    record_pending(&mut l, &["a", "c"]).await;
+    let revoked = r#"{"status":"REVOKED"}"#;
+    let out = revoke(&mut l, &keys, "c", revoked, ttl, true).await;
+    assert_eq!(
+        out.expect("revoke"),
+        RevokeOutcome::Refused(crate::proto::TaskState::Started)
+    );
+    // a waits for its retry: revocable.
+    let out = revoke(&mut l, &keys, "a", revoked, ttl, true).await;
+    assert_eq!(out.expect("revoke"), RevokeOutcome::Revoked);
 }
 
 #[tokio::test]

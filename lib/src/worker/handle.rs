@@ -157,7 +157,7 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) 
                 sh,
                 "park task until its ETA",
                 consume
-                    .park_held(d.seq, &d.queue_key, &d.payload, due)
+                    .park_held(d.seq, &d.queue_key, &d.payload, due, None)
                     .await
             )
         })
@@ -474,7 +474,7 @@ async fn retry(sh: &Shared, d: Held, queue: &str, msg: &TaskMessage, again: Agai
             }
             let mut consume = sh.backend.consume(&sh.id);
             consume
-                .park_held(d.seq, &d.queue_key, next.as_bytes(), due)
+                .park_held(d.seq, &d.queue_key, next.as_bytes(), due, Some(&msg.id))
                 .await
         }
         .await

@@ -511,10 +511,10 @@ pub(crate) async fn delayed_messages_move_when_due_and_not_before(h: &dyn Harnes
     send(&*b, &[out("q", "held")]).await;
     let mut c = b.consume("w1");
     let held = c.take(&q, 1, LONG, ANY_SIZE).await.expect("take");
-    c.park_held(held[0].seq, "q", b"retry", due)
+    c.park_held(held[0].seq, "q", b"retry", due, None)
         .await
         .expect("park held");
-    c.park_held(held[0].seq, "q", b"retry", due)
+    c.park_held(held[0].seq, "q", b"retry", due, None)
         .await
         .expect("hold gone: no-op");
     send(&*b, &[out("q", "first")]).await;

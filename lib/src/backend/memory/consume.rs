@@ -169,6 +169,8 @@ impl Consume for MemorySession {
         queue_key: &str,
         payload: &[u8],
         due_ms: i64,
+        // Starts are marked by STARTED records here: no mark to delete.
+        _started: Option<&str>,
     ) -> Result<(), BackendError> {
         let (mut st, _) = self.state("park delayed message")?;
         if Self::unhold(&mut st, &self.worker_id, seq).is_some() {

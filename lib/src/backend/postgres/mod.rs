@@ -1,15 +1,18 @@
 //! The PostgreSQL result store: messages, leases and the delayed set stay
-//! on the Redis broker ([`RedisBackend`]); result records, the STARTED
-//! step and revocations live in one PostgreSQL table (see ARCHITECTURE.md,
-//! "PostgreSQL result store").
+//! on the Redis broker ([`RedisBackend`]), and so do the marks that keep a
+//! start and a revocation apart; result records (PENDING, STARTED with
+//! `task_track_started`, REVOKED, the outcomes) live in one PostgreSQL table
+//! (see ARCHITECTURE.md, "PostgreSQL result store").
 //!
 //! The guarantees are the Redis store's: a settlement commits its batch's
 //! results in one statement before the holds are released on Redis (so
-//! nothing is acknowledged without its result); the STARTED record and the
-//! revocation check are one conditional upsert, serialized with a revoke's
-//! row lock; writes are upserts, so a redelivered task overwrites its own
-//! row; waiters are woken by `LISTEN`/`NOTIFY`; expired rows are invisible
-//! at once and deleted in bounded batches by one cleaner at a time.
+//! nothing is acknowledged without its result); a worker's start and a
+//! revocation exclude each other on the broker's Redis, as with results
+//! there (the worker's running marks and the revoked markers, see
+//! `PgTaskStates`), so a batch's start costs no PostgreSQL commit; writes
+//! are upserts, so a redelivered task overwrites its own row; waiters are
+//! woken by `LISTEN`/`NOTIFY`; expired rows are invisible at once and
+//! deleted in bounded batches by one cleaner at a time.
 
 mod connect;
 mod listen;
@@ -135,6 +138,11 @@ impl Backend for PostgresBackend {
     #[cfg(feature = "beat")]
     fn slot_ledger(&self, usage: Use) -> Box<dyn SlotLedger> {
         self.redis.slot_ledger(usage)
+    }
+    fn marks_starts(&self) -> bool {
+        // On the broker's Redis, in the worker's running hash (see
+        // `PgTaskStates`).
+        true
     }
     fn expiry(&self) -> Option<Box<dyn Expiry>> {
         Some(self.session())
@@ -280,7 +288,8 @@ impl Consume for PgConsume {
             .map(|s| Settle {
                 seq: s.seq,
                 result: None,
-                started: None,
+                // The start marks go with the holds.
+                started: s.started.clone(),
             })
             .collect();
         self.redis.settle(&acks, result_ttl).await
@@ -296,8 +305,11 @@ impl Consume for PgConsume {
         queue_key: &str,
         payload: &[u8],
         due_ms: i64,
+        started: Option<&str>,
     ) -> Result<(), BackendError> {
-        self.redis.park_held(seq, queue_key, payload, due_ms).await
+        self.redis
+            .park_held(seq, queue_key, payload, due_ms, started)
+            .await
     }
 
     async fn dead_letter(&mut self, seq: u64, record: &DeadLetter) -> Result<(), BackendError> {
@@ -305,12 +317,65 @@ impl Consume for PgConsume {
     }
 }
 
-/// The start step and revocations in PostgreSQL; the holds checked on
-/// Redis first (as the Redis store does when results live elsewhere).
+/// Starting and revoking. With a worker the exclusion lives on the
+/// broker's Redis, as with results there: `scripts/start.lua` checks the
+/// holds and the revoked markers and marks the batch started in the
+/// worker's running hash (one round trip, no PostgreSQL commit per batch),
+/// and a revocation sets the revoked marker through `scripts/revoke.lua`
+/// (refused while a mark says the task runs) before it stores the REVOKED
+/// row. STARTED rows are written only with `task_track_started`. Without a
+/// worker (a caller that checked the holds itself) the STARTED row is the
+/// mark, written unless the row is revoked; a revocation's locked check of
+/// the row refuses once it is there.
 struct PgTaskStates {
     pg: Handles,
     broker: Broker,
     lane: Lane,
+}
+
+/// The REVOKED record stored for a task a worker skipped because the
+/// broker marks it revoked (see [`store::record_revoked`]).
+fn revoked_record(task_id: &str) -> Result<String, BackendError> {
+    use crate::proto::{ExceptionInfo, Provenance, TaskState};
+    let exc = ExceptionInfo::celery("TaskRevokedError", "revoked");
+    let from = Provenance {
+        name: "",
+        worker: "",
+        retries: 0,
+        queue: "",
+        parent_id: None,
+    };
+    let record = TaskResult::new(task_id, TaskState::Revoked, exc.to_value(), from);
+    serde_json::to_string(&record).map_err(|e| BackendError::Invalid {
+        op: "record revoked tasks",
+        detail: e.to_string(),
+    })
+}
+
+impl PgTaskStates {
+    /// The start step without a worker: STARTED rows, except over a
+    /// revoked row.
+    async fn start_rows(
+        &self,
+        tasks: &[Starting],
+        ttl: Duration,
+    ) -> Result<Vec<StartVerdict>, BackendError> {
+        let rows: Vec<(&str, &str)> = tasks
+            .iter()
+            .map(|t| (t.task_id.as_str(), t.record.as_str()))
+            .collect();
+        let started = store::start(&self.pg, &rows, ttl).await?;
+        Ok(started
+            .into_iter()
+            .map(|s| {
+                if s {
+                    StartVerdict::Run
+                } else {
+                    StartVerdict::Revoked
+                }
+            })
+            .collect())
+    }
 }
 
 #[async_trait]
@@ -320,46 +385,87 @@ impl TaskStates for PgTaskStates {
         worker_id: Option<&str>,
         tasks: &[Starting],
         ttl: Duration,
-        // Starts are marked by their STARTED rows here: always stored.
-        _track_started: bool,
+        track_started: bool,
     ) -> Result<Vec<StartVerdict>, BackendError> {
-        let holds = match worker_id {
-            Some(w) => {
-                let seqs: Vec<u64> = tasks.iter().map(|t| t.seq).collect();
-                broker::held(&mut self.lane, self.broker.keys(), w, &seqs).await?
-            }
-            None => vec![true; tasks.len()],
+        let Some(worker) = worker_id else {
+            return self.start_rows(tasks, ttl).await;
         };
-        let held: Vec<(&str, &str)> = tasks
-            .iter()
-            .zip(&holds)
-            .filter(|(_, h)| **h)
-            .map(|(t, _)| (t.task_id.as_str(), t.record.as_str()))
-            .collect();
-        let mut started = store::start(&self.pg, &held, ttl).await?.into_iter();
-        Ok(holds
-            .into_iter()
-            .map(|h| {
-                if !h {
-                    StartVerdict::NotHeld
-                } else if started.next() == Some(true) {
-                    StartVerdict::Run
-                } else {
-                    StartVerdict::Revoked
+        let keys = self.broker.keys();
+        // `false`: start.lua writes no STARTED record on Redis (results
+        // are not there); the running marks are the exclusion.
+        let mut verdicts =
+            broker::start_batch(&mut self.lane, keys, Some(worker), tasks, ttl, false).await?;
+        if track_started {
+            let run: Vec<(usize, &Starting)> = tasks
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| verdicts[*i] == StartVerdict::Run)
+                .collect();
+            let rows: Vec<(&str, &str)> = run
+                .iter()
+                .map(|(_, t)| (t.task_id.as_str(), t.record.as_str()))
+                .collect();
+            // Guarded by the row's revoked flag too: a row revoked by an
+            // older version (no marker on Redis) is not started. The mark
+            // on Redis then goes with the settlement.
+            let started = store::start(&self.pg, &rows, ttl).await?;
+            for ((i, _), s) in run.iter().zip(started) {
+                if !s {
+                    verdicts[*i] = StartVerdict::Revoked;
                 }
-            })
-            .collect())
+            }
+        }
+        // Skipped as revoked: make sure the row says so (a revocation that
+        // set the marker and then failed before its row, or Celery's remote
+        // control). Only batches with such tasks pay for it.
+        let skipped: Vec<(&str, String)> = tasks
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| **v == StartVerdict::Revoked)
+            .map(|(t, _)| Ok((t.task_id.as_str(), revoked_record(&t.task_id)?)))
+            .collect::<Result<_, BackendError>>()?;
+        if !skipped.is_empty() {
+            let rows: Vec<(&str, &str)> = skipped.iter().map(|(i, r)| (*i, r.as_str())).collect();
+            store::record_revoked(&self.pg, &rows, ttl).await?;
+        }
+        Ok(verdicts)
     }
 
+    /// The row's state is checked first (unknown, revoked before, started
+    /// with a STARTED row, or finished: answered without touching Redis);
+    /// then the broker's marker is set, in one step with the workers'
+    /// start marks (refused while the task runs); then the REVOKED row is
+    /// stored under the row's lock, unless it moved on meanwhile. A crash
+    /// after the marker and before the row leaves the task revoked on the
+    /// broker (no worker starts it): a repeated revocation stores the row,
+    /// and so does the first worker that takes the message and skips it.
     async fn revoke(
         &mut self,
         task_id: &str,
         record: &str,
         ttl: Duration,
     ) -> Result<RevokeOutcome, BackendError> {
+        let keys = self.broker.keys();
+        let left_ms = match store::revocable(&self.pg, task_id).await? {
+            Ok(ms) => ms,
+            Err(RevokeOutcome::AlreadyRevoked) => {
+                // The marker again (harmless when set): a row revoked by a
+                // build that kept the exclusion in PostgreSQL has none, and
+                // a queued task must not start on a worker of this one.
+                broker::mark_revoked(&mut self.lane, keys, task_id, ttl).await?;
+                return Ok(RevokeOutcome::AlreadyRevoked);
+            }
+            Err(answer) => return Ok(answer),
+        };
+        let keep = ttl.max(Duration::from_millis(u64::try_from(left_ms).unwrap_or(0)));
+        if !broker::mark_revoked(&mut self.lane, keys, task_id, keep).await? {
+            return Ok(RevokeOutcome::Refused(crate::proto::TaskState::Started));
+        }
         Ok(store::revoke(&self.pg, task_id, record, ttl).await?)
     }
 }
 
+#[cfg(test)]
+mod start_tests;
 #[cfg(test)]
 mod tests;

@@ -84,6 +84,25 @@ fn start_sql() -> String {
     )
 }
 
+/// Stores REVOKED records for tasks a worker skipped because the broker
+/// marks them revoked, where the row does not say so yet: the revocation
+/// was accepted on Redis but its own row write never happened (a crash in
+/// between), or it came from Celery's remote control. A row that has moved
+/// on (started, finished) keeps its record; a missing or expired one gets
+/// the REVOKED record.
+fn revoked_sql() -> String {
+    upsert(
+        &format!(
+            ", revoked = true WHERE t.expires_at <= now() \
+             OR (t.state IN {REVOCABLE} AND NOT t.revoked)"
+        ),
+        &format!("SELECT pg_notify('{CHANNEL}', task_id) FROM up WHERE state IN {FINAL}"),
+    )
+}
+
+/// States a revocation may still replace.
+const REVOCABLE: &str = "('PENDING', 'RECEIVED', 'RETRY')";
+
 const DATE: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'";
 
 fn read_sql() -> String {
@@ -228,9 +247,61 @@ pub(crate) async fn start(
     Ok(tasks.iter().map(|(id, _)| started.contains(id)).collect())
 }
 
+/// What a revocation of a task in `state` (`revoked`: marked before)
+/// answers without changing anything; `None` when it may go ahead.
+fn settled(op: &'static str, state: &str, revoked: bool) -> Result<Option<RevokeOutcome>, PgError> {
+    if revoked || state == "REVOKED" {
+        return Ok(Some(RevokeOutcome::AlreadyRevoked));
+    }
+    if matches!(state, "PENDING" | "RECEIVED" | "RETRY") {
+        return Ok(None);
+    }
+    serde_json::from_value::<TaskState>(serde_json::Value::String(state.to_owned()))
+        .map(|s| Some(RevokeOutcome::Refused(s)))
+        .map_err(|_| PgError::Op {
+            op,
+            detail: format!("unknown task state {state:?}"),
+        })
+}
+
+const ROW_STATE: &str = "SELECT state, revoked,
+        (extract(epoch FROM expires_at - now()) * 1000)::bigint
+    FROM taskstack_results WHERE task_id = $1 AND expires_at > now()";
+
+/// The first step of a revocation, without a lock: `Err(answer)` when the
+/// task cannot be revoked (no live row, revoked before, started or
+/// finished), else `Ok(ms)`, how long the row still lives.
+pub(crate) async fn revocable(
+    pg: &Handles,
+    task_id: &str,
+) -> Result<Result<i64, RevokeOutcome>, PgError> {
+    let op = "revoke task";
+    timed(pg, op, async {
+        let client = client(pg, op).await?;
+        let stmt = prepared(&client, op, ROW_STATE).await?;
+        let row = client
+            .query_opt(&stmt, &[&task_id])
+            .await
+            .map_err(|e| PgError::op(op, &e))?;
+        let Some(row) = row else {
+            return Ok(Err(RevokeOutcome::Unknown));
+        };
+        let (state, revoked, left_ms): (String, bool, i64) = (row.get(0), row.get(1), row.get(2));
+        Ok(match settled(op, &state, revoked)? {
+            Some(answer) => Err(answer),
+            None => Ok(left_ms),
+        })
+    })
+    .await
+}
+
 /// Revokes a task that has not started, in one transaction: the row is
 /// locked, its state checked, the REVOKED record stored (kept at least
 /// `ttl`, longer when the row already lives longer) and marked revoked.
+/// With a Redis broker this runs after the broker's revoked marker is set
+/// (see `PgTaskStates`), which is what keeps workers from starting
+/// the task; the check here keeps a row that moved on meanwhile (the task
+/// finished) from being overwritten.
 pub(crate) async fn revoke(
     pg: &Handles,
     task_id: &str,
@@ -243,30 +314,15 @@ pub(crate) async fn revoke(
         let mut client = client(pg, op).await?;
         let tx = client.transaction().await.map_err(e)?;
         let row = tx
-            .query_opt(
-                "SELECT state, revoked,
-                        (extract(epoch FROM expires_at - now()) * 1000)::bigint
-                 FROM taskstack_results
-                 WHERE task_id = $1 AND expires_at > now() FOR UPDATE",
-                &[&task_id],
-            )
+            .query_opt(&format!("{ROW_STATE} FOR UPDATE"), &[&task_id])
             .await
             .map_err(e)?;
         let Some(row) = row else {
             return Ok(RevokeOutcome::Unknown);
         };
         let (state, revoked, left_ms): (String, bool, i64) = (row.get(0), row.get(1), row.get(2));
-        if revoked || state == "REVOKED" {
-            return Ok(RevokeOutcome::AlreadyRevoked);
-        }
-        if !matches!(state.as_str(), "PENDING" | "RECEIVED" | "RETRY") {
-            let parsed =
-                serde_json::from_value::<TaskState>(serde_json::Value::String(state.clone()))
-                    .map_err(|_| PgError::Op {
-                        op,
-                        detail: format!("unknown task state {state:?}"),
-                    })?;
-            return Ok(RevokeOutcome::Refused(parsed));
+        if let Some(answer) = settled(op, &state, revoked)? {
+            return Ok(answer);
         }
         let keep = millis(ttl).max(left_ms);
         let stmt = tx.prepare_cached(&write_sql()).await.map_err(e)?;
@@ -281,6 +337,31 @@ pub(crate) async fn revoke(
         .map_err(e)?;
         tx.commit().await.map_err(e)?;
         Ok(RevokeOutcome::Revoked)
+    })
+    .await
+}
+
+/// Stores `(task id, REVOKED record)` pairs for tasks the broker marks
+/// revoked, where the row does not record it yet (see [`revoked_sql`]), in
+/// one statement.
+pub(crate) async fn record_revoked(
+    pg: &Handles,
+    records: &[(&str, &str)],
+    ttl: Duration,
+) -> Result<(), PgError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let op = "record revoked tasks";
+    let (ids, json) = batch(records.iter().copied());
+    timed(pg, op, async {
+        let client = client(pg, op).await?;
+        let stmt = prepared(&client, op, &revoked_sql()).await?;
+        client
+            .execute(&stmt, &[&ids, &json, &millis(ttl)])
+            .await
+            .map_err(|e| PgError::op(op, &e))?;
+        Ok(())
     })
     .await
 }

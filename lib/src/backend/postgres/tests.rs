@@ -25,7 +25,10 @@ fn done(id: &str) -> TaskResult {
     TaskResult::new(id, TaskState::Success, serde_json::json!([1, "two"]), from)
 }
 
-async fn backend(pg: &PgServer, db: &str) -> (PostgresBackend, crate::test_redis::Server) {
+pub(super) async fn backend(
+    pg: &PgServer,
+    db: &str,
+) -> (PostgresBackend, crate::test_redis::Server) {
     let redis = crate::test_redis::server();
     let target = pg_target(&pg.url(db));
     prepare(&target, T, T).await.expect("migrate");

@@ -263,9 +263,10 @@ impl Consume for RedisSession {
         queue_key: &str,
         payload: &[u8],
         due_ms: i64,
+        started: Option<&str>,
     ) -> Result<(), BackendError> {
         let keys = self.shared.broker.keys();
-        let held = Some((self.worker_id.as_str(), seq));
+        let held = Some((self.worker_id.as_str(), seq, started));
         Ok(broker::park(&mut self.lane, keys, due_ms, queue_key, payload, held).await?)
     }
 
