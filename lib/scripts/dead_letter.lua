@@ -4,6 +4,8 @@
 --
 -- KEYS[1]  the queue's dead-letter LIST (newest first)
 -- KEYS[2]  the holding worker's in-flight HASH
+-- KEYS[3]  the holding worker's held-count HASH (queue name -> messages
+--          held, see fetch.lua), lowered by one
 -- ARGV[1]  the dead-letter record (JSON: reason, payload, ...)
 -- ARGV[2]  sequence number to settle
 -- ARGV[3]  '' or a key: the message is too large to have been sent to the
@@ -15,11 +17,15 @@ local held = redis.call('HGET', KEYS[2], ARGV[2])
 if not held then
   return 0
 end
+-- The hold is "<queue key>\n<message>"; queue keys hold no newline.
+local nl = string.find(held, '\n', 1, true)
 if ARGV[3] ~= '' then
-  -- The hold is "<queue key>\n<message>"; queue keys hold no newline.
-  local nl = string.find(held, '\n', 1, true)
   redis.call('SET', ARGV[3], string.sub(held, nl + 1))
 end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[2])
+local q = string.sub(held, 1, nl - 1)
+local cut = string.find(q, '\6\22', 1, true)
+if cut then q = string.sub(q, 1, cut - 1) end
+redis.call('HINCRBY', KEYS[3], q, -1)
 return 1

@@ -15,14 +15,19 @@ pub(crate) async fn park(
     held: Option<(&str, u64)>,
 ) -> Result<(), BrokerError> {
     let mut inv = DELAY.prepare_invoke();
-    let (inflight, seq) = match held {
-        Some((worker, seq)) => (keys.inflight(worker), seq.to_string()),
-        None => (keys.delayed(), String::new()),
+    let (inflight, counts, seq) = match held {
+        Some((worker, seq)) => (
+            keys.inflight(worker),
+            keys.held_counts(worker),
+            seq.to_string(),
+        ),
+        None => (keys.delayed(), keys.delayed(), String::new()),
     };
     inv.key(keys.delayed())
         .key(keys.delayed_messages())
         .key(inflight)
         .key(keys.delayed_counts())
+        .key(counts)
         .arg(due_ms)
         .arg(uuid::Uuid::new_v4().to_string())
         .arg(queue_key)

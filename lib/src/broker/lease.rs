@@ -74,6 +74,12 @@ pub(crate) async fn heartbeat(
         .arg(json)
         .arg("PX")
         .arg(record_ttl_ms(lease))
+        .ignore()
+        // The held counts live while the worker does (fetch.lua gives them
+        // an expiry when it creates them; see `Keys::held_counts`).
+        .cmd("PEXPIRE")
+        .arg(keys.held_counts(&record.id))
+        .arg(super::consume::held_count_ttl_ms(lease))
         .ignore();
     let (added,): (i64,) = on_lane!(&mut *lane, "heartbeat", |c| p.query_async(c))?;
     Ok(added == 1)
