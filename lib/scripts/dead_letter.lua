@@ -4,12 +4,14 @@
 --
 -- KEYS[1]  the queue's dead-letter LIST (newest first)
 -- KEYS[2]  the holding worker's in-flight HASH
+-- KEYS[3]  the holding worker's held-count HASH (queue name -> messages
+--          held, see fetch.lua), lowered by one
+-- KEYS[4]  the holding worker's running HASH (start.lua's marks)
 -- ARGV[1]  the dead-letter record (JSON: reason, payload, ...)
 -- ARGV[2]  sequence number to settle
 -- ARGV[3]  '' or a key: the message is too large to have been sent to the
 --          worker, so it is copied from the hold to this STRING key (the
 --          record names it as `payload_key`) instead of being in the record
--- KEYS[3]  the holding worker's running HASH (start.lua's marks)
 -- ARGV[4]  the task id, or '' when unknown: its start mark is deleted with
 --          the hold when it names this hold (a task that started and then
 --          gave up: rejected, retries exhausted), so the hash does not grow
@@ -19,14 +21,18 @@ local held = redis.call('HGET', KEYS[2], ARGV[2])
 if not held then
   return 0
 end
+-- The hold is "<queue key>\n<message>"; queue keys hold no newline.
+local nl = string.find(held, '\n', 1, true)
 if ARGV[3] ~= '' then
-  -- The hold is "<queue key>\n<message>"; queue keys hold no newline.
-  local nl = string.find(held, '\n', 1, true)
   redis.call('SET', ARGV[3], string.sub(held, nl + 1))
 end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[2])
-if ARGV[4] ~= '' and redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[2] then
-  redis.call('HDEL', KEYS[3], ARGV[4])
+local q = string.sub(held, 1, nl - 1)
+local cut = string.find(q, '\6\22', 1, true)
+if cut then q = string.sub(q, 1, cut - 1) end
+redis.call('HINCRBY', KEYS[3], q, -1)
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[4], ARGV[4]) == ARGV[2] then
+  redis.call('HDEL', KEYS[4], ARGV[4])
 end
 return 1

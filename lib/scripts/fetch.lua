@@ -6,22 +6,30 @@
 --            a worker that holds messages always has a live lease
 -- KEYS[2]    this worker's in-flight HASH (seq -> "<queue key>\n<message>")
 -- KEYS[3]    this worker's landing LIST (filled by a blocking BLMOVE)
--- KEYS[4..]  queue lists in service order (priority bucket, then queue)
+-- KEYS[4]    this worker's held-count HASH (queue name -> messages held):
+--            raised here, lowered by ack.lua, requeue.lua, delay.lua and
+--            dead_letter.lua, so queue_stats.lua counts a worker's holds
+--            per queue without reading them
+-- KEYS[5..]  queue lists in service order (priority bucket, then queue)
 -- ARGV[1]    worker id
 -- ARGV[2]    lease deadline (ms since the epoch)
 -- ARGV[3]    most messages to take
 -- ARGV[4]    last sequence number used by this worker
--- ARGV[5]    index (1-based, into KEYS[4..]) of the queue feeding the landing list
+-- ARGV[5]    index (1-based, into KEYS[5..]) of the queue feeding the landing list
 -- ARGV[6]    largest message (bytes) to return; a larger one is recorded as
 --            held like any other but its size (an integer) is returned in
 --            place of the message, so it never crosses the network (the
 --            worker dead-letters it from the hold, see dead_letter.lua)
 -- ARGV[7]    '1' when the landing list may hold a message (the worker
 --            waited since its last take), '0' when it cannot: no RPOP then
+-- ARGV[8]    expiry (ms) given to the held-count HASH when a count starts
+--            from zero (the heartbeat renews it), so a crashed worker's
+--            counts do not outlive it
 -- Lists are polled only while they can hold messages: the first queue
 -- list, then (when the batch is not full) one EXISTS over the others, and
 -- those in order until as many non-empty ones as it counted were found.
 -- Returns a flat array: seq, queue index, message or size, seq, ...
+-- The queue index is 1-based into the queue lists (KEYS[5..]).
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 local max = tonumber(ARGV[3])
 local seq = tonumber(ARGV[4])
@@ -30,12 +38,15 @@ local hset = {}
 local n = 0
 
 local max_size = tonumber(ARGV[6])
+-- messages taken per queue list index
+local taken = {}
 
 local function take(index, message)
   seq = seq + 1
   n = n + 1
+  taken[index] = (taken[index] or 0) + 1
   hset[#hset + 1] = seq
-  hset[#hset + 1] = KEYS[3 + index] .. '\n' .. message
+  hset[#hset + 1] = KEYS[4 + index] .. '\n' .. message
   out[#out + 1] = seq
   out[#out + 1] = index
   if #message > max_size then
@@ -57,18 +68,18 @@ end
 local function pop(i)
   local batch = redis.call('RPOP', KEYS[i], max - n)
   if batch then
-    for _, m in ipairs(batch) do take(i - 3, m) end
+    for _, m in ipairs(batch) do take(i - 4, m) end
     return true
   end
   return false
 end
 
-if n < max and #KEYS >= 4 then
-  pop(4)
-end
 if n < max and #KEYS >= 5 then
-  local left = redis.call('EXISTS', unpack(KEYS, 5))
-  for i = 5, #KEYS do
+  pop(5)
+end
+if n < max and #KEYS >= 6 then
+  local left = redis.call('EXISTS', unpack(KEYS, 6))
+  for i = 6, #KEYS do
     if n >= max or left == 0 then break end
     if pop(i) then left = left - 1 end
   end
@@ -76,5 +87,18 @@ end
 
 if #hset > 0 then
   redis.call('HSET', KEYS[2], unpack(hset))
+  -- Counted per queue name: the key without Celery's priority suffix.
+  local per_queue = {}
+  for index, k in pairs(taken) do
+    local q = KEYS[4 + index]
+    local cut = string.find(q, "\6\22", 1, true)
+    if cut then q = string.sub(q, 1, cut - 1) end
+    per_queue[q] = (per_queue[q] or 0) + k
+  end
+  for q, k in pairs(per_queue) do
+    if redis.call('HINCRBY', KEYS[4], q, k) == k then
+      redis.call('PEXPIRE', KEYS[4], ARGV[8])
+    end
+  end
 end
 return out

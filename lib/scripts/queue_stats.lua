@@ -10,13 +10,19 @@
 -- ARGV[2]  landing LIST prefix (+ worker id)
 -- ARGV[3]  dead-letter LIST prefix (+ queue name)
 -- ARGV[4]  now (ms since the epoch)
--- ARGV[5..]  queue names
+-- ARGV[5]  held-count HASH prefix (+ worker id)
+-- ARGV[6..]  queue names
 -- Returns, per queue in order, {ready, delayed, in_flight, dead, oldest}:
 -- oldest is how long (ms) the oldest ready message has been ready, from its
 -- `taskstack_ready_at` header (0 when the queue is empty, -1 when the
--- oldest message has no such header, e.g. one sent by Python Celery).
--- Cost: in-flight counting reads every held message (bounded by the
--- workers' prefetch), so it is meant for dashboards, not per task.
+-- oldest message has no such header, e.g. one sent by Python Celery),
+-- then {workers whose holds had to be read}.
+-- Cost: a few commands per worker and per queue, whatever the number of
+-- messages. A worker's holds are counted from its held-count HASH (kept by
+-- the scripts that add and remove holds, see fetch.lua) when those counts
+-- add up to the size of its in-flight HASH; otherwise (a worker of an
+-- older version, or one whose holds a reaper restored while it ran) its
+-- holds are read, as many as it holds.
 local sep = '\6\22'
 local function queue_of(key)
   local s = string.find(key, sep, 1, true)
@@ -25,16 +31,32 @@ local function queue_of(key)
 end
 local wanted, inflight = {}, {}
 local now = tonumber(ARGV[4])
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   wanted[ARGV[i]] = true
   inflight[ARGV[i]] = 0
 end
+local scanned = 0
 for _, worker in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  for _, v in ipairs(redis.call('HVALS', ARGV[1] .. worker)) do
-    local nl = string.find(v, '\n', 1, true)
-    if nl then
-      local q = queue_of(string.sub(v, 1, nl - 1))
-      if wanted[q] then inflight[q] = inflight[q] + 1 end
+  local holds = ARGV[1] .. worker
+  local held = redis.call('HLEN', holds)
+  if held > 0 then
+    local counts = redis.call('HGETALL', ARGV[5] .. worker)
+    local sum = 0
+    for i = 2, #counts, 2 do sum = sum + tonumber(counts[i]) end
+    if sum == held then
+      for i = 1, #counts, 2 do
+        local q = counts[i]
+        if wanted[q] then inflight[q] = inflight[q] + tonumber(counts[i + 1]) end
+      end
+    else
+      scanned = scanned + 1
+      for _, v in ipairs(redis.call('HVALS', holds)) do
+        local nl = string.find(v, '\n', 1, true)
+        if nl then
+          local q = queue_of(string.sub(v, 1, nl - 1))
+          if wanted[q] then inflight[q] = inflight[q] + 1 end
+        end
+      end
     end
   end
   local landed = redis.call('LLEN', ARGV[2] .. worker)
@@ -56,7 +78,7 @@ local function waited(key)
   return math.max(now - tonumber(at), 0)
 end
 local out = {}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local q = ARGV[i]
   local ready, oldest = 0, 0
   for _, key in ipairs({ q, q .. sep .. '3', q .. sep .. '6', q .. sep .. '9' }) do
@@ -75,4 +97,5 @@ for i = 5, #ARGV do
   local dead = redis.call('LLEN', ARGV[3] .. q)
   out[#out + 1] = { ready, delayed, inflight[q], dead, oldest }
 end
+out[#out + 1] = { scanned }
 return out

@@ -16,6 +16,8 @@
 --          there may still be running in the dead worker, so it gets a
 --          started marker (revoke.lua refuses while it lasts), as a
 --          STARTED record would have it.
+-- ARGV[9]  held-count HASH prefix (+ worker id): fetch.lua's counts, gone
+--          with the holds they counted
 -- Returns {workers reaped, messages restored}.
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
 local restored = 0
@@ -58,6 +60,7 @@ for _, w in ipairs(dead) do
     restored = restored + 1
   end
   redis.call('DEL', inflight)
+  redis.call('DEL', ARGV[9] .. w)
 
   redis.call('ZREM', KEYS[1], w)
   redis.call('DEL', ARGV[4] .. w)

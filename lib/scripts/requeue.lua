@@ -4,16 +4,26 @@
 -- queued, nor neither.
 --
 -- KEYS[1]  the worker's in-flight HASH
+-- KEYS[2]  the worker's held-count HASH (queue name -> messages held, see
+--          fetch.lua), lowered by what was handed back
 -- ARGV     sequence numbers, oldest first
 -- Pushed back newest first, so the oldest ends at the very front.
 local n = 0
+local per_queue = {}
 for i = #ARGV, 1, -1 do
   local v = redis.call('HGET', KEYS[1], ARGV[i])
   if v then
     local nl = string.find(v, '\n', 1, true)
-    redis.call('RPUSH', string.sub(v, 1, nl - 1), string.sub(v, nl + 1))
+    local key = string.sub(v, 1, nl - 1)
+    redis.call('RPUSH', key, string.sub(v, nl + 1))
     redis.call('HDEL', KEYS[1], ARGV[i])
     n = n + 1
+    local cut = string.find(key, '\6\22', 1, true)
+    if cut then key = string.sub(key, 1, cut - 1) end
+    per_queue[key] = (per_queue[key] or 0) + 1
   end
+end
+for q, k in pairs(per_queue) do
+  redis.call('HINCRBY', KEYS[2], q, -k)
 end
 return n

@@ -40,6 +40,7 @@ use utoipa_axum::routes;
 pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let api = OpenApiRouter::new()
         .routes(routes!(api::tasks::enqueue))
+        .routes(routes!(api::batch::enqueue_batch))
         .routes(routes!(api::tasks::get_task, api::tasks::revoke_task))
         .routes(routes!(api::workflows::send_workflow))
         .routes(routes!(api::queues::list_queues))

@@ -161,11 +161,16 @@ impl Metrics {
     }
 
     pub fn task_enqueued(&self, task: &str) {
+        self.tasks_enqueued(task, 1);
+    }
+
+    /// Counts `n` tasks named `task` enqueued.
+    pub fn tasks_enqueued(&self, task: &str, n: u64) {
         self.enqueued
             .get_or_create(&TaskLabels {
                 task: task.to_owned(),
             })
-            .inc();
+            .inc_by(n);
     }
 
     fn observe(&self, route: String, method: &'static str, status: u16, secs: f64) {

@@ -318,6 +318,7 @@ async fn the_openapi_document_describes_every_route() -> Result<()> {
     assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
     let routes = [
         ("/api/v1/tasks", "post"),
+        ("/api/v1/tasks/batch", "post"),
         ("/api/v1/tasks/{id}", "get"),
         ("/api/v1/tasks/{id}", "delete"),
         ("/api/v1/workflows", "post"),

@@ -1,7 +1,7 @@
 //! Taking messages (atomically recorded as held) and settling them.
 
 use super::pool::on_lane;
-use super::{BrokerError, FETCH, Lane, REQUEUE};
+use super::{ACK, BrokerError, FETCH, Lane, LaneConn, REQUEUE};
 use crate::proto::Keys;
 use std::time::Duration;
 
@@ -38,6 +38,18 @@ pub struct Settle {
     /// The task id whose start mark (see `scripts/start.lua`) is deleted
     /// with the hold; `None` when the message never reached a start.
     pub started: Option<String>,
+}
+
+/// How long a worker's held-count hash (see [`Keys::held_counts`]) lives
+/// without a heartbeat renewing it, in lease lengths: a live worker renews
+/// it three times a lease, and a dead one's is gone soon after its lease.
+pub(crate) const HELD_COUNT_TTL_LEASES: u32 = 3;
+
+/// The held-count hash's expiry, in ms, for a lease of `lease`.
+pub(crate) fn held_count_ttl_ms(lease: Duration) -> u64 {
+    u64::try_from(lease.saturating_mul(HELD_COUNT_TTL_LEASES).as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1000)
 }
 
 /// One worker's request for messages.
@@ -77,7 +89,8 @@ pub(crate) async fn fetch(
     let mut inv = FETCH.prepare_invoke();
     inv.key(keys.leases())
         .key(keys.inflight(worker_id))
-        .key(keys.landing(worker_id));
+        .key(keys.landing(worker_id))
+        .key(keys.held_counts(worker_id));
     for k in queue_keys {
         inv.key(k);
     }
@@ -87,7 +100,8 @@ pub(crate) async fn fetch(
         .arg(last_seq)
         .arg(1)
         .arg(max_size)
-        .arg(u8::from(landing));
+        .arg(u8::from(landing))
+        .arg(held_count_ttl_ms(lease));
     let flat: Vec<redis::Value> = on_lane!(&mut *lane, "fetch", |c| inv.invoke_async(c))?;
     let mut out = Vec::with_capacity(flat.len() / 3);
     let mut it = flat.into_iter();
@@ -156,23 +170,56 @@ pub(crate) async fn requeue(
         return Ok(0);
     }
     let mut inv = REQUEUE.prepare_invoke();
-    inv.key(keys.inflight(worker_id));
+    inv.key(keys.inflight(worker_id))
+        .key(keys.held_counts(worker_id));
     for s in seqs {
         inv.arg(*s);
     }
     on_lane!(&mut *lane, "requeue", |c| inv.invoke_async(c))
 }
 
+/// The `ack.lua` call releasing the holds of `batch`, grouped by queue name
+/// (`queue_of`: a hold's queue name when the caller knows it; the script
+/// reads the others to learn theirs).
+fn ack_invocation<'a>(
+    keys: &Keys,
+    worker_id: &str,
+    batch: &[Settle],
+    queue_of: &(dyn Fn(u64) -> Option<String> + Sync),
+) -> redis::ScriptInvocation<'a> {
+    let mut groups: Vec<(String, Vec<u64>)> = Vec::new();
+    for s in batch {
+        let q = queue_of(s.seq).unwrap_or_default();
+        match groups.iter_mut().find(|(name, _)| *name == q) {
+            Some((_, seqs)) => seqs.push(s.seq),
+            None => groups.push((q, vec![s.seq])),
+        }
+    }
+    let mut inv = ACK.prepare_invoke();
+    inv.key(keys.inflight(worker_id))
+        .key(keys.held_counts(worker_id));
+    for (q, seqs) in groups {
+        inv.arg(q).arg(seqs.len());
+        for s in seqs {
+            inv.arg(s);
+        }
+    }
+    inv
+}
+
 /// Stores results (`SET ... EX` then `PUBLISH`, as Celery's backend does)
-/// and then releases the holds. When results live on another server they
-/// are written and confirmed there before any hold is released, so a crash
-/// in between re-runs a task rather than losing its result.
+/// and then releases the holds (`ack.lua`, which keeps the worker's held
+/// counts; `queue_of` names a hold's queue when the caller knows it). When
+/// results live on another server they are written and confirmed there
+/// before any hold is released, so a crash in between re-runs a task rather
+/// than losing its result.
 pub(crate) async fn settle(
     broker_lane: &mut Lane,
     backend_lane: Option<&mut Lane>,
     keys: &Keys,
     worker_id: &str,
     batch: &[Settle],
+    queue_of: &(dyn Fn(u64) -> Option<String> + Sync),
     result_ttl: Duration,
 ) -> Result<(), BrokerError> {
     let ttl = result_ttl.as_secs().max(1);
@@ -199,12 +246,9 @@ pub(crate) async fn settle(
     }
     // The holds, and (results on the broker's server, where start.lua marks
     // started tasks in the running hash) the start marks.
+    let ack = ack_invocation(keys, worker_id, batch, queue_of);
     let release = |p: &mut redis::Pipeline, marks: bool| {
-        let holds = p.cmd("HDEL").arg(keys.inflight(worker_id));
-        for s in batch {
-            holds.arg(s.seq);
-        }
-        p.ignore();
+        p.invoke_script(&ack).ignore();
         let started: Vec<&str> = batch.iter().filter_map(|s| s.started.as_deref()).collect();
         if marks && !started.is_empty() {
             p.cmd("HDEL")
@@ -222,16 +266,33 @@ pub(crate) async fn settle(
             }
             let mut acks = redis::pipe();
             release(&mut acks, false);
-            on_lane!(&mut *broker_lane, "acknowledge", |c| acks
-                .query_async::<()>(c))
+            on_lane!(&mut *broker_lane, "acknowledge", |c| run_loading(
+                c, &acks, &ack
+            ))
         }
         None => {
             release(&mut results, true);
             on_lane!(&mut *broker_lane, "store results and acknowledge", |c| {
-                results.query_async::<()>(c)
+                run_loading(c, &results, &ack)
             })?;
             broker_lane.recycle_after(bytes);
             Ok(())
         }
+    }
+}
+
+/// Runs `pipe`, which calls `ack` by its hash: when Redis does not know the
+/// script (restarted, or `SCRIPT FLUSH`), everything else in the pipeline
+/// has run, so the script alone runs again (loaded this time).
+async fn run_loading(
+    c: &mut LaneConn,
+    pipe: &redis::Pipeline,
+    ack: &redis::ScriptInvocation<'_>,
+) -> redis::RedisResult<()> {
+    match pipe.query_async::<()>(&mut *c).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            ack.invoke_async::<()>(c).await
+        }
+        other => other,
     }
 }

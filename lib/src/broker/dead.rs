@@ -83,6 +83,7 @@ pub(crate) async fn dead_letter(
     let mut inv = DEAD_LETTER.prepare_invoke();
     inv.key(keys.dead_letters(&record.queue))
         .key(keys.inflight(worker_id))
+        .key(keys.held_counts(worker_id))
         .key(keys.running(worker_id))
         .arg(&json)
         .arg(seq)

@@ -17,19 +17,27 @@ pub(crate) async fn park(
     held: Option<(&str, u64, Option<&str>)>,
 ) -> Result<(), BrokerError> {
     let mut inv = DELAY.prepare_invoke();
-    let (inflight, running, seq, task_id) = match held {
+    let (inflight, counts, running, seq, task_id) = match held {
         Some((worker, seq, started)) => (
             keys.inflight(worker),
+            keys.held_counts(worker),
             keys.running(worker),
             seq.to_string(),
             started.unwrap_or(""),
         ),
-        None => (keys.delayed(), keys.delayed(), String::new(), ""),
+        None => (
+            keys.delayed(),
+            keys.delayed(),
+            keys.delayed(),
+            String::new(),
+            "",
+        ),
     };
     inv.key(keys.delayed())
         .key(keys.delayed_messages())
         .key(inflight)
         .key(keys.delayed_counts())
+        .key(counts)
         .key(running)
         .arg(due_ms)
         .arg(uuid::Uuid::new_v4().to_string())

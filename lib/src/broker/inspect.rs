@@ -23,15 +23,27 @@ pub struct QueueCounts {
 }
 
 /// Counts for each of `queues`, in order, as one consistent snapshot.
-/// Reads every held message (bounded by the workers' prefetch): meant for
-/// dashboards and health pages, not for every task.
+/// Costs a few Redis commands per live worker and per queue however many
+/// messages are queued or held (held messages are counted from each
+/// worker's held counts, see [`Keys::held_counts`]).
 pub async fn queue_counts(
     lane: &mut Lane,
     keys: &Keys,
     queues: &[String],
 ) -> Result<Vec<QueueCounts>, BrokerError> {
+    Ok(queue_counts_read(lane, keys, queues).await?.0)
+}
+
+/// [`queue_counts`], and how many workers' held messages had to be read
+/// one by one because their held counts did not add up (a worker of an
+/// older version, or one whose holds a reaper restored while it ran).
+pub async fn queue_counts_read(
+    lane: &mut Lane,
+    keys: &Keys,
+    queues: &[String],
+) -> Result<(Vec<QueueCounts>, u64), BrokerError> {
     if queues.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     }
     let mut inv = QUEUE_STATS.prepare_invoke();
     inv.key(keys.leases())
@@ -40,14 +52,32 @@ pub async fn queue_counts(
         .arg(keys.inflight_prefix())
         .arg(keys.landing_prefix())
         .arg(keys.dead_letters_prefix())
-        .arg(super::now_ms());
+        .arg(super::now_ms())
+        .arg(keys.held_counts_prefix());
     for q in queues {
         inv.arg(q);
     }
-    let rows: Vec<(i64, i64, i64, i64, i64)> =
+    let mut rows: Vec<Vec<i64>> =
         on_lane!(&mut *lane, "count queue messages", |c| inv.invoke_async(c))?;
+    let bad = |detail: String| BrokerError::Reply {
+        op: "count queue messages",
+        detail,
+    };
+    let read_one_by_one = match rows.pop().as_deref() {
+        Some(&[w]) if rows.len() == queues.len() => w,
+        _ => return Err(bad(format!("expected {} rows and a total", queues.len()))),
+    };
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
-    Ok(rows
+    let counts = rows
+        .into_iter()
+        .map(|row| match row[..] {
+            [ready, delayed, in_flight, dead, oldest] => {
+                Ok((ready, delayed, in_flight, dead, oldest))
+            }
+            _ => Err(bad(format!("a row of {} numbers, not 5", row.len()))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let counts = counts
         .into_iter()
         .map(|(ready, delayed, in_flight, dead, oldest)| QueueCounts {
             ready: n(ready),
@@ -58,7 +88,8 @@ pub async fn queue_counts(
                 .ok()
                 .map(std::time::Duration::from_millis),
         })
-        .collect())
+        .collect();
+    Ok((counts, n(read_one_by_one)))
 }
 
 /// The delayed set as a whole (it is shared by every queue): how many

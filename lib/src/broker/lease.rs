@@ -74,6 +74,12 @@ pub(crate) async fn heartbeat(
         .arg(json)
         .arg("PX")
         .arg(record_ttl_ms(lease))
+        .ignore()
+        // The held counts live while the worker does (fetch.lua gives them
+        // an expiry when it creates them; see `Keys::held_counts`).
+        .cmd("PEXPIRE")
+        .arg(keys.held_counts(&record.id))
+        .arg(super::consume::held_count_ttl_ms(lease))
         .ignore();
     let (added,): (i64,) = on_lane!(&mut *lane, "heartbeat", |c| p.query_async(c))?;
     Ok(added == 1)
@@ -102,7 +108,8 @@ pub(crate) async fn reap(
         .arg(100)
         .arg(keys.started_prefix())
         .arg(u64::try_from(ORPHAN_START_TTL.as_millis()).unwrap_or(u64::MAX))
-        .arg(keys.running_prefix());
+        .arg(keys.running_prefix())
+        .arg(keys.held_counts_prefix());
     on_lane!(&mut *lane, "reap", |c| inv.invoke_async(c))
 }
 

@@ -16,7 +16,7 @@ mod state;
 
 pub use consume::{Delivery, Settle};
 pub use dead::{DeadLetter, DeadLetterAction, DeadSelection, PickedDeadLetter};
-pub use inspect::{DelayedSpan, QueueCounts, delayed_span, queue_counts};
+pub use inspect::{DelayedSpan, QueueCounts, delayed_span, queue_counts, queue_counts_read};
 pub use lease::WorkerRecord;
 pub(crate) use pool::on_lane;
 pub use pool::{BrokerError, Lane, LaneConn, RedisPool};
@@ -43,6 +43,8 @@ pub(crate) static START: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../scripts/start.lua")));
 pub(crate) static REVOKE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../scripts/revoke.lua")));
+pub(crate) static ACK: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../scripts/ack.lua")));
 pub(crate) static QUEUE_STATS: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../scripts/queue_stats.lua")));
 
@@ -113,5 +115,7 @@ pub(crate) use state::start_batch;
 pub use state::{RevokeOutcome, StartVerdict, Starting, revoke};
 pub(crate) use state::{held, mark_revoked};
 
+#[cfg(test)]
+mod held_counts_tests;
 #[cfg(test)]
 mod tests;

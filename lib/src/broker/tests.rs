@@ -205,9 +205,17 @@ async fn settle_stores_expiring_results_then_releases() {
         result: Some(("id1".into(), "{\"status\":\"SUCCESS\"}".into())),
         started: None,
     }];
-    settle(&mut l, None, &keys, "w1", &batch, Duration::from_secs(90))
-        .await
-        .expect("settle");
+    settle(
+        &mut l,
+        None,
+        &keys,
+        "w1",
+        &batch,
+        &|_| None,
+        Duration::from_secs(90),
+    )
+    .await
+    .expect("settle");
     let ttl: i64 = cmd(&mut l, redis::cmd("TTL").arg("celery-task-meta-id1")).await;
     assert!((1..=90).contains(&ttl));
     let held: i64 = cmd(&mut l, redis::cmd("HLEN").arg(keys.inflight("w1"))).await;
@@ -661,7 +669,7 @@ async fn a_batch_start_checks_holds_and_revocations_once_and_marks_without_recor
         result: Some(("a".into(), r#"{"status":"SUCCESS"}"#.into())),
         started: Some("a".into()),
     }];
-    settle(&mut l, None, &keys, "w1", &done, ttl)
+    settle(&mut l, None, &keys, "w1", &done, &|_| None, ttl)
         .await
         .expect("settle");
     let left: Vec<String> = cmd(&mut l, redis::cmd("HKEYS").arg(keys.inflight("w1"))).await;

@@ -83,6 +83,18 @@ impl Keys {
         format!("{}:inflight:", self.ns)
     }
 
+    /// HASH per worker: queue name → messages of that queue in the worker's
+    /// [`Keys::inflight`] hash, kept by the scripts that add or remove holds
+    /// so counting a queue's held messages never reads them.
+    pub fn held_counts(&self, worker_id: &str) -> String {
+        format!("{}:held-counts:{worker_id}", self.ns)
+    }
+
+    /// Prefix of [`Keys::held_counts`].
+    pub fn held_counts_prefix(&self) -> String {
+        format!("{}:held-counts:", self.ns)
+    }
+
     /// LIST per worker: where a blocking wait (BLMOVE) drops a message, so the
     /// wait and the record of who holds the message are one atomic step.
     pub fn landing(&self, worker_id: &str) -> String {
@@ -232,6 +244,7 @@ mod tests {
             k.leases(),
             k.inflight("w"),
             k.landing("w"),
+            k.held_counts("w"),
             k.landing_sources(),
             k.delayed(),
             k.delayed_messages(),

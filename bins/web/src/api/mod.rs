@@ -1,5 +1,6 @@
 //! The `/api/v1` routes.
 
+pub mod batch;
 pub mod dead_letters;
 pub mod enqueue;
 pub mod queues;

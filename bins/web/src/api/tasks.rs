@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Value, json};
+use taskstack::TaskRequest;
 use taskstack::backend::Use;
 use taskstack::broker::RevokeOutcome;
 use taskstack::producer::ProducerError;
@@ -133,6 +134,17 @@ pub(super) fn send_error(e: ProducerError) -> ApiError {
     }
 }
 
+/// When `task` is due, if later than `now`.
+pub(super) fn eta_of(task: &TaskRequest, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    task.options.eta.or_else(|| {
+        task.options
+            .countdown
+            .filter(|d| !d.is_zero())
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .map(|d| now + d)
+    })
+}
+
 pub(super) fn link(id: &str) -> String {
     format!("/api/v1/tasks/{id}")
 }
@@ -172,14 +184,7 @@ pub async fn enqueue(
     let id = state.producer.send(&task).await.map_err(send_error)?;
     state.metrics.task_enqueued(&task.name);
     state.tasks_sent(&[(&id, &task)]).await;
-    let now = Utc::now();
-    let eta = task.options.eta.or_else(|| {
-        task.options
-            .countdown
-            .filter(|d| !d.is_zero())
-            .and_then(|d| chrono::Duration::from_std(d).ok())
-            .map(|d| now + d)
-    });
+    let eta = eta_of(&task, Utc::now());
     tracing::debug!(task_id = %id, task = %task.name, "task enqueued");
     let location = link(&id);
     let body = Enqueued {

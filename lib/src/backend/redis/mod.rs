@@ -18,9 +18,10 @@ use crate::broker::{
     WorkerRecord, on_lane,
 };
 use crate::proto::TaskResult;
-use crate::proto::keys::result_key;
+use crate::proto::keys::{queue_of_key, result_key};
 use crate::results_listener::Listener;
 use async_trait::async_trait;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -45,6 +46,10 @@ pub struct RedisBackend {
     /// whole range first, so a reply lost after the script ran never lets a
     /// later take reuse (and overwrite) a number recording a held message.
     last_seq: Arc<AtomicU64>,
+    /// The queue name of each message this process's sessions hold (by
+    /// hold sequence number), so an acknowledgement lowers the right held
+    /// count (`ack.lua`) without Redis reading the held messages back.
+    held_queues: Arc<std::sync::Mutex<HashMap<u64, String>>>,
     listener: Arc<tokio::sync::Mutex<Option<Listener>>>,
 }
 
@@ -53,6 +58,7 @@ impl RedisBackend {
         Self {
             broker,
             last_seq: Arc::default(),
+            held_queues: Arc::default(),
             listener: Arc::default(),
         }
     }
@@ -60,6 +66,16 @@ impl RedisBackend {
     /// The pools and key layout underneath.
     pub fn broker(&self) -> &Broker {
         &self.broker
+    }
+
+    /// Forgets the queue names of holds that are settled (or gone), handing
+    /// back those found.
+    fn forget_held(&self, seqs: impl Iterator<Item = u64>) -> HashMap<u64, String> {
+        let Ok(mut held) = self.held_queues.lock() else {
+            return HashMap::new();
+        };
+        seqs.filter_map(|s| held.remove(&s).map(|q| (s, q)))
+            .collect()
     }
 
     fn session(&self, usage: Use, worker_id: &str) -> Box<RedisSession> {
@@ -167,8 +183,15 @@ impl Enqueue for RedisSession {
             }
             redis::pipe()
         };
-        for o in batch.iter().filter(|o| o.due_ms.is_none()) {
-            pipe.cmd("LPUSH").arg(&o.queue_key).arg(&o.payload).ignore();
+        // One LPUSH per run of messages to the same list: LPUSH pushes its
+        // values in order, so the list ends as with one LPUSH each.
+        let now: Vec<&Outgoing> = batch.iter().filter(|o| o.due_ms.is_none()).collect();
+        for run in now.chunk_by(|a, b| a.queue_key == b.queue_key) {
+            let push = pipe.cmd("LPUSH").arg(&run[0].queue_key);
+            for o in run {
+                push.arg(&o.payload);
+            }
+            pipe.ignore();
         }
         if !pipe.is_empty() {
             on_lane!(&mut self.lane, "enqueue", |c| pipe.query_async::<()>(c))?;
@@ -217,6 +240,11 @@ impl Consume for RedisSession {
         let got = broker::fetch(&mut self.lane, keys, take).await?;
         // The take emptied the landing list (it is read first, whole).
         self.landing = false;
+        if let Ok(mut held) = self.shared.held_queues.lock() {
+            for d in &got {
+                held.insert(d.seq, queue_of_key(&d.queue_key).to_owned());
+            }
+        }
         Ok(got)
     }
 
@@ -241,18 +269,21 @@ impl Consume for RedisSession {
     async fn settle(&mut self, batch: &[Settle], result_ttl: Duration) -> Result<(), BackendError> {
         let backend = (!self.same_server()).then_some(&mut self.backend);
         let keys = self.shared.broker.keys();
+        let queues = self.shared.forget_held(batch.iter().map(|s| s.seq));
         Ok(broker::settle(
             &mut self.lane,
             backend,
             keys,
             &self.worker_id,
             batch,
+            &|seq| queues.get(&seq).cloned(),
             result_ttl,
         )
         .await?)
     }
 
     async fn hand_back(&mut self, seqs: &[u64]) -> Result<usize, BackendError> {
+        self.shared.forget_held(seqs.iter().copied());
         let keys = self.shared.broker.keys();
         Ok(broker::requeue(&mut self.lane, keys, &self.worker_id, seqs).await?)
     }
@@ -265,12 +296,14 @@ impl Consume for RedisSession {
         due_ms: i64,
         started: Option<&str>,
     ) -> Result<(), BackendError> {
+        self.shared.forget_held(std::iter::once(seq));
         let keys = self.shared.broker.keys();
         let held = Some((self.worker_id.as_str(), seq, started));
         Ok(broker::park(&mut self.lane, keys, due_ms, queue_key, payload, held).await?)
     }
 
     async fn dead_letter(&mut self, seq: u64, record: &DeadLetter) -> Result<(), BackendError> {
+        self.shared.forget_held(std::iter::once(seq));
         let keys = self.shared.broker.keys();
         if record.payload_size.is_some() && record.payload_key.is_none() {
             // Oversized: dead_letter.lua copies the held bytes to a key of

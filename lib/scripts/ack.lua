@@ -1,0 +1,42 @@
+-- ack.lua: release a worker's holds on settled messages and lower its
+-- held counts (see fetch.lua) by what was really released, in one step, so
+-- the counts queue_stats.lua reads stay exact even when an acknowledgement
+-- is repeated (a lost reply) or a reaper restored the message first.
+--
+-- KEYS[1]  the worker's in-flight HASH (seq -> "<queue key>\n<message>")
+-- KEYS[2]  the worker's held-count HASH (queue name -> messages held)
+-- ARGV     groups: queue name, how many sequence numbers follow, those
+--          numbers; an empty queue name means "not known to the caller":
+--          those holds are read to learn their queue (costs their bytes)
+-- Returns how many holds were released.
+local released = 0
+local function lower(q, k)
+  if k > 0 then
+    redis.call('HINCRBY', KEYS[2], q, -k)
+    released = released + k
+  end
+end
+local i = 1
+while i <= #ARGV do
+  local q = ARGV[i]
+  local k = tonumber(ARGV[i + 1])
+  local first, last = i + 2, i + 1 + k
+  if q ~= '' then
+    lower(q, redis.call('HDEL', KEYS[1], unpack(ARGV, first, last)))
+  else
+    local held = redis.call('HMGET', KEYS[1], unpack(ARGV, first, last))
+    local per_queue = {}
+    for _, v in ipairs(held) do
+      if v then
+        local name = string.sub(v, 1, string.find(v, '\n', 1, true) - 1)
+        local cut = string.find(name, '\6\22', 1, true)
+        if cut then name = string.sub(name, 1, cut - 1) end
+        per_queue[name] = (per_queue[name] or 0) + 1
+      end
+    end
+    redis.call('HDEL', KEYS[1], unpack(ARGV, first, last))
+    for name, n in pairs(per_queue) do lower(name, n) end
+  end
+  i = last + 1
+end
+return released
