@@ -203,7 +203,7 @@ impl RedisPool {
     async fn client(&self) -> Result<(redis::Client, u64), String> {
         match &self.source {
             Source::Direct { client, .. } => Ok((client.clone(), 0)),
-            Source::Sentinel { discovery, .. } => discovery.master().await,
+            Source::Sentinel { discovery, .. } => Box::pin(discovery.master()).await,
         }
     }
 
@@ -245,7 +245,8 @@ impl RedisPool {
                 .await
                 .map(LaneConn::Pooled)
                 .map_err(|e| err(e.to_string())),
-            Source::Sentinel { pool, .. } => match pool.get().await {
+            // Boxed, like the lookup inside it: keeps callers' futures shallow.
+            Source::Sentinel { pool, .. } => match Box::pin(pool.get()).await {
                 Ok(c) => Ok(LaneConn::Sentinel(c)),
                 // The manager's own error says what failed.
                 Err(deadpool::managed::PoolError::Backend(e)) => Err(e),

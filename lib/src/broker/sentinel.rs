@@ -108,7 +108,13 @@ impl Discovery {
             return Ok(m);
         }
         let generation = self.generation();
-        let client = match tokio::time::timeout(self.timeout, sentinels.async_get_client()).await {
+        // Boxed: the lookup's future is deep, and every caller's future
+        // (an HTTP handler's) would otherwise carry it inline.
+        let lookup = Box::pin(tokio::time::timeout(
+            self.timeout,
+            sentinels.async_get_client(),
+        ));
+        let client = match lookup.await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 return Err(format!(
