@@ -104,17 +104,20 @@ pub fn broker(redis_url: &str, namespace: &str) -> Result<taskstack::broker::Bro
 }
 
 /// A broker handle for a `redis+sentinel://` URL whose sentinels need
-/// `sentinel_password`, in `namespace`.
+/// `sentinel_password`, in `namespace`, waiting for `min_replicas_acked`
+/// replicas after the writes that matter (`redis_min_replicas_acked`).
 pub fn sentinel_broker(
     url: &str,
     sentinel_password: &str,
     namespace: &str,
+    min_replicas_acked: u32,
 ) -> Result<taskstack::broker::Broker> {
     let target = taskstack::config::RedisTarget::from_sentinel_url(
         url,
         Some(taskstack::config::Secret::new(sentinel_password)),
     )?;
-    let pool = taskstack::broker::RedisPool::new(&target, 8, Duration::from_secs(2))?;
+    let pool = taskstack::broker::RedisPool::new(&target, 8, Duration::from_secs(2))?
+        .with_min_replicas_acked(min_replicas_acked);
     Ok(taskstack::broker::Broker::new(
         pool.clone(),
         pool,

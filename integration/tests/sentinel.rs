@@ -30,9 +30,9 @@ fn prereqs() {
 /// The sentinels' password, as every service gets it.
 const SENTINEL_ENV: (&str, &str) = ("TASKSTACK_SENTINEL_PASSWORD", SENTINEL_PASSWORD);
 
-fn producer(set: &SentinelSet, ns: &str) -> Result<Producer> {
+fn producer(set: &SentinelSet, ns: &str, min_replicas_acked: u32) -> Result<Producer> {
     Ok(Producer::new(
-        sentinel_broker(&set.url(), SENTINEL_PASSWORD, ns)?,
+        sentinel_broker(&set.url(), SENTINEL_PASSWORD, ns, min_replicas_acked)?,
         "test@localhost",
     ))
 }
@@ -47,7 +47,7 @@ async fn worker_web_and_producer_find_the_master_through_the_sentinels() -> Resu
     w.wait_log("worker ready", Duration::from_secs(30))
         .with_context(|| w.log())?;
     let web = WebProcess::spawn(&url, &ns, &[SENTINEL_ENV]).await?;
-    let p = producer(&set, &ns)?;
+    let p = producer(&set, &ns, 0)?;
     let id = p
         .send_task("taskstack.add", vec![json!(2), json!(3)])
         .await?;
@@ -71,7 +71,7 @@ async fn worker_web_and_producer_find_the_master_through_the_sentinels() -> Resu
         .query(&mut m)?;
     assert!(stored.is_some_and(|s| s.contains("via-web")));
     // A wrong sentinel password is refused at connection, and says so.
-    let bad = sentinel_broker(&url, "wrong", &ns)?;
+    let bad = sentinel_broker(&url, "wrong", &ns, 0)?;
     let e = bad.ping().await.expect_err("wrong sentinel password");
     assert!(e.to_string().contains("sentinel"), "{e}");
     Ok(())
@@ -80,7 +80,12 @@ async fn worker_web_and_producer_find_the_master_through_the_sentinels() -> Resu
 /// A worker whose one task `t.record` appends the task's JSON (one line)
 /// to `record`: executions are counted outside Redis, so a write Redis
 /// lost in the failover cannot hide one.
-fn recording_worker(set: &SentinelSet, ns: &str, dir: &Path) -> Result<WorkerProcess> {
+fn recording_worker(
+    set: &SentinelSet,
+    ns: &str,
+    dir: &Path,
+    min_replicas_acked: &str,
+) -> Result<WorkerProcess> {
     use std::os::unix::fs::PermissionsExt as _;
     let record = dir.join("executions.jsonl");
     let script = dir.join("record.sh");
@@ -106,6 +111,7 @@ fn recording_worker(set: &SentinelSet, ns: &str, dir: &Path) -> Result<WorkerPro
             ("TASKSTACK_CONCURRENCY", "16"),
             ("TASKSTACK_LEASE", "2s"),
             ("TASKSTACK_REDIS_TIMEOUT", "2s"),
+            ("TASKSTACK_REDIS_MIN_REPLICAS_ACKED", min_replicas_acked),
         ],
     )?;
     w.wait_log("worker ready", Duration::from_secs(30))
@@ -180,14 +186,38 @@ async fn produce(p: Producer, n: usize) -> Result<Sent> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_sigkilled_mid_run_fails_over_and_the_service_recovers() -> Result<()> {
+    failover_run(0).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_min_replicas_acked_no_acknowledged_task_is_lost_in_a_failover() -> Result<()> {
+    failover_run(1).await
+}
+
+/// The master SIGKILLed while 3,000 tasks flow; with `acked` > 0 every
+/// service waits for that many replicas (`redis_min_replicas_acked`), and
+/// nothing acknowledged may be lost.
+async fn failover_run(replicas: u32) -> Result<()> {
     prereqs();
     let mut set = SentinelSet::start()?;
     let ns = namespace("sentinel_failover");
     let dir = tempfile::tempdir()?;
-    let w = recording_worker(&set, &ns, dir.path())?;
-    let web = WebProcess::spawn(&set.url(), &ns, &[SENTINEL_ENV]).await?;
+    if replicas > 0 {
+        enqueue_cost(&set).await?;
+    }
+    let w = recording_worker(&set, &ns, dir.path(), &replicas.to_string())?;
+    let acked_env = replicas.to_string();
+    let web = WebProcess::spawn(
+        &set.url(),
+        &ns,
+        &[
+            SENTINEL_ENV,
+            ("TASKSTACK_REDIS_MIN_REPLICAS_ACKED", &acked_env),
+        ],
+    )
+    .await?;
     const N: usize = 3000;
-    let producing = tokio::spawn(produce(producer(&set, &ns)?, N));
+    let producing = tokio::spawn(produce(producer(&set, &ns, replicas)?, N));
 
     wait_until(
         "500 executions before the kill",
@@ -201,6 +231,11 @@ async fn master_sigkilled_mid_run_fails_over_and_the_service_recovers() -> Resul
     let (new, failover) = set.wait_failover(old, killed_at)?;
     let promoted_at = Instant::now();
     assert_ne!(old, new);
+    if replicas > 0 {
+        // Writes wait for a replica: bring the old master back, which the
+        // sentinels turn into the new master's replica.
+        set.restart_node(old)?;
+    }
 
     let sent = producing.await??;
     let acked: HashSet<&str> = sent.acked.iter().map(|(id, _)| id.as_str()).collect();
@@ -235,7 +270,7 @@ async fn master_sigkilled_mid_run_fails_over_and_the_service_recovers() -> Resul
     let extra_runs: usize = runs.values().map(|n| n.saturating_sub(1)).sum();
     let lost_after_promotion = lost.iter().filter(|(_, at)| *at > promoted_at).count();
     println!(
-        "sentinel failover (no durability setting): {} acknowledged, {} lost, {} duplicated \
+        "sentinel failover (redis_min_replicas_acked = {replicas}): {} acknowledged, {} lost, {} duplicated \
          ({} extra runs), {} failed sends retried; failover took {:.1} s \
          (down-after {} ms); {} lost among those acknowledged after the promotion",
         sent.acked.len(),
@@ -252,6 +287,13 @@ async fn master_sigkilled_mid_run_fails_over_and_the_service_recovers() -> Resul
         sent.send_errors > 0,
         "no send failed: the kill did not happen mid-run, the test proved nothing"
     );
+    if replicas > 0 {
+        assert!(
+            lost.is_empty(),
+            "{} acknowledged tasks lost although a replica acknowledged them",
+            lost.len()
+        );
+    }
     assert_eq!(
         lost_after_promotion,
         0,
@@ -267,7 +309,7 @@ async fn master_sigkilled_mid_run_fails_over_and_the_service_recovers() -> Resul
         "redis sentinel: connecting to the master",
         Duration::from_secs(1),
     )?;
-    let p = producer(&set, &ns)?;
+    let p = producer(&set, &ns, replicas)?;
     let id = p
         .send_task("taskstack.add", vec![json!(1), json!(1)])
         .await?;
@@ -283,5 +325,40 @@ async fn master_sigkilled_mid_run_fails_over_and_the_service_recovers() -> Resul
     )
     .await
     .with_context(|| web.log())?;
+    Ok(())
+}
+
+/// Prints what waiting for a replica costs an enqueue: 2,000 tasks in
+/// batches of 25 into a queue nobody consumes, without and with
+/// `redis_min_replicas_acked = 1` (median of three runs each).
+async fn enqueue_cost(set: &SentinelSet) -> Result<()> {
+    let mut line = String::from("enqueue cost, 2,000 tasks in batches of 25 (median of 3):");
+    for acked in [0, 1] {
+        let p = producer(set, &namespace("sentinel_cost"), acked)?;
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let reqs: Vec<TaskRequest> = (0..25)
+                .map(|_| {
+                    let mut r = record_task(uuid::Uuid::new_v4().to_string());
+                    r.options.task_id = None;
+                    r.options.queue = Some("sentinel-cost".into());
+                    r
+                })
+                .collect();
+            let start = Instant::now();
+            for _ in 0..80 {
+                p.send_many(&reqs).await?;
+            }
+            times.push(start.elapsed());
+        }
+        times.sort();
+        let median = times[1];
+        line.push_str(&format!(
+            " redis_min_replicas_acked={acked}: {:.0} ms ({:.0} tasks/s);",
+            median.as_secs_f64() * 1000.0,
+            2000.0 / median.as_secs_f64()
+        ));
+    }
+    println!("{line}");
     Ok(())
 }

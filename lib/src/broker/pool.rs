@@ -100,6 +100,9 @@ pub struct RedisPool {
     /// made in (0 without Sentinel), opened on first use and replaced after
     /// a connection error or a failover.
     shared: Arc<tokio::sync::Mutex<Option<(MultiplexedConnection, u64)>>>,
+    /// `redis_min_replicas_acked`: replicas that must have the writes that
+    /// matter before they count as done (0: do not wait).
+    min_replicas_acked: u32,
 }
 
 impl std::fmt::Debug for RedisPool {
@@ -150,6 +153,7 @@ impl RedisPool {
                 target: target.clone(),
                 timeout,
                 shared: Arc::default(),
+                min_replicas_acked: 0,
             });
         }
         let manager = Manager::new_with_config(target.url(), conn_cfg.clone())
@@ -169,6 +173,7 @@ impl RedisPool {
             target: target.clone(),
             timeout,
             shared: Arc::default(),
+            min_replicas_acked: 0,
         })
     }
 
@@ -275,6 +280,14 @@ impl RedisPool {
             Ok(Err(e)) => Err(err(e)),
             Err(_) => Err(err(format!("timed out after {:?}", self.timeout))),
         }
+    }
+
+    /// Makes [`Lane::replicated`] wait until `n` replicas have this pool's
+    /// writes (`redis_min_replicas_acked`; 0 does not wait).
+    #[must_use]
+    pub fn with_min_replicas_acked(mut self, n: u32) -> Self {
+        self.min_replicas_acked = n;
+        self
     }
 
     /// The server this pool talks to (password hidden when printed).
@@ -459,6 +472,34 @@ impl Lane {
     /// The pool this lane draws from.
     pub fn pool(&self) -> &RedisPool {
         &self.pool
+    }
+
+    /// With `redis_min_replicas_acked` set: `WAIT`s until that many
+    /// replicas have every write made so far on this lane's connection, so
+    /// the write survives a failover; fails naming `op` when fewer did
+    /// within three quarters of the command timeout (the write stays on
+    /// the master: redoing the step is safe, it is what the callers do).
+    /// Without the setting, returns at once.
+    pub async fn replicated(&mut self, op: &'static str) -> Result<(), BrokerError> {
+        let n = self.pool.min_replicas_acked;
+        if n == 0 || self.conn.is_none() {
+            return Ok(());
+        }
+        let ms = u64::try_from(self.pool.timeout.as_millis() * 3 / 4).unwrap_or(u64::MAX);
+        let acked: i64 = on_lane!(self, op, |c| redis::cmd("WAIT")
+            .arg(n)
+            .arg(ms)
+            .query_async::<i64>(c))?;
+        if acked < i64::from(n) {
+            return Err(BrokerError::Reply {
+                op,
+                detail: format!(
+                    "only {acked} replica(s) of the {n} redis_min_replicas_acked asks for \
+                     acknowledged the write within {ms} ms; it may not survive a failover"
+                ),
+            });
+        }
+        Ok(())
     }
 }
 

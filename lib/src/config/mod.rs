@@ -206,6 +206,11 @@ pub struct Config {
     pub max_task_delay: Duration,
     /// Redis connections per process.
     pub redis_pool_size: NonZeroUsize,
+    /// Replicas that must acknowledge (Redis `WAIT`) the writes that
+    /// matter before they count as done: an enqueue, a result before its
+    /// message is acknowledged, a beat slot. 0 (the default) does not
+    /// wait, and an acknowledged write can vanish in a Sentinel failover.
+    pub redis_min_replicas_acked: u32,
     /// Timeout of one Redis command or connection attempt.
     #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
     pub redis_timeout: Duration,
@@ -397,6 +402,7 @@ impl Default for Config {
             result_backend_password_file: None,
             sentinel_password: None,
             sentinel_password_file: None,
+            redis_min_replicas_acked: 0,
             result_backend_timeout: Duration::from_secs(5),
             namespace: "taskstack".into(),
             queues: vec!["celery".into()],
