@@ -81,7 +81,8 @@ impl BrokerError {
 enum Source {
     Direct {
         pool: Pool,
-        client: redis::Client,
+        // Boxed: a Client is far larger than the Sentinel variant.
+        client: Box<redis::Client>,
     },
     Sentinel {
         pool: SentinelPool,
@@ -168,7 +169,10 @@ impl RedisPool {
             .map_err(|e| connect_err(e.to_string()))?;
         let client = redis::Client::open(target.url()).map_err(|e| connect_err(e.to_string()))?;
         Ok(Self {
-            source: Source::Direct { pool, client },
+            source: Source::Direct {
+                pool,
+                client: Box::new(client),
+            },
             conn_cfg,
             target: target.clone(),
             timeout,
@@ -207,7 +211,7 @@ impl RedisPool {
     /// name now) and the generation it belongs to.
     async fn client(&self) -> Result<(redis::Client, u64), String> {
         match &self.source {
-            Source::Direct { client, .. } => Ok((client.clone(), 0)),
+            Source::Direct { client, .. } => Ok((client.as_ref().clone(), 0)),
             Source::Sentinel { discovery, .. } => Box::pin(discovery.master()).await,
         }
     }
