@@ -11,6 +11,7 @@ mod prereq;
 mod process;
 pub mod python;
 mod redis_server;
+pub mod sentinel;
 mod web;
 mod worker;
 
@@ -19,6 +20,7 @@ pub use postgres_server::{PASSWORD as PG_PASSWORD, PgServer};
 pub use prereq::{Prereq, in_ci, require};
 pub use process::{ServiceProcess, bin, run_to_exit};
 pub use redis_server::RedisServer;
+pub use sentinel::SentinelSet;
 pub use web::{TEST_TOKEN, WebProcess};
 pub use worker::{InProcessWorker, WorkerProcess, settings};
 
@@ -94,6 +96,28 @@ pub fn producer(redis_url: &str, namespace: &str) -> Result<taskstack::Producer>
 pub fn broker(redis_url: &str, namespace: &str) -> Result<taskstack::broker::Broker> {
     let target = taskstack::config::RedisTarget::from_url(redis_url)?;
     let pool = taskstack::broker::RedisPool::new(&target, 8, Duration::from_secs(5))?;
+    Ok(taskstack::broker::Broker::new(
+        pool.clone(),
+        pool,
+        taskstack::proto::Keys::new(namespace),
+    ))
+}
+
+/// A broker handle for a `redis+sentinel://` URL whose sentinels need
+/// `sentinel_password`, in `namespace`, waiting for `min_replicas_acked`
+/// replicas after the writes that matter (`redis_min_replicas_acked`).
+pub fn sentinel_broker(
+    url: &str,
+    sentinel_password: &str,
+    namespace: &str,
+    min_replicas_acked: u32,
+) -> Result<taskstack::broker::Broker> {
+    let target = taskstack::config::RedisTarget::from_sentinel_url(
+        url,
+        Some(taskstack::config::Secret::new(sentinel_password)),
+    )?;
+    let pool = taskstack::broker::RedisPool::new(&target, 8, Duration::from_secs(2))?
+        .with_min_replicas_acked(min_replicas_acked);
     Ok(taskstack::broker::Broker::new(
         pool.clone(),
         pool,

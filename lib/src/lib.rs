@@ -87,12 +87,15 @@ pub fn open_backend(config: &Config) -> Result<std::sync::Arc<dyn backend::Backe
 /// Connections are opened lazily, so this succeeds while Redis is down.
 pub fn connect(config: &Config) -> Result<Broker, ConnectError> {
     let size = config.redis_pool_size.get();
-    let broker = RedisPool::new(&config.broker_target()?, size, config.redis_timeout)?;
+    let acked = config.redis_min_replicas_acked;
+    let broker = RedisPool::new(&config.broker_target()?, size, config.redis_timeout)?
+        .with_min_replicas_acked(acked);
     let backend = match &config.result_backend {
         None => broker.clone(),
         // Results in PostgreSQL: Redis keeps chord counters on the broker.
         Some(url) if config::is_postgres_url(url.expose()) => broker.clone(),
-        Some(_) => RedisPool::new(&config.backend_target()?, size, config.redis_timeout)?,
+        Some(_) => RedisPool::new(&config.backend_target()?, size, config.redis_timeout)?
+            .with_min_replicas_acked(acked),
     };
     Ok(Broker::new(
         broker,

@@ -119,6 +119,9 @@ impl<'de> Deserialize<'de> for SecretUrl {
 /// parse is not shown at all (it might be a password pasted in the wrong
 /// place).
 pub fn redact_url(raw: &str) -> String {
+    if crate::config::is_sentinel_url(raw) {
+        return crate::config::redact_sentinel_url(raw);
+    }
     match url::Url::parse(raw) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some(REDACTED));

@@ -262,6 +262,9 @@ pub(crate) async fn settle(
             if !results.is_empty() {
                 on_lane!(&mut *backend, "store results", |c| results
                     .query_async::<()>(c))?;
+                // redis_min_replicas_acked: the results survive a failover
+                // before any hold is released.
+                backend.replicated("store results").await?;
                 backend.recycle_after(bytes);
             }
             let mut acks = redis::pipe();
@@ -275,6 +278,10 @@ pub(crate) async fn settle(
             on_lane!(&mut *broker_lane, "store results and acknowledge", |c| {
                 run_loading(c, &results, &ack)
             })?;
+            // redis_min_replicas_acked (results and holds replicate in order).
+            broker_lane
+                .replicated("store results and acknowledge")
+                .await?;
             broker_lane.recycle_after(bytes);
             Ok(())
         }

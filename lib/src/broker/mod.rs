@@ -12,6 +12,7 @@ mod inspect;
 mod lease;
 mod pool;
 mod results;
+mod sentinel;
 mod state;
 
 pub use consume::{Delivery, Settle};

@@ -11,7 +11,15 @@
 //!   concurrent requests never wait for one. Never used for blocking commands.
 //!
 //! Either kind is replaced after a connection error.
+//!
+//! A target given as a `redis+sentinel://` URL connects to the master the
+//! sentinels name (`super::sentinel`): its pooled connections come from a
+//! pool of its own, and a connection error or a `READONLY` reply sends the
+//! next connection back to the sentinels, so a failover is followed.
 
+use super::sentinel::{
+    Discovery, SentinelManager, SentinelObject, SentinelPool, master_may_have_moved,
+};
 use crate::config::RedisTarget;
 use deadpool_redis::{Connection, Manager, Pool, Runtime};
 use redis::aio::MultiplexedConnection;
@@ -67,17 +75,35 @@ impl BrokerError {
     }
 }
 
+/// Where connections come from: one server named directly, or the master
+/// the sentinels name.
+#[derive(Clone)]
+enum Source {
+    Direct {
+        pool: Pool,
+        // Boxed: a Client is far larger than the Sentinel variant.
+        client: Box<redis::Client>,
+    },
+    Sentinel {
+        pool: SentinelPool,
+        discovery: Arc<Discovery>,
+    },
+}
+
 /// A pool of connections to one Redis server.
 #[derive(Clone)]
 pub struct RedisPool {
-    pool: Pool,
-    client: redis::Client,
+    source: Source,
     conn_cfg: redis::AsyncConnectionConfig,
     target: RedisTarget,
     timeout: Duration,
-    /// The shared multiplexed connection, opened on first use and replaced
-    /// after a connection error.
-    shared: Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
+    /// The shared multiplexed connection and the sentinel generation it was
+    /// made in (0 without Sentinel), opened on first use and replaced after
+    /// a connection error or a failover.
+    shared: Arc<tokio::sync::Mutex<Option<(MultiplexedConnection, u64)>>>,
+    /// `redis_min_replicas_acked`: replicas that must have the writes that
+    /// matter before they count as done (0: do not wait).
+    min_replicas_acked: u32,
 }
 
 impl std::fmt::Debug for RedisPool {
@@ -92,7 +118,7 @@ impl RedisPool {
     /// A pool of at most `size` connections; `timeout` bounds connecting and
     /// every command (blocking waits are kept shorter than it).
     pub fn new(target: &RedisTarget, size: usize, timeout: Duration) -> Result<Self, BrokerError> {
-        if target.url().starts_with("rediss:") {
+        if target.is_tls() {
             // rustls needs one process-wide crypto provider; a second install is a no-op.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
@@ -104,6 +130,33 @@ impl RedisPool {
         let conn_cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
+        if let Some(s) = target.sentinel() {
+            let discovery = Arc::new(
+                Discovery::new(s, target.redacted(), timeout)
+                    .map_err(|e| connect_err(e.to_string()))?,
+            );
+            let manager = SentinelManager {
+                discovery: Arc::clone(&discovery),
+                conn_cfg: conn_cfg.clone(),
+            };
+            // Creating a connection asks the sentinels first, then connects.
+            let pool = SentinelPool::builder(manager)
+                .max_size(size)
+                .runtime(deadpool::Runtime::Tokio1)
+                .wait_timeout(Some(timeout * 2))
+                .create_timeout(Some(timeout * 2))
+                .recycle_timeout(Some(timeout))
+                .build()
+                .map_err(|e| connect_err(e.to_string()))?;
+            return Ok(Self {
+                source: Source::Sentinel { pool, discovery },
+                conn_cfg,
+                target: target.clone(),
+                timeout,
+                shared: Arc::default(),
+                min_replicas_acked: 0,
+            });
+        }
         let manager = Manager::new_with_config(target.url(), conn_cfg.clone())
             .map_err(|e| connect_err(e.to_string()))?;
         let pool = Pool::builder(manager)
@@ -116,33 +169,67 @@ impl RedisPool {
             .map_err(|e| connect_err(e.to_string()))?;
         let client = redis::Client::open(target.url()).map_err(|e| connect_err(e.to_string()))?;
         Ok(Self {
-            pool,
-            client,
+            source: Source::Direct {
+                pool,
+                client: Box::new(client),
+            },
             conn_cfg,
             target: target.clone(),
             timeout,
             shared: Arc::default(),
+            min_replicas_acked: 0,
         })
     }
 
     /// The shared multiplexed connection (a cheap handle), connecting when
     /// there is none.
-    async fn shared(&self, op: &'static str) -> Result<MultiplexedConnection, BrokerError> {
+    async fn shared(&self, op: &'static str) -> Result<(MultiplexedConnection, u64), BrokerError> {
         let mut slot = self.shared.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
+        if let Some((c, g)) = slot.as_ref()
+            && *g == self.generation()
+        {
+            return Ok((c.clone(), *g));
         }
-        let c = self
-            .client
+        let err = |reason: String| BrokerError::Connect {
+            op,
+            target: self.target.redacted(),
+            reason,
+        };
+        let (client, g) = self.client().await.map_err(err)?;
+        let c = client
             .get_multiplexed_async_connection_with_config(&self.conn_cfg)
             .await
-            .map_err(|e| BrokerError::Connect {
-                op,
-                target: self.target.redacted(),
-                reason: e.to_string(),
+            .map_err(|e| {
+                self.forget(g, "cannot connect to the master");
+                err(e.to_string())
             })?;
-        *slot = Some(c.clone());
-        Ok(c)
+        *slot = Some((c.clone(), g));
+        Ok((c, g))
+    }
+
+    /// A client for the server (with Sentinel: the master the sentinels
+    /// name now) and the generation it belongs to.
+    async fn client(&self) -> Result<(redis::Client, u64), String> {
+        match &self.source {
+            Source::Direct { client, .. } => Ok((client.as_ref().clone(), 0)),
+            Source::Sentinel { discovery, .. } => Box::pin(discovery.master()).await,
+        }
+    }
+
+    /// The sentinel generation connections are made in now (0 without Sentinel).
+    fn generation(&self) -> u64 {
+        match &self.source {
+            Source::Direct { .. } => 0,
+            Source::Sentinel { discovery, .. } => discovery.generation(),
+        }
+    }
+
+    /// With Sentinel: a connection of generation `seen` failed in a way
+    /// that may mean the master moved, so the next one asks the sentinels.
+    fn forget(&self, seen: u64, why: &str) {
+        if let Source::Sentinel { discovery, .. } = &self.source {
+            discovery.forget(seen, why);
+        }
     }
 
     /// Forgets the shared connection after a connection error, so the next
@@ -153,27 +240,58 @@ impl RedisPool {
         }
     }
 
-    /// A connection from the pool (checked with a PING when reused).
-    pub async fn get(&self, op: &'static str) -> Result<Connection, BrokerError> {
-        self.pool.get().await.map_err(|e| BrokerError::Connect {
+    /// A connection from the pool (checked with a PING when reused; with
+    /// Sentinel, also dropped when the master changed since it was made).
+    pub async fn get(&self, op: &'static str) -> Result<LaneConn, BrokerError> {
+        let err = |reason: String| BrokerError::Connect {
             op,
             target: self.target.redacted(),
-            reason: e.to_string(),
-        })
+            reason,
+        };
+        match &self.source {
+            Source::Direct { pool, .. } => pool
+                .get()
+                .await
+                .map(LaneConn::Pooled)
+                .map_err(|e| err(e.to_string())),
+            // Boxed, like the lookup inside it: keeps callers' futures shallow.
+            Source::Sentinel { pool, .. } => match Box::pin(pool.get()).await {
+                Ok(c) => Ok(LaneConn::Sentinel(c)),
+                // The manager's own error says what failed.
+                Err(deadpool::managed::PoolError::Backend(e)) => Err(e),
+                Err(e) => Err(err(e.to_string())),
+            },
+        }
     }
 
-    /// A fresh dedicated connection for publish/subscribe.
+    /// A fresh dedicated connection for publish/subscribe (with Sentinel:
+    /// to the master the sentinels name now).
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub, BrokerError> {
         let err = |reason: String| BrokerError::Connect {
             op: "subscribe",
             target: self.target.redacted(),
             reason,
         };
-        match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
+        let connect = async {
+            let (client, g) = self.client().await?;
+            client.get_async_pubsub().await.map_err(|e| {
+                self.forget(g, "cannot subscribe on the master");
+                e.to_string()
+            })
+        };
+        match tokio::time::timeout(self.timeout, connect).await {
             Ok(Ok(p)) => Ok(p),
-            Ok(Err(e)) => Err(err(e.to_string())),
+            Ok(Err(e)) => Err(err(e)),
             Err(_) => Err(err(format!("timed out after {:?}", self.timeout))),
         }
+    }
+
+    /// Makes [`Lane::replicated`] wait until `n` replicas have this pool's
+    /// writes (`redis_min_replicas_acked`; 0 does not wait).
+    #[must_use]
+    pub fn with_min_replicas_acked(mut self, n: u32) -> Self {
+        self.min_replicas_acked = n;
+        self
     }
 
     /// The server this pool talks to (password hidden when printed).
@@ -186,7 +304,8 @@ impl RedisPool {
         self.timeout
     }
 
-    /// Whether two pools talk to the same server and database.
+    /// Whether two pools talk to the same server and database (for
+    /// Sentinel: the same sentinels, master name and database).
     pub fn same_server(&self, other: &RedisPool) -> bool {
         self.target.url() == other.target.url()
     }
@@ -196,6 +315,7 @@ impl RedisPool {
         Lane {
             pool: self.clone(),
             conn: None,
+            generation: 0,
             shared: false,
         }
     }
@@ -207,6 +327,7 @@ impl RedisPool {
         Lane {
             pool: self.clone(),
             conn: None,
+            generation: 0,
             shared: true,
         }
     }
@@ -217,6 +338,18 @@ impl RedisPool {
 pub enum LaneConn {
     Pooled(Connection),
     Shared(MultiplexedConnection),
+    /// One of the pool's, to a master found through Sentinel.
+    Sentinel(SentinelObject),
+}
+
+impl LaneConn {
+    /// The sentinel generation this connection was made in (0 without Sentinel).
+    fn generation(&self) -> u64 {
+        match self {
+            Self::Sentinel(c) => c.generation,
+            Self::Pooled(_) | Self::Shared(_) => 0,
+        }
+    }
 }
 
 impl redis::aio::ConnectionLike for LaneConn {
@@ -227,6 +360,7 @@ impl redis::aio::ConnectionLike for LaneConn {
         match self {
             Self::Pooled(c) => c.req_packed_command(cmd),
             Self::Shared(c) => c.req_packed_command(cmd),
+            Self::Sentinel(c) => c.conn.req_packed_command(cmd),
         }
     }
 
@@ -239,6 +373,7 @@ impl redis::aio::ConnectionLike for LaneConn {
         match self {
             Self::Pooled(c) => c.req_packed_commands(cmd, offset, count),
             Self::Shared(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Sentinel(c) => c.conn.req_packed_commands(cmd, offset, count),
         }
     }
 
@@ -246,6 +381,7 @@ impl redis::aio::ConnectionLike for LaneConn {
         match self {
             Self::Pooled(c) => c.get_db(),
             Self::Shared(c) => c.get_db(),
+            Self::Sentinel(c) => c.conn.get_db(),
         }
     }
 }
@@ -260,6 +396,8 @@ pub const LARGE_TRANSFER: usize = 4 << 20;
 pub struct Lane {
     pool: RedisPool,
     conn: Option<LaneConn>,
+    /// The sentinel generation of `conn` (0 without Sentinel).
+    generation: u64,
     shared: bool,
 }
 
@@ -277,11 +415,16 @@ impl Lane {
     /// This lane's connection, opening one when needed.
     pub async fn conn(&mut self, op: &'static str) -> Result<&mut LaneConn, BrokerError> {
         if self.conn.is_none() {
-            self.conn = Some(if self.shared {
-                LaneConn::Shared(self.pool.shared(op).await?)
+            let (conn, generation) = if self.shared {
+                let (c, g) = self.pool.shared(op).await?;
+                (LaneConn::Shared(c), g)
             } else {
-                LaneConn::Pooled(self.pool.get(op).await?)
-            });
+                let c = self.pool.get(op).await?;
+                let g = c.generation();
+                (c, g)
+            };
+            self.conn = Some(conn);
+            self.generation = generation;
         }
         self.conn.as_mut().ok_or_else(|| BrokerError::Reply {
             op,
@@ -290,14 +433,21 @@ impl Lane {
     }
 
     /// Turns a command's outcome into ours; a connection-level error drops
-    /// the connection so the next call reconnects.
+    /// the connection so the next call reconnects. With Sentinel, so does a
+    /// `READONLY` reply (the master was demoted), and either sends the next
+    /// connection back to the sentinels.
     pub fn check<T>(
         &mut self,
         op: &'static str,
         r: redis::RedisResult<T>,
     ) -> Result<T, BrokerError> {
         r.map_err(|e| {
-            if !matches!(e.kind(), redis::ErrorKind::Server(_)) {
+            let sentinel = matches!(self.pool.source, Source::Sentinel { .. });
+            let moved = sentinel && master_may_have_moved(&e);
+            if moved || !matches!(e.kind(), redis::ErrorKind::Server(_)) {
+                if moved {
+                    self.pool.forget(self.generation, &e.to_string());
+                }
                 if self.shared {
                     self.pool.drop_shared();
                 }
@@ -313,16 +463,47 @@ impl Lane {
     /// the largest reply or request it carried for as long as it lives. The
     /// shared connection is left alone.
     pub fn recycle_after(&mut self, bytes: usize) {
-        if bytes > LARGE_TRANSFER
-            && let Some(LaneConn::Pooled(c)) = self.conn.take()
-        {
-            drop(Connection::take(c));
+        if bytes <= LARGE_TRANSFER {
+            return;
+        }
+        match self.conn.take() {
+            Some(LaneConn::Pooled(c)) => drop(Connection::take(c)),
+            Some(LaneConn::Sentinel(c)) => drop(SentinelObject::take(c)),
+            other => self.conn = other,
         }
     }
 
     /// The pool this lane draws from.
     pub fn pool(&self) -> &RedisPool {
         &self.pool
+    }
+
+    /// With `redis_min_replicas_acked` set: `WAIT`s until that many
+    /// replicas have every write made so far on this lane's connection, so
+    /// the write survives a failover; fails naming `op` when fewer did
+    /// within three quarters of the command timeout (the write stays on
+    /// the master: redoing the step is safe, it is what the callers do).
+    /// Without the setting, returns at once.
+    pub async fn replicated(&mut self, op: &'static str) -> Result<(), BrokerError> {
+        let n = self.pool.min_replicas_acked;
+        if n == 0 || self.conn.is_none() {
+            return Ok(());
+        }
+        let ms = u64::try_from(self.pool.timeout.as_millis() * 3 / 4).unwrap_or(u64::MAX);
+        let acked: i64 = on_lane!(self, op, |c| redis::cmd("WAIT")
+            .arg(n)
+            .arg(ms)
+            .query_async::<i64>(c))?;
+        if acked < i64::from(n) {
+            return Err(BrokerError::Reply {
+                op,
+                detail: format!(
+                    "only {acked} replica(s) of the {n} redis_min_replicas_acked asks for \
+                     acknowledged the write within {ms} ms; it may not survive a failover"
+                ),
+            });
+        }
+        Ok(())
     }
 }
 

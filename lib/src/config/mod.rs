@@ -11,6 +11,8 @@ mod annotations;
 mod de;
 mod postgres;
 mod rate;
+mod redis_target;
+mod sentinel;
 mod tasks;
 mod web;
 
@@ -28,6 +30,9 @@ pub use crate::secret::{Secret, SecretUrl, redact_url};
 pub use annotations::{Annotation, TaskAnnotations};
 pub use postgres::{PgTarget, SslMode, is_postgres_url};
 pub use rate::RateLimit;
+pub use redis_target::RedisTarget;
+pub(crate) use sentinel::redact_sentinel_url;
+pub use sentinel::{DEFAULT_SENTINEL_PORT, SentinelTarget, is_sentinel_url};
 pub use tasks::{DeclaredTasks, ExecDecl, HttpDecl, TaskDecl, TaskKind};
 
 /// Environment variable naming the TOML configuration file.
@@ -139,7 +144,10 @@ impl RemoteControl {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// `redis://[user:pass@]host:port/db` or `rediss://...` (TLS).
+    /// `redis://[user:pass@]host:port/db` or `rediss://...` (TLS), or a
+    /// master found through Redis Sentinel:
+    /// `redis+sentinel://[user:pass@]host:port[,host:port...]/<master name>[/<db>]`
+    /// (`rediss+sentinel://` for TLS; the password is the master's).
     pub broker_url: SecretUrl,
     /// Overrides the password in `broker_url`.
     pub broker_password: Option<Secret>,
@@ -151,6 +159,12 @@ pub struct Config {
     pub result_backend: Option<SecretUrl>,
     pub result_backend_password: Option<Secret>,
     pub result_backend_password_file: Option<PathBuf>,
+    /// The sentinels' own password (Celery's `sentinel_kwargs`), for
+    /// `redis+sentinel://` broker and result-backend URLs; the master's
+    /// password stays in the URL or `*_password(_file)`.
+    pub sentinel_password: Option<Secret>,
+    /// A file whose content (trailing newline removed) is the sentinels' password.
+    pub sentinel_password_file: Option<PathBuf>,
     /// PostgreSQL result store: timeout of a connection attempt, of one
     /// statement (`statement_timeout`) and of waiting for a pooled connection.
     #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
@@ -192,6 +206,11 @@ pub struct Config {
     pub max_task_delay: Duration,
     /// Redis connections per process.
     pub redis_pool_size: NonZeroUsize,
+    /// Replicas that must acknowledge (Redis `WAIT`) the writes that
+    /// matter before they count as done: an enqueue, a result before its
+    /// message is acknowledged, a beat slot. 0 (the default) does not
+    /// wait, and an acknowledged write can vanish in a Sentinel failover.
+    pub redis_min_replicas_acked: u32,
     /// Timeout of one Redis command or connection attempt.
     #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
     pub redis_timeout: Duration,
@@ -381,6 +400,9 @@ impl Default for Config {
             result_backend: None,
             result_backend_password: None,
             result_backend_password_file: None,
+            sentinel_password: None,
+            sentinel_password_file: None,
+            redis_min_replicas_acked: 0,
             result_backend_timeout: Duration::from_secs(5),
             namespace: "taskstack".into(),
             queues: vec!["celery".into()],
@@ -475,14 +497,15 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        parse_redis_url("broker_url", self.broker_url.expose())?;
+        check_redis_url("broker_url", self.broker_url.expose())?;
         if let Some(b) = &self.result_backend {
             if is_postgres_url(b.expose()) {
                 PgTarget::new("result_backend", b.expose(), None)?;
             } else {
-                parse_redis_url("result_backend", b.expose())?;
+                check_redis_url("result_backend", b.expose())?;
             }
         }
+        self.validate_sentinel()?;
         if self.namespace.is_empty()
             || !self
                 .namespace
@@ -624,7 +647,10 @@ impl Config {
             self.broker_password.as_ref(),
             self.broker_password_file.as_deref(),
         )?;
-        RedisTarget::new("broker_url", self.broker_url.expose(), pw.as_ref())
+        Ok(
+            RedisTarget::new("broker_url", self.broker_url.expose(), pw.as_ref())?
+                .with_sentinel_password(self.sentinel_secret()?),
+        )
     }
 
     /// The Redis server of result records and Celery's chord counters: the
@@ -640,7 +666,10 @@ impl Config {
                     self.result_backend_password.as_ref(),
                     self.result_backend_password_file.as_deref(),
                 )?;
-                RedisTarget::new("result_backend", url.expose(), pw.as_ref())
+                Ok(
+                    RedisTarget::new("result_backend", url.expose(), pw.as_ref())?
+                        .with_sentinel_password(self.sentinel_secret()?),
+                )
             }
         }
     }
@@ -789,6 +818,15 @@ fn secret(
     Ok(inline.cloned())
 }
 
+/// Checks a `redis://`, `rediss://` or Sentinel URL.
+fn check_redis_url(key: &'static str, raw: &str) -> Result<(), ConfigError> {
+    if is_sentinel_url(raw) {
+        sentinel::parse_sentinel_url(key, raw, None).map(drop)
+    } else {
+        parse_redis_url(key, raw).map(drop)
+    }
+}
+
 fn parse_redis_url(key: &'static str, raw: &str) -> Result<url::Url, ConfigError> {
     let shown = redact_url(raw);
     let url = url::Url::parse(raw).map_err(|e| invalid(key, &shown, &e.to_string()))?;
@@ -796,7 +834,7 @@ fn parse_redis_url(key: &'static str, raw: &str) -> Result<url::Url, ConfigError
         return Err(invalid(
             key,
             &shown,
-            "the scheme must be redis:// or rediss://",
+            "the scheme must be redis://, rediss://, redis+sentinel:// or rediss+sentinel://",
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {
@@ -811,45 +849,6 @@ fn parse_redis_url(key: &'static str, raw: &str) -> Result<url::Url, ConfigError
         ));
     }
     Ok(url)
-}
-
-/// A Redis server to connect to: the full URL (with password) and a
-/// redacted form for logs.
-#[derive(Clone)]
-pub struct RedisTarget {
-    url: String,
-}
-
-impl std::fmt::Debug for RedisTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&redact_url(&self.url))
-    }
-}
-
-impl RedisTarget {
-    fn new(key: &'static str, raw: &str, password: Option<&Secret>) -> Result<Self, ConfigError> {
-        let mut url = parse_redis_url(key, raw)?;
-        if let Some(pw) = password {
-            url.set_password(Some(pw.expose()))
-                .map_err(|()| invalid(key, &redact_url(raw), "cannot carry a password"))?;
-        }
-        Ok(Self { url: url.into() })
-    }
-
-    /// A target from a URL, validated like configuration (for tests and tools).
-    pub fn from_url(raw: &str) -> Result<Self, ConfigError> {
-        Self::new("broker_url", raw, None)
-    }
-
-    /// The URL including the password; never log it.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// The URL with the password hidden.
-    pub fn redacted(&self) -> String {
-        redact_url(&self.url)
-    }
 }
 
 #[cfg(test)]

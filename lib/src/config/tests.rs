@@ -385,3 +385,79 @@ fn bad_secret_values_are_refused_without_showing_them() {
     let e = err(&[("broker_url", json!("redis://:pw-9f8e7d@/0"))]);
     assert!(e.contains("broker_url") && !e.contains("pw-9f8e7d"), "{e}");
 }
+
+#[test]
+fn sentinel_urls_and_the_sentinel_password_reach_both_targets() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("sentinel-pw");
+    std::fs::write(&file, "s-pw\n").expect("write");
+    let c = with(&[
+        (
+            "broker_url",
+            json!("redis+sentinel://:m-pw@10.0.0.1:26379,10.0.0.2:26379/mymaster/1"),
+        ),
+        (
+            "result_backend",
+            json!("rediss+sentinel://10.0.0.3/other/2"),
+        ),
+        ("result_backend_password", json!("r-pw")),
+        ("sentinel_password_file", json!(file)),
+    ])
+    .expect("valid");
+    let b = c.broker_target().expect("broker");
+    let s = b.sentinel().expect("a sentinel target");
+    assert_eq!((s.master_name.as_str(), s.db), ("mymaster", 1));
+    assert_eq!(
+        s.sentinel_password.as_ref().map(Secret::expose),
+        Some("s-pw")
+    );
+    assert_eq!(s.password.as_ref().map(Secret::expose), Some("m-pw"));
+    let r = c.backend_target().expect("backend");
+    let s = r.sentinel().expect("a sentinel target");
+    assert!(s.tls);
+    assert_eq!(
+        s.sentinels,
+        [("10.0.0.3".to_owned(), DEFAULT_SENTINEL_PORT)]
+    );
+    assert_eq!(s.password.as_ref().map(Secret::expose), Some("r-pw"));
+    assert_eq!(
+        s.sentinel_password.as_ref().map(Secret::expose),
+        Some("s-pw")
+    );
+    let shown = c.redacted().to_string();
+    for pw in ["m-pw", "r-pw", "s-pw"] {
+        assert!(!shown.contains(pw), "{shown}");
+    }
+    assert!(
+        shown.contains("redis+sentinel://:***@10.0.0.1:26379,10.0.0.2:26379/mymaster/1"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn sentinel_mistakes_name_the_key() {
+    let e = err(&[("broker_url", json!("redis+sentinel://:pw@s1:26379"))]);
+    assert!(
+        e.contains("`broker_url`") && e.contains("must name the master"),
+        "{e}"
+    );
+    assert!(!e.contains(":pw@"), "{e}");
+    let e = err(&[("result_backend", json!("redis+sentinel://s1:99999/m"))]);
+    assert!(e.contains("`result_backend`") && e.contains("port"), "{e}");
+    let e = err(&[("sentinel_password", json!("x"))]);
+    assert!(
+        e.contains("`sentinel_password`") && e.contains("redis+sentinel://"),
+        "{e}"
+    );
+    // Read when the target is made, like the other password files.
+    let c = with(&[
+        ("broker_url", json!("redis+sentinel://s1/m")),
+        ("sentinel_password_file", json!("/nonexistent/pw")),
+    ]);
+    let e = c
+        .expect("loads")
+        .broker_target()
+        .expect_err("unreadable")
+        .to_string();
+    assert!(e.contains("sentinel_password_file"), "{e}");
+}

@@ -295,16 +295,9 @@ fn stats(sh: &Arc<Shared>) -> Value {
     let m = &sh.monitor;
     let (_, totals) = m.totals();
     let (broker_host, broker_port, db) = sh.backend.redis().map_or((String::new(), 0, 0), |b| {
-        let url = b.broker_pool().target().url();
-        let rest = url.split_once("://").map_or(url, |(_, r)| r);
-        let hostport = rest.split('/').next().unwrap_or("");
-        let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, h)| h);
-        let (h, p) = hostport.rsplit_once(':').unwrap_or((hostport, "6379"));
-        (
-            h.to_owned(),
-            p.parse::<u16>().unwrap_or(6379),
-            super::kombu::db_of_url(url),
-        )
+        let target = b.broker_pool().target();
+        let (h, p) = target.host_port();
+        (h, p, target.db())
     });
     json!({
         "total": totals,

@@ -35,7 +35,7 @@ impl Service {
                 events: None,
             };
         };
-        let db = kombu::db_of_url(broker.broker_pool().target().url());
+        let db = broker.broker_pool().target().db();
         let pidbox = (sh.settings.remote_control != RemoteControl::Off)
             .then(|| tokio::spawn(listen(Arc::clone(sh), broker.clone(), db, stop.clone())));
         let m = Arc::clone(&sh.monitor);

@@ -5,7 +5,7 @@
 use super::{Events, Publisher};
 use crate::TaskRequest;
 use crate::broker::Broker;
-use crate::control::kombu::{self, py_repr, py_tuple};
+use crate::control::kombu::{py_repr, py_tuple};
 use crate::proto::envelope::format_time;
 use serde_json::{Map, Value, json};
 
@@ -21,7 +21,7 @@ impl SentEvents {
     /// Events sent as `hostname` (the producer's origin, e.g.
     /// `gen<pid>@<host>`) to the broker's Redis.
     pub fn new(hostname: &str, broker: Broker) -> Self {
-        let db = kombu::db_of_url(broker.broker_pool().target().url());
+        let db = broker.broker_pool().target().db();
         Self {
             events: Events::new(hostname, true, Default::default()),
             broker,

@@ -106,7 +106,7 @@ pub async fn beat_lock(broker: &Probe<Broker>) -> Probe<Option<LockFacts>> {
             .arg(&key)
             .cmd("PTTL")
             .arg(&key)
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await
             .map_err(|e| format!("GET {key}: {e}"))?;
         Ok(raw.map(|raw| LockFacts {
@@ -168,7 +168,7 @@ async fn query<T: redis::FromRedisValue>(
 ) -> Probe<T> {
     bounded(what, async {
         let mut conn = pool.get(what).await.map_err(|e| e.to_string())?;
-        cmd.query_async(&mut *conn)
+        cmd.query_async(&mut conn)
             .await
             .map_err(|e| format!("{what}: {e}"))
     })

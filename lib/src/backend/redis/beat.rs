@@ -69,7 +69,14 @@ impl LeaderLock for RedisSession {
 impl SlotLedger for RedisSession {
     async fn publish(&mut self, slot: SlotPublish<'_>) -> Result<SlotOutcome, BackendError> {
         let keys = self.shared.broker.keys();
-        Ok(publish::publish_slot(&mut self.lane, keys, slot).await?)
+        let outcome = publish::publish_slot(&mut self.lane, keys, slot).await?;
+        if matches!(outcome, SlotOutcome::Published) {
+            // redis_min_replicas_acked: the slot ledger survives a failover,
+            // so a new master never lets the slot fire again. A failure here
+            // is retried; the ledger then answers AlreadyPublished.
+            self.lane.replicated("publish beat slot").await?;
+        }
+        Ok(outcome)
     }
 
     async fn last_slots(&mut self, entries: &[&str]) -> Result<Vec<Option<i64>>, BackendError> {

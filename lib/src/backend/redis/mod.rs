@@ -206,7 +206,12 @@ impl Enqueue for RedisSession {
                 })
             })
             .collect();
-        Delayed::park(self, &parked).await
+        Delayed::park(self, &parked).await?;
+        // redis_min_replicas_acked: enqueued once a replica has it too.
+        if !self.same_server() {
+            self.backend.replicated("record pending task").await?;
+        }
+        Ok(self.lane.replicated("enqueue").await?)
     }
 }
 
