@@ -30,6 +30,19 @@ pub(crate) async fn redis_cpu_s(
         .map(|(s, u)| s + u))
 }
 
+/// `used_memory` of `INFO memory`: the bytes Redis's allocator holds for data
+/// and overhead.
+#[allow(
+    dead_code,
+    reason = "the backlog bench's; the main bench shares this module"
+)]
+pub(crate) async fn used_memory(con: &mut redis::aio::MultiplexedConnection) -> Result<u64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(con).await?;
+    info_field(&info, "used_memory")
+        .and_then(|v| v.parse().ok())
+        .context("INFO memory has no used_memory")
+}
+
 /// `INFO commandstats`, busiest first, without our own INFO/CONFIG calls.
 pub(crate) async fn commandstats(
     con: &mut redis::aio::MultiplexedConnection,
