@@ -163,7 +163,10 @@ async fn main() -> Result<()> {
             .iter()
             .map(|(t, rps)| format!("{t} {rps:.0}/s"))
             .collect();
-        println!("run {run} redis-benchmark -P {PIPELINE}: {}", line.join(", "));
+        println!(
+            "run {run} redis-benchmark -P {PIPELINE}: {}",
+            line.join(", ")
+        );
         ceilings.push(ceiling);
     }
     print_table(&cli, &tuned_text, &drains, &ceilings);
