@@ -81,12 +81,15 @@ pub(crate) fn two_axes(path: &Path, title: &str, left: &Series, right: &Series) 
             .configure_mesh()
             .x_desc("seconds since the drain started")
             .y_desc(left.label.as_str())
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .label_style((FAMILY, 16))
             .axis_desc_style((FAMILY, 18))
             .draw()?;
         chart
             .configure_secondary_axes()
             .y_desc(right.label.as_str())
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .label_style((FAMILY, 16))
             .axis_desc_style((FAMILY, 18))
             .draw()?;
