@@ -55,7 +55,7 @@ const PREFILL_DELAYED_MSG: &str = "bench.backlog.delayed-msg";
 /// Messages per command when prefilling and checking results.
 const CHUNK: usize = 1_000;
 /// Commands per pipelined round trip when prefilling.
-const PIPELINE: usize = 16;
+const PIPELINE: usize = 8;
 /// Window of the drain rate: done tasks over the last second.
 const RATE_WINDOW: f64 = 1.0;
 
@@ -156,8 +156,12 @@ async fn main() -> Result<()> {
 
     let redis = RedisServer::start()?;
     let url = redis.url();
+    // Prefill round trips carry megabytes: no 500 ms reply timeout (the
+    // client's default) on a loaded machine.
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
     let mut con = redis::Client::open(url.as_str())?
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .context("cannot connect to the benchmark redis-server")?;
     let info: String = redis::cmd("INFO")
