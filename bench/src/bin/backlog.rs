@@ -28,7 +28,7 @@ mod procfs;
 #[path = "../redis_info.rs"]
 mod redis_info;
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use canvas_procs::Service;
 use clap::Parser;
 use procfs::{mb, status_kib};
@@ -156,14 +156,7 @@ async fn main() -> Result<()> {
 
     let redis = RedisServer::start()?;
     let url = redis.url();
-    // Prefill round trips carry megabytes: no 500 ms reply timeout (the
-    // client's default) on a loaded machine.
-    let config =
-        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
-    let mut con = redis::Client::open(url.as_str())?
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .context("cannot connect to the benchmark redis-server")?;
+    let mut con = redis_info::connect(&url).await?;
     let info: String = redis::cmd("INFO")
         .arg("server")
         .query_async(&mut con)

@@ -102,10 +102,7 @@ async fn main() -> Result<()> {
 
     let redis = RedisServer::start()?;
     let url = redis.url();
-    let mut con = redis::Client::open(url.as_str())?
-        .get_multiplexed_async_connection()
-        .await
-        .context("cannot connect to the benchmark redis-server")?;
+    let mut con = redis_info::connect(&url).await?;
     let info: String = redis::cmd("INFO")
         .arg("server")
         .query_async(&mut con)
