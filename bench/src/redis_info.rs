@@ -47,6 +47,13 @@ pub(crate) async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnecti
         .context("cannot connect to the benchmark redis-server")
 }
 
+/// The server's `redis_version` (`?` when `INFO server` does not say).
+#[allow(dead_code, reason = "not every binary sharing this module prints it")]
+pub(crate) async fn server_version(con: &mut redis::aio::MultiplexedConnection) -> Result<String> {
+    let info: String = redis::cmd("INFO").arg("server").query_async(con).await?;
+    Ok(info_field(&info, "redis_version").unwrap_or("?").to_owned())
+}
+
 /// `used_memory` of `INFO memory`: the bytes Redis's allocator holds for data
 /// and overhead.
 #[allow(

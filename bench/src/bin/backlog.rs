@@ -33,7 +33,7 @@ use canvas_procs::Service;
 use clap::Parser;
 use procfs::{mb, status_kib};
 use redis::aio::MultiplexedConnection;
-use redis_info::{info_field, used_memory};
+use redis_info::used_memory;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -157,14 +157,11 @@ async fn main() -> Result<()> {
     let redis = RedisServer::start()?;
     let url = redis.url();
     let mut con = redis_info::connect(&url).await?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut con)
-        .await?;
+    let version = redis_info::server_version(&mut con).await?;
     println!("backlog: one stock worker drains queued and delayed messages");
     println!(
         "  redis-server {} on 127.0.0.1:{} (no persistence); worker {} ({})",
-        info_field(&info, "redis_version").unwrap_or("?"),
+        version,
         redis.port(),
         worker_bin.display(),
         if env.is_empty() {

@@ -34,7 +34,7 @@ use anyhow::{Context as _, Result, ensure};
 use canvas_procs::{CeleryPool, Service};
 use clap::Parser;
 use prefilled::{Drain, drain, print_drain};
-use redis_info::{info_field, redis_benchmark};
+use redis_info::redis_benchmark;
 use std::path::PathBuf;
 use std::time::Duration;
 use taskstack_integration::RedisServer;
@@ -103,16 +103,13 @@ async fn main() -> Result<()> {
     let redis = RedisServer::start()?;
     let url = redis.url();
     let mut con = redis_info::connect(&url).await?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut con)
-        .await?;
+    let version = redis_info::server_version(&mut con).await?;
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let tuned_text: Vec<String> = tuned.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("campaign: taskstack against Celery and the Redis ceiling, side by side");
     println!(
         "  redis-server {} on 127.0.0.1:{} (no persistence), {cpus} CPUs; worker {}",
-        info_field(&info, "redis_version").unwrap_or("?"),
+        version,
         redis.port(),
         worker_bin.display()
     );

@@ -43,7 +43,6 @@ use anyhow::{Context as _, Result, ensure};
 use canvas_procs::{CeleryPool, Service};
 use clap::Parser;
 use prefilled::{Drain, drain, print_drain};
-use redis_info::info_field;
 use std::path::PathBuf;
 use std::time::Duration;
 use taskstack_integration::RedisServer;
@@ -104,15 +103,12 @@ async fn main() -> Result<()> {
     let redis = RedisServer::start()?;
     let url = redis.url();
     let mut con = redis_info::connect(&url).await?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut con)
-        .await?;
+    let version = redis_info::server_version(&mut con).await?;
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     println!("drain at default settings");
     println!(
         "  redis-server {} on 127.0.0.1:{} (no persistence), {cpus} CPUs",
-        info_field(&info, "redis_version").unwrap_or("?"),
+        version,
         redis.port()
     );
     let settings = if env.is_empty() {
