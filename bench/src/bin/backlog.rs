@@ -27,6 +27,8 @@ mod procfs;
 )]
 #[path = "../redis_info.rs"]
 mod redis_info;
+#[path = "../samples.rs"]
+mod samples;
 
 use anyhow::{Result, bail, ensure};
 use canvas_procs::Service;
@@ -34,6 +36,7 @@ use clap::Parser;
 use procfs::{mb, status_kib};
 use redis::aio::MultiplexedConnection;
 use redis_info::used_memory;
+use samples::{Sample, print_timeline, rates, share_rate};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -56,8 +59,6 @@ const PREFILL_DELAYED_MSG: &str = "bench.backlog.delayed-msg";
 const CHUNK: usize = 1_000;
 /// Commands per pipelined round trip when prefilling.
 const PIPELINE: usize = 8;
-/// Window of the drain rate: done tasks over the last second.
-const RATE_WINDOW: f64 = 1.0;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -90,19 +91,6 @@ struct Cli {
     /// Give up after this many seconds of draining.
     #[arg(long, default_value_t = 1800)]
     timeout: u64,
-}
-
-/// One look at the drain.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    /// Seconds since the drain started.
-    t: f64,
-    /// Tasks whose result exists (from `DBSIZE`).
-    done: u64,
-    ready: u64,
-    parked: u64,
-    held: u64,
-    rss_kib: Option<u64>,
 }
 
 fn now_ms() -> i64 {
@@ -485,71 +473,4 @@ async fn check_results(
         }
     }
     Ok(())
-}
-
-/// When (seconds, interpolated between samples) `done` first reached `n`.
-fn time_at(samples: &[Sample], n: f64) -> f64 {
-    let mut prev = (0.0, 0.0);
-    for s in samples {
-        let d = s.done as f64;
-        if d >= n {
-            let (t0, d0) = prev;
-            return if d > d0 {
-                t0 + (s.t - t0) * (n - d0) / (d - d0)
-            } else {
-                s.t
-            };
-        }
-        prev = (s.t, d);
-    }
-    prev.0
-}
-
-/// Tasks per second over the share `from..to` of all tasks.
-fn share_rate(samples: &[Sample], total: usize, from: f64, to: f64) -> f64 {
-    let n = total as f64;
-    let secs = time_at(samples, to * n) - time_at(samples, from * n);
-    (to - from) * n / secs
-}
-
-/// The drain rate at each sample: tasks done over the last [`RATE_WINDOW`].
-fn rates(samples: &[Sample]) -> Vec<(f64, f64)> {
-    let mut j = 0;
-    samples
-        .iter()
-        .map(|s| {
-            while j + 1 < samples.len() && samples[j + 1].t <= s.t - RATE_WINDOW {
-                j += 1;
-            }
-            let (t0, d0) = if samples[j].t < s.t {
-                (samples[j].t, samples[j].done)
-            } else {
-                (0.0, 0)
-            };
-            (s.t, s.done.saturating_sub(d0) as f64 / (s.t - t0).max(1e-3))
-        })
-        .collect()
-}
-
-/// About twenty lines of the samples, for the log.
-fn print_timeline(samples: &[Sample]) {
-    println!();
-    println!("| s | done | queued | delayed | held | rate (tasks/s) | RSS |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
-    let rate = rates(samples);
-    let step = (samples.len() / 20).max(1);
-    for (i, s) in samples.iter().enumerate() {
-        if i % step == 0 || i + 1 == samples.len() {
-            println!(
-                "| {:.1} | {} | {} | {} | {} | {:.0} | {} |",
-                s.t,
-                s.done,
-                s.ready,
-                s.parked,
-                s.held,
-                rate[i].1,
-                mb(s.rss_kib)
-            );
-        }
-    }
 }
