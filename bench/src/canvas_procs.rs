@@ -79,6 +79,55 @@ pub(crate) fn celery_python() -> Result<PathBuf> {
     Ok(venv)
 }
 
+/// `--set NAME=VALUE` settings as the worker's environment: `CONCURRENCY=64`
+/// (or `TASKSTACK_CONCURRENCY=64`) becomes `TASKSTACK_CONCURRENCY=64`.
+pub(crate) fn settings_env(settings: &[String]) -> Result<Vec<(String, String)>> {
+    let mut env = Vec::new();
+    for s in settings {
+        let Some((name, value)) = s.split_once('=') else {
+            bail!("--set {s:?}: expected NAME=VALUE, e.g. CONCURRENCY=64");
+        };
+        let name = name.trim().to_ascii_uppercase();
+        let name = name.strip_prefix("TASKSTACK_").unwrap_or(&name);
+        if name.is_empty() {
+            bail!("--set {s:?}: no name");
+        }
+        env.push((format!("TASKSTACK_{name}"), value.to_owned()));
+    }
+    Ok(env)
+}
+
+/// The message Python Celery's own client writes for
+/// `send_task("taskstack.echo", args=[arg])`: sent by
+/// `bench/python/envelope.py` to `queue` of the server at `url` (which
+/// should hold nothing else there), then taken off that list.
+pub(crate) async fn celery_envelope(
+    python: &Path,
+    url: &str,
+    queue: &str,
+    arg: u64,
+    con: &mut redis::aio::MultiplexedConnection,
+) -> Result<String> {
+    let mut cmd = Command::new(python);
+    cmd.args(["envelope.py", queue, &arg.to_string()])
+        .current_dir(python_dir())
+        .env("BENCH_CELERY_URL", url)
+        .stdin(Stdio::null());
+    taskstack_integration::python::clean_env(&mut cmd);
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run the Celery client ({cmd:?})"))?;
+    if !out.status.success() {
+        bail!(
+            "envelope.py exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let msg: Option<String> = redis::cmd("RPOP").arg(queue).query_async(con).await?;
+    msg.with_context(|| format!("envelope.py sent nothing to the list {queue:?}"))
+}
+
 fn python_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("python")
 }
@@ -190,6 +239,11 @@ impl Service {
 
     pub(crate) fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// The process id (of the group leader: Celery's main process).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.borrow().id()
     }
 
     pub(crate) fn namespace(&self) -> &str {

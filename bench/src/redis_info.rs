@@ -2,6 +2,7 @@
 
 use anyhow::{Context as _, Result, ensure};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// One Redis command's share of the traffic (from `INFO commandstats`).
 #[derive(Debug, Clone)]
@@ -28,6 +29,42 @@ pub(crate) async fn redis_cpu_s(
     Ok(field("used_cpu_sys")
         .zip(field("used_cpu_user"))
         .map(|(s, u)| s + u))
+}
+
+/// A connection to the benchmark's server without the client's default
+/// 500 ms reply timeout: prefills carry megabytes and `FLUSHALL` of a
+/// large database takes longer, on machines that are busy too.
+#[allow(
+    dead_code,
+    reason = "not every binary sharing this module connects with it"
+)]
+pub(crate) async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection> {
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(120)));
+    redis::Client::open(url)?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .context("cannot connect to the benchmark redis-server")
+}
+
+/// The server's `redis_version` (`?` when `INFO server` does not say).
+#[allow(dead_code, reason = "not every binary sharing this module prints it")]
+pub(crate) async fn server_version(con: &mut redis::aio::MultiplexedConnection) -> Result<String> {
+    let info: String = redis::cmd("INFO").arg("server").query_async(con).await?;
+    Ok(info_field(&info, "redis_version").unwrap_or("?").to_owned())
+}
+
+/// `used_memory` of `INFO memory`: the bytes Redis's allocator holds for data
+/// and overhead.
+#[allow(
+    dead_code,
+    reason = "the backlog bench's; the main bench shares this module"
+)]
+pub(crate) async fn used_memory(con: &mut redis::aio::MultiplexedConnection) -> Result<u64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(con).await?;
+    info_field(&info, "used_memory")
+        .and_then(|v| v.parse().ok())
+        .context("INFO memory has no used_memory")
 }
 
 /// `INFO commandstats`, busiest first, without our own INFO/CONFIG calls.

@@ -10,7 +10,11 @@
 //! cargo run --release -p taskstack-bench --bin big_messages
 //! ```
 
+#[path = "../procfs.rs"]
+mod procfs;
+
 use anyhow::{Context as _, Result, bail};
+use procfs::{mb, status_kib};
 use redis::Commands as _;
 use serde_json::json;
 use std::path::PathBuf;
@@ -20,20 +24,6 @@ use taskstack::proto::envelope::{MessageSpec, encode};
 use taskstack_integration::RedisServer;
 
 const SIZE: usize = 20 << 20;
-
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn mb(kib: Option<u64>) -> String {
-    kib.map_or_else(|| "?".into(), |k| format!("{:.1} MB", k as f64 / 1024.0))
-}
 
 struct Worker {
     child: Child,

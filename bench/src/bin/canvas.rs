@@ -11,6 +11,7 @@
 //! target/release/canvas --runs 3
 //! ```
 
+#[allow(dead_code, reason = "shared with the drain and backlog benches")]
 #[path = "../canvas_procs.rs"]
 mod canvas_procs;
 #[path = "../canvas_report.rs"]

@@ -24,6 +24,8 @@
 #[allow(dead_code, reason = "shared with the canvas bench")]
 #[path = "../canvas_procs.rs"]
 mod canvas_procs;
+#[path = "../prefilled.rs"]
+mod prefilled;
 #[allow(
     dead_code,
     reason = "shared with the main bench; this binary uses part of it"
@@ -37,23 +39,13 @@ mod redis_info;
 #[path = "../stats.rs"]
 mod stats;
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use canvas_procs::{CeleryPool, Service};
 use clap::Parser;
-use redis_info::{commandstats, info_field, redis_cpu_s};
-use serde_json::json;
+use prefilled::{Drain, drain, print_drain};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
-use taskstack::proto::envelope::{MessageSpec, encode};
-use taskstack::proto::keys::result_key;
+use std::time::Duration;
 use taskstack_integration::RedisServer;
-
-/// Where the messages wait until the drain starts.
-const PREFILL: &str = "bench.prefill";
-/// The queue both workers consume (both defaults).
-const QUEUE: &str = "celery";
-/// Keys per `MGET` when confirming results.
-const CHUNK: usize = 1_000;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -88,44 +80,6 @@ struct Cli {
     timeout: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum System {
-    Taskstack,
-    Celery,
-}
-
-impl System {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Taskstack => "taskstack",
-            Self::Celery => "celery",
-        }
-    }
-}
-
-/// One drain's figures.
-#[derive(Debug)]
-struct Drain {
-    system: System,
-    tasks: usize,
-    seconds: f64,
-    /// Every command Redis ran over the drain (scripts' commands included)
-    /// but the bench's own.
-    commands: u64,
-    redis_cpu_s: Option<f64>,
-    /// The busiest commands, for the per-run line.
-    top: Vec<(String, u64)>,
-}
-
-impl Drain {
-    fn tasks_per_s(&self) -> f64 {
-        self.tasks as f64 / self.seconds
-    }
-    fn cmds_per_task(&self) -> f64 {
-        self.commands as f64 / self.tasks as f64
-    }
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -134,16 +88,7 @@ async fn main() -> Result<()> {
         cli.tasks > 0 && cli.celery_tasks != Some(0),
         "--tasks and --celery-tasks must be at least 1"
     );
-    let mut env = Vec::new();
-    for s in &cli.settings {
-        let Some((name, value)) = s.split_once('=') else {
-            bail!("--set {s:?}: expected NAME=VALUE, e.g. CONCURRENCY=64");
-        };
-        let name = name.trim().to_ascii_uppercase();
-        let name = name.strip_prefix("TASKSTACK_").unwrap_or(&name);
-        ensure!(!name.is_empty(), "--set {s:?}: no name");
-        env.push((format!("TASKSTACK_{name}"), value.to_owned()));
-    }
+    let env = canvas_procs::settings_env(&cli.settings)?;
     let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     let worker_bin = canvas_procs::worker_bin(cli.worker_bin.as_deref())?;
     let python = if cli.no_celery {
@@ -157,19 +102,13 @@ async fn main() -> Result<()> {
 
     let redis = RedisServer::start()?;
     let url = redis.url();
-    let mut con = redis::Client::open(url.as_str())?
-        .get_multiplexed_async_connection()
-        .await
-        .context("cannot connect to the benchmark redis-server")?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut con)
-        .await?;
+    let mut con = redis_info::connect(&url).await?;
+    let version = redis_info::server_version(&mut con).await?;
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     println!("drain at default settings");
     println!(
         "  redis-server {} on 127.0.0.1:{} (no persistence), {cpus} CPUs",
-        info_field(&info, "redis_version").unwrap_or("?"),
+        version,
         redis.port()
     );
     let settings = if env.is_empty() {
@@ -197,7 +136,8 @@ async fn main() -> Result<()> {
 
     let mut drains = Vec::new();
     for run in 1..=cli.runs {
-        let d = drain(&cli, System::Taskstack, &mut con, run, || {
+        let timeout = Duration::from_secs(cli.timeout);
+        let d = drain(&mut con, "taskstack", cli.tasks, run, timeout, || {
             Service::taskstack(&worker_bin, &url, &env)
         })
         .await
@@ -205,7 +145,7 @@ async fn main() -> Result<()> {
         print_drain(run, &d);
         drains.push(d);
         if let Some(python) = &python {
-            let d = drain(&cli, System::Celery, &mut con, run, || {
+            let d = drain(&mut con, "celery", celery_tasks, run, timeout, || {
                 Service::celery(
                     python,
                     &url,
@@ -224,158 +164,12 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// The prefilled messages: `taskstack.echo` with one argument each, as
-/// Celery's own client writes them (protocol 2, JSON).
-fn messages(run: usize, n: usize) -> Vec<(String, String)> {
-    (0..n)
-        .map(|i| {
-            let id = format!("drain-{run}-{i:07}");
-            let args = [json!(i)];
-            let spec = MessageSpec {
-                id: &id,
-                task: "taskstack.echo",
-                args: &args,
-                queue: QUEUE,
-                origin: "bench@drain",
-                ..MessageSpec::default()
-            };
-            let payload = encode(&spec);
-            (id, payload)
-        })
-        .collect()
-}
-
-async fn drain(
-    cli: &Cli,
-    system: System,
-    con: &mut redis::aio::MultiplexedConnection,
-    run: usize,
-    start: impl FnOnce() -> Result<Service>,
-) -> Result<Drain> {
-    let n = match system {
-        System::Taskstack => cli.tasks,
-        System::Celery => cli.celery_tasks.unwrap_or(cli.tasks),
-    };
-    let _: () = redis::cmd("FLUSHALL").query_async(con).await?;
-    let worker = start()?;
-    let msgs = messages(run, n);
-    for chunk in msgs.chunks(CHUNK) {
-        let payloads: Vec<&str> = chunk.iter().map(|(_, p)| p.as_str()).collect();
-        let _: () = redis::cmd("LPUSH")
-            .arg(PREFILL)
-            .arg(&payloads)
-            .query_async(con)
-            .await?;
-    }
-    let keys: Vec<String> = msgs.iter().map(|(id, _)| result_key(id)).collect();
-    drop(msgs);
-
-    let _: () = redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query_async(con)
-        .await?;
-    let cpu0 = redis_cpu_s(con).await?;
-    let t0 = Instant::now();
-    let _: () = redis::cmd("RENAME")
-        .arg(PREFILL)
-        .arg(QUEUE)
-        .query_async(con)
-        .await?;
-    let (mut dbsize_calls, mut mget_calls) = (0u64, 0u64);
-    let deadline = t0 + Duration::from_secs(cli.timeout);
-    let mut pending: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let done = loop {
-        let size: u64 = redis::cmd("DBSIZE").query_async(con).await?;
-        dbsize_calls += 1;
-        // Besides the results, only the queue and a few bookkeeping keys
-        // of the worker exist: from N keys on, check the results.
-        if size >= n as u64 {
-            let mut still = Vec::new();
-            for chunk in pending.chunks(CHUNK) {
-                let found: Vec<Option<String>> =
-                    redis::cmd("MGET").arg(chunk).query_async(con).await?;
-                mget_calls += 1;
-                for (k, v) in chunk.iter().zip(found) {
-                    match v {
-                        None => still.push(*k),
-                        Some(v) if !v.contains("\"SUCCESS\"") => {
-                            bail!("{k} is not SUCCESS: {v}")
-                        }
-                        Some(_) => {}
-                    }
-                }
-            }
-            pending = still;
-            if pending.is_empty() {
-                break Instant::now();
-            }
-        }
-        worker.check_running()?;
-        if Instant::now() > deadline {
-            bail!(
-                "{} of {n} results missing after {:?}; {} log tail:\n{}",
-                pending.len(),
-                cli.timeout,
-                worker.name(),
-                worker.log_tail()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    let seconds = done.duration_since(t0).as_secs_f64();
-    let cpu1 = redis_cpu_s(con).await?;
-    let mut stats = commandstats(con).await?;
-    for c in &mut stats {
-        let own = match c.name.as_str() {
-            "dbsize" => dbsize_calls,
-            "mget" => mget_calls,
-            "rename" => 1,
-            _ => 0,
-        };
-        c.calls = c.calls.saturating_sub(own);
-    }
-    stats.retain(|c| c.calls > 0);
-    stats.sort_by_key(|c| std::cmp::Reverse(c.calls));
-    worker.stop()?;
-    Ok(Drain {
-        system,
-        tasks: n,
-        seconds,
-        commands: stats.iter().map(|c| c.calls).sum(),
-        redis_cpu_s: cpu0.zip(cpu1).map(|(a, b)| b - a),
-        top: stats
-            .iter()
-            .take(8)
-            .map(|c| (c.name.clone(), c.calls))
-            .collect(),
-    })
-}
-
-fn print_drain(run: usize, d: &Drain) {
-    let top: Vec<String> = d
-        .top
-        .iter()
-        .map(|(name, calls)| format!("{name} {:.2}", *calls as f64 / d.tasks as f64))
-        .collect();
-    println!(
-        "run {run} {:<9} {:>7} tasks in {:>7.3} s: {:>9.0} tasks/s, {:.2} Redis commands per task (redis CPU {}); per task: {}",
-        d.system.label(),
-        d.tasks,
-        d.seconds,
-        d.tasks_per_s(),
-        d.cmds_per_task(),
-        d.redis_cpu_s
-            .map_or_else(|| "?".to_owned(), |c| format!("{c:.2} s")),
-        top.join(", ")
-    );
-}
-
 fn print_summary(drains: &[Drain]) {
     println!();
     println!("| system | tasks/s (median) | runs | Redis commands per task (median) |");
     println!("| --- | --- | --- | --- |");
     let mut medians = Vec::new();
-    for system in [System::Taskstack, System::Celery] {
+    for system in ["taskstack", "celery"] {
         let mine: Vec<&Drain> = drains.iter().filter(|d| d.system == system).collect();
         if mine.is_empty() {
             continue;
@@ -390,12 +184,12 @@ fn print_summary(drains: &[Drain]) {
             .collect();
         println!(
             "| {} | {rate_m:.0} | {} | {cmds_m:.2} |",
-            system.label(),
+            system,
             runs.join(" / ")
         );
         medians.push((system, rate_m));
     }
-    if let [(System::Taskstack, t), (System::Celery, c)] = medians.as_slice() {
+    if let [("taskstack", t), ("celery", c)] = medians.as_slice() {
         println!();
         println!("taskstack / celery: {:.1}x", t / c);
     }

@@ -1,0 +1,476 @@
+//! `backlog`: one stock `taskstack-worker` (default settings) drains a
+//! million queued Celery-protocol `taskstack.echo` messages and a million
+//! more parked in the delayed set, due over the first part of the run. It
+//! samples the worker's RSS and the drain rate over time and prints the
+//! peak RSS, the rate in the first and the last 10% of the tasks, Redis's
+//! memory per queued and per parked message (beside the size of Python
+//! Celery's own message for the same task), how long the library's queue
+//! statistics take with the backlog in place, and the idle worker's RSS;
+//! it draws the rate and the RSS in a PNG. It asserts nothing about the
+//! figures. See `bench/README.md`.
+//!
+//! ```sh
+//! cargo build --release -p taskstack-worker -p taskstack-bench
+//! target/release/backlog                 # --count 100000 for a quick look
+//! ```
+
+#[allow(dead_code, reason = "shared with the canvas and drain benches")]
+#[path = "../canvas_procs.rs"]
+mod canvas_procs;
+#[path = "../plot.rs"]
+mod plot;
+#[path = "../procfs.rs"]
+mod procfs;
+#[allow(
+    dead_code,
+    reason = "shared with the main bench; this binary uses part of it"
+)]
+#[path = "../redis_info.rs"]
+mod redis_info;
+#[path = "../samples.rs"]
+mod samples;
+
+use anyhow::{Result, bail, ensure};
+use canvas_procs::Service;
+use clap::Parser;
+use procfs::{mb, status_kib};
+use redis::aio::MultiplexedConnection;
+use redis_info::used_memory;
+use samples::{Sample, print_timeline, rates, share_rate};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use taskstack::broker::{RedisPool, delayed_span, queue_counts};
+use taskstack::config::RedisTarget;
+use taskstack::proto::Keys;
+use taskstack::proto::envelope::{MessageSpec, encode};
+use taskstack::proto::keys::result_key;
+use taskstack_integration::RedisServer;
+
+/// The queue the worker consumes (its default).
+const QUEUE: &str = "celery";
+/// Where the queued messages wait until the drain starts.
+const PREFILL: &str = "bench.backlog.queue";
+/// Where the parked messages wait until the drain starts (the delayed
+/// ZSET and HASH, renamed to the worker's own at the start).
+const PREFILL_DELAYED: &str = "bench.backlog.delayed";
+const PREFILL_DELAYED_MSG: &str = "bench.backlog.delayed-msg";
+/// Messages per command when prefilling and checking results.
+const CHUNK: usize = 1_000;
+/// Commands per pipelined round trip when prefilling.
+const PIPELINE: usize = 8;
+
+#[derive(Debug, Parser)]
+#[command(
+    about = "A million queued and a million delayed tasks drained by one stock taskstack-worker: RSS and rate over time, Redis memory per message, queue stats with the backlog"
+)]
+struct Cli {
+    /// Messages prefilled in the queue.
+    #[arg(long, default_value_t = 1_000_000)]
+    count: usize,
+    /// Messages parked in the delayed set (default: --count).
+    #[arg(long)]
+    delayed: Option<usize>,
+    /// Seconds over which the parked messages fall due, from the start of
+    /// the drain (default: 30 per million queued messages).
+    #[arg(long)]
+    delay_spread: Option<f64>,
+    /// Sampling period of the RSS and the progress, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    sample_ms: u64,
+    /// Where the PNG goes (default: bench/results/backlog.png).
+    #[arg(long, value_name = "PATH")]
+    plot: Option<PathBuf>,
+    /// A setting for the worker, `NAME=VALUE` (becoming `TASKSTACK_NAME`);
+    /// repeatable. None given: the defaults, the point of this benchmark.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    settings: Vec<String>,
+    /// The worker binary (default: `taskstack-worker` beside this one).
+    #[arg(long, value_name = "PATH")]
+    worker_bin: Option<PathBuf>,
+    /// Give up after this many seconds of draining.
+    #[arg(long, default_value_t = 1800)]
+    timeout: u64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A task id as long as Celery's (a UUID), so sizes compare.
+fn task_id(kind: u8, i: usize) -> String {
+    format!("0000b10c-{kind:04x}-4000-8000-{i:012x}")
+}
+
+/// The message of task `i`: `taskstack.echo(i)` in Celery's protocol 2.
+fn message(kind: u8, i: usize) -> String {
+    let id = task_id(kind, i);
+    let args = [json!(i)];
+    encode(&MessageSpec {
+        id: &id,
+        task: "taskstack.echo",
+        args: &args,
+        queue: QUEUE,
+        origin: "bench@backlog",
+        ..MessageSpec::default()
+    })
+}
+
+const QUEUED: u8 = 1;
+const DELAYED: u8 = 2;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    ensure!(cli.count > 0, "--count must be at least 1");
+    let delayed = cli.delayed.unwrap_or(cli.count);
+    let spread = cli
+        .delay_spread
+        .unwrap_or(30.0 * cli.count as f64 / 1e6)
+        .max(0.0);
+    let total = cli.count + delayed;
+    let env = canvas_procs::settings_env(&cli.settings)?;
+    let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let worker_bin = canvas_procs::worker_bin(cli.worker_bin.as_deref())?;
+    let plot_path = cli
+        .plot
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results/backlog.png"));
+    if cfg!(debug_assertions) {
+        eprintln!("warning: backlog is a debug build (prefilling is slower)");
+    }
+
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let mut con = redis_info::connect(&url).await?;
+    let version = redis_info::server_version(&mut con).await?;
+    println!("backlog: one stock worker drains queued and delayed messages");
+    println!(
+        "  redis-server {} on 127.0.0.1:{} (no persistence); worker {} ({})",
+        version,
+        redis.port(),
+        worker_bin.display(),
+        if env.is_empty() {
+            "defaults".to_owned()
+        } else {
+            format!("{env:?}")
+        }
+    );
+    println!(
+        "  {} queued + {delayed} delayed taskstack.echo messages (due over {spread:.1} s), sampled every {} ms",
+        cli.count, cli.sample_ms
+    );
+    let ours = message(QUEUED, 123_456);
+    match celery_envelope(&mut con, &url).await {
+        Ok(c) => println!(
+            "  one message: {} bytes as this bench writes it; {} bytes as Python Celery's client writes it",
+            ours.len(),
+            c.len()
+        ),
+        Err(e) => println!(
+            "  one message: {} bytes as this bench writes it; Celery's: not measured ({e:#})",
+            ours.len()
+        ),
+    }
+
+    let worker = Service::taskstack(&worker_bin, &url, &env)?;
+    let pid = worker.pid();
+    let ready_at = Instant::now();
+    let rss_ready = status_kib(pid, "VmRSS:");
+    let keys = Keys::new(worker.namespace());
+
+    let m0 = used_memory(&mut con).await?;
+    let t = Instant::now();
+    let bytes = prefill_queue(&mut con, cli.count).await?;
+    let queue_s = t.elapsed().as_secs_f64();
+    let m1 = used_memory(&mut con).await?;
+    // The parked messages fall due from about the start of the drain on:
+    // their prefill is assumed to take as long as the queue's, plus a second.
+    let first_due = now_ms() + (queue_s * 1500.0) as i64 + 1000;
+    let t = Instant::now();
+    prefill_delayed(&mut con, delayed, first_due, spread).await?;
+    let delayed_s = t.elapsed().as_secs_f64();
+    let m2 = used_memory(&mut con).await?;
+    let idle_s = ready_at.elapsed().as_secs_f64();
+    let rss_idle = status_kib(pid, "VmRSS:");
+    println!(
+        "  prefill: {} queued in {queue_s:.1} s ({:.0} bytes each), {delayed} delayed in {delayed_s:.1} s",
+        cli.count,
+        bytes as f64 / cli.count as f64
+    );
+    let per = |a: u64, b: u64, n: usize| (b.saturating_sub(a)) as f64 / n.max(1) as f64;
+    println!(
+        "  Redis memory (INFO used_memory): {:.0} bytes per queued message, {:.0} per delayed one",
+        per(m0, m1, cli.count),
+        per(m1, m2, delayed)
+    );
+    println!(
+        "  idle worker RSS: {} right after ready, {} after {idle_s:.1} s idle (the prefill)",
+        mb(rss_ready),
+        mb(rss_idle)
+    );
+
+    // The drain starts: queue and delayed set become the worker's at once.
+    let _: () = redis::pipe()
+        .atomic()
+        .cmd("RENAME")
+        .arg(PREFILL)
+        .arg(QUEUE)
+        .ignore()
+        .cmd("RENAME")
+        .arg(PREFILL_DELAYED)
+        .arg(keys.delayed())
+        .ignore()
+        .cmd("RENAME")
+        .arg(PREFILL_DELAYED_MSG)
+        .arg(keys.delayed_messages())
+        .ignore()
+        .cmd("HSET")
+        .arg(keys.delayed_counts())
+        .arg(QUEUE)
+        .arg(delayed)
+        .ignore()
+        .query_async(&mut con)
+        .await?;
+    let t0 = Instant::now();
+    let start_ms = now_ms();
+    println!(
+        "  drain started; delayed messages due {:+.1} s to {:+.1} s from now",
+        (first_due - start_ms) as f64 / 1000.0,
+        (first_due - start_ms) as f64 / 1000.0 + spread
+    );
+    let pool = RedisPool::new(&RedisTarget::from_url(&url)?, 2, Duration::from_secs(30))?;
+    let mut lane = pool.lane();
+    queue_stats(&mut lane, &keys, "at the start").await?;
+
+    let samples = sample_drain(&cli, &mut con, &worker, &keys, total, t0, &mut lane).await?;
+    let end = samples.last().map_or(0.0, |s| s.t);
+    let peak = status_kib(pid, "VmHWM:");
+    let rss_after = status_kib(pid, "VmRSS:");
+    check_results(&mut con, cli.count, delayed).await?;
+    worker.stop()?;
+
+    println!();
+    println!(
+        "drained {total} tasks in {end:.1} s: {:.0} tasks/s overall",
+        total as f64 / end
+    );
+    let (first, last) = (
+        share_rate(&samples, total, 0.0, 0.1),
+        share_rate(&samples, total, 0.9, 1.0),
+    );
+    println!(
+        "rate in the first 10% of the tasks: {first:.0} tasks/s; in the last 10%: {last:.0} tasks/s ({:+.1}%)",
+        (last / first - 1.0) * 100.0
+    );
+    let sampled_peak = samples.iter().filter_map(|s| s.rss_kib).max();
+    println!(
+        "worker RSS: peak {} (VmHWM; highest sample {}), {} after the drain",
+        mb(peak),
+        mb(sampled_peak),
+        mb(rss_after)
+    );
+    print_timeline(&samples);
+
+    let rate = rates(&samples);
+    let rss: Vec<(f64, f64)> = samples
+        .iter()
+        .filter_map(|s| Some((s.t, s.rss_kib? as f64 / 1024.0)))
+        .collect();
+    let title = format!(
+        "{} queued + {delayed} delayed tasks, one stock taskstack-worker",
+        cli.count
+    );
+    plot::two_axes(
+        &plot_path,
+        &title,
+        &plot::Series {
+            label: "drain rate (tasks/s, 1 s window)".into(),
+            points: rate,
+        },
+        &plot::Series {
+            label: "worker RSS (MB)".into(),
+            points: rss,
+        },
+    )?;
+    println!("plot: {}", plot_path.display());
+    Ok(())
+}
+
+/// Pipelined `LPUSH`es of the queued messages to [`PREFILL`]; returns the bytes pushed.
+async fn prefill_queue(con: &mut MultiplexedConnection, n: usize) -> Result<usize> {
+    let mut bytes = 0;
+    for start in (0..n).step_by(CHUNK * PIPELINE) {
+        let mut pipe = redis::pipe();
+        for chunk in (start..n.min(start + CHUNK * PIPELINE)).step_by(CHUNK) {
+            let msgs: Vec<String> = (chunk..n.min(chunk + CHUNK))
+                .map(|i| message(QUEUED, i))
+                .collect();
+            bytes += msgs.iter().map(String::len).sum::<usize>();
+            pipe.cmd("LPUSH").arg(PREFILL).arg(msgs).ignore();
+        }
+        let _: () = pipe.query_async(con).await?;
+    }
+    Ok(bytes)
+}
+
+/// The delayed messages, parked as `delay.lua` parks them (id → due time
+/// in the ZSET, id → `<queue key>\n<message>` in the HASH) under the
+/// prefill names; due from `first_due` (ms) over `spread` seconds.
+async fn prefill_delayed(
+    con: &mut MultiplexedConnection,
+    n: usize,
+    first_due: i64,
+    spread: f64,
+) -> Result<()> {
+    for start in (0..n).step_by(CHUNK * PIPELINE) {
+        let mut pipe = redis::pipe();
+        for chunk in (start..n.min(start + CHUNK * PIPELINE)).step_by(CHUNK) {
+            let range = chunk..n.min(chunk + CHUNK);
+            let due = |i: usize| first_due + (spread * 1000.0 * i as f64 / n as f64) as i64;
+            let fields: Vec<(String, String)> = range
+                .clone()
+                .map(|i| {
+                    (
+                        task_id(DELAYED, i),
+                        format!("{QUEUE}\n{}", message(DELAYED, i)),
+                    )
+                })
+                .collect();
+            let scores: Vec<(i64, String)> = range.map(|i| (due(i), task_id(DELAYED, i))).collect();
+            pipe.cmd("HSET")
+                .arg(PREFILL_DELAYED_MSG)
+                .arg(fields)
+                .ignore();
+            pipe.cmd("ZADD").arg(PREFILL_DELAYED).arg(scores).ignore();
+        }
+        let _: () = pipe.query_async(con).await?;
+    }
+    Ok(())
+}
+
+/// Python Celery's message for `taskstack.echo(123456)`, if a Python with
+/// Celery is at hand.
+async fn celery_envelope(con: &mut MultiplexedConnection, url: &str) -> Result<String> {
+    let python = canvas_procs::celery_python()?;
+    canvas_procs::celery_envelope(&python, url, "bench.envelope", 123_456, con).await
+}
+
+/// Calls the library's queue statistics (what the web API's queue route
+/// serves) and the delayed set's span, and prints how long each took.
+async fn queue_stats(lane: &mut taskstack::broker::Lane, keys: &Keys, when: &str) -> Result<()> {
+    let t = Instant::now();
+    let counts = queue_counts(lane, keys, &[QUEUE.to_owned()]).await?;
+    let counts_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let span = delayed_span(lane, keys).await?;
+    let span_ms = t.elapsed().as_secs_f64() * 1e3;
+    let c = counts.first().copied().unwrap_or_default();
+    println!(
+        "  queue stats {when}: queue_counts {counts_ms:.2} ms (ready {}, delayed {}, in flight {}), delayed_span {span_ms:.2} ms ({} parked)",
+        c.ready, c.delayed, c.in_flight, span.parked
+    );
+    Ok(())
+}
+
+/// Samples until nothing is queued, parked or held: every task's result is
+/// then stored (a hold is settled only after its result).
+async fn sample_drain(
+    cli: &Cli,
+    con: &mut MultiplexedConnection,
+    worker: &Service,
+    keys: &Keys,
+    total: usize,
+    t0: Instant,
+    lane: &mut taskstack::broker::Lane,
+) -> Result<Vec<Sample>> {
+    let leases: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.leases())
+        .arg(0)
+        .arg(-1)
+        .query_async(con)
+        .await?;
+    let [worker_id] = leases.as_slice() else {
+        bail!("expected one worker lease, found {leases:?}");
+    };
+    let mut base = None;
+    let mut samples = Vec::new();
+    let mut halfway_stats = false;
+    let deadline = t0 + Duration::from_secs(cli.timeout);
+    let mut tick = tokio::time::interval(Duration::from_millis(cli.sample_ms));
+    loop {
+        tick.tick().await;
+        let (dbsize, ready, parked, inflight, landing): (u64, u64, u64, u64, u64) = redis::pipe()
+            .cmd("DBSIZE")
+            .cmd("LLEN")
+            .arg(QUEUE)
+            .cmd("ZCARD")
+            .arg(keys.delayed())
+            .cmd("HLEN")
+            .arg(keys.inflight(worker_id))
+            .cmd("LLEN")
+            .arg(keys.landing(worker_id))
+            .query_async(con)
+            .await?;
+        let t = t0.elapsed().as_secs_f64();
+        // Keys other than results (queue, delayed set, the worker's) are
+        // few and counted in the first sample.
+        let base = *base.get_or_insert(dbsize);
+        let finished = ready == 0 && parked == 0 && inflight + landing == 0;
+        let done = if finished {
+            total as u64
+        } else {
+            dbsize.saturating_sub(base).min(total as u64)
+        };
+        samples.push(Sample {
+            t,
+            done,
+            ready,
+            parked,
+            held: inflight + landing,
+            rss_kib: status_kib(worker.pid(), "VmRSS:"),
+        });
+        if finished {
+            return Ok(samples);
+        }
+        if !halfway_stats && done >= total as u64 / 2 {
+            halfway_stats = true;
+            queue_stats(lane, keys, "halfway").await?;
+        }
+        worker.check_running()?;
+        if Instant::now() > deadline {
+            bail!(
+                "{ready} queued, {parked} parked, {} held after {} s; worker log tail:\n{}",
+                inflight + landing,
+                cli.timeout,
+                worker.log_tail()
+            );
+        }
+    }
+}
+
+/// Every task's result exists and is SUCCESS (read with `MGET`, not timed).
+async fn check_results(
+    con: &mut MultiplexedConnection,
+    queued: usize,
+    delayed: usize,
+) -> Result<()> {
+    for (kind, n) in [(QUEUED, queued), (DELAYED, delayed)] {
+        for start in (0..n).step_by(CHUNK) {
+            let keys: Vec<String> = (start..n.min(start + CHUNK))
+                .map(|i| result_key(&task_id(kind, i)))
+                .collect();
+            let found: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(con).await?;
+            for (k, v) in keys.iter().zip(found) {
+                match v {
+                    None => bail!("{k} is missing after the drain"),
+                    Some(v) if !v.contains("\"SUCCESS\"") => bail!("{k} is not SUCCESS: {v}"),
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
