@@ -162,14 +162,25 @@ pub(crate) async fn write(
     records: &[(&str, &str)],
     ttl: Duration,
 ) -> Result<(), PgError> {
+    run_records(pg, "store results", &write_sql(), records, ttl).await
+}
+
+/// Runs `sql` (`$1` ids, `$2` records, `$3` ttl in ms) for `records` in
+/// one statement; nothing when there are none.
+async fn run_records(
+    pg: &Handles,
+    op: &'static str,
+    sql: &str,
+    records: &[(&str, &str)],
+    ttl: Duration,
+) -> Result<(), PgError> {
     if records.is_empty() {
         return Ok(());
     }
-    let op = "store results";
     let (ids, json) = batch(records.iter().copied());
     timed(pg, op, async {
         let client = client(pg, op).await?;
-        let stmt = prepared(&client, op, &write_sql()).await?;
+        let stmt = prepared(&client, op, sql).await?;
         client
             .execute(&stmt, &[&ids, &json, &millis(ttl)])
             .await
@@ -349,21 +360,7 @@ pub(crate) async fn record_revoked(
     records: &[(&str, &str)],
     ttl: Duration,
 ) -> Result<(), PgError> {
-    if records.is_empty() {
-        return Ok(());
-    }
-    let op = "record revoked tasks";
-    let (ids, json) = batch(records.iter().copied());
-    timed(pg, op, async {
-        let client = client(pg, op).await?;
-        let stmt = prepared(&client, op, &revoked_sql()).await?;
-        client
-            .execute(&stmt, &[&ids, &json, &millis(ttl)])
-            .await
-            .map_err(|e| PgError::op(op, &e))?;
-        Ok(())
-    })
-    .await
+    run_records(pg, "record revoked tasks", &revoked_sql(), records, ttl).await
 }
 
 /// Deletes up to `max` expired rows, oldest expiry first, if no other
