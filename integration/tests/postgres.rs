@@ -229,6 +229,24 @@ async fn a_wrong_password_or_missing_database_stops_start_up_with_exit_2() -> Re
 }
 
 /// Counts rows of `db` in `state`.
+/// `n` `taskstack.sleep` tasks of `secs` seconds each (the task's index as
+/// its second argument), sent in batches of 500; their ids in order.
+async fn send_sleeps(producer: &Producer, n: usize, secs: f64) -> Result<Vec<String>> {
+    let reqs: Vec<TaskRequest> = (0..n)
+        .map(|i| TaskRequest {
+            name: "taskstack.sleep".into(),
+            args: vec![json!(secs), json!(i)],
+            kwargs: serde_json::Map::new(),
+            options: SendOptions::default(),
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for chunk in reqs.chunks(500) {
+        ids.extend(producer.send_many(chunk).await?);
+    }
+    Ok(ids)
+}
+
 fn count(pg: &PgServer, db: &str, state: &str) -> Result<usize> {
     let n = pg
         .psql(
@@ -254,18 +272,7 @@ async fn postgresql_restarted_under_load_loses_nothing_and_the_worker_resumes() 
     worker.wait_log("worker ready", Duration::from_secs(30))?;
     let producer = producer(&redis, &ns, &pg, &db)?;
     // Each task sleeps a little, so the run outlasts the restart.
-    let reqs: Vec<TaskRequest> = (0..N)
-        .map(|i| TaskRequest {
-            name: "taskstack.sleep".into(),
-            args: vec![json!(0.02), json!(i)],
-            kwargs: serde_json::Map::new(),
-            options: SendOptions::default(),
-        })
-        .collect();
-    let mut ids = Vec::new();
-    for chunk in reqs.chunks(500) {
-        ids.extend(producer.send_many(chunk).await?);
-    }
+    let ids = send_sleeps(&producer, N, 0.02).await?;
     wait_until("some results", Duration::from_secs(30), || async {
         Ok((count(&pg, &db, "SUCCESS")? >= 100).then_some(()))
     })
@@ -391,18 +398,7 @@ async fn worker_sigkilled_mid_batch_leaves_exactly_one_committed_result_per_task
     b.wait_log("worker ready", Duration::from_secs(30))?;
     let (a_id, b_id) = (worker_id(&a)?, worker_id(&b)?);
     let producer = producer(&redis, &ns, &pg, &db)?;
-    let reqs: Vec<TaskRequest> = (0..N)
-        .map(|i| TaskRequest {
-            name: "taskstack.sleep".into(),
-            args: vec![json!(0.05), json!(i)],
-            kwargs: serde_json::Map::new(),
-            options: SendOptions::default(),
-        })
-        .collect();
-    let mut ids = Vec::new();
-    for chunk in reqs.chunks(500) {
-        ids.extend(producer.send_many(chunk).await?);
-    }
+    let ids = send_sleeps(&producer, N, 0.05).await?;
 
     // Kill A while it holds messages (running, or settling a batch) and
     // after it has committed results of its own.
