@@ -7,6 +7,8 @@ use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value, json};
 use std::time::Duration;
 
+pub use super::encode::{MessageSpec, encode};
+
 /// The only content type taskstack decodes. Pickle, YAML and msgpack are
 /// refused without being looked at.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
@@ -388,115 +390,6 @@ impl TaskMessage {
             .pointer("/properties/delivery_info/routing_key")
             .and_then(Value::as_str)
     }
-}
-
-static NO_KWARGS: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
-
-/// What a producer chooses about one message.
-#[derive(Debug, Clone)]
-pub struct MessageSpec<'a> {
-    pub id: &'a str,
-    pub task: &'a str,
-    pub args: &'a [Value],
-    pub kwargs: &'a Map<String, Value>,
-    pub queue: &'a str,
-    pub eta: Option<DateTime<Utc>>,
-    pub expires: Option<DateTime<Utc>>,
-    pub priority: Option<u8>,
-    pub max_retries: Option<u32>,
-    pub hard_time_limit: Option<Duration>,
-    pub soft_time_limit: Option<Duration>,
-    pub origin: &'a str,
-    pub extra_headers: Option<&'a Map<String, Value>>,
-    /// The body's embed (`callbacks`, `errbacks`, `chain`, `chord`); `None`
-    /// for all four null.
-    pub embed: Option<&'a Value>,
-    /// The `group` and `group_index` headers (a chord's header task).
-    pub group: Option<(&'a str, usize)>,
-}
-
-impl Default for MessageSpec<'_> {
-    fn default() -> Self {
-        Self {
-            id: "",
-            task: "",
-            args: &[],
-            kwargs: &NO_KWARGS,
-            queue: "celery",
-            eta: None,
-            expires: None,
-            priority: None,
-            max_retries: None,
-            hard_time_limit: None,
-            soft_time_limit: None,
-            origin: "",
-            extra_headers: None,
-            embed: None,
-            group: None,
-        }
-    }
-}
-
-/// Builds the envelope JSON exactly as Celery 5 writes it, so Python workers
-/// accept it.
-pub fn encode(spec: &MessageSpec<'_>) -> String {
-    let no_embed = json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null});
-    let body = json!([spec.args, spec.kwargs, spec.embed.unwrap_or(&no_embed)]);
-    let secs = |d: Option<Duration>| d.map(|d| json!(d.as_secs_f64())).unwrap_or(Value::Null);
-    let mut headers = json!({
-        "lang": "py",
-        "task": spec.task,
-        "id": spec.id,
-        "shadow": null,
-        "eta": spec.eta.map(format_time),
-        "expires": spec.expires.map(format_time),
-        "group": spec.group.map(|(g, _)| g),
-        "group_index": spec.group.map(|(_, i)| i),
-        "retries": 0,
-        "timelimit": [secs(spec.hard_time_limit), secs(spec.soft_time_limit)],
-        "root_id": spec.id,
-        "parent_id": null,
-        "argsrepr": Value::from(spec.args.to_vec()).to_string(),
-        "kwargsrepr": Value::from(spec.kwargs.clone()).to_string(),
-        "origin": spec.origin,
-        "ignore_result": false,
-        "replaced_task_nesting": 0,
-        "stamped_headers": null,
-        "stamps": {},
-    });
-    if let Some(h) = headers.as_object_mut() {
-        let ready_at = spec.eta.map_or_else(Utc::now, |eta| eta.max(Utc::now()));
-        h.insert(HEADER_READY_AT.into(), json!(ready_at.timestamp_millis()));
-        if let Some(m) = spec.max_retries {
-            h.insert(HEADER_MAX_RETRIES.into(), json!(m));
-        }
-        if let Some(extra) = spec.extra_headers {
-            for (k, v) in extra {
-                h.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    let mut properties = json!({
-        "correlation_id": spec.id,
-        "reply_to": uuid::Uuid::new_v4().to_string(),
-        "delivery_mode": 2,
-        "delivery_info": {"exchange": "", "routing_key": spec.queue},
-        "priority": spec.priority.unwrap_or(0).min(9),
-        "body_encoding": "base64",
-        "delivery_tag": uuid::Uuid::new_v4().to_string(),
-    });
-    if let (Some(exp), Some(p)) = (spec.expires, properties.as_object_mut()) {
-        let ms = (exp - Utc::now()).num_milliseconds().max(0);
-        p.insert("expiration".into(), json!(ms.to_string()));
-    }
-    json!({
-        "body": B64.encode(body.to_string()),
-        "content-encoding": "utf-8",
-        "content-type": CONTENT_TYPE_JSON,
-        "headers": headers,
-        "properties": properties,
-    })
-    .to_string()
 }
 
 #[cfg(test)]

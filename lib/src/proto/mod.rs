@@ -1,6 +1,7 @@
 //! Everything that crosses a process boundary: the Celery message envelope,
 //! the result record, and every Redis key name.
 
+mod encode;
 pub mod envelope;
 pub mod keys;
 pub mod result;
