@@ -18,6 +18,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use taskstack_integration::docker::{
     containers_labelled, crash_main_process, docker, images, init_secrets, unique, workspace_root,
@@ -173,19 +174,20 @@ impl Stack {
     /// Waits until every check passes; the time it took.
     async fn converge(&self, deadline: Duration) -> Result<Duration> {
         let start = Instant::now();
-        let mut last = String::new();
+        let last = Mutex::new(String::new());
         let waited = wait_until("the stack to converge", deadline, || {
-            let last = &mut last;
+            let last = &last;
             async move {
                 let r = self.verify().await?;
-                *last = r.render();
+                *last.lock().expect("not poisoned") = r.render();
                 Ok(r.ok.then_some(()))
             }
         })
         .await;
         if let Err(e) = waited {
             bail!(
-                "{e:#}\n{last}\n{}",
+                "{e:#}\n{}\n{}",
+                last.lock().expect("not poisoned"),
                 docker_cli(&["stack", "ps", "--no-trunc", &self.name], &[]).unwrap_or_default()
             );
         }
@@ -202,9 +204,18 @@ impl Stack {
         )
         .await?
         {
-            let c = docker.inspect_container(&id, None).await?;
-            if c.state.and_then(|s| s.running).unwrap_or(false) {
-                out.push((id, name));
+            // The Swarm removes the containers of old tasks: one listed a
+            // moment ago may be gone.
+            match docker.inspect_container(&id, None).await {
+                Ok(c) if c.state.as_ref().and_then(|s| s.running).unwrap_or(false) => {
+                    out.push((id, name));
+                }
+                Ok(_)
+                | Err(testcontainers::bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404,
+                    ..
+                }) => {}
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(out)
@@ -261,20 +272,23 @@ impl Stack {
 
     /// Waits until all of `ids` succeeded.
     async fn all_succeed(&self, ids: &[String], deadline: Duration) -> Result<()> {
-        let mut done = 0;
-        let r = wait_until(
-            &format!("{} tasks to succeed", ids.len()),
-            deadline,
-            || {
-                let done = &mut done;
-                async move {
-                    *done = self.succeeded(ids).await?;
-                    Ok((*done == ids.len()).then_some(()))
-                }
-            },
-        )
+        let done = Mutex::new(0);
+        let r = wait_until(&format!("{} tasks to succeed", ids.len()), deadline, || {
+            let done = &done;
+            async move {
+                let n = self.succeeded(ids).await?;
+                *done.lock().expect("not poisoned") = n;
+                Ok((n == ids.len()).then_some(()))
+            }
+        })
         .await;
-        r.with_context(|| format!("{done} of {} succeeded", ids.len()))
+        r.with_context(|| {
+            format!(
+                "{} of {} succeeded",
+                done.lock().expect("not poisoned"),
+                ids.len()
+            )
+        })
     }
 
     /// The update state of service `svc` (`completed`, `updating`, ...).
@@ -283,9 +297,7 @@ impl Stack {
             .await?
             .inspect_service(&self.service(svc), None)
             .await?;
-        Ok(s.update_status
-            .and_then(|u| u.state)
-            .map(|s| s.to_string()))
+        Ok(s.update_status.and_then(|u| u.state).map(|s| s.to_string()))
     }
 }
 
@@ -412,7 +424,10 @@ async fn stack_converges_and_a_rolling_worker_update_loses_no_task() -> Result<(
         started.elapsed()
     );
     let new_workers = stack.containers("worker").await?;
-    ensure!(new_workers.len() == 2, "two workers expected: {new_workers:?}");
+    ensure!(
+        new_workers.len() == 2,
+        "two workers expected: {new_workers:?}"
+    );
     for (id, name) in &new_workers {
         ensure!(!old_workers.contains(id), "{name} was not replaced");
         let c = docker().await?.inspect_container(id, None).await?;
@@ -454,10 +469,16 @@ async fn a_killed_worker_is_replaced_and_workers_scale_to_four() -> Result<()> {
     let workers = stack.containers("worker").await?;
     let (victim, victim_name) = workers.first().context("no worker container")?.clone();
     let done = stack.succeeded(&ids).await?;
-    ensure!(done < ids.len(), "the batch ended before the kill; make it longer");
+    ensure!(
+        done < ids.len(),
+        "the batch ended before the kill; make it longer"
+    );
     let killed = Instant::now();
     crash_main_process(&docker().await?, &victim).await?;
-    eprintln!("swarm: killed the process of {victim_name}; {done} of {} done", ids.len());
+    eprintln!(
+        "swarm: killed the process of {victim_name}; {done} of {} done",
+        ids.len()
+    );
     // The Swarm replaces it: two running workers again, the victim not
     // among them.
     wait_until(
@@ -480,20 +501,31 @@ async fn a_killed_worker_is_replaced_and_workers_scale_to_four() -> Result<()> {
     // Scale to 4: four running workers, each with a live heartbeat.
     let scaled = Instant::now();
     docker_cli(
-        &["service", "scale", "--detach", &format!("{}=4", stack.service("worker"))],
+        &[
+            "service",
+            "scale",
+            "--detach",
+            &format!("{}=4", stack.service("worker")),
+        ],
         &[],
     )?;
-    let mut last = Value::Null;
+    let last = Mutex::new(Value::Null);
     wait_until("4 live workers", Duration::from_secs(120), || {
-        let last = &mut last;
+        let last = &last;
         let stack = &stack;
         async move {
             let running = stack.containers("worker").await?;
             if running.len() != 4 {
                 return Ok(None);
             }
-            let (status, reply) =
-                http_json(&stack.web, "GET", "/api/v1/workers", Some(&stack.token), None).await?;
+            let (status, reply) = http_json(
+                &stack.web,
+                "GET",
+                "/api/v1/workers",
+                Some(&stack.token),
+                None,
+            )
+            .await?;
             ensure!(status == 200, "GET /api/v1/workers: {status} {reply}");
             let hosts: BTreeSet<String> = reply["workers"]
                 .as_array()
@@ -501,18 +533,36 @@ async fn a_killed_worker_is_replaced_and_workers_scale_to_four() -> Result<()> {
                 .flatten()
                 .filter_map(|w| w["host"].as_str().map(str::to_owned))
                 .collect();
-            *last = reply;
+            *last.lock().expect("not poisoned") = reply;
             Ok(running
                 .iter()
-                .all(|(id, _)| hosts.iter().any(|h| id.starts_with(h.as_str()) && h.len() >= 12))
+                .all(|(id, _)| {
+                    hosts
+                        .iter()
+                        .any(|h| id.starts_with(h.as_str()) && h.len() >= 12)
+                })
                 .then_some(()))
         }
     })
     .await
-    .with_context(|| format!("last /api/v1/workers: {last}"))?;
-    eprintln!("swarm: 4 live workers {:?} after `service scale`", scaled.elapsed());
+    .with_context(|| {
+        format!(
+            "last /api/v1/workers: {}",
+            last.lock().expect("not poisoned")
+        )
+    })?;
+    eprintln!(
+        "swarm: 4 live workers {:?} after `service scale`",
+        scaled.elapsed()
+    );
+    // And the Swarm counts them healthy (its task state follows the
+    // healthcheck, a little after the first heartbeat).
+    stack.converge(Duration::from_secs(60)).await?;
+    eprintln!(
+        "swarm: 4/4 worker tasks running and healthy {:?} after `service scale`",
+        scaled.elapsed()
+    );
     let report = stack.verify().await?;
-    ensure!(report.ok, "{}", report.render());
     ensure!(
         report
             .check("service.worker")

@@ -86,7 +86,10 @@ pub async fn services(docker: &Docker, stack: &str) -> Result<Vec<SwarmService>,
                 .clone()
                 .unwrap_or_default()
                 .into_iter()
-                .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+                .filter_map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                })
                 .collect::<BTreeMap<_, _>>(),
             secret_files: c
                 .secrets
@@ -173,7 +176,9 @@ fn task_summary(tasks: &[Task]) -> (usize, Vec<String>) {
     let state = |t: &Task| t.status.as_ref().and_then(|s| s.state);
     let running = tasks
         .iter()
-        .filter(|t| t.desired_state == Some(TaskState::RUNNING) && state(t) == Some(TaskState::RUNNING))
+        .filter(|t| {
+            t.desired_state == Some(TaskState::RUNNING) && state(t) == Some(TaskState::RUNNING)
+        })
         .count();
     let mut others: Vec<&Task> = tasks
         .iter()
@@ -200,14 +205,19 @@ fn task_summary(tasks: &[Task]) -> (usize, Vec<String>) {
 }
 
 /// Runs the Swarm checklist against `opts.stack`.
-pub async fn verify(docker: &Docker, opts: &SwarmVerifyOptions) -> Result<VerifyReport, StackError> {
+pub async fn verify(
+    docker: &Docker,
+    opts: &SwarmVerifyOptions,
+) -> Result<VerifyReport, StackError> {
     let node = docker
         .info()
         .await
         .map(|i| {
             let s = i.swarm.unwrap_or_default();
             (
-                s.local_node_state.map(|s| s.to_string()).unwrap_or_default(),
+                s.local_node_state
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
                 s.control_available.unwrap_or(false),
             )
         })
@@ -222,7 +232,9 @@ pub async fn verify(docker: &Docker, opts: &SwarmVerifyOptions) -> Result<Verify
                 .map(|r| r.status)
                 .map_err(|e| format!("GET http://{addr}/health: {e}"));
             let token: Probe<String> = match &opts.api_token_file {
-                None => Err("no API token: pass --api-token-file (the api_token secret's file)".into()),
+                None => {
+                    Err("no API token: pass --api-token-file (the api_token secret's file)".into())
+                }
                 Some(p) => std::fs::read_to_string(p)
                     .map(|t| t.trim().to_owned())
                     .map_err(|e| format!("cannot read {}: {e}", p.display())),

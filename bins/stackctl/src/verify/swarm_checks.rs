@@ -319,11 +319,9 @@ fn secret_check(id: &str, s: &SwarmService, file_var: &str, plain: &[&str]) -> C
     match s.env.get(file_var) {
         None => check(id, false, format!("{file_var} is not set")),
         Some(path) => match path.strip_prefix("/run/secrets/") {
-            Some(name) if s.secret_files.iter().any(|f| f == name) => check(
-                id,
-                true,
-                format!("{file_var}={path}, a Swarm secret"),
-            ),
+            Some(name) if s.secret_files.iter().any(|f| f == name) => {
+                check(id, true, format!("{file_var}={path}, a Swarm secret"))
+            }
             _ => check(
                 id,
                 false,

@@ -35,8 +35,10 @@ fn app(name: &str, program: &str, replicas: u64) -> SwarmService {
 fn healthy() -> SwarmFacts {
     let mut web = app("web", "taskstack-web", 2);
     web.update_order = Some("start-first".into());
-    web.env
-        .insert("TASKSTACK_API_TOKENS_FILE".into(), "/run/secrets/api_token".into());
+    web.env.insert(
+        "TASKSTACK_API_TOKENS_FILE".into(),
+        "/run/secrets/api_token".into(),
+    );
     web.secret_files.push("api_token".into());
     web.networks.push(("s_frontend".into(), false));
     web.published = vec!["8000/ingress".into()];
@@ -160,7 +162,10 @@ fn a_password_in_the_environment_or_not_from_a_secret_fails() {
     let bad = failed(&f);
     assert_eq!(bad.len(), 2, "{bad:?}");
     assert_eq!(bad[0].0, "secrets.redis_password.beat");
-    assert!(bad[0].1.contains("TASKSTACK_BROKER_PASSWORD set"), "{bad:?}");
+    assert!(
+        bad[0].1.contains("TASKSTACK_BROKER_PASSWORD set"),
+        "{bad:?}"
+    );
     assert!(!bad[0].1.contains("hunter2"), "the secret leaked: {bad:?}");
     assert_eq!(bad[1].0, "secrets.redis_password.worker");
     assert!(bad[1].1.contains("not a mounted Swarm secret"), "{bad:?}");
@@ -181,7 +186,11 @@ fn a_grace_period_not_above_the_drain_timeout_fails() {
     svc(&mut f, "worker").stop_grace_period = Some(Duration::from_secs(20));
     let bad = failed(&f);
     assert_eq!(bad.len(), 1, "{bad:?}");
-    assert!(bad[0].1.contains("stop_grace_period 20s is not above the drain timeout 20s"));
+    assert!(
+        bad[0]
+            .1
+            .contains("stop_grace_period 20s is not above the drain timeout 20s")
+    );
     let mut f = healthy();
     svc(&mut f, "worker")
         .env
@@ -223,7 +232,10 @@ fn the_web_checks_run_only_when_asked_and_name_what_failed() {
     assert_eq!(
         failed(&f),
         vec![
-            ("web.health".to_owned(), "GET /health answered 503".to_owned()),
+            (
+                "web.health".to_owned(),
+                "GET /health answered 503".to_owned()
+            ),
             (
                 "smoke.add".to_owned(),
                 "POST /api/v1/tasks answered 401".to_owned()
