@@ -15,6 +15,7 @@
 //! without it).
 
 use anyhow::{Context as _, Result, bail, ensure};
+use nix::fcntl::{Flock, FlockArg};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -62,14 +63,14 @@ fn docker_cli(args: &[&str], env: &[(&str, String)]) -> Result<String> {
 /// this guard made it.
 struct SwarmNode {
     created: bool,
-    _lock: std::fs::File,
+    _lock: Flock<std::fs::File>,
 }
 
 impl SwarmNode {
     fn join() -> Result<Self> {
         let path = std::env::temp_dir().join("taskstack-swarm-tests.lock");
-        let lock = std::fs::File::create(&path)?;
-        lock.lock()
+        let lock = Flock::lock(std::fs::File::create(&path)?, FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
             .with_context(|| format!("cannot lock {}", path.display()))?;
         let state = docker_cli(&["info", "--format", "{{.Swarm.LocalNodeState}}"], &[])?;
         let created = match state.trim() {

@@ -77,7 +77,10 @@ fn failed(f: &SwarmFacts) -> Vec<(String, String)> {
 }
 
 fn svc<'a>(f: &'a mut SwarmFacts, name: &str) -> &'a mut SwarmService {
-    f.services.iter_mut().find(|s| s.name == name).unwrap()
+    f.services
+        .iter_mut()
+        .find(|s| s.name == name)
+        .expect("a service of the shipped shape")
 }
 
 #[test]
