@@ -19,7 +19,8 @@
 //! - [`engine`]: the narrow Docker trait with the bollard implementation
 //!   and an in-memory fake;
 //! - [`up`]: bringing services up in dependency order (also `scale`);
-//! - [`verify`]: the checklist; [`ops`]: `status`, `logs`, `down`;
+//! - [`verify`]: the checklist ([`verify::swarm`]: a Swarm stack's, from
+//!   `docker stack deploy -c compose/swarm.yml`); [`ops`]: `status`, `logs`, `down`;
 //! - [`progress`]: live per-service progress; [`error`]: what can go
 //!   wrong, and what to do. (HTTP: `taskstack::http_client`.)
 //!

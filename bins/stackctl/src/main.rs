@@ -93,6 +93,19 @@ struct VerifyArgs {
     /// Seconds the end-to-end smoke task may take.
     #[arg(long, default_value_t = 30)]
     smoke_timeout: u64,
+    /// Check a Swarm stack (`docker stack deploy -c compose/swarm.yml
+    /// <stack>`; the stack's name is -p) through the Swarm's services and
+    /// tasks instead of compose containers.
+    #[arg(long)]
+    swarm: bool,
+    /// With --swarm: the web API's published address (HOST:PORT), for
+    /// `/health` and the smoke task; without it they are skipped.
+    #[arg(long, value_name = "HOST:PORT", requires = "swarm")]
+    web: Option<String>,
+    /// With --swarm --web: a file holding an API token (the `api_token`
+    /// secret's file, e.g. compose/secrets/api_token).
+    #[arg(long, value_name = "PATH", requires = "web")]
+    api_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -363,13 +376,28 @@ async fn run(command: Command) -> Result<ExitCode, StackError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify(args) => {
-            let project = load(&args.project, &process_env())?;
-            let engine = Live::connect().await?;
-            let opts = VerifyOptions {
-                allow_standby_beats: args.allow_standby_beats,
-                smoke_timeout: Duration::from_secs(args.smoke_timeout),
+            let report = if args.swarm {
+                let Some(stack) = args.project.project.clone() else {
+                    eprintln!("stackctl: verify --swarm needs the stack's name: -p <stack>");
+                    return Ok(ExitCode::FAILURE);
+                };
+                let docker = stackctl::docker::connect().await?;
+                let opts = stackctl::verify::swarm::SwarmVerifyOptions {
+                    stack,
+                    web: args.web,
+                    api_token_file: args.api_token_file,
+                    smoke_timeout: Duration::from_secs(args.smoke_timeout),
+                };
+                stackctl::verify::swarm::verify(&docker, &opts).await?
+            } else {
+                let project = load(&args.project, &process_env())?;
+                let engine = Live::connect().await?;
+                let opts = VerifyOptions {
+                    allow_standby_beats: args.allow_standby_beats,
+                    smoke_timeout: Duration::from_secs(args.smoke_timeout),
+                };
+                stackctl::verify::verify(&engine, &project, &opts).await?
             };
-            let report = stackctl::verify::verify(&engine, &project, &opts).await?;
             if args.json {
                 println!(
                     "{}",

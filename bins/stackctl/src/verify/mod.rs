@@ -9,6 +9,8 @@ pub mod checks;
 pub mod config;
 pub mod results;
 mod store;
+pub mod swarm;
+pub mod swarm_checks;
 
 use crate::compose::Project;
 use crate::engine::{ContainerInfo, Engine};
@@ -341,7 +343,7 @@ fn store_kind(config: &Config) -> &'static str {
 
 /// Enqueues `taskstack.add` through the API and polls its result until
 /// the deadline.
-async fn smoke_task(addr: &str, token: &str, deadline: Duration) -> Probe<SmokeFacts> {
+pub(crate) async fn smoke_task(addr: &str, token: &str, deadline: Duration) -> Probe<SmokeFacts> {
     let t = Duration::from_secs(5);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
