@@ -131,6 +131,34 @@ fn executions(dir: &Path) -> Result<HashMap<String, usize>> {
     Ok(runs)
 }
 
+/// Waits until every id of `acked` ran, or the runs stop changing for 10 s
+/// (what the failover lost never runs); how many times each id ran.
+async fn wait_runs(
+    dir: &Path,
+    acked: &HashSet<&str>,
+    w: &WorkerProcess,
+) -> Result<HashMap<String, usize>> {
+    let mut last = (0, Instant::now());
+    wait_until(
+        "every acknowledged task to run (or the runs to settle)",
+        Duration::from_secs(90),
+        || {
+            let polled = executions(dir).map(|runs| {
+                let total: usize = runs.values().sum();
+                if total != last.0 {
+                    last = (total, Instant::now());
+                }
+                let settled = last.1.elapsed() > Duration::from_secs(10);
+                let all = acked.iter().all(|id| runs.contains_key(*id));
+                (all || settled).then_some(runs)
+            });
+            async move { polled }
+        },
+    )
+    .await
+    .with_context(|| w.log())
+}
+
 fn record_task(id: String) -> TaskRequest {
     TaskRequest {
         name: "t.record".into(),
@@ -239,27 +267,7 @@ async fn failover_run(replicas: u32) -> Result<()> {
 
     let sent = producing.await??;
     let acked: HashSet<&str> = sent.acked.iter().map(|(id, _)| id.as_str()).collect();
-    // Everything acknowledged runs, or the runs stop changing (what the
-    // failover lost never runs).
-    let mut last = (0, Instant::now());
-    let runs = wait_until(
-        "every acknowledged task to run (or the runs to settle)",
-        Duration::from_secs(90),
-        || {
-            let polled = executions(dir.path()).map(|runs| {
-                let total: usize = runs.values().sum();
-                if total != last.0 {
-                    last = (total, Instant::now());
-                }
-                let settled = last.1.elapsed() > Duration::from_secs(10);
-                let all = acked.iter().all(|id| runs.contains_key(*id));
-                (all || settled).then_some(runs)
-            });
-            async move { polled }
-        },
-    )
-    .await
-    .with_context(|| w.log())?;
+    let runs = wait_runs(dir.path(), &acked, &w).await?;
 
     let lost: Vec<&(String, Instant)> = sent
         .acked
@@ -360,5 +368,291 @@ async fn enqueue_cost(set: &SentinelSet) -> Result<()> {
         ));
     }
     println!("{line}");
+    Ok(())
+}
+
+/// The beat's queue in the beat-across-a-failover tests.
+const BEAT_QUEUE: &str = "beat-ha";
+
+/// One `every = "1s"` entry, a 3 s leader lock.
+const BEAT_TOML: &str = "beat_lock_ttl = \"3s\"\n\
+     [[schedule]]\nname = \"tick\"\ntask = \"proj.tick\"\nevery = \"1s\"\nqueue = \"beat-ha\"\n";
+
+/// The slot and the publishing instance of every message on the beat's
+/// queue on the current master, oldest first.
+fn beat_messages(set: &SentinelSet) -> Result<Vec<(chrono::DateTime<chrono::Utc>, String)>> {
+    let raw: Vec<String> = redis::cmd("LRANGE")
+        .arg(BEAT_QUEUE)
+        .arg(0)
+        .arg(-1)
+        .query(&mut set.master_conn()?)?;
+    raw.iter()
+        .rev()
+        .map(|payload| {
+            let (entry, slot) = taskstack::beat::publish::beat_headers(payload)
+                .context("beat_entry / beat_slot headers")?;
+            anyhow::ensure!(entry == "tick", "entry {entry}");
+            let v: Value = serde_json::from_str(payload)?;
+            let origin = v["headers"]["origin"].as_str().context("origin")?;
+            Ok((slot, origin.to_owned()))
+        })
+        .collect()
+}
+
+fn beat_queue_len(set: &SentinelSet) -> Option<usize> {
+    redis::cmd("LLEN")
+        .arg(BEAT_QUEUE)
+        .query(&mut set.master_conn().ok()?)
+        .ok()
+}
+
+/// How many lines of the beats' logs contain `needle`.
+fn beat_log_count(beats: &[taskstack_integration::BeatProcess], needle: &str) -> usize {
+    beats.iter().map(|b| b.log().matches(needle).count()).sum()
+}
+
+#[test]
+fn beat_leader_and_standby_fire_each_slot_once_across_a_failover() -> Result<()> {
+    beat_failover(1)
+}
+
+#[test]
+fn beat_across_a_failover_without_replica_acks_fires_no_slot_twice_on_the_new_master() -> Result<()>
+{
+    beat_failover(0)
+}
+
+/// Two beats (leader and standby) with a one-second schedule; the master
+/// is SIGKILLed right after a publish; the old master comes back as a
+/// replica; the beats go on. Every slot is counted on the new master's
+/// queue by its `beat_slot` header.
+fn beat_failover(replicas: u32) -> Result<()> {
+    use taskstack_integration::BeatProcess;
+    prereqs();
+    let mut set = SentinelSet::start()?;
+    let ns = namespace("sentinel_beat");
+    let acked = replicas.to_string();
+    let env = [
+        SENTINEL_ENV,
+        ("TASKSTACK_REDIS_MIN_REPLICAS_ACKED", acked.as_str()),
+        ("TASKSTACK_REDIS_TIMEOUT", "2s"),
+    ];
+    let mut beats: Vec<BeatProcess> = (0..2)
+        .map(|_| BeatProcess::spawn(&set.url(), &ns, BEAT_TOML, &env))
+        .collect::<Result<_>>()?;
+    let logs = |beats: &[BeatProcess]| -> String {
+        beats
+            .iter()
+            .map(|b| format!("--- beat pid {}\n{}", b.pid(), b.log()))
+            .collect()
+    };
+    // A few slots, then the kill right after one of them is published.
+    let before = taskstack_integration::wait_until_sync(
+        "three published slots",
+        Duration::from_secs(30),
+        || beat_queue_len(&set).filter(|n| *n >= 3),
+    )
+    .with_context(|| logs(&beats))?;
+    taskstack_integration::wait_until_sync(
+        "one more published slot",
+        Duration::from_secs(5),
+        || beat_queue_len(&set).filter(|n| *n > before),
+    )?;
+    let killed_at = Instant::now();
+    let killed_wall = chrono::Utc::now();
+    let old = set.kill_master()?;
+    let (new, failover) = set.wait_failover(old, killed_at)?;
+    // The old master comes back as the new one's replica (with the
+    // setting, writes wait for it).
+    set.restart_node(old)?;
+    assert_ne!(old, new);
+    let at_promotion = beat_queue_len(&set).unwrap_or(0);
+    let first_after = taskstack_integration::wait_until_sync(
+        "a slot published on the new master",
+        Duration::from_secs(30),
+        || beat_queue_len(&set).filter(|n| *n > at_promotion),
+    )
+    .map(|_| killed_at.elapsed())
+    .with_context(|| format!("{}\n{}", logs(&beats), set.logs()))?;
+    // The beats go on: five slots beyond the kill.
+    taskstack_integration::wait_until_sync(
+        "slots 5 s beyond the kill on the new master",
+        Duration::from_secs(30),
+        || {
+            let msgs = beat_messages(&set).ok()?;
+            let last = msgs.iter().map(|m| m.0).max()?;
+            (last >= killed_wall + chrono::Duration::seconds(5)).then_some(())
+        },
+    )
+    .with_context(|| logs(&beats))?;
+    for b in &mut beats {
+        b.kill()?;
+    }
+
+    let msgs = beat_messages(&set)?;
+    let mut per_slot: std::collections::BTreeMap<chrono::DateTime<chrono::Utc>, usize> =
+        std::collections::BTreeMap::new();
+    for (slot, _) in &msgs {
+        *per_slot.entry(*slot).or_insert(0) += 1;
+    }
+    let first = *per_slot.keys().next().context("no slot")?;
+    let last = *per_slot.keys().next_back().context("no slot")?;
+    let window = usize::try_from((last - first).num_seconds())? + 1;
+    let twice: Vec<_> = per_slot.iter().filter(|(_, n)| **n > 1).collect();
+    let missing = window - per_slot.len();
+    let origins: HashSet<&str> = msgs.iter().map(|m| m.1.as_str()).collect();
+    let already = beat_log_count(&beats, "slot already published");
+    let lost_lead = beat_log_count(&beats, "lost leadership");
+    println!(
+        "beat across a sentinel failover (redis_min_replicas_acked = {replicas}): {} slots in \
+         {window} s on the new master, {} published twice, {missing} missing; {} leader(s) \
+         published; {already} \"already published\" answers, {lost_lead} lost leadership; \
+         failover took {:.1} s, first slot on the new master {:.1} s after the kill",
+        per_slot.len(),
+        twice.len(),
+        origins.len(),
+        failover.as_secs_f64(),
+        first_after.as_secs_f64(),
+    );
+    // The slot ledger and the message are one atomic script, replicated
+    // as one: the new master never holds a slot twice.
+    assert!(
+        twice.is_empty(),
+        "slots published twice: {twice:?}\n{}",
+        logs(&beats)
+    );
+    if replicas > 0 {
+        // Every slot counted by a beat is on the replica: none is missing.
+        assert_eq!(
+            missing,
+            0,
+            "slots missing on the new master\n{}",
+            logs(&beats)
+        );
+    }
+    assert!(
+        last >= killed_wall + chrono::Duration::seconds(5),
+        "the beats went on after the failover"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_client_through_a_failover_counted_without_replica_acks() -> Result<()> {
+    celery_failover_run(0).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_client_through_a_failover_counted_with_replica_acks() -> Result<()> {
+    celery_failover_run(1).await
+}
+
+/// A real Celery client (Celery's `sentinel://...;sentinel://...` broker
+/// URL, `master_name` and `sentinel_kwargs` in the transport options)
+/// sends 5,000 tasks to a taskstack worker on the `redis+sentinel://` URL
+/// while the master is SIGKILLed; lost and repeated executions are
+/// counted. `replicas` is the worker's `redis_min_replicas_acked` (Celery's
+/// own enqueue never waits for a replica).
+async fn celery_failover_run(replicas: u32) -> Result<()> {
+    prereqs();
+    let python = taskstack_integration::python::celery_python()?;
+    let mut set = SentinelSet::start()?;
+    let ns = namespace("sentinel_celery");
+    let dir = tempfile::tempdir()?;
+    let w = recording_worker(&set, &ns, dir.path(), &replicas.to_string())?;
+    const N: usize = 5000;
+    let acked_file = dir.path().join("acked.tsv");
+    let ports: Vec<String> = set
+        .sentinel_ports()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let args: Vec<String> = vec![
+        ports.join(","),
+        taskstack_integration::sentinel::DATA_PASSWORD.to_owned(),
+        "mymaster".to_owned(),
+        SENTINEL_PASSWORD.to_owned(),
+        N.to_string(),
+        acked_file.display().to_string(),
+    ];
+    let client = {
+        let python = python.clone();
+        tokio::spawn(async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            taskstack_integration::python::run_client(
+                &python,
+                "send_through_failover.py",
+                &args,
+                String::new,
+            )
+            .await
+        })
+    };
+
+    wait_until(
+        "500 executions before the kill",
+        Duration::from_secs(60),
+        || async { Ok((executions(dir.path())?.len() >= 500).then_some(())) },
+    )
+    .await
+    .with_context(|| w.log())?;
+    let killed_at = Instant::now();
+    let old = set.kill_master()?;
+    let (new, failover) = set.wait_failover(old, killed_at)?;
+    let promoted_wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    assert_ne!(old, new);
+    if replicas > 0 {
+        // The worker's writes wait for a replica: bring the old master
+        // back, which the sentinels turn into the new master's replica.
+        set.restart_node(old)?;
+    }
+
+    let seen = client.await?.with_context(|| w.log())?;
+    let text = std::fs::read_to_string(&acked_file)?;
+    let sent: Vec<(String, f64)> = text
+        .lines()
+        .map(|l| {
+            let (id, at) = l.split_once('\t').context("id<TAB>time")?;
+            Ok((id.to_owned(), at.parse()?))
+        })
+        .collect::<Result<_>>()?;
+    let acked: HashSet<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
+    let runs = wait_runs(dir.path(), &acked, &w).await?;
+
+    let lost: Vec<&(String, f64)> = sent
+        .iter()
+        .filter(|(id, _)| !runs.contains_key(id))
+        .collect();
+    let duplicated = runs.values().filter(|n| **n > 1).count();
+    let extra_runs: usize = runs.values().map(|n| n.saturating_sub(1)).sum();
+    let lost_after_promotion = lost.iter().filter(|(_, at)| *at > promoted_wall).count();
+    let send_errors = seen["send_errors"].as_u64().context("send_errors")?;
+    println!(
+        "celery client through a sentinel failover (worker redis_min_replicas_acked = {replicas}): \
+         {} acknowledged by Celery, {} lost, {duplicated} duplicated ({extra_runs} extra runs), \
+         {send_errors} failed sends resent; failover took {:.1} s; {lost_after_promotion} lost \
+         among those acknowledged after the promotion; client took {} s",
+        sent.len(),
+        lost.len(),
+        failover.as_secs_f64(),
+        seen["seconds"],
+    );
+    assert_eq!(sent.len(), N, "{seen}");
+    assert!(
+        send_errors > 0,
+        "no send failed: the kill did not happen mid-run, the test proved nothing"
+    );
+    assert_eq!(
+        lost_after_promotion,
+        0,
+        "tasks Celery enqueued on the new master were lost\n{}",
+        w.log()
+    );
+    assert!(
+        runs.keys().all(|id| acked.contains(id.as_str())),
+        "a task ran that nobody sent"
+    );
     Ok(())
 }

@@ -125,8 +125,17 @@ impl Config {
         secret(
             "sentinel_password_file",
             self.sentinel_password.as_ref(),
-            self.sentinel_password_file.as_deref(),
+            self.sentinel_password_file(),
         )
+    }
+
+    /// `sentinel_password_file`, where an empty value counts as unset: the
+    /// compose file passes `${SENTINEL_PASSWORD_FILE:-}` to every service,
+    /// empty unless the profile `ha` is on.
+    fn sentinel_password_file(&self) -> Option<&std::path::Path> {
+        self.sentinel_password_file
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
     }
 
     /// `sentinel_password(_file)` only with a Sentinel URL: set without
@@ -140,7 +149,7 @@ impl Config {
         if any_sentinel {
             return Ok(());
         }
-        let key = if self.sentinel_password_file.is_some() {
+        let key = if self.sentinel_password_file().is_some() {
             "sentinel_password_file"
         } else if self.sentinel_password.is_some() {
             "sentinel_password"

@@ -460,4 +460,18 @@ fn sentinel_mistakes_name_the_key() {
         .expect_err("unreadable")
         .to_string();
     assert!(e.contains("sentinel_password_file"), "{e}");
+    // Empty (the compose file's `${SENTINEL_PASSWORD_FILE:-}` without the
+    // profile ha) is unset: no error beside a plain URL, no password.
+    let c = with(&[
+        ("broker_url", json!("redis://r:6379/0")),
+        ("sentinel_password_file", json!("")),
+    ])
+    .expect("an empty sentinel_password_file is unset");
+    c.broker_target().expect("a plain target");
+    let c = with(&[
+        ("broker_url", json!("redis+sentinel://s1/m")),
+        ("sentinel_password_file", json!("")),
+    ])
+    .expect("loads");
+    assert!(c.sentinel_secret().expect("no file to read").is_none());
 }

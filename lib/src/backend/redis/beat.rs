@@ -70,10 +70,15 @@ impl SlotLedger for RedisSession {
     async fn publish(&mut self, slot: SlotPublish<'_>) -> Result<SlotOutcome, BackendError> {
         let keys = self.shared.broker.keys();
         let outcome = publish::publish_slot(&mut self.lane, keys, slot).await?;
-        if matches!(outcome, SlotOutcome::Published) {
+        if matches!(
+            outcome,
+            SlotOutcome::Published | SlotOutcome::AlreadyPublished { .. }
+        ) {
             // redis_min_replicas_acked: the slot ledger survives a failover,
             // so a new master never lets the slot fire again. A failure here
-            // is retried; the ledger then answers AlreadyPublished.
+            // is retried; the ledger then answers AlreadyPublished, and that
+            // answer waits too: the slot a failed WAIT left unconfirmed
+            // counts as done only once a replica has the connection's writes.
             self.lane.replicated("publish beat slot").await?;
         }
         Ok(outcome)
