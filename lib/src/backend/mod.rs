@@ -10,11 +10,15 @@
 //! the delayed set, revoke against start, result expiry, the leader lock
 //! and the beat's slot ledger.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 mod memory;
 pub mod postgres;
 mod redis;
 mod traits;
 
+#[cfg(feature = "amqp")]
+pub use amqp::AmqpBackend;
 pub use memory::{MemoryBackend, TokioClock};
 pub use postgres::PostgresBackend;
 pub use redis::{RedisBackend, SystemClock};
