@@ -153,7 +153,7 @@ impl Rabbit {
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill")
-                .args(["-TERM", &format!("-{}", c.id())])
+                .args(["-TERM", "--", &format!("-{}", c.id())])
                 .status();
             let _ = c.wait();
         }
@@ -163,7 +163,7 @@ impl Rabbit {
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{}", c.id())])
+                .args(["-KILL", "--", &format!("-{}", c.id())])
                 .status();
             let _ = c.wait();
         }
@@ -173,9 +173,9 @@ impl Rabbit {
     fn watchdog(&self) {
         let script = r#"
             while kill -0 "$1" 2>/dev/null; do sleep 1; done
-            pg=$(cat "$2/pgid" 2>/dev/null) && kill -TERM -- "-$pg" 2>/dev/null
-            i=0; while [ -n "$pg" ] && kill -0 -- "-$pg" 2>/dev/null && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done
-            [ -n "$pg" ] && kill -KILL -- "-$pg" 2>/dev/null
+            pg=$(cat "$2/pgid" 2>/dev/null) && env kill -TERM -- "-$pg" 2>/dev/null
+            i=0; while [ -n "$pg" ] && env kill -0 -- "-$pg" 2>/dev/null && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done
+            [ -n "$pg" ] && env kill -KILL -- "-$pg" 2>/dev/null
             epmd -port "$3" -kill >/dev/null 2>&1
             rm -rf "$2"
         "#;

@@ -329,23 +329,31 @@ async fn quorum_queues_are_declared_as_celery_declares_them() {
         .enqueue(&[out("q1", "celery", None), out("q2", "celery", Some(crate::broker::now_ms() + 600_000))])
         .await
         .expect("enqueue");
-    let types = s.rabbit().ctl(&[
-        "list_queues",
-        "-p",
-        vhost_of(&s.url),
-        "--quiet",
-        "--no-table-headers",
-        "name",
-        "type",
-        "messages",
-    ]);
-    let row = |name: &str| {
-        types
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(name))
-            .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
-    };
-    assert_eq!(row("celery").as_deref(), Some("quorum 1"), "{types}");
-    assert_eq!(row("celery_delayed_27").as_deref(), Some("quorum 0"), "{types}");
-    assert_eq!(row("celery_delayed_9").as_deref(), Some("quorum 1"), "{types}");
+    // Quorum queues report their counts a few seconds late: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let types = s.rabbit().ctl(&[
+            "list_queues",
+            "-p",
+            vhost_of(&s.url),
+            "--quiet",
+            "--no-table-headers",
+            "name",
+            "type",
+            "messages",
+        ]);
+        let row = |name: &str| {
+            types
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(name))
+                .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+        };
+        let seen = [row("celery"), row("celery_delayed_27"), row("celery_delayed_9")];
+        let want = ["quorum 1", "quorum 0", "quorum 1"].map(|s| Some(s.to_owned()));
+        if seen == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "quorum queues: {seen:?}\n{types}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
