@@ -5,6 +5,8 @@
 mod beat;
 pub mod docker;
 pub mod http;
+#[path = "../../lib/src/test_rabbitmq.rs"]
+pub mod rabbitmq_server;
 #[path = "../../lib/src/test_postgres.rs"]
 mod postgres_server;
 mod prereq;

@@ -357,3 +357,53 @@ async fn quorum_queues_are_declared_as_celery_declares_them() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+#[cfg(feature = "beat")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_beat_publishes_each_slot_once_to_rabbitmq_through_its_outbox() {
+    use crate::backend::{Acquired, SlotOutcome, SlotPublish};
+    let s = Setup::new("beat");
+    let b = s.backend(QueueOptions::default());
+    let mut lock = b.leader_lock(Use::Loop);
+    assert_eq!(
+        lock.try_acquire("L1", LEASE).await.expect("acquire"),
+        Acquired::Yes
+    );
+    let mut ledger = b.slot_ledger(Use::Loop);
+    let payload = message("beat-1", "celery");
+    let slot = SlotPublish {
+        lock_value: "L1",
+        margin: Duration::from_secs(1),
+        entry: "every-minute",
+        queue: "celery",
+        slot_ms: 60_000,
+        payload: &payload,
+    };
+    assert_eq!(
+        ledger.publish(slot).await.expect("publish"),
+        SlotOutcome::Published
+    );
+    assert_eq!(
+        ledger.publish(slot).await.expect("again"),
+        SlotOutcome::AlreadyPublished { last_ms: 60_000 }
+    );
+    let other = SlotPublish {
+        lock_value: "someone else",
+        slot_ms: 120_000,
+        ..slot
+    };
+    assert_eq!(
+        ledger.publish(other).await.expect("not leader"),
+        SlotOutcome::NotLeader
+    );
+    let got = take_n(&b, "celery", 2, Duration::from_secs(5)).await;
+    assert_eq!(
+        got.iter().map(id_of).collect::<Vec<_>>(),
+        ["beat-1"],
+        "published once"
+    );
+    assert_eq!(
+        ledger.last_slots(&["every-minute"]).await.expect("last"),
+        [Some(60_000)]
+    );
+}
