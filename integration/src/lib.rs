@@ -5,13 +5,13 @@
 mod beat;
 pub mod docker;
 pub mod http;
-#[path = "../../lib/src/test_rabbitmq.rs"]
-pub mod rabbitmq_server;
 #[path = "../../lib/src/test_postgres.rs"]
 mod postgres_server;
 mod prereq;
 mod process;
 pub mod python;
+#[path = "../../lib/src/test_rabbitmq.rs"]
+pub mod rabbitmq_server;
 mod redis_server;
 pub mod sentinel;
 mod web;

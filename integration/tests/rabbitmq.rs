@@ -134,7 +134,11 @@ async fn a_worker_killed_mid_run_loses_none_of_3000_tasks() -> Result<()> {
     wait_until("the first task to finish", Duration::from_secs(60), || {
         let p = Arc::clone(&p);
         let id = first.clone();
-        async move { Ok(p.result(&id).await?.filter(|r| r.status == TaskState::Success)) }
+        async move {
+            Ok(p.result(&id)
+                .await?
+                .filter(|r| r.status == TaskState::Success))
+        }
     })
     .await?;
     doomed.kill()?;
@@ -146,6 +150,12 @@ async fn a_worker_killed_mid_run_loses_none_of_3000_tasks() -> Result<()> {
         ensure!(r.status == TaskState::Success, "task {id}: {r:?}");
     }
     assert_eq!(s.counts(|_| true), (0, 0), "nothing left behind");
+    // What the killed worker held came back through RabbitMQ's redelivery.
+    assert!(
+        survivor.log().contains("RabbitMQ redelivered a message"),
+        "no redelivery seen; survivor log:\n{}",
+        survivor.log()
+    );
     Ok(())
 }
 
@@ -177,7 +187,9 @@ async fn an_hour_long_eta_waits_in_rabbitmq_not_unacknowledged_in_the_worker() -
     wait_until(
         "the worker to park the ETA task in a delay level",
         Duration::from_secs(60),
-        || async { Ok(Some(()).filter(|()| s.counts(|n| n.starts_with("taskstack.delay.")) == (1, 0))) },
+        || async {
+            Ok(Some(()).filter(|()| s.counts(|n| n.starts_with("taskstack.delay.")) == (1, 0)))
+        },
     )
     .await
     .with_context(|| worker.log())?;
@@ -212,7 +224,10 @@ async fn a_python_celery_client_on_rabbitmq_runs_on_our_worker() -> Result<()> {
 async fn our_producer_on_rabbitmq_feeds_a_python_celery_worker() -> Result<()> {
     let python = tokio::task::spawn_blocking(celery_python).await??;
     let s = Stack::new("pyworker")?;
-    let queue = format!("interop-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let queue = format!(
+        "interop-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let mut celery = CeleryWorker::spawn_on(&python, &s.amqp, &s.redis.url(), &queue)?;
     celery.wait_ready(Duration::from_secs(60))?;
     let p = s.producer()?;

@@ -195,7 +195,11 @@ impl Rabbit {
     fn ctl_output(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
         let mut cmd = Command::new(CTL);
         self.env(&mut cmd);
-        cmd.arg("-n").arg(&self.node).args(args).stdin(Stdio::null()).output()
+        cmd.arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
     }
 
     /// Runs `rabbitmqctl` against this node; its standard output.

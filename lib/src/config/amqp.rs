@@ -31,7 +31,8 @@ impl Config {
     pub(super) fn validate_amqp(&self) -> Result<(), ConfigError> {
         let raw = self.broker_url.expose();
         let shown = redact_url(raw);
-        let url = url::Url::parse(raw).map_err(|e| invalid("broker_url", &shown, &e.to_string()))?;
+        let url =
+            url::Url::parse(raw).map_err(|e| invalid("broker_url", &shown, &e.to_string()))?;
         if url.host_str().is_none_or(str::is_empty) {
             return Err(invalid("broker_url", &shown, "the URL names no host"));
         }

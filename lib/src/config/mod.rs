@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use crate::secret::{Secret, SecretUrl, redact_url};
-pub use annotations::{Annotation, TaskAnnotations};
 pub use amqp::{QueueType, is_amqp_url};
+pub use annotations::{Annotation, TaskAnnotations};
 pub use postgres::{PgTarget, SslMode, is_postgres_url};
 pub use rate::RateLimit;
 pub use redis_target::RedisTarget;

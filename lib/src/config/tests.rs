@@ -466,13 +466,19 @@ fn sentinel_mistakes_name_the_key() {
 fn an_amqp_broker_needs_a_redis_result_backend_named_in_the_error() {
     let amqp = ("broker_url", Value::from("amqp://guest@127.0.0.1:5672/v"));
     let e = err(&[amqp.clone()]);
-    assert!(e.contains("result_backend") && e.contains("redis://"), "{e}");
+    assert!(
+        e.contains("result_backend") && e.contains("redis://"),
+        "{e}"
+    );
     let e = err(&[
         amqp.clone(),
         ("result_backend", Value::from("postgresql://u@127.0.0.1/db")),
     ]);
     assert!(e.contains("PostgreSQL results with RabbitMQ"), "{e}");
-    let e = err(&[("broker_url", Value::from("amqp:///v")), ("result_backend", Value::from("redis://127.0.0.1/1"))]);
+    let e = err(&[
+        ("broker_url", Value::from("amqp:///v")),
+        ("result_backend", Value::from("redis://127.0.0.1/1")),
+    ]);
     assert!(e.contains("broker_url") && e.contains("no host"), "{e}");
     let c = with(&[
         amqp,

@@ -5,10 +5,10 @@
 //! and delivery tag) that any session of the backend can settle, since the
 //! worker takes, settles and parks from different sessions.
 
+use super::AmqpError;
 use super::link::Link;
 use super::topology;
 use super::wire;
-use super::AmqpError;
 use crate::broker::Delivery;
 use crate::proto::keys::queue_of_key;
 use futures_util::StreamExt as _;
@@ -210,7 +210,12 @@ impl Consumer {
         if d.redelivered {
             tracing::info!(queue = %queue, redelivered = true, "RabbitMQ redelivered a message");
         }
-        let payload = wire::to_envelope(&d.data, &d.properties, d.exchange.as_str(), d.routing_key.as_str());
+        let payload = wire::to_envelope(
+            &d.data,
+            &d.properties,
+            d.exchange.as_str(),
+            d.routing_key.as_str(),
+        );
         let (payload, oversized, kept) = if payload.len() > max_size {
             let size = payload.len() as u64;
             (Vec::new(), Some(size), Some(payload))
@@ -235,7 +240,11 @@ impl Consumer {
     }
 
     /// Waits up to `wait` for a delivery of `queue_keys`' queues.
-    pub(crate) async fn wait(&self, queue_keys: &[String], wait: Duration) -> Result<bool, AmqpError> {
+    pub(crate) async fn wait(
+        &self,
+        queue_keys: &[String],
+        wait: Duration,
+    ) -> Result<bool, AmqpError> {
         let queues = queue_names(queue_keys);
         let mut slot = self.state.lock().await;
         let result = async {
@@ -278,7 +287,11 @@ impl Consumer {
 
     /// The bytes of an oversized hold.
     pub(crate) fn oversized_bytes(&self, seq: u64) -> Option<Vec<u8>> {
-        self.holds.lock().ok()?.get(&seq).and_then(|h| h.oversized.clone())
+        self.holds
+            .lock()
+            .ok()?
+            .get(&seq)
+            .and_then(|h| h.oversized.clone())
     }
 }
 
@@ -286,7 +299,11 @@ impl Consumer {
 /// back to RabbitMQ, which redelivers it (`redelivered` set): logged, not
 /// an error, as settling a hold already gone is a no-op.
 pub(crate) async fn ack(hold: Hold) {
-    if let Err(e) = hold.channel.basic_ack(hold.tag, BasicAckOptions::default()).await {
+    if let Err(e) = hold
+        .channel
+        .basic_ack(hold.tag, BasicAckOptions::default())
+        .await
+    {
         tracing::warn!(queue = %hold.queue, error = %e, "cannot acknowledge; RabbitMQ will redeliver the message");
     }
 }

@@ -41,7 +41,11 @@ impl DeadLetters for AmqpSession {
         queue: &str,
         count: usize,
     ) -> Result<(Vec<DeadLetter>, u64), BackendError> {
-        self.b.redis.dead_letters(self.usage).page(queue, count).await
+        self.b
+            .redis
+            .dead_letters(self.usage)
+            .page(queue, count)
+            .await
     }
 
     async fn pick(

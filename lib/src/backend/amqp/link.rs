@@ -7,8 +7,8 @@
 use super::AmqpError;
 use super::topology::{self, QueueOptions};
 use super::wire::AmqpMessage;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties};
 use std::collections::HashSet;
@@ -68,8 +68,7 @@ impl Link {
 
     /// Opens a connection to the configured URL (amqp:// or amqps://).
     pub(crate) async fn connect(&self) -> Result<Connection, AmqpError> {
-        let props = ConnectionProperties::default()
-            .with_connection_name("taskstack".into());
+        let props = ConnectionProperties::default().with_connection_name("taskstack".into());
         self.within("connect to RabbitMQ", async {
             Connection::connect(&self.url, props)
                 .await
@@ -80,10 +79,7 @@ impl Link {
 
     /// A connected publisher, opening it (and declaring the delay levels)
     /// when there is none or it broke.
-    async fn live<'a>(
-        &self,
-        slot: &'a mut Option<Live>,
-    ) -> Result<&'a mut Live, AmqpError> {
+    async fn live<'a>(&self, slot: &'a mut Option<Live>) -> Result<&'a mut Live, AmqpError> {
         if slot
             .as_ref()
             .is_some_and(|l| !l.conn.status().connected() || !l.channel.status().connected())
@@ -112,7 +108,8 @@ impl Link {
                 declared: HashSet::new(),
             });
         }
-        slot.as_mut().ok_or_else(|| AmqpError::other("connect", "no connection"))
+        slot.as_mut()
+            .ok_or_else(|| AmqpError::other("connect", "no connection"))
     }
 
     /// Declares `queues` (once per connection) and returns the publishing
@@ -203,7 +200,10 @@ impl Link {
                 Confirmation::Ack(Some(_)) => {
                     return Err(AmqpError::other(
                         op,
-                        &format!("RabbitMQ could not route the message to queue {:?}", p.queue),
+                        &format!(
+                            "RabbitMQ could not route the message to queue {:?}",
+                            p.queue
+                        ),
                     ));
                 }
                 _ => {
@@ -257,7 +257,11 @@ impl Link {
             let got = self
                 .within(op, async {
                     Ok(ch
-                        .queue_declare(ShortString::from(q.as_str()), passive, FieldTable::default())
+                        .queue_declare(
+                            ShortString::from(q.as_str()),
+                            passive,
+                            FieldTable::default(),
+                        )
                         .await)
                 })
                 .await?;

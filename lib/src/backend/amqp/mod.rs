@@ -72,8 +72,7 @@ impl AmqpError {
     /// with what to do when it exists with other arguments.
     pub(crate) fn declare(op: &'static str, what: &str, name: &str, e: &lapin::Error) -> Self {
         let mut err = Self::of(op, e);
-        if err.detail.contains("PRECONDITION_FAILED") || err.detail.contains("PRECONDITIONFAILED")
-        {
+        if err.detail.contains("PRECONDITION_FAILED") || err.detail.contains("PRECONDITIONFAILED") {
             err.detail = format!(
                 "the {what} {name:?} already exists on RabbitMQ with other arguments \
                  (PRECONDITION_FAILED: {}); taskstack declares it as Celery does and never \
@@ -330,7 +329,9 @@ impl Consume for AmqpSession {
         }
         // Confirmed in the delay levels first, then acknowledged: a crash
         // in between delivers the original again (a duplicate), never none.
-        self.b.publish(&[(queue_key, payload, Some(due_ms))]).await?;
+        self.b
+            .publish(&[(queue_key, payload, Some(due_ms))])
+            .await?;
         if let Some(hold) = self.b.consumer.release(seq) {
             consume::ack(hold).await;
         }

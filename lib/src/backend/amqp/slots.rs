@@ -33,7 +33,10 @@ impl AmqpSlots {
     }
 
     fn outbox(&self) -> String {
-        format!("{}:amqp:beat-outbox", self.b.redis.broker().keys().namespace())
+        format!(
+            "{}:amqp:beat-outbox",
+            self.b.redis.broker().keys().namespace()
+        )
     }
 
     /// Publishes what the outbox holds, oldest first, then trims it.
@@ -48,7 +51,10 @@ impl AmqpSlots {
         }
         // LPUSH: the oldest is last.
         held.reverse();
-        let queues: Vec<String> = held.iter().map(|m| target_queue(m)).collect::<Result<_, _>>()?;
+        let queues: Vec<String> = held
+            .iter()
+            .map(|m| target_queue(m))
+            .collect::<Result<_, _>>()?;
         let msgs: Vec<(&str, &[u8], Option<i64>)> = held
             .iter()
             .zip(&queues)

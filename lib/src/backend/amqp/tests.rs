@@ -3,7 +3,9 @@
 
 use super::{AmqpBackend, QueueOptions};
 use crate::backend::{Backend, Outgoing, RedisBackend, Use};
-use crate::broker::{Broker, DeadLetter, DeadLetterAction, DeadSelection, Delivery, RedisPool, Settle};
+use crate::broker::{
+    Broker, DeadLetter, DeadLetterAction, DeadSelection, Delivery, RedisPool, Settle,
+};
 use crate::config::RedisTarget;
 use crate::proto::envelope::{self, MessageSpec};
 use crate::test_rabbitmq::{self, Rabbit, vhost_of};
@@ -89,7 +91,11 @@ async fn take_n(b: &AmqpBackend, queue: &str, n: usize, within: Duration) -> Vec
     let deadline = Instant::now() + within;
     let mut got = Vec::new();
     while got.len() < n && Instant::now() < deadline {
-        got.extend(c.take(&keys, n - got.len(), LEASE, ANY_SIZE).await.expect("take"));
+        got.extend(
+            c.take(&keys, n - got.len(), LEASE, ANY_SIZE)
+                .await
+                .expect("take"),
+        );
         if got.len() < n {
             c.wait_for_message(&keys, Duration::from_millis(200))
                 .await
@@ -145,7 +151,13 @@ async fn messages_arrive_as_sent_and_are_acknowledged_after_their_result() {
         .settle(&[ack(got[0].seq, None)], LEASE)
         .await
         .expect("again");
-    assert_eq!(b.consume("w1").hand_back(&[got[1].seq]).await.expect("back"), 1);
+    assert_eq!(
+        b.consume("w1")
+            .hand_back(&[got[1].seq])
+            .await
+            .expect("back"),
+        1
+    );
     let again = take_n(&b, "celery", 1, Duration::from_secs(20)).await;
     assert_eq!(again.iter().map(id_of).collect::<Vec<_>>(), ["t2"]);
 }
@@ -168,7 +180,10 @@ async fn a_dead_workers_messages_are_redelivered_to_another() {
     let got = take_n(&second, "celery", 1, Duration::from_secs(20)).await;
     assert_eq!(got.iter().map(id_of).collect::<Vec<_>>(), ["r1"]);
     assert!(
-        got[0].text().expect("text").contains(r#""routing_key":"celery""#),
+        got[0]
+            .text()
+            .expect("text")
+            .contains(r#""routing_key":"celery""#),
         "{:?}",
         got[0].text()
     );
@@ -203,7 +218,10 @@ async fn a_parked_message_waits_in_rabbitmq_unacknowledged_nowhere_then_arrives(
     assert_eq!(span.parked, 1);
     let back = take_n(&b, "celery", 1, Duration::from_secs(30)).await;
     assert_eq!(back.iter().map(id_of).collect::<Vec<_>>(), ["p1"]);
-    assert!(sent.elapsed() >= Duration::from_millis(1_500), "not before it was due");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1_500),
+        "not before it was due"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,7 +274,10 @@ async fn dead_letters_are_listed_on_redis_and_requeued_to_rabbitmq_once() {
         at: "2026-12-03T00:00:00Z".into(),
     };
     record.set_payload(&got[0].payload);
-    b.consume("w1").dead_letter(got[0].seq, &record).await.expect("dead");
+    b.consume("w1")
+        .dead_letter(got[0].seq, &record)
+        .await
+        .expect("dead");
     assert_eq!(s.counts("celery"), (0, 0), "acknowledged once recorded");
     let mut dl = b.dead_letters(Use::Request);
     let (page, total) = dl.page("celery", 10).await.expect("page");
@@ -295,7 +316,10 @@ async fn a_queue_declared_with_other_arguments_is_reported_and_left_alone() {
         .expect("connect");
     let ch = conn.create_channel().await.expect("channel");
     let mut args = lapin::types::FieldTable::default();
-    args.insert("x-max-priority".into(), lapin::types::AMQPValue::LongInt(10));
+    args.insert(
+        "x-max-priority".into(),
+        lapin::types::AMQPValue::LongInt(10),
+    );
     ch.queue_declare(
         "celery".into(),
         lapin::options::QueueDeclareOptions {
@@ -326,7 +350,10 @@ async fn quorum_queues_are_declared_as_celery_declares_them() {
     let s = Setup::new("quorum");
     let b = s.backend(QueueOptions { quorum: true });
     b.enqueue(Use::Request)
-        .enqueue(&[out("q1", "celery", None), out("q2", "celery", Some(crate::broker::now_ms() + 600_000))])
+        .enqueue(&[
+            out("q1", "celery", None),
+            out("q2", "celery", Some(crate::broker::now_ms() + 600_000)),
+        ])
         .await
         .expect("enqueue");
     // Quorum queues report their counts a few seconds late: wait for them.
@@ -348,12 +375,19 @@ async fn quorum_queues_are_declared_as_celery_declares_them() {
                 .find(|l| l.split_whitespace().next() == Some(name))
                 .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
         };
-        let seen = [row("celery"), row("celery_delayed_27"), row("celery_delayed_9")];
+        let seen = [
+            row("celery"),
+            row("celery_delayed_27"),
+            row("celery_delayed_9"),
+        ];
         let want = ["quorum 1", "quorum 0", "quorum 1"].map(|s| Some(s.to_owned()));
         if seen == want {
             break;
         }
-        assert!(Instant::now() < deadline, "quorum queues: {seen:?}\n{types}");
+        assert!(
+            Instant::now() < deadline,
+            "quorum queues: {seen:?}\n{types}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -139,7 +139,11 @@ pub(crate) async fn declare_queue(
         .await
         .map_err(|e| AmqpError::declare(op, "exchange", queue, &e))?;
     channel
-        .queue_declare(ShortString::from(queue), durable(), queue_arguments(options))
+        .queue_declare(
+            ShortString::from(queue),
+            durable(),
+            queue_arguments(options),
+        )
         .await
         .map_err(|e| AmqpError::declare(op, "queue", queue, &e))?;
     channel

@@ -165,9 +165,9 @@ fn amqp_of(v: &Value) -> AMQPValue {
             (None, None) => AMQPValue::LongString(LongString::from(n.to_string())),
         },
         Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
-        Value::Array(a) => AMQPValue::FieldArray(FieldArray::from(
-            a.iter().map(amqp_of).collect::<Vec<_>>(),
-        )),
+        Value::Array(a) => {
+            AMQPValue::FieldArray(FieldArray::from(a.iter().map(amqp_of).collect::<Vec<_>>()))
+        }
         Value::Object(o) => AMQPValue::FieldTable(table_of(o)),
     }
 }
@@ -219,8 +219,14 @@ mod tests {
             br#"[[1, 1], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#
         );
         let p = &m.properties;
-        assert_eq!(p.content_type().as_ref().map(ShortString::as_str), Some("application/json"));
-        assert_eq!(p.content_encoding().as_ref().map(ShortString::as_str), Some("utf-8"));
+        assert_eq!(
+            p.content_type().as_ref().map(ShortString::as_str),
+            Some("application/json")
+        );
+        assert_eq!(
+            p.content_encoding().as_ref().map(ShortString::as_str),
+            Some("utf-8")
+        );
         assert_eq!(
             p.correlation_id().as_ref().map(ShortString::as_str),
             Some("13a3fd71-e082-436d-83c0-075cbb1d6ba8")
@@ -250,15 +256,25 @@ mod tests {
     fn broker_headers_are_left_out_and_bad_envelopes_are_named() {
         let mut h = FieldTable::default();
         h.insert("id".into(), AMQPValue::LongString("x".into()));
-        h.insert("x-death".into(), AMQPValue::FieldArray(FieldArray::default()));
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::default()),
+        );
         let p = BasicProperties::default().with_headers(h);
         let env: Value = serde_json::from_slice(&to_envelope(b"[]", &p, "", "q")).expect("json");
         assert_eq!(env["headers"], serde_json::json!({"id": "x"}));
-        assert!(to_amqp(b"not json", true).expect_err("refused").contains("not a JSON envelope"));
         assert!(
-            to_amqp(br#"{"body": 1, "properties": {"body_encoding": "zip"}}"#, true)
+            to_amqp(b"not json", true)
                 .expect_err("refused")
-                .contains("zip")
+                .contains("not a JSON envelope")
+        );
+        assert!(
+            to_amqp(
+                br#"{"body": 1, "properties": {"body_encoding": "zip"}}"#,
+                true
+            )
+            .expect_err("refused")
+            .contains("zip")
         );
     }
 }
