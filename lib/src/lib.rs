@@ -6,7 +6,8 @@
 //! - [`proto`]: the Celery message envelope, result records and every Redis key name.
 //! - [`backend`]: capability traits (enqueue, consume, leases, delayed set,
 //!   results, task states, dead letters, inspection, leader lock, slot
-//!   ledger) with a Redis and an in-memory implementation.
+//!   ledger) with a Redis and an in-memory implementation, PostgreSQL
+//!   results, and RabbitMQ messages (feature `amqp`).
 //! - [`broker`]: the Redis side — atomic Lua steps for taking, settling,
 //!   delaying, dead-lettering and restoring messages; leases; results.
 //! - [`canvas`]: Celery's chain, link, link_error and chord on the wire

@@ -4,11 +4,11 @@
 //! dead-letter records, the beat's lock and ledger) on the result
 //! backend's Redis, through a [`RedisBackend`] on that server.
 //!
-//! - [`wire`]: kombu's JSON envelope ↔ the AMQP message Celery sends.
+//! - `wire`: kombu's JSON envelope ↔ the AMQP message Celery sends.
 //! - [`topology`]: Celery's exchanges, queues and bindings; the delay levels.
-//! - [`link`]: the connection and its publisher-confirm channel.
-//! - [`consume`]: `basic.consume` with `basic.qos`, holds and acknowledgements.
-//! - [`dead`]: dead-letter records on Redis, requeued to RabbitMQ.
+//! - `link`: the connection and its publisher-confirm channel.
+//! - `consume`: `basic.consume` with `basic.qos`, holds and acknowledgements.
+//! - `dead`: dead-letter records on Redis, requeued to RabbitMQ.
 //!
 //! Guarantees: an enqueue that returned was confirmed by RabbitMQ; a message
 //! is acknowledged only after its result was stored on Redis; a delayed
