@@ -1,7 +1,8 @@
 """A real Celery app for taskstack's interoperability tests.
 
 Run as a worker with ``python -m celery -A interop_tasks worker ...`` from
-this directory; the broker and result backend come from ``INTEROP_REDIS_URL``.
+this directory; the broker and result backend come from ``INTEROP_REDIS_URL``
+(the broker from ``INTEROP_BROKER_URL`` when it is set, e.g. RabbitMQ).
 """
 
 import os
@@ -10,7 +11,9 @@ from celery import Celery
 
 REDIS_URL = os.environ["INTEROP_REDIS_URL"]
 
-app = Celery("interop_tasks", broker=REDIS_URL, backend=REDIS_URL)
+BROKER_URL = os.environ.get("INTEROP_BROKER_URL") or REDIS_URL
+
+app = Celery("interop_tasks", broker=BROKER_URL, backend=REDIS_URL)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",

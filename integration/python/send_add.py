@@ -1,6 +1,7 @@
 """A real Celery client sending tasks to a taskstack worker.
 
-Usage: ``python send_add.py REDIS_URL``. Sends ``taskstack.add(2, 3)`` and
+Usage: ``python send_add.py BROKER_URL [RESULT_BACKEND_URL]`` (the result
+backend defaults to the broker's URL). Sends ``taskstack.add(2, 3)`` and
 ``taskstack.fail("boom")`` to the default ``celery`` queue, waits for both
 results and prints one JSON line describing what the client saw.
 """
@@ -13,7 +14,8 @@ from celery import Celery
 
 def main() -> int:
     url = sys.argv[1]
-    app = Celery("interop_client", broker=url, backend=url)
+    backend = sys.argv[2] if len(sys.argv) > 2 else url
+    app = Celery("interop_client", broker=url, backend=backend)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -10,6 +10,8 @@ mod postgres_server;
 mod prereq;
 mod process;
 pub mod python;
+#[path = "../../lib/src/test_rabbitmq.rs"]
+pub mod rabbitmq_server;
 mod redis_server;
 pub mod sentinel;
 mod web;

@@ -231,6 +231,12 @@ pub struct CeleryWorker {
 impl CeleryWorker {
     /// Starts a solo-pool worker consuming only `queue`.
     pub fn spawn(python: &Path, redis_url: &str, queue: &str) -> Result<Self> {
+        Self::spawn_on(python, redis_url, redis_url, queue)
+    }
+
+    /// [`CeleryWorker::spawn`] with its broker at `broker_url` (e.g.
+    /// RabbitMQ) and its results on the Redis at `redis_url`.
+    pub fn spawn_on(python: &Path, broker_url: &str, redis_url: &str, queue: &str) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("celery.log");
         let out = File::create(&log)?;
@@ -247,6 +253,7 @@ impl CeleryWorker {
             .args(["-l", "info", "-n", &format!("{queue}@%h")])
             .current_dir(python_dir())
             .env("INTEROP_REDIS_URL", redis_url)
+            .env("INTEROP_BROKER_URL", broker_url)
             .env("C_FORCE_ROOT", "1")
             .stdin(Stdio::null())
             .stdout(out)

@@ -6,7 +6,8 @@
 //! - [`proto`]: the Celery message envelope, result records and every Redis key name.
 //! - [`backend`]: capability traits (enqueue, consume, leases, delayed set,
 //!   results, task states, dead letters, inspection, leader lock, slot
-//!   ledger) with a Redis and an in-memory implementation.
+//!   ledger) with a Redis and an in-memory implementation, PostgreSQL
+//!   results, and RabbitMQ messages (feature `amqp`).
 //! - [`broker`]: the Redis side — atomic Lua steps for taking, settling,
 //!   delaying, dead-lettering and restoring messages; leases; results.
 //! - [`canvas`]: Celery's chain, link, link_error and chord on the wire
@@ -43,6 +44,8 @@ pub mod shutdown;
 pub mod telemetry;
 #[cfg(test)]
 mod test_postgres;
+#[cfg(all(test, feature = "amqp"))]
+mod test_rabbitmq;
 #[cfg(test)]
 mod test_redis;
 #[cfg(feature = "worker")]
@@ -72,6 +75,27 @@ pub enum ConnectError {
 /// first). Connections are opened lazily.
 pub fn open_backend(config: &Config) -> Result<std::sync::Arc<dyn backend::Backend>, ConnectError> {
     let broker = connect(config)?;
+    #[cfg(feature = "amqp")]
+    if let Some(url) = config.amqp_url()? {
+        let options = backend::amqp::QueueOptions {
+            quorum: config.broker_queue_type == config::QueueType::Quorum,
+        };
+        return Ok(std::sync::Arc::new(backend::AmqpBackend::new(
+            url.expose().to_owned(),
+            options,
+            config.redis_timeout,
+            config.effective_prefetch(),
+            backend::RedisBackend::new(broker),
+        )));
+    }
+    #[cfg(not(feature = "amqp"))]
+    if config.broker_is_amqp() {
+        return Err(ConnectError::Config(config::ConfigError::Invalid {
+            key: "broker_url",
+            value: config::redact_url(config.broker_url.expose()),
+            reason: "this build has no RabbitMQ support (cargo feature `amqp`)".into(),
+        }));
+    }
     Ok(match config.postgres_target()? {
         None => std::sync::Arc::new(backend::RedisBackend::new(broker)),
         Some(target) => std::sync::Arc::new(backend::PostgresBackend::new(

@@ -3,6 +3,8 @@
 //! production one, a thin layer over [`crate::broker`] and the beat's lock
 //! and publish scripts) and [`MemoryBackend`] (one in-process state on a
 //! clock that follows `tokio::time`, for fast tests of the engines).
+//! [`PostgresBackend`] keeps results in PostgreSQL; `AmqpBackend` (feature
+//! `amqp`, module `amqp`) carries messages on RabbitMQ.
 //!
 //! One conformance suite (`conformance.rs`, run by `tests.rs`) checks both
 //! against the same cases: delivery order and priority buckets,
@@ -10,11 +12,15 @@
 //! the delayed set, revoke against start, result expiry, the leader lock
 //! and the beat's slot ledger.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 mod memory;
 pub mod postgres;
 mod redis;
 mod traits;
 
+#[cfg(feature = "amqp")]
+pub use amqp::AmqpBackend;
 pub use memory::{MemoryBackend, TokioClock};
 pub use postgres::PostgresBackend;
 pub use redis::{RedisBackend, SystemClock};

@@ -33,6 +33,10 @@ pub enum BackendError {
     /// The PostgreSQL result store's error.
     #[error(transparent)]
     Postgres(#[from] super::postgres::PgError),
+    /// The RabbitMQ broker's error.
+    #[cfg(feature = "amqp")]
+    #[error(transparent)]
+    Amqp(#[from] super::amqp::AmqpError),
 }
 
 impl BackendError {
@@ -42,6 +46,8 @@ impl BackendError {
         match self {
             Self::Broker(e) => e.is_auth_failure(),
             Self::Postgres(e) => e.is_config(),
+            #[cfg(feature = "amqp")]
+            Self::Amqp(e) => e.refused,
             Self::Unavailable { .. } | Self::Invalid { .. } => false,
         }
     }

@@ -7,6 +7,7 @@
 //! key and the value (for a `[[schedule]]` entry: the entry and the field).
 //! Nothing else in taskstack reads the environment.
 
+mod amqp;
 mod annotations;
 mod de;
 mod postgres;
@@ -27,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use crate::secret::{Secret, SecretUrl, redact_url};
+pub use amqp::{QueueType, is_amqp_url};
 pub use annotations::{Annotation, TaskAnnotations};
 pub use postgres::{PgTarget, SslMode, is_postgres_url};
 pub use rate::RateLimit;
@@ -147,8 +149,13 @@ pub struct Config {
     /// `redis://[user:pass@]host:port/db` or `rediss://...` (TLS), or a
     /// master found through Redis Sentinel:
     /// `redis+sentinel://[user:pass@]host:port[,host:port...]/<master name>[/<db>]`
-    /// (`rediss+sentinel://` for TLS; the password is the master's).
+    /// (`rediss+sentinel://` for TLS; the password is the master's), or
+    /// RabbitMQ: `amqp://user[:pass]@host:5672/vhost` (`amqps://` for TLS),
+    /// which needs `result_backend = "redis://..."`.
     pub broker_url: SecretUrl,
+    /// RabbitMQ only: how queues taskstack creates are declared, `classic`
+    /// (Celery's default) or `quorum`.
+    pub broker_queue_type: QueueType,
     /// Overrides the password in `broker_url`.
     pub broker_password: Option<Secret>,
     /// A file whose content (trailing newline removed) is the broker password.
@@ -395,6 +402,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             broker_url: "redis://127.0.0.1:6379/0".into(),
+            broker_queue_type: QueueType::default(),
             broker_password: None,
             broker_password_file: None,
             result_backend: None,
@@ -497,7 +505,11 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        check_redis_url("broker_url", self.broker_url.expose())?;
+        if self.broker_is_amqp() {
+            self.validate_amqp()?;
+        } else {
+            check_redis_url("broker_url", self.broker_url.expose())?;
+        }
         if let Some(b) = &self.result_backend {
             if is_postgres_url(b.expose()) {
                 PgTarget::new("result_backend", b.expose(), None)?;
@@ -641,7 +653,15 @@ impl Config {
     }
 
     /// The broker's URL with the password from `broker_password(_file)` applied.
+    /// With a RabbitMQ broker: the result backend's Redis (taskstack's own
+    /// records live there).
     pub fn broker_target(&self) -> Result<RedisTarget, ConfigError> {
+        if self.broker_is_amqp()
+            && let Some(url) = &self.result_backend
+            && !is_postgres_url(url.expose())
+        {
+            return self.backend_target();
+        }
         let pw = secret(
             "broker_password_file",
             self.broker_password.as_ref(),

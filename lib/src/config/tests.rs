@@ -475,3 +475,42 @@ fn sentinel_mistakes_name_the_key() {
     .expect("loads");
     assert!(c.sentinel_secret().expect("no file to read").is_none());
 }
+
+#[test]
+fn an_amqp_broker_needs_a_redis_result_backend_named_in_the_error() {
+    let amqp = ("broker_url", Value::from("amqp://guest@127.0.0.1:5672/v"));
+    let e = err(&[amqp.clone()]);
+    assert!(
+        e.contains("result_backend") && e.contains("redis://"),
+        "{e}"
+    );
+    let e = err(&[
+        amqp.clone(),
+        ("result_backend", Value::from("postgresql://u@127.0.0.1/db")),
+    ]);
+    assert!(e.contains("PostgreSQL results with RabbitMQ"), "{e}");
+    let e = err(&[
+        ("broker_url", Value::from("amqp:///v")),
+        ("result_backend", Value::from("redis://127.0.0.1/1")),
+    ]);
+    assert!(e.contains("broker_url") && e.contains("no host"), "{e}");
+    let c = with(&[
+        amqp,
+        ("result_backend", Value::from("redis://127.0.0.1:6380/1")),
+        ("broker_password", Value::from("s3cret")),
+        ("broker_queue_type", Value::from("quorum")),
+    ])
+    .expect("valid");
+    assert_eq!(c.broker_queue_type, QueueType::Quorum);
+    assert_eq!(
+        c.amqp_url().expect("url").expect("amqp").expose(),
+        "amqp://guest:s3cret@127.0.0.1:5672/v"
+    );
+    // taskstack's own records go to the result backend's Redis.
+    assert_eq!(
+        c.broker_target().expect("target").url(),
+        c.backend_target().expect("target").url()
+    );
+    let e = err(&[("broker_queue_type", Value::from("stream"))]);
+    assert!(e.contains("broker_queue_type"), "{e}");
+}

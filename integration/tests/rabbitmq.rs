@@ -1,0 +1,256 @@
+//! The RabbitMQ broker end to end (issue 15): real `taskstack-worker`
+//! processes with `broker_url = "amqp://..."` and results on a real Redis,
+//! a real RabbitMQ node shared by this binary with a vhost per test, and
+//! the real Python Celery on both sides.
+
+use anyhow::{Context as _, Result, ensure};
+use serde_json::{Map, json};
+use std::sync::Arc;
+use std::time::Duration;
+use taskstack::proto::TaskState;
+use taskstack::{Producer, SendOptions, TaskRequest};
+use taskstack_integration::python::{CeleryWorker, celery_python, run_client};
+use taskstack_integration::rabbitmq_server::{self as rabbit, vhost_of};
+use taskstack_integration::{RedisServer, WorkerProcess, namespace, wait_until};
+
+/// A vhost on the shared node, a Redis for results, and the settings of
+/// both for the processes and the producer.
+struct Stack {
+    amqp: String,
+    redis: RedisServer,
+    ns: String,
+}
+
+impl Stack {
+    fn new(hint: &str) -> Result<Self> {
+        Ok(Self {
+            amqp: rabbit::shared().vhost(hint),
+            redis: RedisServer::start()?,
+            ns: namespace(hint),
+        })
+    }
+
+    fn config(&self) -> taskstack::config::Config {
+        taskstack::config::Config {
+            broker_url: self.amqp.as_str().into(),
+            result_backend: Some(self.redis.url().as_str().into()),
+            namespace: self.ns.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn producer(&self) -> Result<Producer> {
+        let backend = taskstack::open_backend(&self.config())?;
+        Ok(Producer::on_backend(backend, "test@localhost"))
+    }
+
+    fn worker(&self, extra: &[(&str, &str)]) -> Result<WorkerProcess> {
+        let redis = self.redis.url();
+        let mut env = vec![
+            ("TASKSTACK_BROKER_URL", self.amqp.as_str()),
+            ("TASKSTACK_RESULT_BACKEND", redis.as_str()),
+        ];
+        env.extend_from_slice(extra);
+        let w = WorkerProcess::spawn(&redis, &self.ns, &env)?;
+        w.wait_log("worker ready", Duration::from_secs(60))
+            .with_context(|| w.log())?;
+        Ok(w)
+    }
+
+    /// `(ready, unacknowledged)` summed over the vhost's queues whose
+    /// names satisfy `which`.
+    fn counts(&self, which: impl Fn(&str) -> bool) -> (u64, u64) {
+        rabbit::shared()
+            .queue_counts(vhost_of(&self.amqp))
+            .into_iter()
+            .filter(|(n, _, _)| which(n))
+            .fold((0, 0), |(r, u), (_, r2, u2)| (r + r2, u + u2))
+    }
+}
+
+fn add(a: i64, b: i64, options: SendOptions) -> TaskRequest {
+    TaskRequest {
+        name: "taskstack.add".into(),
+        args: vec![json!(a), json!(b)],
+        kwargs: Map::new(),
+        options,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_rabbitmq_runs_tasks_and_countdowns_and_stores_results() -> Result<()> {
+    let s = Stack::new("e2e")?;
+    let worker = s.worker(&[])?;
+    let p = s.producer()?;
+    let reqs: Vec<TaskRequest> = (0..50).map(|i| add(i, 1, SendOptions::default())).collect();
+    let ids = p.send_many(&reqs).await?;
+    let later = p
+        .send(&add(
+            20,
+            22,
+            SendOptions {
+                countdown: Some(Duration::from_secs(3)),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    for (i, id) in ids.iter().enumerate() {
+        let r = p
+            .wait(id, Duration::from_secs(60))
+            .await
+            .with_context(|| worker.log())?;
+        assert_eq!(r.status, TaskState::Success, "{r:?}");
+        assert_eq!(r.result, json!(i as i64 + 1));
+    }
+    let r = p
+        .wait(&later, Duration::from_secs(60))
+        .await
+        .with_context(|| worker.log())?;
+    assert_eq!((r.status, r.result), (TaskState::Success, json!(42)));
+    assert_eq!(s.counts(|_| true), (0, 0), "everything acknowledged");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_run_loses_none_of_3000_tasks() -> Result<()> {
+    let s = Stack::new("kill")?;
+    let mut doomed = s.worker(&[])?;
+    let survivor = s.worker(&[])?;
+    let p = Arc::new(s.producer()?);
+    let reqs: Vec<TaskRequest> = (0..3000)
+        .map(|i| TaskRequest {
+            name: "taskstack.sleep".into(),
+            args: vec![json!(0.02), json!(i)],
+            kwargs: Map::new(),
+            options: SendOptions::default(),
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for chunk in reqs.chunks(500) {
+        ids.extend(p.send_many(chunk).await?);
+    }
+    // Kill one once both are busy and some tasks are done.
+    let first = ids[0].clone();
+    wait_until("the first task to finish", Duration::from_secs(60), || {
+        let p = Arc::clone(&p);
+        let id = first.clone();
+        async move {
+            Ok(p.result(&id)
+                .await?
+                .filter(|r| r.status == TaskState::Success))
+        }
+    })
+    .await?;
+    doomed.kill()?;
+    for id in &ids {
+        let r = p
+            .wait(id, Duration::from_secs(120))
+            .await
+            .with_context(|| format!("task {id}; survivor log:\n{}", survivor.log()))?;
+        ensure!(r.status == TaskState::Success, "task {id}: {r:?}");
+    }
+    assert_eq!(s.counts(|_| true), (0, 0), "nothing left behind");
+    // What the killed worker held came back through RabbitMQ's redelivery.
+    assert!(
+        survivor.log().contains("RabbitMQ redelivered a message"),
+        "no redelivery seen; survivor log:\n{}",
+        survivor.log()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hour_long_eta_waits_in_rabbitmq_not_unacknowledged_in_the_worker() -> Result<()> {
+    let s = Stack::new("eta")?;
+    let worker = s.worker(&[])?;
+    let p = s.producer()?;
+    // As Python Celery sends it: straight to the queue, with the eta header.
+    let eta = chrono::Utc::now() + chrono::Duration::hours(1);
+    let payload = taskstack::proto::envelope::encode(&taskstack::proto::envelope::MessageSpec {
+        id: "eta-1h",
+        task: "taskstack.add",
+        args: &[json!(1), json!(1)],
+        eta: Some(eta),
+        origin: "test",
+        ..Default::default()
+    });
+    let backend = taskstack::open_backend(&s.config())?;
+    backend
+        .enqueue(taskstack::backend::Use::Request)
+        .enqueue(&[taskstack::backend::Outgoing {
+            queue_key: "celery".into(),
+            payload,
+            due_ms: None,
+            pending: None,
+        }])
+        .await?;
+    wait_until(
+        "the worker to park the ETA task in a delay level",
+        Duration::from_secs(60),
+        || async {
+            Ok(Some(()).filter(|()| s.counts(|n| n.starts_with("taskstack.delay.")) == (1, 0)))
+        },
+    )
+    .await
+    .with_context(|| worker.log())?;
+    assert_eq!(s.counts(|_| true), (1, 0), "held unacknowledged nowhere");
+    assert_eq!(p.result("eta-1h").await?.map(|r| r.status), None, "not run");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_celery_client_on_rabbitmq_runs_on_our_worker() -> Result<()> {
+    let python = tokio::task::spawn_blocking(celery_python).await??;
+    let s = Stack::new("pyclient")?;
+    let worker = s.worker(&[])?;
+    let seen = run_client(&python, "send_add.py", &[&s.amqp, &s.redis.url()], || {
+        worker.log()
+    })
+    .await?;
+    assert_eq!(seen["add_state"], "SUCCESS", "{seen}");
+    assert_eq!(seen["add_result"], json!(5), "{seen}");
+    assert_eq!(seen["fail_state"], "FAILURE", "{seen}");
+    assert_eq!(seen["fail_exc_type"], "RuntimeError", "{seen}");
+    let stored = s
+        .producer()?
+        .result(seen["add_id"].as_str().context("no add_id")?)
+        .await?
+        .context("no result")?;
+    assert!(stored.worker.is_some(), "our worker ran it: {stored:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_producer_on_rabbitmq_feeds_a_python_celery_worker() -> Result<()> {
+    let python = tokio::task::spawn_blocking(celery_python).await??;
+    let s = Stack::new("pyworker")?;
+    let queue = format!(
+        "interop-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut celery = CeleryWorker::spawn_on(&python, &s.amqp, &s.redis.url(), &queue)?;
+    celery.wait_ready(Duration::from_secs(60))?;
+    let p = s.producer()?;
+    let id = p
+        .send(&TaskRequest {
+            name: "interop.mul".into(),
+            args: vec![json!(6), json!(7)],
+            kwargs: Map::new(),
+            options: SendOptions {
+                queue: Some(queue.clone()),
+                ..Default::default()
+            },
+        })
+        .await?;
+    let r = p
+        .wait(&id, Duration::from_secs(60))
+        .await
+        .with_context(|| format!("Celery worker log:\n{}", celery.log()))?;
+    assert_eq!(
+        (r.status, r.result.clone()),
+        (TaskState::Success, json!(42)),
+        "{r:?}\n{}",
+        celery.log()
+    );
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Dead letters with a RabbitMQ broker: the records live on the result
+//! Redis in the Redis backend's layout (so the web API lists, requeues and
+//! discards them through the same routes); requeueing publishes the
+//! original message back to its RabbitMQ queue with a confirm.
+//!
+//! Requeue order: the records are first removed from their list (atomically,
+//! so two operators never requeue one twice), then published; a publish
+//! that fails puts the records back. A process killed between the removal
+//! and the confirm loses those records' requeue (the records are gone and
+//! the messages were not confirmed); the window is one publish round trip.
+
+use super::AmqpSession;
+use crate::backend::traits::{Backend as _, BackendError, DeadLetters};
+use crate::broker::{
+    BrokerError, DeadLetter, DeadLetterAction, DeadSelection, Lane, PickedDeadLetter, on_lane,
+};
+use crate::proto::Keys;
+use async_trait::async_trait;
+
+/// Appends `record` to its queue's dead letters (newest first).
+pub(super) async fn store(
+    lane: &mut Lane,
+    keys: &Keys,
+    record: &DeadLetter,
+) -> Result<(), BrokerError> {
+    let json = serde_json::to_string(record).map_err(|e| BrokerError::Reply {
+        op: "dead-letter",
+        detail: e.to_string(),
+    })?;
+    let key = keys.dead_letters(&record.queue);
+    on_lane!(&mut *lane, "dead-letter", |c| redis::cmd("LPUSH")
+        .arg(&key)
+        .arg(&json)
+        .query_async::<()>(c))
+}
+
+#[async_trait]
+impl DeadLetters for AmqpSession {
+    async fn page(
+        &mut self,
+        queue: &str,
+        count: usize,
+    ) -> Result<(Vec<DeadLetter>, u64), BackendError> {
+        self.b
+            .redis
+            .dead_letters(self.usage)
+            .page(queue, count)
+            .await
+    }
+
+    async fn pick(
+        &mut self,
+        queue: &str,
+        selection: &DeadSelection,
+    ) -> Result<Vec<PickedDeadLetter>, BackendError> {
+        self.b
+            .redis
+            .dead_letters(self.usage)
+            .pick(queue, selection)
+            .await
+    }
+
+    async fn apply(
+        &mut self,
+        queue: &str,
+        action: DeadLetterAction,
+        picked: &[PickedDeadLetter],
+    ) -> Result<Vec<DeadLetter>, BackendError> {
+        let mut redis = self.b.redis.dead_letters(self.usage);
+        if action == DeadLetterAction::Discard {
+            return redis.apply(queue, action, picked).await;
+        }
+        // Only text messages can run again (as on Redis, the others stay).
+        let requeueable: Vec<PickedDeadLetter> = picked
+            .iter()
+            .filter(|p| p.record.payload_base64.is_none() && !p.record.payload.is_empty())
+            .cloned()
+            .collect();
+        let claimed = redis
+            .apply(queue, DeadLetterAction::Discard, &requeueable)
+            .await?;
+        let msgs: Vec<(&str, &[u8], Option<i64>)> = claimed
+            .iter()
+            .map(|r| (r.queue_key.as_str(), r.payload.as_bytes(), None))
+            .collect();
+        if let Err(e) = self.b.publish(&msgs).await {
+            let keys = self.b.redis.broker().keys();
+            for r in claimed.iter().rev() {
+                if let Err(back) = store(&mut self.lane, keys, r).await {
+                    tracing::error!(queue, task_id = ?r.task_id, error = %back, "cannot restore a dead letter whose requeue failed");
+                }
+            }
+            return Err(e);
+        }
+        Ok(claimed)
+    }
+}

@@ -1,0 +1,113 @@
+//! The beat's slot ledger with a RabbitMQ broker: a transactional outbox.
+//!
+//! `beat_publish.lua` checks the lock and the ledger and, in the same
+//! atomic step, records the slot and pushes the message, here to an outbox
+//! list on the result Redis instead of a queue. The outbox is then
+//! published to RabbitMQ with confirms and trimmed: so a recorded slot's
+//! message always reaches RabbitMQ (a failed publish is retried from the
+//! outbox at the next publication, by this or the next leader), and a slot
+//! is recorded once. A beat killed between RabbitMQ's confirm and the trim
+//! publishes those messages again at its next publication (a duplicate
+//! message with the same task id); that window is one round trip.
+
+use super::AmqpBackend;
+use crate::backend::traits::{BackendError, SlotLedger, SlotOutcome, SlotPublish, Use};
+use crate::beat::publish;
+use crate::broker::{Lane, on_lane};
+use async_trait::async_trait;
+use serde_json::Value;
+
+pub(super) struct AmqpSlots {
+    b: AmqpBackend,
+    lane: Lane,
+}
+
+impl AmqpSlots {
+    pub(super) fn new(b: AmqpBackend, usage: Use) -> Self {
+        let pool = b.redis.broker().backend_pool();
+        let lane = match usage {
+            Use::Loop => pool.lane(),
+            Use::Request => pool.shared_lane(),
+        };
+        Self { b, lane }
+    }
+
+    fn outbox(&self) -> String {
+        format!(
+            "{}:amqp:beat-outbox",
+            self.b.redis.broker().keys().namespace()
+        )
+    }
+
+    /// Publishes what the outbox holds, oldest first, then trims it.
+    async fn drain(&mut self) -> Result<(), BackendError> {
+        let key = self.outbox();
+        let mut range = redis::cmd("LRANGE");
+        range.arg(&key).arg(0).arg(-1);
+        let mut held: Vec<String> =
+            on_lane!(&mut self.lane, "read beat outbox", |c| range.query_async(c))?;
+        if held.is_empty() {
+            return Ok(());
+        }
+        // LPUSH: the oldest is last.
+        held.reverse();
+        let queues: Vec<String> = held
+            .iter()
+            .map(|m| target_queue(m))
+            .collect::<Result<_, _>>()?;
+        let msgs: Vec<(&str, &[u8], Option<i64>)> = held
+            .iter()
+            .zip(&queues)
+            .map(|(m, q)| (q.as_str(), m.as_bytes(), None))
+            .collect();
+        self.b.publish(&msgs).await?;
+        // New messages are pushed at the head: drop the published tail.
+        let keep = -i64::try_from(held.len()).unwrap_or(i64::MAX) - 1;
+        on_lane!(&mut self.lane, "trim beat outbox", |c| redis::cmd("LTRIM")
+            .arg(&key)
+            .arg(0)
+            .arg(keep)
+            .query_async::<()>(c))?;
+        Ok(())
+    }
+}
+
+/// The queue a beat message is routed to (its `delivery_info`).
+fn target_queue(message: &str) -> Result<String, BackendError> {
+    let v: Value = serde_json::from_str(message).map_err(|e| BackendError::Invalid {
+        op: "publish beat slot",
+        detail: format!("the outbox holds a message that is not JSON: {e}"),
+    })?;
+    v.pointer("/properties/delivery_info/routing_key")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| BackendError::Invalid {
+            op: "publish beat slot",
+            detail: "the outbox holds a message without a routing key".into(),
+        })
+}
+
+#[async_trait]
+impl SlotLedger for AmqpSlots {
+    async fn publish(&mut self, slot: SlotPublish<'_>) -> Result<SlotOutcome, BackendError> {
+        let outbox = self.outbox();
+        let keys = self.b.redis.broker().keys().clone();
+        let outcome = publish::publish_slot(
+            &mut self.lane,
+            &keys,
+            SlotPublish {
+                queue: &outbox,
+                ..slot
+            },
+        )
+        .await?;
+        // Also after a refusal: a former leader's unpublished messages go out.
+        self.drain().await?;
+        Ok(outcome)
+    }
+
+    async fn last_slots(&mut self, entries: &[&str]) -> Result<Vec<Option<i64>>, BackendError> {
+        let keys = self.b.redis.broker().keys().clone();
+        Ok(publish::last_slots(&mut self.lane, &keys, entries).await?)
+    }
+}

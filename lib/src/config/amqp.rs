@@ -1,0 +1,78 @@
+//! A RabbitMQ broker: `broker_url = "amqp://user@host:5672/vhost"` (or
+//! `amqps://`). Results, task states, worker records and the beat's ledger
+//! then live on `result_backend`, which must be a Redis URL.
+
+use super::{Config, ConfigError, Secret, invalid, redact_url, secret};
+use serde::{Deserialize, Serialize};
+
+/// Whether `raw` names a RabbitMQ broker.
+pub fn is_amqp_url(raw: &str) -> bool {
+    raw.starts_with("amqp://") || raw.starts_with("amqps://")
+}
+
+/// How taskstack declares the RabbitMQ queues it creates (Celery's
+/// `x-queue-type`). A queue that exists already is never changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// RabbitMQ's classic queues, no arguments (Celery's default).
+    #[default]
+    Classic,
+    /// Replicated quorum queues (`x-queue-type = quorum`).
+    Quorum,
+}
+
+impl Config {
+    /// Whether the broker is RabbitMQ.
+    pub fn broker_is_amqp(&self) -> bool {
+        is_amqp_url(self.broker_url.expose())
+    }
+
+    pub(super) fn validate_amqp(&self) -> Result<(), ConfigError> {
+        let raw = self.broker_url.expose();
+        let shown = redact_url(raw);
+        let url =
+            url::Url::parse(raw).map_err(|e| invalid("broker_url", &shown, &e.to_string()))?;
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(invalid("broker_url", &shown, "the URL names no host"));
+        }
+        match &self.result_backend {
+            Some(b) if !super::is_postgres_url(b.expose()) => Ok(()),
+            Some(b) => Err(invalid(
+                "result_backend",
+                &redact_url(b.expose()),
+                "a RabbitMQ broker (broker_url = amqp://...) needs result_backend = \
+                 redis://... for now (results, task states and worker records live there); \
+                 PostgreSQL results with RabbitMQ are not supported yet",
+            )),
+            None => Err(invalid(
+                "result_backend",
+                "",
+                "a RabbitMQ broker (broker_url = amqp://...) needs result_backend = \
+                 redis://... (results, task states and worker records live there)",
+            )),
+        }
+    }
+
+    /// The RabbitMQ URL with the password from `broker_password(_file)`
+    /// applied; `None` when the broker is Redis.
+    pub fn amqp_url(&self) -> Result<Option<Secret>, ConfigError> {
+        if !self.broker_is_amqp() {
+            return Ok(None);
+        }
+        let raw = self.broker_url.expose();
+        let pw = secret(
+            "broker_password_file",
+            self.broker_password.as_ref(),
+            self.broker_password_file.as_deref(),
+        )?;
+        let Some(pw) = pw else {
+            return Ok(Some(Secret::from(raw.to_owned())));
+        };
+        let mut url = url::Url::parse(raw)
+            .map_err(|e| invalid("broker_url", &redact_url(raw), &e.to_string()))?;
+        url.set_password(Some(pw.expose()))
+            .map_err(|()| invalid("broker_password", "***", "cannot be set on this URL"))?;
+        Ok(Some(Secret::from(url.to_string())))
+    }
+}
