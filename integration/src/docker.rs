@@ -62,6 +62,7 @@ fn build_images() -> std::result::Result<BuildReport, String> {
         strip_debug_info: !release,
         worker_bin: None,
         postgres: false,
+        rabbitmq: false,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -88,6 +88,61 @@ impl Rootfs {
         Ok(self)
     }
 
+    /// Adds every library `ldd elf` lists (not `elf` itself), each at the
+    /// path `ldd` prints.
+    pub fn libraries_of(&mut self, elf: &Path) -> Result<&mut Self, BuildError> {
+        for lib in shared_libraries(elf)? {
+            if self.entries.contains_key(&lib) {
+                continue;
+            }
+            let data = std::fs::read(&lib).map_err(|source| BuildError::Read {
+                path: lib.clone(),
+                source,
+            })?;
+            self.file(&lib, data, 0o755);
+        }
+        Ok(self)
+    }
+
+    /// Copies the tree under `root` at the same paths, as installed:
+    /// regular files with their permission bits, symbolic links as links
+    /// (their targets as written). Returns the ELF files it copied, whose
+    /// libraries the caller adds with [`Rootfs::libraries_of`].
+    pub fn tree(&mut self, root: &Path) -> Result<Vec<PathBuf>, BuildError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let read_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BuildError::Read { path, source }
+        };
+        let mut elves = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            let mut children = Vec::new();
+            for e in std::fs::read_dir(&dir).map_err(read_err(&dir))? {
+                children.push(e.map_err(read_err(&dir))?.path());
+            }
+            children.sort();
+            for path in children {
+                let meta = std::fs::symlink_metadata(&path).map_err(read_err(&path))?;
+                let name = path.to_string_lossy().into_owned();
+                if meta.file_type().is_symlink() {
+                    let target = std::fs::read_link(&path).map_err(read_err(&path))?;
+                    self.symlink(&name, &target.to_string_lossy());
+                } else if meta.is_dir() {
+                    self.dir(&name, meta.permissions().mode() & 0o7777, 0, 0);
+                    stack.push(path);
+                } else if meta.is_file() {
+                    let data = std::fs::read(&path).map_err(read_err(&path))?;
+                    if data.starts_with(b"\x7fELF") {
+                        elves.push(path.clone());
+                    }
+                    self.file(&path, data, meta.permissions().mode() & 0o7777);
+                }
+            }
+        }
+        Ok(elves)
+    }
+
     /// Whether `path` is in the tree.
     pub fn contains(&self, path: &str) -> bool {
         self.entries.contains_key(Path::new(path))
