@@ -6,7 +6,8 @@
 //!   as installed (links kept), the libraries `ldd` lists for every ELF file
 //!   in them (the emulator, its port programs, the crypto NIF), dash as
 //!   `/bin/sh` and coreutils' `dirname`, `basename`, `readlink` (RabbitMQ's
-//!   and Erlang's start scripts are shell scripts calling them), a
+//!   and Erlang's start scripts are shell scripts calling them), `df` and
+//!   `getconf` (RabbitMQ's disk and memory monitors run them), a
 //!   `rabbitmq.conf` (AMQP on 5672, logs on stdout, definitions loaded at
 //!   boot), `/etc/passwd` naming `rabbitmq` (999:999) and the entrypoint
 //!   (`images/rabbitmq/entrypoint.sh`: the services' user, vhost and
@@ -35,8 +36,10 @@ pub const VHOST: &str = "/";
 /// The trees copied as installed.
 const ERLANG_ROOT: &str = "/usr/lib/erlang";
 const RABBITMQ_ROOT: &str = "/usr/lib/rabbitmq";
-/// The programs the start scripts call besides shell built-ins.
-const TOOLS: [&str; 3] = ["dirname", "basename", "readlink"];
+/// The programs the start scripts call besides shell built-ins, and the
+/// ones RabbitMQ runs itself: `df` for the free disk space alarm (without
+/// it the alarm is off), `getconf` for the memory page size.
+const TOOLS: [&str; 5] = ["dirname", "basename", "readlink", "df", "getconf"];
 /// The shell (Debian's `dash`).
 const SHELL: &str = "/bin/dash";
 const ENTRYPOINT: &str = "/usr/local/bin/taskstack-rabbitmq-entrypoint";
@@ -124,6 +127,7 @@ pub fn dockerfile(version: &str) -> String {
              RABBITMQ_LOG_BASE=/tmp \\\n    \
              LC_ALL=C.UTF-8 \\\n    \
              TZ=UTC\n\
+         WORKDIR /var/lib/rabbitmq\n\
          USER {u}:{u}\n\
          EXPOSE 5672\n\
          ENTRYPOINT [\"{ENTRYPOINT}\"]\n"
@@ -178,7 +182,7 @@ fn rootfs() -> Result<Rootfs, BuildError> {
             .find(|p| p.is_file())
             .ok_or(BuildError::RabbitmqMissing {
                 path: PathBuf::from("/usr/bin").join(tool),
-                package: "coreutils",
+                package: if tool == "getconf" { "libc-bin" } else { "coreutils" },
             })?;
         fs.binary_with_libs(&src, &format!("/usr/bin/{tool}"))?;
     }

@@ -381,7 +381,7 @@ async fn after_stackctl_build_a_plain_up_runs_the_built_images_and_makes_the_sec
         .iter()
         .filter(|e| e.starts_with("created secret"))
         .collect();
-    assert_eq!(created.len(), 5, "{:?}", progress.events);
+    assert_eq!(created.len(), 6, "{:?}", progress.events);
     // The format is init-secrets' own: run on this directory, it keeps
     // every value and rewrites the ACL byte for byte.
     let read = |f: &str| std::fs::read(secrets.join(f)).expect(f);
