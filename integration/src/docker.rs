@@ -291,6 +291,8 @@ pub fn is_compose_setting(k: &str) -> bool {
         || k.starts_with("APP_")
         || k.starts_with("POSTGRES_")
         || k.starts_with("RESULT_BACKEND")
+        || k.starts_with("BROKER_")
+        || k.starts_with("RABBITMQ_")
         || matches!(k, "HEALTHCHECK_INTERVAL" | "LOG_LEVEL")
 }
 
