@@ -147,7 +147,12 @@ pub async fn build_image(
         fs.content_size() as f64 / 1e6
     ));
     let mut tar = tar::Builder::new(Vec::new());
-    crate::rootfs::append_file(&mut tar, "Dockerfile", dockerfile(&version).as_bytes(), 0o644)?;
+    crate::rootfs::append_file(
+        &mut tar,
+        "Dockerfile",
+        dockerfile(&version).as_bytes(),
+        0o644,
+    )?;
     fs.append_to(&mut tar, "rootfs")?;
     // COPY makes everything root-owned; the volume's mount point comes
     // from an empty directory copied with --chown (a new named volume
@@ -182,7 +187,11 @@ fn rootfs() -> Result<Rootfs, BuildError> {
             .find(|p| p.is_file())
             .ok_or(BuildError::RabbitmqMissing {
                 path: PathBuf::from("/usr/bin").join(tool),
-                package: if tool == "getconf" { "libc-bin" } else { "coreutils" },
+                package: if tool == "getconf" {
+                    "libc-bin"
+                } else {
+                    "coreutils"
+                },
             })?;
         fs.binary_with_libs(&src, &format!("/usr/bin/{tool}"))?;
     }
@@ -205,8 +214,10 @@ fn rootfs() -> Result<Rootfs, BuildError> {
     let u = RABBITMQ_UID;
     fs.file(
         Path::new("/etc/passwd"),
-        format!("root:x:0:0:root:/root:/bin/sh\nrabbitmq:x:{u}:{u}:RabbitMQ:/var/lib/rabbitmq:/bin/sh\n")
-            .into_bytes(),
+        format!(
+            "root:x:0:0:root:/root:/bin/sh\nrabbitmq:x:{u}:{u}:RabbitMQ:/var/lib/rabbitmq:/bin/sh\n"
+        )
+        .into_bytes(),
         0o644,
     );
     fs.file(
@@ -272,10 +283,7 @@ mod tests {
         let note = profile_env(&mut on, &file).expect("a note");
         assert!(note.contains(BROKER_URL), "{note}");
         assert_eq!(on["BROKER_URL"], "amqp://taskstack@rabbitmq:5672/%2F");
-        assert_eq!(
-            on["BROKER_PASSWORD_FILE"],
-            "/run/secrets/rabbitmq_password"
-        );
+        assert_eq!(on["BROKER_PASSWORD_FILE"], "/run/secrets/rabbitmq_password");
         assert!(!on.contains_key("RESULT_BACKEND"), "results stay on Redis");
 
         let mut chosen = env(&[

@@ -419,8 +419,11 @@ mod tests {
         let root = dir.path().join("opt");
         std::fs::create_dir_all(root.join("bin")).expect("mkdir");
         std::fs::write(root.join("bin/tool"), b"\x7fELF...").expect("write");
-        std::fs::set_permissions(root.join("bin/tool"), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
+        std::fs::set_permissions(
+            root.join("bin/tool"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
         std::fs::write(root.join("a.txt"), b"text").expect("write");
         std::fs::hard_link(root.join("a.txt"), root.join("b.txt")).expect("link");
         std::os::unix::fs::symlink("bin/tool", root.join("tool")).expect("symlink");
@@ -464,6 +467,9 @@ mod tests {
             .iter()
             .find(|s| s.0 == rel(&root.join("tool")))
             .expect("symlink");
-        assert_eq!((sym.1, sym.3.as_deref()), (tar::EntryType::Symlink, Some("bin/tool")));
+        assert_eq!(
+            (sym.1, sym.3.as_deref()),
+            (tar::EntryType::Symlink, Some("bin/tool"))
+        );
     }
 }

@@ -245,7 +245,10 @@ async fn the_rabbitmq_image_serves_celery_with_the_secrets_password_and_keeps_it
     let sent = celery_send(&python, &format!("amqp://taskstack:{first}@{addr}//")).await?;
     ensure!(sent["sent"].is_string(), "Celery could not publish: {sent}");
     for (who, url) in [
-        ("a wrong password", format!("amqp://taskstack:nope@{addr}//")),
+        (
+            "a wrong password",
+            format!("amqp://taskstack:nope@{addr}//"),
+        ),
         ("guest", format!("amqp://guest:guest@{addr}//")),
     ] {
         let refused = celery_send(&python, &url).await?;
@@ -267,7 +270,7 @@ async fn the_rabbitmq_image_serves_celery_with_the_secrets_password_and_keeps_it
         rabbitmq_service: Some("rabbitmq".into()),
         rabbitmq: Some(Ok(facts)),
         queues: vec!["celery".into()],
-        workers_running: 0,
+        workers: std::collections::BTreeMap::new(),
     };
     let checks = verify_rabbitmq::evaluate(&broker);
     let by_id = |id: &str| checks.iter().find(|c| c.id == id).cloned();
@@ -296,7 +299,10 @@ async fn the_rabbitmq_image_serves_celery_with_the_secrets_password_and_keeps_it
     // The same facts with a wrong password: refused.
     let wrong = verify_rabbitmq::gather(&engine, &info, "taskstack", Some("nope"), "/").await;
     let out = wrong.auth.clone().map_err(anyhow::Error::msg)?;
-    ensure!(out.exit_code != Some(0), "a wrong password authenticated: {out:?}");
+    ensure!(
+        out.exit_code != Some(0),
+        "a wrong password authenticated: {out:?}"
+    );
     ensure!(
         queues.is_ok_and(|rows| rows.iter().any(|r| r.name == "celery" && r.durable)),
         "celery queue"
@@ -330,7 +336,10 @@ async fn the_rabbitmq_image_serves_celery_with_the_secrets_password_and_keeps_it
     ensure!(auth.exit_code == Some(0), "the new password: {auth:?}");
     let old = verify_rabbitmq::gather(&engine, &info2, "taskstack", Some(&first), "/").await;
     let auth = old.auth.clone().map_err(anyhow::Error::msg)?;
-    ensure!(auth.exit_code != Some(0), "the old password still works: {auth:?}");
+    ensure!(
+        auth.exit_code != Some(0),
+        "the old password still works: {auth:?}"
+    );
     let rows = again.queues.clone().map_err(anyhow::Error::msg)?;
     ensure!(
         rows.iter()
@@ -365,9 +374,8 @@ async fn the_rabbitmq_image_serves_celery_with_the_secrets_password_and_keeps_it
     ensure!(exited.exit_code == Some(2), "exit {:?}", exited.exit_code);
     let logs = stackctl::engine::last_log_lines(&engine, &id3, 10).await;
     ensure!(
-        logs.iter().any(|l| l.contains(
-            "taskstack-rabbitmq: cannot read the password file /run/secrets/missing"
-        )),
+        logs.iter().any(|l| l
+            .contains("taskstack-rabbitmq: cannot read the password file /run/secrets/missing")),
         "{logs:?}"
     );
     Ok(())

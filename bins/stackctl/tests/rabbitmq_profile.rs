@@ -128,7 +128,9 @@ async fn the_rabbitmq_profile_comes_up_healthy_and_verify_reports_a_broker_nobod
         "{reason}"
     );
     ensure!(
-        checks.iter().any(|c| c["id"] == "service.rabbitmq" && c["ok"] == true),
+        checks
+            .iter()
+            .any(|c| c["id"] == "service.rabbitmq" && c["ok"] == true),
         "{checks:?}"
     );
 

@@ -341,7 +341,10 @@ fn the_rabbitmq_profile_adds_an_unpublished_non_root_broker_and_results_stay_on_
             svc.environment["TASKSTACK_BROKER_PASSWORD_FILE"], "/run/secrets/redis_password",
             "{name}"
         );
-        assert!(svc.secrets.iter().any(|s| s == "rabbitmq_password"), "{name}");
+        assert!(
+            svc.secrets.iter().any(|s| s == "rabbitmq_password"),
+            "{name}"
+        );
     }
 
     let mut vars = env(&[("COMPOSE_PROFILES", "rabbitmq")]);
@@ -365,7 +368,12 @@ fn the_rabbitmq_profile_adds_an_unpublished_non_root_broker_and_results_stay_on_
     let check = mq.healthcheck.as_ref().expect("a healthcheck");
     assert_eq!(
         check.test,
-        ["CMD", "rabbitmq-diagnostics", "-q", "check_port_connectivity"],
+        [
+            "CMD",
+            "rabbitmq-diagnostics",
+            "-q",
+            "check_port_connectivity"
+        ],
         "exec form"
     );
     assert_eq!(check.interval, Some(Duration::from_secs(10)));
@@ -379,6 +387,9 @@ fn the_rabbitmq_profile_adds_an_unpublished_non_root_broker_and_results_stay_on_
             e["TASKSTACK_BROKER_PASSWORD_FILE"], "/run/secrets/rabbitmq_password",
             "{name}"
         );
-        assert_eq!(e["TASKSTACK_RESULT_BACKEND"], "redis://redis:6379/0", "{name}");
+        assert_eq!(
+            e["TASKSTACK_RESULT_BACKEND"], "redis://redis:6379/0",
+            "{name}"
+        );
     }
 }

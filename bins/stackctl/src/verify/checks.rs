@@ -421,17 +421,17 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
     // lists are not where the messages are).
     if !f.broker.uses_rabbitmq() {
         out.push(probe("queues.readable", &f.queue_counts, |counts| {
-        let each: Vec<String> = counts
-            .iter()
-            .map(|(q, c)| {
-                format!(
-                    "{q}: {} ready, {} delayed, {} in flight, {} dead-lettered",
-                    c.ready, c.delayed, c.in_flight, c.dead_lettered
-                )
-            })
-            .collect();
-        (true, each.join("; "))
-    }));
+            let each: Vec<String> = counts
+                .iter()
+                .map(|(q, c)| {
+                    format!(
+                        "{q}: {} ready, {} delayed, {} in flight, {} dead-lettered",
+                        c.ready, c.delayed, c.in_flight, c.dead_lettered
+                    )
+                })
+                .collect();
+            (true, each.join("; "))
+        }));
     }
     let mut root = Vec::new();
     for c in f.role(Role::Worker) {

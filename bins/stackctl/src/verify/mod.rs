@@ -257,7 +257,7 @@ pub async fn verify<E: Engine>(
             .then(|| crate::rabbitmq::SERVICE.to_owned()),
         rabbitmq: rabbit,
         queues: queues.clone(),
-        workers_running: running(Role::Worker).len(),
+        workers: workers_per_queue(project, &services),
     };
     let beat_lock = store::beat_lock(&broker).await;
     let workers = store::workers(&broker).await;
@@ -365,6 +365,29 @@ pub async fn verify<E: Engine>(
         checks,
         beat_lock_holder,
     })
+}
+
+/// For each queue, the running containers of the worker services whose
+/// configuration (as they run it) lists it.
+fn workers_per_queue(
+    project: &Project,
+    services: &[ServiceFacts],
+) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for s in services.iter().filter(|s| s.role == Role::Worker) {
+        let Some(svc) = project.services.get(&s.name) else {
+            continue;
+        };
+        let containers: Vec<&ContainerInfo> = s.containers.iter().collect();
+        let Ok(c) = config::service_config(project, &config::as_running(svc, &containers)) else {
+            continue;
+        };
+        let running = s.containers.iter().filter(|c| c.running).count();
+        for q in c.queues {
+            *out.entry(q).or_insert(0) += running;
+        }
+    }
+    out
 }
 
 /// RabbitMQ as `config`'s `broker_url` names it: the running container of

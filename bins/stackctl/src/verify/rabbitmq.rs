@@ -14,7 +14,7 @@
 //! * `rabbitmq.queues`: each queue the web expects a worker on exists on
 //!   the services' vhost and is durable (its type and arguments shown);
 //! * `rabbitmq.consumers`: each of them has at least one consumer per
-//!   running worker container.
+//!   running worker container whose `queues` list it (and at least one).
 //!
 //! With a Redis broker and no RabbitMQ service none of these is reported.
 
@@ -78,8 +78,9 @@ pub struct BrokerFacts {
     pub rabbitmq: Option<Probe<RabbitFacts>>,
     /// The queues the web expects a live worker on.
     pub queues: Vec<String>,
-    /// Worker containers running.
-    pub workers_running: usize,
+    /// For each queue, the running worker containers whose configuration
+    /// lists it.
+    pub workers: std::collections::BTreeMap<String, usize>,
 }
 
 impl BrokerFacts {
@@ -207,7 +208,11 @@ pub async fn gather<E: Engine>(
         serde_json::from_value::<Vec<QueueRow>>(v).map_err(|e| format!("list_queues: {e}"))
     });
     let users = json(
-        run(ctl(&["-q", "list_users", "--formatter", "json"]), Vec::new()).await,
+        run(
+            ctl(&["-q", "list_users", "--formatter", "json"]),
+            Vec::new(),
+        )
+        .await,
         "list_users",
     )
     .map(|v| {
@@ -403,25 +408,20 @@ pub fn evaluate(f: &BrokerFacts) -> Vec<Check> {
                 .iter()
                 .find(|row| &row.name == q)
                 .map_or(0, |row| row.consumers);
-            let wanted = f.workers_running.max(1) as u64;
-            if consumers < wanted {
+            let workers = f.workers.get(q).copied().unwrap_or(0);
+            if consumers < workers.max(1) as u64 {
                 problems.push(format!(
-                    "queue {q} has {consumers} consumer(s) for {} running worker container(s)",
-                    f.workers_running
+                    "queue {q} has {consumers} consumer(s) for {workers} running worker \
+                     container(s) serving it"
                 ));
             } else {
-                each.push(format!("{q}: {consumers} consumer(s)"));
+                each.push(format!(
+                    "{q}: {consumers} consumer(s), {workers} worker container(s)"
+                ));
             }
         }
         if problems.is_empty() {
-            (
-                true,
-                format!(
-                    "{} ({} worker container(s))",
-                    each.join("; "),
-                    f.workers_running
-                ),
-            )
+            (true, each.join("; "))
         } else {
             (false, problems.join("; "))
         }
@@ -486,7 +486,7 @@ mod tests {
                 users: Ok(vec!["taskstack".into()]),
             })),
             queues: vec!["celery".into()],
-            workers_running: 2,
+            workers: [("celery".to_owned(), 2)].into(),
         }
     }
 
@@ -524,7 +524,10 @@ mod tests {
             checks[4].reason,
             "celery: durable classic, 3 ready, 1 unacknowledged"
         );
-        assert_eq!(checks[5].reason, "celery: 2 consumer(s) (2 worker container(s))");
+        assert_eq!(
+            checks[5].reason,
+            "celery: 2 consumer(s), 2 worker container(s)"
+        );
     }
 
     #[test]
@@ -565,7 +568,9 @@ mod tests {
         }];
         assert_eq!(
             failed(&f),
-            ["rabbitmq.not_published: p_rabbitmq_1 published on a public address: 0.0.0.0:5672 → 5672"]
+            [
+                "rabbitmq.not_published: p_rabbitmq_1 published on a public address: 0.0.0.0:5672 → 5672"
+            ]
         );
         rabbit(&mut f).published[0].host_ip = "127.0.0.1".into();
         assert!(failed(&f).is_empty());
@@ -577,16 +582,21 @@ mod tests {
         }
         assert_eq!(
             failed(&f),
-            ["rabbitmq.queues: queue celery is not durable (durable false, auto_delete false): \
-              it is lost when RabbitMQ restarts"]
+            [
+                "rabbitmq.queues: queue celery is not durable (durable false, auto_delete false): \
+              it is lost when RabbitMQ restarts"
+            ]
         );
 
         // One worker container not consuming.
         let mut f = good();
-        f.workers_running = 3;
+        f.workers.insert("celery".into(), 3);
         assert_eq!(
             failed(&f),
-            ["rabbitmq.consumers: queue celery has 2 consumer(s) for 3 running worker container(s)"]
+            [
+                "rabbitmq.consumers: queue celery has 2 consumer(s) for 3 running worker \
+              container(s) serving it"
+            ]
         );
 
         // The queue is missing altogether.
@@ -596,7 +606,8 @@ mod tests {
             failed(&f),
             [
                 "rabbitmq.queues: queue reports is not declared on vhost /",
-                "rabbitmq.consumers: queue reports has 0 consumer(s) for 2 running worker container(s)"
+                "rabbitmq.consumers: queue reports has 0 consumer(s) for 0 running worker \
+                 container(s) serving it"
             ]
         );
 
@@ -605,7 +616,11 @@ mod tests {
         f.rabbitmq = Some(Err("no running container of service rabbitmq".into()));
         let fails = failed(&f);
         assert_eq!(fails.len(), 5, "{fails:?}");
-        assert!(fails.iter().all(|l| l.ends_with("no running container of service rabbitmq")));
+        assert!(
+            fails
+                .iter()
+                .all(|l| l.ends_with("no running container of service rabbitmq"))
+        );
     }
 
     #[test]
@@ -614,8 +629,10 @@ mod tests {
         f.brokers[2].1 = "redis";
         assert_eq!(
             failed(&f),
-            ["broker.kind: the services use different brokers (web: amqp, worker: amqp, beat: \
-              redis): a task sent by the web would not reach the workers"]
+            [
+                "broker.kind: the services use different brokers (web: amqp, worker: amqp, beat: \
+              redis): a task sent by the web would not reach the workers"
+            ]
         );
 
         let f = BrokerFacts {
@@ -626,7 +643,9 @@ mod tests {
         let fails = failed(&f);
         assert_eq!(fails.len(), 1, "{fails:?}");
         assert!(
-            fails[0].starts_with("broker.kind: service rabbitmq runs but no service's broker_url is amqp"),
+            fails[0].starts_with(
+                "broker.kind: service rabbitmq runs but no service's broker_url is amqp"
+            ),
             "{fails:?}"
         );
     }
