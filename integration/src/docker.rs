@@ -62,6 +62,7 @@ fn build_images() -> std::result::Result<BuildReport, String> {
         strip_debug_info: !release,
         worker_bin: None,
         postgres: false,
+        rabbitmq: false,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -290,6 +291,8 @@ pub fn is_compose_setting(k: &str) -> bool {
         || k.starts_with("APP_")
         || k.starts_with("POSTGRES_")
         || k.starts_with("RESULT_BACKEND")
+        || k.starts_with("BROKER_")
+        || k.starts_with("RABBITMQ_")
         || matches!(k, "HEALTHCHECK_INTERVAL" | "LOG_LEVEL")
 }
 

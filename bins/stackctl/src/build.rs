@@ -15,6 +15,9 @@
 //! * with `postgres`, `localhost/taskstack-postgres:<tag>`: the host's
 //!   Debian PostgreSQL for the compose profile `postgres` (see
 //!   [`crate::postgres`]).
+//! * with `rabbitmq`, `localhost/taskstack-rabbitmq:<tag>`: the host's
+//!   Debian RabbitMQ for the compose profile `rabbitmq` (see
+//!   [`crate::rabbitmq`]).
 //!
 //! Tags live under `localhost/`, so a missing image can never be fetched
 //! from Docker Hub by mistake.
@@ -155,6 +158,8 @@ pub struct BuildOptions {
     pub worker_bin: Option<PathBuf>,
     /// Also build the PostgreSQL image (profile `postgres`).
     pub postgres: bool,
+    /// Also build the RabbitMQ image (profile `rabbitmq`).
+    pub rabbitmq: bool,
 }
 
 impl Default for BuildOptions {
@@ -168,6 +173,7 @@ impl Default for BuildOptions {
             strip_debug_info: false,
             worker_bin: None,
             postgres: false,
+            rabbitmq: false,
         }
     }
 }
@@ -193,6 +199,8 @@ pub struct BuildReport {
     pub worker_tasks: Vec<String>,
     /// The PostgreSQL image built now, with its size (`postgres` only).
     pub postgres_image: Option<(String, u64)>,
+    /// The RabbitMQ image built now, with its size (`rabbitmq` only).
+    pub rabbitmq_image: Option<(String, u64)>,
 }
 
 impl BuildReport {
@@ -304,6 +312,13 @@ pub async fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildRepor
     } else {
         None
     };
+    let rabbitmq_image = if opts.rabbitmq {
+        let tag = format!("{}:{}", crate::rabbitmq::RABBITMQ_REPOSITORY, opts.tag);
+        let bytes = crate::rabbitmq::build_image(&docker, &tag, log).await?;
+        Some((tag, bytes))
+    } else {
+        None
+    };
     Ok(BuildReport {
         app_image,
         app_bytes,
@@ -314,6 +329,7 @@ pub async fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildRepor
         redis_bytes,
         worker_tasks,
         postgres_image,
+        rabbitmq_image,
     })
 }
 

@@ -9,6 +9,8 @@
 //!   binaries of this host, through an in-memory build context;
 //! - [`postgres`]: the PostgreSQL image (profile `postgres`) and the
 //!   profile's result store settings;
+//! - [`rabbitmq`]: the RabbitMQ image (profile `rabbitmq`) and the
+//!   profile's broker settings;
 //! - [`rootfs`]: a file tree of binaries plus exactly the libraries `ldd`
 //!   lists, written as a tar;
 //! - [`docker`]: connecting to the engine and the image build calls;
@@ -36,6 +38,7 @@ pub mod ops;
 pub mod plan;
 pub mod postgres;
 pub mod progress;
+pub mod rabbitmq;
 pub mod rootfs;
 pub mod up;
 pub mod verify;
@@ -86,6 +89,15 @@ pub enum BuildError {
         dir.display()
     )]
     PostgresMissing { dir: PathBuf },
+    #[error(
+        "{} is missing on this host; the RabbitMQ image is built from the installed Debian \
+         packages: `apt-get install {package}` (scripts/prereqs installs rabbitmq-server)",
+        path.display()
+    )]
+    RabbitmqMissing {
+        path: PathBuf,
+        package: &'static str,
+    },
     #[error("ldd {}: {detail}", bin.display())]
     Ldd { bin: PathBuf, detail: String },
     #[error("strip --strip-debug {}: {detail}", bin.display())]

@@ -66,7 +66,8 @@ struct UpArgs {
     project: ProjectArgs,
     /// Build the images offline first (`stackctl build`) and use them
     /// (TASKSTACK_IMAGE / REDIS_IMAGE, unless set in the environment); with
-    /// the profile `postgres`, the PostgreSQL image too.
+    /// the profile `postgres`, the PostgreSQL image too, with the profile
+    /// `rabbitmq`, the RabbitMQ image.
     #[arg(long)]
     build: bool,
     /// Cargo profile for --build.
@@ -175,6 +176,10 @@ struct BuildArgs {
     /// Debian `postgresql` package, for the compose profile `postgres`.
     #[arg(long)]
     postgres: bool,
+    /// Also build localhost/taskstack-rabbitmq:<tag> from this host's
+    /// Debian `rabbitmq-server` package, for the compose profile `rabbitmq`.
+    #[arg(long)]
+    rabbitmq: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -198,6 +203,7 @@ fn build_options(
     tag: String,
     redis: Redis,
     postgres: bool,
+    rabbitmq: bool,
 ) -> BuildOptions {
     let debug = matches!(profile, CliProfile::Debug) && bin_dir.is_none();
     BuildOptions {
@@ -217,6 +223,7 @@ fn build_options(
         strip_debug_info: debug,
         worker_bin,
         postgres,
+        rabbitmq,
     }
 }
 
@@ -255,8 +262,9 @@ fn load(args: &ProjectArgs, env: &Env) -> Result<Project, StackError> {
 
 /// `env` with the `--profile`s added to COMPOSE_PROFILES and, with the
 /// profile `postgres`, the result store pointed at it
-/// ([`stackctl::postgres::profile_env`], whose note comes back).
-fn profiled_env(args: &ProjectArgs, env: &Env) -> (Env, Option<String>) {
+/// ([`stackctl::postgres::profile_env`]), with the profile `rabbitmq`, the
+/// broker ([`stackctl::rabbitmq::profile_env`]); their notes come back.
+fn profiled_env(args: &ProjectArgs, env: &Env) -> (Env, Vec<String>) {
     let mut env = env.clone();
     if !args.profile.is_empty() {
         let mut profiles: Vec<String> = env
@@ -266,8 +274,14 @@ fn profiled_env(args: &ProjectArgs, env: &Env) -> (Env, Option<String>) {
         profiles.extend(args.profile.iter().cloned());
         env.insert("COMPOSE_PROFILES".into(), profiles.join(","));
     }
-    let note = stackctl::postgres::profile_env(&mut env, &args.file);
-    (env, note)
+    let notes = [
+        stackctl::postgres::profile_env(&mut env, &args.file),
+        stackctl::rabbitmq::profile_env(&mut env, &args.file),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    (env, notes)
 }
 
 /// The project `up` and `scale` run: `stackctl build`'s images where the
@@ -303,6 +317,7 @@ async fn run(command: Command) -> Result<ExitCode, StackError> {
                 args.tag,
                 args.redis,
                 args.postgres,
+                args.rabbitmq,
             );
             let report = build::build(&opts, &|line| eprintln!("stackctl: {line}")).await?;
             print_build(&report);
@@ -310,14 +325,14 @@ async fn run(command: Command) -> Result<ExitCode, StackError> {
         }
         Command::Up(args) => {
             let mut env = process_env();
-            let (profiled, note) = profiled_env(&args.project, &env);
-            if let Some(note) = note {
+            let (profiled, notes) = profiled_env(&args.project, &env);
+            for note in notes {
                 eprintln!("stackctl: {note}");
             }
-            let postgres = profiled.get("COMPOSE_PROFILES").is_some_and(|p| {
-                p.split(',')
-                    .any(|p| p.trim() == stackctl::postgres::PROFILE)
-            });
+            let postgres =
+                stackctl::rabbitmq::profile_enabled(&profiled, stackctl::postgres::PROFILE);
+            let rabbitmq =
+                stackctl::rabbitmq::profile_enabled(&profiled, stackctl::rabbitmq::PROFILE);
             if args.build {
                 let opts = build_options(
                     None,
@@ -326,6 +341,7 @@ async fn run(command: Command) -> Result<ExitCode, StackError> {
                     build::DEFAULT_TAG.into(),
                     Redis::Auto,
                     postgres,
+                    rabbitmq,
                 );
                 let report = build::build(&opts, &|line| eprintln!("stackctl: {line}")).await?;
                 if std::env::var_os("TASKSTACK_IMAGE").is_none() {
@@ -539,6 +555,13 @@ fn print_build(report: &build::BuildReport) {
             "{image}  {:.1} MB  (built; compose profile `{}`)",
             mb(*bytes),
             stackctl::postgres::PROFILE
+        );
+    }
+    if let Some((image, bytes)) = &report.rabbitmq_image {
+        println!(
+            "{image}  {:.1} MB  (built; compose profile `{}`)",
+            mb(*bytes),
+            stackctl::rabbitmq::PROFILE
         );
     }
     if let Some(redis) = &report.redis_image {

@@ -23,6 +23,10 @@ enum Entry {
     Symlink {
         target: String,
     },
+    /// A hard link to the file at `target` (absolute inside the image).
+    HardLink {
+        target: PathBuf,
+    },
 }
 
 /// A file tree to send as (part of) a build context.
@@ -88,6 +92,78 @@ impl Rootfs {
         Ok(self)
     }
 
+    /// Adds every library `ldd elf` lists (not `elf` itself), each at the
+    /// path `ldd` prints.
+    pub fn libraries_of(&mut self, elf: &Path) -> Result<&mut Self, BuildError> {
+        for lib in shared_libraries(elf)? {
+            if self.entries.contains_key(&lib) {
+                continue;
+            }
+            let data = std::fs::read(&lib).map_err(|source| BuildError::Read {
+                path: lib.clone(),
+                source,
+            })?;
+            self.file(&lib, data, 0o755);
+        }
+        Ok(self)
+    }
+
+    /// Copies the tree under `root` at the same paths, as installed:
+    /// regular files with their permission bits, symbolic links as links
+    /// (their targets as written), hard links as hard links (RabbitMQ's
+    /// seven CLI escripts are one 2 MB file). Returns the ELF files it
+    /// copied, whose libraries the caller adds with [`Rootfs::libraries_of`].
+    pub fn tree(&mut self, root: &Path) -> Result<Vec<PathBuf>, BuildError> {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let mut inodes: std::collections::HashMap<(u64, u64), PathBuf> =
+            std::collections::HashMap::new();
+        let read_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BuildError::Read { path, source }
+        };
+        let mut elves = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            let mut children = Vec::new();
+            for e in std::fs::read_dir(&dir).map_err(read_err(&dir))? {
+                children.push(e.map_err(read_err(&dir))?.path());
+            }
+            children.sort();
+            for path in children {
+                let meta = std::fs::symlink_metadata(&path).map_err(read_err(&path))?;
+                let name = path.to_string_lossy().into_owned();
+                if meta.file_type().is_symlink() {
+                    let target = std::fs::read_link(&path).map_err(read_err(&path))?;
+                    self.symlink(&name, &target.to_string_lossy());
+                } else if meta.is_dir() {
+                    self.dir(&name, meta.permissions().mode() & 0o7777, 0, 0);
+                    stack.push(path);
+                } else if meta.is_file() {
+                    if meta.nlink() > 1 {
+                        let key = (meta.dev(), meta.ino());
+                        if let Some(first) = inodes.get(&key) {
+                            self.parents(&path);
+                            self.entries.insert(
+                                path.clone(),
+                                Entry::HardLink {
+                                    target: first.clone(),
+                                },
+                            );
+                            continue;
+                        }
+                        inodes.insert(key, path.clone());
+                    }
+                    let data = std::fs::read(&path).map_err(read_err(&path))?;
+                    if data.starts_with(b"\x7fELF") {
+                        elves.push(path.clone());
+                    }
+                    self.file(&path, data, meta.permissions().mode() & 0o7777);
+                }
+            }
+        }
+        Ok(elves)
+    }
+
     /// Whether `path` is in the tree.
     pub fn contains(&self, path: &str) -> bool {
         self.entries.contains_key(Path::new(path))
@@ -99,7 +175,7 @@ impl Rootfs {
             .values()
             .map(|e| match e {
                 Entry::File { data, .. } => data.len() as u64,
-                Entry::Dir { .. } | Entry::Symlink { .. } => 0,
+                Entry::Dir { .. } | Entry::Symlink { .. } | Entry::HardLink { .. } => 0,
             })
             .sum()
     }
@@ -112,13 +188,23 @@ impl Rootfs {
         prefix: &str,
     ) -> Result<(), BuildError> {
         append_dir(tar, prefix, 0o755, 0, 0)?;
-        for (path, entry) in &self.entries {
+        let in_tar = |path: &Path| {
             let rel = path.strip_prefix("/").unwrap_or(path);
-            let name = format!("{prefix}/{}", rel.display());
+            format!("{prefix}/{}", rel.display())
+        };
+        for (path, entry) in &self.entries {
+            let name = in_tar(path);
             match entry {
                 Entry::Dir { mode, uid, gid } => append_dir(tar, &name, *mode, *uid, *gid)?,
                 Entry::File { data, mode } => append_file(tar, &name, data, *mode)?,
                 Entry::Symlink { target } => append_symlink(tar, &name, target)?,
+                Entry::HardLink { .. } => {}
+            }
+        }
+        // After every file, so each link's target is already in the tar.
+        for (path, entry) in &self.entries {
+            if let Entry::HardLink { target } = entry {
+                append_hard_link(tar, &in_tar(path), &in_tar(target))?;
             }
         }
         Ok(())
@@ -166,6 +252,22 @@ fn append_symlink(
     h.set_entry_type(tar::EntryType::Symlink);
     h.set_size(0);
     h.set_mode(0o777);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    tar.append_link(&mut h, name, target)
+        .map_err(|source| BuildError::Context { source })
+}
+
+fn append_hard_link(
+    tar: &mut tar::Builder<Vec<u8>>,
+    name: &str,
+    target: &str,
+) -> Result<(), BuildError> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    h.set_mode(0o644);
     h.set_uid(0);
     h.set_gid(0);
     h.set_mtime(0);
@@ -308,5 +410,66 @@ mod tests {
             .map(|(p, m, u)| (p.to_owned(), m, u))
         );
         assert_eq!(fs.content_size(), 3);
+    }
+
+    #[test]
+    fn a_tree_keeps_symlinks_hard_links_modes_and_finds_elf_files() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("opt");
+        std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+        std::fs::write(root.join("bin/tool"), b"\x7fELF...").expect("write");
+        std::fs::set_permissions(
+            root.join("bin/tool"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+        std::fs::write(root.join("a.txt"), b"text").expect("write");
+        std::fs::hard_link(root.join("a.txt"), root.join("b.txt")).expect("link");
+        std::os::unix::fs::symlink("bin/tool", root.join("tool")).expect("symlink");
+        let mut fs = Rootfs::new();
+        let elves = fs.tree(&root).expect("tree");
+        assert_eq!(elves, [root.join("bin/tool")]);
+        assert_eq!(fs.content_size(), 7 + 4, "the hard link's data once");
+        let mut tar = tar::Builder::new(Vec::new());
+        fs.append_to(&mut tar, "rootfs").expect("tar");
+        let bytes = tar.into_inner().expect("finish");
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let rel = |p: &Path| format!("rootfs{}", p.display());
+        let seen: Vec<(String, tar::EntryType, u32, Option<String>)> = ar
+            .entries()
+            .expect("entries")
+            .map(|e| {
+                let e = e.expect("entry");
+                (
+                    e.path().expect("path").display().to_string(),
+                    e.header().entry_type(),
+                    e.header().mode().expect("mode"),
+                    e.link_name()
+                        .expect("link")
+                        .map(|l| l.display().to_string()),
+                )
+            })
+            .filter(|(p, ..)| p.starts_with(&rel(&root)))
+            .collect();
+        let (a, b) = (rel(&root.join("a.txt")), rel(&root.join("b.txt")));
+        let first = seen.iter().position(|s| s.0 == a).expect("a.txt");
+        let link = seen.iter().position(|s| s.0 == b).expect("b.txt");
+        assert!(first < link, "{seen:?}");
+        assert_eq!(seen[link].1, tar::EntryType::Link);
+        assert_eq!(seen[link].3.as_deref(), Some(a.as_str()));
+        let tool = seen
+            .iter()
+            .find(|s| s.0 == rel(&root.join("bin/tool")))
+            .expect("tool");
+        assert_eq!((tool.1, tool.2), (tar::EntryType::Regular, 0o755));
+        let sym = seen
+            .iter()
+            .find(|s| s.0 == rel(&root.join("tool")))
+            .expect("symlink");
+        assert_eq!(
+            (sym.1, sym.3.as_deref()),
+            (tar::EntryType::Symlink, Some("bin/tool"))
+        );
     }
 }

@@ -148,7 +148,10 @@ fn the_app_profile_runs_a_users_image_as_app_and_as_a_worker_of_its_own_queue() 
         1,
         "not the stock services' taskstack.toml"
     );
-    assert_eq!(worker.secrets, ["redis_password", "postgres_password"]);
+    assert_eq!(
+        worker.secrets,
+        ["redis_password", "postgres_password", "rabbitmq_password"]
+    );
     assert_eq!(worker.depends_on["app"], Condition::Healthy);
     assert_eq!(worker.depends_on["redis"], Condition::Healthy);
     for svc in [app, worker] {
@@ -318,6 +321,74 @@ fn the_postgres_profile_adds_an_unpublished_non_root_store_and_results_default_t
         );
         assert_eq!(
             e["TASKSTACK_RESULT_BACKEND_PASSWORD_FILE"], "/run/secrets/postgres_password",
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn the_rabbitmq_profile_adds_an_unpublished_non_root_broker_and_results_stay_on_redis() {
+    let p = load(&the_file(), &env(&[]), None).expect("loads");
+    assert!(!p.services.contains_key("rabbitmq"));
+    assert!(!p.volumes.contains_key("rabbitmq-data"));
+    for name in ["web", "worker", "beat"] {
+        let svc = &p.services[name];
+        assert_eq!(
+            svc.environment["TASKSTACK_BROKER_URL"], "redis://redis:6379/0",
+            "{name}"
+        );
+        assert_eq!(
+            svc.environment["TASKSTACK_BROKER_PASSWORD_FILE"], "/run/secrets/redis_password",
+            "{name}"
+        );
+        assert!(
+            svc.secrets.iter().any(|s| s == "rabbitmq_password"),
+            "{name}"
+        );
+    }
+
+    let mut vars = env(&[("COMPOSE_PROFILES", "rabbitmq")]);
+    crate::rabbitmq::profile_env(&mut vars, &the_file());
+    let p = load(&the_file(), &vars, None).expect("loads with the profile");
+    let mq = &p.services["rabbitmq"];
+    assert_eq!(mq.image, "localhost/taskstack-rabbitmq:local");
+    assert_eq!(mq.user.as_deref(), Some("999:999"));
+    assert!(mq.ports.is_empty(), "never published");
+    assert_eq!(mq.networks, ["backend"]);
+    assert_eq!(mq.secrets, ["rabbitmq_password"]);
+    assert_eq!(
+        mq.environment["RABBITMQ_PASSWORD_FILE"],
+        "/run/secrets/rabbitmq_password"
+    );
+    assert!(mq.read_only && mq.init);
+    assert_eq!(mq.tmpfs, ["/tmp"], "the definitions file is written there");
+    assert_eq!(mq.cap_drop, ["ALL"]);
+    assert_eq!(mq.volume_mounts[0].volume, "rabbitmq-data");
+    assert_eq!(mq.volume_mounts[0].target, "/var/lib/rabbitmq");
+    let check = mq.healthcheck.as_ref().expect("a healthcheck");
+    assert_eq!(
+        check.test,
+        [
+            "CMD",
+            "rabbitmq-diagnostics",
+            "-q",
+            "check_port_connectivity"
+        ],
+        "exec form"
+    );
+    assert_eq!(check.interval, Some(Duration::from_secs(10)));
+    for name in ["web", "worker", "beat"] {
+        let e = &p.services[name].environment;
+        assert_eq!(
+            e["TASKSTACK_BROKER_URL"], "amqp://taskstack@rabbitmq:5672/%2F",
+            "{name}"
+        );
+        assert_eq!(
+            e["TASKSTACK_BROKER_PASSWORD_FILE"], "/run/secrets/rabbitmq_password",
+            "{name}"
+        );
+        assert_eq!(
+            e["TASKSTACK_RESULT_BACKEND"], "redis://redis:6379/0",
             "{name}"
         );
     }

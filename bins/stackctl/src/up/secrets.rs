@@ -7,8 +7,9 @@
 //!
 //! A set with none of its files present is made whole. In a set that
 //! exists, only a missing secret nothing else is derived from (the API
-//! token, Grafana's and PostgreSQL's passwords: e.g. `postgres_password`,
-//! which came with the profile `postgres`) is made on its own; filling in
+//! token, Grafana's, PostgreSQL's and RabbitMQ's passwords: e.g.
+//! `postgres_password`, which came with the profile `postgres`, or
+//! `rabbitmq_password` with `rabbitmq`) is made on its own; filling in
 //! the Redis password could leave it and the ACL disagreeing, so that is
 //! refused with the exact command that repairs it.
 
@@ -23,14 +24,20 @@ const REDIS_PASSWORD: &str = "redis_password";
 /// The Redis users file (`compose/docker-compose.yml`'s `redis_acl`).
 const REDIS_ACL: &str = "redis_acl";
 /// Secrets that are a fresh random value each.
-const RANDOM: [&str; 4] = [
+const RANDOM: [&str; 5] = [
     REDIS_PASSWORD,
     "api_token",
     "grafana_admin_password",
     "postgres_password",
+    "rabbitmq_password",
 ];
 /// Of those, the ones no other file is derived from.
-const STANDALONE: [&str; 3] = ["api_token", "grafana_admin_password", "postgres_password"];
+const STANDALONE: [&str; 4] = [
+    "api_token",
+    "grafana_admin_password",
+    "postgres_password",
+    "rabbitmq_password",
+];
 
 /// Makes the project's secret files when none exists and one of `needed`
 /// is missing; returns the files it wrote. A missing secret it cannot

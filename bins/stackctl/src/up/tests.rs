@@ -22,6 +22,7 @@ pub(crate) fn shipped_file(file: &Path, secrets: &Path, extra: &[(&str, &str)]) 
         "api_token",
         "redis_users.acl",
         "postgres_password",
+        "rabbitmq_password",
     ] {
         std::fs::write(secrets.join(f), "s3cret-s3cret-s3cret\n").expect("write secret");
     }
@@ -380,7 +381,7 @@ async fn after_stackctl_build_a_plain_up_runs_the_built_images_and_makes_the_sec
         .iter()
         .filter(|e| e.starts_with("created secret"))
         .collect();
-    assert_eq!(created.len(), 5, "{:?}", progress.events);
+    assert_eq!(created.len(), 6, "{:?}", progress.events);
     // The format is init-secrets' own: run on this directory, it keeps
     // every value and rewrites the ACL byte for byte.
     let read = |f: &str| std::fs::read(secrets.join(f)).expect(f);
@@ -472,19 +473,23 @@ async fn a_missing_secret_nothing_derives_from_is_made_in_an_existing_set() {
     let p = shipped(dir.path(), &[]);
     let before = std::fs::read(dir.path().join("redis_password")).expect("pw");
     std::fs::remove_file(dir.path().join("postgres_password")).expect("rm");
+    // ... and one made before the profile `rabbitmq` existed.
+    std::fs::remove_file(dir.path().join("rabbitmq_password")).expect("rm");
     let engine = Fake::with_images(&[APP, REDIS]);
     let mut progress = Recorder::default();
     up(&engine, &p, &fast(), &mut progress).await.expect("up");
-    let made = dir.path().join("postgres_password");
-    assert!(
-        progress
-            .events
-            .iter()
-            .any(|e| e == &format!("created secret {}", made.display())),
-        "{:?}",
-        progress.events
-    );
-    assert_eq!(std::fs::read_to_string(&made).expect("made").len(), 64);
+    for name in ["postgres_password", "rabbitmq_password"] {
+        let made = dir.path().join(name);
+        assert!(
+            progress
+                .events
+                .iter()
+                .any(|e| e == &format!("created secret {}", made.display())),
+            "{:?}",
+            progress.events
+        );
+        assert_eq!(std::fs::read_to_string(&made).expect("made").len(), 64);
+    }
     assert_eq!(
         std::fs::read(dir.path().join("redis_password")).expect("pw"),
         before

@@ -103,6 +103,8 @@ pub struct Facts {
     pub smoke: Probe<SmokeFacts>,
     /// Where results are kept (on Redis: the smoke record's PTTL).
     pub results: super::results::ResultsFacts,
+    /// The broker when it is RabbitMQ (or a RabbitMQ service exists).
+    pub broker: super::rabbitmq::BrokerFacts,
 }
 
 impl Facts {
@@ -415,18 +417,22 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
     out.push(probe("workers.tasks", &f.workers, |records| {
         worker_tasks(records)
     }));
-    out.push(probe("queues.readable", &f.queue_counts, |counts| {
-        let each: Vec<String> = counts
-            .iter()
-            .map(|(q, c)| {
-                format!(
-                    "{q}: {} ready, {} delayed, {} in flight, {} dead-lettered",
-                    c.ready, c.delayed, c.in_flight, c.dead_lettered
-                )
-            })
-            .collect();
-        (true, each.join("; "))
-    }));
+    // On RabbitMQ the queues' counts are `rabbitmq.queues`' (the Redis
+    // lists are not where the messages are).
+    if !f.broker.uses_rabbitmq() {
+        out.push(probe("queues.readable", &f.queue_counts, |counts| {
+            let each: Vec<String> = counts
+                .iter()
+                .map(|(q, c)| {
+                    format!(
+                        "{q}: {} ready, {} delayed, {} in flight, {} dead-lettered",
+                        c.ready, c.delayed, c.in_flight, c.dead_lettered
+                    )
+                })
+                .collect();
+            (true, each.join("; "))
+        }));
+    }
     let mut root = Vec::new();
     for c in f.role(Role::Worker) {
         if configured_uid(&c.user) == Some(0) || c.process_uid == Some(0) {
@@ -474,6 +480,7 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
             },
         )
     }));
+    out.extend(super::rabbitmq::evaluate(&f.broker));
     out.extend(super::results::evaluate(&f.results));
     out
 }
@@ -576,6 +583,7 @@ mod tests {
                 elapsed: Duration::from_millis(30),
             }),
             results: super::super::results::ResultsFacts::redis(Ok(3_599_000)),
+            broker: super::super::rabbitmq::BrokerFacts::default(),
         }
     }
 

@@ -3,10 +3,13 @@
 //! `redis-cli PING` in the Redis container), through Redis with each
 //! service's own configuration ([`config`]) and the library's queries
 //! (`store`: what `/health` reads), and through the web API's published
-//! port; [`checks::evaluate`] turns them into pass/fail with reasons.
+//! port; with a RabbitMQ broker, through `rabbitmqctl` in its container
+//! ([`rabbitmq`]); [`checks::evaluate`] turns them into pass/fail with
+//! reasons.
 
 pub mod checks;
 pub mod config;
+pub mod rabbitmq;
 pub mod results;
 mod store;
 pub mod swarm;
@@ -183,6 +186,24 @@ pub async fn verify<E: Engine>(
             Some((svc.name.clone(), store_kind(&c)))
         })
         .collect();
+    // Which broker each service sends and takes tasks through; the web's
+    // decides whether RabbitMQ is asked.
+    let brokers: Vec<(String, &'static str)> = [Role::Web, Role::Worker, Role::Beat]
+        .into_iter()
+        .filter_map(|role| {
+            let svc = project.services.values().find(|s| Role::of(s) == role)?;
+            let c = config_of(role)?.ok()?;
+            Some((
+                svc.name.clone(),
+                rabbitmq::broker_kind(c.broker_url.expose()),
+            ))
+        })
+        .collect();
+    let amqp_config = main_config
+        .as_ref()
+        .ok()
+        .filter(|c| rabbitmq::broker_kind(c.broker_url.expose()) == "amqp")
+        .cloned();
     let pg_expires = main_config
         .as_ref()
         .ok()
@@ -225,6 +246,20 @@ pub async fn verify<E: Engine>(
                 published: c.published.clone(),
             })
         }
+    };
+    let rabbit = match &amqp_config {
+        None => None,
+        Some(c) => Some(ask_rabbitmq(engine, &all_running, c).await),
+    };
+    let broker_facts = rabbitmq::BrokerFacts {
+        brokers,
+        rabbitmq_service: project
+            .services
+            .contains_key(crate::rabbitmq::SERVICE)
+            .then(|| crate::rabbitmq::SERVICE.to_owned()),
+        rabbitmq: rabbit,
+        queues: queues.clone(),
+        workers: workers_per_queue(project, &services),
     };
     let beat_lock = store::beat_lock(&broker).await;
     let workers = store::workers(&broker).await;
@@ -313,6 +348,7 @@ pub async fn verify<E: Engine>(
         web_health,
         smoke,
         results,
+        broker: broker_facts,
     };
     let beat_lock_holder = holder.map(|h| HolderReport {
         container: facts
@@ -331,6 +367,62 @@ pub async fn verify<E: Engine>(
         checks,
         beat_lock_holder,
     })
+}
+
+/// For each queue, the running containers of the worker services whose
+/// configuration (as they run it) lists it.
+fn workers_per_queue(
+    project: &Project,
+    services: &[ServiceFacts],
+) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for s in services.iter().filter(|s| s.role == Role::Worker) {
+        let Some(svc) = project.services.get(&s.name) else {
+            continue;
+        };
+        let containers: Vec<&ContainerInfo> = s.containers.iter().collect();
+        let Ok(c) = config::service_config(project, &config::as_running(svc, &containers)) else {
+            continue;
+        };
+        let running = s.containers.iter().filter(|c| c.running).count();
+        for q in c.queues {
+            *out.entry(q).or_insert(0) += running;
+        }
+    }
+    out
+}
+
+/// RabbitMQ as `config`'s `broker_url` names it: the running container of
+/// the project's service its host names, asked with the services' user,
+/// password (`broker_password(_file)` or the URL's) and vhost.
+async fn ask_rabbitmq<E: Engine>(
+    engine: &E,
+    running: &[&ContainerInfo],
+    config: &Config,
+) -> checks::Probe<rabbitmq::RabbitFacts> {
+    let raw = config.broker_url.expose();
+    let (user, in_url, vhost) = rabbitmq::credentials(raw)?;
+    let password = match (&config.broker_password, &config.broker_password_file) {
+        (Some(p), _) => Some(p.expose().to_owned()),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| format!("broker_password_file {}: {e}", file.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+        ),
+        (None, None) => in_url,
+    };
+    let host = url::Url::parse(raw)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    let c = running
+        .iter()
+        .find(|c| c.label(labels::SERVICE) == Some(host.as_str()))
+        .ok_or_else(|| {
+            format!("no running container of service {host} (the services' broker_url host)")
+        })?;
+    Ok(rabbitmq::gather(engine, c, &user, password.as_deref(), &vhost).await)
 }
 
 /// `postgresql` when `config` keeps results in PostgreSQL, else `redis`.

@@ -64,6 +64,19 @@ pub async fn connect<E: Engine>(
     running: &[&ContainerInfo],
     mut config: Config,
 ) -> Probe<Broker> {
+    // With RabbitMQ as the broker, the workers' leases, the beat lock and
+    // the results are on the result backend's Redis: read that one.
+    if super::rabbitmq::broker_kind(config.broker_url.expose()) == "amqp" {
+        let backend = config
+            .result_backend
+            .clone()
+            .filter(|b| super::rabbitmq::broker_kind(b.expose()) == "redis")
+            .filter(|b| !taskstack::config::is_postgres_url(b.expose()))
+            .ok_or("broker_url is amqp://... and result_backend is not a Redis URL")?;
+        config.broker_url = backend;
+        config.broker_password = config.result_backend_password.clone();
+        config.broker_password_file = config.result_backend_password_file.clone();
+    }
     let broker_url = config.broker_url.expose();
     let url = reachable(engine, project, running, "broker_url", broker_url).await?;
     config.broker_url = SecretUrl::new(url);
