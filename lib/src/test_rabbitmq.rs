@@ -179,6 +179,9 @@ impl Rabbit {
             epmd -port "$3" -kill >/dev/null 2>&1
             rm -rf "$2"
         "#;
+        // Never waited for: it outlives this process on purpose (init
+        // reaps it).
+        #[allow(clippy::zombie_processes)]
         Command::new("sh")
             .args(["-c", script, "watchdog"])
             .arg(std::process::id().to_string())

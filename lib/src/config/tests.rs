@@ -479,7 +479,7 @@ fn sentinel_mistakes_name_the_key() {
 #[test]
 fn an_amqp_broker_needs_a_redis_result_backend_named_in_the_error() {
     let amqp = ("broker_url", Value::from("amqp://guest@127.0.0.1:5672/v"));
-    let e = err(&[amqp.clone()]);
+    let e = err(std::slice::from_ref(&amqp));
     assert!(
         e.contains("result_backend") && e.contains("redis://"),
         "{e}"
