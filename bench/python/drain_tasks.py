@@ -3,8 +3,9 @@
 As a worker: ``python -m celery -A drain_tasks worker ...`` from this
 directory. It registers ``taskstack.echo`` (what taskstack's built-in echo
 does) so both workers drain the very same prefilled messages; every other
-setting is Celery's default. The broker and result backend both come
-from ``BENCH_CELERY_URL``.
+setting is Celery's default. The broker comes from ``BENCH_CELERY_URL``
+(``redis://`` or ``amqp://``), the result backend from
+``BENCH_CELERY_RESULT_URL`` (default: the broker's URL).
 """
 
 import os
@@ -15,7 +16,9 @@ from celery.signals import worker_ready
 
 URL = os.environ["BENCH_CELERY_URL"]
 
-app = Celery("drain_tasks", broker=URL, backend=URL)
+RESULTS = os.environ.get("BENCH_CELERY_RESULT_URL") or URL
+
+app = Celery("drain_tasks", broker=URL, backend=RESULTS)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",

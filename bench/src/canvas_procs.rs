@@ -179,13 +179,27 @@ impl Service {
         pool: CeleryPool,
         concurrency: usize,
     ) -> Result<Self> {
+        Self::celery_on(python, url, url, app, pool, concurrency)
+    }
+
+    /// [`Service::celery`] with the broker at `broker` and the results at
+    /// `results` (`BENCH_CELERY_RESULT_URL`; the app must read it).
+    pub(crate) fn celery_on(
+        python: &Path,
+        broker: &str,
+        results: &str,
+        app: &str,
+        pool: CeleryPool,
+        concurrency: usize,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut cmd = Command::new(python);
         cmd.args(["-m", "celery", "-A", app, "worker"])
             .args(pool.args(concurrency))
             .args(["--loglevel", "WARNING", "-Q", "celery"])
             .current_dir(python_dir())
-            .env("BENCH_CELERY_URL", url);
+            .env("BENCH_CELERY_URL", broker)
+            .env("BENCH_CELERY_RESULT_URL", results);
         taskstack_integration::python::clean_env(&mut cmd);
         Self::start(
             "celery worker",

@@ -127,29 +127,54 @@ async fn a_worker_on_rabbitmq_runs_tasks_and_countdowns_and_stores_results() -> 
     Ok(())
 }
 
+/// A real Python Celery client sends 3,000 tasks of 50 ms to two workers;
+/// one is SIGKILLed once 300 were sent and the first finished (the test
+/// prints how many sends had returned by then): every task ends SUCCESS,
+/// what the killed one held comes back through RabbitMQ's redelivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_run_loses_none_of_3000_tasks() -> Result<()> {
+async fn a_worker_killed_mid_run_loses_none_of_3000_celery_client_tasks() -> Result<()> {
+    let python = tokio::task::spawn_blocking(celery_python).await??;
     let s = Stack::new("kill")?;
     let mut doomed = s.worker(&[])?;
     let survivor = s.worker(&[])?;
-    let p = Arc::new(s.producer()?);
-    let mut ids = Vec::new();
-    for chunk in sleeps(0.02, 0, 3000).chunks(500) {
-        ids.extend(p.send_many(chunk).await?);
-    }
-    // Kill one once both are busy and some tasks are done.
-    let first = ids[0].clone();
-    wait_until("the first task to finish", Duration::from_secs(60), || {
-        let p = Arc::clone(&p);
-        let id = first.clone();
-        async move {
-            Ok(p.result(&id)
-                .await?
-                .filter(|r| r.status == TaskState::Success))
-        }
-    })
-    .await?;
-    doomed.kill()?;
+    let p = s.producer()?;
+    let dir = tempfile::tempdir()?;
+    let ids_file = dir.path().join("ids");
+    let ids_arg = ids_file.display().to_string();
+    let read_ids = || -> Vec<String> {
+        std::fs::read_to_string(&ids_file)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let args = [s.amqp.as_str(), "3000", "0.05", &ids_arg];
+    let client = run_client(&python, "send_sleeps.py", &args, || survivor.log());
+    // Kill one once 300 were sent and the first is done, mid-send.
+    let kill = async {
+        wait_until(
+            "300 sends and a result",
+            Duration::from_secs(120),
+            || async {
+                let ids = read_ids();
+                if ids.len() < 300 {
+                    return Ok(None);
+                }
+                Ok(p.result(&ids[0])
+                    .await?
+                    .filter(|r| r.status == TaskState::Success))
+            },
+        )
+        .await?;
+        doomed.kill()?;
+        anyhow::Ok(read_ids().len())
+    };
+    let (sent, killed_at) = tokio::join!(client, kill);
+    let (sent, killed_at) = (sent?, killed_at?);
+    assert_eq!(sent["sent"], 3000, "{sent}");
+    let ids = read_ids();
+    assert_eq!(ids.len(), 3000);
+    eprintln!("killed after {killed_at} of 3000 sends");
     for id in &ids {
         let r = p
             .wait(id, Duration::from_secs(120))
@@ -243,6 +268,58 @@ async fn rabbitmq_killed_and_restarted_under_load_loses_nothing() -> Result<()> 
             i + 1
         );
     }
+    Ok(())
+}
+
+/// The same message twice (what a beat killed between its publish and
+/// the outbox trim sends): the second copy, arriving after the first
+/// finished, is acknowledged without running, and the first result stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_copy_of_a_finished_task_is_acknowledged_without_running() -> Result<()> {
+    let s = Stack::new("dup")?;
+    let worker = s.worker(&[])?;
+    let p = s.producer()?;
+    let payload = taskstack::proto::envelope::encode(&taskstack::proto::envelope::MessageSpec {
+        id: "beat-slot-1",
+        task: "taskstack.add",
+        args: &[json!(2), json!(3)],
+        origin: "test",
+        ..Default::default()
+    });
+    let backend = taskstack::open_backend(&s.config())?;
+    let send = || async {
+        backend
+            .enqueue(taskstack::backend::Use::Request)
+            .enqueue(&[taskstack::backend::Outgoing {
+                queue_key: "celery".into(),
+                payload: payload.clone(),
+                due_ms: None,
+                pending: None,
+            }])
+            .await
+    };
+    send().await?;
+    let first = p
+        .wait("beat-slot-1", Duration::from_secs(60))
+        .await
+        .with_context(|| worker.log())?;
+    assert_eq!(
+        (first.status, first.result.clone()),
+        (TaskState::Success, json!(5))
+    );
+    send().await?;
+    worker
+        .wait_log("task already finished", Duration::from_secs(60))
+        .with_context(|| worker.log())?;
+    wait_until(
+        "the copy to be acknowledged",
+        Duration::from_secs(30),
+        || async { Ok(Some(()).filter(|()| s.counts(|_| true) == (0, 0))) },
+    )
+    .await?;
+    let after = p.result("beat-slot-1").await?.context("no result")?;
+    // A second run would have stored a new record with its own time.
+    assert_eq!(after.date_done, first.date_done, "the first result stands");
     Ok(())
 }
 

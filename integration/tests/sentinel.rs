@@ -295,11 +295,18 @@ async fn failover_run(replicas: u32) -> Result<()> {
         sent.send_errors > 0,
         "no send failed: the kill did not happen mid-run, the test proved nothing"
     );
-    if replicas > 0 {
-        assert!(
-            lost.is_empty(),
-            "{} acknowledged tasks lost although a replica acknowledged them",
-            lost.len()
+    if replicas > 0 && !lost.is_empty() {
+        let ids: Vec<&str> = lost.iter().map(|(id, _)| id.as_str()).collect();
+        panic!(
+            "{} acknowledged tasks lost although a replica acknowledged them; where the \
+             master has them: {:?}; the worker's warnings:\n{}",
+            lost.len(),
+            locate(&set, &ids)?,
+            w.log()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
     assert_eq!(
@@ -655,4 +662,37 @@ async fn celery_failover_run(replicas: u32) -> Result<()> {
         "a task ran that nobody sent"
     );
     Ok(())
+}
+
+/// For the ids given, the keys of the current master whose lists or hashes
+/// mention them, with how many ids each holds (a failure's diagnosis).
+fn locate(set: &SentinelSet, ids: &[&str]) -> Result<Vec<(String, usize)>> {
+    let mut con = set.master_conn()?;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut con)?;
+    let mut out = Vec::new();
+    for k in keys {
+        let kind: String = redis::cmd("TYPE").arg(&k).query(&mut con)?;
+        let items: Vec<String> = match kind.as_str() {
+            "list" => redis::cmd("LRANGE")
+                .arg(&k)
+                .arg(0)
+                .arg(-1)
+                .query(&mut con)?,
+            "hash" => redis::cmd("HVALS").arg(&k).query(&mut con)?,
+            "zset" => redis::cmd("ZRANGE")
+                .arg(&k)
+                .arg(0)
+                .arg(-1)
+                .query(&mut con)?,
+            _ => continue,
+        };
+        let n = ids
+            .iter()
+            .filter(|id| items.iter().any(|v| v.contains(*id)))
+            .count();
+        if n > 0 {
+            out.push((k, n));
+        }
+    }
+    Ok(out)
 }

@@ -32,7 +32,16 @@
 -- ARGV[7], ARGV[8], ARGV[9], ...  triples: task id, its STARTED record
 --          (JSON, '' when none is written), the sequence number of its hold
 -- Returns one integer per task, in order: 1 = run it, 0 = revoked, skip
--- it, 2 = no longer held, do not run it.
+-- it, 2 = no longer held, do not run it, 3 = already finished, skip it.
+--
+-- Already finished: where STARTED records carry the exclusion (ARGV[4]
+-- is ''), a task whose result record is final (SUCCESS, FAILURE or
+-- REVOKED) is a second delivery of a message already run to the end (a
+-- broker that redelivered after a lost acknowledgement, the beat's outbox
+-- published again after a crash): one MGET per batch finds it, and the
+-- worker acknowledges the message without running it or touching the
+-- record. A STARTED, RETRY or PENDING record runs the task (a worker that
+-- died mid-run, a retry).
 local first = 7
 local inflight = ARGV[4]
 local record = ARGV[5] == '1' or inflight == ''
@@ -59,6 +68,28 @@ if #markers > 0 and redis.call('EXISTS', unpack(markers)) > 0 then
   for k = 1, n do
     if out[k] == 1 and redis.call('EXISTS', ARGV[1] .. ARGV[first + 3 * (k - 1)]) == 1 then
       out[k] = 0
+    end
+  end
+end
+
+-- 2b. Already finished (only without the in-flight hash, see above).
+if inflight == '' then
+  local ids, at = {}, {}
+  for k = 1, n do
+    if out[k] == 1 then
+      ids[#ids + 1] = ARGV[2] .. ARGV[first + 3 * (k - 1)]
+      at[#at + 1] = k
+    end
+  end
+  if #ids > 0 then
+    local recs = redis.call('MGET', unpack(ids))
+    for j = 1, #ids do
+      local rec = recs[j]
+      if rec and (string.find(rec, '"status"%s*:%s*"SUCCESS"')
+          or string.find(rec, '"status"%s*:%s*"FAILURE"')
+          or string.find(rec, '"status"%s*:%s*"REVOKED"')) then
+        out[at[j]] = 3
+      end
     end
   end
 end

@@ -2,14 +2,20 @@
 //! --profile rabbitmq` (its own project name and secrets directory, the
 //! RabbitMQ image built offline by `stackctl build --rabbitmq`'s code)
 //! brings the `rabbitmq` service up healthy next to the stack, with its
-//! password secret made by `up`, unpublished, non-root. The services are
-//! kept on Redis here (`BROKER_URL` set by the user, which the profile
-//! leaves alone), so `stackctl verify` must fail exactly `broker.kind`,
-//! saying that RabbitMQ runs while no service's broker is on it, and pass
-//! everything else. `stackctl down -v` leaves nothing behind (also run on
-//! failure, by a drop guard).
+//! password secret made by `up`, unpublished, non-root. `stackctl down -v`
+//! leaves nothing behind (also run on failure, by a drop guard).
+//!
+//! - With the services on it (the profile's default): `broker_url` of web,
+//!   worker and beat is the `rabbitmq` service (results on Redis), and
+//!   `stackctl verify` passes every check, the RabbitMQ ones included (the
+//!   smoke task goes web → RabbitMQ → worker → Redis; Celery's queue
+//!   `celery` durable, a consumer per worker container).
+//! - With the services kept on Redis (`BROKER_URL` set by the user, which
+//!   the profile leaves alone): `verify` fails exactly `broker.kind`, saying
+//!   that RabbitMQ runs while no service's broker is on it.
 
 use anyhow::{Context as _, Result, ensure};
+use serde_json::Value;
 use stackctl::engine::Engine as _;
 use stackctl::engine::live::Live;
 use taskstack_integration::docker::{
@@ -21,9 +27,60 @@ fn stackctl(args: &[&str], env: &[(&str, String)]) -> Result<std::process::Outpu
     run_stackctl(env!("CARGO_BIN_EXE_stackctl"), args, env)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_rabbitmq_profile_comes_up_healthy_and_verify_reports_a_broker_nobody_uses()
--> Result<()> {
+/// A stack up with the profile, its RabbitMQ container checked.
+struct Up {
+    env: Vec<(&'static str, String)>,
+    project: String,
+    /// What `stackctl up` printed.
+    text: String,
+    docker: bollard::Docker,
+    /// Runs `stackctl down -v` when dropped.
+    down: StackctlDown,
+    _secrets: tempfile::TempDir,
+}
+
+impl Up {
+    /// `stackctl verify --profile rabbitmq --json`: whether it passed, its
+    /// checks, and its output for messages.
+    fn verify(&self) -> Result<(bool, Vec<Value>, String)> {
+        let verify = stackctl(
+            &[
+                "verify",
+                "--profile",
+                "rabbitmq",
+                "-p",
+                &self.project,
+                "--json",
+            ],
+            &self.env,
+        )?;
+        let text = output_text(&verify);
+        let report: Value = serde_json::from_slice(&verify.stdout)
+            .with_context(|| format!("verify --json: {text}"))?;
+        let checks = report["checks"].as_array().context("no checks")?.clone();
+        Ok((verify.status.success(), checks, text))
+    }
+
+    /// `down -v` and nothing of the project is left.
+    async fn down(self) -> Result<()> {
+        let Up {
+            project,
+            docker,
+            down,
+            ..
+        } = self;
+        drop(down);
+        let left = leftovers(&docker, &format!("com.docker.compose.project={project}")).await?;
+        ensure!(left.is_empty(), "left after down -v: {left:?}");
+        Ok(())
+    }
+}
+
+/// `stackctl up --profile rabbitmq` on a fresh project (`hint`) with
+/// `extra` in its environment; checks the `rabbitmq` container: healthy,
+/// unpublished, uid 999, the services' user with the password of the
+/// secret `up` made.
+async fn up(hint: &str, extra: &[(&'static str, &str)]) -> Result<Up> {
     require(Prereq::File {
         path: "/usr/lib/rabbitmq",
         package: "rabbitmq-server",
@@ -31,26 +88,33 @@ async fn the_rabbitmq_profile_comes_up_healthy_and_verify_reports_a_broker_nobod
     let report = images()?;
     let redis_image = report.redis_image.clone().context("no Redis image")?;
     let docker = stackctl::docker::connect().await?;
-    let mq_image = format!("{}:{TEST_TAG}", stackctl::rabbitmq::RABBITMQ_REPOSITORY);
-    stackctl::rabbitmq::build_image(&docker, &mq_image, &|l| eprintln!("stackctl: {l}")).await?;
+    // Built once for both tests (they run at the same time).
+    static BUILT: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    let mq_image = BUILT
+        .get_or_try_init(|| async {
+            let tag = format!("{}:{TEST_TAG}", stackctl::rabbitmq::RABBITMQ_REPOSITORY);
+            stackctl::rabbitmq::build_image(&docker, &tag, &|l| eprintln!("stackctl: {l}"))
+                .await
+                .map(|_size| tag)
+        })
+        .await?
+        .clone();
 
     let secrets = tempfile::tempdir()?;
-    let port = free_port()?;
-    let env = vec![
+    let mut env = vec![
         (
             "TASKSTACK_SECRETS_DIR",
             secrets.path().display().to_string(),
         ),
-        ("WEB_PORT", port.to_string()),
+        ("WEB_PORT", free_port()?.to_string()),
         ("HEALTHCHECK_INTERVAL", "1s".to_owned()),
         ("RABBITMQ_HEALTHCHECK_INTERVAL", "2s".to_owned()),
         ("TASKSTACK_IMAGE", report.app_image.clone()),
         ("REDIS_IMAGE", redis_image),
         ("RABBITMQ_IMAGE", mq_image),
-        // The user's choice: tasks stay on Redis.
-        ("BROKER_URL", "redis://redis:6379/0".to_owned()),
     ];
-    let project = unique("rmqprofile").replace('-', "");
+    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    let project = unique(hint).replace('-', "");
     let down = StackctlDown {
         exe: env!("CARGO_BIN_EXE_stackctl"),
         project: project.clone(),
@@ -70,11 +134,10 @@ async fn the_rabbitmq_profile_comes_up_healthy_and_verify_reports_a_broker_nobod
         ],
         &env,
     )?;
-    let out = output_text(&up);
-    ensure!(up.status.success(), "stackctl up --profile rabbitmq: {out}");
+    let text = output_text(&up);
     ensure!(
-        !out.contains("profile rabbitmq: tasks through RabbitMQ"),
-        "BROKER_URL was set, the profile must leave it: {out}"
+        up.status.success(),
+        "stackctl up --profile rabbitmq: {text}"
     );
     let pw = std::fs::read_to_string(secrets.path().join("rabbitmq_password"))
         .context("up made no rabbitmq_password")?;
@@ -107,17 +170,66 @@ async fn the_rabbitmq_profile_comes_up_healthy_and_verify_reports_a_broker_nobod
         .exec(&mq.id, &cmd, &[format!("PW={}", pw.trim())])
         .await?;
     ensure!(auth.exit_code == Some(0), "{auth:?}");
+    Ok(Up {
+        env,
+        project,
+        text,
+        docker,
+        down,
+        _secrets: secrets,
+    })
+}
 
-    let verify = stackctl(
-        &["verify", "--profile", "rabbitmq", "-p", &project, "--json"],
-        &env,
-    )?;
-    let text = output_text(&verify);
-    ensure!(!verify.status.success(), "verify passed: {text}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&verify.stdout).with_context(|| format!("verify --json: {text}"))?;
-    let checks = report["checks"].as_array().context("no checks")?;
-    let failed: Vec<&serde_json::Value> = checks.iter().filter(|c| c["ok"] != true).collect();
+#[tokio::test(flavor = "multi_thread")]
+async fn the_services_run_on_the_rabbitmq_profile_and_verify_passes() -> Result<()> {
+    let up = up("rmqamqp", &[]).await?;
+    ensure!(
+        up.text.contains("profile rabbitmq: tasks through RabbitMQ"),
+        "{}",
+        up.text
+    );
+    let (passed, checks, text) = up.verify()?;
+    ensure!(passed, "stackctl verify: {text}");
+    for id in [
+        "broker.kind",
+        "rabbitmq.auth",
+        "rabbitmq.guest",
+        "rabbitmq.not_published",
+        "rabbitmq.queues",
+        "rabbitmq.consumers",
+        "smoke.add",
+        "workers.heartbeat",
+        "beat.lock",
+    ] {
+        let c = checks
+            .iter()
+            .find(|c| c["id"] == id)
+            .with_context(|| format!("no check {id}: {text}"))?;
+        ensure!(c["ok"] == true, "{c}");
+    }
+    let consumers = checks
+        .iter()
+        .find(|c| c["id"] == "rabbitmq.consumers")
+        .and_then(|c| c["reason"].as_str())
+        .unwrap_or_default();
+    // (`ok` above already means at least one consumer per running worker.)
+    ensure!(consumers.starts_with("celery: "), "{consumers}");
+    up.down().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rabbitmq_profile_comes_up_healthy_and_verify_reports_a_broker_nobody_uses()
+-> Result<()> {
+    // The user's choice: tasks stay on Redis.
+    let up = up("rmqprofile", &[("BROKER_URL", "redis://redis:6379/0")]).await?;
+    ensure!(
+        !up.text.contains("profile rabbitmq: tasks through RabbitMQ"),
+        "BROKER_URL was set, the profile must leave it: {}",
+        up.text
+    );
+    let (passed, checks, text) = up.verify()?;
+    ensure!(!passed, "verify passed: {text}");
+    let failed: Vec<&Value> = checks.iter().filter(|c| c["ok"] != true).collect();
     ensure!(
         failed.len() == 1 && failed[0]["id"] == "broker.kind",
         "only broker.kind should fail: {failed:?}"
@@ -133,9 +245,5 @@ async fn the_rabbitmq_profile_comes_up_healthy_and_verify_reports_a_broker_nobod
             .any(|c| c["id"] == "service.rabbitmq" && c["ok"] == true),
         "{checks:?}"
     );
-
-    drop(down);
-    let left = leftovers(&docker, &format!("com.docker.compose.project={project}")).await?;
-    ensure!(left.is_empty(), "left after down -v: {left:?}");
-    Ok(())
+    up.down().await
 }

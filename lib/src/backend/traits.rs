@@ -318,7 +318,9 @@ pub trait TaskStates: Send {
     /// (it is now marked started, so [`TaskStates::revoke`] refuses it),
     /// [`StartVerdict::Revoked`] when it was revoked, and, when `worker_id`
     /// is given, [`StartVerdict::NotHeld`] when that worker no longer holds
-    /// its message (checked atomically with the start). Its STARTED record
+    /// its message (checked atomically with the start). Where STARTED
+    /// records mark starts, [`StartVerdict::Finished`] when the task's
+    /// result record is already final (a second delivery). Its STARTED record
     /// (kept `ttl`) is stored when `track_started`, and also when the
     /// backend marks starts by that record (the in-memory backend, Redis
     /// with results on another Redis server, and any backend without

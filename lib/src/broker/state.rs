@@ -29,6 +29,11 @@ pub enum StartVerdict {
     /// The worker no longer holds the message (its lease expired and the
     /// message went back to its queue): do not run it, settle nothing.
     NotHeld,
+    /// Its result record is already final (SUCCESS, FAILURE or REVOKED):
+    /// a second delivery of a task that ran to the end. Do not run it;
+    /// settle the hold without storing anything. Only where STARTED
+    /// records mark starts (no worker id given).
+    Finished,
 }
 
 /// One task about to start: its id, its STARTED record (JSON) and the
@@ -79,6 +84,7 @@ pub(crate) async fn start_batch(
             1 => Ok(StartVerdict::Run),
             0 => Ok(StartVerdict::Revoked),
             2 => Ok(StartVerdict::NotHeld),
+            3 => Ok(StartVerdict::Finished),
             other => Err(BrokerError::Reply {
                 op: "start tasks",
                 detail: format!("unexpected verdict {other}"),

@@ -367,6 +367,61 @@ async fn revoking_and_starting_exclude_each_other() {
 }
 
 #[tokio::test]
+async fn a_task_whose_record_is_final_is_not_started_again_where_records_mark_starts() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    let ttl = Duration::from_secs(60);
+    let record = |status: crate::proto::TaskState| {
+        let mut r = crate::proto::TaskResult::pending("x", "t", "q");
+        r.status = status;
+        serde_json::to_string(&r).expect("json")
+    };
+    use crate::proto::TaskState as S;
+    // As taskstack stores them, and as Python Celery does (with spaces).
+    let stored = [
+        ("done", record(S::Success)),
+        ("failed", record(S::Failure)),
+        (
+            "py-done",
+            r#"{"status": "SUCCESS", "result": 3}"#.to_owned(),
+        ),
+        ("retrying", record(S::Retry)),
+        ("crashed", record(S::Started)),
+        ("pending", record(S::Pending)),
+    ];
+    for (id, rec) in &stored {
+        cmd::<()>(
+            &mut l,
+            redis::cmd("SET")
+                .arg(crate::proto::keys::result_key(id))
+                .arg(rec),
+        )
+        .await;
+    }
+    let starting = |id: &str| Starting {
+        task_id: id.into(),
+        record: r#"{"status":"STARTED"}"#.into(),
+        seq: 0,
+    };
+    let ids = [
+        "done", "failed", "py-done", "retrying", "crashed", "pending", "new",
+    ];
+    let tasks: Vec<Starting> = ids.iter().map(|id| starting(id)).collect();
+    let go = start_batch(&mut l, &keys, None, &tasks, ttl, true)
+        .await
+        .expect("start");
+    use StartVerdict::{Finished, Run};
+    assert_eq!(go, [Finished, Finished, Finished, Run, Run, Run, Run]);
+    let done: String = cmd(
+        &mut l,
+        redis::cmd("GET").arg(crate::proto::keys::result_key("done")),
+    )
+    .await;
+    assert_eq!(done, stored[0].1, "a final record is left as it was");
+}
+
+#[tokio::test]
 async fn dead_letters_are_requeued_or_discarded_exactly_once() {
     let s = server();
     let mut l = lane(&s);

@@ -253,6 +253,17 @@ async fn execute(
             finish(&sh, d, &msg, None).await;
             return;
         }
+        Some(StartVerdict::Finished) => {
+            drop(permit);
+            tracing::info!(
+                "task already finished (its result record is final): a second delivery; \
+                 acknowledging it without running it"
+            );
+            sh.metrics.finished(&msg.task, "duplicate");
+            // The record stays as the first run stored it.
+            finish(&sh, d, &msg, None).await;
+            return;
+        }
         Some(StartVerdict::NotHeld) => {
             drop(permit);
             tracing::warn!(

@@ -37,7 +37,7 @@ pub const RESULTS_EXPIRED: &str = "taskstack_worker_results_expired";
 pub const EVENTS_DROPPED: &str = "taskstack_worker_events_dropped";
 
 /// The values of the `outcome` label.
-pub const OUTCOMES: [&str; 7] = [
+pub const OUTCOMES: [&str; 8] = [
     "success",
     "failure",
     "retry",
@@ -45,6 +45,7 @@ pub const OUTCOMES: [&str; 7] = [
     "revoked",
     "expired",
     "forfeited",
+    "duplicate",
 ];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

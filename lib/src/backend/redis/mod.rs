@@ -89,6 +89,7 @@ impl RedisBackend {
             worker_id: worker_id.to_owned(),
             shared: self.clone(),
             landing: true,
+            uncertain: Vec::new(),
         })
     }
 }
@@ -151,6 +152,12 @@ struct RedisSession {
     /// Whether this session's landing list may hold a message: it waited
     /// (BLMOVE) since its last take, or has not taken yet.
     landing: bool,
+    /// Sequence numbers reserved by takes that failed: the script may have
+    /// run (and, with Sentinel, been replicated to the master that took
+    /// over) with its reply lost, leaving messages held under this live
+    /// worker that it never learned of. The next take hands them back
+    /// first.
+    uncertain: Vec<u64>,
 }
 
 impl RedisSession {
@@ -242,7 +249,26 @@ impl Consume for RedisSession {
             landing: self.landing,
         };
         let keys = self.shared.broker.keys();
-        let got = broker::fetch(&mut self.lane, keys, take).await?;
+        if !self.uncertain.is_empty() {
+            // Held by this worker without its knowledge, if at all: back to
+            // the front of their queues (numbers never recorded are skipped).
+            let back =
+                broker::requeue(&mut self.lane, keys, &self.worker_id, &self.uncertain).await?;
+            if back > 0 {
+                tracing::warn!(
+                    messages = back,
+                    "a take's reply was lost after it ran; its messages went back to their queues"
+                );
+            }
+            self.uncertain.clear();
+        }
+        let got = match broker::fetch(&mut self.lane, keys, take).await {
+            Ok(got) => got,
+            Err(e) => {
+                self.uncertain.extend(last_seq + 1..=last_seq + max as u64);
+                return Err(e.into());
+            }
+        };
         // The take emptied the landing list (it is read first, whole).
         self.landing = false;
         if let Ok(mut held) = self.shared.held_queues.lock() {
