@@ -23,6 +23,10 @@ use taskstack_integration::docker::{
 };
 use taskstack_integration::{Prereq, free_port, require};
 
+/// One stack at a time: two, each with its RabbitMQ, starting together on
+/// a 2-core machine left the web unhealthy after 20 s.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn stackctl(args: &[&str], env: &[(&str, String)]) -> Result<std::process::Output> {
     run_stackctl(env!("CARGO_BIN_EXE_stackctl"), args, env)
 }
@@ -182,6 +186,7 @@ async fn up(hint: &str, extra: &[(&'static str, &str)]) -> Result<Up> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_services_run_on_the_rabbitmq_profile_and_verify_passes() -> Result<()> {
+    let _one_at_a_time = SERIAL.lock().await;
     let up = up("rmqamqp", &[]).await?;
     ensure!(
         up.text.contains("profile rabbitmq: tasks through RabbitMQ"),
@@ -220,6 +225,7 @@ async fn the_services_run_on_the_rabbitmq_profile_and_verify_passes() -> Result<
 #[tokio::test(flavor = "multi_thread")]
 async fn the_rabbitmq_profile_comes_up_healthy_and_verify_reports_a_broker_nobody_uses()
 -> Result<()> {
+    let _one_at_a_time = SERIAL.lock().await;
     // The user's choice: tasks stay on Redis.
     let up = up("rmqprofile", &[("BROKER_URL", "redis://redis:6379/0")]).await?;
     ensure!(
