@@ -239,7 +239,7 @@ async fn verify_names_what_is_broken() -> Result<()> {
     // Neither the broker nor the (Redis) result store gets a password.
     let mut open = yml.clone();
     for line in [
-        "  TASKSTACK_BROKER_PASSWORD_FILE: /run/secrets/redis_password\n",
+        "  TASKSTACK_BROKER_PASSWORD_FILE: ${BROKER_PASSWORD_FILE:-/run/secrets/redis_password}\n",
         "  TASKSTACK_RESULT_BACKEND_PASSWORD_FILE: ${RESULT_BACKEND_PASSWORD_FILE:-/run/secrets/redis_password}\n",
     ] {
         ensure!(
