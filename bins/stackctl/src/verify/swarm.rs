@@ -184,7 +184,9 @@ fn task_summary(tasks: &[Task]) -> (usize, Vec<String>) {
         .iter()
         .filter(|t| state(t) != Some(TaskState::RUNNING))
         .collect();
-    others.sort_by_key(|t| std::cmp::Reverse(t.updated_at));
+    // Newest first; `updated_at` is a string or a date depending on
+    // bollard's features, and both order by time.
+    others.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
     let problems = others
         .into_iter()
         .take(3)
