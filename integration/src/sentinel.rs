@@ -297,6 +297,31 @@ impl SentinelSet {
         Ok(())
     }
 
+    /// The lines of every node's log that contain one of `needles`, each
+    /// after its file's name (a failure's diagnosis: syncs, role changes,
+    /// the sentinels' events).
+    pub fn log_lines(&self, needles: &[&str]) -> String {
+        let mut names: Vec<_> = std::fs::read_dir(self.dir.path())
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        names.sort();
+        let mut out = String::new();
+        for p in names
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            for l in text
+                .lines()
+                .filter(|l| needles.iter().any(|n| l.contains(n)))
+            {
+                out.push_str(&format!("{}: {l}\n", name.as_deref().unwrap_or("?")));
+            }
+        }
+        out
+    }
+
     /// Every node's log, for a failing test's message.
     pub fn logs(&self) -> String {
         let mut out = String::new();

@@ -305,11 +305,20 @@ async fn failover_run(replicas: u32) -> Result<()> {
         // the cause is found; nothing sent after the promotion may be lost
         // (asserted below).
         let ids: Vec<&str> = lost.iter().map(|(id, _)| id.as_str()).collect();
+        let mentions: Vec<String> = w
+            .log()
+            .lines()
+            .filter(|l| ids.iter().take(3).any(|id| l.contains(id)))
+            .map(str::to_owned)
+            .collect();
         eprintln!(
             "KNOWN DEFECT: {} acknowledged tasks lost although a replica acknowledged them; \
-             where the master has them: {:?}",
+             where the master has them: {:?}\nthe first three in the worker's log:\n{}\n\
+             syncs, role changes and sentinel events:\n{}",
             lost.len(),
-            locate(&set, &ids)?
+            locate(&set, &ids)?,
+            mentions.join("\n"),
+            set.log_lines(&FAILOVER_EVENTS),
         );
     }
     assert_eq!(
@@ -667,12 +676,30 @@ async fn celery_failover_run(replicas: u32) -> Result<()> {
     Ok(())
 }
 
+/// What the data nodes and sentinels log about syncs and role changes.
+const FAILOVER_EVENTS: [&str; 12] = [
+    "MASTER <-> REPLICA",
+    "Flushing old data",
+    "Connecting to MASTER",
+    "MASTER MODE",
+    "REPLICAOF",
+    "Setting secondary replication ID",
+    "+switch-master",
+    "+convert-to-slave",
+    "+failover-state",
+    "-failover-abort",
+    "+promoted-slave",
+    "+odown",
+];
+
 /// For the ids given, the keys of the current master whose lists or hashes
-/// mention them, with how many ids each holds (a failure's diagnosis).
+/// mention them, and the string keys (results) named after them, with how
+/// many ids each holds (a failure's diagnosis).
 fn locate(set: &SentinelSet, ids: &[&str]) -> Result<Vec<(String, usize)>> {
     let mut con = set.master_conn()?;
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut con)?;
     let mut out = Vec::new();
+    let mut strings = Vec::new();
     for k in keys {
         let kind: String = redis::cmd("TYPE").arg(&k).query(&mut con)?;
         let items: Vec<String> = match kind.as_str() {
@@ -687,6 +714,12 @@ fn locate(set: &SentinelSet, ids: &[&str]) -> Result<Vec<(String, usize)>> {
                 .arg(0)
                 .arg(-1)
                 .query(&mut con)?,
+            "string" => {
+                if ids.iter().any(|id| k.contains(*id)) {
+                    strings.push(k);
+                }
+                continue;
+            }
             _ => continue,
         };
         let n = ids
@@ -696,6 +729,14 @@ fn locate(set: &SentinelSet, ids: &[&str]) -> Result<Vec<(String, usize)>> {
         if n > 0 {
             out.push((k, n));
         }
+    }
+    if let Some(first) = strings.first() {
+        let value: String = redis::cmd("GET").arg(first).query(&mut con)?;
+        let sample: String = value.chars().take(200).collect();
+        out.push((
+            format!("string keys named after them, the first {first} = {sample}"),
+            strings.len(),
+        ));
     }
     Ok(out)
 }
