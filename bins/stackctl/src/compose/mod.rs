@@ -9,11 +9,13 @@
 //!
 //! - [`interpolate`]: variable substitution;
 //! - [`dotenv`]: the `.env` file;
-//! - [`model`]: the accepted keys, as serde types.
+//! - [`model`]: the accepted keys, as serde types;
+//! - [`stores`]: services wait for the stores their URLs name.
 
 pub mod dotenv;
 pub mod interpolate;
 pub mod model;
+pub mod stores;
 
 use model::{DependsOn, Flag, MapOrList, NetworkRefs, RawFile, RawService, Scalar};
 use serde::Serialize;
@@ -375,6 +377,7 @@ pub fn parse(
             .values()
             .any(|s| s.volume_mounts.iter().any(|m| &m.volume == k))
     });
+    stores::add_store_dependencies(&mut services);
     for (svc_name, svc) in &services {
         for (dep, condition) in &svc.depends_on {
             let Some(target) = services.get(dep) else {

@@ -323,6 +323,11 @@ fn the_postgres_profile_adds_an_unpublished_non_root_store_and_results_default_t
             e["TASKSTACK_RESULT_BACKEND_PASSWORD_FILE"], "/run/secrets/postgres_password",
             "{name}"
         );
+        assert_eq!(
+            p.services[name].depends_on.get("postgres"),
+            Some(&Condition::Healthy),
+            "{name} starts once the store its URL names is healthy"
+        );
     }
 }
 
@@ -330,6 +335,11 @@ fn the_postgres_profile_adds_an_unpublished_non_root_store_and_results_default_t
 fn the_rabbitmq_profile_adds_an_unpublished_non_root_broker_and_results_stay_on_redis() {
     let p = load(&the_file(), &env(&[]), None).expect("loads");
     assert!(!p.services.contains_key("rabbitmq"));
+    assert_eq!(
+        p.services["web"].depends_on.keys().collect::<Vec<_>>(),
+        ["beat", "redis"],
+        "nothing added for a store that is not there"
+    );
     assert!(!p.volumes.contains_key("rabbitmq-data"));
     for name in ["web", "worker", "beat"] {
         let svc = &p.services[name];
@@ -390,6 +400,11 @@ fn the_rabbitmq_profile_adds_an_unpublished_non_root_broker_and_results_stay_on_
         assert_eq!(
             e["TASKSTACK_RESULT_BACKEND"], "redis://redis:6379/0",
             "{name}"
+        );
+        assert_eq!(
+            p.services[name].depends_on.get("rabbitmq"),
+            Some(&Condition::Healthy),
+            "{name} starts once the broker its URL names is healthy"
         );
     }
 }
