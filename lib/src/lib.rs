@@ -79,6 +79,7 @@ pub fn open_backend(config: &Config) -> Result<std::sync::Arc<dyn backend::Backe
     if let Some(url) = config.amqp_url()? {
         let options = backend::amqp::QueueOptions {
             quorum: config.broker_queue_type == config::QueueType::Quorum,
+            max_priority: config.broker_queue_max_priority,
         };
         return Ok(std::sync::Arc::new(backend::AmqpBackend::new(
             url.expose().to_owned(),

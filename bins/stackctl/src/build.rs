@@ -114,7 +114,10 @@ impl Profile {
                     // 20,000 no-op tasks, two runs each, same machine):
                     // 9,735 and 10,413 tasks/s at "s" against 11,963 and
                     // 9,602 at 3 (noise, not a loss), 12.8 MB to 10.5 MB.
-                    ("CARGO_PROFILE_IMAGE_OPT_LEVEL", "s"),
+                    // With RabbitMQ support (lapin) among the default
+                    // features, "s" gave a 12.14 MB binary (12.4 MB image,
+                    // over the limit) and "z" 11.55 MB.
+                    ("CARGO_PROFILE_IMAGE_OPT_LEVEL", "z"),
                     (image_target::RUSTFLAGS_VAR, "-C target-feature=+crt-static"),
                 ],
             ),

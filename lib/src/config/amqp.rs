@@ -36,6 +36,24 @@ impl Config {
         if url.host_str().is_none_or(str::is_empty) {
             return Err(invalid("broker_url", &shown, "the URL names no host"));
         }
+        match self.broker_queue_max_priority {
+            Some(0) => {
+                return Err(invalid(
+                    "broker_queue_max_priority",
+                    "0",
+                    "must be 1..=255 (leave it out for queues without priorities)",
+                ));
+            }
+            Some(n) if self.broker_queue_type == QueueType::Quorum => {
+                return Err(invalid(
+                    "broker_queue_max_priority",
+                    &n.to_string(),
+                    "quorum queues take no x-max-priority (RabbitMQ refuses the argument): \
+                     use broker_queue_type = \"classic\" or leave broker_queue_max_priority out",
+                ));
+            }
+            _ => {}
+        }
         match &self.result_backend {
             Some(b) if !super::is_postgres_url(b.expose()) => Ok(()),
             Some(b) => Err(invalid(
@@ -52,6 +70,27 @@ impl Config {
                  redis://... (results, task states and worker records live there)",
             )),
         }
+    }
+
+    /// With a Redis broker, the RabbitMQ-only settings must be left at
+    /// their defaults: one that was set would otherwise do nothing.
+    pub(super) fn refuse_amqp_only_settings(&self) -> Result<(), ConfigError> {
+        let redis = "applies to a RabbitMQ broker (broker_url = amqp://...) only; \
+                     this broker_url is Redis";
+        if self.broker_queue_type != QueueType::Classic {
+            return Err(invalid("broker_queue_type", "quorum", redis));
+        }
+        if let Some(n) = self.broker_queue_max_priority {
+            return Err(invalid(
+                "broker_queue_max_priority",
+                &n.to_string(),
+                &format!(
+                    "{redis} (Redis queues always have Celery's four priority buckets, \
+                     0 served first)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The RabbitMQ URL with the password from `broker_password(_file)`

@@ -156,6 +156,10 @@ pub struct Config {
     /// RabbitMQ only: how queues taskstack creates are declared, `classic`
     /// (Celery's default) or `quorum`.
     pub broker_queue_type: QueueType,
+    /// RabbitMQ only: declare the work queues taskstack creates with
+    /// `x-max-priority` = this (1..=255, Celery's `task_queue_max_priority`),
+    /// so RabbitMQ serves higher `priority` first. Classic queues only.
+    pub broker_queue_max_priority: Option<u8>,
     /// Overrides the password in `broker_url`.
     pub broker_password: Option<Secret>,
     /// A file whose content (trailing newline removed) is the broker password.
@@ -403,6 +407,7 @@ impl Default for Config {
         Self {
             broker_url: "redis://127.0.0.1:6379/0".into(),
             broker_queue_type: QueueType::default(),
+            broker_queue_max_priority: None,
             broker_password: None,
             broker_password_file: None,
             result_backend: None,
@@ -509,6 +514,7 @@ impl Config {
             self.validate_amqp()?;
         } else {
             check_redis_url("broker_url", self.broker_url.expose())?;
+            self.refuse_amqp_only_settings()?;
         }
         if let Some(b) = &self.result_backend {
             if is_postgres_url(b.expose()) {

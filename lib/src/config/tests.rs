@@ -514,3 +514,55 @@ fn an_amqp_broker_needs_a_redis_result_backend_named_in_the_error() {
     let e = err(&[("broker_queue_type", Value::from("stream"))]);
     assert!(e.contains("broker_queue_type"), "{e}");
 }
+
+#[test]
+fn rabbitmq_queue_settings_are_checked_and_refused_with_a_redis_broker() {
+    let amqp = [
+        ("broker_url", Value::from("amqp://guest@127.0.0.1:5672/v")),
+        ("result_backend", Value::from("redis://127.0.0.1:6380/1")),
+    ];
+    let c = with(&[
+        amqp[0].clone(),
+        amqp[1].clone(),
+        ("broker_queue_max_priority", Value::from(10)),
+    ])
+    .expect("valid");
+    assert_eq!(c.broker_queue_max_priority, Some(10));
+    let e = err(&[
+        amqp[0].clone(),
+        amqp[1].clone(),
+        ("broker_queue_max_priority", Value::from(0)),
+    ]);
+    assert!(
+        e.contains("broker_queue_max_priority") && e.contains("1..=255"),
+        "{e}"
+    );
+    let e = err(&[
+        amqp[0].clone(),
+        amqp[1].clone(),
+        ("broker_queue_max_priority", Value::from(256)),
+    ]);
+    assert!(e.contains("broker_queue_max_priority"), "{e}");
+    let e = err(&[
+        amqp[0].clone(),
+        amqp[1].clone(),
+        ("broker_queue_type", Value::from("quorum")),
+        ("broker_queue_max_priority", Value::from(10)),
+    ]);
+    assert!(
+        e.contains("broker_queue_max_priority") && e.contains("quorum"),
+        "{e}"
+    );
+    // With Redis, a RabbitMQ-only setting would do nothing: refused.
+    let e = err(&[("broker_queue_max_priority", Value::from(10))]);
+    assert!(
+        e.contains("broker_queue_max_priority") && e.contains("RabbitMQ broker"),
+        "{e}"
+    );
+    let e = err(&[("broker_queue_type", Value::from("quorum"))]);
+    assert!(
+        e.contains("broker_queue_type") && e.contains("RabbitMQ broker"),
+        "{e}"
+    );
+    with(&[("broker_queue_type", Value::from("classic"))]).expect("the default is fine");
+}

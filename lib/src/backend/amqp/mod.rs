@@ -76,7 +76,8 @@ impl AmqpError {
             err.detail = format!(
                 "the {what} {name:?} already exists on RabbitMQ with other arguments \
                  (PRECONDITION_FAILED: {}); taskstack declares it as Celery does and never \
-                 changes an existing {what}: make `broker_queue_type` match it, or delete it \
+                 changes an existing {what}: make `broker_queue_type` and \
+                 `broker_queue_max_priority` match it, or delete it \
                  when it holds nothing you need",
                 err.detail
             );

@@ -35,6 +35,21 @@ impl Setup {
         test_rabbitmq::shared()
     }
 
+    /// `rabbitmqctl list_queues name <columns>` of this test's vhost, one
+    /// queue a line.
+    fn list_queues(&self, columns: &[&str]) -> String {
+        let mut args = vec![
+            "list_queues",
+            "-p",
+            vhost_of(&self.url),
+            "--quiet",
+            "--no-table-headers",
+            "name",
+        ];
+        args.extend_from_slice(columns);
+        self.rabbit().ctl(&args)
+    }
+
     /// `(ready, unacknowledged)` of `queue` as rabbitmqctl reports them.
     fn counts(&self, queue: &str) -> (u64, u64) {
         self.rabbit()
@@ -111,6 +126,32 @@ fn ack(seq: u64, result: Option<(&str, &str)>) -> Settle {
         result: result.map(|(a, b)| (a.to_owned(), b.to_owned())),
         started: None,
     }
+}
+
+/// Declares the queue `celery` as Celery with `task_queue_max_priority =
+/// 10` does (`x-max-priority` as a signed 32-bit integer); the connection
+/// is for the caller to close.
+async fn declare_as_celery_with_max_priority_10(url: &str) -> lapin::Connection {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-max-priority".into(),
+        lapin::types::AMQPValue::LongInt(10),
+    );
+    ch.queue_declare(
+        "celery".into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare");
+    conn
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,25 +352,7 @@ async fn dead_letters_are_listed_on_redis_and_requeued_to_rabbitmq_once() {
 async fn a_queue_declared_with_other_arguments_is_reported_and_left_alone() {
     let s = Setup::new("conflict");
     // Celery with task_queue_max_priority = 10 declared it first.
-    let conn = lapin::Connection::connect(&s.url, lapin::ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    let mut args = lapin::types::FieldTable::default();
-    args.insert(
-        "x-max-priority".into(),
-        lapin::types::AMQPValue::LongInt(10),
-    );
-    ch.queue_declare(
-        "celery".into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .expect("declare");
+    let conn = declare_as_celery_with_max_priority_10(&s.url).await;
     let b = s.backend(QueueOptions::default());
     let err = b
         .enqueue(Use::Request)
@@ -346,9 +369,81 @@ async fn a_queue_declared_with_other_arguments_is_reported_and_left_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_max_priority_higher_priorities_are_served_first_on_celerys_queue() {
+    let s = Setup::new("priority");
+    // Celery with task_queue_max_priority = 10 declared the queue first:
+    // the same arguments, so taskstack's declaration agrees with it.
+    let conn = declare_as_celery_with_max_priority_10(&s.url).await;
+    let b = s.backend(QueueOptions {
+        max_priority: Some(10),
+        ..QueueOptions::default()
+    });
+    let with_priority = |id: &str, priority: u8| Outgoing {
+        queue_key: "celery".to_owned(),
+        payload: envelope::encode(&MessageSpec {
+            id,
+            task: "tests.add",
+            queue: "celery",
+            origin: "test",
+            priority: Some(priority),
+            ..MessageSpec::default()
+        }),
+        due_ms: None,
+        pending: None,
+    };
+    let low: Vec<Outgoing> = (0..5)
+        .map(|i| with_priority(&format!("low{i}"), 0))
+        .collect();
+    let high: Vec<Outgoing> = (0..5)
+        .map(|i| with_priority(&format!("high{i}"), 9))
+        .collect();
+    b.enqueue(Use::Request)
+        .enqueue(&low)
+        .await
+        .expect("enqueue low");
+    b.enqueue(Use::Request)
+        .enqueue(&high)
+        .await
+        .expect("enqueue high");
+    let got: Vec<String> = take_n(&b, "celery", 10, Duration::from_secs(20))
+        .await
+        .iter()
+        .map(id_of)
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "high0", "high1", "high2", "high3", "high4", "low0", "low1", "low2", "low3", "low4"
+        ],
+        "priority 9 first, each priority in its order"
+    );
+    // A queue taskstack declares itself gets the same argument.
+    b.enqueue(Use::Request)
+        .enqueue(&[Outgoing {
+            queue_key: "other".to_owned(),
+            ..with_priority("other2", 0)
+        }])
+        .await
+        .expect("declared with x-max-priority");
+    let info = s.list_queues(&["arguments"]);
+    let row = info
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("other"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("x-max-priority") && row.contains("10"),
+        "{info}"
+    );
+    let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_queues_are_declared_as_celery_declares_them() {
     let s = Setup::new("quorum");
-    let b = s.backend(QueueOptions { quorum: true });
+    let b = s.backend(QueueOptions {
+        quorum: true,
+        ..QueueOptions::default()
+    });
     b.enqueue(Use::Request)
         .enqueue(&[
             out("q1", "celery", None),
@@ -359,16 +454,7 @@ async fn quorum_queues_are_declared_as_celery_declares_them() {
     // Quorum queues report their counts a few seconds late: wait for them.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let types = s.rabbit().ctl(&[
-            "list_queues",
-            "-p",
-            vhost_of(&s.url),
-            "--quiet",
-            "--no-table-headers",
-            "name",
-            "type",
-            "messages",
-        ]);
+        let types = s.list_queues(&["type", "messages"]);
         let row = |name: &str| {
             types
                 .lines()

@@ -4,7 +4,8 @@
 //!
 //! Work queue `q` (as kombu declares `Queue(q)` for Celery): a durable
 //! `direct` exchange named `q`, a durable queue `q` (no arguments, or
-//! `x-queue-type = quorum` when asked), bound with routing key `q`.
+//! `x-queue-type = quorum`, or `x-max-priority` when asked), bound with
+//! routing key `q`.
 //! Messages are published as Celery publishes them, to the default
 //! exchange `""` with routing key `q`. A queue that
 //! already exists with other arguments makes RabbitMQ refuse the
@@ -93,6 +94,9 @@ pub struct QueueOptions {
     /// Declare queues as quorum queues (replicated; RabbitMQ 3.8+). Delay
     /// levels then dead-letter with `at-least-once` (RabbitMQ 3.10+).
     pub quorum: bool,
+    /// Work queues get `x-max-priority` = this (classic queues; as kombu's
+    /// `Queue(max_priority=...)`), so RabbitMQ serves higher priorities first.
+    pub max_priority: Option<u8>,
 }
 
 fn durable() -> QueueDeclareOptions {
@@ -138,12 +142,13 @@ pub(crate) async fn declare_queue(
         )
         .await
         .map_err(|e| AmqpError::declare(op, "exchange", queue, &e))?;
+    let mut args = queue_arguments(options);
+    if let Some(p) = options.max_priority {
+        // A signed 32-bit integer, as py-amqp encodes kombu's int.
+        args.insert("x-max-priority".into(), AMQPValue::LongInt(i32::from(p)));
+    }
     channel
-        .queue_declare(
-            ShortString::from(queue),
-            durable(),
-            queue_arguments(options),
-        )
+        .queue_declare(ShortString::from(queue), durable(), args)
         .await
         .map_err(|e| AmqpError::declare(op, "queue", queue, &e))?;
     channel
