@@ -262,9 +262,9 @@ async fn failover_run(replicas: u32) -> Result<()> {
     let promoted_at = Instant::now();
     assert_ne!(old, new);
     if replicas > 0 {
-        // Writes wait for a replica: bring the old master back, which the
-        // sentinels turn into the new master's replica.
-        set.restart_node(old)?;
+        // Writes wait for a replica: bring the old master back as the new
+        // master's replica.
+        set.restart_node(old, new)?;
     }
 
     let sent = producing.await??;
@@ -483,7 +483,7 @@ fn beat_failover(replicas: u32) -> Result<()> {
     let (new, failover) = set.wait_failover(old, killed_at)?;
     // The old master comes back as the new one's replica (with the
     // setting, writes wait for it).
-    set.restart_node(old)?;
+    set.restart_node(old, new)?;
     assert_ne!(old, new);
     let at_promotion = beat_queue_len(&set).unwrap_or(0);
     let first_after = taskstack_integration::wait_until_sync(
@@ -624,8 +624,8 @@ async fn celery_failover_run(replicas: u32) -> Result<()> {
     assert_ne!(old, new);
     if replicas > 0 {
         // The worker's writes wait for a replica: bring the old master
-        // back, which the sentinels turn into the new master's replica.
-        set.restart_node(old)?;
+        // back as the new master's replica.
+        set.restart_node(old, new)?;
     }
 
     let seen = client.await?.with_context(|| w.log())?;
