@@ -29,14 +29,12 @@ fn url_host(url: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
-/// Adds to each service the stores its settings name (see the module
-/// docs); returns `(service, store)` for each dependency it added.
-pub fn add_store_dependencies(services: &mut BTreeMap<String, Service>) -> Vec<(String, String)> {
+/// Adds to each service the stores its settings name (see the module docs).
+pub fn add_store_dependencies(services: &mut BTreeMap<String, Service>) {
     let has_check: BTreeMap<String, bool> = services
         .iter()
         .map(|(n, s)| (n.clone(), s.healthcheck.is_some()))
         .collect();
-    let mut added = Vec::new();
     for (name, svc) in services.iter_mut() {
         for key in STORE_SETTINGS {
             let Some(host) = svc.environment.get(key).and_then(|u| url_host(u)) else {
@@ -54,10 +52,8 @@ pub fn add_store_dependencies(services: &mut BTreeMap<String, Service>) -> Vec<(
                 Condition::Started
             };
             svc.depends_on.insert(host.to_owned(), condition);
-            added.push((name.clone(), host.to_owned()));
         }
     }
-    added
 }
 
 #[cfg(test)]
