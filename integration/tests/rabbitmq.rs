@@ -11,7 +11,7 @@ use taskstack::proto::TaskState;
 use taskstack::{Producer, SendOptions, TaskRequest};
 use taskstack_integration::python::{CeleryWorker, celery_python, run_client};
 use taskstack_integration::rabbitmq_server::{self as rabbit, vhost_of};
-use taskstack_integration::{RedisServer, WorkerProcess, namespace, wait_until};
+use taskstack_integration::{RedisServer, WebProcess, WorkerProcess, namespace, wait_until};
 
 /// A vhost on the shared node, a Redis for results, and the settings of
 /// both for the processes and the producer.
@@ -359,6 +359,67 @@ async fn an_hour_long_eta_waits_in_rabbitmq_not_unacknowledged_in_the_worker() -
     .with_context(|| worker.log())?;
     assert_eq!(s.counts(|_| true), (1, 0), "held unacknowledged nowhere");
     assert_eq!(p.result("eta-1h").await?.map(|r| r.status), None, "not run");
+    Ok(())
+}
+
+/// `/health` with a RabbitMQ broker checks both stores under their own
+/// names: `rabbitmq` (a passive declaration) and `redis` (the result
+/// backend). RabbitMQ stopped (a private node) fails `rabbitmq` alone;
+/// Redis stays ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_health_names_rabbitmq_and_redis_apart() -> Result<()> {
+    let mut node = rabbit::Rabbit::start();
+    let s = Stack {
+        amqp: node.vhost("health"),
+        redis: RedisServer::start()?,
+        ns: namespace("health"),
+    };
+    let worker = s.worker(&[])?;
+    let redis = s.redis.url();
+    let web = WebProcess::spawn(
+        &redis,
+        &s.ns,
+        &[
+            ("TASKSTACK_BROKER_URL", s.amqp.as_str()),
+            ("TASKSTACK_RESULT_BACKEND", redis.as_str()),
+        ],
+    )
+    .await?;
+    let logs = || format!("web:\n{}\nworker:\n{}", web.log(), worker.log());
+    // Polls until `failing` is among the failed checks (None: none failed).
+    let health = |failing: Option<&'static str>| {
+        let web = &web;
+        move || async move {
+            let (status, v) = web.call("GET", "/health", None).await?;
+            let failed = v["failed"].as_array().cloned().unwrap_or_default();
+            let reached = match failing {
+                None => failed.is_empty(),
+                Some(name) => failed.iter().any(|f| f == name),
+            };
+            Ok(reached.then_some((status, v)))
+        }
+    };
+    let (status, up) = wait_until("/health to pass", Duration::from_secs(60), health(None))
+        .await
+        .with_context(logs)?;
+    assert_eq!(status, 200, "{up}");
+    for store in ["rabbitmq", "redis"] {
+        assert_eq!(up["checks"][store]["ok"], true, "{up}");
+        assert!(up["checks"][store]["latency_ms"].is_number(), "{up}");
+    }
+    assert!(up["checks"].get("postgresql").is_none(), "{up}");
+    node.stop();
+    let (status, down) = wait_until(
+        "/health to fail the rabbitmq check",
+        Duration::from_secs(60),
+        health(Some("rabbitmq")),
+    )
+    .await
+    .with_context(logs)?;
+    assert_eq!(status, 503, "{down}");
+    assert_eq!(down["failed"], json!(["rabbitmq"]), "{down}");
+    assert!(down["checks"]["rabbitmq"]["error"].is_string(), "{down}");
+    assert_eq!(down["checks"]["redis"]["ok"], true, "{down}");
     Ok(())
 }
 

@@ -10,13 +10,14 @@ use axum::http::StatusCode;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::time::Duration;
-use taskstack::backend::Use;
+use taskstack::backend::Store;
 use utoipa::ToSchema;
 
+/// One round trip to a store.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct RedisCheck {
+pub struct StoreCheck {
     pub ok: bool,
-    /// Round trip of a PING, in milliseconds.
+    /// The round trip, in milliseconds.
     pub latency_ms: Option<f64>,
     pub error: Option<String>,
 }
@@ -56,11 +57,17 @@ pub struct BeatCheck {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Checks {
-    pub redis: RedisCheck,
+    /// Redis: the broker, or with a RabbitMQ broker the result backend's
+    /// server (results, task states, worker records).
+    pub redis: StoreCheck,
     /// The PostgreSQL result store (`result_backend = "postgresql://..."`);
-    /// absent when results live on Redis. Same fields as `redis`.
+    /// absent when results live on Redis.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub postgresql: Option<RedisCheck>,
+    pub postgresql: Option<StoreCheck>,
+    /// The RabbitMQ broker (`broker_url = "amqp://..."`): a passive
+    /// declaration of the default queue; absent with a Redis broker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rabbitmq: Option<StoreCheck>,
     pub workers: WorkersCheck,
     pub beat: BeatCheck,
 }
@@ -75,11 +82,7 @@ pub struct HealthReport {
     pub checks: Checks,
 }
 
-async fn check_redis(state: &AppState) -> RedisCheck {
-    RedisCheck::of(state.backend().inspect(Use::Request).ping().await)
-}
-
-impl RedisCheck {
+impl StoreCheck {
     /// A round trip's outcome: its latency, or why it failed.
     fn of<E: std::fmt::Display>(r: Result<std::time::Duration, E>) -> Self {
         match r {
@@ -97,9 +100,24 @@ impl RedisCheck {
     }
 }
 
-/// One round trip to the PostgreSQL result store, when there is one.
-async fn check_result_store(state: &AppState) -> Option<RedisCheck> {
-    Some(RedisCheck::of(state.backend().result_store_ping().await?))
+/// One round trip to each store the backend works with: `(redis,
+/// postgresql, rabbitmq)`.
+async fn check_stores(state: &AppState) -> (StoreCheck, Option<StoreCheck>, Option<StoreCheck>) {
+    let (mut redis, mut postgresql, mut rabbitmq) = (None, None, None);
+    for (store, r) in state.backend().pings().await {
+        let slot = match store {
+            Store::Redis => &mut redis,
+            Store::PostgreSql => &mut postgresql,
+            Store::RabbitMq => &mut rabbitmq,
+        };
+        *slot = Some(StoreCheck::of(r));
+    }
+    let redis = redis.unwrap_or_else(|| StoreCheck {
+        ok: false,
+        latency_ms: None,
+        error: Some("the backend reported no Redis round trip".into()),
+    });
+    (redis, postgresql, rabbitmq)
 }
 
 async fn check_workers(state: &AppState) -> WorkersCheck {
@@ -159,7 +177,7 @@ async fn check_beat(state: &AppState) -> BeatCheck {
     }
 }
 
-/// Readiness: Redis (and a PostgreSQL result store) answers, every configured queue has a live worker and,
+/// Readiness: Redis (and a PostgreSQL result store, a RabbitMQ broker) answers, every configured queue has a live worker and,
 /// when a beat is expected, a beat leader holds the lock.
 #[utoipa::path(
     get,
@@ -171,13 +189,13 @@ async fn check_beat(state: &AppState) -> BeatCheck {
     )
 )]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthReport>) {
-    let (redis, postgresql, workers, beat) = tokio::join!(
-        check_redis(&state),
-        check_result_store(&state),
+    let ((redis, postgresql, rabbitmq), workers, beat) = tokio::join!(
+        check_stores(&state),
         check_workers(&state),
         check_beat(&state)
     );
     let failed: Vec<String> = [
+        ("rabbitmq", rabbitmq.as_ref().is_none_or(|c| c.ok)),
         ("redis", redis.ok),
         ("postgresql", postgresql.as_ref().is_none_or(|c| c.ok)),
         ("workers", workers.ok),
@@ -200,6 +218,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthRe
             checks: Checks {
                 redis,
                 postgresql,
+                rabbitmq,
                 workers,
                 beat,
             },

@@ -27,7 +27,7 @@ pub use redis::{RedisBackend, SystemClock};
 pub use traits::{
     Acquired, Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Expiry,
     Inspect, LeaderLock, Leases, Outgoing, Parked, PendingRecord, Promoted, Reaped, ResultStore,
-    SlotLedger, SlotOutcome, SlotPublish, TaskStates, Use,
+    SlotLedger, SlotOutcome, SlotPublish, Store, TaskStates, Use,
 };
 
 /// How long from `now_ms` until `due_ms` (zero when already due).

@@ -70,6 +70,25 @@ pub enum Use {
     Request,
 }
 
+/// A server a backend works with, as `/health` names its check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Redis,
+    PostgreSql,
+    RabbitMq,
+}
+
+impl Store {
+    /// The check's name: `redis`, `postgresql` or `rabbitmq`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Redis => "redis",
+            Self::PostgreSql => "postgresql",
+            Self::RabbitMq => "rabbitmq",
+        }
+    }
+}
+
 /// Opens capability sessions. One per process, shared as `Arc<dyn Backend>`
 /// (clones of one implementation share its state; two separately built
 /// backends do not share hold sequence numbers, so they must not take
@@ -125,11 +144,10 @@ pub trait Backend: Send + Sync + Debug {
     fn records_task_args(&self) -> bool {
         false
     }
-    /// One round trip to the result store when it is not the broker (the
-    /// `/health` check of a PostgreSQL store); `None` when results live on
-    /// the broker, whose ping [`Inspect::ping`] measures.
-    async fn result_store_ping(&self) -> Option<Result<Duration, BackendError>> {
-        None
+    /// One round trip to each store this backend works with, the broker
+    /// first: what `/health` reports, by [`Store`].
+    async fn pings(&self) -> Vec<(Store, Result<Duration, BackendError>)> {
+        vec![(Store::Redis, self.inspect(Use::Request).ping().await)]
     }
 }
 

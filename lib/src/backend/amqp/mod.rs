@@ -30,7 +30,7 @@ use super::due_in;
 use super::redis::RedisBackend;
 use super::traits::{
     Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Inspect, Leases,
-    Outgoing, Parked, Promoted, ResultStore, TaskStates, Use,
+    Outgoing, Parked, Promoted, ResultStore, Store, TaskStates, Use,
 };
 #[cfg(feature = "beat")]
 use super::traits::{LeaderLock, SlotLedger};
@@ -180,6 +180,7 @@ struct AmqpSession {
     usage: Use,
 }
 
+#[async_trait]
 impl Backend for AmqpBackend {
     fn clock(&self) -> Arc<dyn Clock> {
         self.redis.clock()
@@ -218,6 +219,12 @@ impl Backend for AmqpBackend {
     #[cfg(feature = "beat")]
     fn slot_ledger(&self, usage: Use) -> Box<dyn SlotLedger> {
         Box::new(slots::AmqpSlots::new(self.clone(), usage))
+    }
+    async fn pings(&self) -> Vec<(Store, Result<Duration, BackendError>)> {
+        let (mut rabbitmq, mut redis) =
+            (self.inspect(Use::Request), self.redis.inspect(Use::Request));
+        let (rabbitmq, redis) = tokio::join!(rabbitmq.ping(), redis.ping());
+        vec![(Store::RabbitMq, rabbitmq), (Store::Redis, redis)]
     }
 }
 

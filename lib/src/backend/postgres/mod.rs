@@ -25,7 +25,7 @@ pub use connect::{PgError, prepare};
 use super::RedisBackend;
 use super::traits::{
     Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Expiry, Inspect, Leases,
-    Outgoing, ResultStore, TaskStates, Use,
+    Outgoing, ResultStore, Store, TaskStates, Use,
 };
 #[cfg(feature = "beat")]
 use super::traits::{LeaderLock, SlotLedger};
@@ -150,8 +150,13 @@ impl Backend for PostgresBackend {
     fn records_task_args(&self) -> bool {
         true
     }
-    async fn result_store_ping(&self) -> Option<Result<Duration, BackendError>> {
-        Some(store::ping(&self.pg).await.map_err(BackendError::from))
+    async fn pings(&self) -> Vec<(Store, Result<Duration, BackendError>)> {
+        let mut redis = self.redis.inspect(Use::Request);
+        let (redis, pg) = tokio::join!(redis.ping(), store::ping(&self.pg));
+        vec![
+            (Store::Redis, redis),
+            (Store::PostgreSql, pg.map_err(BackendError::from)),
+        ]
     }
 }
 
