@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result, ensure};
 use serde_json::{Map, json};
 use std::sync::Arc;
 use std::time::Duration;
+use taskstack::broker::QueueCounts;
 use taskstack::proto::TaskState;
 use taskstack::{Producer, SendOptions, TaskRequest};
 use taskstack_integration::python::{CeleryWorker, celery_python, run_client};
@@ -359,6 +360,43 @@ async fn an_hour_long_eta_waits_in_rabbitmq_not_unacknowledged_in_the_worker() -
     .with_context(|| worker.log())?;
     assert_eq!(s.counts(|_| true), (1, 0), "held unacknowledged nowhere");
     assert_eq!(p.result("eta-1h").await?.map(|r| r.status), None, "not run");
+    Ok(())
+}
+
+/// A queue's `in_flight` on RabbitMQ is what live workers hold, from
+/// their heartbeats: six 4-second tasks on a worker of concurrency 2
+/// (prefetch 8, so it takes all six) count 6 in flight and none ready,
+/// then 0 once they have finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_counts_what_the_workers_hold() -> Result<()> {
+    let s = Stack::new("in_flight")?;
+    let worker = s.worker(&[("TASKSTACK_CONCURRENCY", "2"), ("TASKSTACK_LEASE", "3s")])?;
+    let p = s.producer()?;
+    let backend = taskstack::open_backend(&s.config())?;
+    let celery = ["celery".to_owned()];
+    let counts_until = |what: &'static str, done: fn(&QueueCounts) -> bool| {
+        let backend = &backend;
+        let celery = &celery;
+        wait_until(what, Duration::from_secs(30), move || async move {
+            let mut c = backend
+                .inspect(taskstack::backend::Use::Request)
+                .queue_counts(celery)
+                .await?;
+            Ok(Some(c.remove(0)).filter(done))
+        })
+    };
+    let ids = p.send_many(&sleeps(4.0, 0, 6)).await?;
+    let c = counts_until("6 in flight", |c| c.in_flight == 6)
+        .await
+        .with_context(|| worker.log())?;
+    assert_eq!(c.ready, 0, "{c:?}");
+    for id in &ids {
+        let r = p.wait(id, Duration::from_secs(60)).await?;
+        assert_eq!(r.status, TaskState::Success, "{id}");
+    }
+    counts_until("none in flight", |c| c.in_flight == 0)
+        .await
+        .with_context(|| worker.log())?;
     Ok(())
 }
 

@@ -280,6 +280,17 @@ impl Consumer {
         self.holds.lock().ok()?.remove(&seq)
     }
 
+    /// Deliveries taken and not yet settled, counted by queue.
+    pub(crate) fn held_by_queue(&self) -> Vec<(String, u64)> {
+        let mut by_queue: HashMap<String, u64> = HashMap::new();
+        if let Ok(holds) = self.holds.lock() {
+            for h in holds.values() {
+                *by_queue.entry(h.queue.clone()).or_default() += 1;
+            }
+        }
+        by_queue.into_iter().collect()
+    }
+
     /// Whether hold `seq` is still live (and its queue).
     pub(crate) fn held_queue(&self, seq: u64) -> Option<String> {
         self.holds.lock().ok()?.get(&seq).map(|h| h.queue.clone())

@@ -9,6 +9,8 @@
 //! - `link`: the connection and its publisher-confirm channel.
 //! - `consume`: `basic.consume` with `basic.qos`, holds and acknowledgements.
 //! - `dead`: dead-letter records on Redis, requeued to RabbitMQ.
+//! - `held`: each worker's held messages by queue, written with its
+//!   heartbeat, for the queues' in-flight counts.
 //!
 //! Guarantees: an enqueue that returned was confirmed by RabbitMQ; a message
 //! is acknowledged only after its result was stored on Redis; a delayed
@@ -18,6 +20,7 @@
 
 mod consume;
 mod dead;
+mod held;
 mod link;
 #[cfg(feature = "beat")]
 mod slots;
@@ -195,7 +198,16 @@ impl Backend for AmqpBackend {
         self.session(Use::Loop, worker_id)
     }
     fn leases(&self, usage: Use) -> Box<dyn Leases> {
-        self.redis.leases(usage)
+        let pool = self.redis.broker().backend_pool();
+        Box::new(held::HeldLeases {
+            inner: self.redis.leases(usage),
+            consumer: Arc::clone(&self.consumer),
+            lane: match usage {
+                Use::Loop => pool.lane(),
+                Use::Request => pool.shared_lane(),
+            },
+            keys: self.redis.broker().keys().clone(),
+        })
     }
     fn delayed(&self, usage: Use) -> Box<dyn Delayed> {
         self.session(usage, "")
@@ -387,8 +399,10 @@ impl Delayed for AmqpSession {
 #[async_trait]
 impl Inspect for AmqpSession {
     /// `ready` is the queue's message count on RabbitMQ (what it has not
-    /// delivered); `dead_lettered` the records on Redis. `in_flight` and
-    /// `delayed` are not counted per queue on RabbitMQ (0): the delayed
+    /// delivered); `in_flight` what live workers hold of it, as of their
+    /// last heartbeats (every third of a lease; see `held`);
+    /// `dead_lettered` the records on Redis. `delayed` is not counted per
+    /// queue (0): the delay levels are shared by every queue, and their
     /// total is in [`Inspect::delayed_span`].
     async fn queue_counts(&mut self, queues: &[String]) -> Result<Vec<QueueCounts>, BackendError> {
         let ready = self.b.link.message_counts(queues).await?;
@@ -402,13 +416,16 @@ impl Inspect for AmqpSession {
         } else {
             on_lane!(&mut self.lane, "count dead letters", |c| p.query_async(c))?
         };
+        let workers = self.b.redis.inspect(self.usage).live_workers().await?;
+        let held = held::in_flight(&mut self.lane, keys, &workers, queues).await?;
         Ok(ready
             .into_iter()
             .zip(dead)
-            .map(|(ready, dead_lettered)| QueueCounts {
+            .zip(held)
+            .map(|((ready, dead_lettered), in_flight)| QueueCounts {
                 ready,
                 delayed: 0,
-                in_flight: 0,
+                in_flight,
                 dead_lettered,
                 oldest_ready_age: None,
             })
