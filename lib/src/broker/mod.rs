@@ -104,7 +104,9 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-pub(crate) use consume::{Take, fetch, held_count_ttl_ms, requeue, settle, wait_for_message};
+#[cfg(feature = "amqp")]
+pub(crate) use consume::held_count_ttl_ms;
+pub(crate) use consume::{Take, fetch, requeue, settle, wait_for_message};
 pub(crate) use dead::dead_letter;
 pub use dead::{dead_letters, move_dead_letters, pick_dead_letters};
 pub(crate) use delayed::{park, promote};

@@ -10,21 +10,23 @@
 mod amqp;
 mod annotations;
 mod de;
+mod load;
 mod postgres;
 mod rate;
 mod redis_target;
 mod sentinel;
+mod targets;
 mod tasks;
+mod validate;
+
+use targets::secret;
+use validate::parse_redis_url;
 mod web;
 
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::num::NonZeroUsize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub use crate::secret::{Secret, SecretUrl, redact_url};
@@ -463,259 +465,10 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Loads defaults < `TASKSTACK_CONFIG` file < `TASKSTACK_*` environment
-    /// < `overrides` (key, value) pairs, then validates.
-    pub fn load(overrides: &[(&str, Value)]) -> Result<Self, ConfigError> {
-        Self::load_from(None, overrides)
-    }
-
-    /// Like [`Config::load`], with the TOML file given explicitly (a
-    /// command-line `--config`), which wins over `TASKSTACK_CONFIG`.
-    pub fn load_from(
-        file: Option<&Path>,
-        overrides: &[(&str, Value)],
-    ) -> Result<Self, ConfigError> {
-        let mut fig = Figment::from(Serialized::defaults(Config::default()));
-        let file = file
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
-        if let Some(path) = file {
-            std::fs::metadata(&path).map_err(|e| ConfigError::File {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            fig = fig.merge(Toml::file_exact(&path));
-        }
-        fig = fig.merge(Env::prefixed(ENV_PREFIX).ignore(&["CONFIG"]));
-        for (key, value) in overrides {
-            fig = fig.merge(Serialized::default(key, value));
-        }
-        Self::from_figment(fig)
-    }
-
-    /// Extracts and validates a configuration from any figment (tests use this
-    /// with in-memory providers).
-    pub fn from_figment(fig: Figment) -> Result<Self, ConfigError> {
-        let cfg: Config = fig.extract().map_err(|e| {
-            let names = schedule_names(&fig);
-            ConfigError::Load(
-                e.into_iter()
-                    .map(|e| describe(e, &names))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        })?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        if self.broker_is_amqp() {
-            self.validate_amqp()?;
-        } else {
-            check_redis_url("broker_url", self.broker_url.expose())?;
-            self.refuse_amqp_only_settings()?;
-        }
-        if let Some(b) = &self.result_backend {
-            if is_postgres_url(b.expose()) {
-                PgTarget::new("result_backend", b.expose(), None)?;
-            } else {
-                check_redis_url("result_backend", b.expose())?;
-            }
-        }
-        self.validate_sentinel()?;
-        if self.namespace.is_empty()
-            || !self
-                .namespace
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
-        {
-            return Err(invalid(
-                "namespace",
-                &self.namespace,
-                "use letters, digits and - _ . : only, at least one",
-            ));
-        }
-        if self.queues.is_empty() {
-            return Err(invalid("queues", "", "at least one queue is needed"));
-        }
-        for q in &self.queues {
-            check_queue_name(q).map_err(|why| invalid("queues", q, why))?;
-        }
-        if let Some(p) = self.prefetch
-            && p < self.concurrency
-        {
-            return Err(invalid(
-                "prefetch",
-                &p.to_string(),
-                &format!("must be at least concurrency ({})", self.concurrency),
-            ));
-        }
-        let at_least = |key: &'static str, d: Duration, min: Duration| {
-            if d < min {
-                Err(invalid(
-                    key,
-                    &humantime::format_duration(d).to_string(),
-                    &format!("must be at least {}", humantime::format_duration(min)),
-                ))
-            } else {
-                Ok(())
-            }
-        };
-        if self.redis_pool_size.get() < MIN_POOL_SIZE {
-            return Err(invalid(
-                "redis_pool_size",
-                &self.redis_pool_size.to_string(),
-                &format!("must be at least {MIN_POOL_SIZE}: a worker keeps three connections busy"),
-            ));
-        }
-        at_least("lease", self.lease, Duration::from_secs(1))?;
-        at_least(
-            "result_expires",
-            self.result_expires,
-            Duration::from_secs(1),
-        )?;
-        at_least(
-            "max_task_delay",
-            self.max_task_delay,
-            Duration::from_secs(1),
-        )?;
-        if self.max_message_size < 1024 {
-            return Err(invalid(
-                "max_message_size",
-                &self.max_message_size.to_string(),
-                "must be at least 1KiB",
-            ));
-        }
-        at_least(
-            "redis_timeout",
-            self.redis_timeout,
-            Duration::from_millis(100),
-        )?;
-        at_least(
-            "result_backend_timeout",
-            self.result_backend_timeout,
-            Duration::from_millis(100),
-        )?;
-        // Checked where logs are set up; a producer-only build has no telemetry.
-        #[cfg(feature = "service")]
-        tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .map_err(|e| invalid("log_level", &self.log_level, &e.to_string()))?;
-        at_least("beat_lock_ttl", self.beat_lock_ttl, Duration::from_secs(1))?;
-        at_least(
-            "beat_missed_grace",
-            self.beat_missed_grace,
-            Duration::from_secs(1),
-        )?;
-        self.beat_metrics_addr()?;
-        self.worker_metrics_addr()?;
-        self.validate_web()?;
-        self.validate_schedule()
-    }
-
-    /// Every entry compiles (cron, time zone, interval, queue) and names are
-    /// unique; disabled entries are checked too, so a typo never waits for
-    /// the day someone enables the entry.
-    fn validate_schedule(&self) -> Result<(), ConfigError> {
-        let mut names = HashSet::new();
-        for (i, entry) in self.schedule.iter().enumerate() {
-            // Only a build with the beat can compile an entry; a producer
-            // never runs the schedule.
-            #[cfg(feature = "beat")]
-            crate::beat::schedule::Entry::compile(entry).map_err(|e| ConfigError::Schedule {
-                entry: entry.label(i),
-                field: e.field,
-                value: e.value,
-                reason: e.reason,
-            })?;
-            if !names.insert(entry.name.as_str()) {
-                return Err(ConfigError::Schedule {
-                    entry: entry.label(i),
-                    field: "name",
-                    value: entry.name.clone(),
-                    reason: "another entry has the same name; names must be unique".into(),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Where `taskstack-beat` serves metrics; `None` when `beat_metrics_listen`
-    /// is `off` (or empty).
-    pub fn beat_metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        metrics_addr("beat_metrics_listen", &self.beat_metrics_listen, 9102)
-    }
-
-    /// Where `taskstack-worker` serves metrics; `None` when
-    /// `worker_metrics_listen` is `off` (or empty).
-    pub fn worker_metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        metrics_addr("worker_metrics_listen", &self.worker_metrics_listen, 9101)
-    }
-
     /// Messages one worker may hold at once.
     pub fn effective_prefetch(&self) -> usize {
         self.prefetch
             .map_or(self.concurrency.get().saturating_mul(4), NonZeroUsize::get)
-    }
-
-    /// The broker's URL with the password from `broker_password(_file)` applied.
-    /// With a RabbitMQ broker: the result backend's Redis (taskstack's own
-    /// records live there).
-    pub fn broker_target(&self) -> Result<RedisTarget, ConfigError> {
-        if self.broker_is_amqp()
-            && let Some(url) = &self.result_backend
-            && !is_postgres_url(url.expose())
-        {
-            return self.backend_target();
-        }
-        let pw = secret(
-            "broker_password_file",
-            self.broker_password.as_ref(),
-            self.broker_password_file.as_deref(),
-        )?;
-        Ok(
-            RedisTarget::new("broker_url", self.broker_url.expose(), pw.as_ref())?
-                .with_sentinel_password(self.sentinel_secret()?),
-        )
-    }
-
-    /// The Redis server of result records and Celery's chord counters: the
-    /// `result_backend` when it is a Redis URL, else the broker's (with a
-    /// PostgreSQL result store, chord counters stay on the broker).
-    pub fn backend_target(&self) -> Result<RedisTarget, ConfigError> {
-        match &self.result_backend {
-            None => self.broker_target(),
-            Some(url) if is_postgres_url(url.expose()) => self.broker_target(),
-            Some(url) => {
-                let pw = secret(
-                    "result_backend_password_file",
-                    self.result_backend_password.as_ref(),
-                    self.result_backend_password_file.as_deref(),
-                )?;
-                Ok(
-                    RedisTarget::new("result_backend", url.expose(), pw.as_ref())?
-                        .with_sentinel_password(self.sentinel_secret()?),
-                )
-            }
-        }
-    }
-
-    /// The PostgreSQL result store, when `result_backend` names one
-    /// (password from `result_backend_password(_file)`).
-    pub fn postgres_target(&self) -> Result<Option<PgTarget>, ConfigError> {
-        let Some(url) = self
-            .result_backend
-            .as_ref()
-            .filter(|u| is_postgres_url(u.expose()))
-        else {
-            return Ok(None);
-        };
-        let pw = secret(
-            "result_backend_password_file",
-            self.result_backend_password.as_ref(),
-            self.result_backend_password_file.as_deref(),
-        )?;
-        PgTarget::new("result_backend", url.expose(), pw.as_ref()).map(Some)
     }
 
     /// The effective configuration as JSON, for the start-up log line and
@@ -724,27 +477,6 @@ impl Config {
     pub fn redacted(&self) -> Value {
         serde_json::to_value(self).unwrap_or_else(|e| json!({ "error": e.to_string() }))
     }
-}
-
-/// A metrics listen address (`ip:port`), or `None` for `off` / empty.
-fn metrics_addr(
-    key: &'static str,
-    raw: &str,
-    example_port: u16,
-) -> Result<Option<SocketAddr>, ConfigError> {
-    let raw = raw.trim();
-    if raw.is_empty() || raw.eq_ignore_ascii_case("off") {
-        return Ok(None);
-    }
-    raw.parse().map(Some).map_err(|_| {
-        invalid(
-            key,
-            raw,
-            &format!(
-                "use ip:port such as 0.0.0.0:{example_port} (port 0 picks a free port), or off"
-            ),
-        )
-    })
 }
 
 /// Refuses to run as root (uid 0) unless `allow_root` is set.
@@ -765,116 +497,12 @@ pub fn check_not_root(allow_root: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// The `name` of each `[[schedule]]` entry as written (for error messages
-/// about entries that do not deserialize).
-fn schedule_names(fig: &Figment) -> Vec<Option<String>> {
-    fig.extract_inner::<Vec<Value>>("schedule")
-        .map(|entries| {
-            entries
-                .iter()
-                .map(|e| e.get("name").and_then(Value::as_str).map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// One figment error as "key `k` (from <source>): <what>", with the
-/// environment variable spelled out when that is where the value came from,
-/// and a `[[schedule]]` entry named by its name as well as its position.
-fn describe(e: figment::Error, schedule_names: &[Option<String>]) -> String {
-    if let [first, index, field, ..] = e.path.as_slice()
-        && first == "schedule"
-        && let Ok(i) = index.parse::<usize>()
-    {
-        let entry = match schedule_names.get(i).cloned().flatten() {
-            Some(name) => format!("`{name}` (schedule[{i}])"),
-            None => format!("schedule[{i}]"),
-        };
-        return format!("schedule entry {entry}: field `{field}`: {}", e.kind);
-    }
-    let key = e.path.join(".").to_lowercase();
-    let source = match &e.metadata {
-        Some(m) if m.name.contains("environment") => {
-            format!("environment variable {ENV_PREFIX}{}", key.to_uppercase())
-        }
-        Some(m) => match &m.source {
-            Some(src) => format!("{} ({src})", m.name),
-            None => m.name.to_string(),
-        },
-        None => "configuration".into(),
-    };
-    if key.is_empty() {
-        format!("{} (from {source})", e.kind)
-    } else {
-        format!("configuration key `{key}` (from {source}): {}", e.kind)
-    }
-}
-
 fn invalid(key: &'static str, value: &str, reason: &str) -> ConfigError {
     ConfigError::Invalid {
         key,
         value: value.to_owned(),
         reason: reason.to_owned(),
     }
-}
-
-/// A password: the content of `file` when set (trailing newline removed),
-/// else `inline`.
-fn secret(
-    file_key: &'static str,
-    inline: Option<&Secret>,
-    file: Option<&Path>,
-) -> Result<Option<Secret>, ConfigError> {
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
-            key: file_key,
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-        let pw = text.trim_end_matches(['\n', '\r']).to_owned();
-        if pw.is_empty() {
-            return Err(ConfigError::SecretFile {
-                key: file_key,
-                path: path.to_owned(),
-                reason: "the file is empty".into(),
-            });
-        }
-        return Ok(Some(Secret::new(pw)));
-    }
-    Ok(inline.cloned())
-}
-
-/// Checks a `redis://`, `rediss://` or Sentinel URL.
-fn check_redis_url(key: &'static str, raw: &str) -> Result<(), ConfigError> {
-    if is_sentinel_url(raw) {
-        sentinel::parse_sentinel_url(key, raw, None).map(drop)
-    } else {
-        parse_redis_url(key, raw).map(drop)
-    }
-}
-
-fn parse_redis_url(key: &'static str, raw: &str) -> Result<url::Url, ConfigError> {
-    let shown = redact_url(raw);
-    let url = url::Url::parse(raw).map_err(|e| invalid(key, &shown, &e.to_string()))?;
-    if !matches!(url.scheme(), "redis" | "rediss") {
-        return Err(invalid(
-            key,
-            &shown,
-            "the scheme must be redis://, rediss://, redis+sentinel:// or rediss+sentinel://",
-        ));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(invalid(key, &shown, "the URL names no host"));
-    }
-    let db = url.path().trim_start_matches('/');
-    if !db.is_empty() && db.parse::<u16>().is_err() {
-        return Err(invalid(
-            key,
-            &shown,
-            "the path must be a database number such as /0",
-        ));
-    }
-    Ok(url)
 }
 
 #[cfg(test)]

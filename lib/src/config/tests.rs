@@ -1,5 +1,6 @@
 use super::*;
-use figment::providers::Serialized;
+use figment::Figment;
+use figment::providers::{Format as _, Serialized};
 
 fn with(pairs: &[(&str, Value)]) -> Result<Config, ConfigError> {
     let mut fig = Figment::from(Serialized::defaults(Config::default()));
