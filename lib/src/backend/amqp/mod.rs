@@ -198,14 +198,12 @@ impl Backend for AmqpBackend {
         self.session(Use::Loop, worker_id)
     }
     fn leases(&self, usage: Use) -> Box<dyn Leases> {
-        let pool = self.redis.broker().backend_pool();
         Box::new(held::HeldLeases {
             inner: self.redis.leases(usage),
             consumer: Arc::clone(&self.consumer),
-            lane: match usage {
-                Use::Loop => pool.lane(),
-                Use::Request => pool.shared_lane(),
-            },
+            // One short pipeline per heartbeat: the shared connection, so
+            // the keeper holds no second connection of the pool.
+            lane: self.redis.broker().backend_pool().shared_lane(),
             keys: self.redis.broker().keys().clone(),
         })
     }
