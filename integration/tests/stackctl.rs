@@ -235,6 +235,11 @@ async fn verify_names_what_is_broken() -> Result<()> {
     // is off: the misconfiguration verify must catch.
     let conf = std::fs::read_to_string(compose.join("redis.conf"))? + "\nprotected-mode no\n";
     std::fs::write(dir.path().join("redis.conf"), conf)?;
+    std::fs::create_dir(dir.path().join("redis-ha"))?;
+    std::fs::copy(
+        compose.join("redis-ha/node.sh"),
+        dir.path().join("redis-ha/node.sh"),
+    )?;
     let yml = std::fs::read_to_string(compose.join("docker-compose.yml"))?;
     // Neither the broker nor the (Redis) result store gets a password.
     let mut open = yml.clone();

@@ -9,7 +9,8 @@
 //!   a different command of the same image (default `/taskstack-worker`).
 //! * `localhost/taskstack-redis:<tag>` holds the host's Debian
 //!   `redis-server` and `redis-cli` (in `/usr/local/bin`, as in the official
-//!   image, so one compose file fits both) and their libraries, with `/data`
+//!   image, so one compose file fits both), dash as `/bin/sh` and coreutils'
+//!   `timeout` (the profile `ha`'s scripts) and their libraries, with `/data`
 //!   owned by `999:1000` (the official image's `redis` user).
 //!
 //! * with `postgres`, `localhost/taskstack-postgres:<tag>`: the host's
@@ -55,6 +56,10 @@ pub const REDIS_UID: u64 = 999;
 pub const REDIS_GID: u64 = 1000;
 
 const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The Redis image's `/bin/sh` (Debian's `dash`), and coreutils' `timeout`
+/// (the scripts bound each question to a host that may not resolve).
+const SHELL: &str = "/bin/dash";
+const TIMEOUT: &str = "/usr/bin/timeout";
 
 /// Which cargo profile to compile when no `bin_dir` is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -405,7 +410,7 @@ pub fn redis_dockerfile() -> String {
     format!(
         "FROM scratch\n\
          LABEL org.opencontainers.image.title=\"taskstack-redis\" \\\n      \
-               org.opencontainers.image.description=\"redis-server and redis-cli from the build host's Debian packages\" \\\n      \
+               org.opencontainers.image.description=\"redis-server, redis-cli, dash and timeout from the build host's Debian packages\" \\\n      \
                io.taskstack.built-by=\"stackctl build\"\n\
          COPY rootfs/ /\n\
          COPY --chown={REDIS_UID}:{REDIS_GID} data/ /data/\n\
@@ -493,11 +498,15 @@ pub async fn build_redis_image(
     // Debian's /usr/bin/redis-server is a symlink to redis-check-rdb, and
     // redis picks its mode from argv[0]: the file is read through the link
     // and stored under the name redis-server.
+    // dash as /bin/sh: the profile `ha` starts nodes and sentinels
+    // through shell scripts (compose/redis-ha), as the official image can.
     fs.binary_with_libs(&server, "/usr/local/bin/redis-server")?
         .binary_with_libs(&cli, "/usr/local/bin/redis-cli")?
+        .binary_with_libs(Path::new(SHELL), "/bin/sh")?
+        .binary_with_libs(Path::new(TIMEOUT), "/usr/bin/timeout")?
         .dir("/tmp", 0o1777, 0, 0);
     log(&format!(
-        "building {tag} from {} and {}",
+        "building {tag} from {}, {}, {SHELL} and {TIMEOUT}",
         server.display(),
         cli.display()
     ));

@@ -34,6 +34,7 @@ pub mod compose;
 pub mod docker;
 pub mod engine;
 pub mod error;
+pub mod ha;
 pub mod ops;
 pub mod plan;
 pub mod postgres;

@@ -263,7 +263,8 @@ fn load(args: &ProjectArgs, env: &Env) -> Result<Project, StackError> {
 /// `env` with the `--profile`s added to COMPOSE_PROFILES and, with the
 /// profile `postgres`, the result store pointed at it
 /// ([`stackctl::postgres::profile_env`]), with the profile `rabbitmq`, the
-/// broker ([`stackctl::rabbitmq::profile_env`]); their notes come back.
+/// broker ([`stackctl::rabbitmq::profile_env`]), with the profile `ha`,
+/// the sentinels ([`stackctl::ha::profile_env`]); their notes come back.
 fn profiled_env(args: &ProjectArgs, env: &Env) -> (Env, Vec<String>) {
     let mut env = env.clone();
     if !args.profile.is_empty() {
@@ -277,6 +278,7 @@ fn profiled_env(args: &ProjectArgs, env: &Env) -> (Env, Vec<String>) {
     let notes = [
         stackctl::postgres::profile_env(&mut env, &args.file),
         stackctl::rabbitmq::profile_env(&mut env, &args.file),
+        stackctl::ha::profile_env(&mut env, &args.file),
     ]
     .into_iter()
     .flatten()

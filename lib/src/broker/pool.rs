@@ -51,6 +51,16 @@ impl BrokerError {
         move |source| Self::Redis { op, source }
     }
 
+    /// Whether the connection broke under the command (closed, reset, a
+    /// broken pipe): the lane has dropped it, so a read may be redone on a
+    /// fresh one (with Sentinel, one to the master the sentinels name now).
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            Self::Redis { source, .. } => source.is_io_error() || source.is_connection_dropped(),
+            Self::Connect { .. } | Self::Reply { .. } => false,
+        }
+    }
+
     /// Whether Redis refused the credentials (a wrong or missing password):
     /// retrying will not help until the configuration changes.
     pub fn is_auth_failure(&self) -> bool {

@@ -408,3 +408,96 @@ fn the_rabbitmq_profile_adds_an_unpublished_non_root_broker_and_results_stay_on_
         );
     }
 }
+
+#[test]
+fn the_ha_profile_adds_a_replica_and_three_sentinels_the_services_reach_the_master_through() {
+    let p = load(&the_file(), &env(&[]), None).expect("loads");
+    assert!(!p.services.contains_key("redis-replica"));
+    assert!(!p.volumes.contains_key("redis-replica-data"));
+    let redis = &p.services["redis"];
+    assert_eq!(
+        redis
+            .command
+            .as_ref()
+            .and_then(|c| c.first())
+            .map(String::as_str),
+        Some("redis-server"),
+        "without the profile Redis starts as before"
+    );
+    for name in ["web", "worker", "beat"] {
+        assert_eq!(
+            p.services[name].environment["TASKSTACK_SENTINEL_PASSWORD_FILE"], "",
+            "{name}: empty is none"
+        );
+    }
+
+    let mut vars = env(&[("COMPOSE_PROFILES", "ha")]);
+    crate::ha::profile_env(&mut vars, &the_file());
+    let p = load(&the_file(), &vars, None).expect("loads with the profile");
+    let node_sh = "/usr/local/etc/redis/node.sh";
+    for name in ["redis", "redis-replica"] {
+        let svc = &p.services[name];
+        assert_eq!(
+            svc.command
+                .as_ref()
+                .and_then(|c| c.first())
+                .map(String::as_str),
+            Some(node_sh),
+            "{name}"
+        );
+        assert_eq!(svc.environment["REDIS_NODE"], name);
+        assert!(svc.binds.iter().any(|b| b.target == node_sh
+            && b.read_only
+            && b.source.ends_with("compose/redis-ha/node.sh")));
+        assert_eq!(svc.secrets, ["redis_acl", "redis_password"], "{name}");
+    }
+    assert_eq!(
+        p.services["redis-replica"].volume_mounts[0].volume,
+        "redis-replica-data"
+    );
+    for name in crate::ha::SENTINELS {
+        let s = &p.services[name];
+        assert_eq!(s.environment["SENTINEL_NAME"], name);
+        assert_eq!(s.environment["REDIS_MASTER_NAME"], crate::ha::MASTER_NAME);
+        assert_eq!(s.user.as_deref(), Some("999:1000"));
+        assert!(s.ports.is_empty(), "never published");
+        assert_eq!(s.networks, ["backend"]);
+        assert!(s.read_only && s.init);
+        assert_eq!(
+            s.tmpfs,
+            ["/tmp"],
+            "the sentinel's configuration is written there"
+        );
+        assert_eq!(s.cap_drop, ["ALL"]);
+        assert_eq!(s.secrets, ["redis_password"]);
+        let check = s.healthcheck.as_ref().expect("a healthcheck");
+        assert_eq!(
+            check.test,
+            ["CMD", "/usr/local/etc/redis/sentinel.sh", "health"]
+        );
+        assert_eq!(
+            s.depends_on.get("redis"),
+            Some(&Condition::Healthy),
+            "{name}: the master is there to monitor"
+        );
+    }
+    for name in ["web", "worker", "beat"] {
+        let svc = &p.services[name];
+        let e = &svc.environment;
+        assert_eq!(e["TASKSTACK_BROKER_URL"], crate::ha::SENTINEL_URL, "{name}");
+        assert_eq!(
+            e["TASKSTACK_RESULT_BACKEND"],
+            crate::ha::SENTINEL_URL,
+            "{name}"
+        );
+        assert_eq!(
+            e["TASKSTACK_SENTINEL_PASSWORD_FILE"], "/run/secrets/redis_password",
+            "{name}"
+        );
+        assert_eq!(
+            svc.depends_on.get("sentinel-1"),
+            Some(&Condition::Healthy),
+            "{name} starts once the first sentinel its URL names is healthy"
+        );
+    }
+}

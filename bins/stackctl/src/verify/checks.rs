@@ -105,6 +105,8 @@ pub struct Facts {
     pub results: super::results::ResultsFacts,
     /// The broker when it is RabbitMQ (or a RabbitMQ service exists).
     pub broker: super::rabbitmq::BrokerFacts,
+    /// Redis behind Sentinel, when a service's URL is `redis+sentinel://`.
+    pub ha: Option<super::ha::HaFacts>,
 }
 
 impl Facts {
@@ -482,6 +484,7 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
     }));
     out.extend(super::rabbitmq::evaluate(&f.broker));
     out.extend(super::results::evaluate(&f.results));
+    out.extend(f.ha.iter().flat_map(super::ha::evaluate));
     out
 }
 
@@ -584,6 +587,7 @@ mod tests {
             }),
             results: super::super::results::ResultsFacts::redis(Ok(3_599_000)),
             broker: super::super::rabbitmq::BrokerFacts::default(),
+            ha: None,
         }
     }
 

@@ -92,5 +92,6 @@ pub fn service_config(project: &Project, svc: &Service) -> Result<Config, String
     config.broker_password_file = config.broker_password_file.map(map);
     config.result_backend_password_file = config.result_backend_password_file.map(map);
     config.api_tokens_file = config.api_tokens_file.map(map);
+    config.sentinel_password_file = config.sentinel_password_file.map(map);
     Ok(config)
 }

@@ -9,6 +9,7 @@
 
 pub mod checks;
 pub mod config;
+pub mod ha;
 pub mod rabbitmq;
 pub mod results;
 mod store;
@@ -23,7 +24,6 @@ use checks::{Check, Facts, LockHolder, Probe, RedisFacts, ServiceFacts, SmokeFac
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::time::Duration;
-use taskstack::broker::Broker;
 use taskstack::config::Config;
 use taskstack::http_client;
 
@@ -214,10 +214,9 @@ pub async fn verify<E: Engine>(
         .flat_map(|s| s.containers.iter())
         .filter(|c| c.running)
         .collect();
-    let broker: Probe<Broker> = match main_config {
-        Ok(c) => store::connect(engine, project, &all_running, c).await,
-        Err(e) => Err(e),
-    };
+    // Behind Sentinel, the Redis checks below read the master the
+    // sentinels name.
+    let (broker, ha_facts) = ha::connect(engine, project, &all_running, main_config).await;
 
     // Unauthenticated PING through redis-cli in the Redis container: it
     // must be refused.
@@ -349,6 +348,7 @@ pub async fn verify<E: Engine>(
         smoke,
         results,
         broker: broker_facts,
+        ha: ha_facts,
     };
     let beat_lock_holder = holder.map(|h| HolderReport {
         container: facts

@@ -309,7 +309,8 @@ async fn an_open_redis_and_a_stopped_worker_fail_their_checks() {
 async fn the_mounted_toml_decides_and_only_leased_workers_are_live() {
     let compose = tempfile::tempdir().expect("tempdir");
     let shipped_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../compose");
-    for f in ["docker-compose.yml", "redis.conf"] {
+    std::fs::create_dir(compose.path().join("redis-ha")).expect("mkdir");
+    for f in ["docker-compose.yml", "redis.conf", "redis-ha/node.sh"] {
         std::fs::copy(shipped_dir.join(f), compose.path().join(f)).expect("copy");
     }
     let toml = std::fs::read_to_string(shipped_dir.join("taskstack.toml")).expect("toml");

@@ -409,7 +409,15 @@ impl ResultStore for RedisSession {
     }
 
     async fn read(&mut self, task_id: &str) -> Result<Option<TaskResult>, BackendError> {
-        Ok(broker::get_result(&mut self.backend, task_id).await?)
+        // A pooled connection found broken (e.g. to a master that a
+        // Sentinel failover replaced) is dropped by the lane: a read is
+        // safe to redo once on a fresh one.
+        match broker::get_result(&mut self.backend, task_id).await {
+            Err(e) if e.is_connection_lost() => {
+                Ok(broker::get_result(&mut self.backend, task_id).await?)
+            }
+            r => Ok(r?),
+        }
     }
 
     async fn wait(
