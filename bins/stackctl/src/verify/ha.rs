@@ -3,7 +3,7 @@
 //! each sentinel the services' URL names is asked, from this host through
 //! its container's address, which master it monitors and whether it can
 //! fail it over (`SENTINEL CKQUORUM`); the master they name is where the
-//! other Redis checks read ([`master_url`]); its `INFO replication` shows
+//! other Redis checks read (`master_url`); its `INFO replication` shows
 //! whether a replica is in sync.
 
 use super::checks::{Check, Probe};
@@ -243,7 +243,7 @@ async fn master_url<E: Engine>(
     Ok(url.into())
 }
 
-/// The broker `verify` reads Redis through (see [`super::store::connect`])
+/// The broker `verify` reads Redis through (`store::connect`)
 /// and, when `config`'s broker or result backend is a Sentinel URL, the
 /// sentinels' answers: the broker then reads the master they name.
 pub async fn connect<E: Engine>(
