@@ -16,50 +16,21 @@
 # master. When no sentinel answers (the stack's first start, or every
 # sentinel down), REDIS_PRIMARY (`redis`) is the master and the others
 # replicate from it; a replica that cannot reach it exits (its restart
-# policy tries again).
-#
-# Addresses, not names: Docker's DNS does not answer for a container that
-# is stopped (on an `internal` network the lookup hangs for 40 s), and
-# Redis and Sentinel resolve names in their main loop. So the nodes and
-# the sentinels only ever hold IP addresses: a name is turned into its
-# address once, here, by asking the node itself (CLIENT INFO's `laddr`),
-# and this container's own addresses are the ones Docker wrote into
-# /etc/hosts.
+# policy tries again). This container's own addresses are the ones Docker
+# wrote into /etc/hosts (see lib.sh for why addresses, not names).
 #
 # Settings (environment): REDIS_NODE (this node's service name, required),
 # REDIS_PRIMARY (default redis), REDIS_SENTINELS (space-separated hosts,
 # port 26379), REDIS_MASTER_NAME (default taskstack), REDIS_PASSWORD_FILE
-# (default /run/secrets/redis_password; the sentinels use it too).
-# Only shell built-ins, redis-cli and timeout (the images have no other
-# tools). Each question is bounded by REDIS_ASK_TIMEOUT (default 2 s).
+# (default /run/secrets/redis_password; the sentinels use it too),
+# REDIS_ASK_TIMEOUT (2 s).
 set -eu
+. "${0%/*}/lib.sh"
 conf=${1:?usage: node.sh <redis.conf> [redis-server options...]}
 shift
 node=${REDIS_NODE:?REDIS_NODE must name this node (its service name)}
 primary=${REDIS_PRIMARY:-redis}
-name=${REDIS_MASTER_NAME:-taskstack}
-password_file=${REDIS_PASSWORD_FILE:-/run/secrets/redis_password}
-nl='
-'
-# The secret has no trailing newline: `read` then reports end of file but
-# has read the line.
-password=
-read -r password < "$password_file" || true
-if [ -z "$password" ]; then
-  echo "node.sh: $password_file is empty or unreadable" >&2
-  exit 1
-fi
-ask() {
-  REDISCLI_AUTH=$password timeout "${REDIS_ASK_TIMEOUT:-2}" redis-cli -e --no-auth-warning --raw "$@" 2>/dev/null
-}
-# The address a node sees itself at: CLIENT INFO's laddr, without the port.
-address_of() {
-  reply=$(ask -h "$1" -p "$2" CLIENT INFO) || return 1
-  laddr=${reply#*laddr=}
-  [ "$laddr" != "$reply" ] || return 1
-  laddr=${laddr%% *}
-  printf '%s\n' "${laddr%:*}"
-}
+read_password "${REDIS_PASSWORD_FILE:-/run/secrets/redis_password}"
 own=' '
 while read -r ip _; do
   case $ip in
@@ -68,20 +39,7 @@ while read -r ip _; do
   esac
 done < /etc/hosts
 
-master=
-port=6379
-for sentinel in ${REDIS_SENTINELS:-}; do
-  if reply=$(ask -h "$sentinel" -p 26379 SENTINEL get-master-addr-by-name "$name"); then
-    master=${reply%%"$nl"*}
-    if [ -n "$master" ]; then
-      port=${reply#*"$nl"}
-      port=${port%%"$nl"*}
-      echo "node.sh: sentinel $sentinel names $master:$port the master of $name"
-      break
-    fi
-  fi
-done
-if [ -z "$master" ]; then
+if ! master_from_sentinels ""; then
   if [ "$node" = "$primary" ]; then
     echo "node.sh: no sentinel names a master of $name; $node is the master"
   elif master=$(address_of "$primary" 6379); then

@@ -8,69 +8,30 @@
 # The configuration is written at every start (Sentinel rewrites it while
 # it runs, so it lives on the container's tmpfs): the master it monitors is
 # the one another sentinel names, else the node that reports the master
-# role (none: it exits, and its restart policy tries again). A restarted sentinel so follows a failover that
-# happened while it was away; its epoch comes back from the others' hello
-# messages. The sentinels and the nodes share the Redis password (secret):
-# it is the sentinels' own password (requirepass, sentinel-pass) and the
-# one they use on the nodes (auth-pass).
-#
-# The master is monitored at its IP address, never by name (see node.sh:
-# Docker's DNS hangs on a stopped container's name, and Sentinel resolves
-# names in its main loop); replicas and the other sentinels it learns by
-# address too.
+# role (none: it exits, and its restart policy tries again). A restarted
+# sentinel so follows a failover that happened while it was away; its
+# epoch comes back from the others' hello messages. The sentinels and the
+# nodes share the Redis password (secret): it is the sentinels' own
+# password (requirepass, sentinel-pass) and the one they use on the nodes
+# (auth-pass). The master is monitored at its IP address, never by name
+# (see lib.sh); replicas and the other sentinels it learns by address too.
 #
 # Settings (environment): SENTINEL_NAME (this sentinel's service name,
 # required), REDIS_NODES (space-separated node hosts, default "redis
-# redis-replica"), REDIS_SENTINELS,
-# REDIS_MASTER_NAME (default taskstack), SENTINEL_QUORUM (2),
-# SENTINEL_DOWN_AFTER_MS (5000), SENTINEL_FAILOVER_TIMEOUT_MS (60000),
-# REDIS_PASSWORD_FILE (/run/secrets/redis_password).
-# Only shell built-ins, redis-cli and timeout (the images have no other
-# tools). Each question is bounded by REDIS_ASK_TIMEOUT (default 2 s).
+# redis-replica"), REDIS_SENTINELS, REDIS_MASTER_NAME (default taskstack),
+# SENTINEL_QUORUM (2), SENTINEL_DOWN_AFTER_MS (5000),
+# SENTINEL_FAILOVER_TIMEOUT_MS (60000), REDIS_PASSWORD_FILE
+# (/run/secrets/redis_password), REDIS_ASK_TIMEOUT (2 s).
 set -eu
-name=${REDIS_MASTER_NAME:-taskstack}
-password_file=${REDIS_PASSWORD_FILE:-/run/secrets/redis_password}
-password=
-read -r password < "$password_file" || true
-if [ -z "$password" ]; then
-  echo "sentinel.sh: $password_file is empty or unreadable" >&2
-  exit 1
-fi
-ask() {
-  REDISCLI_AUTH=$password timeout "${REDIS_ASK_TIMEOUT:-2}" redis-cli -e --no-auth-warning --raw "$@" 2>/dev/null
-}
+. "${0%/*}/lib.sh"
+read_password "${REDIS_PASSWORD_FILE:-/run/secrets/redis_password}"
 if [ "${1:-}" = health ]; then
   ask -p 26379 SENTINEL CKQUORUM "$name" >/dev/null
   exit
 fi
-# The address a node sees itself at: CLIENT INFO's laddr, without the port.
-address_of() {
-  reply=$(ask -h "$1" -p "$2" CLIENT INFO) || return 1
-  laddr=${reply#*laddr=}
-  [ "$laddr" != "$reply" ] || return 1
-  laddr=${laddr%% *}
-  printf '%s\n' "${laddr%:*}"
-}
 self=${SENTINEL_NAME:?SENTINEL_NAME must name this sentinel (its service name)}
-nodes=${REDIS_NODES:-redis redis-replica}
-nl='
-'
-master=
-port=6379
-for sentinel in ${REDIS_SENTINELS:-}; do
-  [ "$sentinel" = "$self" ] && continue
-  if reply=$(ask -h "$sentinel" -p 26379 SENTINEL get-master-addr-by-name "$name"); then
-    master=${reply%%"$nl"*}
-    if [ -n "$master" ]; then
-      port=${reply#*"$nl"}
-      port=${port%%"$nl"*}
-      echo "sentinel.sh: sentinel $sentinel names $master:$port the master of $name"
-      break
-    fi
-  fi
-done
-if [ -z "$master" ]; then
-  for node in $nodes; do
+if ! master_from_sentinels "$self"; then
+  for node in ${REDIS_NODES:-redis redis-replica}; do
     if role=$(ask -h "$node" -p 6379 ROLE) && [ "${role%%"$nl"*}" = master ] \
         && master=$(address_of "$node" 6379); then
       echo "sentinel.sh: $node ($master) reports the master role"
@@ -80,7 +41,7 @@ if [ -z "$master" ]; then
   done
 fi
 if [ -z "$master" ]; then
-  echo "sentinel.sh: neither a sentinel nor a node ($nodes) names the master" >&2
+  echo "sentinel.sh: neither a sentinel nor a node (${REDIS_NODES:-redis redis-replica}) names the master" >&2
   exit 1
 fi
 {

@@ -236,10 +236,12 @@ async fn verify_names_what_is_broken() -> Result<()> {
     let conf = std::fs::read_to_string(compose.join("redis.conf"))? + "\nprotected-mode no\n";
     std::fs::write(dir.path().join("redis.conf"), conf)?;
     std::fs::create_dir(dir.path().join("redis-ha"))?;
-    std::fs::copy(
-        compose.join("redis-ha/node.sh"),
-        dir.path().join("redis-ha/node.sh"),
-    )?;
+    for f in ["lib.sh", "node.sh", "sentinel.sh"] {
+        std::fs::copy(
+            compose.join("redis-ha").join(f),
+            dir.path().join("redis-ha").join(f),
+        )?;
+    }
     let yml = std::fs::read_to_string(compose.join("docker-compose.yml"))?;
     // Neither the broker nor the (Redis) result store gets a password.
     let mut open = yml.clone();

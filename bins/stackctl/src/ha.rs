@@ -28,7 +28,7 @@ pub const SENTINEL_URL: &str =
 /// The sentinels' password: the Redis password (one secret for all).
 pub const SENTINEL_PASSWORD_FILE: &str = "/run/secrets/redis_password";
 /// How the `redis` service starts with the profile.
-pub const REDIS_START: &str = "/usr/local/etc/redis/node.sh";
+pub const REDIS_START: &str = "/usr/local/etc/redis/ha/node.sh";
 
 /// With the profile `ha` enabled in `env` (`COMPOSE_PROFILES`): sets
 /// `BROKER_URL` and `RESULT_BACKEND` to [`SENTINEL_URL`], each unless the
@@ -41,12 +41,7 @@ pub fn profile_env(env: &mut Env, compose_file: &Path) -> Option<String> {
     if !crate::rabbitmq::profile_enabled(env, PROFILE) {
         return None;
     }
-    let dot = compose_file
-        .parent()
-        .map(|d| d.join(".env"))
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| dotenv::parse(&t).ok())
-        .unwrap_or_default();
+    let dot = dotenv::beside(compose_file);
     let chosen = |env: &Env, key: &str| env.get(key).or_else(|| dot.get(key)).cloned();
     let mut set = Vec::new();
     for (key, value) in [

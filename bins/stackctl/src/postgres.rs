@@ -57,12 +57,7 @@ pub fn profile_env(env: &mut Env, compose_file: &Path) -> Option<String> {
     if !enabled {
         return None;
     }
-    let dot = compose_file
-        .parent()
-        .map(|d| d.join(".env"))
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| dotenv::parse(&t).ok())
-        .unwrap_or_default();
+    let dot = dotenv::beside(compose_file);
     if env.contains_key("RESULT_BACKEND") || dot.contains_key("RESULT_BACKEND") {
         return None;
     }

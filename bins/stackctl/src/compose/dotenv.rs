@@ -5,6 +5,17 @@
 
 use std::collections::BTreeMap;
 
+/// The `.env` beside `compose_file`, parsed; empty when there is none or
+/// it does not parse (loading the project reports that, naming the line).
+pub fn beside(compose_file: &std::path::Path) -> BTreeMap<String, String> {
+    compose_file
+        .parent()
+        .map(|d| d.join(".env"))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| parse(&t).ok())
+        .unwrap_or_default()
+}
+
 /// Parses `.env` text; Err names the line that is not `KEY=value`.
 pub fn parse(text: &str) -> Result<BTreeMap<String, String>, (usize, String)> {
     let mut out = BTreeMap::new();

@@ -434,7 +434,7 @@ fn the_ha_profile_adds_a_replica_and_three_sentinels_the_services_reach_the_mast
     let mut vars = env(&[("COMPOSE_PROFILES", "ha")]);
     crate::ha::profile_env(&mut vars, &the_file());
     let p = load(&the_file(), &vars, None).expect("loads with the profile");
-    let node_sh = "/usr/local/etc/redis/node.sh";
+    let node_sh = "/usr/local/etc/redis/ha/node.sh";
     for name in ["redis", "redis-replica"] {
         let svc = &p.services[name];
         assert_eq!(
@@ -446,9 +446,13 @@ fn the_ha_profile_adds_a_replica_and_three_sentinels_the_services_reach_the_mast
             "{name}"
         );
         assert_eq!(svc.environment["REDIS_NODE"], name);
-        assert!(svc.binds.iter().any(|b| b.target == node_sh
-            && b.read_only
-            && b.source.ends_with("compose/redis-ha/node.sh")));
+        assert!(
+            svc.binds
+                .iter()
+                .any(|b| b.target == "/usr/local/etc/redis/ha"
+                    && b.read_only
+                    && b.source.ends_with("compose/redis-ha"))
+        );
         assert_eq!(svc.secrets, ["redis_acl", "redis_password"], "{name}");
     }
     assert_eq!(
@@ -473,7 +477,7 @@ fn the_ha_profile_adds_a_replica_and_three_sentinels_the_services_reach_the_mast
         let check = s.healthcheck.as_ref().expect("a healthcheck");
         assert_eq!(
             check.test,
-            ["CMD", "/usr/local/etc/redis/sentinel.sh", "health"]
+            ["CMD", "/usr/local/etc/redis/ha/sentinel.sh", "health"]
         );
         assert_eq!(
             s.depends_on.get("redis"),

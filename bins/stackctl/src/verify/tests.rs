@@ -310,7 +310,13 @@ async fn the_mounted_toml_decides_and_only_leased_workers_are_live() {
     let compose = tempfile::tempdir().expect("tempdir");
     let shipped_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../compose");
     std::fs::create_dir(compose.path().join("redis-ha")).expect("mkdir");
-    for f in ["docker-compose.yml", "redis.conf", "redis-ha/node.sh"] {
+    for f in [
+        "docker-compose.yml",
+        "redis.conf",
+        "redis-ha/lib.sh",
+        "redis-ha/node.sh",
+        "redis-ha/sentinel.sh",
+    ] {
         std::fs::copy(shipped_dir.join(f), compose.path().join(f)).expect("copy");
     }
     let toml = std::fs::read_to_string(shipped_dir.join("taskstack.toml")).expect("toml");
