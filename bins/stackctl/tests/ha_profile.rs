@@ -50,8 +50,8 @@ fn check<'a>(checks: &'a [Value], id: &str) -> Result<&'a Value> {
 
 /// Enqueues `taskstack.add` through the web API and waits for its result.
 /// A `503` (the web's pooled connection to the old master broke under the
-/// enqueue: nothing was sent) is retried, as a client does; each is
-/// printed.
+/// enqueue) is retried, as a client does (at least once: had the old
+/// master taken the first, the task runs twice); each is printed.
 async fn add(addr: &str, token: &str, a: i64, b: i64) -> Result<String> {
     let body = serde_json::json!({"task": "taskstack.add", "args": [a, b]});
     let body = &body;

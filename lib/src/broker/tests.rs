@@ -928,3 +928,27 @@ async fn fetch_polls_only_lists_that_hold_messages() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].text(), Some("landed"));
 }
+
+#[test]
+fn only_a_broken_connection_counts_as_lost() {
+    let io = |kind| BrokerError::Redis {
+        op: "read result",
+        source: redis::RedisError::from(std::io::Error::new(kind, "gone")),
+    };
+    assert!(io(std::io::ErrorKind::BrokenPipe).is_connection_lost());
+    assert!(io(std::io::ErrorKind::ConnectionReset).is_connection_lost());
+    let refused_by_server = BrokerError::Redis {
+        op: "read result",
+        source: redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "READONLY",
+        )),
+    };
+    assert!(!refused_by_server.is_connection_lost());
+    let no_connection = BrokerError::Connect {
+        op: "read result",
+        target: "redis://127.0.0.1:1/0".into(),
+        reason: "refused".into(),
+    };
+    assert!(!no_connection.is_connection_lost());
+}
