@@ -1,12 +1,13 @@
 //! Redis behind Sentinel (compose profile `ha`, or any `redis+sentinel://`
-//! URL whose sentinels are services of the project), as `verify` sees it:
-//! each sentinel the services' URL names is asked, from this host through
-//! its container's address, which master it monitors and whether it can
-//! fail it over (`SENTINEL CKQUORUM`); the master they name is where the
+//! URL), as `verify` sees it: each sentinel the services' URL names is
+//! asked from this host (a service of the project through its container's
+//! address, any other host by name) which master it monitors and whether
+//! it can fail it over (`SENTINEL CKQUORUM`); the master they name is where the
 //! other Redis checks read (`master_url`); its `INFO replication` shows
 //! whether a replica is in sync.
 
 use super::checks::{Check, Probe};
+use crate::compose::Project;
 use crate::engine::{ContainerInfo, Engine};
 use crate::plan::labels;
 use std::collections::BTreeMap;
@@ -60,15 +61,20 @@ pub struct HaFacts {
 
 /// Where this host reaches `host:port`: an IP address as it is (the
 /// sentinels name the nodes by address), a service of the project at its
-/// running container among `running`.
+/// running container among `running`, any other host by its name (a
+/// Sentinel outside the project).
 async fn reach<E: Engine>(
     engine: &E,
+    project: &Project,
     running: &[&ContainerInfo],
     host: &str,
     port: u16,
 ) -> Probe<String> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Ok(std::net::SocketAddr::new(ip, port).to_string());
+    }
+    if !project.services.contains_key(host) {
+        return Ok(format!("{host}:{port}"));
     }
     let c = running
         .iter()
@@ -117,12 +123,13 @@ fn named(services: &BTreeMap<String, String>, addr: &str) -> String {
 /// Asks each of `target`'s sentinels (see the module docs).
 async fn ask_sentinels<E: Engine>(
     engine: &E,
+    project: &Project,
     running: &[&ContainerInfo],
     target: &SentinelTarget,
 ) -> Vec<SentinelFacts> {
     let mut out = Vec::new();
     for (host, port) in &target.sentinels {
-        let answer = match reach(engine, running, host, *port).await {
+        let answer = match reach(engine, project, running, host, *port).await {
             Err(e) => Err(e),
             Ok(_) if target.tls => Err("verify asks sentinels over plain TCP only".into()),
             Ok(addr) => tokio::time::timeout(DEADLINE, ask(&addr, target))
@@ -224,12 +231,13 @@ fn named_master(sentinels: &[SentinelFacts]) -> Probe<(String, u16)> {
 /// address of the container of the service the sentinels name.
 async fn master_url<E: Engine>(
     engine: &E,
+    project: &Project,
     running: &[&ContainerInfo],
     target: &SentinelTarget,
     master: &Probe<(String, u16)>,
 ) -> Probe<String> {
     let (host, port) = master.as_ref().map_err(Clone::clone)?;
-    let addr = reach(engine, running, host, *port).await?;
+    let addr = reach(engine, project, running, host, *port).await?;
     let mut url = url::Url::parse(&format!("redis://{addr}/{}", target.db))
         .map_err(|e| format!("{addr}: {e}"))?;
     if let Some(user) = &target.username {
@@ -248,7 +256,7 @@ async fn master_url<E: Engine>(
 /// sentinels' answers: the broker then reads the master they name.
 pub async fn connect<E: Engine>(
     engine: &E,
-    project: &crate::compose::Project,
+    project: &Project,
     running: &[&ContainerInfo],
     config: Probe<taskstack::config::Config>,
 ) -> (Probe<Broker>, Option<HaFacts>) {
@@ -268,9 +276,9 @@ pub async fn connect<E: Engine>(
         }
         (Ok(c), Some(t)) => (c, t),
     };
-    let sentinels = ask_sentinels(engine, running, &target).await;
+    let sentinels = ask_sentinels(engine, project, running, &target).await;
     let master = named_master(&sentinels);
-    let broker = match direct(engine, running, config, &target, &master).await {
+    let broker = match direct(engine, project, running, config, &target, &master).await {
         Ok(c) => super::store::connect(engine, project, running, c).await,
         Err(e) => Err(format!("the master behind the sentinels: {e}")),
     };
@@ -290,6 +298,7 @@ pub async fn connect<E: Engine>(
 /// is dropped (nothing uses it then).
 async fn direct<E: Engine>(
     engine: &E,
+    project: &Project,
     running: &[&ContainerInfo],
     mut config: taskstack::config::Config,
     known_target: &SentinelTarget,
@@ -301,9 +310,9 @@ async fn direct<E: Engine>(
         let master = if &target == known_target {
             known.clone()
         } else {
-            named_master(&ask_sentinels(engine, running, &target).await)
+            named_master(&ask_sentinels(engine, project, running, &target).await)
         };
-        master_url(engine, running, &target, &master).await
+        master_url(engine, project, running, &target, &master).await
     };
     let target_of = |t: Result<taskstack::config::RedisTarget, taskstack::config::ConfigError>| {
         t.map_err(|e| e.to_string()).and_then(|t| {
