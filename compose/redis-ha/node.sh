@@ -3,6 +3,8 @@
 # `redis` and `redis-replica` start through this script instead of
 # `redis-server` directly (REDIS_START). Usage, as redis-server's:
 #   node.sh <redis.conf> [redis-server options...]
+#   node.sh health   the healthcheck: this node is a master, or a replica
+#                    whose link to its master is up (ROLE: connected)
 #
 # It writes /tmp/node.conf (the container's tmpfs; Sentinel's CONFIG
 # REWRITE lands there) holding:
@@ -26,6 +28,19 @@
 # REDIS_ASK_TIMEOUT (2 s).
 set -eu
 . "${0%/*}/lib.sh"
+if [ "${1:-}" = health ]; then
+  read_password "${REDIS_PASSWORD_FILE:-/run/secrets/redis_password}"
+  role=$(ask ROLE)
+  case ${role%%"$nl"*} in
+    master) exit 0 ;;
+    slave)
+      # slave, the master's address, its port, the link's state, offset.
+      state=${role#*"$nl"*"$nl"*"$nl"}
+      [ "${state%%"$nl"*}" = connected ]
+      exit ;;
+    *) exit 1 ;;
+  esac
+fi
 conf=${1:?usage: node.sh <redis.conf> [redis-server options...]}
 shift
 node=${REDIS_NODE:?REDIS_NODE must name this node (its service name)}

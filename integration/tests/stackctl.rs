@@ -5,7 +5,7 @@
 //! project (a unique name, its own secrets and web port) and takes it down
 //! with `stackctl down -v` when it ends, even after a failure.
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use stackctl::engine::Engine as _;
 use stackctl::engine::live::Live;
 use stackctl::progress::Recorder;
@@ -98,12 +98,32 @@ async fn up_verify_beat_crash_and_down() -> Result<()> {
         report.elapsed
     );
     ensure!(report.created.len() == 5, "{report:?}");
-    let pos = |prefix: &str| progress.events.iter().position(|e| e.starts_with(prefix));
-    ensure!(
-        pos("redis ready") < pos("beat starting") && pos("beat ready") < pos("web starting"),
-        "dependency order: {:?}",
-        progress.events
-    );
+    // A dependency is healthy for its dependents once its own health test
+    // passes (`up` runs it) or the engine reports it healthy.
+    let events = &progress.events;
+    let pos = |prefix: &str| events.iter().position(|e| e.starts_with(prefix));
+    let healthy = |svc: &str| {
+        events.iter().position(|e| {
+            e.starts_with(&format!("{svc} ready"))
+                || (e.starts_with(&format!("{svc} health check"))
+                    && e.contains("passed the health test"))
+        })
+    };
+    for (dep, dependent) in [("redis", "beat"), ("redis", "worker"), ("beat", "web")] {
+        let (Some(h), Some(s)) = (healthy(dep), pos(&format!("{dependent} starting"))) else {
+            bail!("{dep} never healthy or {dependent} never started: {events:?}");
+        };
+        ensure!(
+            h < s,
+            "dependency order ({dep} before {dependent}): {events:?}"
+        );
+    }
+    for svc in ["redis", "beat", "worker", "web"] {
+        ensure!(
+            pos(&format!("{svc} ready")).is_some(),
+            "{svc} never ready: {events:?}"
+        );
+    }
     let web = report
         .endpoints
         .iter()

@@ -7,6 +7,7 @@
 //! of a container that turns unhealthy or exits.
 
 pub mod images;
+pub mod probe;
 pub mod secrets;
 
 use crate::compose::{Condition, Project};
@@ -14,6 +15,8 @@ use crate::engine::{Engine, Health, last_log_lines};
 use crate::error::StackError;
 use crate::plan::{self, Action, Role, ServicePlan, labels, project_label, resource_labels};
 use crate::progress::{Progress, Stage};
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -205,6 +208,13 @@ pub async fn up<E: Engine>(
         }
     }
 
+    // Health tests `up` runs itself (see `probe`): those in flight, the
+    // containers that passed one, and the services all of whose containers
+    // did (ready for their dependents ahead of the engine's verdict).
+    let mut probes = FuturesUnordered::new();
+    let mut probing: BTreeSet<String> = BTreeSet::new();
+    let mut passed: BTreeSet<String> = BTreeSet::new();
+    let mut tested: BTreeSet<String> = BTreeSet::new();
     loop {
         // Start every waiting service whose dependencies are ready.
         let mut to_start = Vec::new();
@@ -214,10 +224,11 @@ pub async fn up<E: Engine>(
             }
             let mut waiting_for = Vec::new();
             for (dep, cond) in &project.services[name].depends_on {
-                let ok = matches!(
-                    (&state[dep], cond),
-                    (State::Ready(_), _) | (State::Checking(_), Condition::Started)
-                );
+                let ok = match (&state[dep], cond) {
+                    (State::Ready(_), _) | (State::Checking(_), Condition::Started) => true,
+                    (State::Checking(_), Condition::Healthy) => tested.contains(dep),
+                    (State::Waiting, _) => false,
+                };
                 if !ok {
                     waiting_for.push(match cond {
                         Condition::Healthy => format!("{dep} (healthy)"),
@@ -252,7 +263,16 @@ pub async fn up<E: Engine>(
             state.insert(name.clone(), State::Checking(applied.containers));
         }
 
-        // Look at every started service.
+        // Look at every started service. Those a waiting service needs
+        // healthy get their health test run by `up` until it passes.
+        let awaited: BTreeSet<&str> = order
+            .iter()
+            .filter(|n| state[*n] == State::Waiting)
+            .flat_map(|n| &project.services[n].depends_on)
+            .filter(|(_, cond)| **cond == Condition::Healthy)
+            .map(|(dep, _)| dep.as_str())
+            .collect();
+        let mut progressed = false;
         for name in &order {
             let State::Checking(ids) = state[name].clone() else {
                 continue;
@@ -263,7 +283,7 @@ pub async fn up<E: Engine>(
                     project: project.name.clone(),
                 });
             }
-            let mut ready = 0;
+            let (mut ready, mut test_passed) = (0, 0);
             for (id, restarts_at_start) in &ids {
                 let c = engine.inspect_container(id).await?;
                 let failure = if c.health == Health::Unhealthy {
@@ -300,7 +320,32 @@ pub async fn up<E: Engine>(
                 }
                 if matches!(c.health, Health::Healthy | Health::None) {
                     ready += 1;
+                } else if passed.contains(id) {
+                    test_passed += 1;
+                } else if let Some(hc) = &plans[name].template().healthcheck
+                    && awaited.contains(name.as_str())
+                    && c.running
+                    && c.health == Health::Starting
+                    && probing.insert(id.clone())
+                {
+                    let (id, hc) = (id.clone(), hc.clone());
+                    probes.push(async move {
+                        let ok = probe::passes(engine, &id, &hc).await;
+                        (id, ok)
+                    });
                 }
+            }
+            if ready < ids.len() && ready + test_passed == ids.len() && tested.insert(name.clone())
+            {
+                progress.stage(
+                    name,
+                    Stage::Checking,
+                    &format!(
+                        "{test_passed}/{} passed the health test; dependents start (the engine's first check is pending)",
+                        ids.len()
+                    ),
+                );
+                progressed = true;
             }
             if ready == ids.len() {
                 let has_check = plans[name].template().healthcheck.is_some();
@@ -317,7 +362,8 @@ pub async fn up<E: Engine>(
                     name.clone(),
                     State::Ready(ids.into_iter().map(|(id, _)| id).collect()),
                 );
-            } else {
+                progressed = true;
+            } else if !tested.contains(name) {
                 progress.stage(
                     name,
                     Stage::Checking,
@@ -345,7 +391,25 @@ pub async fn up<E: Engine>(
                 pending,
             });
         }
-        tokio::time::sleep(opts.poll).await;
+        if progressed {
+            // A service became ready (or passed its test): its dependents
+            // start at once.
+            continue;
+        }
+        let nap = tokio::time::sleep(opts.poll);
+        tokio::pin!(nap);
+        loop {
+            tokio::select! {
+                () = &mut nap => break,
+                Some((id, ok)) = probes.next(), if !probes.is_empty() => {
+                    probing.remove(&id);
+                    if ok {
+                        passed.insert(id);
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     for name in order.iter().filter(|n| selected(n)) {

@@ -3,6 +3,7 @@ use crate::compose::{self, Env};
 use crate::engine::fake::{Behaviour, Fake};
 use crate::progress::Recorder;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 pub(crate) const APP: &str = "localhost/taskstack:t";
 pub(crate) const REDIS: &str = "localhost/taskstack-redis:t";
@@ -338,6 +339,98 @@ async fn a_stack_that_never_turns_healthy_times_out_naming_what_it_waited_for() 
         text.contains("redis (not healthy yet)") && text.contains("web (not started"),
         "{text}"
     );
+}
+
+/// Answers exec with exit 0 for Redis's health test and 1 otherwise, and
+/// records which containers were asked.
+fn redis_test_passes(asked: &Arc<Mutex<Vec<String>>>) -> crate::engine::fake::ExecHandler {
+    let asked = Arc::clone(asked);
+    Arc::new(move |c, cmd| {
+        asked
+            .lock()
+            .expect("lock")
+            .push(format!("{} {}", c.spec.name, cmd.join(" ")));
+        crate::engine::ExecOutput {
+            exit_code: Some(if cmd.first().map(String::as_str) == Some("redis-cli") {
+                0
+            } else {
+                1
+            }),
+            ..Default::default()
+        }
+    })
+}
+
+#[tokio::test]
+async fn dependents_start_once_the_dependencys_own_health_test_passes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = shipped(dir.path(), &[]);
+    let engine = Fake::with_images(&[APP, REDIS]);
+    // The engine's verdict on redis comes late; its health test passes at once.
+    engine.set_behaviour("redis", Behaviour::HealthyAfter(30));
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    engine.set_exec(redis_test_passes(&asked));
+    let mut progress = Recorder::default();
+    up(&engine, &p, &fast(), &mut progress).await.expect("up");
+    let events = &progress.events;
+    let at = |prefix: &str| {
+        events
+            .iter()
+            .position(|e| e.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no event {prefix:?} in {events:?}"))
+    };
+    assert!(at("redis health check 1/1 passed the health test") < at("worker starting"));
+    assert!(at("worker starting") < at("redis ready"), "{events:?}");
+    // The workers' and beat's tests failed, so web waited for the engine.
+    assert!(at("beat ready") < at("web starting"), "{events:?}");
+    let asked = asked.lock().expect("lock").clone();
+    assert!(
+        asked.iter().any(
+            |a| a.starts_with("proj_redis_1 redis-cli -e --no-auth-warning --user healthcheck")
+        ),
+        "{asked:?}"
+    );
+    assert!(
+        asked
+            .iter()
+            .any(|a| a == "proj_beat_1 /taskstack-beat healthcheck"),
+        "{asked:?}"
+    );
+    // Nothing waits on web: its test is left to the engine.
+    assert!(
+        !asked.iter().any(|a| a.starts_with("proj_web_1")),
+        "{asked:?}"
+    );
+    for c in engine.containers().values() {
+        assert_eq!(
+            c.health,
+            Health::Healthy,
+            "{}: up returns on the engine's verdict",
+            c.spec.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_dependency_the_engine_then_finds_unhealthy_still_fails_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = shipped(dir.path(), &[]);
+    let engine = Fake::with_images(&[APP, REDIS]);
+    engine.set_behaviour(
+        "redis",
+        Behaviour::UnhealthyAfter(20, "NOAUTH Authentication required".into()),
+    );
+    engine.set_exec(redis_test_passes(&Arc::new(Mutex::new(Vec::new()))));
+    let e = up(&engine, &p, &fast(), &mut Recorder::default())
+        .await
+        .expect_err("redis turned unhealthy");
+    assert!(
+        matches!(&e, StackError::ServiceFailed { service, health, .. }
+            if service == "redis" && health.iter().any(|h| h.contains("NOAUTH"))),
+        "{e}"
+    );
+    // Its dependents had started on the passed test.
+    assert!(engine.calls().contains(&"start proj_worker_1".to_owned()));
 }
 
 /// The shipped file with no image variables, secrets in `secrets`.
