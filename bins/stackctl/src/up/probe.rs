@@ -17,7 +17,7 @@ use std::time::Duration;
 
 /// Longest one probe may take before it counts as failed (the check's own
 /// `timeout` when shorter).
-const MAX_PROBE: Duration = Duration::from_secs(5);
+pub const MAX_PROBE: Duration = Duration::from_secs(5);
 
 /// The command the engine runs for health test `test`: the arguments of
 /// `CMD`, `/bin/sh -c` with those of `CMD-SHELL`; None for anything else.
