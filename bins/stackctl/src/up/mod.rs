@@ -208,11 +208,13 @@ pub async fn up<E: Engine>(
         }
     }
 
-    // Health tests `up` runs itself (see `probe`): those in flight, the
-    // containers that passed one, and the services all of whose containers
-    // did (ready for their dependents ahead of the engine's verdict).
+    // Health tests `up` runs itself (see `probe`): those in flight, when a
+    // container whose test failed may be probed again, the containers that
+    // passed one, and the services all of whose containers did (ready for
+    // their dependents ahead of the engine's verdict).
     let mut probes = FuturesUnordered::new();
     let mut probing: BTreeSet<String> = BTreeSet::new();
+    let mut not_before: BTreeMap<String, Instant> = BTreeMap::new();
     let mut passed: BTreeSet<String> = BTreeSet::new();
     let mut tested: BTreeSet<String> = BTreeSet::new();
     loop {
@@ -326,12 +328,14 @@ pub async fn up<E: Engine>(
                     && awaited.contains(name.as_str())
                     && c.running
                     && c.health == Health::Starting
+                    && not_before.get(id).is_none_or(|t| Instant::now() >= *t)
                     && probing.insert(id.clone())
                 {
                     let (id, hc) = (id.clone(), hc.clone());
                     probes.push(async move {
+                        let began = Instant::now();
                         let ok = probe::passes(engine, &id, &hc).await;
-                        (id, ok)
+                        (id, ok, began.elapsed())
                     });
                 }
             }
@@ -401,12 +405,13 @@ pub async fn up<E: Engine>(
         loop {
             tokio::select! {
                 () = &mut nap => break,
-                Some((id, ok)) = probes.next(), if !probes.is_empty() => {
+                Some((id, ok, took)) = probes.next(), if !probes.is_empty() => {
                     probing.remove(&id);
                     if ok {
                         passed.insert(id);
                         break;
                     }
+                    not_before.insert(id, probe::next_after_failure(Instant::now(), took));
                 }
             }
         }

@@ -19,6 +19,18 @@ use std::time::Duration;
 /// `timeout` when shorter).
 pub const MAX_PROBE: Duration = Duration::from_secs(5);
 
+/// Least time between the end of a failed probe of a container and the
+/// start of its next one; a probe that took longer waits as long again, so
+/// a costly test (RabbitMQ's runs an Erlang VM) takes at most half a core
+/// while the service starts.
+pub const MIN_GAP: Duration = Duration::from_millis(250);
+
+/// When the next probe of a container may start, after one that failed
+/// having taken `took`.
+pub fn next_after_failure(now: tokio::time::Instant, took: Duration) -> tokio::time::Instant {
+    now + took.max(MIN_GAP)
+}
+
 /// The command the engine runs for health test `test`: the arguments of
 /// `CMD`, `/bin/sh -c` with those of `CMD-SHELL`; None for anything else.
 pub fn command(test: &[String]) -> Option<Vec<String>> {
@@ -64,6 +76,15 @@ mod tests {
         assert_eq!(
             command(&strings(&["CMD-SHELL", "pg_isready -q"])),
             Some(strings(&["/bin/sh", "-c", "pg_isready -q"]))
+        );
+        let now = tokio::time::Instant::now();
+        assert_eq!(
+            next_after_failure(now, Duration::from_millis(40)),
+            now + MIN_GAP
+        );
+        assert_eq!(
+            next_after_failure(now, Duration::from_secs(2)),
+            now + Duration::from_secs(2)
         );
         for none in [&["NONE"][..], &["CMD"], &["CMD-SHELL"], &[], &["x", "y"]] {
             assert_eq!(command(&strings(none)), None, "{none:?}");
