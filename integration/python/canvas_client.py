@@ -1,6 +1,8 @@
 """A real Celery client using the canvas against taskstack workers.
 
-Usage: ``python canvas_client.py REDIS_URL SCENARIO [PYTHON_QUEUE]``.
+Usage: ``python canvas_client.py BROKER_URL SCENARIO [PYTHON_QUEUE]
+[--results RESULT_URL]`` (results on BROKER_URL when not given, which
+is then a Redis URL).
 Runs one scenario (chain, immutable, chain_fail, link, chord, chord_send, chord_fail,
 chain_group, nested_chord, mixed_chord), waits for its outcome and prints one JSON line describing
 what the client saw. Tasks named ``taskstack.*`` are taskstack's built-ins
@@ -21,9 +23,15 @@ def sig(app, name, *args, **options):
 
 
 def main() -> int:
-    url, scenario = sys.argv[1], sys.argv[2]
-    pyq = sys.argv[3] if len(sys.argv) > 3 else None
-    app = Celery("canvas_client", broker=url, backend=url)
+    argv = sys.argv[1:]
+    results = None
+    if "--results" in argv:
+        at = argv.index("--results")
+        results = argv[at + 1]
+        del argv[at : at + 2]
+    url, scenario = argv[0], argv[1]
+    pyq = argv[2] if len(argv) > 2 else None
+    app = Celery("canvas_client", broker=url, backend=results or url)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

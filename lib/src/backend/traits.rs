@@ -123,6 +123,16 @@ pub trait Backend: Send + Sync + Debug {
     fn redis(&self) -> Option<&crate::broker::Broker> {
         None
     }
+    /// The Redis under the canvas (chain, link, link_error, chord): its
+    /// backend pool holds Celery's chord counters, as Celery's Redis result
+    /// backend keeps them, and the follow-ups' sent markers. Where
+    /// [`Backend::redis`] is `None` but this is set (RabbitMQ, with Redis
+    /// results), follow-ups are published through [`Backend::enqueue`]
+    /// and marked sent after the broker confirmed them. `None`: the canvas
+    /// is off.
+    fn canvas_redis(&self) -> Option<&crate::broker::Broker> {
+        self.redis()
+    }
     /// Whether [`TaskStates::start_batch`] with a worker id marks starts
     /// without STARTED records (in the worker's running hash on the
     /// broker's Redis: Redis with results on the broker's server, and

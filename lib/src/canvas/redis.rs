@@ -48,6 +48,59 @@ pub async fn send_once(
     Ok(n)
 }
 
+/// The follow-ups of `batch` not marked sent yet, for a broker that is not
+/// this Redis (RabbitMQ): they are published, then [`mark_sent`]. One
+/// `MGET` of the markers.
+pub async fn unsent(
+    lane: &mut Lane,
+    namespace: &str,
+    batch: &[FollowUp],
+) -> Result<Vec<FollowUp>, BackendError> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<String> = batch
+        .iter()
+        .map(|f| sent_marker(namespace, &f.task_id))
+        .collect();
+    let marks: Vec<Option<String>> =
+        on_lane!(&mut *lane, "read canvas sent markers", |c| ::redis::cmd(
+            "MGET"
+        )
+        .arg(&keys)
+        .query_async(c))?;
+    Ok(batch
+        .iter()
+        .zip(marks)
+        .filter(|(_, m)| m.is_none())
+        .map(|(f, _)| f.clone())
+        .collect())
+}
+
+/// Marks `batch` sent (markers live `ttl`), after the broker confirmed it.
+pub async fn mark_sent(
+    lane: &mut Lane,
+    namespace: &str,
+    batch: &[FollowUp],
+    ttl: Duration,
+) -> Result<(), BackendError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = ::redis::pipe();
+    for f in batch {
+        pipe.cmd("SET")
+            .arg(sent_marker(namespace, &f.task_id))
+            .arg(1)
+            .arg("EX")
+            .arg(ttl.as_secs().max(1))
+            .ignore();
+    }
+    on_lane!(&mut *lane, "mark canvas follow-ups sent", |c| pipe
+        .query_async::<()>(c))?;
+    Ok(())
+}
+
 /// `celery-taskset-meta-<group id><suffix>`: Celery's chord keys.
 pub fn group_key(group_id: &str, suffix: &str) -> String {
     format!("celery-taskset-meta-{group_id}{suffix}")

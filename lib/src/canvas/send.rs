@@ -228,7 +228,8 @@ impl Producer {
     /// its args. A failing header task fails the body with Celery's
     /// `ChordError`. The chord's size is recorded on the result store
     /// before any header task is sent, so no worker can finish the chord
-    /// early. Needs a Redis broker (Celery's chord counters live there).
+    /// early. Needs Redis: a Redis broker, or Redis results under RabbitMQ
+    /// (Celery's chord counters live there).
     pub async fn send_chord(
         &self,
         header: &[TaskRequest],
@@ -241,10 +242,11 @@ impl Producer {
                 "a chord needs at least one header task (Celery would run the body at once)",
             ));
         }
-        let Some(broker) = self.backend().redis() else {
+        let Some(broker) = self.backend().canvas_redis() else {
             return Err(refuse(
                 "chord",
-                "chords need a Redis broker (Celery's chord counters live there)",
+                "chords need a Redis broker, or Redis results under a RabbitMQ broker \
+                 (Celery's chord counters live there)",
             ));
         };
         let group_id = options

@@ -21,7 +21,7 @@
 //! sends nothing twice and loses nothing.
 
 use super::shared::{Shared, persist};
-use crate::backend::Use;
+use crate::backend::{Outgoing, Use};
 use crate::canvas::redis::{self as chord, PartOutcome};
 use crate::canvas::{
     self, CanvasError, Dispatch, FollowUp, Lineage, Signature, child, derived_id, group_child,
@@ -46,11 +46,12 @@ pub(crate) async fn run(sh: &Shared, msg: &TaskMessage, result: &mut TaskResult)
     if !(has("callbacks") || has("errbacks") || has("chain") || has("chord")) {
         return true;
     }
-    if sh.backend.redis().is_none() {
-        tracing::error!("this task carries a Celery canvas, which needs the Redis backend");
+    if sh.backend.canvas_redis().is_none() {
+        tracing::error!("this task carries a Celery canvas, which needs Redis");
         let exc = ExceptionInfo::builtin(
             "NotImplementedError",
-            "Celery canvas (chain, link, link_error, chord) needs taskstack's Redis backend",
+            "Celery canvas (chain, link, link_error, chord) needs Redis: a Redis broker, \
+             or Redis results under a RabbitMQ broker",
         );
         *result = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from(sh, msg));
         return true;
@@ -326,30 +327,85 @@ impl<'a> Work<'a> {
         if self.sends.is_empty() {
             return true;
         }
-        let Some(broker) = self.sh.backend.redis() else {
+        let sends = std::mem::take(&mut self.sends);
+        let ttl = self.sh.settings.result_expires;
+        if let Some(broker) = self.sh.backend.redis() {
+            let ns = broker.keys().namespace().to_owned();
+            let mut lane = broker.broker_pool().lane();
+            let sent = persist!(
+                self.sh,
+                "send canvas follow-ups",
+                chord::send_once(&mut lane, &ns, &sends, ttl).await
+            );
+            return match sent {
+                Some(n) => {
+                    tracing::debug!(sent = n, of = sends.len(), "canvas follow-ups sent");
+                    true
+                }
+                None => false,
+            };
+        }
+        self.publish(&sends, ttl).await
+    }
+
+    /// Sends follow-ups through a broker that is not the markers' Redis
+    /// (RabbitMQ): the ones not marked sent are published (with the
+    /// broker's confirms), then marked. A crash between the confirm and the
+    /// marks sends them again when this task is redelivered: the copies
+    /// carry the same task ids, and a worker acknowledges a copy whose
+    /// task already has its final result without running it.
+    async fn publish(&self, sends: &[FollowUp], ttl: std::time::Duration) -> bool {
+        let Some(broker) = self.sh.backend.canvas_redis() else {
             return true;
         };
         let ns = broker.keys().namespace().to_owned();
-        let ttl = self.sh.settings.result_expires;
-        let mut lane = broker.broker_pool().lane();
-        let sends = std::mem::take(&mut self.sends);
-        let sent = persist!(
+        let mut lane = broker.backend_pool().lane();
+        let Some(unsent) = persist!(
             self.sh,
-            "send canvas follow-ups",
-            chord::send_once(&mut lane, &ns, &sends, ttl).await
-        );
-        match sent {
-            Some(n) => {
-                tracing::debug!(sent = n, of = sends.len(), "canvas follow-ups sent");
-                true
-            }
-            None => false,
+            "read canvas sent markers",
+            chord::unsent(&mut lane, &ns, sends).await
+        ) else {
+            return false;
+        };
+        if unsent.is_empty() {
+            tracing::debug!(of = sends.len(), "canvas follow-ups were sent before");
+            return true;
         }
+        let batch: Vec<Outgoing> = unsent
+            .iter()
+            .map(|f| Outgoing {
+                queue_key: f.queue_key.clone(),
+                payload: f.payload.clone(),
+                due_ms: None,
+                pending: None,
+            })
+            .collect();
+        let mut out = self.sh.backend.enqueue(Use::Loop);
+        if persist!(
+            self.sh,
+            "publish canvas follow-ups",
+            out.enqueue(&batch).await
+        )
+        .is_none()
+        {
+            return false;
+        }
+        let marked = persist!(
+            self.sh,
+            "mark canvas follow-ups sent",
+            chord::mark_sent(&mut lane, &ns, &unsent, ttl).await
+        );
+        tracing::debug!(
+            sent = unsent.len(),
+            of = sends.len(),
+            "canvas follow-ups published"
+        );
+        marked.is_some()
     }
 
     /// Celery's `on_chord_part_return` for the Redis backend.
     async fn chord_part(&mut self, result: &TaskResult) -> bool {
-        let Some(broker) = self.sh.backend.redis() else {
+        let Some(broker) = self.sh.backend.canvas_redis() else {
             return true;
         };
         let Some(gid) = self.msg.group.clone() else {

@@ -191,6 +191,11 @@ impl Backend for AmqpBackend {
     fn namespace(&self) -> &str {
         self.redis.namespace()
     }
+    fn canvas_redis(&self) -> Option<&broker::Broker> {
+        // The result backend's Redis: chord counters where Celery's Redis
+        // result backend keeps them; follow-ups go to RabbitMQ.
+        Some(self.redis.broker())
+    }
     fn enqueue(&self, usage: Use) -> Box<dyn Enqueue> {
         self.session(usage, "")
     }
