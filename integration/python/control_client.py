@@ -1,7 +1,7 @@
 """Celery client calls for taskstack's remote-control tests; prints one JSON line.
 
 Usage (broker from ``INTEROP_REDIS_URL``):
-  control_client.py send <task> <json args> [<task id>]
+  control_client.py send <task> <json args> [<task id> [<queue>]]
   control_client.py revoke <task id>             # app.control.revoke (no reply)
   control_client.py revoke_terminate <task id>   # AsyncResult.revoke(terminate=True)
   control_client.py broadcast <command> <json arguments>   # replies within 3 s
@@ -19,8 +19,11 @@ from interop_tasks import app
 def main():
     cmd = sys.argv[1]
     if cmd == "send":
-        task_id = sys.argv[4] if len(sys.argv) > 4 else None
-        r = app.send_task(sys.argv[2], args=json.loads(sys.argv[3]), task_id=task_id)
+        task_id = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] else None
+        queue = sys.argv[5] if len(sys.argv) > 5 else None
+        r = app.send_task(
+            sys.argv[2], args=json.loads(sys.argv[3]), task_id=task_id, queue=queue
+        )
         out = {"id": r.id}
     elif cmd == "revoke":
         app.control.revoke(sys.argv[2])

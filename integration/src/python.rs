@@ -102,6 +102,30 @@ pub fn clean_env(cmd: &mut Command) -> &mut Command {
         .env_remove("PYTHONPATH")
 }
 
+/// `python` run from the Python test directory with `interop_tasks`'s
+/// settings: results on the Redis at `redis_url`, the broker there too or
+/// at `broker_url` (e.g. RabbitMQ).
+pub fn interop_cmd(python: &Path, redis_url: &str, broker_url: Option<&str>) -> Command {
+    let mut cmd = Command::new(python);
+    clean_env(&mut cmd)
+        .current_dir(python_dir())
+        .env("INTEROP_REDIS_URL", redis_url)
+        .stdin(Stdio::null());
+    if let Some(b) = broker_url {
+        cmd.env("INTEROP_BROKER_URL", b);
+    }
+    cmd
+}
+
+/// The last line of `stdout` that is a JSON object.
+pub fn last_json(stdout: &[u8]) -> Option<serde_json::Value> {
+    String::from_utf8_lossy(stdout).lines().rev().find_map(|l| {
+        serde_json::from_str::<serde_json::Value>(l.trim())
+            .ok()
+            .filter(serde_json::Value::is_object)
+    })
+}
+
 fn passes(python: &Path, check: &str) -> bool {
     Command::new(python)
         .args(["-c", check])

@@ -7,26 +7,13 @@ use serde_json::{Value, json};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use taskstack_integration::python::{Venv, celery_python, clean_env, python_dir};
+use taskstack_integration::python::{Venv, celery_python, interop_cmd, last_json};
 use taskstack_integration::{RedisServer, WorkerProcess, free_port, namespace, wait_until_sync};
 
 const LONG: Duration = Duration::from_secs(60);
 
 fn python_cmd(python: &Path, url: &str) -> Command {
-    let mut cmd = Command::new(python);
-    clean_env(&mut cmd)
-        .current_dir(python_dir())
-        .env("INTEROP_REDIS_URL", url)
-        .stdin(Stdio::null());
-    cmd
-}
-
-fn last_json(stdout: &[u8]) -> Option<Value> {
-    String::from_utf8_lossy(stdout).lines().rev().find_map(|l| {
-        serde_json::from_str::<Value>(l.trim())
-            .ok()
-            .filter(Value::is_object)
-    })
+    interop_cmd(python, url, None)
 }
 
 /// `celery -A interop_tasks <args> --json`: the replies, or `None` when no

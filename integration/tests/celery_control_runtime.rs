@@ -9,11 +9,11 @@
 use anyhow::{Context as _, Result, ensure};
 use serde_json::{Map, Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use taskstack::proto::{TaskResult, TaskState};
 use taskstack::{SendOptions, TaskRequest};
-use taskstack_integration::python::{celery_python, clean_env, python_dir};
+use taskstack_integration::python::{celery_python, interop_cmd};
 use taskstack_integration::{
     RedisServer, WorkerProcess, namespace, producer, run_to_exit, wait_until_sync,
 };
@@ -21,12 +21,7 @@ use taskstack_integration::{
 const LONG: Duration = Duration::from_secs(60);
 
 fn python_cmd(python: &Path, url: &str) -> Command {
-    let mut cmd = Command::new(python);
-    clean_env(&mut cmd)
-        .current_dir(python_dir())
-        .env("INTEROP_REDIS_URL", url)
-        .stdin(Stdio::null());
-    cmd
+    interop_cmd(python, url, None)
 }
 
 /// A Celery CLI session against one worker node.

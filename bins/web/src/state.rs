@@ -153,7 +153,7 @@ pub struct Inner {
     pub tokens: Tokens,
     pub metrics: Metrics,
     catalog: Catalog,
-    /// `task-sent` events, when `task_send_sent_event` is on (Redis only).
+    /// `task-sent` events, when `task_send_sent_event` is on.
     sent_events: Option<SentEvents>,
 }
 
@@ -162,6 +162,17 @@ impl std::ops::Deref for AppState {
     fn deref(&self) -> &Inner {
         &self.0
     }
+}
+
+/// `task-sent` events on the broker's wire (Redis or RabbitMQ); `None`
+/// on a backend without a broker (the in-memory one of unit tests).
+fn sent_events(backend: &dyn Backend) -> Option<SentEvents> {
+    if let Some(amqp) = backend.amqp() {
+        return Some(SentEvents::on_amqp(&origin(), amqp.clone()));
+    }
+    backend
+        .redis()
+        .map(|b| SentEvents::new(&origin(), b.clone()))
 }
 
 impl AppState {
@@ -175,10 +186,10 @@ impl AppState {
         let producer = Producer::on_backend(Arc::clone(&backend), origin())
             .record_pending(settings.result_expires)
             .max_task_delay(settings.max_task_delay);
-        let sent_events = backend
-            .redis()
-            .filter(|_| settings.send_sent_event)
-            .map(|b| SentEvents::new(&origin(), b.clone()));
+        let sent_events = settings
+            .send_sent_event
+            .then(|| sent_events(&*backend))
+            .flatten();
         Self(Arc::new(Inner {
             producer,
             sent_events,

@@ -123,15 +123,22 @@ pub trait Backend: Send + Sync + Debug {
     fn redis(&self) -> Option<&crate::broker::Broker> {
         None
     }
-    /// The Redis under the canvas (chain, link, link_error, chord): its
-    /// backend pool holds Celery's chord counters, as Celery's Redis result
-    /// backend keeps them, and the follow-ups' sent markers. Where
+    /// The Redis of the records Celery's features keep beside the results:
+    /// Celery's chord counters (as Celery's Redis result backend keeps
+    /// them), the canvas follow-ups' sent markers and remote control's
+    /// revocation marks (the ones starting a task checks). Where
     /// [`Backend::redis`] is `None` but this is set (RabbitMQ, with Redis
-    /// results), follow-ups are published through [`Backend::enqueue`]
-    /// and marked sent after the broker confirmed them. `None`: the canvas
-    /// is off.
-    fn canvas_redis(&self) -> Option<&crate::broker::Broker> {
+    /// results), canvas follow-ups are published through
+    /// [`Backend::enqueue`] and marked sent after the broker confirmed
+    /// them. `None`: the canvas is off.
+    fn records_redis(&self) -> Option<&crate::broker::Broker> {
         self.redis()
+    }
+    /// The RabbitMQ broker under this backend, for Celery's remote control
+    /// and events on AMQP; `None` elsewhere.
+    #[cfg(feature = "amqp")]
+    fn amqp(&self) -> Option<&super::amqp::AmqpBackend> {
+        None
     }
     /// Whether [`TaskStates::start_batch`] with a worker id marks starts
     /// without STARTED records (in the worker's running hash on the

@@ -242,7 +242,7 @@ impl Producer {
                 "a chord needs at least one header task (Celery would run the body at once)",
             ));
         }
-        let Some(broker) = self.backend().canvas_redis() else {
+        let Some(broker) = self.backend().records_redis() else {
             return Err(refuse(
                 "chord",
                 "chords need a Redis broker, or Redis results under a RabbitMQ broker \

@@ -215,7 +215,7 @@ fn id_list(v: Option<&Value>) -> Vec<String> {
 /// restart, for `result_expires`) and records REVOKED for tasks not
 /// started; with `terminate`, running ones are stopped.
 async fn revoke(sh: &Arc<Shared>, ids: &[String], terminate: bool) -> Value {
-    if let Some(broker) = sh.backend.redis() {
+    if let Some(broker) = sh.backend.records_redis() {
         let ttl = u64::try_from(sh.settings.result_expires.as_millis()).unwrap_or(u64::MAX);
         let exc = ExceptionInfo::celery("TaskRevokedError", "revoked");
         for id in ids {
@@ -291,14 +291,48 @@ fn queue_dict(q: &str) -> Value {
     })
 }
 
-fn stats(sh: &Arc<Shared>) -> Value {
-    let m = &sh.monitor;
-    let (_, totals) = m.totals();
-    let (broker_host, broker_port, db) = sh.backend.redis().map_or((String::new(), 0, 0), |b| {
+/// The broker as `celery inspect stats` describes it.
+struct BrokerInfo {
+    host: String,
+    port: u16,
+    vhost: String,
+    ssl: bool,
+    user: Option<String>,
+    transport: &'static str,
+}
+
+fn broker_info(sh: &Arc<Shared>) -> BrokerInfo {
+    #[cfg(feature = "amqp")]
+    if let Some(amqp) = sh.backend.amqp() {
+        let (host, port, vhost, ssl, user) = amqp.broker_summary();
+        return BrokerInfo {
+            host,
+            port,
+            vhost,
+            ssl,
+            user: Some(user),
+            transport: "amqp",
+        };
+    }
+    let (host, port, db) = sh.backend.redis().map_or((String::new(), 0, 0), |b| {
         let target = b.broker_pool().target();
         let (h, p) = target.host_port();
         (h, p, target.db())
     });
+    BrokerInfo {
+        host,
+        port,
+        vhost: db.to_string(),
+        ssl: false,
+        user: None,
+        transport: "redis",
+    }
+}
+
+fn stats(sh: &Arc<Shared>) -> Value {
+    let m = &sh.monitor;
+    let (_, totals) = m.totals();
+    let broker = broker_info(sh);
     json!({
         "total": totals,
         "pid": std::process::id(),
@@ -314,13 +348,13 @@ fn stats(sh: &Arc<Shared>) -> Value {
             "writes": {},
         },
         "broker": {
-            "hostname": broker_host,
-            "userid": null,
-            "virtual_host": db.to_string(),
-            "port": broker_port,
+            "hostname": broker.host,
+            "userid": broker.user,
+            "virtual_host": broker.vhost,
+            "port": broker.port,
             "insist": false,
-            "ssl": false,
-            "transport": "redis",
+            "ssl": broker.ssl,
+            "transport": broker.transport,
             "connect_timeout": 4,
             "transport_options": {},
             "login_method": null,

@@ -1,7 +1,8 @@
 //! Celery's remote control (`celery inspect`, `celery control`, Flower's
 //! buttons, `AsyncResult.revoke()`) for taskstack workers, over kombu's
-//! Redis pidbox: the worker binds `<nodename>.celery.pidbox` to the
-//! `celery.pidbox` fanout exchange, listens on `/<db>.celery.pidbox`, and
+//! pidbox: the worker binds `<nodename>.celery.pidbox` to the
+//! `celery.pidbox` fanout exchange (on Redis it listens on
+//! `/<db>.celery.pidbox`; on RabbitMQ it consumes that queue, `amqp`), and
 //! answers to the client's reply queue with the ticket, as a Celery worker
 //! does. The commands are in `commands`; `Monitor` is what they see of
 //! the worker (reserved and running requests, revoked ids, counters) and
@@ -10,6 +11,8 @@
 //! Whoever can write to the broker can send these commands.
 //! `worker_remote_control` limits them: see [`RemoteControl`].
 
+#[cfg(feature = "amqp")]
+mod amqp;
 pub(crate) mod commands;
 pub mod kombu;
 mod monitor;
@@ -33,22 +36,46 @@ pub fn default_nodename() -> String {
     format!("taskstack@{}", crate::worker::hostname())
 }
 
-/// The node name a worker goes by, claimed in the pidbox bindings: the
-/// configured one (a clash is only warned about, as kombu does), or
+/// What holds a claimed node name beyond the claim itself: on RabbitMQ
+/// the connection whose exclusive pidbox queue holds it.
+#[derive(Debug, Default)]
+pub(crate) struct Claimed {
+    #[cfg(feature = "amqp")]
+    pub(crate) mailbox: Option<crate::backend::amqp::mailbox::Mailbox>,
+}
+
+/// The node name a worker goes by, claimed in the pidbox bindings on Redis
+/// or by declaring its pidbox queue exclusively on RabbitMQ: the configured
+/// one (a clash is only warned about, as kombu does), or
 /// `taskstack@<hostname>`, or `taskstack-<pid>@<hostname>` when another
 /// worker on this host holds that (so several workers on one host get
 /// distinct names).
 pub(crate) async fn claim_nodename(
+    backend: &dyn crate::backend::Backend,
+    configured: Option<&str>,
+) -> (String, Claimed) {
+    #[cfg(feature = "amqp")]
+    if let Some(amqp) = backend.amqp() {
+        return amqp::claim(amqp, configured).await;
+    }
+    (
+        claim_on_redis(backend.redis(), configured).await,
+        Claimed::default(),
+    )
+}
+
+fn fallback_nodename() -> String {
+    format!(
+        "taskstack-{}@{}",
+        std::process::id(),
+        crate::worker::hostname()
+    )
+}
+
+async fn claim_on_redis(
     broker: Option<&crate::broker::Broker>,
     configured: Option<&str>,
 ) -> String {
-    let fallback = || {
-        format!(
-            "taskstack-{}@{}",
-            std::process::id(),
-            crate::worker::hostname()
-        )
-    };
     let wanted = configured.map_or_else(default_nodename, str::to_owned);
     let Some(broker) = broker else {
         return wanted;
@@ -76,7 +103,7 @@ pub(crate) async fn claim_nodename(
             name
         }
         (name, Ok(_)) => {
-            let (other, _) = claim(fallback()).await;
+            let (other, _) = claim(fallback_nodename()).await;
             tracing::info!(taken = %name, nodename = %other, "node name taken on this host; using another");
             other
         }

@@ -1,5 +1,6 @@
-//! The pidbox loop: listens for remote-control commands on the
-//! `celery.pidbox` fanout channel and replies to the client's reply queue.
+//! The pidbox loop on Redis: listens for remote-control commands on the
+//! `celery.pidbox` fanout channel and replies to the client's reply queue;
+//! [`answer`], shared with RabbitMQ's loop (`control::amqp`), runs them.
 
 use super::kombu::{self, Message};
 use super::{PIDBOX_EXCHANGE, RemoteControl, commands, pidbox_queue};
@@ -24,10 +25,39 @@ pub(crate) struct Service {
 }
 
 impl Service {
-    /// Starts the loops when the backend is Redis (else nothing: remote
-    /// control and events need the broker's wire format).
-    pub fn spawn(sh: &Arc<Shared>) -> Self {
+    /// Starts the loops on the broker's wire: Redis (kombu's Redis
+    /// transport) or RabbitMQ (with the mailbox `claimed` holding the node
+    /// name); elsewhere nothing.
+    pub fn spawn(sh: &Arc<Shared>, claimed: super::Claimed) -> Self {
         let stop = CancellationToken::new();
+        #[cfg(feature = "amqp")]
+        if sh.backend.amqp().is_some() {
+            let answer_commands = sh.settings.remote_control != RemoteControl::Off;
+            let pidbox = tokio::spawn(super::amqp::listen(
+                Arc::clone(sh),
+                claimed.mailbox,
+                answer_commands,
+                stop.clone(),
+            ));
+            let m = Arc::clone(&sh.monitor);
+            let events_stop = stop.clone();
+            let sink_sh = Arc::clone(sh);
+            let events = tokio::spawn(async move {
+                let mut sink = super::amqp::AmqpSink::new(sink_sh);
+                Arc::clone(&m.events)
+                    .run(&mut sink, events_stop, move || {
+                        (m.active_count(), m.totals().0)
+                    })
+                    .await;
+                sink.close().await;
+            });
+            return Self {
+                stop,
+                pidbox: Some(pidbox),
+                events: Some(events),
+            };
+        }
+        let _ = claimed;
         let Some(broker) = sh.backend.redis() else {
             return Self {
                 stop,
@@ -39,12 +69,16 @@ impl Service {
         let pidbox = (sh.settings.remote_control != RemoteControl::Off)
             .then(|| tokio::spawn(listen(Arc::clone(sh), broker.clone(), db, stop.clone())));
         let m = Arc::clone(&sh.monitor);
-        let events = tokio::spawn(Arc::clone(&sh.monitor.events).run(
-            broker.broker_pool().lane(),
-            db,
-            stop.clone(),
-            move || (m.active_count(), m.totals().0),
-        ));
+        let lane = broker.broker_pool().lane();
+        let events_stop = stop.clone();
+        let events = tokio::spawn(async move {
+            let mut sink = crate::events::RedisSink { lane, db };
+            Arc::clone(&m.events)
+                .run(&mut sink, events_stop, move || {
+                    (m.active_count(), m.totals().0)
+                })
+                .await;
+        });
         Self {
             stop,
             pidbox,
@@ -221,8 +255,20 @@ fn glob(p: &str, s: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
-async fn handle(sh: &Arc<Shared>, replies: &mut crate::broker::Lane, msg: Message) {
-    let Message { body, headers } = msg;
+/// A reply to send: `body` to `exchange` with `routing_key`, with kombu's
+/// `ticket` and `clock` headers.
+pub(crate) struct Reply {
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Value,
+    pub headers: serde_json::Map<String, Value>,
+    /// The command answered (for logs).
+    pub method: String,
+}
+
+/// Runs a command received as `body` with `headers` when it is for this
+/// node and not expired; the reply to send, if the client wants one.
+pub(crate) async fn answer(sh: &Arc<Shared>, body: Value, headers: &Value) -> Option<Reply> {
     let clock = &sh.monitor.events.clock;
     match headers["clock"].as_u64() {
         Some(c) => {
@@ -233,39 +279,52 @@ async fn handle(sh: &Arc<Shared>, replies: &mut crate::broker::Lane, msg: Messag
         }
     }
     if !for_me(&body, &sh.monitor.nodename) {
-        return;
+        return None;
     }
     let expires = headers["expires"].as_f64().unwrap_or(0.0);
     if expires > 0.0 && expires < crate::events::timestamp() {
         tracing::debug!("ignoring an expired remote-control command");
-        return;
+        return None;
     }
     let Some(method) = body["method"].as_str() else {
         tracing::warn!("ignoring a remote-control message without a method");
-        return;
+        return None;
     };
     let args = body["arguments"].as_object().cloned().unwrap_or_default();
     tracing::debug!(command = method, "remote-control command");
-    let Some(reply) = commands::dispatch(sh, method, &args).await else {
-        return;
-    };
+    let reply = commands::dispatch(sh, method, &args).await?;
     let (Some(exchange), Some(rk)) = (
         body["reply_to"]["exchange"].as_str(),
         body["reply_to"]["routing_key"].as_str(),
     ) else {
-        return; // a cast: no reply wanted
+        return None; // a cast: no reply wanted
     };
-    let ticket = body["ticket"].clone();
-    let data = json!({ sh.monitor.nodename.clone(): reply });
+    let mut headers = serde_json::Map::new();
+    headers.insert("ticket".into(), body["ticket"].clone());
+    headers.insert("clock".into(), json!(clock.forward()));
+    Some(Reply {
+        exchange: exchange.to_owned(),
+        routing_key: rk.to_owned(),
+        body: json!({ sh.monitor.nodename.clone(): reply }),
+        headers,
+        method: method.to_owned(),
+    })
+}
+
+async fn handle(sh: &Arc<Shared>, replies: &mut crate::broker::Lane, msg: Message) {
+    let Message { body, headers } = msg;
+    let Some(r) = answer(sh, body, &headers).await else {
+        return;
+    };
     let envelope = kombu::envelope(
-        &data,
-        json!({ "ticket": ticket, "clock": clock.forward() }),
-        exchange,
-        rk,
+        &r.body,
+        Value::Object(r.headers),
+        &r.exchange,
+        &r.routing_key,
         1,
     );
-    if let Err(e) = reply_to(replies, exchange, rk, &envelope).await {
-        tracing::warn!(error = %e, command = method, "cannot send a remote-control reply");
+    if let Err(e) = reply_to(replies, &r.exchange, &r.routing_key, &envelope).await {
+        tracing::warn!(error = %e, command = %r.method, "cannot send a remote-control reply");
     }
 }
 

@@ -1,6 +1,8 @@
 //! Celery's monitoring events, as Flower, `celery events` and exporters
-//! read them: published on the `celeryev` fanout exchange exactly as
-//! kombu's Redis transport does (`PUBLISH /<db>.celeryev/<routing key>`).
+//! read them: published on the `celeryev` exchange exactly as kombu does,
+//! through a [`Sink`]: on Redis `PUBLISH /<db>.celeryev/<routing key>`
+//! ([`RedisSink`]), on RabbitMQ the `celeryev` topic exchange
+//! (`backend::amqp::mailbox`).
 //!
 //! Worker events (`worker-online`, `worker-heartbeat` every 2 s,
 //! `worker-offline`) are always sent, as a Celery worker does; task events
@@ -161,10 +163,9 @@ impl Events {
     /// events and a heartbeat every [`HEARTBEAT_INTERVAL`] until `stop`,
     /// then what is left and `worker-offline`. `worker` gives the fields of
     /// a worker event (`active`, `processed`).
-    pub async fn run(
+    pub(crate) async fn run(
         self: Arc<Self>,
-        mut lane: Lane,
-        db: i64,
+        sink: &mut dyn Sink,
         stop: CancellationToken,
         worker: impl Fn() -> (usize, u64) + Send,
     ) {
@@ -172,8 +173,7 @@ impl Events {
             return;
         };
         let mut out = Publisher {
-            lane: &mut lane,
-            db,
+            sink,
             hostname: &self.hostname,
             warned: false,
         };
@@ -237,15 +237,60 @@ fn loadavg() -> [f64; 3] {
     l.map(|x| (x * 100.0).round() / 100.0)
 }
 
+/// Where events go: the broker's `celeryev` exchange.
+#[async_trait::async_trait]
+pub(crate) trait Sink: Send {
+    /// Publishes `body` with `routing_key`, header `hostname`.
+    async fn publish(
+        &mut self,
+        routing_key: &str,
+        body: &Value,
+        hostname: &str,
+    ) -> Result<(), String>;
+}
+
+/// Events on Redis, as kombu's Redis transport publishes them
+/// (`PUBLISH /<db>.celeryev/<routing key>` of the JSON envelope).
+pub(crate) struct RedisSink {
+    pub lane: Lane,
+    pub db: i64,
+}
+
+#[async_trait::async_trait]
+impl Sink for RedisSink {
+    async fn publish(
+        &mut self,
+        routing_key: &str,
+        body: &Value,
+        hostname: &str,
+    ) -> Result<(), String> {
+        let channel = kombu::fanout_channel(self.db, EXCHANGE, routing_key);
+        let msg = kombu::envelope(
+            body,
+            json!({"hostname": hostname}),
+            EXCHANGE,
+            routing_key,
+            1,
+        );
+        let r: Result<i64, crate::broker::BrokerError> = async {
+            on_lane!(&mut self.lane, "publish event", |c| redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(&msg)
+                .query_async::<i64>(c))
+        }
+        .await;
+        r.map(drop).map_err(|e| e.to_string())
+    }
+}
+
 struct Publisher<'a> {
-    lane: &'a mut Lane,
-    db: i64,
+    sink: &'a mut dyn Sink,
     hostname: &'a str,
     warned: bool,
 }
 
 impl Publisher<'_> {
-    /// Publishes one event; false when Redis refused it.
+    /// Publishes one event; false when the broker refused it.
     async fn send(&mut self, ev: Value) -> bool {
         let kind = ev["type"].as_str().unwrap_or("").replace('-', ".");
         self.publish(&kind, &ev).await
@@ -265,29 +310,14 @@ impl Publisher<'_> {
     }
 
     async fn publish(&mut self, routing_key: &str, body: &Value) -> bool {
-        let channel = kombu::fanout_channel(self.db, EXCHANGE, routing_key);
-        let msg = kombu::envelope(
-            body,
-            json!({"hostname": self.hostname}),
-            EXCHANGE,
-            routing_key,
-            1,
-        );
-        let r: Result<i64, crate::broker::BrokerError> = async {
-            on_lane!(&mut *self.lane, "publish event", |c| redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(&msg)
-                .query_async::<i64>(c))
-        }
-        .await;
-        match r {
-            Ok(_) => {
+        match self.sink.publish(routing_key, body, self.hostname).await {
+            Ok(()) => {
                 self.warned = false;
                 true
             }
             Err(e) => {
                 if !self.warned {
-                    tracing::warn!(error = %e, "cannot publish monitoring events; dropping them until Redis answers");
+                    tracing::warn!(error = %e, "cannot publish monitoring events; dropping them until the broker answers");
                     self.warned = true;
                 }
                 false

@@ -13,8 +13,22 @@ use serde_json::{Map, Value, json};
 #[derive(Debug)]
 pub struct SentEvents {
     events: Events,
-    broker: Broker,
-    db: i64,
+    to: Target,
+}
+
+/// The broker the events go to.
+#[derive(Debug)]
+enum Target {
+    Redis {
+        broker: Broker,
+        db: i64,
+    },
+    #[cfg(feature = "amqp")]
+    Amqp {
+        backend: crate::backend::AmqpBackend,
+        /// One connection, opened at the first event and kept.
+        out: Box<tokio::sync::Mutex<crate::backend::amqp::mailbox::EventPublisher>>,
+    },
 }
 
 impl SentEvents {
@@ -24,8 +38,21 @@ impl SentEvents {
         let db = broker.broker_pool().target().db();
         Self {
             events: Events::new(hostname, true, Default::default()),
-            broker,
-            db,
+            to: Target::Redis { broker, db },
+        }
+    }
+
+    /// Events sent as `hostname` to RabbitMQ's `celeryev` exchange.
+    #[cfg(feature = "amqp")]
+    pub fn on_amqp(hostname: &str, backend: crate::backend::AmqpBackend) -> Self {
+        Self {
+            events: Events::new(hostname, true, Default::default()),
+            to: Target::Amqp {
+                backend,
+                out: Box::new(tokio::sync::Mutex::new(
+                    crate::backend::amqp::mailbox::EventPublisher::new(),
+                )),
+            },
         }
     }
 
@@ -62,13 +89,55 @@ impl SentEvents {
         if events.is_empty() {
             return 0;
         }
-        let mut lane = self.broker.broker_pool().lane();
+        match &self.to {
+            Target::Redis { broker, db } => {
+                let mut sink = super::RedisSink {
+                    lane: broker.broker_pool().lane(),
+                    db: *db,
+                };
+                self.send(&mut sink, events).await
+            }
+            #[cfg(feature = "amqp")]
+            Target::Amqp { backend, out } => {
+                let mut out = out.lock().await;
+                let mut sink = AmqpSink {
+                    backend,
+                    out: &mut out,
+                };
+                self.send(&mut sink, events).await
+            }
+        }
+    }
+
+    async fn send(&self, sink: &mut dyn super::Sink, events: Vec<Value>) -> u64 {
         let mut out = Publisher {
-            lane: &mut lane,
-            db: self.db,
+            sink,
             hostname: self.events.hostname(),
             warned: true,
         };
         out.send_batch(events).await
+    }
+}
+
+/// A producer's events through its RabbitMQ connection for events.
+#[cfg(feature = "amqp")]
+struct AmqpSink<'a> {
+    backend: &'a crate::backend::AmqpBackend,
+    out: &'a mut crate::backend::amqp::mailbox::EventPublisher,
+}
+
+#[cfg(feature = "amqp")]
+#[async_trait::async_trait]
+impl super::Sink for AmqpSink<'_> {
+    async fn publish(
+        &mut self,
+        routing_key: &str,
+        body: &Value,
+        hostname: &str,
+    ) -> Result<(), String> {
+        self.out
+            .publish(self.backend.link(), routing_key, body, hostname)
+            .await
+            .map_err(|e| e.to_string())
     }
 }

@@ -46,7 +46,7 @@ pub(crate) async fn run(sh: &Shared, msg: &TaskMessage, result: &mut TaskResult)
     if !(has("callbacks") || has("errbacks") || has("chain") || has("chord")) {
         return true;
     }
-    if sh.backend.canvas_redis().is_none() {
+    if sh.backend.records_redis().is_none() {
         tracing::error!("this task carries a Celery canvas, which needs Redis");
         let exc = ExceptionInfo::builtin(
             "NotImplementedError",
@@ -355,7 +355,7 @@ impl<'a> Work<'a> {
     /// carry the same task ids, and a worker acknowledges a copy whose
     /// task already has its final result without running it.
     async fn publish(&self, sends: &[FollowUp], ttl: std::time::Duration) -> bool {
-        let Some(broker) = self.sh.backend.canvas_redis() else {
+        let Some(broker) = self.sh.backend.records_redis() else {
             return true;
         };
         let ns = broker.keys().namespace().to_owned();
@@ -405,7 +405,7 @@ impl<'a> Work<'a> {
 
     /// Celery's `on_chord_part_return` for the Redis backend.
     async fn chord_part(&mut self, result: &TaskResult) -> bool {
-        let Some(broker) = self.sh.backend.canvas_redis() else {
+        let Some(broker) = self.sh.backend.records_redis() else {
             return true;
         };
         let Some(gid) = self.msg.group.clone() else {

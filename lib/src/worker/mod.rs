@@ -231,9 +231,8 @@ impl Worker {
         let metrics_listener = self.metrics_listener;
         let (settle_tx, settle_rx) = mpsc::channel(self.settings.prefetch.max(64) * 2);
         let (start_tx, start_rx) = mpsc::channel(self.settings.concurrency.max(64) * 2);
-        let nodename =
-            crate::control::claim_nodename(self.backend.redis(), self.settings.nodename.as_deref())
-                .await;
+        let (nodename, claimed) =
+            crate::control::claim_nodename(&*self.backend, self.settings.nodename.as_deref()).await;
         let monitor = Arc::new(crate::control::Monitor::new(
             nodename,
             self.settings.task_events,
@@ -284,7 +283,7 @@ impl Worker {
             settle_rx,
             start_rx,
         );
-        let control = crate::control::pidbox::Service::spawn(&sh);
+        let control = crate::control::pidbox::Service::spawn(&sh, claimed);
         let mut tasks = JoinSet::new();
         tokio::select! {
             () = &mut shutdown => {}

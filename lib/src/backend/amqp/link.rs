@@ -51,6 +51,10 @@ impl Link {
         }
     }
 
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
     pub(crate) fn options(&self) -> QueueOptions {
         self.options
     }

@@ -11,6 +11,7 @@
 //! - `dead`: dead-letter records on Redis, requeued to RabbitMQ.
 //! - `held`: each worker's held messages by queue, written with its
 //!   heartbeat, for the queues' in-flight counts.
+//! - `mailbox`: Celery's remote control (pidbox) and events on RabbitMQ.
 //!
 //! Guarantees: an enqueue that returned was confirmed by RabbitMQ; a message
 //! is acknowledged only after its result was stored on Redis; a delayed
@@ -22,6 +23,7 @@ mod consume;
 mod dead;
 mod held;
 mod link;
+pub(crate) mod mailbox;
 #[cfg(feature = "beat")]
 mod slots;
 #[cfg(test)]
@@ -136,6 +138,27 @@ impl AmqpBackend {
         }
     }
 
+    /// The connection settings (URL, TLS, timeouts) the remote control and
+    /// events open their own connections with.
+    pub(crate) fn link(&self) -> &Link {
+        &self.link
+    }
+
+    /// `(host, port, virtual host, TLS, user)` of the broker URL, as
+    /// `celery inspect stats` reports a broker.
+    pub fn broker_summary(&self) -> (String, u16, String, bool, String) {
+        match self.link.url().parse::<lapin::uri::AMQPUri>() {
+            Ok(u) => (
+                u.authority.host,
+                u.authority.port,
+                u.vhost,
+                u.scheme == lapin::uri::AMQPScheme::AMQPS,
+                u.authority.userinfo.username,
+            ),
+            Err(_) => (String::new(), 0, String::new(), false, String::new()),
+        }
+    }
+
     fn session(&self, usage: Use, worker_id: &str) -> Box<AmqpSession> {
         let pool = self.redis.broker().backend_pool();
         Box::new(AmqpSession {
@@ -191,7 +214,10 @@ impl Backend for AmqpBackend {
     fn namespace(&self) -> &str {
         self.redis.namespace()
     }
-    fn canvas_redis(&self) -> Option<&broker::Broker> {
+    fn amqp(&self) -> Option<&AmqpBackend> {
+        Some(self)
+    }
+    fn records_redis(&self) -> Option<&broker::Broker> {
         // The result backend's Redis: chord counters where Celery's Redis
         // result backend keeps them; follow-ups go to RabbitMQ.
         Some(self.redis.broker())

@@ -1,0 +1,178 @@
+//! The remote control and events of a worker whose broker is RabbitMQ:
+//! the node name held by an exclusive pidbox queue, the command loop, and
+//! the events sink (`backend::amqp::mailbox` has the wire).
+
+use super::pidbox::{Reply, answer};
+use super::{Claimed, default_nodename, fallback_nodename};
+use crate::backend::AmqpBackend;
+use crate::backend::amqp::mailbox::{EventPublisher, Mailbox, OpenError};
+use crate::worker::shared::{Shared, jitter};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Claims the node name by declaring its pidbox queue exclusively: the
+/// configured name (taken: warned, and the listener keeps trying), else
+/// `taskstack@<hostname>`, else `taskstack-<pid>@<hostname>`.
+pub(super) async fn claim(amqp: &AmqpBackend, configured: Option<&str>) -> (String, Claimed) {
+    let wanted = configured.map_or_else(default_nodename, str::to_owned);
+    let open = |name: String| async move {
+        let got = Mailbox::open(amqp.link(), &name).await;
+        (name, got)
+    };
+    let (name, got) = match open(wanted).await {
+        (name, Err(OpenError::Taken)) if configured.is_none() => {
+            let other = fallback_nodename();
+            tracing::info!(taken = %name, nodename = %other, "node name taken on this host; using another");
+            open(other).await
+        }
+        other => other,
+    };
+    let mailbox = match got {
+        Ok(m) => Some(m),
+        Err(OpenError::Taken) => {
+            tracing::warn!(
+                nodename = %name,
+                "another worker holds this node name's pidbox queue on RabbitMQ: this worker \
+                 answers no remote-control command until it is free; give each worker its own \
+                 worker_nodename"
+            );
+            None
+        }
+        Err(OpenError::Amqp(e)) => {
+            tracing::warn!(error = %e, nodename = %name, "cannot claim the node name on RabbitMQ; using it unchecked");
+            None
+        }
+    };
+    (name, Claimed { mailbox })
+}
+
+/// Answers commands until `stop`, opening the mailbox again (with
+/// backoff) whenever its connection ended. With remote control off the
+/// mailbox only holds the name: nothing is consumed.
+pub(super) async fn listen(
+    sh: Arc<Shared>,
+    mut mailbox: Option<Mailbox>,
+    answer_commands: bool,
+    stop: CancellationToken,
+) {
+    let Some(amqp) = sh.backend.amqp() else {
+        return;
+    };
+    let link = amqp.link();
+    let nodename = sh.monitor.nodename.clone();
+    let mut backoff = Duration::from_millis(100);
+    let mut taken_warned = mailbox.is_none();
+    while !stop.is_cancelled() {
+        let mut m = match mailbox.take().filter(Mailbox::connected) {
+            Some(m) => m,
+            None => match Mailbox::open(link, &nodename).await {
+                Ok(m) => m,
+                Err(e) => {
+                    // A held name is tried again every 30 s, warned once.
+                    let wait = if matches!(e, OpenError::Taken) {
+                        if !taken_warned {
+                            tracing::warn!(%nodename, "another worker holds this node name's pidbox queue; trying again every 30 s");
+                            taken_warned = true;
+                        }
+                        Duration::from_secs(30)
+                    } else {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "cannot listen for remote-control commands");
+                        let b = backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        b
+                    };
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(jitter(wait)) => {}
+                    }
+                    continue;
+                }
+            },
+        };
+        backoff = Duration::from_millis(100);
+        if !answer_commands {
+            stop.cancelled().await;
+            m.close().await;
+            return;
+        }
+        tracing::debug!(%nodename, "listening for remote-control commands on RabbitMQ");
+        loop {
+            let next = tokio::select! {
+                () = stop.cancelled() => {
+                    m.close().await;
+                    return;
+                }
+                n = m.next() => n,
+            };
+            let Some(got) = next else {
+                tracing::warn!("the remote-control connection to RabbitMQ ended; opening it again");
+                m.close().await;
+                break;
+            };
+            let msg = match got {
+                Ok(msg) => msg,
+                Err(e) => {
+                    tracing::warn!(reason = %e, "ignoring an unreadable remote-control message");
+                    continue;
+                }
+            };
+            let Some(Reply {
+                exchange,
+                routing_key,
+                body,
+                headers,
+                method,
+            }) = answer(&sh, msg.body, &msg.headers).await
+            else {
+                continue;
+            };
+            if let Err(e) = m
+                .reply(link, &exchange, &routing_key, &body, &headers)
+                .await
+            {
+                tracing::warn!(error = %e, command = %method, "cannot send a remote-control reply");
+            }
+        }
+    }
+}
+
+/// Events through RabbitMQ's `celeryev` exchange.
+pub(super) struct AmqpSink {
+    sh: Arc<Shared>,
+    out: Option<EventPublisher>,
+}
+
+impl AmqpSink {
+    pub(super) fn new(sh: Arc<Shared>) -> Self {
+        Self {
+            sh,
+            out: Some(EventPublisher::new()),
+        }
+    }
+
+    /// Closes the events connection.
+    pub(super) async fn close(mut self) {
+        if let Some(out) = self.out.take() {
+            out.close().await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::events::Sink for AmqpSink {
+    async fn publish(
+        &mut self,
+        routing_key: &str,
+        body: &Value,
+        hostname: &str,
+    ) -> Result<(), String> {
+        let (Some(amqp), Some(out)) = (self.sh.backend.amqp(), self.out.as_mut()) else {
+            return Err("no RabbitMQ broker".into());
+        };
+        out.publish(amqp.link(), routing_key, body, hostname)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
