@@ -10,7 +10,9 @@ use std::time::Duration;
 use taskstack::broker::QueueCounts;
 use taskstack::proto::TaskState;
 use taskstack::{Producer, SendOptions, TaskRequest};
-use taskstack_integration::python::{CeleryWorker, celery_python, run_client};
+use taskstack_integration::python::{
+    CeleryWorker, celery_python, interop_cmd, last_json, run_client,
+};
 use taskstack_integration::rabbitmq_server::{self as rabbit, vhost_of};
 use taskstack_integration::{RedisServer, WebProcess, WorkerProcess, namespace, wait_until};
 
@@ -269,6 +271,24 @@ async fn rabbitmq_killed_and_restarted_under_load_loses_nothing() -> Result<()> 
             i + 1
         );
     }
+    // Remote control came back with the broker: both answer ping.
+    let python = tokio::task::spawn_blocking(celery_python).await??;
+    let redis = s.redis.url();
+    wait_until(
+        "both workers to answer ping after the restart",
+        Duration::from_secs(60),
+        || {
+            let out = interop_cmd(&python, &redis, Some(&s.amqp))
+                .args(["-m", "celery", "-A", "interop_tasks", "inspect", "ping"])
+                .args(["--json", "--timeout", "3"])
+                .output();
+            async move {
+                Ok(last_json(&out?.stdout).filter(|v| v.as_object().is_some_and(|o| o.len() == 2)))
+            }
+        },
+    )
+    .await
+    .with_context(logs)?;
     Ok(())
 }
 
