@@ -1,7 +1,7 @@
 //! Celery's monitoring events, as Flower, `celery events` and exporters
 //! read them: published on the `celeryev` exchange exactly as kombu does,
-//! through a [`Sink`]: on Redis `PUBLISH /<db>.celeryev/<routing key>`
-//! ([`RedisSink`]), on RabbitMQ the `celeryev` topic exchange
+//! through a `Sink`: on Redis `PUBLISH /<db>.celeryev/<routing key>`
+//! (`RedisSink`), on RabbitMQ the `celeryev` topic exchange
 //! (`backend::amqp::mailbox`).
 //!
 //! Worker events (`worker-online`, `worker-heartbeat` every 2 s,

@@ -380,7 +380,9 @@ impl<'a> Work<'a> {
                 pending: None,
             })
             .collect();
-        let mut out = self.sh.backend.enqueue(Use::Loop);
+        // The shared session: nothing here blocks, and a finished task
+        // need not hold a pooled connection for its follow-ups.
+        let mut out = self.sh.backend.enqueue(Use::Request);
         if persist!(
             self.sh,
             "publish canvas follow-ups",
