@@ -5,6 +5,7 @@
 mod beat;
 pub mod docker;
 pub mod http;
+pub mod monitors;
 #[path = "../../lib/src/test_postgres.rs"]
 mod postgres_server;
 mod prereq;

@@ -5,10 +5,11 @@
 use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-use taskstack_integration::python::{Venv, celery_python, interop_cmd, last_json};
-use taskstack_integration::{RedisServer, WorkerProcess, free_port, namespace, wait_until_sync};
+use taskstack_integration::monitors::Monitors;
+use taskstack_integration::python::{celery_python, interop_cmd, last_json};
+use taskstack_integration::{RedisServer, WorkerProcess, namespace, wait_until_sync};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -213,25 +214,9 @@ fn default_names_differ_per_worker_and_shutdown_obeys_all() -> Result<()> {
     Ok(())
 }
 
-/// A child process killed on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn flower_and_celery_events_show_taskstack_workers_and_tasks() -> Result<()> {
-    let python = Venv::ensure(
-        "flower-venv",
-        "celery[redis]==5.* flower",
-        "import celery, redis, flower",
-        "TASKSTACK_FLOWER_PYTHON",
-    )?
-    .python;
+    let python = Monitors::python()?;
     let redis = RedisServer::start()?;
     let url = redis.url();
     let ns = namespace("events");
@@ -245,35 +230,7 @@ fn flower_and_celery_events_show_taskstack_workers_and_tasks() -> Result<()> {
         ],
     )?;
     worker.wait_log("worker ready", LONG)?;
-
-    let dir = tempfile::tempdir()?;
-    let dump_log = dir.path().join("dump.log");
-    let _dump = Killed(
-        python_cmd(&python, &url)
-            .args(["-m", "celery", "-A", "interop_tasks", "events", "--dump"])
-            .stdout(std::fs::File::create(&dump_log)?)
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let port = free_port()?;
-    let flower_log = dir.path().join("flower.log");
-    let _flower = Killed(
-        python_cmd(&python, &url)
-            .args(["-m", "celery", "-A", "interop_tasks", "flower"])
-            .arg(format!("--port={port}"))
-            .arg("--address=127.0.0.1")
-            .env("FLOWER_UNAUTHENTICATED_API", "true")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&flower_log)?)
-            .spawn()?,
-    );
-    let addr = format!("127.0.0.1:{port}");
-    let flower_log_text = || std::fs::read_to_string(&flower_log).unwrap_or_default();
-    wait_until_sync("Flower to serve", LONG, || {
-        let (status, _) = taskstack_integration::http::get_blocking(&addr, "/healthcheck").ok()?;
-        (status == 200).then_some(())
-    })
-    .with_context(flower_log_text)?;
+    let monitors = Monitors::start(|| python_cmd(&python, &url))?;
 
     let ok = client(&python, &url, &["send", "taskstack.add", "[20, 22]"])?["id"]
         .as_str()
@@ -285,15 +242,14 @@ fn flower_and_celery_events_show_taskstack_workers_and_tasks() -> Result<()> {
         .to_owned();
 
     let tasks = wait_until_sync("Flower to list both tasks as finished", LONG, || {
-        let (status, body) = taskstack_integration::http::get_blocking(&addr, "/api/tasks").ok()?;
-        let v: Value = serde_json::from_str(&body).ok().filter(|_| status == 200)?;
+        let v = monitors.api("/api/tasks")?;
         (v[&ok]["state"] == "SUCCESS" && v[&bad]["state"] == "FAILURE").then_some(v)
     })
     .with_context(|| {
         format!(
             "worker log:\n{}\nflower log:\n{}",
             worker.log(),
-            flower_log_text()
+            monitors.flower_log()
         )
     })?;
     assert_eq!(tasks[&ok]["name"], "taskstack.add", "{}", tasks[&ok]);
@@ -309,12 +265,10 @@ fn flower_and_celery_events_show_taskstack_workers_and_tasks() -> Result<()> {
     );
 
     let workers = wait_until_sync("Flower to list the worker", LONG, || {
-        let (status, body) =
-            taskstack_integration::http::get_blocking(&addr, "/api/workers?refresh=1").ok()?;
-        let v: Value = serde_json::from_str(&body).ok().filter(|_| status == 200)?;
+        let v = monitors.api("/api/workers?refresh=1")?;
         v.get(&node).filter(|w| w.get("stats").is_some()).cloned()
     })
-    .with_context(flower_log_text)?;
+    .with_context(|| monitors.flower_log())?;
     assert!(
         workers["registered"]
             .as_array()
@@ -324,7 +278,7 @@ fn flower_and_celery_events_show_taskstack_workers_and_tasks() -> Result<()> {
 
     // `celery events --dump` saw the worker and the tasks too.
     let dump = wait_until_sync("celery events --dump to show the tasks", LONG, || {
-        let d = std::fs::read_to_string(&dump_log).ok()?;
+        let d = monitors.dump();
         (d.contains(&ok) && d.contains("task succeeded") && d.contains(&node)).then_some(d)
     })?;
     assert!(dump.contains(&format!("{node} [")), "{dump}");

@@ -7,13 +7,12 @@
 use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-use taskstack_integration::python::{Venv, celery_python, interop_cmd, last_json};
+use taskstack_integration::monitors::Monitors;
+use taskstack_integration::python::{celery_python, interop_cmd, last_json};
 use taskstack_integration::rabbitmq_server as rabbit;
-use taskstack_integration::{
-    RedisServer, WebProcess, WorkerProcess, free_port, namespace, wait_until_sync,
-};
+use taskstack_integration::{RedisServer, WebProcess, WorkerProcess, namespace, wait_until_sync};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -237,64 +236,20 @@ fn celery_inspect_control_and_revoke_reach_our_workers_over_rabbitmq() -> Result
     Ok(())
 }
 
-/// A child process killed on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn flower_and_celery_events_show_our_worker_and_web_over_rabbitmq() -> Result<()> {
-    let python = Venv::ensure(
-        "flower-venv",
-        "celery[redis]==5.* flower",
-        "import celery, redis, flower",
-        "TASKSTACK_FLOWER_PYTHON",
-    )?
-    .python;
+    let python = Monitors::python()?;
     let s = Stack::new("amqp-events")?;
     let node = format!("ev@{}", s.ns);
     let worker = s.worker(&[
         ("TASKSTACK_WORKER_NODENAME", &node),
         ("TASKSTACK_WORKER_SEND_TASK_EVENTS", "1"),
     ])?;
-    let dir = tempfile::tempdir()?;
-    let dump_log = dir.path().join("dump.log");
-    let _dump = Killed(
-        s.python(&python)
-            .args(["-m", "celery", "-A", "interop_tasks", "events", "--dump"])
-            .stdout(std::fs::File::create(&dump_log)?)
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let port = free_port()?;
-    let flower_log = dir.path().join("flower.log");
-    let _flower = Killed(
-        s.python(&python)
-            .args(["-m", "celery", "-A", "interop_tasks", "flower"])
-            .arg(format!("--port={port}"))
-            .arg("--address=127.0.0.1")
-            .env("FLOWER_UNAUTHENTICATED_API", "true")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&flower_log)?)
-            .spawn()?,
-    );
-    let addr = format!("127.0.0.1:{port}");
-    let flower_log_text = || std::fs::read_to_string(&flower_log).unwrap_or_default();
-    wait_until_sync("Flower to serve", LONG, || {
-        let (status, _) = taskstack_integration::http::get_blocking(&addr, "/healthcheck").ok()?;
-        (status == 200).then_some(())
-    })
-    .with_context(flower_log_text)?;
+    let monitors = Monitors::start(|| s.python(&python))?;
     // The event consumers bind their queues once connected: wait until
     // the dump shows the worker's heartbeat before sending tasks.
     wait_until_sync("celery events --dump to see the worker", LONG, || {
-        let d = std::fs::read_to_string(&dump_log).ok()?;
-        d.contains(&node).then_some(())
+        monitors.dump().contains(&node).then_some(())
     })
     .with_context(|| worker.log())?;
 
@@ -318,15 +273,14 @@ fn flower_and_celery_events_show_our_worker_and_web_over_rabbitmq() -> Result<()
     let ok = s.sent(&python, "taskstack.add", "[20, 22]")?;
     let bad = s.sent(&python, "taskstack.fail", "[\"boom\"]")?;
     let tasks = wait_until_sync("Flower to list both tasks as finished", LONG, || {
-        let (status, body) = taskstack_integration::http::get_blocking(&addr, "/api/tasks").ok()?;
-        let v: Value = serde_json::from_str(&body).ok().filter(|_| status == 200)?;
+        let v = monitors.api("/api/tasks")?;
         (v[&ok]["state"] == "SUCCESS" && v[&bad]["state"] == "FAILURE").then_some(v)
     })
     .with_context(|| {
         format!(
             "worker log:\n{}\nflower log:\n{}",
             worker.log(),
-            flower_log_text()
+            monitors.flower_log()
         )
     })?;
     assert_eq!(tasks[&ok]["result"], "42", "{}", tasks[&ok]);
@@ -334,15 +288,13 @@ fn flower_and_celery_events_show_our_worker_and_web_over_rabbitmq() -> Result<()
 
     // Flower's worker page asks the worker through the pidbox.
     let workers = wait_until_sync("Flower to list the worker", LONG, || {
-        let (status, body) =
-            taskstack_integration::http::get_blocking(&addr, "/api/workers?refresh=1").ok()?;
-        let v: Value = serde_json::from_str(&body).ok().filter(|_| status == 200)?;
+        let v = monitors.api("/api/workers?refresh=1")?;
         v.get(&node).filter(|w| w.get("stats").is_some()).cloned()
     })
-    .with_context(flower_log_text)?;
+    .with_context(|| monitors.flower_log())?;
     assert_eq!(workers["stats"]["broker"]["transport"], "amqp", "{workers}");
     let dump = wait_until_sync("celery events --dump to show the tasks", LONG, || {
-        let d = std::fs::read_to_string(&dump_log).ok()?;
+        let d = monitors.dump();
         (d.contains(&ok) && d.contains("task succeeded")).then_some(d)
     })?;
     let sent = dump
