@@ -117,6 +117,39 @@ pub fn interop_cmd(python: &Path, redis_url: &str, broker_url: Option<&str>) -> 
     cmd
 }
 
+/// `celery -A interop_tasks <args> --json --timeout 3` run by `python`
+/// (an [`interop_cmd`]): the replies, or `None` when no node replied (the
+/// CLI then exits non-zero).
+pub fn celery_json(mut python: Command, args: &[&str]) -> Result<Option<serde_json::Value>> {
+    let out = python
+        .args(["-m", "celery", "-A", "interop_tasks"])
+        .args(args)
+        .args(["--json", "--timeout", "3"])
+        .output()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            err.contains("No nodes replied"),
+            "celery {args:?} failed ({}):\n{err}",
+            out.status
+        );
+        return Ok(None);
+    }
+    Ok(last_json(&out.stdout))
+}
+
+/// `control_client.py <args>` run by `python` (an [`interop_cmd`]): its
+/// JSON line.
+pub fn control_client(mut python: Command, args: &[&str]) -> Result<serde_json::Value> {
+    let out = python.arg("control_client.py").args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "control_client.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    last_json(&out.stdout).context("control_client.py printed no JSON")
+}
+
 /// The last line of `stdout` that is a JSON object.
 pub fn last_json(stdout: &[u8]) -> Option<serde_json::Value> {
     String::from_utf8_lossy(stdout).lines().rev().find_map(|l| {

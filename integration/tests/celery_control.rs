@@ -2,13 +2,13 @@
 //! processes, driven by the real Python Celery 5 (`celery inspect`, `celery
 //! control`, `AsyncResult.revoke`) and Flower, on a real Redis.
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use taskstack_integration::monitors::Monitors;
-use taskstack_integration::python::{celery_python, interop_cmd, last_json};
+use taskstack_integration::python::{celery_json, celery_python, control_client, interop_cmd};
 use taskstack_integration::{RedisServer, WorkerProcess, namespace, wait_until_sync};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -17,24 +17,8 @@ fn python_cmd(python: &Path, url: &str) -> Command {
     interop_cmd(python, url, None)
 }
 
-/// `celery -A interop_tasks <args> --json`: the replies, or `None` when no
-/// node replied (the CLI then exits non-zero).
 fn celery_cli(python: &Path, url: &str, args: &[&str]) -> Result<Option<Value>> {
-    let out = python_cmd(python, url)
-        .args(["-m", "celery", "-A", "interop_tasks"])
-        .args(args)
-        .args(["--json", "--timeout", "3"])
-        .output()?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            err.contains("No nodes replied"),
-            "celery {args:?} failed ({}):\n{err}",
-            out.status
-        );
-        return Ok(None);
-    }
-    Ok(last_json(&out.stdout))
+    celery_json(python_cmd(python, url), args)
 }
 
 /// `celery inspect <what> -d node`: the node's reply.
@@ -44,18 +28,8 @@ fn inspect(python: &Path, url: &str, what: &str, node: &str) -> Result<Value> {
     Ok(replies[node].clone())
 }
 
-/// `control_client.py <args>`: its JSON line.
 fn client(python: &Path, url: &str, args: &[&str]) -> Result<Value> {
-    let out = python_cmd(python, url)
-        .arg("control_client.py")
-        .args(args)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "control_client.py {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    last_json(&out.stdout).context("control_client.py printed no JSON")
+    control_client(python_cmd(python, url), args)
 }
 
 fn state(python: &Path, url: &str, id: &str) -> Result<String> {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use taskstack_integration::monitors::Monitors;
-use taskstack_integration::python::{celery_python, interop_cmd, last_json};
+use taskstack_integration::python::{celery_json, celery_python, control_client, interop_cmd};
 use taskstack_integration::rabbitmq_server as rabbit;
 use taskstack_integration::{RedisServer, WebProcess, WorkerProcess, namespace, wait_until_sync};
 
@@ -49,25 +49,8 @@ impl Stack {
         interop_cmd(python, &self.redis.url(), Some(&self.amqp))
     }
 
-    /// `celery -A interop_tasks <args> --json`: the replies, or `None` when
-    /// no node replied.
     fn cli(&self, python: &Path, args: &[&str]) -> Result<Option<Value>> {
-        let out = self
-            .python(python)
-            .args(["-m", "celery", "-A", "interop_tasks"])
-            .args(args)
-            .args(["--json", "--timeout", "3"])
-            .output()?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            ensure!(
-                err.contains("No nodes replied"),
-                "celery {args:?} failed ({}):\n{err}",
-                out.status
-            );
-            return Ok(None);
-        }
-        Ok(last_json(&out.stdout))
+        celery_json(self.python(python), args)
     }
 
     /// `celery inspect <what> -d node`: the node's reply.
@@ -78,19 +61,8 @@ impl Stack {
         Ok(replies[node].clone())
     }
 
-    /// `control_client.py <args>`: its JSON line.
     fn client(&self, python: &Path, args: &[&str]) -> Result<Value> {
-        let out = self
-            .python(python)
-            .arg("control_client.py")
-            .args(args)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "control_client.py {args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        last_json(&out.stdout).context("control_client.py printed no JSON")
+        control_client(self.python(python), args)
     }
 
     fn sent(&self, python: &Path, task: &str, args: &str) -> Result<String> {
