@@ -49,7 +49,8 @@ pub(super) async fn claim(amqp: &AmqpBackend, configured: Option<&str>) -> (Stri
 }
 
 /// Answers commands until `stop`, opening the mailbox again (with
-/// backoff) whenever its connection ended. With remote control off the
+/// backoff, reset by the next command received) whenever its connection
+/// ended. With remote control off the
 /// mailbox only holds the name: nothing is consumed.
 pub(super) async fn listen(
     sh: Arc<Shared>,
@@ -91,7 +92,6 @@ pub(super) async fn listen(
                 }
             },
         };
-        backoff = Duration::from_millis(100);
         if !answer_commands {
             stop.cancelled().await;
             m.close().await;
@@ -107,10 +107,18 @@ pub(super) async fn listen(
                 n = m.next() => n,
             };
             let Some(got) = next else {
-                tracing::warn!("the remote-control connection to RabbitMQ ended; opening it again");
+                tracing::warn!(retry_in = ?backoff, "the remote-control connection to RabbitMQ ended; opening it again");
                 m.close().await;
+                // Paced: a connection that opens but cannot consume
+                // (permissions) must not be reopened in a tight loop.
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(jitter(backoff)) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
                 break;
             };
+            backoff = Duration::from_millis(100);
             let msg = match got {
                 Ok(msg) => msg,
                 Err(e) => {

@@ -42,6 +42,9 @@ const QUEUE_EXPIRES_MS: i32 = 10_000;
 const QUEUE_TTL_MS: i32 = 300_000;
 /// Transient, as kombu publishes replies and events.
 const TRANSIENT: u8 = 1;
+/// The longest a closing connection is waited for (a dead one never
+/// answers).
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A command as received: its JSON body and headers.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,8 +103,32 @@ impl Mailbox {
     /// Connects and declares `nodename`'s queue, exclusively: when another
     /// connection holds it, the name is [`OpenError::Taken`].
     pub(crate) async fn open(link: &Link, nodename: &str) -> Result<Self, OpenError> {
-        let queue = format!("{nodename}.{PIDBOX}");
         let conn = link.connect().await.map_err(OpenError::Amqp)?;
+        match Self::declare(link, &conn, nodename).await {
+            Ok((commands, queue)) => Ok(Self {
+                conn,
+                incoming: None,
+                commands,
+                replies: None,
+                declared: HashSet::new(),
+                queue,
+            }),
+            Err(e) => {
+                // Nothing may keep a half-opened connection (or the name).
+                let _ = conn.close(0, "pidbox not opened".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Declares the pidbox exchange and `nodename`'s queue on `conn` and
+    /// binds them; the channel and the queue's name.
+    async fn declare(
+        link: &Link,
+        conn: &Connection,
+        nodename: &str,
+    ) -> Result<(Channel, String), OpenError> {
+        let queue = format!("{nodename}.{PIDBOX}");
         let op = "declare the pidbox queue";
         let opened = link
             .within(op, async {
@@ -140,7 +167,6 @@ impl Mailbox {
         if let Err(e) = declared {
             let text = e.to_string();
             if text.contains("RESOURCE_LOCKED") || text.contains("RESOURCELOCKED") {
-                let _ = conn.close(0, "node name taken".into()).await;
                 return Err(OpenError::Taken);
             }
             return Err(OpenError::Amqp(AmqpError::declare(op, "queue", &queue, &e)));
@@ -159,14 +185,7 @@ impl Mailbox {
         })
         .await
         .map_err(OpenError::Amqp)?;
-        Ok(Self {
-            conn,
-            incoming: None,
-            commands,
-            replies: None,
-            declared: HashSet::new(),
-            queue,
-        })
+        Ok((commands, queue))
     }
 
     /// Whether the connection (and the name it holds) is still up.
@@ -286,9 +305,10 @@ impl Mailbox {
         }
     }
 
-    /// Closes the connection: the queue goes with it (exclusive).
+    /// Closes the connection (waiting at most `CLOSE_WAIT`): the queue
+    /// goes with it (exclusive).
     pub(crate) async fn close(self) {
-        let _ = self.conn.close(200, "worker stopping".into()).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.conn.close(200, "closing".into())).await;
     }
 }
 
@@ -318,11 +338,11 @@ impl EventPublisher {
             .as_ref()
             .is_some_and(|(c, ch)| !c.status().connected() || !ch.status().connected())
         {
-            self.live = None;
+            self.drop_connection(link).await;
         }
         if self.live.is_none() {
             let conn = link.connect().await?;
-            let ch = link
+            let opened = link
                 .within(op, async {
                     let ch = conn
                         .create_channel()
@@ -341,8 +361,20 @@ impl EventPublisher {
                     .map_err(|e| AmqpError::declare(op, "exchange", EVENTS, &e))?;
                     Ok(ch)
                 })
-                .await?;
-            self.live = Some((conn, ch));
+                .await;
+            match opened {
+                Ok(ch) => self.live = Some((conn, ch)),
+                Err(e) => {
+                    let _ = link
+                        .within("close a connection", async {
+                            conn.close(0, "events not opened".into())
+                                .await
+                                .map_err(|e| AmqpError::of("close a connection", &e))
+                        })
+                        .await;
+                    return Err(e);
+                }
+            }
         }
         let Some((_, ch)) = &self.live else {
             return Err(AmqpError::other(op, "no channel"));
@@ -365,15 +397,30 @@ impl EventPublisher {
             })
             .await;
         if sent.is_err() {
-            self.live = None;
+            self.drop_connection(link).await;
         }
         sent
     }
 
-    /// Closes the connection (after `worker-offline`).
+    /// Closes the connection in use (if any), bounded by the timeout, so a
+    /// connection whose channel failed is not left open.
+    async fn drop_connection(&mut self, link: &Link) {
+        if let Some((conn, _)) = self.live.take() {
+            let _ = link
+                .within("close a connection", async {
+                    conn.close(0, "reopening".into())
+                        .await
+                        .map_err(|e| AmqpError::of("close a connection", &e))
+                })
+                .await;
+        }
+    }
+
+    /// Closes the connection (after `worker-offline`), waiting at most
+    /// `CLOSE_WAIT`.
     pub(crate) async fn close(self) {
         if let Some((conn, _)) = self.live {
-            let _ = conn.close(200, "worker stopping".into()).await;
+            let _ = tokio::time::timeout(CLOSE_WAIT, conn.close(200, "closing".into())).await;
         }
     }
 }
