@@ -1,13 +1,13 @@
-//! The remote control and events of a worker whose broker is RabbitMQ:
-//! the node name held by an exclusive pidbox queue, the command loop, and
-//! the events sink (`backend::amqp::mailbox` has the wire).
+//! The remote control of a worker whose broker is RabbitMQ:
+//! the node name held by an exclusive pidbox queue and the command loop
+//! (`backend::amqp::mailbox` has the wire; events go through
+//! `events::AmqpSink`).
 
 use super::pidbox::{Reply, answer};
 use super::{Claimed, default_nodename, fallback_nodename};
 use crate::backend::AmqpBackend;
-use crate::backend::amqp::mailbox::{EventPublisher, Mailbox, OpenError};
+use crate::backend::amqp::mailbox::{Mailbox, OpenError};
 use crate::worker::shared::{Shared, jitter};
-use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -143,44 +143,5 @@ pub(super) async fn listen(
                 tracing::warn!(error = %e, command = %method, "cannot send a remote-control reply");
             }
         }
-    }
-}
-
-/// Events through RabbitMQ's `celeryev` exchange.
-pub(super) struct AmqpSink {
-    sh: Arc<Shared>,
-    out: Option<EventPublisher>,
-}
-
-impl AmqpSink {
-    pub(super) fn new(sh: Arc<Shared>) -> Self {
-        Self {
-            sh,
-            out: Some(EventPublisher::new()),
-        }
-    }
-
-    /// Closes the events connection.
-    pub(super) async fn close(mut self) {
-        if let Some(out) = self.out.take() {
-            out.close().await;
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl crate::events::Sink for AmqpSink {
-    async fn publish(
-        &mut self,
-        routing_key: &str,
-        body: &Value,
-        hostname: &str,
-    ) -> Result<(), String> {
-        let (Some(amqp), Some(out)) = (self.sh.backend.amqp(), self.out.as_mut()) else {
-            return Err("no RabbitMQ broker".into());
-        };
-        out.publish(amqp.link(), routing_key, body, hostname)
-            .await
-            .map_err(|e| e.to_string())
     }
 }

@@ -31,7 +31,7 @@ impl Service {
     pub fn spawn(sh: &Arc<Shared>, claimed: super::Claimed) -> Self {
         let stop = CancellationToken::new();
         #[cfg(feature = "amqp")]
-        if sh.backend.amqp().is_some() {
+        if let Some(amqp) = sh.backend.amqp() {
             let answer_commands = sh.settings.remote_control != RemoteControl::Off;
             let pidbox = tokio::spawn(super::amqp::listen(
                 Arc::clone(sh),
@@ -41,9 +41,8 @@ impl Service {
             ));
             let m = Arc::clone(&sh.monitor);
             let events_stop = stop.clone();
-            let sink_sh = Arc::clone(sh);
+            let mut sink = crate::events::AmqpSink::new(amqp.clone());
             let events = tokio::spawn(async move {
-                let mut sink = super::amqp::AmqpSink::new(sink_sh);
                 Arc::clone(&m.events)
                     .run(&mut sink, events_stop, move || {
                         (m.active_count(), m.totals().0)

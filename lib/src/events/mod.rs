@@ -2,7 +2,7 @@
 //! read them: published on the `celeryev` exchange exactly as kombu does,
 //! through a `Sink`: on Redis `PUBLISH /<db>.celeryev/<routing key>`
 //! (`RedisSink`), on RabbitMQ the `celeryev` topic exchange
-//! (`backend::amqp::mailbox`).
+//! (`AmqpSink`, through `backend::amqp::mailbox`).
 //!
 //! Worker events (`worker-online`, `worker-heartbeat` every 2 s,
 //! `worker-offline`) are always sent, as a Celery worker does; task events
@@ -280,6 +280,47 @@ impl Sink for RedisSink {
         }
         .await;
         r.map(drop).map_err(|e| e.to_string())
+    }
+}
+
+/// Events on RabbitMQ's durable `celeryev` topic exchange, on a
+/// connection of their own (opened at the first event, again after it
+/// broke); the worker's and the web API's.
+#[cfg(feature = "amqp")]
+#[derive(Debug)]
+pub(crate) struct AmqpSink {
+    backend: crate::backend::AmqpBackend,
+    out: crate::backend::amqp::mailbox::EventPublisher,
+}
+
+#[cfg(feature = "amqp")]
+impl AmqpSink {
+    pub(crate) fn new(backend: crate::backend::AmqpBackend) -> Self {
+        Self {
+            backend,
+            out: crate::backend::amqp::mailbox::EventPublisher::new(),
+        }
+    }
+
+    /// Closes the events connection.
+    pub(crate) async fn close(self) {
+        self.out.close().await;
+    }
+}
+
+#[cfg(feature = "amqp")]
+#[async_trait::async_trait]
+impl Sink for AmqpSink {
+    async fn publish(
+        &mut self,
+        routing_key: &str,
+        body: &Value,
+        hostname: &str,
+    ) -> Result<(), String> {
+        self.out
+            .publish(self.backend.link(), routing_key, body, hostname)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 

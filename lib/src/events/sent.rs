@@ -20,15 +20,12 @@ pub struct SentEvents {
 #[derive(Debug)]
 enum Target {
     Redis {
-        broker: Broker,
+        broker: Box<Broker>,
         db: i64,
     },
+    /// One connection, opened at the first event and kept.
     #[cfg(feature = "amqp")]
-    Amqp {
-        backend: crate::backend::AmqpBackend,
-        /// One connection, opened at the first event and kept.
-        out: Box<tokio::sync::Mutex<crate::backend::amqp::mailbox::EventPublisher>>,
-    },
+    Amqp(Box<tokio::sync::Mutex<super::AmqpSink>>),
 }
 
 impl SentEvents {
@@ -38,7 +35,10 @@ impl SentEvents {
         let db = broker.broker_pool().target().db();
         Self {
             events: Events::new(hostname, true, Default::default()),
-            to: Target::Redis { broker, db },
+            to: Target::Redis {
+                broker: Box::new(broker),
+                db,
+            },
         }
     }
 
@@ -47,12 +47,9 @@ impl SentEvents {
     pub fn on_amqp(hostname: &str, backend: crate::backend::AmqpBackend) -> Self {
         Self {
             events: Events::new(hostname, true, Default::default()),
-            to: Target::Amqp {
+            to: Target::Amqp(Box::new(tokio::sync::Mutex::new(super::AmqpSink::new(
                 backend,
-                out: Box::new(tokio::sync::Mutex::new(
-                    crate::backend::amqp::mailbox::EventPublisher::new(),
-                )),
-            },
+            )))),
         }
     }
 
@@ -98,13 +95,9 @@ impl SentEvents {
                 self.send(&mut sink, events).await
             }
             #[cfg(feature = "amqp")]
-            Target::Amqp { backend, out } => {
-                let mut out = out.lock().await;
-                let mut sink = AmqpSink {
-                    backend,
-                    out: &mut out,
-                };
-                self.send(&mut sink, events).await
+            Target::Amqp(sink) => {
+                let mut sink = sink.lock().await;
+                self.send(&mut *sink, events).await
             }
         }
     }
@@ -116,28 +109,5 @@ impl SentEvents {
             warned: true,
         };
         out.send_batch(events).await
-    }
-}
-
-/// A producer's events through its RabbitMQ connection for events.
-#[cfg(feature = "amqp")]
-struct AmqpSink<'a> {
-    backend: &'a crate::backend::AmqpBackend,
-    out: &'a mut crate::backend::amqp::mailbox::EventPublisher,
-}
-
-#[cfg(feature = "amqp")]
-#[async_trait::async_trait]
-impl super::Sink for AmqpSink<'_> {
-    async fn publish(
-        &mut self,
-        routing_key: &str,
-        body: &Value,
-        hostname: &str,
-    ) -> Result<(), String> {
-        self.out
-            .publish(self.backend.link(), routing_key, body, hostname)
-            .await
-            .map_err(|e| e.to_string())
     }
 }
