@@ -266,10 +266,10 @@ impl Mailbox {
         let Some(ch) = self.replies.clone() else {
             return Err(AmqpError::other(op, "no channel"));
         };
-        let declared = !self.declared.contains(exchange);
+        let declare = !self.declared.contains(exchange);
         let result = link
             .within(op, async {
-                if declared {
+                if declare {
                     ch.exchange_declare(
                         ShortString::from(exchange),
                         ExchangeKind::Direct,
