@@ -251,6 +251,51 @@ fn starts(logs: &[String]) -> HashMap<String, usize> {
     n
 }
 
+/// Task ids in the order `log` says they started.
+fn start_order(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("\"task started\""))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["span"]["task_id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_starts_the_messages_it_holds_in_the_order_it_took_them() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let ns = namespace("start-order");
+    let p = producer(&redis.url(), &ns)?;
+    // Priority 9 first, then priority 0: on Redis 0 is served first (as
+    // in Celery), so one take holds the 0s, then the 9s, each in order.
+    let mut nines = Vec::new();
+    let mut zeros = Vec::new();
+    for (priority, ids) in [(9, &mut nines), (0, &mut zeros)] {
+        for i in 0..8 {
+            let mut req = TaskRequest::new("taskstack.add", vec![json!(i), json!(1)]);
+            req.options.priority = Some(priority);
+            ids.push(p.send(&req).await?);
+        }
+    }
+    let w = WorkerProcess::spawn(
+        &redis.url(),
+        &ns,
+        &[
+            ("TASKSTACK_CONCURRENCY", "1"),
+            ("TASKSTACK_PREFETCH", "16"),
+            (
+                "TASKSTACK_LOG_LEVEL",
+                "info,taskstack::worker::handle=debug",
+            ),
+        ],
+    )?;
+    for id in zeros.iter().chain(&nines) {
+        p.wait(id, WAIT).await.with_context(|| w.log())?;
+    }
+    let expected: Vec<String> = zeros.into_iter().chain(nines).collect();
+    assert_eq!(start_order(&w.log()), expected, "{}", w.log());
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_lost_its_lease_starts_nothing_it_held() -> Result<()> {
     let redis = RedisServer::start()?;
@@ -275,7 +320,7 @@ async fn a_worker_that_lost_its_lease_starts_nothing_it_held() -> Result<()> {
     }
     let w1 = WorkerProcess::spawn(&redis.url(), &ns, &env)?;
     wait_until_sync("worker 1 to start the sleep", WAIT, || {
-        w1.log().contains("\"task started\"").then_some(())
+        start_order(&w1.log()).contains(&sleeper).then_some(())
     })
     .with_context(|| w1.log())?;
     // Worker 1 holds the sleep and three adds. Freeze it past its lease.

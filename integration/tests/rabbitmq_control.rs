@@ -208,6 +208,58 @@ fn celery_inspect_control_and_revoke_reach_our_workers_over_rabbitmq() -> Result
     Ok(())
 }
 
+/// Consumers of `queue` in `vhost`, `None` while it does not exist.
+fn consumers(vhost: &str, queue: &str) -> Option<u64> {
+    let rabbit = rabbit::shared();
+    let out = rabbit.ctl(&[
+        "list_queues",
+        "-p",
+        vhost,
+        "--quiet",
+        "--no-table-headers",
+        "name",
+        "consumers",
+    ]);
+    out.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next()? == queue).then(|| f.next()?.parse().ok())?
+    })
+}
+
+#[test]
+fn with_remote_control_off_the_name_is_held_again_after_the_connection_breaks() -> Result<()> {
+    let python = celery_python()?;
+    let s = Stack::new("amqp-control-off")?;
+    let node = "off@rc-test";
+    let w = s.worker(&[
+        ("TASKSTACK_WORKER_REMOTE_CONTROL", "off"),
+        ("TASKSTACK_WORKER_NODENAME", node),
+    ])?;
+    let vhost = rabbit::vhost_of(&s.amqp).to_owned();
+    let pidbox = format!("{node}.celery.pidbox");
+    // The name is held by a consumed queue, and nothing answers.
+    wait_until_sync("the pidbox queue to be consumed", LONG, || {
+        (consumers(&vhost, &pidbox) == Some(1)).then_some(())
+    })
+    .with_context(|| w.log())?;
+    ensure!(
+        s.cli(&python, &["inspect", "ping", "-d", node])?.is_none(),
+        "a worker with remote control off answered ping"
+    );
+    // Every connection of the vhost is closed: the exclusive queue goes
+    // with the worker's, and the worker holds the name again.
+    rabbit::shared().ctl(&["close_all_connections", "-p", &vhost, "test"]);
+    w.wait_log("the remote-control connection to RabbitMQ ended", LONG)?;
+    wait_until_sync("the pidbox queue to be consumed again", LONG, || {
+        (consumers(&vhost, &pidbox) == Some(1)).then_some(())
+    })
+    .with_context(|| w.log())?;
+    // And the worker still runs tasks.
+    let id = s.sent(&python, "taskstack.add", "[2, 3]")?;
+    s.wait_state(&python, &id, "SUCCESS", &w)?;
+    Ok(())
+}
+
 #[test]
 fn flower_and_celery_events_show_our_worker_and_web_over_rabbitmq() -> Result<()> {
     let python = Monitors::python()?;

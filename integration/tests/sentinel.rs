@@ -534,6 +534,15 @@ fn beat_failover(replicas: u32) -> Result<()> {
         failover.as_secs_f64(),
         first_after.as_secs_f64(),
     );
+    if !twice.is_empty() || (replicas > 0 && missing > 0) {
+        // Printed before the (long) beat logs, so a truncated CI log keeps it.
+        eprintln!(
+            "master {old} failed over to {new}, now {:?}; slots twice: {twice:?}; {missing} \
+             missing\nsyncs, role changes and sentinel events:\n{}",
+            set.master_port().ok(),
+            set.log_lines(&FAILOVER_EVENTS),
+        );
+    }
     // The slot ledger and the message are one atomic script, replicated
     // as one: the new master never holds a slot twice.
     assert!(

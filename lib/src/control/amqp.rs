@@ -51,7 +51,7 @@ pub(super) async fn claim(amqp: &AmqpBackend, configured: Option<&str>) -> (Stri
 /// Answers commands until `stop`, opening the mailbox again (with
 /// backoff, reset by the next command received) whenever its connection
 /// ended. With remote control off the
-/// mailbox only holds the name: nothing is consumed.
+/// mailbox only holds the name: commands are taken and dropped.
 pub(super) async fn listen(
     sh: Arc<Shared>,
     mut mailbox: Option<Mailbox>,
@@ -92,12 +92,7 @@ pub(super) async fn listen(
                 }
             },
         };
-        if !answer_commands {
-            stop.cancelled().await;
-            m.close().await;
-            return;
-        }
-        tracing::debug!(%nodename, "listening for remote-control commands on RabbitMQ");
+        tracing::debug!(%nodename, answer_commands, "consuming the pidbox queue on RabbitMQ");
         loop {
             let next = tokio::select! {
                 () = stop.cancelled() => {
@@ -119,6 +114,13 @@ pub(super) async fn listen(
                 break;
             };
             backoff = Duration::from_millis(100);
+            if !answer_commands {
+                // Remote control is off: the queue only holds the name.
+                // Commands are taken and dropped (a Celery worker with
+                // remote control off has no pidbox queue, so they would go
+                // nowhere), and the consumer notices a broken connection.
+                continue;
+            }
             let msg = match got {
                 Ok(msg) => msg,
                 Err(e) => {

@@ -2,6 +2,7 @@
 
 use super::registry::{TaskContext, TaskError, TaskOptions};
 use super::shared::{Held, SettleMsg, Shared, Stats, panic_text, persist};
+use super::turn::Turn;
 use crate::backend::Use;
 use crate::broker::{DeadLetter, Settle, StartVerdict, Starting};
 use crate::proto::envelope::{self, DecodeError, TaskMessage};
@@ -19,7 +20,9 @@ const ETA_TOLERANCE: Duration = Duration::from_millis(100);
 /// the hard limit before it drops the handler itself.
 const HARD_LIMIT_SLACK: Duration = Duration::from_secs(1);
 
-pub(crate) async fn handle(sh: Arc<Shared>, d: Held) {
+/// Handles one message; `turn` is its place in line for a concurrency
+/// slot, queued in the order the worker took its messages.
+pub(crate) async fn handle(sh: Arc<Shared>, d: Held, turn: Turn) {
     let queue = queue_of_key(&d.queue_key).to_owned();
     let limit = sh.settings.max_message_size;
     let decoded = match d.oversized {
@@ -36,6 +39,7 @@ pub(crate) async fn handle(sh: Arc<Shared>, d: Held) {
     let msg = match decoded {
         Ok(m) => m,
         Err((err, id)) => {
+            drop(turn);
             let span = tracing::warn_span!("message", task_id = id.as_deref().unwrap_or(""), queue = %queue);
             let exc = decode_exception(&err);
             async {
@@ -59,7 +63,7 @@ pub(crate) async fn handle(sh: Arc<Shared>, d: Held) {
         queue = %queue,
         attempt = msg.retries + 1,
     );
-    run_message(sh, d, queue, msg).instrument(span).await;
+    run_message(sh, d, queue, msg, turn).instrument(span).await;
 }
 
 fn decode_exception(err: &DecodeError) -> ExceptionInfo {
@@ -109,12 +113,13 @@ impl Extended {
     }
 }
 
-async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) {
+async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage, turn: Turn) {
     let track = sh.monitor.received(&msg, &queue);
     let now = sh.now();
     if let Some(exp) = msg.expires
         && exp <= now
     {
+        drop(turn);
         tracing::info!(expired_at = %envelope::format_time(exp), "task expired before it ran; recording REVOKED");
         Stats::bump(&sh.stats.revoked);
         sh.metrics.finished(task_label(&sh, &msg.task), "expired");
@@ -133,6 +138,7 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) 
     if let Some(eta) = msg.eta
         && eta - now > chrono::Duration::from_std(sh.settings.max_task_delay).unwrap_or_default()
     {
+        drop(turn);
         let reason = format!(
             "eta {} lies more than max_task_delay ({}) ahead",
             envelope::format_time(eta),
@@ -146,6 +152,7 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) 
     if let Some(eta) = msg.eta
         && eta - now > chrono::Duration::from_std(ETA_TOLERANCE).unwrap_or_default()
     {
+        drop(turn);
         // A producer that does not park ETA tasks itself (Python Celery)
         // pushed it straight to the queue: park it in Redis until due.
         tracing::debug!(eta = %envelope::format_time(eta), "task not due yet; parking it");
@@ -168,6 +175,7 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) 
         return;
     }
     let Some((handler, options)) = sh.registry.get(&msg.task) else {
+        drop(turn);
         tracing::warn!("task is not registered in this worker; dead-lettering it");
         let exc = ExceptionInfo::celery(
             "NotRegistered",
@@ -181,26 +189,33 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage) 
 
     // A rate-limited task waits for its token still holding its message
     // (leased, so nothing is lost) but no concurrency slot, so tasks that
-    // may run are not held up.
-    let admitted = tokio::select! {
-        biased;
-        () = sh.stop.cancelled() => false,
-        () = sh.limits.admit(&msg.task) => true,
+    // may run are not held up: it leaves the line and queues again once
+    // admitted.
+    let turn = {
+        let mut admit = std::pin::pin!(sh.limits.admit(&msg.task));
+        if admit.as_mut().now_or_never().is_some() {
+            Some(turn)
+        } else {
+            drop(turn);
+            tokio::select! {
+                biased;
+                () = sh.stop.cancelled() => None,
+                () = admit => Some(Turn::queue(&sh.exec)),
+            }
+        }
     };
-    if !admitted {
+    let Some(turn) = turn else {
         sh.settle(SettleMsg::hand_back(d)).await;
         return;
-    }
+    };
     let permit = tokio::select! {
         biased;
-        () = sh.stop.cancelled() => {
-            sh.settle(SettleMsg::hand_back(d)).await;
-            return;
-        }
-        p = Arc::clone(&sh.exec).acquire_owned() => match p {
-            Ok(p) => p,
-            Err(_) => { sh.settle(SettleMsg::hand_back(d)).await; return; }
-        },
+        () = sh.stop.cancelled() => None,
+        p = turn.wait() => p,
+    };
+    let Some(permit) = permit else {
+        sh.settle(SettleMsg::hand_back(d)).await;
+        return;
     };
     // Boxed, like the rare paths above: up to prefetch − concurrency
     // messages wait for a slot, each in a spawned task, and a waiting task

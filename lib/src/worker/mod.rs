@@ -34,6 +34,7 @@ pub(crate) mod shared;
 mod starter;
 #[cfg(test)]
 mod tests;
+mod turn;
 
 pub use registry::{
     Registry, TaskContext, TaskError, TaskFuture, TaskLimits, TaskOptions, TaskOutcome,
@@ -433,8 +434,11 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
             }
             continue;
         }
+        // Each message queues for a concurrency slot here, in the order
+        // taken, not when its task is first polled (see `turn`).
         for h in held {
-            tasks.spawn(handle::handle(Arc::clone(sh), h));
+            let turn = turn::Turn::queue(&sh.exec);
+            tasks.spawn(handle::handle(Arc::clone(sh), h, turn));
         }
     }
 }
