@@ -210,20 +210,13 @@ fn celery_inspect_control_and_revoke_reach_our_workers_over_rabbitmq() -> Result
 
 /// Consumers of `queue` in `vhost`, `None` while it does not exist.
 fn consumers(vhost: &str, queue: &str) -> Option<u64> {
-    let rabbit = rabbit::shared();
-    let out = rabbit.ctl(&[
-        "list_queues",
-        "-p",
-        vhost,
-        "--quiet",
-        "--no-table-headers",
-        "name",
-        "consumers",
-    ]);
-    out.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        (f.next()? == queue).then(|| f.next()?.parse().ok())?
-    })
+    rabbit::shared()
+        .list_queues(vhost, &["name", "consumers"])
+        .into_iter()
+        .find_map(|row| match row.as_slice() {
+            [name, n] if name == queue => n.parse().ok(),
+            _ => None,
+        })
 }
 
 #[test]

@@ -238,25 +238,26 @@ impl Rabbit {
     /// `(messages_ready, messages_unacknowledged)` of every queue of
     /// `vhost`, by name.
     pub fn queue_counts(&self, vhost: &str) -> Vec<(String, u64, u64)> {
-        let out = self.ctl(&[
-            "list_queues",
-            "-p",
+        self.list_queues(
             vhost,
-            "--quiet",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ]);
-        out.lines()
-            .filter_map(|l| {
-                let mut f = l.split_whitespace();
-                Some((
-                    f.next()?.to_owned(),
-                    f.next()?.parse().ok()?,
-                    f.next()?.parse().ok()?,
-                ))
-            })
+            &["name", "messages_ready", "messages_unacknowledged"],
+        )
+        .into_iter()
+        .filter_map(|row| {
+            let [name, ready, unacked] = <[String; 3]>::try_from(row).ok()?;
+            Some((name, ready.parse().ok()?, unacked.parse().ok()?))
+        })
+        .collect()
+    }
+
+    /// The `columns` of `rabbitmqctl list_queues` for every queue of
+    /// `vhost`, one row per queue.
+    pub fn list_queues(&self, vhost: &str, columns: &[&str]) -> Vec<Vec<String>> {
+        let mut args = vec!["list_queues", "-p", vhost, "--quiet", "--no-table-headers"];
+        args.extend_from_slice(columns);
+        self.ctl(&args)
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_owned).collect())
             .collect()
     }
 }
