@@ -4,7 +4,7 @@
 //! [`Keys::held_counts`] on the result backend's Redis, the one the Redis
 //! broker keeps per worker too. It expires with the worker's lease and is
 //! deleted when the worker is reaped or releases its lease, and
-//! [`in_flight`] sums it over the live workers.
+//! [`counts`] sums it over the live workers.
 
 use super::consume::Consumer;
 use crate::backend::traits::{BackendError, Leases, Reaped};
@@ -58,27 +58,43 @@ impl Leases for HeldLeases {
     }
 }
 
-/// Messages of each of `queues` (in order) that live workers hold, as of
-/// their last heartbeats.
-pub(super) async fn in_flight(
+/// For each of `queues` (in order): its dead letters on Redis, and the
+/// messages live `workers` hold of it as of their last heartbeats. One
+/// round trip.
+pub(super) async fn counts(
     lane: &mut Lane,
     keys: &Keys,
     workers: &[WorkerRecord],
     queues: &[String],
-) -> Result<Vec<u64>, BackendError> {
-    let mut total = vec![0; queues.len()];
-    if workers.is_empty() || queues.is_empty() {
-        return Ok(total);
+) -> Result<(Vec<u64>, Vec<u64>), BackendError> {
+    let mut held = vec![0; queues.len()];
+    if queues.is_empty() {
+        return Ok((Vec::new(), held));
     }
     let mut p = redis::pipe();
+    for q in queues {
+        p.cmd("LLEN").arg(keys.dead_letters(q));
+    }
     for w in workers {
         p.cmd("HMGET").arg(keys.held_counts(&w.id)).arg(queues);
     }
-    let rows: Vec<Vec<Option<u64>>> = on_lane!(lane, "count held messages", |c| p.query_async(c))?;
-    for row in rows {
-        for (t, n) in total.iter_mut().zip(row) {
+    let replies: Vec<redis::Value> = on_lane!(lane, "count dead letters and held messages", |c| p
+        .query_async(c))?;
+    let mut replies = replies.into_iter();
+    let bad = |detail: String| BackendError::Invalid {
+        op: "count dead letters and held messages",
+        detail,
+    };
+    let dead = replies
+        .by_ref()
+        .take(queues.len())
+        .map(|v| redis::from_redis_value::<u64>(v).map_err(|e| bad(e.to_string())))
+        .collect::<Result<Vec<u64>, _>>()?;
+    for v in replies {
+        let row: Vec<Option<u64>> = redis::from_redis_value(v).map_err(|e| bad(e.to_string()))?;
+        for (t, n) in held.iter_mut().zip(row) {
             *t += n.unwrap_or(0);
         }
     }
-    Ok(total)
+    Ok((dead, held))
 }

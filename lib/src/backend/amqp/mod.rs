@@ -434,19 +434,23 @@ impl Inspect for AmqpSession {
     /// queue (0): the delay levels are shared by every queue, and their
     /// total is in [`Inspect::delayed_span`].
     async fn queue_counts(&mut self, queues: &[String]) -> Result<Vec<QueueCounts>, BackendError> {
-        let ready = self.b.link.message_counts(queues).await?;
-        let keys = self.b.redis.broker().keys();
-        let mut p = redis::pipe();
-        for q in queues {
-            p.cmd("LLEN").arg(keys.dead_letters(q));
-        }
-        let dead: Vec<u64> = if queues.is_empty() {
-            Vec::new()
-        } else {
-            on_lane!(&mut self.lane, "count dead letters", |c| p.query_async(c))?
+        let Self { b, lane, usage, .. } = self;
+        let keys = b.redis.broker().keys();
+        // RabbitMQ's counts and Redis's (live workers, then dead letters
+        // and held counts in one pipeline) are asked for at once.
+        let on_redis = async {
+            let workers = b.redis.inspect(*usage).live_workers().await?;
+            held::counts(lane, keys, &workers, queues).await
         };
-        let workers = self.b.redis.inspect(self.usage).live_workers().await?;
-        let held = held::in_flight(&mut self.lane, keys, &workers, queues).await?;
+        let (ready, (dead, held)) = tokio::try_join!(
+            async {
+                b.link
+                    .message_counts(queues)
+                    .await
+                    .map_err(BackendError::from)
+            },
+            on_redis,
+        )?;
         Ok(ready
             .into_iter()
             .zip(dead)

@@ -324,6 +324,16 @@ async fn dead_letters_are_listed_on_redis_and_requeued_to_rabbitmq_once() {
     let (page, total) = dl.page("celery", 10).await.expect("page");
     assert_eq!(total, 1);
     assert_eq!(page[0].task_id.as_deref(), Some("d1"));
+    let counts = b
+        .inspect(Use::Request)
+        .queue_counts(&["celery".into(), "other".into()])
+        .await
+        .expect("counts");
+    let seen: Vec<(u64, u64, u64)> = counts
+        .iter()
+        .map(|c| (c.ready, c.in_flight, c.dead_lettered))
+        .collect();
+    assert_eq!(seen, [(0, 0, 1), (0, 0, 0)], "per queue, in order");
     let picked = dl
         .pick("celery", &DeadSelection::TaskIds(vec!["d1".into()]))
         .await
