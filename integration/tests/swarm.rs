@@ -1,6 +1,7 @@
 //! compose/swarm.yml on a single-node Docker Swarm made by the test on the
 //! local engine (`docker swarm init --advertise-addr 127.0.0.1`, left
-//! again at the end only when the test made it): `docker stack deploy`
+//! again at the end, with the `docker_gwbridge` network it made, only when
+//! the test made it): `docker stack deploy`
 //! converges to a healthy stack (`stackctl verify --swarm` passes); a
 //! rolling update of the worker image while 5,000 tasks flow loses none;
 //! a worker container's process killed mid-batch is replaced by the Swarm
@@ -63,7 +64,18 @@ fn docker_cli(args: &[&str], env: &[(&str, String)]) -> Result<String> {
 /// this guard made it.
 struct SwarmNode {
     created: bool,
+    /// Whether `swarm init` made the engine's `docker_gwbridge` network
+    /// (it outlives `swarm leave`, so the guard removes it).
+    made_gwbridge: bool,
     _lock: Flock<std::fs::File>,
+}
+
+/// The network `docker swarm init` creates for the services' containers.
+const GWBRIDGE: &str = "docker_gwbridge";
+
+fn network_exists(name: &str) -> Result<bool> {
+    let names = docker_cli(&["network", "ls", "--format", "{{.Name}}"], &[])?;
+    Ok(names.lines().any(|n| n.trim() == name))
 }
 
 impl SwarmNode {
@@ -73,6 +85,7 @@ impl SwarmNode {
             .map_err(|(_, e)| e)
             .with_context(|| format!("cannot lock {}", path.display()))?;
         let state = docker_cli(&["info", "--format", "{{.Swarm.LocalNodeState}}"], &[])?;
+        let had_gwbridge = network_exists(GWBRIDGE)?;
         let created = match state.trim() {
             "active" => false,
             "inactive" => {
@@ -83,6 +96,7 @@ impl SwarmNode {
         };
         Ok(Self {
             created,
+            made_gwbridge: created && !had_gwbridge,
             _lock: lock,
         })
     }
@@ -90,10 +104,29 @@ impl SwarmNode {
 
 impl Drop for SwarmNode {
     fn drop(&mut self) {
-        if self.created
-            && let Err(e) = docker_cli(&["swarm", "leave", "--force"], &[])
-        {
+        if !self.created {
+            return;
+        }
+        if let Err(e) = docker_cli(&["swarm", "leave", "--force"], &[]) {
             eprintln!("leaving the test's Swarm: {e:#}");
+            return;
+        }
+        if self.made_gwbridge {
+            // The ingress sandbox may still be leaving the network for a
+            // moment after `swarm leave`.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                match docker_cli(&["network", "rm", GWBRIDGE], &[]) {
+                    Ok(_) => break,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => {
+                        eprintln!("removing the Swarm's {GWBRIDGE} network: {e:#}");
+                        break;
+                    }
+                }
+            }
         }
     }
 }
