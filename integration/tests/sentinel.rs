@@ -119,11 +119,14 @@ fn recording_worker(
     Ok(w)
 }
 
-/// How many times each task id ran, from the record file.
+/// How many times each task id ran, from the record file. Its last line
+/// may still be being appended by a running task (the shell writes it in
+/// pieces): only lines that end in a newline are read.
 fn executions(dir: &Path) -> Result<HashMap<String, usize>> {
     let text = std::fs::read_to_string(dir.join("executions.jsonl")).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
     let mut runs = HashMap::new();
-    for line in text.lines().filter(|l| !l.is_empty()) {
+    for line in complete.lines().filter(|l| !l.is_empty()) {
         let v: Value = serde_json::from_str(line).with_context(|| format!("line {line:?}"))?;
         let id = v["id"].as_str().context("id")?.to_owned();
         *runs.entry(id).or_insert(0) += 1;
