@@ -6,6 +6,7 @@
 //! worker takes, settles and parks from different sessions.
 
 use super::AmqpError;
+use super::acks::ChannelAcks;
 use super::link::Link;
 use super::topology;
 use super::wire;
@@ -13,9 +14,7 @@ use crate::broker::Delivery;
 use crate::proto::keys::queue_of_key;
 use futures_util::StreamExt as _;
 use lapin::message::Delivery as AmqpDelivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
 use std::collections::{HashMap, VecDeque};
@@ -30,7 +29,7 @@ type Item = (String, lapin::Result<AmqpDelivery>);
 /// A delivery the worker took and has not settled.
 #[derive(Debug)]
 pub(crate) struct Hold {
-    channel: Channel,
+    acks: Arc<ChannelAcks>,
     tag: u64,
     pub queue: String,
     /// The message itself when it was too large to hand to the worker
@@ -53,6 +52,9 @@ pub(crate) struct Consumer {
 struct Consuming {
     conn: Connection,
     channel: Channel,
+    /// The channel's acknowledgements; every delivery received is seen
+    /// by it.
+    acks: Arc<ChannelAcks>,
     /// The queues consumed, in the order served.
     queues: Vec<String>,
     tx: mpsc::UnboundedSender<Item>,
@@ -109,6 +111,7 @@ impl Consumer {
             let (tx, rx) = mpsc::unbounded_channel();
             *slot = Some(Consuming {
                 conn,
+                acks: Arc::new(ChannelAcks::new(channel.clone())),
                 channel,
                 queues: Vec::new(),
                 tx,
@@ -179,7 +182,10 @@ impl Consumer {
                     continue;
                 }
                 match c.rx.try_recv() {
-                    Ok((q, Ok(d))) => got.push((q, d)),
+                    Ok((q, Ok(d))) => {
+                        c.acks.seen(d.delivery_tag);
+                        got.push((q, d));
+                    }
                     Ok((_, Err(e))) => return Err(AmqpError::of("receive messages", &e)),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => {
@@ -187,10 +193,10 @@ impl Consumer {
                     }
                 }
             }
-            Ok((c.channel.clone(), got))
+            Ok((Arc::clone(&c.acks), got))
         }
         .await;
-        let (channel, got) = match result {
+        let (acks, got) = match result {
             Ok(r) => r,
             Err(e) => {
                 // Deliveries of a broken channel are RabbitMQ's again.
@@ -201,11 +207,17 @@ impl Consumer {
         drop(slot);
         Ok(got
             .into_iter()
-            .map(|(q, d)| self.hold(&channel, q, d, max_size))
+            .map(|(q, d)| self.hold(&acks, q, d, max_size))
             .collect())
     }
 
-    fn hold(&self, channel: &Channel, queue: String, d: AmqpDelivery, max_size: usize) -> Delivery {
+    fn hold(
+        &self,
+        acks: &Arc<ChannelAcks>,
+        queue: String,
+        d: AmqpDelivery,
+        max_size: usize,
+    ) -> Delivery {
         let seq = self.last_seq.fetch_add(1, Ordering::Relaxed) + 1;
         if d.redelivered {
             tracing::info!(queue = %queue, redelivered = true, "RabbitMQ redelivered a message");
@@ -223,7 +235,7 @@ impl Consumer {
             (payload, None, None)
         };
         let hold = Hold {
-            channel: channel.clone(),
+            acks: Arc::clone(acks),
             tag: d.delivery_tag,
             queue: queue.clone(),
             oversized: kept,
@@ -255,6 +267,7 @@ impl Consumer {
             match tokio::time::timeout(wait, c.rx.recv()).await {
                 Err(_) => Ok(false),
                 Ok(Some((q, Ok(d)))) => {
+                    c.acks.seen(d.delivery_tag);
                     c.pending.push_back((q, d));
                     Ok(true)
                 }
@@ -306,28 +319,29 @@ impl Consumer {
     }
 }
 
-/// Acknowledges a hold. A channel that closed since has given the message
-/// back to RabbitMQ, which redelivers it (`redelivered` set): logged, not
-/// an error, as settling a hold already gone is a no-op.
-pub(crate) async fn ack(hold: Hold) {
-    if let Err(e) = hold
-        .channel
-        .basic_ack(hold.tag, BasicAckOptions::default())
-        .await
-    {
-        tracing::warn!(queue = %hold.queue, error = %e, "cannot acknowledge; RabbitMQ will redeliver the message");
+/// Acknowledges holds: the tags of each channel in one batch (see
+/// `acks`). A channel that closed since has given its messages back to
+/// RabbitMQ, which redelivers them (`redelivered` set): logged, not an
+/// error, as settling a hold already gone is a no-op.
+pub(crate) async fn ack(holds: Vec<Hold>) {
+    let mut by_channel: Vec<(Arc<ChannelAcks>, Vec<u64>)> = Vec::new();
+    for h in holds {
+        match by_channel
+            .iter_mut()
+            .find(|(acks, _)| Arc::ptr_eq(acks, &h.acks))
+        {
+            Some((_, tags)) => tags.push(h.tag),
+            None => by_channel.push((h.acks, vec![h.tag])),
+        }
+    }
+    for (acks, tags) in by_channel {
+        acks.ack(&tags).await;
     }
 }
 
 /// Gives a hold back to its queue (`basic.nack` with requeue).
 pub(crate) async fn nack(hold: Hold) {
-    let opts = BasicNackOptions {
-        multiple: false,
-        requeue: true,
-    };
-    if let Err(e) = hold.channel.basic_nack(hold.tag, opts).await {
-        tracing::warn!(queue = %hold.queue, error = %e, "cannot hand back; RabbitMQ requeued it with its channel");
-    }
+    hold.acks.requeue(hold.tag).await;
 }
 
 async fn close(c: Option<Consuming>) {

@@ -19,6 +19,7 @@
 //! in a worker; a worker that dies leaves its unacknowledged messages to
 //! RabbitMQ, which redelivers them (`redelivered` set).
 
+mod acks;
 mod consume;
 mod dead;
 mod held;
@@ -346,11 +347,11 @@ impl Consume for AmqpSession {
         if !p.is_empty() {
             on_lane!(&mut self.lane, "store results", |c| p.query_async::<()>(c))?;
         }
-        for s in batch {
-            if let Some(hold) = self.b.consumer.release(s.seq) {
-                consume::ack(hold).await;
-            }
-        }
+        let holds = batch
+            .iter()
+            .filter_map(|s| self.b.consumer.release(s.seq))
+            .collect();
+        consume::ack(holds).await;
         Ok(())
     }
 
@@ -382,7 +383,7 @@ impl Consume for AmqpSession {
             .publish(&[(queue_key, payload, Some(due_ms))])
             .await?;
         if let Some(hold) = self.b.consumer.release(seq) {
-            consume::ack(hold).await;
+            consume::ack(vec![hold]).await;
         }
         Ok(())
     }
@@ -402,7 +403,7 @@ impl Consume for AmqpSession {
         // Stored on Redis first, then acknowledged.
         dead::store(&mut self.lane, self.b.redis.broker().keys(), &record).await?;
         if let Some(hold) = self.b.consumer.release(seq) {
-            consume::ack(hold).await;
+            consume::ack(vec![hold]).await;
         }
         Ok(())
     }

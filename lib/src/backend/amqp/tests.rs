@@ -203,6 +203,110 @@ async fn messages_arrive_as_sent_and_are_acknowledged_after_their_result() {
     assert_eq!(again.iter().map(id_of).collect::<Vec<_>>(), ["t2"]);
 }
 
+/// Waits until `queue`'s `(ready, unacknowledged)` are `want`.
+async fn counts_become(s: &Setup, queue: &str, want: (u64, u64)) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = s.counts(queue);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{queue}: (ready, unacknowledged) stayed {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Six messages sent to `celery` and taken by `b`, in order.
+async fn six_held(b: &AmqpBackend) -> Vec<Delivery> {
+    let sent: Vec<Outgoing> = (1..=6)
+        .map(|i| out(&format!("m{i}"), "celery", None))
+        .collect();
+    b.enqueue(Use::Request)
+        .enqueue(&sent)
+        .await
+        .expect("enqueue");
+    let got = take_n(b, "celery", 6, Duration::from_secs(20)).await;
+    assert_eq!(
+        got.iter().map(id_of).collect::<Vec<_>>(),
+        ["m1", "m2", "m3", "m4", "m5", "m6"]
+    );
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_acknowledgements_cover_settled_messages_only() {
+    let s = Setup::new("coalesce");
+    let b = s.backend(QueueOptions::default());
+    let got = six_held(&b).await;
+    // m3 and m6 still run: m1-m2 go as one multiple acknowledgement,
+    // m4-m5 one by one.
+    let settle = |idx: &[usize]| {
+        idx.iter()
+            .map(|&i| ack(got[i].seq, None))
+            .collect::<Vec<_>>()
+    };
+    b.consume("w1")
+        .settle(&settle(&[0, 1, 3, 4]), LEASE)
+        .await
+        .expect("settle");
+    counts_become(&s, "celery", (0, 2)).await;
+    // Now everything up to m6 is settled: one multiple up to m6 (RabbitMQ
+    // would close the channel over a tag it no longer holds, and m3 and
+    // m6 would come back).
+    b.consume("w1")
+        .settle(&settle(&[2, 5]), LEASE)
+        .await
+        .expect("settle");
+    counts_become(&s, "celery", (0, 0)).await;
+    b.enqueue(Use::Request)
+        .enqueue(&[out("m7", "celery", None)])
+        .await
+        .expect("enqueue");
+    let more = take_n(&b, "celery", 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        more.iter().map(id_of).collect::<Vec<_>>(),
+        ["m7"],
+        "only the new one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_loses_none_of_its_unsettled_messages_to_a_coalesced_acknowledgement() {
+    let s = Setup::new("coalesce-kill");
+    let first = s.backend(QueueOptions::default());
+    let got = six_held(&first).await;
+    // m2 is handed back; m5 still runs when m1, m3, m4 and m6 are settled:
+    // m1-m4 go as one multiple acknowledgement (m2 is RabbitMQ's again, so
+    // it is not covered), m6 alone; then the worker dies.
+    assert_eq!(
+        first
+            .consume("w1")
+            .hand_back(&[got[1].seq])
+            .await
+            .expect("back"),
+        1
+    );
+    first
+        .consume("w1")
+        .settle(&[0, 2, 3, 5].map(|i| ack(got[i].seq, None)), LEASE)
+        .await
+        .expect("settle");
+    first.consumer.close_now().await;
+    drop(first);
+    counts_become(&s, "celery", (2, 0)).await;
+    let second = s.backend(QueueOptions::default());
+    let mut back: Vec<String> = take_n(&second, "celery", 2, Duration::from_secs(20))
+        .await
+        .iter()
+        .map(id_of)
+        .collect();
+    back.sort();
+    assert_eq!(back, ["m2", "m5"], "the unsettled ones, and only those");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_workers_messages_are_redelivered_to_another() {
     let s = Setup::new("redeliver");
