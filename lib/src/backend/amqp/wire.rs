@@ -12,6 +12,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use serde::{Serialize, Serializer};
 use serde_json::{Map, Number, Value};
 
 /// `delivery_mode` 2: RabbitMQ writes the message to disk (Celery's
@@ -95,49 +96,120 @@ pub(crate) fn to_amqp(envelope: &[u8], keep_ttl: bool) -> Result<AmqpMessage, St
 }
 
 /// What arrived from RabbitMQ, as a kombu envelope (JSON text) the worker
-/// decodes as it decodes a message from Redis.
+/// decodes as it decodes a message from Redis. Written straight from the
+/// AMQP values (no JSON tree in between: it runs for every delivery).
 pub(crate) fn to_envelope(
     body: &[u8],
     properties: &BasicProperties,
     exchange: &str,
     routing_key: &str,
 ) -> Vec<u8> {
-    let s = |o: &Option<ShortString>| o.as_ref().map(|v| Value::from(v.as_str()));
-    let mut props = Map::new();
-    if let Some(c) = s(properties.correlation_id()) {
-        props.insert("correlation_id".into(), c);
+    let envelope = Envelope {
+        body: B64.encode(body),
+        content_encoding: text(properties.content_encoding()),
+        content_type: text(properties.content_type()),
+        headers: Headers(properties.headers().as_ref()),
+        properties: Properties {
+            correlation_id: text(properties.correlation_id()),
+            reply_to: text(properties.reply_to()),
+            delivery_mode: properties.delivery_mode().unwrap_or(PERSISTENT),
+            priority: properties.priority().unwrap_or(0),
+            delivery_info: DeliveryInfo {
+                exchange,
+                routing_key,
+            },
+            body_encoding: "base64",
+        },
+    };
+    // Cannot fail: every map key is a string.
+    serde_json::to_vec(&envelope).unwrap_or_default()
+}
+
+fn text(o: &Option<ShortString>) -> Option<&str> {
+    o.as_ref().map(ShortString::as_str)
+}
+
+/// kombu's envelope, as the Redis transport stores it.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    body: String,
+    #[serde(rename = "content-encoding")]
+    content_encoding: Option<&'a str>,
+    #[serde(rename = "content-type")]
+    content_type: Option<&'a str>,
+    headers: Headers<'a>,
+    properties: Properties<'a>,
+}
+
+#[derive(Serialize)]
+struct Properties<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply_to: Option<&'a str>,
+    delivery_mode: u8,
+    priority: u8,
+    delivery_info: DeliveryInfo<'a>,
+    body_encoding: &'static str,
+}
+
+#[derive(Serialize)]
+struct DeliveryInfo<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+}
+
+/// The message's headers without [`BROKER_HEADERS`]; `{}` when it has none.
+struct Headers<'a>(Option<&'a FieldTable>);
+
+impl Serialize for Headers<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let entries = self.0.into_iter().flat_map(|t| t.inner().iter());
+        s.collect_map(
+            entries
+                .filter(|(k, _)| !BROKER_HEADERS.contains(&k.as_str()))
+                .map(|(k, v)| (k.as_str(), AsJson(v))),
+        )
     }
-    if let Some(r) = s(properties.reply_to()) {
-        props.insert("reply_to".into(), r);
+}
+
+/// An AMQP value written as [`json_of`] would make it.
+struct AsJson<'a>(&'a AMQPValue);
+
+impl Serialize for AsJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let float = |s: S, f: f64| {
+            if f.is_finite() {
+                s.serialize_f64(f)
+            } else {
+                s.serialize_unit()
+            }
+        };
+        match self.0 {
+            AMQPValue::Boolean(b) => s.serialize_bool(*b),
+            AMQPValue::ShortShortInt(i) => s.serialize_i8(*i),
+            AMQPValue::ShortShortUInt(i) => s.serialize_u8(*i),
+            AMQPValue::ShortInt(i) => s.serialize_i16(*i),
+            AMQPValue::ShortUInt(i) => s.serialize_u16(*i),
+            AMQPValue::LongInt(i) => s.serialize_i32(*i),
+            AMQPValue::LongUInt(i) => s.serialize_u32(*i),
+            AMQPValue::LongLongInt(i) => s.serialize_i64(*i),
+            AMQPValue::Float(f) => float(s, f64::from(*f)),
+            AMQPValue::Double(f) => float(s, *f),
+            AMQPValue::DecimalValue(d) => {
+                float(s, f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
+            }
+            AMQPValue::ShortString(v) => s.serialize_str(v.as_str()),
+            AMQPValue::LongString(v) => s.serialize_str(&String::from_utf8_lossy(v.as_bytes())),
+            AMQPValue::FieldArray(a) => s.collect_seq(a.as_slice().iter().map(AsJson)),
+            AMQPValue::Timestamp(t) => s.serialize_u64(*t),
+            AMQPValue::FieldTable(t) => {
+                s.collect_map(t.inner().iter().map(|(k, v)| (k.as_str(), AsJson(v))))
+            }
+            AMQPValue::ByteArray(b) => s.serialize_str(&B64.encode(b.as_slice())),
+            AMQPValue::Void => s.serialize_unit(),
+        }
     }
-    props.insert(
-        "delivery_mode".into(),
-        Value::from(properties.delivery_mode().unwrap_or(PERSISTENT)),
-    );
-    props.insert(
-        "priority".into(),
-        Value::from(properties.priority().unwrap_or(0)),
-    );
-    props.insert(
-        "delivery_info".into(),
-        serde_json::json!({"exchange": exchange, "routing_key": routing_key}),
-    );
-    props.insert("body_encoding".into(), Value::from("base64"));
-    let headers = properties.headers().as_ref().map_or_else(Map::new, |h| {
-        h.inner()
-            .iter()
-            .filter(|(k, _)| !BROKER_HEADERS.contains(&k.as_str()))
-            .map(|(k, v)| (k.as_str().to_owned(), json_of(v)))
-            .collect()
-    });
-    let envelope = serde_json::json!({
-        "body": B64.encode(body),
-        "content-encoding": s(properties.content_encoding()).unwrap_or(Value::Null),
-        "content-type": s(properties.content_type()).unwrap_or(Value::Null),
-        "headers": headers,
-        "properties": props,
-    });
-    envelope.to_string().into_bytes()
 }
 
 /// A JSON object as an AMQP table, typed as py-amqp types Python values
@@ -250,6 +322,78 @@ mod tests {
         assert_eq!(after.kwargs, before.kwargs);
         assert_eq!(after.header("timelimit"), before.header("timelimit"));
         assert_eq!(after.property("priority"), Some(&Value::from(3)));
+    }
+
+    #[test]
+    fn every_amqp_value_reaches_the_envelope_as_json_of_reads_it() {
+        use lapin::types::{ByteArray, DecimalValue};
+        let mut inner = FieldTable::default();
+        inner.insert("n".into(), AMQPValue::LongLongInt(-5));
+        let mut h = FieldTable::default();
+        let values = [
+            ("bool", AMQPValue::Boolean(true)),
+            ("i8", AMQPValue::ShortShortInt(-8)),
+            ("u8", AMQPValue::ShortShortUInt(8)),
+            ("i16", AMQPValue::ShortInt(-16)),
+            ("u16", AMQPValue::ShortUInt(16)),
+            ("i32", AMQPValue::LongInt(-32)),
+            ("u32", AMQPValue::LongUInt(32)),
+            ("i64", AMQPValue::LongLongInt(i64::MIN)),
+            ("f32", AMQPValue::Float(0.1)),
+            ("f64", AMQPValue::Double(10.5)),
+            ("nan", AMQPValue::Double(f64::NAN)),
+            (
+                "decimal",
+                AMQPValue::DecimalValue(DecimalValue {
+                    scale: 2,
+                    value: 314,
+                }),
+            ),
+            ("short", AMQPValue::ShortString("s".into())),
+            ("long", AMQPValue::LongString("l\"\u{e9}".into())),
+            (
+                "array",
+                AMQPValue::FieldArray(FieldArray::from(vec![
+                    AMQPValue::Void,
+                    AMQPValue::FieldTable(inner.clone()),
+                ])),
+            ),
+            ("time", AMQPValue::Timestamp(1_700_000_000)),
+            ("table", AMQPValue::FieldTable(inner)),
+            (
+                "bytes",
+                AMQPValue::ByteArray(ByteArray::from(vec![0u8, 255])),
+            ),
+            ("void", AMQPValue::Void),
+        ];
+        for (k, v) in &values {
+            h.insert((*k).into(), v.clone());
+        }
+        let expected = json_of(&AMQPValue::FieldTable(h.clone()));
+        h.insert(
+            "x-first-death-queue".into(),
+            AMQPValue::LongString("taskstack.delay.3".into()),
+        );
+        let p = BasicProperties::default()
+            .with_headers(h)
+            .with_content_type("application/json".into())
+            .with_reply_to("r".into());
+        let env: Value =
+            serde_json::from_slice(&to_envelope(b"[1]", &p, "ex", "rk")).expect("json");
+        assert_eq!(env["headers"], expected);
+        assert_eq!(env["body"], "WzFd");
+        assert_eq!(env["content-type"], "application/json");
+        assert_eq!(env["content-encoding"], Value::Null);
+        assert_eq!(
+            env["properties"],
+            serde_json::json!({
+                "reply_to": "r",
+                "delivery_mode": 2,
+                "priority": 0,
+                "delivery_info": {"exchange": "ex", "routing_key": "rk"},
+                "body_encoding": "base64",
+            })
+        );
     }
 
     #[test]
