@@ -189,6 +189,35 @@ fn default_names_differ_per_worker_and_shutdown_obeys_all() -> Result<()> {
 }
 
 #[test]
+fn workers_started_while_redis_is_down_get_distinct_names() -> Result<()> {
+    let python = celery_python()?;
+    let mut redis = RedisServer::start()?;
+    let url = redis.url();
+    let ns = namespace("control-names-down");
+    redis.stop()?;
+    let a = WorkerProcess::spawn(&url, &ns, &[])?;
+    let b = WorkerProcess::spawn(&url, &ns, &[])?;
+    for w in [&a, &b] {
+        w.wait_log("cannot claim the node name", LONG)
+            .with_context(|| w.log())?;
+    }
+    redis.restart()?;
+    // Both would have taken `taskstack@<host>` unchecked, and answered
+    // under one name.
+    let names = wait_until_sync("both workers to answer ping", LONG, || {
+        let v = celery_cli(&python, &url, &["inspect", "ping"]).ok()??;
+        let names: Vec<String> = v.as_object()?.keys().cloned().collect();
+        (names.len() == 2).then_some(names)
+    })
+    .with_context(|| format!("{}\n{}", a.log(), b.log()))?;
+    for w in [&a, &b] {
+        let own = format!("taskstack-{}@", w.pid());
+        assert!(names.iter().any(|n| n.starts_with(&own)), "{names:?}");
+    }
+    Ok(())
+}
+
+#[test]
 fn flower_and_celery_events_show_taskstack_workers_and_tasks() -> Result<()> {
     let python = Monitors::python()?;
     let redis = RedisServer::start()?;

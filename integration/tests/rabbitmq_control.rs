@@ -254,6 +254,44 @@ fn with_remote_control_off_the_name_is_held_again_after_the_connection_breaks() 
 }
 
 #[test]
+fn workers_started_while_rabbitmq_is_down_get_distinct_names() -> Result<()> {
+    let python = celery_python()?;
+    let mut node = rabbit::Rabbit::start();
+    let s = Stack {
+        amqp: node.vhost("amqp-names-down"),
+        redis: RedisServer::start()?,
+        ns: namespace("amqp-names-down"),
+    };
+    node.stop();
+    let redis = s.redis.url();
+    let env = [
+        ("TASKSTACK_BROKER_URL", s.amqp.as_str()),
+        ("TASKSTACK_RESULT_BACKEND", redis.as_str()),
+    ];
+    let a = WorkerProcess::spawn(&redis, &s.ns, &env)?;
+    let b = WorkerProcess::spawn(&redis, &s.ns, &env)?;
+    for w in [&a, &b] {
+        w.wait_log("cannot claim the node name on RabbitMQ", LONG)
+            .with_context(|| w.log())?;
+    }
+    node.start_again();
+    // Both would have taken `taskstack@<host>` unchecked: the second to
+    // reach RabbitMQ would have found its pidbox queue held and answered
+    // nothing.
+    let names = wait_until_sync("both workers to answer ping", LONG, || {
+        let v = s.cli(&python, &["inspect", "ping"]).ok()??;
+        let names: Vec<String> = v.as_object()?.keys().cloned().collect();
+        (names.len() == 2).then_some(names)
+    })
+    .with_context(|| format!("a:\n{}\nb:\n{}", a.log(), b.log()))?;
+    for w in [&a, &b] {
+        let own = format!("taskstack-{}@", w.pid());
+        assert!(names.iter().any(|n| n.starts_with(&own)), "{names:?}");
+    }
+    Ok(())
+}
+
+#[test]
 fn flower_and_celery_events_show_our_worker_and_web_over_rabbitmq() -> Result<()> {
     let python = Monitors::python()?;
     let s = Stack::new("amqp-events")?;

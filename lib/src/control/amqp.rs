@@ -14,14 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 /// Claims the node name by declaring its pidbox queue exclusively: the
 /// configured name (taken: warned, and the listener keeps trying), else
-/// `taskstack@<hostname>`, else `taskstack-<pid>@<hostname>`.
+/// `taskstack@<hostname>`, else (taken, or RabbitMQ unreachable)
+/// `taskstack-<pid>@<hostname>`.
 pub(super) async fn claim(amqp: &AmqpBackend, configured: Option<&str>) -> (String, Claimed) {
     let wanted = configured.map_or_else(default_nodename, str::to_owned);
     let open = |name: String| async move {
         let got = Mailbox::open(amqp.link(), &name).await;
         (name, got)
     };
-    let (name, got) = match open(wanted).await {
+    let (mut name, got) = match open(wanted).await {
         (name, Err(OpenError::Taken)) if configured.is_none() => {
             let other = fallback_nodename();
             tracing::info!(taken = %name, nodename = %other, "node name taken on this host; using another");
@@ -40,8 +41,17 @@ pub(super) async fn claim(amqp: &AmqpBackend, configured: Option<&str>) -> (Stri
             );
             None
         }
-        Err(OpenError::Amqp(e)) => {
+        Err(OpenError::Amqp(e)) if configured.is_some() => {
             tracing::warn!(error = %e, nodename = %name, "cannot claim the node name on RabbitMQ; using it unchecked");
+            None
+        }
+        // Unchecked, the default name could be another worker's on this
+        // host (the listener would then wait for it forever): the name
+        // with this process's id cannot be.
+        Err(OpenError::Amqp(e)) => {
+            let other = fallback_nodename();
+            tracing::warn!(error = %e, wanted = %name, nodename = %other, "cannot claim the node name on RabbitMQ; using this host's unique one");
+            name = other;
             None
         }
     };

@@ -48,8 +48,9 @@ pub(crate) struct Claimed {
 /// or by declaring its pidbox queue exclusively on RabbitMQ: the configured
 /// one (a clash is only warned about, as kombu does), or
 /// `taskstack@<hostname>`, or `taskstack-<pid>@<hostname>` when another
-/// worker on this host holds that (so several workers on one host get
-/// distinct names).
+/// worker on this host holds that or the broker cannot be asked (so
+/// several workers on one host get distinct names, even when they start
+/// while the broker is down).
 pub(crate) async fn claim_nodename(
     backend: &dyn crate::backend::Backend,
     configured: Option<&str>,
@@ -107,9 +108,16 @@ async fn claim_on_redis(
             tracing::info!(taken = %name, nodename = %other, "node name taken on this host; using another");
             other
         }
-        (name, Err(e)) => {
+        (name, Err(e)) if configured.is_some() => {
             tracing::warn!(error = %e, nodename = %name, "cannot claim the node name; using it unchecked");
             name
+        }
+        // Unchecked, the default name could be another worker's on this
+        // host: the name with this process's id cannot be.
+        (name, Err(e)) => {
+            let other = fallback_nodename();
+            tracing::warn!(error = %e, wanted = %name, nodename = %other, "cannot claim the node name; using this host's unique one");
+            other
         }
     }
 }
