@@ -118,10 +118,11 @@ struct Properties<'a> {
     expiration: Option<String>,
 }
 
+/// kombu's `delivery_info` property: where the message was sent.
 #[derive(Serialize)]
-struct DeliveryInfo<'a> {
-    exchange: &'static str,
-    routing_key: &'a str,
+pub(crate) struct DeliveryInfo<'a> {
+    pub(crate) exchange: &'a str,
+    pub(crate) routing_key: &'a str,
 }
 
 /// The body's third element; all four null when the spec has none.
