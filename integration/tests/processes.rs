@@ -302,6 +302,14 @@ fn bad_configuration_exits_2_naming_key_and_value() -> Result<()> {
         ),
         (&[("TASKSTACK_LOG_FORMAT", "xml")], &["log_format", "xml"]),
         (
+            &[("TASKSTACK_WORKER_RUNTIME_THREADS", "0")],
+            &["worker_runtime_threads", "0"],
+        ),
+        (
+            &[("TASKSTACK_WORKER_RUNTIME_THREADS", "many")],
+            &["worker_runtime_threads", "many"],
+        ),
+        (
             &[(
                 "TASKSTACK_BROKER_PASSWORD_FILE",
                 "/nonexistent/redis_password",
@@ -337,6 +345,50 @@ fn bad_configuration_exits_2_naming_key_and_value() -> Result<()> {
     assert_eq!(shown["concurrency"], 3);
     assert_eq!(shown["queues"], json!(["a", "b"]));
     assert_eq!(shown["lease"], "9s");
+    Ok(())
+}
+
+/// The stock worker (built-in and declared tasks only) runs on one
+/// runtime thread by default; `worker_runtime_threads` and tokio's own
+/// variable choose otherwise. Each runs tasks and stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stock_worker_runs_one_runtime_thread_unless_told_otherwise() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let cases: [(&[(&str, &str)], u64); 4] = [
+        (&[], 1),
+        (&[("TASKSTACK_WORKER_RUNTIME_THREADS", "auto")], 1),
+        (&[("TASKSTACK_WORKER_RUNTIME_THREADS", "2")], 2),
+        (&[("TOKIO_WORKER_THREADS", "3")], 3),
+    ];
+    for (i, (env, want)) in cases.into_iter().enumerate() {
+        let ns = namespace(&format!("threads{i}"));
+        let mut w = WorkerProcess::spawn(&redis.url(), &ns, env)?;
+        wait_ready(&w)?;
+        let log = w.log();
+        let ready: Value = log
+            .lines()
+            .find(|l| l.contains("\"worker ready\""))
+            .map(serde_json::from_str)
+            .context("a ready line")??;
+        assert_eq!(ready["fields"]["runtime_threads"], want, "{env:?}: {log}");
+        let p = producer(&redis.url(), &ns)?;
+        let tasks: Vec<TaskRequest> = (0..50)
+            .map(|n| TaskRequest {
+                name: "taskstack.add".into(),
+                args: vec![json!(n), json!(1)],
+                kwargs: serde_json::Map::new(),
+                options: SendOptions::default(),
+            })
+            .collect();
+        let ids = p.send_many(&tasks).await?;
+        wait_until_sync("50 results", Duration::from_secs(20), || {
+            (succeeded(&redis, &ids).ok()?.len() == ids.len()).then_some(())
+        })
+        .with_context(|| w.log())?;
+        w.signal(Signal::SIGTERM)?;
+        let status = w.wait_exit(Duration::from_secs(20))?;
+        assert_eq!(status.code(), Some(0), "{env:?}: {}", w.log());
+    }
     Ok(())
 }
 

@@ -14,6 +14,7 @@ mod load;
 mod postgres;
 mod rate;
 mod redis_target;
+mod runtime;
 mod sentinel;
 mod targets;
 mod tasks;
@@ -35,6 +36,7 @@ pub use annotations::{Annotation, TaskAnnotations};
 pub use postgres::{PgTarget, SslMode, is_postgres_url};
 pub use rate::RateLimit;
 pub use redis_target::RedisTarget;
+pub use runtime::{RuntimeThreads, TOKIO_WORKER_THREADS};
 pub(crate) use sentinel::redact_sentinel_url;
 pub use sentinel::{DEFAULT_SENTINEL_PORT, SentinelTarget, is_sentinel_url};
 pub use tasks::{DeclaredTasks, ExecDecl, HttpDecl, TaskDecl, TaskKind};
@@ -192,6 +194,11 @@ pub struct Config {
     /// Messages one worker holds at once (running plus waiting); at least
     /// `concurrency`. Default: 4 × concurrency.
     pub prefetch: Option<NonZeroUsize>,
+    /// `taskstack-worker`: threads of the async runtime. `auto` (the
+    /// default): one when every task is built-in or declared (none blocks
+    /// a thread; one thread drains faster than two, see README
+    /// "Performance"), one per CPU when the binary has handlers of its own.
+    pub worker_runtime_threads: RuntimeThreads,
     /// How long a worker's claim on its messages lasts without renewal.
     #[serde(deserialize_with = "de::duration", serialize_with = "de::ser_duration")]
     pub lease: Duration,
@@ -426,6 +433,7 @@ impl Default for Config {
             // tasks, so below it the fixed Redis work per batch shows.
             concurrency: NonZeroUsize::new(64).expect("64 > 0"),
             prefetch: None,
+            worker_runtime_threads: RuntimeThreads::Auto,
             lease: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(20),
             result_expires: Duration::from_secs(3600),

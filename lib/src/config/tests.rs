@@ -73,6 +73,40 @@ fn bad_values_name_the_key_and_value() {
 }
 
 #[test]
+fn worker_runtime_threads_is_auto_or_a_positive_count_and_names_a_bad_one() {
+    assert_eq!(
+        with(&[]).expect("defaults").worker_runtime_threads,
+        RuntimeThreads::Auto
+    );
+    let fixed = |n: usize| RuntimeThreads::Fixed(NonZeroUsize::new(n).expect("n > 0"));
+    for (v, want) in [
+        (json!("auto"), RuntimeThreads::Auto),
+        (json!(" AUTO "), RuntimeThreads::Auto),
+        (json!(2), fixed(2)),
+        (json!("3"), fixed(3)),
+    ] {
+        let c = with(&[("worker_runtime_threads", v.clone())]).expect("valid");
+        assert_eq!(c.worker_runtime_threads, want, "{v}");
+    }
+    let c = from_toml("worker_runtime_threads = 4\n").expect("toml");
+    assert_eq!(c.worker_runtime_threads, fixed(4));
+    assert_eq!(
+        with(&[("worker_runtime_threads", json!(2))])
+            .expect("valid")
+            .redacted()["worker_runtime_threads"],
+        json!(2)
+    );
+    assert_eq!(
+        with(&[]).expect("defaults").redacted()["worker_runtime_threads"],
+        json!("auto")
+    );
+    for bad in [json!(0), json!("0"), json!(-1), json!("many"), json!(1.5)] {
+        let e = err(&[("worker_runtime_threads", bad.clone())]);
+        assert!(e.contains("worker_runtime_threads"), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn unknown_keys_are_refused() {
     let e = err(&[("concurency", json!(4))]);
     assert!(e.contains("concurency"), "{e}");

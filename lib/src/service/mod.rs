@@ -49,8 +49,15 @@ where
     };
     // Before any thread exists (see `memory::tune`).
     memory::tune();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = worker_threads {
+    // One thread: the current thread runs everything (with a one-thread
+    // multi-thread runtime, `run` itself would stay on this thread and hand
+    // every spawned task to the runtime's thread, waking it each time).
+    let mut builder = if worker_threads == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if let Some(n) = worker_threads.filter(|&n| n > 1) {
         builder.worker_threads(n);
     }
     let runtime = match builder.enable_all().build() {

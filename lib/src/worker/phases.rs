@@ -68,6 +68,7 @@ pub(super) fn record_state(sh: &Shared) -> Result<Option<PathBuf>, WorkerError> 
         tasks = ?sh.registry.names(),
         concurrency = sh.settings.concurrency,
         prefetch = sh.settings.prefetch,
+        runtime_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         metrics = ?sh.metrics_addr,
         "worker ready"
     );

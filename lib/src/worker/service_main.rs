@@ -19,7 +19,7 @@
 //! ```
 
 use super::{Registry, Worker, WorkerSettings, builtin, declared, health};
-use crate::config::{Config, ConfigError, DEFAULT_WORKER_METRICS_LISTEN};
+use crate::config::{Config, ConfigError, DEFAULT_WORKER_METRICS_LISTEN, TOKIO_WORKER_THREADS};
 use crate::service::cli::CommonArgs;
 use crate::service::metrics_http::bind;
 use crate::service::state::StatePath;
@@ -40,6 +40,7 @@ Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
   TASKSTACK_QUEUES                   comma-separated queues, served in order  [celery]
   TASKSTACK_CONCURRENCY              tasks run at once  [64]
   TASKSTACK_PREFETCH                 messages held at once, >= concurrency  [4 x concurrency]
+  TASKSTACK_WORKER_RUNTIME_THREADS   async runtime threads, or auto  [auto: 1 without tasks of the binary's own, else 1 per CPU]
   TASKSTACK_LEASE                    claim on held messages without renewal  [30s]
   TASKSTACK_DRAIN_TIMEOUT            time running tasks get at shutdown  [20s]
   TASKSTACK_RESULT_EXPIRES           how long results are kept  [1h]
@@ -194,17 +195,26 @@ impl<F: FnOnce(&mut Registry)> WorkerMain<F> {
             Some(Command::Healthcheck) => Invocation::Healthcheck,
             Some(Command::Tasks) => return print_tasks(name, loaded, own),
         };
+        // Handlers of the binary's own may block a runtime thread; the
+        // built-in and declared ones never do (see `RuntimeThreads`).
+        let own_tasks = !own.is_empty();
         // The registry is part of the configuration: a clash or a bad
         // declaration is exit 2, before anything starts.
         let (loaded, registry) = match loaded.and_then(|c| registry(&c, own).map(|r| (c, r))) {
             Ok((c, r)) => (Ok(c), r),
             Err(e) => (Err(e), Registry::new()),
         };
+        // tokio reads its own variable; `auto` leaves the choice to it.
+        let tokio_env = std::env::var_os(TOKIO_WORKER_THREADS).is_some();
+        let threads = loaded
+            .as_ref()
+            .ok()
+            .and_then(|c| c.worker_runtime_threads.resolve(own_tasks, tokio_env));
         service::main(
             name,
             loaded,
             invocation,
-            None,
+            threads,
             |config| run(config, registry),
             healthcheck,
         )

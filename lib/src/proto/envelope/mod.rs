@@ -5,9 +5,12 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value, json};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 pub use super::encode::{MessageSpec, encode};
+
+mod fast;
 
 /// The only content type taskstack decodes. Pickle, YAML and msgpack are
 /// refused without being looked at.
@@ -87,7 +90,50 @@ pub struct TaskMessage {
     /// The body's third element (`callbacks`, `errbacks`, `chain`, `chord`):
     /// what Celery's canvas asks to happen after this task.
     embed: Value,
-    raw: Value,
+    raw: Raw,
+}
+
+/// The original envelope: its text, and its JSON tree built the first
+/// time a header or property beyond the decoded fields is asked for (most
+/// messages never need it; see `fast`).
+#[derive(Clone)]
+struct Raw {
+    text: Box<str>,
+    tree: OnceLock<Value>,
+}
+
+impl Raw {
+    fn new(text: &str) -> Self {
+        Self {
+            text: text.into(),
+            tree: OnceLock::new(),
+        }
+    }
+
+    fn with_tree(text: &str, tree: Value) -> Self {
+        Self {
+            text: text.into(),
+            tree: OnceLock::from(tree),
+        }
+    }
+
+    fn tree(&self) -> &Value {
+        // The text was decoded once already, so it parses.
+        self.tree
+            .get_or_init(|| serde_json::from_str(&self.text).unwrap_or(Value::Null))
+    }
+}
+
+impl PartialEq for Raw {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl std::fmt::Debug for Raw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
 }
 
 /// [`decode`] for a message as taken from the broker: one larger than
@@ -120,6 +166,16 @@ pub fn decode_bytes(
 /// Decodes a raw message. On failure the task id is returned too when the
 /// headers name one, so the caller can record a FAILURE result for it.
 pub fn decode(payload: &str) -> Result<TaskMessage, (DecodeError, Option<String>)> {
+    // The common, well-formed envelope without a JSON tree; anything else
+    // (and every error) through the tree, which names what is wrong.
+    if let Some(m) = fast::decode(payload) {
+        return Ok(m);
+    }
+    decode_tree(payload)
+}
+
+/// [`decode`] through the envelope's whole JSON tree.
+fn decode_tree(payload: &str) -> Result<TaskMessage, (DecodeError, Option<String>)> {
     let raw: Value = serde_json::from_str(payload).map_err(|e| {
         (
             DecodeError::NotJson {
@@ -133,10 +189,10 @@ pub fn decode(payload: &str) -> Result<TaskMessage, (DecodeError, Option<String>
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .map(str::to_owned);
-    decode_value(raw).map_err(|e| (e, id))
+    decode_value(payload, raw).map_err(|e| (e, id))
 }
 
-fn decode_value(raw: Value) -> Result<TaskMessage, DecodeError> {
+fn decode_value(payload: &str, raw: Value) -> Result<TaskMessage, DecodeError> {
     let obj = raw.as_object().ok_or_else(|| DecodeError::NotEnvelope {
         detail: "top level is not an object".into(),
     })?;
@@ -162,31 +218,7 @@ fn decode_value(raw: Value) -> Result<TaskMessage, DecodeError> {
     let body = obj.get("body").ok_or_else(|| DecodeError::NotEnvelope {
         detail: "\"body\" is missing".into(),
     })?;
-    let body: Value = match (body_encoding, body) {
-        (Some("base64"), Value::String(s)) => {
-            let bytes = B64.decode(s.trim()).map_err(|e| DecodeError::Base64 {
-                detail: e.to_string(),
-            })?;
-            serde_json::from_slice(&bytes).map_err(|e| DecodeError::Body {
-                detail: e.to_string(),
-            })?
-        }
-        (Some("base64"), _) => {
-            return Err(DecodeError::Base64 {
-                detail: "body is not a string".into(),
-            });
-        }
-        (None, Value::String(s)) => serde_json::from_str(s).map_err(|e| DecodeError::Body {
-            detail: e.to_string(),
-        })?,
-        (None, other) => other.clone(),
-        (Some(other), _) => {
-            return Err(DecodeError::BodyEncoding {
-                encoding: other.to_owned(),
-            });
-        }
-    };
-    let (args, kwargs, embed) = split_body(body)?;
+    let (args, kwargs, embed) = split_body(body_value(body_encoding, body)?)?;
 
     let task = required_str(headers, "task")?;
     let id = required_str(headers, "id")?;
@@ -225,8 +257,32 @@ fn decode_value(raw: Value) -> Result<TaskMessage, DecodeError> {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         embed,
-        raw,
+        raw: Raw::with_tree(payload, raw),
     })
+}
+
+/// The body as JSON: `body` decoded as `body_encoding` says.
+fn body_value(body_encoding: Option<&str>, body: &Value) -> Result<Value, DecodeError> {
+    match (body_encoding, body) {
+        (Some("base64"), Value::String(s)) => {
+            let bytes = B64.decode(s.trim()).map_err(|e| DecodeError::Base64 {
+                detail: e.to_string(),
+            })?;
+            serde_json::from_slice(&bytes).map_err(|e| DecodeError::Body {
+                detail: e.to_string(),
+            })
+        }
+        (Some("base64"), _) => Err(DecodeError::Base64 {
+            detail: "body is not a string".into(),
+        }),
+        (None, Value::String(s)) => serde_json::from_str(s).map_err(|e| DecodeError::Body {
+            detail: e.to_string(),
+        }),
+        (None, other) => Ok(other.clone()),
+        (Some(other), _) => Err(DecodeError::BodyEncoding {
+            encoding: other.to_owned(),
+        }),
+    }
 }
 
 type Body = (Vec<Value>, Map<String, Value>, Value);
@@ -319,16 +375,12 @@ fn time_limits(v: Option<&Value>) -> Result<(Option<Duration>, Option<Duration>)
     let one = |v: Option<&Value>| -> Result<Option<Duration>, DecodeError> {
         match v {
             None | Some(Value::Null) => Ok(None),
-            Some(n) => n
-                .as_f64()
-                .filter(|f| f.is_finite() && *f > 0.0 && *f < 1e9)
-                .map(|f| Some(Duration::from_secs_f64(f)))
-                .ok_or_else(|| {
-                    bad(
-                        "timelimit",
-                        format!("{n} is not a positive number of seconds"),
-                    )
-                }),
+            Some(n) => n.as_f64().and_then(time_limit).map(Some).ok_or_else(|| {
+                bad(
+                    "timelimit",
+                    format!("{n} is not a positive number of seconds"),
+                )
+            }),
         }
     };
     match v {
@@ -338,16 +390,22 @@ fn time_limits(v: Option<&Value>) -> Result<(Option<Duration>, Option<Duration>)
     }
 }
 
+/// A time limit of `secs` seconds, if it is one (positive, finite, under
+/// 10⁹ s).
+fn time_limit(secs: f64) -> Option<Duration> {
+    (secs.is_finite() && secs > 0.0 && secs < 1e9).then(|| Duration::from_secs_f64(secs))
+}
+
 impl TaskMessage {
     /// A text header of the original message (e.g. `argsrepr`), if any.
     pub fn header_str(&self, name: &str) -> Option<&str> {
-        self.raw.get("headers")?.get(name)?.as_str()
+        self.raw.tree().get("headers")?.get(name)?.as_str()
     }
 
     /// The message to publish for the next attempt: `retries` incremented,
     /// `eta` set, a fresh delivery tag, every other field as it was.
     pub fn for_retry(&self, eta: DateTime<Utc>) -> String {
-        let mut raw = self.raw.clone();
+        let mut raw = self.raw.tree().clone();
         if let Some(h) = raw.get_mut("headers").and_then(Value::as_object_mut) {
             h.insert("retries".into(), json!(self.retries + 1));
             h.insert("eta".into(), json!(format_time(eta)));
@@ -371,6 +429,7 @@ impl TaskMessage {
     /// A header as sent, `None` when absent or null.
     pub fn header(&self, name: &str) -> Option<&Value> {
         self.raw
+            .tree()
             .get("headers")
             .and_then(|h| h.get(name))
             .filter(|v| !v.is_null())
@@ -379,6 +438,7 @@ impl TaskMessage {
     /// A message property as sent (`reply_to`, `priority`, ...).
     pub fn property(&self, name: &str) -> Option<&Value> {
         self.raw
+            .tree()
             .get("properties")
             .and_then(|h| h.get(name))
             .filter(|v| !v.is_null())
@@ -387,6 +447,7 @@ impl TaskMessage {
     /// The queue the producer routed this message to, if it said.
     pub fn routing_key(&self) -> Option<&str> {
         self.raw
+            .tree()
             .pointer("/properties/delivery_info/routing_key")
             .and_then(Value::as_str)
     }
@@ -397,7 +458,7 @@ mod tests {
     use super::*;
 
     /// The envelope captured from Celery 5.7 in shared/celery-protocol.md.
-    const CELERY_SAMPLE: &str = r#"{"body": "W1sxLCAxXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d", "content-encoding": "utf-8", "content-type": "application/json", "headers": {"lang": "py", "task": "proj.add", "id": "13a3fd71-e082-436d-83c0-075cbb1d6ba8", "shadow": null, "eta": "2026-11-23T23:44:32.670674+00:00", "expires": "2026-11-23T23:54:02.670674+00:00", "group": null, "group_index": null, "retries": 0, "timelimit": [20, 10], "root_id": "13a3fd71-e082-436d-83c0-075cbb1d6ba8", "parent_id": null, "argsrepr": "(1, 1)", "kwargsrepr": "{}", "origin": "gen14873@vm", "ignore_result": false, "replaced_task_nesting": 0, "stamped_headers": null, "stamps": {}}, "properties": {"correlation_id": "13a3fd71-e082-436d-83c0-075cbb1d6ba8", "reply_to": "69775078-a6b2-34c4-9b3c-133e8af8719e", "delivery_mode": 2, "expiration": "600000", "delivery_info": {"exchange": "", "routing_key": "other"}, "priority": 0, "body_encoding": "base64", "delivery_tag": "46bfaafd-2ace-46f2-8353-8a2457943f83"}}"#;
+    pub(super) const CELERY_SAMPLE: &str = r#"{"body": "W1sxLCAxXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d", "content-encoding": "utf-8", "content-type": "application/json", "headers": {"lang": "py", "task": "proj.add", "id": "13a3fd71-e082-436d-83c0-075cbb1d6ba8", "shadow": null, "eta": "2026-11-23T23:44:32.670674+00:00", "expires": "2026-11-23T23:54:02.670674+00:00", "group": null, "group_index": null, "retries": 0, "timelimit": [20, 10], "root_id": "13a3fd71-e082-436d-83c0-075cbb1d6ba8", "parent_id": null, "argsrepr": "(1, 1)", "kwargsrepr": "{}", "origin": "gen14873@vm", "ignore_result": false, "replaced_task_nesting": 0, "stamped_headers": null, "stamps": {}}, "properties": {"correlation_id": "13a3fd71-e082-436d-83c0-075cbb1d6ba8", "reply_to": "69775078-a6b2-34c4-9b3c-133e8af8719e", "delivery_mode": 2, "expiration": "600000", "delivery_info": {"exchange": "", "routing_key": "other"}, "priority": 0, "body_encoding": "base64", "delivery_tag": "46bfaafd-2ace-46f2-8353-8a2457943f83"}}"#;
 
     #[test]
     fn decodes_a_real_celery_message() {
