@@ -26,7 +26,9 @@ pub enum Invocation {
 
 /// Runs service `name` ("taskstack-worker", ...). Exit codes: 0 clean stop,
 /// 1 runtime failure, 2 bad configuration or refused start (130, a second
-/// signal, comes from [`crate::shutdown`]).
+/// signal, comes from [`crate::shutdown`]). `worker_threads`: the async
+/// runtime's threads (1: a current-thread runtime; `None`: tokio's choice,
+/// `TOKIO_WORKER_THREADS` or one per CPU).
 pub fn main<R, E, H>(
     name: &str,
     loaded: Result<Config, ConfigError>,
