@@ -69,26 +69,44 @@ pub enum ConnectError {
     Postgres(#[from] backend::postgres::PgError),
 }
 
-/// The backend a configuration names: Redis for everything, or Redis for
+/// The backend a configuration names: Redis for everything, Redis for
 /// messages and PostgreSQL for results (`result_backend =
 /// "postgresql://..."`; run [`backend::postgres::prepare`] once at start-up
-/// first). Connections are opened lazily.
+/// first), or RabbitMQ for messages with the rest on Redis or in
+/// PostgreSQL. Connections are opened lazily.
 pub fn open_backend(config: &Config) -> Result<std::sync::Arc<dyn backend::Backend>, ConnectError> {
-    let broker = connect(config)?;
     #[cfg(feature = "amqp")]
     if let Some(url) = config.amqp_url()? {
         let options = backend::amqp::QueueOptions {
             quorum: config.broker_queue_type == config::QueueType::Quorum,
             max_priority: config.broker_queue_max_priority,
         };
-        return Ok(std::sync::Arc::new(backend::AmqpBackend::new(
+        let (url, timeout, prefetch) = (
             url.expose().to_owned(),
-            options,
             config.redis_timeout,
             config.effective_prefetch(),
-            backend::RedisBackend::new(broker),
+        );
+        // Everything but the messages in PostgreSQL: no Redis at all.
+        if let Some(target) = config.postgres_target()? {
+            let pg = backend::postgres::PgRecords::open(
+                &target,
+                config.redis_pool_size.get(),
+                config.result_backend_timeout,
+                &config.namespace,
+            )?;
+            return Ok(std::sync::Arc::new(backend::AmqpBackend::with_postgres(
+                url, options, timeout, prefetch, pg,
+            )));
+        }
+        return Ok(std::sync::Arc::new(backend::AmqpBackend::new(
+            url,
+            options,
+            timeout,
+            prefetch,
+            backend::RedisBackend::new(connect(config)?),
         )));
     }
+    let broker = connect(config)?;
     #[cfg(not(feature = "amqp"))]
     if config.broker_is_amqp() {
         return Err(ConnectError::Config(config::ConfigError::Invalid {

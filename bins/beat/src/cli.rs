@@ -119,11 +119,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 async fn healthcheck(config: Config) -> ExitCode {
+    let at = StatePath::new("beat", config.beat_state_file.as_deref());
+    if !config.uses_redis() {
+        return service::verdict(match taskstack::open_backend(&config) {
+            Ok(backend) => health::check_on(&at, &*backend).await,
+            Err(e) => Err(e.to_string()),
+        });
+    }
     service::verdict(match taskstack::connect(&config) {
-        Ok(broker) => {
-            let at = StatePath::new("beat", config.beat_state_file.as_deref());
-            health::check(&at, &broker).await
-        }
+        Ok(broker) => health::check(&at, &broker).await,
         Err(e) => Err(e.to_string()),
     })
 }

@@ -459,6 +459,8 @@ pub trait LeaderLock: Send {
     ) -> Result<(), BackendError>;
     /// Deletes an instance's heartbeat record (at a clean stop).
     async fn forget(&mut self, instance_id: &str) -> Result<(), BackendError>;
+    /// A live instance's heartbeat record, as announced.
+    async fn instance(&mut self, instance_id: &str) -> Result<Option<String>, BackendError>;
 }
 
 /// One slot to publish.

@@ -64,27 +64,50 @@ pub async fn check(at: &StatePath, broker: &Broker) -> Result<String, String> {
     let states = crate::service::state::read_all_live(at, "beat", keys.namespace())?;
     let mut lane = broker.broker_pool().lane();
     let mut healthy = Vec::with_capacity(states.len());
+    let unreachable = |e: BrokerError| format!("cannot reach Redis: {e}");
     for s in &states {
-        healthy.push(check_one(&mut lane, broker, s).await?);
+        let leader = holder(&mut lane, keys).await.map_err(unreachable)?;
+        let record = instance_record(&mut lane, keys, &s.id)
+            .await
+            .map_err(unreachable)?;
+        healthy.push(judge(leader, record, s, "Redis")?);
     }
     Ok(healthy.join("; "))
 }
 
-async fn check_one(
-    lane: &mut Lane,
-    broker: &Broker,
-    state: &crate::service::state::State,
+/// [`check`] against the lock and heartbeat records a backend keeps
+/// (PostgreSQL with a RabbitMQ broker).
+pub async fn check_on(
+    at: &StatePath,
+    backend: &dyn crate::backend::Backend,
 ) -> Result<String, String> {
-    let keys = broker.keys();
-    let leader = holder(lane, keys)
-        .await
-        .map_err(|e| format!("cannot reach Redis: {e}"))?;
-    let record = instance_record(lane, keys, &state.id)
-        .await
-        .map_err(|e| format!("cannot reach Redis: {e}"))?;
+    let states = crate::service::state::read_all_live(at, "beat", backend.namespace())?;
+    let mut lock = backend.leader_lock(crate::backend::Use::Request);
+    let unreachable = |e: crate::backend::BackendError| format!("cannot reach the store: {e}");
+    let mut healthy = Vec::with_capacity(states.len());
+    for s in &states {
+        let leader = lock.holder().await.map_err(unreachable)?;
+        let record = lock.instance(&s.id).await.map_err(unreachable)?;
+        healthy.push(judge(
+            leader.as_deref().and_then(LockHolder::parse),
+            record.and_then(|r| serde_json::from_str(&r).ok()),
+            s,
+            "the store",
+        )?);
+    }
+    Ok(healthy.join("; "))
+}
+
+fn judge(
+    leader: Option<LockHolder>,
+    record: Option<InstanceRecord>,
+    state: &crate::service::state::State,
+    store: &str,
+) -> Result<String, String> {
     let Some(record) = record.filter(|r| r.pid == state.pid) else {
         return Err(format!(
-            "beat {} has no fresh heartbeat in Redis (its loop is stalled or cannot reach Redis)",
+            "beat {} has no fresh heartbeat in {store} (its loop is stalled or cannot reach \
+             {store})",
             state.id
         ));
     };

@@ -1,6 +1,7 @@
 //! A RabbitMQ broker: `broker_url = "amqp://user@host:5672/vhost"` (or
 //! `amqps://`). Results, task states, worker records and the beat's ledger
-//! then live on `result_backend`, which must be a Redis URL.
+//! then live on `result_backend`: a Redis URL, or a PostgreSQL one (then
+//! the stack needs no Redis at all).
 
 use super::{Config, ConfigError, Secret, invalid, redact_url, secret};
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,16 @@ impl Config {
     /// Whether the broker is RabbitMQ.
     pub fn broker_is_amqp(&self) -> bool {
         is_amqp_url(self.broker_url.expose())
+    }
+
+    /// Whether any Redis is used: false with a RabbitMQ broker and
+    /// PostgreSQL results, where everything else lives in PostgreSQL.
+    pub fn uses_redis(&self) -> bool {
+        !(self.broker_is_amqp()
+            && self
+                .result_backend
+                .as_ref()
+                .is_some_and(|b| super::is_postgres_url(b.expose())))
     }
 
     pub(super) fn validate_amqp(&self) -> Result<(), ConfigError> {
@@ -54,20 +65,22 @@ impl Config {
             }
             _ => {}
         }
+        if !self.uses_redis() && self.redis_min_replicas_acked > 0 {
+            return Err(invalid(
+                "redis_min_replicas_acked",
+                &self.redis_min_replicas_acked.to_string(),
+                "applies to Redis only, and with a RabbitMQ broker and PostgreSQL results \
+                 no Redis is used (leave it out)",
+            ));
+        }
         match &self.result_backend {
-            Some(b) if !super::is_postgres_url(b.expose()) => Ok(()),
-            Some(b) => Err(invalid(
-                "result_backend",
-                &redact_url(b.expose()),
-                "a RabbitMQ broker (broker_url = amqp://...) needs result_backend = \
-                 redis://... for now (results, task states and worker records live there); \
-                 PostgreSQL results with RabbitMQ are not supported yet",
-            )),
+            Some(_) => Ok(()),
             None => Err(invalid(
                 "result_backend",
                 "",
                 "a RabbitMQ broker (broker_url = amqp://...) needs result_backend = \
-                 redis://... (results, task states and worker records live there)",
+                 redis://... or postgresql://... (results, task states and worker records \
+                 live there)",
             )),
         }
     }

@@ -210,28 +210,47 @@ fn id_list(v: Option<&Value>) -> Vec<String> {
     }
 }
 
+/// The REVOKED record remote control stores for `id`.
+fn revoked_record(sh: &Shared, id: &str) -> String {
+    let exc = ExceptionInfo::celery("TaskRevokedError", "revoked");
+    let record = TaskResult::new(
+        id,
+        TaskState::Revoked,
+        exc.to_value(),
+        Provenance {
+            name: "",
+            worker: &sh.id,
+            retries: 0,
+            queue: "",
+            parent_id: None,
+        },
+    );
+    serde_json::to_string(&record).unwrap_or_default()
+}
+
 /// Celery's `revoke`: every worker that receives it marks the ids revoked
 /// in Redis (so whichever worker takes the task skips it, also after a
 /// restart, for `result_expires`) and records REVOKED for tasks not
-/// started; with `terminate`, running ones are stopped.
+/// started; with `terminate`, running ones are stopped. Without Redis
+/// (RabbitMQ with PostgreSQL results) the result row is the mark: a task
+/// with a PENDING row is revoked there as through the web API; one without
+/// a row (sent by a client that records no PENDING, as Celery's) is skipped
+/// by the workers that received the command, as Celery's workers do.
 async fn revoke(sh: &Arc<Shared>, ids: &[String], terminate: bool) -> Value {
+    #[cfg(feature = "amqp")]
+    if sh.backend.records_redis().is_none() && sh.backend.amqp().is_some() {
+        let mut states = sh.backend.task_states(crate::backend::Use::Request);
+        for id in ids {
+            let record = revoked_record(sh, id);
+            if let Err(e) = states.revoke(id, &record, sh.settings.result_expires).await {
+                tracing::warn!(task_id = %id, error = %e, "cannot record a revocation in the result store; this worker still skips the task");
+            }
+        }
+    }
     if let Some(broker) = sh.backend.records_redis() {
         let ttl = u64::try_from(sh.settings.result_expires.as_millis()).unwrap_or(u64::MAX);
-        let exc = ExceptionInfo::celery("TaskRevokedError", "revoked");
         for id in ids {
-            let record = TaskResult::new(
-                id,
-                TaskState::Revoked,
-                exc.to_value(),
-                Provenance {
-                    name: "",
-                    worker: &sh.id,
-                    retries: 0,
-                    queue: "",
-                    parent_id: None,
-                },
-            );
-            let record = serde_json::to_string(&record).unwrap_or_default();
+            let record = revoked_record(sh, id);
             let mut lane = broker.backend_pool().shared_lane();
             let mut inv = super::pidbox::REVOKE.prepare_invoke();
             inv.key(result_key(id))

@@ -84,11 +84,18 @@ where
             }
             // Secret files are part of the configuration: one that cannot
             // be read is exit 2 (a supervisor does not restart in a loop).
-            if let Err(e) = config
-                .broker_target()
-                .and(config.backend_target())
-                .and(config.postgres_target().map(drop))
-            {
+            let redis = if config.uses_redis() {
+                config
+                    .broker_target()
+                    .and(config.backend_target())
+                    .map(drop)
+            } else {
+                Ok(())
+            };
+            let stores = redis
+                .and(config.amqp_url().map(drop))
+                .and(config.postgres_target().map(drop));
+            if let Err(e) = stores {
                 eprintln!("{name}: {e}");
                 return ExitCode::from(2);
             }

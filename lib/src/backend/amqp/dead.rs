@@ -1,7 +1,8 @@
-//! Dead letters with a RabbitMQ broker: the records live on the result
-//! Redis in the Redis backend's layout (so the web API lists, requeues and
-//! discards them through the same routes); requeueing publishes the
-//! original message back to its RabbitMQ queue with a confirm.
+//! Dead letters with a RabbitMQ broker: the records live in the result
+//! backend, on Redis in the Redis backend's layout or in PostgreSQL's
+//! `taskstack_dead_letters` (so the web API lists, requeues and discards
+//! them through the same routes); requeueing publishes the original
+//! message back to its RabbitMQ queue with a confirm.
 //!
 //! Requeue order: the records are first removed from their list (atomically,
 //! so two operators never requeue one twice), then published; a publish
@@ -10,7 +11,7 @@
 //! the messages were not confirmed); the window is one publish round trip.
 
 use super::AmqpSession;
-use crate::backend::traits::{Backend as _, BackendError, DeadLetters};
+use crate::backend::traits::{BackendError, DeadLetters};
 use crate::broker::{
     BrokerError, DeadLetter, DeadLetterAction, DeadSelection, Lane, PickedDeadLetter, on_lane,
 };
@@ -41,11 +42,7 @@ impl DeadLetters for AmqpSession {
         queue: &str,
         count: usize,
     ) -> Result<(Vec<DeadLetter>, u64), BackendError> {
-        self.b
-            .redis
-            .dead_letters(self.usage)
-            .page(queue, count)
-            .await
+        self.side.dead_page(self.usage, queue, count).await
     }
 
     async fn pick(
@@ -53,11 +50,7 @@ impl DeadLetters for AmqpSession {
         queue: &str,
         selection: &DeadSelection,
     ) -> Result<Vec<PickedDeadLetter>, BackendError> {
-        self.b
-            .redis
-            .dead_letters(self.usage)
-            .pick(queue, selection)
-            .await
+        self.side.dead_pick(self.usage, queue, selection).await
     }
 
     async fn apply(
@@ -66,9 +59,8 @@ impl DeadLetters for AmqpSession {
         action: DeadLetterAction,
         picked: &[PickedDeadLetter],
     ) -> Result<Vec<DeadLetter>, BackendError> {
-        let mut redis = self.b.redis.dead_letters(self.usage);
         if action == DeadLetterAction::Discard {
-            return redis.apply(queue, action, picked).await;
+            return self.side.dead_claim(self.usage, queue, picked).await;
         }
         // Only text messages can run again (as on Redis, the others stay).
         let requeueable: Vec<PickedDeadLetter> = picked
@@ -76,17 +68,17 @@ impl DeadLetters for AmqpSession {
             .filter(|p| p.record.payload_base64.is_none() && !p.record.payload.is_empty())
             .cloned()
             .collect();
-        let claimed = redis
-            .apply(queue, DeadLetterAction::Discard, &requeueable)
+        let claimed = self
+            .side
+            .dead_claim(self.usage, queue, &requeueable)
             .await?;
         let msgs: Vec<(&str, &[u8], Option<i64>)> = claimed
             .iter()
             .map(|r| (r.queue_key.as_str(), r.payload.as_bytes(), None))
             .collect();
         if let Err(e) = self.b.publish(&msgs).await {
-            let keys = self.b.redis.broker().keys();
             for r in claimed.iter().rev() {
-                if let Err(back) = store(&mut self.lane, keys, r).await {
+                if let Err(back) = self.side.store_dead(r).await {
                     tracing::error!(queue, task_id = ?r.task_id, error = %back, "cannot restore a dead letter whose requeue failed");
                 }
             }

@@ -1,20 +1,23 @@
 //! The RabbitMQ broker (`broker_url = "amqp://..."` or `amqps://`):
 //! messages on RabbitMQ in Celery's own topology and wire format, with
 //! everything else (results, task states and revocations, worker records,
-//! dead-letter records, the beat's lock and ledger) on the result
-//! backend's Redis, through a [`RedisBackend`] on that server.
+//! dead-letter records, the beat's lock and ledger) in the result backend:
+//! its Redis, through a [`RedisBackend`] on that server, or PostgreSQL
+//! (see `records`).
 //!
 //! - `wire`: kombu's JSON envelope ↔ the AMQP message Celery sends.
 //! - [`topology`]: Celery's exchanges, queues and bindings; the delay levels.
 //! - `link`: the connection and its publisher-confirm channel.
 //! - `consume`: `basic.consume` with `basic.qos`, holds and acknowledgements.
-//! - `dead`: dead-letter records on Redis, requeued to RabbitMQ.
+//! - `records`: where the rest lives, Redis or PostgreSQL.
+//! - `dead`: dead-letter records in the result backend, requeued to
+//!   RabbitMQ.
 //! - `held`: each worker's held messages by queue, written with its
 //!   heartbeat, for the queues' in-flight counts.
 //! - `mailbox`: Celery's remote control (pidbox) and events on RabbitMQ.
 //!
 //! Guarantees: an enqueue that returned was confirmed by RabbitMQ; a message
-//! is acknowledged only after its result was stored on Redis; a delayed
+//! is acknowledged only after its result was stored; a delayed
 //! message waits inside RabbitMQ (durable, persistent), never unacknowledged
 //! in a worker; a worker that dies leaves its unacknowledged messages to
 //! RabbitMQ, which redelivers them (`redelivered` set).
@@ -25,6 +28,9 @@ mod dead;
 mod held;
 mod link;
 pub(crate) mod mailbox;
+#[cfg(test)]
+mod pg_tests;
+mod records;
 #[cfg(feature = "beat")]
 mod slots;
 #[cfg(test)]
@@ -33,18 +39,16 @@ pub mod topology;
 mod wire;
 
 use super::due_in;
+use super::postgres::PgRecords;
 use super::redis::RedisBackend;
 use super::traits::{
-    Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Inspect, Leases,
+    Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Expiry, Inspect, Leases,
     Outgoing, Parked, Promoted, ResultStore, Store, TaskStates, Use,
 };
 #[cfg(feature = "beat")]
 use super::traits::{LeaderLock, SlotLedger};
-use crate::broker::{
-    self, DeadLetter, DelayedSpan, Delivery, Lane, QueueCounts, RevokeOutcome, Settle,
-    StartVerdict, Starting, WorkerRecord, on_lane,
-};
-use crate::proto::keys::{queue_of_key, result_key};
+use crate::broker::{self, DeadLetter, DelayedSpan, Delivery, QueueCounts, Settle, WorkerRecord};
+use crate::proto::keys::queue_of_key;
 use async_trait::async_trait;
 use consume::Consumer;
 use link::{Link, Publish};
@@ -111,10 +115,11 @@ impl AmqpError {
     }
 }
 
-/// Messages on RabbitMQ, the rest on the result backend's Redis.
+/// Messages on RabbitMQ, the rest in the result backend (Redis or
+/// PostgreSQL).
 #[derive(Debug, Clone)]
 pub struct AmqpBackend {
-    redis: RedisBackend,
+    records: records::Records,
     link: Arc<Link>,
     consumer: Arc<Consumer>,
 }
@@ -131,11 +136,38 @@ impl AmqpBackend {
         prefetch: usize,
         redis: RedisBackend,
     ) -> Self {
+        Self::on_records(
+            url,
+            options,
+            timeout,
+            prefetch,
+            records::Records::Redis(Arc::new(redis)),
+        )
+    }
+
+    /// [`AmqpBackend::new`] with everything but the messages in PostgreSQL.
+    pub(crate) fn with_postgres(
+        url: String,
+        options: QueueOptions,
+        timeout: Duration,
+        prefetch: usize,
+        pg: PgRecords,
+    ) -> Self {
+        Self::on_records(url, options, timeout, prefetch, records::Records::Pg(pg))
+    }
+
+    fn on_records(
+        url: String,
+        options: QueueOptions,
+        timeout: Duration,
+        prefetch: usize,
+        records: records::Records,
+    ) -> Self {
         let link = Arc::new(Link::new(url, options, timeout));
         Self {
             consumer: Arc::new(Consumer::new(Arc::clone(&link), prefetch)),
             link,
-            redis,
+            records,
         }
     }
 
@@ -161,12 +193,8 @@ impl AmqpBackend {
     }
 
     fn session(&self, usage: Use, worker_id: &str) -> Box<AmqpSession> {
-        let pool = self.redis.broker().backend_pool();
         Box::new(AmqpSession {
-            lane: match usage {
-                Use::Loop => pool.lane(),
-                Use::Request => pool.shared_lane(),
-            },
+            side: self.records.side(usage),
             worker_id: worker_id.to_owned(),
             usage,
             b: self.clone(),
@@ -198,11 +226,11 @@ impl AmqpBackend {
     }
 }
 
-/// One session: the shared RabbitMQ side plus a lane to the result Redis.
+/// One session: the shared RabbitMQ side plus access to the records.
 #[derive(Debug)]
 struct AmqpSession {
     b: AmqpBackend,
-    lane: Lane,
+    side: records::Side,
     worker_id: String,
     usage: Use,
 }
@@ -210,18 +238,19 @@ struct AmqpSession {
 #[async_trait]
 impl Backend for AmqpBackend {
     fn clock(&self) -> Arc<dyn Clock> {
-        self.redis.clock()
+        self.records.clock()
     }
     fn namespace(&self) -> &str {
-        self.redis.namespace()
+        self.records.namespace()
     }
     fn amqp(&self) -> Option<&AmqpBackend> {
         Some(self)
     }
     fn records_redis(&self) -> Option<&broker::Broker> {
         // The result backend's Redis: chord counters where Celery's Redis
-        // result backend keeps them; follow-ups go to RabbitMQ.
-        Some(self.redis.broker())
+        // result backend keeps them; follow-ups go to RabbitMQ. None with
+        // PostgreSQL: the canvas is refused there, naming why.
+        self.records.redis()
     }
     fn enqueue(&self, usage: Use) -> Box<dyn Enqueue> {
         self.session(usage, "")
@@ -230,23 +259,16 @@ impl Backend for AmqpBackend {
         self.session(Use::Loop, worker_id)
     }
     fn leases(&self, usage: Use) -> Box<dyn Leases> {
-        Box::new(held::HeldLeases {
-            inner: self.redis.leases(usage),
-            consumer: Arc::clone(&self.consumer),
-            // One short pipeline per heartbeat: the shared connection, so
-            // the keeper holds no second connection of the pool.
-            lane: self.redis.broker().backend_pool().shared_lane(),
-            keys: self.redis.broker().keys().clone(),
-        })
+        self.records.leases(usage, &self.consumer)
     }
     fn delayed(&self, usage: Use) -> Box<dyn Delayed> {
         self.session(usage, "")
     }
     fn results(&self, usage: Use) -> Box<dyn ResultStore> {
-        self.redis.results(usage)
+        self.records.results(usage)
     }
     fn task_states(&self, usage: Use) -> Box<dyn TaskStates> {
-        Box::new(States(self.redis.task_states(usage)))
+        self.records.task_states(usage)
     }
     fn dead_letters(&self, usage: Use) -> Box<dyn DeadLetters> {
         self.session(usage, "")
@@ -256,39 +278,29 @@ impl Backend for AmqpBackend {
     }
     #[cfg(feature = "beat")]
     fn leader_lock(&self, usage: Use) -> Box<dyn LeaderLock> {
-        self.redis.leader_lock(usage)
+        self.records.leader_lock(usage)
     }
     #[cfg(feature = "beat")]
     fn slot_ledger(&self, usage: Use) -> Box<dyn SlotLedger> {
-        Box::new(slots::AmqpSlots::new(self.clone(), usage))
+        slots::ledger(self, usage)
+    }
+    fn expiry(&self) -> Option<Box<dyn Expiry>> {
+        self.records.expiry()
+    }
+    fn records_task_args(&self) -> bool {
+        self.records.records_task_args()
     }
     async fn pings(&self) -> Vec<(Store, Result<Duration, BackendError>)> {
-        let (mut rabbitmq, mut redis) =
-            (self.inspect(Use::Request), self.redis.inspect(Use::Request));
-        let (rabbitmq, redis) = tokio::join!(rabbitmq.ping(), redis.ping());
-        vec![(Store::RabbitMq, rabbitmq), (Store::Redis, redis)]
+        let mut rabbitmq = self.inspect(Use::Request);
+        let (rabbitmq, records) = tokio::join!(rabbitmq.ping(), self.records.ping());
+        vec![(Store::RabbitMq, rabbitmq), records]
     }
 }
 
 #[async_trait]
 impl Enqueue for AmqpSession {
     async fn enqueue(&mut self, batch: &[Outgoing]) -> Result<(), BackendError> {
-        // PENDING records first, so a fast worker's STARTED record is never
-        // overwritten by one.
-        let mut records = redis::pipe();
-        for p in batch.iter().filter_map(|o| o.pending.as_ref()) {
-            records
-                .cmd("SET")
-                .arg(result_key(&p.task_id))
-                .arg(&p.record)
-                .arg("PX")
-                .arg(millis(p.ttl))
-                .ignore();
-        }
-        if !records.is_empty() {
-            on_lane!(&mut self.lane, "record pending task", |c| records
-                .query_async::<()>(c))?;
-        }
+        self.side.store_pending(batch).await?;
         let msgs: Vec<(&str, &[u8], Option<i64>)> = batch
             .iter()
             .map(|o| (o.queue_key.as_str(), o.payload.as_bytes(), o.due_ms))
@@ -329,24 +341,8 @@ impl Consume for AmqpSession {
 
     async fn settle(&mut self, batch: &[Settle], result_ttl: Duration) -> Result<(), BackendError> {
         // Results first: a message is acknowledged only once its result is
-        // stored (and published to waiting clients).
-        let mut p = redis::pipe();
-        for (task_id, json) in batch.iter().filter_map(|s| s.result.as_ref()) {
-            let key = result_key(task_id);
-            p.cmd("SET")
-                .arg(&key)
-                .arg(json)
-                .arg("PX")
-                .arg(millis(result_ttl))
-                .ignore()
-                .cmd("PUBLISH")
-                .arg(&key)
-                .arg(json)
-                .ignore();
-        }
-        if !p.is_empty() {
-            on_lane!(&mut self.lane, "store results", |c| p.query_async::<()>(c))?;
-        }
+        // stored (and announced to waiting clients).
+        self.side.store_results(batch, result_ttl).await?;
         let holds = batch
             .iter()
             .filter_map(|s| self.b.consumer.release(s.seq))
@@ -400,8 +396,8 @@ impl Consume for AmqpSession {
             record.set_payload_owned(bytes);
             record.payload_size = None;
         }
-        // Stored on Redis first, then acknowledged.
-        dead::store(&mut self.lane, self.b.redis.broker().keys(), &record).await?;
+        // Stored first, then acknowledged.
+        self.side.store_dead(&record).await?;
         if let Some(hold) = self.b.consumer.release(seq) {
             consume::ack(vec![hold]).await;
         }
@@ -431,18 +427,12 @@ impl Inspect for AmqpSession {
     /// `ready` is the queue's message count on RabbitMQ (what it has not
     /// delivered); `in_flight` what live workers hold of it, as of their
     /// last heartbeats (every third of a lease; see `held`);
-    /// `dead_lettered` the records on Redis. `delayed` is not counted per
+    /// `dead_lettered` the stored records. `delayed` is not counted per
     /// queue (0): the delay levels are shared by every queue, and their
     /// total is in [`Inspect::delayed_span`].
     async fn queue_counts(&mut self, queues: &[String]) -> Result<Vec<QueueCounts>, BackendError> {
-        let Self { b, lane, usage, .. } = self;
-        let keys = b.redis.broker().keys();
-        // RabbitMQ's counts and Redis's (live workers, then dead letters
-        // and held counts in one pipeline) are asked for at once.
-        let on_redis = async {
-            let workers = b.redis.inspect(*usage).live_workers().await?;
-            held::counts(lane, keys, &workers, queues).await
-        };
+        let Self { b, side, usage, .. } = self;
+        // RabbitMQ's counts and the records' are asked for at once.
         let (ready, (dead, held)) = tokio::try_join!(
             async {
                 b.link
@@ -450,7 +440,7 @@ impl Inspect for AmqpSession {
                     .await
                     .map_err(BackendError::from)
             },
-            on_redis,
+            side.counts(*usage, queues),
         )?;
         Ok(ready
             .into_iter()
@@ -467,7 +457,7 @@ impl Inspect for AmqpSession {
     }
 
     async fn live_workers(&mut self) -> Result<Vec<WorkerRecord>, BackendError> {
-        self.b.redis.inspect(self.usage).live_workers().await
+        self.side.live_workers(self.usage).await
     }
 
     /// The messages waiting in the delay levels; RabbitMQ does not say
@@ -493,34 +483,4 @@ impl Inspect for AmqpSession {
             .await?;
         Ok(start.elapsed())
     }
-}
-
-/// Task states on Redis by STARTED records: RabbitMQ holds the messages,
-/// so Redis cannot check a worker's holds (the worker id is not passed on).
-struct States(Box<dyn TaskStates>);
-
-#[async_trait]
-impl TaskStates for States {
-    async fn start_batch(
-        &mut self,
-        _worker_id: Option<&str>,
-        tasks: &[Starting],
-        ttl: Duration,
-        _track_started: bool,
-    ) -> Result<Vec<StartVerdict>, BackendError> {
-        self.0.start_batch(None, tasks, ttl, true).await
-    }
-
-    async fn revoke(
-        &mut self,
-        task_id: &str,
-        record: &str,
-        ttl: Duration,
-    ) -> Result<RevokeOutcome, BackendError> {
-        self.0.revoke(task_id, record, ttl).await
-    }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }

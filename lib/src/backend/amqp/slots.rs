@@ -1,6 +1,7 @@
-//! The beat's slot ledger with a RabbitMQ broker: a transactional outbox.
+//! The beat's slot ledger with a RabbitMQ broker: a transactional outbox,
+//! on the result backend's Redis or in PostgreSQL (`PgSlots`).
 //!
-//! `beat_publish.lua` checks the lock and the ledger and, in the same
+//! On Redis, `beat_publish.lua` checks the lock and the ledger and, in the same
 //! atomic step, records the slot and pushes the message, here to an outbox
 //! list on the result Redis instead of a queue. The outbox is then
 //! published to RabbitMQ with confirms and trimmed: so a recorded slot's
@@ -11,32 +12,47 @@
 //! message with the same task id); that window is one round trip.
 
 use super::AmqpBackend;
+use super::records::Records;
+use crate::backend::postgres::PgRecords;
 use crate::backend::traits::{BackendError, SlotLedger, SlotOutcome, SlotPublish, Use};
 use crate::beat::publish;
 use crate::broker::{Lane, on_lane};
+use crate::proto::Keys;
 use async_trait::async_trait;
 use serde_json::Value;
 
+/// The ledger and outbox on the result backend's Redis.
 pub(super) struct AmqpSlots {
     b: AmqpBackend,
     lane: Lane,
+    keys: Keys,
+}
+
+/// A ledger: on Redis, or in PostgreSQL.
+pub(super) fn ledger(b: &AmqpBackend, usage: Use) -> Box<dyn SlotLedger> {
+    match &b.records {
+        Records::Redis(redis) => {
+            let pool = redis.broker().backend_pool();
+            let lane = match usage {
+                Use::Loop => pool.lane(),
+                Use::Request => pool.shared_lane(),
+            };
+            Box::new(AmqpSlots {
+                keys: redis.broker().keys().clone(),
+                b: b.clone(),
+                lane,
+            })
+        }
+        Records::Pg(pg) => Box::new(PgSlots {
+            b: b.clone(),
+            pg: pg.clone(),
+        }),
+    }
 }
 
 impl AmqpSlots {
-    pub(super) fn new(b: AmqpBackend, usage: Use) -> Self {
-        let pool = b.redis.broker().backend_pool();
-        let lane = match usage {
-            Use::Loop => pool.lane(),
-            Use::Request => pool.shared_lane(),
-        };
-        Self { b, lane }
-    }
-
     fn outbox(&self) -> String {
-        format!(
-            "{}:amqp:beat-outbox",
-            self.b.redis.broker().keys().namespace()
-        )
+        format!("{}:amqp:beat-outbox", self.keys.namespace())
     }
 
     /// Publishes what the outbox holds, oldest first, then trims it.
@@ -91,10 +107,9 @@ fn target_queue(message: &str) -> Result<String, BackendError> {
 impl SlotLedger for AmqpSlots {
     async fn publish(&mut self, slot: SlotPublish<'_>) -> Result<SlotOutcome, BackendError> {
         let outbox = self.outbox();
-        let keys = self.b.redis.broker().keys().clone();
         let outcome = publish::publish_slot(
             &mut self.lane,
-            &keys,
+            &self.keys,
             SlotPublish {
                 queue: &outbox,
                 ..slot
@@ -107,7 +122,45 @@ impl SlotLedger for AmqpSlots {
     }
 
     async fn last_slots(&mut self, entries: &[&str]) -> Result<Vec<Option<i64>>, BackendError> {
-        let keys = self.b.redis.broker().keys().clone();
-        Ok(publish::last_slots(&mut self.lane, &keys, entries).await?)
+        Ok(publish::last_slots(&mut self.lane, &self.keys, entries).await?)
+    }
+}
+
+/// The ledger and outbox in PostgreSQL (`postgres/beat.rs`): the slot is
+/// recorded and its message put in the outbox in one transaction; the
+/// outbox is then published with confirms and the confirmed rows deleted.
+struct PgSlots {
+    b: AmqpBackend,
+    pg: PgRecords,
+}
+
+impl PgSlots {
+    /// Publishes what the outbox holds, oldest first, then deletes it.
+    async fn drain(&self) -> Result<(), BackendError> {
+        let held = self.pg.outbox().await?;
+        if held.is_empty() {
+            return Ok(());
+        }
+        let msgs: Vec<(&str, &[u8], Option<i64>)> = held
+            .iter()
+            .map(|(_, q, m)| (q.as_str(), m.as_bytes(), None))
+            .collect();
+        self.b.publish(&msgs).await?;
+        let ids: Vec<i64> = held.iter().map(|(id, _, _)| *id).collect();
+        Ok(self.pg.outbox_done(&ids).await?)
+    }
+}
+
+#[async_trait]
+impl SlotLedger for PgSlots {
+    async fn publish(&mut self, slot: SlotPublish<'_>) -> Result<SlotOutcome, BackendError> {
+        let outcome = self.pg.publish_slot(slot).await?;
+        // Also after a refusal: a former leader's unpublished messages go out.
+        self.drain().await?;
+        Ok(outcome)
+    }
+
+    async fn last_slots(&mut self, entries: &[&str]) -> Result<Vec<Option<i64>>, BackendError> {
+        Ok(self.pg.last_slots(entries).await?)
     }
 }

@@ -12,7 +12,7 @@ use crate::test_rabbitmq::{self, Rabbit, vhost_of};
 use std::time::{Duration, Instant};
 
 const ANY_SIZE: usize = usize::MAX;
-const LEASE: Duration = Duration::from_secs(60);
+pub(super) const LEASE: Duration = Duration::from_secs(60);
 
 struct Setup {
     url: String,
@@ -73,7 +73,7 @@ fn backend_on(amqp: &str, redis: &str, options: QueueOptions) -> AmqpBackend {
     )
 }
 
-fn message(id: &str, queue: &str) -> String {
+pub(super) fn message(id: &str, queue: &str) -> String {
     envelope::encode(&MessageSpec {
         id,
         task: "tests.add",
@@ -84,7 +84,7 @@ fn message(id: &str, queue: &str) -> String {
     })
 }
 
-fn out(id: &str, queue: &str, due_ms: Option<i64>) -> Outgoing {
+pub(super) fn out(id: &str, queue: &str, due_ms: Option<i64>) -> Outgoing {
     Outgoing {
         queue_key: queue.to_owned(),
         payload: message(id, queue),
@@ -93,14 +93,19 @@ fn out(id: &str, queue: &str, due_ms: Option<i64>) -> Outgoing {
     }
 }
 
-fn id_of(d: &Delivery) -> String {
+pub(super) fn id_of(d: &Delivery) -> String {
     envelope::decode(d.text().expect("utf-8"))
         .expect("a task message")
         .id
 }
 
 /// Takes until `n` deliveries came or the deadline passed.
-async fn take_n(b: &AmqpBackend, queue: &str, n: usize, within: Duration) -> Vec<Delivery> {
+pub(super) async fn take_n(
+    b: &AmqpBackend,
+    queue: &str,
+    n: usize,
+    within: Duration,
+) -> Vec<Delivery> {
     let mut c = b.consume("w1");
     let keys = [queue.to_owned()];
     let deadline = Instant::now() + within;
@@ -120,7 +125,7 @@ async fn take_n(b: &AmqpBackend, queue: &str, n: usize, within: Duration) -> Vec
     got
 }
 
-fn ack(seq: u64, result: Option<(&str, &str)>) -> Settle {
+pub(super) fn ack(seq: u64, result: Option<(&str, &str)>) -> Settle {
     Settle {
         seq,
         result: result.map(|(a, b)| (a.to_owned(), b.to_owned())),

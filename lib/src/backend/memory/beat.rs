@@ -73,6 +73,15 @@ impl LeaderLock for MemorySession {
         st.beat_instances.remove(instance_id);
         Ok(())
     }
+
+    async fn instance(&mut self, instance_id: &str) -> Result<Option<String>, BackendError> {
+        let (st, now) = self.state("read beat heartbeat")?;
+        Ok(st
+            .beat_instances
+            .get(instance_id)
+            .and_then(|r| r.live(now))
+            .cloned())
+    }
 }
 
 impl super::MemoryBackend {

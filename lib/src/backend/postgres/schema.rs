@@ -15,10 +15,11 @@ pub(crate) const EXPIRE_LOCK: i64 = 0x7473_6b00_0000_0002;
 pub(crate) const CHANNEL: &str = "taskstack_results";
 
 /// (version, what it does, SQL). Append only.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "task results",
-    "CREATE TABLE taskstack_results (
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "task results",
+        "CREATE TABLE taskstack_results (
         task_id      text PRIMARY KEY,
         state        text NOT NULL,
         result       jsonb,
@@ -39,7 +40,52 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[(
         expires_at   timestamptz NOT NULL
     );
     CREATE INDEX taskstack_results_expires_at ON taskstack_results (expires_at);",
-)];
+    ),
+    (
+        2,
+        "records of a RabbitMQ broker without Redis",
+        // Each keyed by the configured `namespace`, as the Redis keys are.
+        "CREATE TABLE taskstack_workers (
+        namespace  text NOT NULL,
+        worker_id  text NOT NULL,
+        record     text NOT NULL,
+        held       jsonb NOT NULL DEFAULT '{}'::jsonb,
+        expires_at timestamptz NOT NULL,
+        PRIMARY KEY (namespace, worker_id)
+    );
+    CREATE TABLE taskstack_dead_letters (
+        id        bigserial PRIMARY KEY,
+        namespace text NOT NULL,
+        queue     text NOT NULL,
+        record    text NOT NULL
+    );
+    CREATE INDEX taskstack_dead_letters_queue ON taskstack_dead_letters (namespace, queue, id);
+    CREATE TABLE taskstack_beat_lock (
+        namespace  text PRIMARY KEY,
+        value      text NOT NULL,
+        expires_at timestamptz NOT NULL
+    );
+    CREATE TABLE taskstack_beat_instances (
+        namespace   text NOT NULL,
+        instance_id text NOT NULL,
+        record      text NOT NULL,
+        expires_at  timestamptz NOT NULL,
+        PRIMARY KEY (namespace, instance_id)
+    );
+    CREATE TABLE taskstack_beat_slots (
+        namespace text NOT NULL,
+        entry     text NOT NULL,
+        slot_ms   bigint NOT NULL,
+        PRIMARY KEY (namespace, entry)
+    );
+    CREATE TABLE taskstack_beat_outbox (
+        id        bigserial PRIMARY KEY,
+        namespace text NOT NULL,
+        queue     text NOT NULL,
+        message   text NOT NULL
+    );",
+    ),
+];
 
 /// The newest schema version this build knows.
 pub(crate) fn latest() -> i32 {

@@ -84,6 +84,19 @@ fn start_sql() -> String {
     )
 }
 
+/// [`start_sql`] that also leaves a final row alone: where nothing else
+/// keeps a second delivery of a finished task from running (RabbitMQ
+/// redelivers what a worker did not acknowledge), the row is the check.
+fn start_once_sql() -> String {
+    upsert(
+        &format!(
+            ", revoked = false WHERE NOT (t.expires_at > now() \
+             AND (t.revoked OR t.state IN {FINAL}))"
+        ),
+        "SELECT task_id FROM up",
+    )
+}
+
 /// Stores REVOKED records for tasks a worker skipped because the broker
 /// marks them revoked, where the row does not say so yet: the revocation
 /// was accepted on Redis but its own row write never happened (a crash in
@@ -119,7 +132,7 @@ fn read_sql() -> String {
     )
 }
 
-fn millis(d: Duration) -> i64 {
+pub(super) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }
 
@@ -140,7 +153,7 @@ fn batch<'a>(items: impl Iterator<Item = (&'a str, &'a str)>) -> (Vec<&'a str>, 
 
 /// Runs `f` within the store's deadline: a server that stops answering
 /// fails the operation instead of hanging it.
-async fn timed<T>(
+pub(super) async fn timed<T>(
     pg: &Handles,
     op: &'static str,
     f: impl Future<Output = Result<T, PgError>>,
@@ -191,7 +204,10 @@ async fn run_records(
 }
 
 /// A pooled connection for `op`.
-async fn client(pg: &Handles, op: &'static str) -> Result<deadpool_postgres::Client, PgError> {
+pub(super) async fn client(
+    pg: &Handles,
+    op: &'static str,
+) -> Result<deadpool_postgres::Client, PgError> {
     pg.pool
         .get()
         .await
@@ -199,7 +215,7 @@ async fn client(pg: &Handles, op: &'static str) -> Result<deadpool_postgres::Cli
 }
 
 /// `sql` prepared on `client` (cached per connection).
-async fn prepared(
+pub(super) async fn prepared(
     client: &deadpool_postgres::Client,
     op: &'static str,
     sql: &str,
@@ -256,6 +272,67 @@ pub(crate) async fn start(
     .await?;
     let started: std::collections::HashSet<&str> = started.iter().map(String::as_str).collect();
     Ok(tasks.iter().map(|(id, _)| started.contains(id)).collect())
+}
+
+/// Records `(task id, STARTED record)` pairs unless revoked or final;
+/// returns, per pair, whether it was started, else whether its row says
+/// revoked (`Revoked`) or finished (`Finished`).
+pub(crate) async fn start_once(
+    pg: &Handles,
+    tasks: &[(&str, &str)],
+    ttl: Duration,
+) -> Result<Vec<crate::broker::StartVerdict>, PgError> {
+    use crate::broker::StartVerdict;
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let op = "start tasks";
+    let (ids, json) = batch(tasks.iter().copied());
+    timed(pg, op, async {
+        let client = client(pg, op).await?;
+        let stmt = prepared(&client, op, &start_once_sql()).await?;
+        let rows = client
+            .query(&stmt, &[&ids, &json, &millis(ttl)])
+            .await
+            .map_err(|e| PgError::op(op, &e))?;
+        let started: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        let refused: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| !started.contains(*id))
+            .collect();
+        let mut revoked = std::collections::HashSet::new();
+        if !refused.is_empty() {
+            // Rare (a revocation, a second delivery): one more statement.
+            let stmt = prepared(
+                &client,
+                op,
+                "SELECT task_id FROM taskstack_results
+                 WHERE task_id = ANY($1) AND (revoked OR state = 'REVOKED')",
+            )
+            .await?;
+            for r in client
+                .query(&stmt, &[&refused])
+                .await
+                .map_err(|e| PgError::op(op, &e))?
+            {
+                revoked.insert(r.get::<_, String>(0));
+            }
+        }
+        Ok(tasks
+            .iter()
+            .map(|(id, _)| {
+                if started.contains(*id) {
+                    StartVerdict::Run
+                } else if revoked.contains(*id) {
+                    StartVerdict::Revoked
+                } else {
+                    StartVerdict::Finished
+                }
+            })
+            .collect())
+    })
+    .await
 }
 
 /// What a revocation of a task in `state` (`revoked`: marked before)

@@ -63,6 +63,13 @@ impl LeaderLock for RedisSession {
         Ok(on_lane!(&mut self.lane, "delete beat heartbeat", |c| del
             .query_async::<()>(c))?)
     }
+
+    async fn instance(&mut self, instance_id: &str) -> Result<Option<String>, BackendError> {
+        let mut get = redis::cmd("GET");
+        get.arg(self.shared.broker.keys().beat_instance(instance_id));
+        Ok(on_lane!(&mut self.lane, "read beat heartbeat", |c| get
+            .query_async(c))?)
+    }
 }
 
 #[async_trait]

@@ -1,0 +1,439 @@
+//! The RabbitMQ backend with everything but the messages in PostgreSQL (no
+//! Redis): a real RabbitMQ (the shared node, a vhost per test) and a
+//! private `postgres` per test.
+
+use super::tests::{LEASE, ack, id_of, message, out, take_n};
+use super::{AmqpBackend, QueueOptions};
+use crate::backend::postgres::{PgRecords, prepare};
+use crate::backend::tests::pg_target;
+use crate::backend::{Acquired, Backend, PendingRecord, SlotOutcome, SlotPublish, Use};
+use crate::broker::{
+    DeadLetter, DeadLetterAction, DeadSelection, RevokeOutcome, StartVerdict, Starting,
+    WorkerRecord,
+};
+use crate::proto::TaskState;
+use crate::test_postgres::PgServer;
+use crate::test_rabbitmq;
+use std::time::Duration;
+
+struct Setup {
+    backend: AmqpBackend,
+    pg: PgServer,
+    db: String,
+}
+
+impl Setup {
+    async fn new(hint: &str) -> Self {
+        let url = test_rabbitmq::shared().vhost(hint);
+        let pg = PgServer::start();
+        let db = pg.create_database();
+        let target = pg_target(&pg.url(&db));
+        prepare(&target, Duration::from_secs(5), Duration::from_secs(5))
+            .await
+            .expect("migrate");
+        let records =
+            PgRecords::open(&target, 4, Duration::from_secs(5), "amqp-pg").expect("records");
+        let backend = AmqpBackend::with_postgres(
+            url,
+            QueueOptions::default(),
+            Duration::from_secs(10),
+            16,
+            records,
+        );
+        Self { backend, pg, db }
+    }
+
+    fn psql(&self, sql: &str) -> String {
+        self.pg.psql(&self.db, sql).expect("psql").trim().to_owned()
+    }
+}
+
+fn record(id: &str, state: &str) -> String {
+    serde_json::json!({"task_id": id, "status": state, "result": null, "name": "tests.add"})
+        .to_string()
+}
+
+fn starting(id: &str) -> Starting {
+    Starting {
+        task_id: id.to_owned(),
+        record: record(id, "STARTED"),
+        ..Starting::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_starts_and_revocations_live_in_postgresql() {
+    let s = Setup::new("pg-states").await;
+    let b = &s.backend;
+    let ttl = Duration::from_secs(600);
+    let mut batch = vec![out("p1", "celery", None), out("p2", "celery", None)];
+    for o in &mut batch {
+        let id = if o.payload.contains("\"p1\"") {
+            "p1"
+        } else {
+            "p2"
+        };
+        o.pending = Some(PendingRecord {
+            task_id: id.to_owned(),
+            record: record(id, "PENDING"),
+            ttl,
+        });
+    }
+    b.enqueue(Use::Request)
+        .enqueue(&batch)
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        s.psql("SELECT task_id || '=' || state FROM taskstack_results ORDER BY 1"),
+        "p1=PENDING\np2=PENDING",
+        "PENDING rows before the messages"
+    );
+    let got = take_n(b, "celery", 2, Duration::from_secs(20)).await;
+    assert_eq!(got.iter().map(id_of).collect::<Vec<_>>(), ["p1", "p2"]);
+    // p2 is revoked before any worker starts it.
+    let mut states = b.task_states(Use::Request);
+    let revoked = record("p2", "REVOKED");
+    assert_eq!(
+        states.revoke("p2", &revoked, ttl).await.expect("revoke"),
+        RevokeOutcome::Revoked
+    );
+    assert_eq!(
+        states
+            .revoke("nobody", &revoked, ttl)
+            .await
+            .expect("revoke"),
+        RevokeOutcome::Unknown
+    );
+    let verdicts = states
+        .start_batch(Some("w1"), &[starting("p1"), starting("p2")], ttl, false)
+        .await
+        .expect("start");
+    assert_eq!(verdicts, [StartVerdict::Run, StartVerdict::Revoked]);
+    assert_eq!(
+        states.revoke("p1", &revoked, ttl).await.expect("revoke"),
+        RevokeOutcome::Refused(TaskState::Started),
+        "a started task is not revoked"
+    );
+    // p1 finishes: its result is stored before the message is acknowledged.
+    let waiter = {
+        let mut results = b.results(Use::Request);
+        tokio::spawn(async move { results.wait("p1", Duration::from_secs(20)).await })
+    };
+    let done = record("p1", "SUCCESS");
+    b.consume("w1")
+        .settle(
+            &[ack(got[0].seq, Some(("p1", &done))), ack(got[1].seq, None)],
+            ttl,
+        )
+        .await
+        .expect("settle");
+    let woken = waiter.await.expect("join").expect("wait").expect("result");
+    assert_eq!(woken.status, TaskState::Success);
+    // A second delivery of the finished task is not run again.
+    let again = states
+        .start_batch(Some("w1"), &[starting("p1")], ttl, false)
+        .await
+        .expect("start again");
+    assert_eq!(again, [StartVerdict::Finished]);
+    assert_eq!(
+        s.psql(
+            "SELECT task_id || '=' || state || '/' || revoked FROM taskstack_results ORDER BY 1"
+        ),
+        "p1=SUCCESS/false\np2=REVOKED/true"
+    );
+    let counts = b
+        .inspect(Use::Request)
+        .queue_counts(&["celery".into()])
+        .await
+        .expect("counts");
+    assert_eq!(
+        (counts[0].ready, counts[0].in_flight),
+        (0, 0),
+        "acknowledged"
+    );
+    let pings = b.pings().await;
+    let names: Vec<&str> = pings.iter().map(|(s, _)| s.name()).collect();
+    assert_eq!(names, ["rabbitmq", "postgresql"]);
+    assert!(pings.iter().all(|(_, r)| r.is_ok()), "{pings:?}");
+}
+
+fn worker(id: &str, pid: u32) -> WorkerRecord {
+    WorkerRecord {
+        id: id.to_owned(),
+        host: "test".into(),
+        pid,
+        queues: vec!["celery".into()],
+        tasks: Vec::new(),
+        concurrency: 1,
+        started_at: "2026-12-05T00:00:00Z".into(),
+        last_heartbeat: "2026-12-05T00:00:00Z".into(),
+        processed: 0,
+        failed: 0,
+        retried: 0,
+        dead_lettered: 0,
+        version: "test".into(),
+        metrics_addr: None,
+    }
+}
+
+/// Polls `done` until it holds; panics after `within`.
+async fn wait_until(within: Duration, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not met within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_records_held_counts_and_dead_letters_live_in_postgresql() {
+    let s = Setup::new("pg-records").await;
+    let b = &s.backend;
+    for i in 0..3 {
+        b.enqueue(Use::Request)
+            .enqueue(&[out(&format!("h{i}"), "celery", None)])
+            .await
+            .expect("enqueue");
+    }
+    let got = take_n(b, "celery", 3, Duration::from_secs(20)).await;
+    let mut leases = b.leases(Use::Request);
+    assert!(
+        leases
+            .heartbeat(&worker("w1", 7), "celery", LEASE)
+            .await
+            .expect("hb"),
+        "a first heartbeat creates the record"
+    );
+    assert!(
+        !leases
+            .heartbeat(&worker("w1", 8), "celery", LEASE)
+            .await
+            .expect("hb")
+    );
+    let live = b.inspect(Use::Request).live_workers().await.expect("live");
+    assert_eq!(
+        live.iter()
+            .map(|w| (w.id.as_str(), w.pid))
+            .collect::<Vec<_>>(),
+        [("w1", 8)]
+    );
+    let counts = b
+        .inspect(Use::Request)
+        .queue_counts(&["celery".into(), "other".into()])
+        .await
+        .expect("counts");
+    assert_eq!(
+        counts.iter().map(|c| c.in_flight).collect::<Vec<_>>(),
+        [3, 0],
+        "what the worker holds, by queue"
+    );
+    // One message is dead-lettered: stored, then acknowledged.
+    let mut dead = DeadLetter {
+        reason: "poison".into(),
+        queue: "celery".into(),
+        queue_key: "celery".into(),
+        task_id: Some("h0".into()),
+        task: Some("tests.add".into()),
+        payload: String::new(),
+        payload_base64: None,
+        payload_key: None,
+        payload_size: None,
+        worker: "w1".into(),
+        at: "2026-12-05T00:00:00Z".into(),
+    };
+    let h0 = got.iter().find(|d| id_of(d) == "h0").expect("h0");
+    dead.set_payload(&h0.payload);
+    b.consume("w1")
+        .dead_letter(h0.seq, &dead)
+        .await
+        .expect("dead");
+    let mut dl = b.dead_letters(Use::Request);
+    let (page, total) = dl.page("celery", 10).await.expect("page");
+    assert_eq!((total, page[0].task_id.as_deref()), (1, Some("h0")));
+    let picked = dl
+        .pick("celery", &DeadSelection::TaskIds(vec!["h0".into()]))
+        .await
+        .expect("pick");
+    assert_eq!(picked.len(), 1);
+    let moved = dl
+        .apply("celery", DeadLetterAction::Requeue, &picked)
+        .await
+        .expect("requeue");
+    assert_eq!(moved.len(), 1);
+    let twice = dl
+        .apply("celery", DeadLetterAction::Requeue, &picked)
+        .await
+        .expect("requeue again");
+    assert!(twice.is_empty(), "never requeued twice");
+    let back = take_n(b, "celery", 1, Duration::from_secs(20)).await;
+    assert_eq!(back.iter().map(id_of).collect::<Vec<_>>(), ["h0"]);
+    // Discarding: the record goes, nothing is published.
+    let h1 = got.iter().find(|d| id_of(d) == "h1").expect("h1");
+    dead.task_id = Some("h1".into());
+    dead.set_payload(&h1.payload);
+    b.consume("w1")
+        .dead_letter(h1.seq, &dead)
+        .await
+        .expect("dead");
+    let oldest = dl
+        .pick("celery", &DeadSelection::Oldest { limit: 5 })
+        .await
+        .expect("pick");
+    let gone = dl
+        .apply("celery", DeadLetterAction::Discard, &oldest)
+        .await
+        .expect("discard");
+    assert_eq!(gone.len(), 1);
+    assert_eq!(dl.page("celery", 10).await.expect("page").1, 0);
+    // A clean stop forgets the worker; an expired record is reaped.
+    leases.release("w1").await.expect("release");
+    assert!(
+        b.inspect(Use::Request)
+            .live_workers()
+            .await
+            .expect("live")
+            .is_empty()
+    );
+    leases
+        .heartbeat(&worker("w2", 9), "celery", Duration::from_millis(1))
+        .await
+        .expect("hb");
+    // The record is kept at least a second (as on Redis).
+    wait_until(Duration::from_secs(10), || {
+        s.psql("SELECT count(*) FROM taskstack_workers WHERE expires_at > clock_timestamp()") == "0"
+    })
+    .await;
+    let reaped = leases.reap_expired().await.expect("reap");
+    assert_eq!((reaped.workers, reaped.restored), (1, 0));
+    assert_eq!(s.psql("SELECT count(*) FROM taskstack_workers"), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_beat_publishes_each_slot_once_through_a_postgresql_outbox() {
+    let s = Setup::new("pg-beat").await;
+    let b = &s.backend;
+    let mut lock = b.leader_lock(Use::Loop);
+    assert_eq!(
+        lock.try_acquire("L1", LEASE).await.expect("acquire"),
+        Acquired::Yes
+    );
+    assert_eq!(
+        lock.try_acquire("L2", LEASE).await.expect("acquire"),
+        Acquired::HeldBy(Some("L1".into()))
+    );
+    assert!(lock.renew("L1", LEASE).await.expect("renew"));
+    assert!(!lock.renew("L2", LEASE).await.expect("renew"), "not ours");
+    assert_eq!(lock.holder().await.expect("holder").as_deref(), Some("L1"));
+    lock.announce("beat-a", "{\"id\":\"beat-a\"}", LEASE)
+        .await
+        .expect("announce");
+    assert_eq!(
+        lock.instance("beat-a").await.expect("instance").as_deref(),
+        Some("{\"id\":\"beat-a\"}")
+    );
+    let mut ledger = b.slot_ledger(Use::Loop);
+    let payload = message("beat-1", "celery");
+    let slot = SlotPublish {
+        lock_value: "L1",
+        margin: Duration::from_secs(1),
+        entry: "every-minute",
+        queue: "celery",
+        slot_ms: 60_000,
+        payload: &payload,
+    };
+    assert_eq!(
+        ledger.publish(slot).await.expect("publish"),
+        SlotOutcome::Published
+    );
+    assert_eq!(
+        ledger.publish(slot).await.expect("again"),
+        SlotOutcome::AlreadyPublished { last_ms: 60_000 }
+    );
+    let later = SlotPublish {
+        slot_ms: 120_000,
+        ..slot
+    };
+    assert_eq!(
+        ledger
+            .publish(SlotPublish {
+                lock_value: "someone else",
+                ..later
+            })
+            .await
+            .expect("not leader"),
+        SlotOutcome::NotLeader
+    );
+    match ledger
+        .publish(SlotPublish {
+            margin: LEASE * 2,
+            ..later
+        })
+        .await
+        .expect("too short")
+    {
+        SlotOutcome::LeaseTooShort { pttl_ms } => assert!(pttl_ms > 0 && pttl_ms <= 60_000),
+        other => panic!("expected LeaseTooShort, got {other:?}"),
+    }
+    // A message a former leader recorded but never got confirmed (killed
+    // between its commit and RabbitMQ's confirm) goes out with the next
+    // publication, even a refused one.
+    let stranded = message("beat-stranded", "celery");
+    s.psql(&format!(
+        "INSERT INTO taskstack_beat_outbox (namespace, queue, message) \
+         VALUES ('amqp-pg', 'celery', '{}')",
+        stranded.replace('\'', "''")
+    ));
+    assert_eq!(
+        ledger.publish(slot).await.expect("again"),
+        SlotOutcome::AlreadyPublished { last_ms: 60_000 }
+    );
+    let got = take_n(b, "celery", 3, Duration::from_secs(5)).await;
+    assert_eq!(
+        got.iter().map(id_of).collect::<Vec<_>>(),
+        ["beat-1", "beat-stranded"],
+        "each published once"
+    );
+    assert_eq!(s.psql("SELECT count(*) FROM taskstack_beat_outbox"), "0");
+    assert_eq!(
+        ledger
+            .last_slots(&["every-minute", "never"])
+            .await
+            .expect("last"),
+        [Some(60_000), None]
+    );
+    assert!(lock.release("L1").await.expect("release"));
+    assert!(!lock.release("L1").await.expect("release"), "gone already");
+    assert_eq!(lock.holder().await.expect("holder"), None);
+    assert_eq!(
+        ledger.publish(later).await.expect("no lock"),
+        SlotOutcome::NotLeader
+    );
+    lock.forget("beat-a").await.expect("forget");
+    assert_eq!(lock.instance("beat-a").await.expect("instance"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_beat_lock_is_taken_over() {
+    let s = Setup::new("pg-lock").await;
+    let mut lock = s.backend.leader_lock(Use::Loop);
+    assert_eq!(
+        lock.try_acquire("old", Duration::from_millis(300))
+            .await
+            .expect("acquire"),
+        Acquired::Yes
+    );
+    wait_until(Duration::from_secs(10), || {
+        s.psql("SELECT count(*) FROM taskstack_beat_lock WHERE expires_at > clock_timestamp()")
+            == "0"
+    })
+    .await;
+    assert!(!lock.renew("old", LEASE).await.expect("renew"), "expired");
+    assert_eq!(
+        lock.try_acquire("new", LEASE).await.expect("acquire"),
+        Acquired::Yes
+    );
+    assert_eq!(lock.holder().await.expect("holder").as_deref(), Some("new"));
+}
