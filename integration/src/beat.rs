@@ -113,6 +113,20 @@ impl BeatProcess {
         .output()?)
     }
 
+    /// [`BeatProcess::healthcheck`] with the `TASKSTACK_*` variables `env`
+    /// (those the beat was started with, when they name its stores).
+    pub fn healthcheck_with(&self, env: &[(&str, &str)]) -> Result<std::process::Output> {
+        Ok(Self::command(
+            &self.redis_url,
+            &self.namespace,
+            &self.state_file,
+            &self.config_file,
+        )?
+        .envs(env.iter().copied())
+        .arg("healthcheck")
+        .output()?)
+    }
+
     /// The instance id it recorded in its state file (once ready).
     pub fn instance_id(&self) -> Option<String> {
         let v: serde_json::Value =

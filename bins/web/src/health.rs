@@ -58,8 +58,10 @@ pub struct BeatCheck {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Checks {
     /// Redis: the broker, or with a RabbitMQ broker the result backend's
-    /// server (results, task states, worker records).
-    pub redis: StoreCheck,
+    /// server (results, task states, worker records); absent with a
+    /// RabbitMQ broker and PostgreSQL results, where no Redis is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<StoreCheck>,
     /// The PostgreSQL result store (`result_backend = "postgresql://..."`);
     /// absent when results live on Redis.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -102,7 +104,9 @@ impl StoreCheck {
 
 /// One round trip to each store the backend works with: `(redis,
 /// postgresql, rabbitmq)`.
-async fn check_stores(state: &AppState) -> (StoreCheck, Option<StoreCheck>, Option<StoreCheck>) {
+async fn check_stores(
+    state: &AppState,
+) -> (Option<StoreCheck>, Option<StoreCheck>, Option<StoreCheck>) {
     let (mut redis, mut postgresql, mut rabbitmq) = (None, None, None);
     for (store, r) in state.backend().pings().await {
         let slot = match store {
@@ -112,11 +116,6 @@ async fn check_stores(state: &AppState) -> (StoreCheck, Option<StoreCheck>, Opti
         };
         *slot = Some(StoreCheck::of(r));
     }
-    let redis = redis.unwrap_or_else(|| StoreCheck {
-        ok: false,
-        latency_ms: None,
-        error: Some("the backend reported no Redis round trip".into()),
-    });
     (redis, postgresql, rabbitmq)
 }
 
@@ -177,7 +176,8 @@ async fn check_beat(state: &AppState) -> BeatCheck {
     }
 }
 
-/// Readiness: Redis (and a PostgreSQL result store, a RabbitMQ broker) answers, every configured queue has a live worker and,
+/// Readiness: every store the backend works with (Redis, a PostgreSQL
+/// result store, a RabbitMQ broker) answers, every configured queue has a live worker and,
 /// when a beat is expected, a beat leader holds the lock.
 #[utoipa::path(
     get,
@@ -196,7 +196,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthRe
     );
     let failed: Vec<String> = [
         ("rabbitmq", rabbitmq.as_ref().is_none_or(|c| c.ok)),
-        ("redis", redis.ok),
+        ("redis", redis.as_ref().is_none_or(|c| c.ok)),
         ("postgresql", postgresql.as_ref().is_none_or(|c| c.ok)),
         ("workers", workers.ok),
         ("beat", beat.ok),

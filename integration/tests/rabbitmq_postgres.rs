@@ -1,0 +1,303 @@
+//! RabbitMQ with PostgreSQL results and no Redis at all (issue 15): real
+//! `taskstack-worker`, `taskstack-web` and `taskstack-beat` processes on a
+//! vhost of the shared RabbitMQ node and a private `postgres`. Every
+//! process is also given a Redis URL on a port nothing listens on, so a
+//! use of Redis anywhere would fail the test.
+//!
+//! Needs `cargo build -p taskstack-worker -p taskstack-web -p
+//! taskstack-beat` first.
+
+use anyhow::{Context as _, Result, ensure};
+use nix::sys::signal::Signal;
+use serde_json::json;
+use std::time::Duration;
+use taskstack_integration::rabbitmq_server::{self as rabbit, vhost_of};
+use taskstack_integration::{
+    BeatProcess, PG_PASSWORD, PgServer, WebProcess, WorkerProcess, free_port, namespace,
+    wait_until, wait_until_sync,
+};
+
+struct Stack {
+    amqp: String,
+    pg: PgServer,
+    db: String,
+    ns: String,
+    /// A Redis URL nothing answers at.
+    no_redis: String,
+}
+
+impl Stack {
+    fn new(hint: &str) -> Result<Self> {
+        let pg = PgServer::start();
+        let db = pg.create_database();
+        Ok(Self {
+            amqp: rabbit::shared().vhost(hint),
+            pg,
+            db,
+            ns: namespace(hint),
+            no_redis: format!("redis://127.0.0.1:{}/0", free_port()?),
+        })
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("TASKSTACK_BROKER_URL", self.amqp.clone()),
+            ("TASKSTACK_RESULT_BACKEND", self.pg.url(&self.db)),
+            ("TASKSTACK_RESULT_BACKEND_PASSWORD", PG_PASSWORD.to_owned()),
+        ]
+    }
+
+    /// A worker with a short lease (heartbeats, so held counts, every
+    /// second) and concurrency 2.
+    fn worker(&self) -> Result<WorkerProcess> {
+        let mut env = self.env();
+        env.push(("TASKSTACK_LEASE", "3s".to_owned()));
+        env.push(("TASKSTACK_CONCURRENCY", "2".to_owned()));
+        let w = WorkerProcess::spawn(&self.no_redis, &self.ns, &refs(&env))?;
+        w.wait_log("worker ready", Duration::from_secs(60))
+            .with_context(|| w.log())?;
+        Ok(w)
+    }
+
+    fn psql(&self, sql: &str) -> Result<String> {
+        Ok(self
+            .pg
+            .psql(&self.db, sql)
+            .map_err(anyhow::Error::msg)?
+            .trim()
+            .to_owned())
+    }
+
+    /// `(ready, unacknowledged)` over every queue of the vhost.
+    fn rabbit_counts(&self) -> (u64, u64) {
+        rabbit::shared()
+            .queue_counts(vhost_of(&self.amqp))
+            .into_iter()
+            .fold((0, 0), |(r, u), (_, r2, u2)| (r + r2, u + u2))
+    }
+}
+
+fn refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+async fn post(web: &WebProcess, body: serde_json::Value) -> Result<String> {
+    let (s, v) = web.call("POST", "/api/v1/tasks", Some(&body)).await?;
+    ensure!(s == 202, "enqueue: {s} {v}");
+    Ok(v["id"].as_str().context("no id")?.to_owned())
+}
+
+/// Two workers and the web API: results, revocation, a second delivery of
+/// a finished task, dead letters and in-flight counts, workers' records,
+/// `/health` and the workers' healthcheck, all without Redis; then one
+/// worker SIGKILLed mid-run loses none of its tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_and_web_on_rabbitmq_and_postgresql_need_no_redis() -> Result<()> {
+    let s = Stack::new("pg-stack")?;
+    let env = s.env();
+    let w1 = s.worker()?;
+    let mut w2 = s.worker()?;
+    let web = WebProcess::spawn(&s.no_redis, &s.ns, &refs(&env)).await?;
+    let logs = || format!("w1:\n{}\nw2:\n{}\nweb:\n{}", w1.log(), w2.log(), web.log());
+
+    let (status, health) = wait_until("/health to pass", Duration::from_secs(60), || async {
+        let (status, v) = web.call("GET", "/health", None).await?;
+        Ok((status == 200).then_some((status, v)))
+    })
+    .await
+    .with_context(logs)?;
+    assert_eq!(status, 200, "{health}");
+    for store in ["rabbitmq", "postgresql"] {
+        assert_eq!(health["checks"][store]["ok"], true, "{health}");
+    }
+    assert!(health["checks"].get("redis").is_none(), "{health}");
+
+    let id = post(&web, json!({"task": "taskstack.add", "args": [40, 2]})).await?;
+    let done = web.wait_state(&id, "SUCCESS").await.with_context(logs)?;
+    assert_eq!(done["result"], 42, "{done}");
+    assert_eq!(
+        s.psql(&format!(
+            "SELECT state || '|' || result || '|' || task_name FROM taskstack_results \
+             WHERE task_id = '{id}'"
+        ))?,
+        "SUCCESS|42|taskstack.add"
+    );
+
+    // Revoked while it waits in RabbitMQ's delay levels: when due, a worker
+    // takes it, finds the row revoked and acknowledges it unrun.
+    let later = post(
+        &web,
+        json!({"task": "taskstack.add", "args": [1, 1], "countdown": 2}),
+    )
+    .await?;
+    let (code, v) = web
+        .call("DELETE", &format!("/api/v1/tasks/{later}"), None)
+        .await?;
+    assert_eq!(code, 200, "{v}");
+    let skipped = "task was revoked before it started; skipping it";
+    wait_until_sync(
+        "the revoked task to be skipped",
+        Duration::from_secs(60),
+        || (w1.log().contains(skipped) || w2.log().contains(skipped)).then_some(()),
+    )
+    .with_context(logs)?;
+    web.wait_state(&later, "REVOKED").await?;
+    let (code, v) = web
+        .call("DELETE", &format!("/api/v1/tasks/{id}"), None)
+        .await?;
+    assert_eq!(code, 409, "a finished task is not revoked: {v}");
+
+    // The workers' records and the healthcheck read PostgreSQL.
+    let (_, workers) = web.call("GET", "/api/v1/workers", None).await?;
+    let listed = workers["workers"]
+        .as_array()
+        .or_else(|| workers.as_array())
+        .map_or(0, Vec::len);
+    assert_eq!(listed, 2, "{workers}");
+    assert_eq!(
+        s.psql("SELECT count(*) FROM taskstack_workers WHERE expires_at > now()")?,
+        "2"
+    );
+    let out = WorkerProcess::command(&s.no_redis, &s.ns, &w1.state_file)?
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .arg("healthcheck")
+        .output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("alive"));
+
+    // What the workers hold shows as in flight while they run it.
+    let sleeps: Vec<String> = {
+        let mut ids = Vec::new();
+        for i in 0..8 {
+            ids.push(post(&web, json!({"task": "taskstack.sleep", "args": [2.0, i]})).await?);
+        }
+        ids
+    };
+    wait_until("in-flight counts", Duration::from_secs(30), || async {
+        let (_, q) = web.call("GET", "/api/v1/queues", None).await?;
+        let held = q["queues"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == "celery"))
+            .and_then(|c| c["in_flight"].as_u64())
+            .unwrap_or(0);
+        Ok((held > 0).then_some(()))
+    })
+    .await
+    .with_context(logs)?;
+    // One worker dies mid-run: RabbitMQ gives its messages to the other.
+    w2.signal(Signal::SIGKILL)?;
+    for id in &sleeps {
+        web.wait_state(id, "SUCCESS").await.with_context(logs)?;
+    }
+    wait_until_sync(
+        "every message acknowledged",
+        Duration::from_secs(30),
+        || (s.rabbit_counts() == (0, 0)).then_some(()),
+    )?;
+    w2.wait_exit(Duration::from_secs(5))?;
+    Ok(())
+}
+
+/// Two beats on RabbitMQ and PostgreSQL: one leads; the leader SIGKILLed,
+/// the standby takes over once the lock's TTL passed; both answer their
+/// healthcheck from PostgreSQL. The proof is the queue itself: every
+/// message published is read back from RabbitMQ and counted by its
+/// `beat_slot` header, and no slot was published twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beats_on_rabbitmq_and_postgresql_publish_each_slot_once() -> Result<()> {
+    let s = Stack::new("pg-beat")?;
+    let env = s.env();
+    let toml = "beat_lock_ttl = \"3s\"\n\
+                [[schedule]]\nname = \"tick\"\ntask = \"taskstack.add\"\nevery = \"1s\"\n\
+                args = [1, 2]\n";
+    let mut beats = [
+        BeatProcess::spawn(&s.no_redis, &s.ns, toml, &refs(&env))?,
+        BeatProcess::spawn(&s.no_redis, &s.ns, toml, &refs(&env))?,
+    ];
+    let logs = || format!("a:\n{}\nb:\n{}", beats[0].log(), beats[1].log());
+    let queued = || s.rabbit_counts().0;
+    wait_until_sync("three slots published", Duration::from_secs(60), || {
+        (queued() >= 3).then_some(())
+    })
+    .with_context(logs)?;
+    let health = |beat: &BeatProcess| -> Result<String> {
+        let out = beat.healthcheck_with(&refs(&env))?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(out.status.success(), "beat healthcheck failed: {said}");
+        Ok(said)
+    };
+    let verdicts = [health(&beats[0])?, health(&beats[1])?];
+    let lead = verdicts
+        .iter()
+        .position(|v| v.contains("healthy: leader"))
+        .with_context(|| format!("no leader: {verdicts:?}"))?;
+    assert!(
+        verdicts[1 - lead].contains("healthy: standby"),
+        "{verdicts:?}"
+    );
+    let before = queued();
+    beats[lead].signal(Signal::SIGKILL)?;
+    wait_until_sync("the standby to take over", Duration::from_secs(60), || {
+        (queued() >= before + 3).then_some(())
+    })
+    .with_context(logs)?;
+    assert!(
+        health(&beats[1 - lead])?.contains("healthy: leader"),
+        "the standby leads now"
+    );
+    beats[1 - lead].signal(Signal::SIGTERM)?;
+    for b in &mut beats {
+        b.wait_exit(Duration::from_secs(30))?;
+    }
+    assert_eq!(s.psql("SELECT count(*) FROM taskstack_beat_outbox")?, "0");
+
+    // Read every message back from RabbitMQ.
+    let config = taskstack::config::Config {
+        broker_url: s.amqp.as_str().into(),
+        result_backend: Some(s.pg.url(&s.db).as_str().into()),
+        result_backend_password: Some(PG_PASSWORD.into()),
+        namespace: s.ns.clone(),
+        ..Default::default()
+    };
+    let backend = taskstack::open_backend(&config)?;
+    let mut reader = backend.consume("reader");
+    let total = queued();
+    let keys = ["celery".to_owned()];
+    let mut slots = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while (slots.len() as u64) < total && std::time::Instant::now() < deadline {
+        for d in reader
+            .take(&keys, 100, Duration::from_secs(60), usize::MAX)
+            .await?
+        {
+            let text = d.text().context("not text")?;
+            let (entry, slot) = taskstack::beat::publish::beat_headers(text)
+                .context("beat_entry / beat_slot headers")?;
+            assert_eq!(entry, "tick");
+            slots.push(slot);
+        }
+        reader
+            .wait_for_message(&keys, Duration::from_millis(200))
+            .await?;
+    }
+    assert_eq!(slots.len() as u64, total, "every message read back");
+    let mut distinct = slots.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        slots.len(),
+        "a slot was published twice: {slots:?}"
+    );
+    Ok(())
+}
