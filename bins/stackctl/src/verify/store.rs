@@ -72,7 +72,12 @@ pub async fn connect<E: Engine>(
             .clone()
             .filter(|b| super::rabbitmq::broker_kind(b.expose()) == "redis")
             .filter(|b| !taskstack::config::is_postgres_url(b.expose()))
-            .ok_or("broker_url is amqp://... and result_backend is not a Redis URL")?;
+            .ok_or(
+                "broker_url is amqp://... and result_backend is not a Redis URL: stackctl verify \
+                 reads the workers' records, the beat lock and the queues' counts on Redis, and \
+                 with PostgreSQL results there is none (the web API's /health, /api/v1/workers \
+                 and /api/v1/queues report them from PostgreSQL)",
+            )?;
         config.broker_url = backend;
         config.broker_password = config.result_backend_password.clone();
         config.broker_password_file = config.result_backend_password_file.clone();

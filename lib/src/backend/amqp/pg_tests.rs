@@ -437,3 +437,44 @@ async fn an_expired_beat_lock_is_taken_over() {
     );
     assert_eq!(lock.holder().await.expect("holder").as_deref(), Some("new"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canvas_is_refused_at_the_producer_naming_why() {
+    use crate::{Producer, SendOptions, TaskRequest};
+    let s = Setup::new("pg-canvas").await;
+    let p = Producer::on_backend(std::sync::Arc::new(s.backend.clone()), "test");
+    let add = |a: i64| TaskRequest {
+        name: "tests.add".into(),
+        args: vec![serde_json::json!(a), serde_json::json!(1)],
+        kwargs: serde_json::Map::new(),
+        options: SendOptions::default(),
+    };
+    let e = p
+        .send_chain(&[add(1), add(2)])
+        .await
+        .expect_err("a chain is refused")
+        .to_string();
+    assert!(
+        e.contains("chain") && e.contains("result_backend = redis://"),
+        "{e}"
+    );
+    let mut linked = add(3);
+    linked.options.link = vec![add(4)];
+    let e = p
+        .send(&linked)
+        .await
+        .expect_err("a link is refused")
+        .to_string();
+    assert!(e.contains("link") && e.contains("PostgreSQL"), "{e}");
+    let e = p
+        .send_chord(&[add(5)], &add(6), &crate::ChordOptions::default())
+        .await
+        .expect_err("a chord is refused")
+        .to_string();
+    assert!(e.contains("chord"), "{e}");
+    // Nothing of them was sent: the plain task after them is the only
+    // message.
+    let id = p.send(&add(7)).await.expect("a plain task is sent");
+    let got = take_n(&s.backend, "celery", 2, Duration::from_secs(3)).await;
+    assert_eq!(got.iter().map(id_of).collect::<Vec<_>>(), [id]);
+}
