@@ -11,6 +11,7 @@ use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::Signal;
 use serde_json::json;
 use std::time::Duration;
+use taskstack::{Producer, SendOptions, TaskRequest};
 use taskstack_integration::rabbitmq_server::{self as rabbit, vhost_of};
 use taskstack_integration::{
     BeatProcess, PG_PASSWORD, PgServer, WebProcess, WorkerProcess, free_port, namespace,
@@ -49,6 +50,17 @@ impl Stack {
 
     /// A worker with a short lease (heartbeats, so held counts, every
     /// second) and concurrency 2.
+    /// The same settings for a producer or reader in this process.
+    fn config(&self) -> taskstack::config::Config {
+        taskstack::config::Config {
+            broker_url: self.amqp.as_str().into(),
+            result_backend: Some(self.pg.url(&self.db).as_str().into()),
+            result_backend_password: Some(PG_PASSWORD.into()),
+            namespace: self.ns.clone(),
+            ..Default::default()
+        }
+    }
+
     fn worker(&self) -> Result<WorkerProcess> {
         let mut env = self.env();
         env.push(("TASKSTACK_LEASE", "3s".to_owned()));
@@ -262,14 +274,7 @@ async fn beats_on_rabbitmq_and_postgresql_publish_each_slot_once() -> Result<()>
     assert_eq!(s.psql("SELECT count(*) FROM taskstack_beat_outbox")?, "0");
 
     // Read every message back from RabbitMQ.
-    let config = taskstack::config::Config {
-        broker_url: s.amqp.as_str().into(),
-        result_backend: Some(s.pg.url(&s.db).as_str().into()),
-        result_backend_password: Some(PG_PASSWORD.into()),
-        namespace: s.ns.clone(),
-        ..Default::default()
-    };
-    let backend = taskstack::open_backend(&config)?;
+    let backend = taskstack::open_backend(&s.config())?;
     let mut reader = backend.consume("reader");
     let total = queued();
     let keys = ["celery".to_owned()];
@@ -299,5 +304,123 @@ async fn beats_on_rabbitmq_and_postgresql_publish_each_slot_once() -> Result<()>
         slots.len(),
         "a slot was published twice: {slots:?}"
     );
+    Ok(())
+}
+
+/// Chains, chords, links and a failing chord through the web API on
+/// RabbitMQ with PostgreSQL results: the follow-ups' sent markers and the
+/// chord counters live in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canvas_runs_on_rabbitmq_and_postgresql() -> Result<()> {
+    let s = Stack::new("pg-canvas")?;
+    let env = s.env();
+    let worker = s.worker()?;
+    let web = WebProcess::spawn(&s.no_redis, &s.ns, &refs(&env)).await?;
+    let logs = || format!("worker:\n{}\nweb:\n{}", worker.log(), web.log());
+    let workflow = |body: serde_json::Value| {
+        let web = &web;
+        async move {
+            let (code, v) = web.call("POST", "/api/v1/workflows", Some(&body)).await?;
+            ensure!(code == 202, "workflow: {code} {v}");
+            Ok::<_, anyhow::Error>(v)
+        }
+    };
+    let chain = workflow(json!({"chain": [
+        {"task": "taskstack.add", "args": [2, 2]},
+        {"task": "taskstack.add", "args": [4]},
+        {"task": "taskstack.echo", "args": ["end"], "immutable": true},
+    ]}))
+    .await?;
+    let ids: Vec<String> = serde_json::from_value(chain["task_ids"].clone())?;
+    let second = web
+        .wait_state(&ids[1], "SUCCESS")
+        .await
+        .with_context(logs)?;
+    assert_eq!(second["result"], 8, "{second}");
+    let end = web
+        .wait_state(&ids[2], "SUCCESS")
+        .await
+        .with_context(logs)?;
+    assert_eq!(
+        end["result"],
+        json!({"args": ["end"], "kwargs": {}}),
+        "{end}"
+    );
+
+    let header: Vec<_> = (0..4)
+        .map(|i| json!({"task": "taskstack.add", "args": [i, i]}))
+        .collect();
+    let chord =
+        workflow(json!({"chord": {"header": header, "body": {"task": "taskstack.echo"}}})).await?;
+    let body_id = chord["result_id"].as_str().context("result_id")?.to_owned();
+    let done = web
+        .wait_state(&body_id, "SUCCESS")
+        .await
+        .with_context(logs)?;
+    assert_eq!(
+        done["result"],
+        json!({"args": [[0, 2, 4, 6]], "kwargs": {}}),
+        "{done}"
+    );
+
+    let failing = workflow(json!({"chord": {
+        "header": [
+            {"task": "taskstack.add", "args": [1, 1]},
+            {"task": "taskstack.fail", "args": ["boom"]},
+        ],
+        "body": {"task": "taskstack.echo"},
+    }}))
+    .await?;
+    let body_id = failing["result_id"]
+        .as_str()
+        .context("result_id")?
+        .to_owned();
+    let failed = web
+        .wait_state(&body_id, "FAILURE")
+        .await
+        .with_context(logs)?;
+    assert!(failed.to_string().contains("ChordError"), "{failed}");
+
+    // A link, from a producer in this process.
+    let p = Producer::on_backend(taskstack::open_backend(&s.config())?, "test@localhost");
+    let echo = TaskRequest {
+        name: "taskstack.echo".into(),
+        args: Vec::new(),
+        kwargs: serde_json::Map::new(),
+        options: SendOptions {
+            task_id: Some("linked-echo".into()),
+            ..SendOptions::default()
+        },
+    };
+    let add = TaskRequest {
+        name: "taskstack.add".into(),
+        args: vec![json!(20), json!(22)],
+        kwargs: serde_json::Map::new(),
+        options: SendOptions {
+            link: vec![echo],
+            ..SendOptions::default()
+        },
+    };
+    let id = p.send(&add).await?;
+    let r = p
+        .wait(&id, Duration::from_secs(60))
+        .await
+        .with_context(logs)?;
+    assert_eq!(r.result, json!(42));
+    let r = p
+        .wait("linked-echo", Duration::from_secs(60))
+        .await
+        .with_context(logs)?;
+    assert_eq!(r.result, json!({"args": [42], "kwargs": {}}), "{r:?}");
+    // The sent markers are there; the completed chord cleaned up its
+    // parts (a failed one's stay until they expire, as on Redis).
+    let markers: u64 = s
+        .psql("SELECT count(*) FROM taskstack_canvas_sent")?
+        .parse()?;
+    assert!(markers >= 4, "{markers} sent markers");
+    let group = chord["group_id"].as_str().context("group_id")?;
+    let parts = format!("SELECT count(*) FROM taskstack_chord_parts WHERE group_id = '{group}'");
+    assert_eq!(s.psql(&parts)?, "0");
+    assert_eq!(s.rabbit_counts(), (0, 0), "everything acknowledged");
     Ok(())
 }

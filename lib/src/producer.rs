@@ -238,22 +238,6 @@ impl Producer {
             || !link_error.is_empty()
             || extra.chain.is_some()
             || extra.chord.is_some();
-        #[cfg(feature = "amqp")]
-        if canvas && self.backend.amqp().is_some() && self.backend.records_redis().is_none() {
-            // A worker could not send the follow-ups (no store for their
-            // sent markers): refused here, not failed there.
-            return Err(ProducerError::Option {
-                option: if o.link.is_empty() && o.link_error.is_empty() {
-                    "chain"
-                } else {
-                    "link"
-                },
-                reason: "the canvas (chain, chord, link, link_error) with a RabbitMQ broker needs \
-                         result_backend = redis://... (its sent markers and chord counters live \
-                         there); this stack keeps results in PostgreSQL"
-                    .into(),
-            });
-        }
         let embed = canvas.then(|| {
             let list = |l: Vec<Value>| {
                 if l.is_empty() {

@@ -134,6 +134,14 @@ pub trait Backend: Send + Sync + Debug {
     fn records_redis(&self) -> Option<&crate::broker::Broker> {
         self.redis()
     }
+    /// The canvas's records (follow-ups' sent markers, chord counters)
+    /// where the broker does not keep them itself: on
+    /// [`Backend::records_redis`] by default, in PostgreSQL with RabbitMQ
+    /// and PostgreSQL results. `None`: the canvas is off.
+    fn canvas(&self) -> Option<Box<dyn crate::canvas::store::CanvasStore>> {
+        self.records_redis()
+            .map(|b| Box::new(crate::canvas::store::RedisCanvas::new(b)) as _)
+    }
     /// The RabbitMQ broker under this backend, for Celery's remote control
     /// and events on AMQP; `None` elsewhere.
     #[cfg(feature = "amqp")]

@@ -15,6 +15,7 @@
 
 pub mod redis;
 pub mod send;
+pub mod store;
 
 use crate::proto::envelope::{self, CONTENT_TYPE_JSON, HEADER_READY_AT};
 use crate::proto::keys::{priority_bucket, queue_key};

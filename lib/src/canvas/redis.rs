@@ -106,6 +106,24 @@ pub fn group_key(group_id: &str, suffix: &str) -> String {
     format!("celery-taskset-meta-{group_id}{suffix}")
 }
 
+/// Records a chord's size (`.s`, kept `expires`) before its header is
+/// sent, as Celery's `set_chord_size` does.
+pub async fn set_size(
+    lane: &mut Lane,
+    group_id: &str,
+    size: usize,
+    expires: Duration,
+) -> Result<(), BackendError> {
+    let key = group_key(group_id, ".s");
+    on_lane!(&mut *lane, "record chord size", |c| ::redis::cmd("SET")
+        .arg(&key)
+        .arg(size)
+        .arg("EX")
+        .arg(expires.as_secs().max(1))
+        .query_async::<()>(c))?;
+    Ok(())
+}
+
 /// Celery's claim lifetime with the default `result_chord_join_timeout`
 /// (3 s): `max(5, int(3.0 * 2))`.
 pub const CLAIM_EXPIRES_SECS: u64 = 6;
@@ -140,7 +158,7 @@ pub async fn part_return(
     result: &Value,
     expires: Duration,
 ) -> Result<PartOutcome, BackendError> {
-    let encoded = serde_json::json!([1, task_id, state, result]).to_string();
+    let encoded = encode_part(task_id, state, result);
     let token = uuid::Uuid::new_v4().simple().to_string();
     let secs = expires.as_secs();
     let mut inv = CHORD_PART_RETURN.prepare_invoke();
@@ -183,6 +201,16 @@ pub async fn parts(lane: &mut Lane, group_id: &str) -> Result<Vec<Part>, Backend
         .arg(0)
         .arg(-1)
         .query_async(c))?;
+    parse_parts(&raw)
+}
+
+/// The encoded header outcome `[1, id, state, result]` Celery stores.
+pub(crate) fn encode_part(task_id: &str, state: &str, result: &Value) -> String {
+    serde_json::json!([1, task_id, state, result]).to_string()
+}
+
+/// Stored header outcomes (`[1, id, state, result]` each), in order.
+pub(crate) fn parse_parts(raw: &[String]) -> Result<Vec<Part>, BackendError> {
     raw.iter()
         .map(|s| {
             let bad = |detail: String| BrokerError::Reply {

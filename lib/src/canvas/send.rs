@@ -6,9 +6,7 @@
 //! `freeze`), so the caller can follow each step, and a chain's or chord's
 //! final result lives under an id known up front.
 
-use super::redis::group_key;
 use crate::backend::Use;
-use crate::broker::on_lane;
 use crate::producer::{Embedded, Producer, ProducerError, TaskRequest};
 use crate::proto::TaskResult;
 use serde_json::{Map, Value, json};
@@ -242,11 +240,11 @@ impl Producer {
                 "a chord needs at least one header task (Celery would run the body at once)",
             ));
         }
-        let Some(broker) = self.backend().records_redis() else {
+        let Some(mut store) = self.backend().canvas() else {
             return Err(refuse(
                 "chord",
-                "chords need a Redis broker, or Redis results under a RabbitMQ broker \
-                 (Celery's chord counters live there)",
+                "chords need a store for Celery's chord counters: a Redis broker, or a \
+                 RabbitMQ broker with Redis or PostgreSQL results",
             ));
         };
         let group_id = options
@@ -273,16 +271,7 @@ impl Producer {
             prepared.push(p);
         }
         let expires = options.expires.unwrap_or(DEFAULT_CHORD_EXPIRES);
-        let size_key = group_key(&group_id, ".s");
-        let size = header.len();
-        let mut lane = broker.backend_pool().lane();
-        on_lane!(&mut lane, "record chord size", |c| ::redis::cmd("SET")
-            .arg(&size_key)
-            .arg(size)
-            .arg("EX")
-            .arg(expires.as_secs().max(1))
-            .query_async::<()>(c))
-        .map_err(crate::backend::BackendError::from)?;
+        store.set_size(&group_id, header.len(), expires).await?;
         self.record_follow_ups(&[(body, &body_id)]).await?;
         let header_ids = self.send_prepared(prepared).await?;
         Ok(ChordSent {

@@ -23,6 +23,7 @@
 use super::shared::{Shared, persist};
 use crate::backend::{Outgoing, Use};
 use crate::canvas::redis::{self as chord, PartOutcome};
+use crate::canvas::store::CanvasStore;
 use crate::canvas::{
     self, CanvasError, Dispatch, FollowUp, Lineage, Signature, child, derived_id, group_child,
 };
@@ -46,12 +47,12 @@ pub(crate) async fn run(sh: &Shared, msg: &TaskMessage, result: &mut TaskResult)
     if !(has("callbacks") || has("errbacks") || has("chain") || has("chord")) {
         return true;
     }
-    if sh.backend.records_redis().is_none() {
-        tracing::error!("this task carries a Celery canvas, which needs Redis");
+    if sh.backend.redis().is_none() && sh.backend.canvas().is_none() {
+        tracing::error!("this task carries a Celery canvas, which this backend cannot send");
         let exc = ExceptionInfo::builtin(
             "NotImplementedError",
-            "Celery canvas (chain, link, link_error, chord) needs Redis: a Redis broker, \
-             or Redis results under a RabbitMQ broker",
+            "Celery canvas (chain, link, link_error, chord) needs a store for its records: \
+             a Redis broker, or a RabbitMQ broker with Redis or PostgreSQL results",
         );
         *result = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from(sh, msg));
         return true;
@@ -355,15 +356,13 @@ impl<'a> Work<'a> {
     /// carry the same task ids, and a worker acknowledges a copy whose
     /// task already has its final result without running it.
     async fn publish(&self, sends: &[FollowUp], ttl: std::time::Duration) -> bool {
-        let Some(broker) = self.sh.backend.records_redis() else {
+        let Some(mut store) = self.sh.backend.canvas() else {
             return true;
         };
-        let ns = broker.keys().namespace().to_owned();
-        let mut lane = broker.backend_pool().lane();
         let Some(unsent) = persist!(
             self.sh,
             "read canvas sent markers",
-            chord::unsent(&mut lane, &ns, sends).await
+            store.unsent(sends).await
         ) else {
             return false;
         };
@@ -395,7 +394,7 @@ impl<'a> Work<'a> {
         let marked = persist!(
             self.sh,
             "mark canvas follow-ups sent",
-            chord::mark_sent(&mut lane, &ns, &unsent, ttl).await
+            store.mark_sent(&unsent, ttl).await
         );
         tracing::debug!(
             sent = unsent.len(),
@@ -405,9 +404,10 @@ impl<'a> Work<'a> {
         marked.is_some()
     }
 
-    /// Celery's `on_chord_part_return` for the Redis backend.
+    /// Celery's `on_chord_part_return` for the Redis backend (and the same
+    /// steps on PostgreSQL, see [`crate::canvas::store`]).
     async fn chord_part(&mut self, result: &TaskResult) -> bool {
-        let Some(broker) = self.sh.backend.records_redis() else {
+        let Some(mut store) = self.sh.backend.canvas() else {
             return true;
         };
         let Some(gid) = self.msg.group.clone() else {
@@ -427,31 +427,19 @@ impl<'a> Work<'a> {
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
         let expires = self.sh.settings.result_expires;
-        let mut lane = broker.backend_pool().lane();
         let Some(outcome) = persist!(
             self.sh,
             "record chord part",
-            chord::part_return(
-                &mut lane,
-                &gid,
-                &self.msg.id,
-                index,
-                &state,
-                &result.result,
-                expires
-            )
-            .await
+            store
+                .part_return(&gid, &self.msg.id, index, &state, &result.result, expires)
+                .await
         ) else {
             return false;
         };
         let PartOutcome::Claimed { token, .. } = outcome else {
             return true;
         };
-        let Some(parts) = persist!(
-            self.sh,
-            "read chord parts",
-            chord::parts(&mut lane, &gid).await
-        ) else {
+        let Some(parts) = persist!(self.sh, "read chord parts", store.parts(&gid).await) else {
             return false;
         };
         let body_id = body
@@ -468,18 +456,18 @@ impl<'a> Work<'a> {
             );
             tracing::warn!(chord = %gid, reason = %why, "chord failed");
             return self
-                .chord_error(&gid, &body, &body_id, &why, &mut lane)
+                .chord_error(&gid, &body, &body_id, &why, &mut *store)
                 .await;
         }
         if let Err(e) = body.check_plain() {
             return self
-                .chord_error(&gid, &body, &body_id, &e.to_string(), &mut lane)
+                .chord_error(&gid, &body, &body_id, &e.to_string(), &mut *store)
                 .await;
         }
         let Some(extended) = persist!(
             self.sh,
             "extend chord claim",
-            chord::extend_claim(&mut lane, &gid, &token).await
+            store.extend_claim(&gid, &token).await
         ) else {
             return false;
         };
@@ -500,11 +488,7 @@ impl<'a> Work<'a> {
         if !self.send().await {
             return false;
         }
-        match persist!(
-            self.sh,
-            "clean up chord",
-            chord::cleanup(&mut lane, &gid, &token).await
-        ) {
+        match persist!(self.sh, "clean up chord", store.cleanup(&gid, &token).await) {
             Some(true) => true,
             Some(false) => {
                 tracing::warn!(chord = %gid, "chord claim lost before clean-up; its data is left to expire");
@@ -524,7 +508,7 @@ impl<'a> Work<'a> {
         body: &Signature,
         body_id: &str,
         why: &str,
-        lane: &mut crate::broker::Lane,
+        store: &mut dyn CanvasStore,
     ) -> bool {
         let exc = ExceptionInfo::celery("ChordError", why);
         let mut r = TaskResult::failure(
@@ -572,11 +556,6 @@ impl<'a> Work<'a> {
         if !self.send().await {
             return false;
         }
-        persist!(
-            self.sh,
-            "drop chord size",
-            chord::drop_size(lane, gid).await
-        )
-        .is_some()
+        persist!(self.sh, "drop chord size", store.drop_size(gid).await).is_some()
     }
 }

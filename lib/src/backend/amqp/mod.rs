@@ -249,8 +249,12 @@ impl Backend for AmqpBackend {
     fn records_redis(&self) -> Option<&broker::Broker> {
         // The result backend's Redis: chord counters where Celery's Redis
         // result backend keeps them; follow-ups go to RabbitMQ. None with
-        // PostgreSQL: the canvas is refused there, naming why.
+        // PostgreSQL (the canvas's records are then in PostgreSQL, see
+        // `canvas`).
         self.records.redis()
+    }
+    fn canvas(&self) -> Option<Box<dyn crate::canvas::store::CanvasStore>> {
+        self.records.canvas()
     }
     fn enqueue(&self, usage: Use) -> Box<dyn Enqueue> {
         self.session(usage, "")

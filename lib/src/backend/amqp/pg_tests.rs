@@ -439,42 +439,119 @@ async fn an_expired_beat_lock_is_taken_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_canvas_is_refused_at_the_producer_naming_why() {
-    use crate::{Producer, SendOptions, TaskRequest};
+async fn chord_counters_and_sent_markers_live_in_postgresql() {
+    use crate::canvas::FollowUp;
+    use crate::canvas::redis::PartOutcome;
     let s = Setup::new("pg-canvas").await;
-    let p = Producer::on_backend(std::sync::Arc::new(s.backend.clone()), "test");
-    let add = |a: i64| TaskRequest {
-        name: "tests.add".into(),
-        args: vec![serde_json::json!(a), serde_json::json!(1)],
-        kwargs: serde_json::Map::new(),
-        options: SendOptions::default(),
-    };
-    let e = p
-        .send_chain(&[add(1), add(2)])
-        .await
-        .expect_err("a chain is refused")
-        .to_string();
-    assert!(
-        e.contains("chain") && e.contains("result_backend = redis://"),
-        "{e}"
+    let mut store = s.backend.canvas().expect("a canvas store");
+    let ttl = Duration::from_secs(600);
+    let ok = |v: i64| serde_json::json!(v);
+    store.set_size("g1", 2, ttl).await.expect("size");
+    let pending = |ready, total| PartOutcome::Pending { ready, total };
+    assert_eq!(
+        store
+            .part_return("g1", "t2", Some(1), "SUCCESS", &ok(2), ttl)
+            .await
+            .expect("part"),
+        pending(1, Some(2))
     );
-    let mut linked = add(3);
-    linked.options.link = vec![add(4)];
-    let e = p
-        .send(&linked)
+    assert_eq!(
+        store
+            .part_return("g1", "t2", Some(1), "SUCCESS", &ok(2), ttl)
+            .await
+            .expect("again"),
+        pending(1, Some(2)),
+        "a header task counts once"
+    );
+    let PartOutcome::Claimed { token, total } = store
+        .part_return("g1", "t1", Some(0), "SUCCESS", &ok(1), ttl)
         .await
-        .expect_err("a link is refused")
-        .to_string();
-    assert!(e.contains("link") && e.contains("PostgreSQL"), "{e}");
-    let e = p
-        .send_chord(&[add(5)], &add(6), &crate::ChordOptions::default())
+        .expect("last part")
+    else {
+        panic!("the last part takes the claim");
+    };
+    assert_eq!(total, 2);
+    assert_eq!(
+        store
+            .part_return("g1", "t1", Some(0), "SUCCESS", &ok(1), ttl)
+            .await
+            .expect("copy"),
+        pending(2, Some(2)),
+        "a copy of the last part does not claim again"
+    );
+    let parts = store.parts("g1").await.expect("parts");
+    assert_eq!(
+        parts
+            .iter()
+            .map(|p| (p.task_id.as_str(), p.result.clone()))
+            .collect::<Vec<_>>(),
+        [("t1", ok(1)), ("t2", ok(2))],
+        "in header order"
+    );
+    assert!(!store.extend_claim("g1", "not-mine").await.expect("extend"));
+    assert!(store.extend_claim("g1", &token).await.expect("extend"));
+    assert!(!store.cleanup("g1", "not-mine").await.expect("cleanup"));
+    assert!(store.cleanup("g1", &token).await.expect("cleanup"));
+    assert_eq!(
+        store
+            .part_return("g1", "t1", Some(0), "SUCCESS", &ok(1), ttl)
+            .await
+            .expect("late"),
+        PartOutcome::AlreadyDone
+    );
+    assert_eq!(s.psql("SELECT count(*) FROM taskstack_chord_parts"), "0");
+
+    // A claimant that died: its claim expires and is taken again.
+    store.set_size("g2", 1, ttl).await.expect("size");
+    let PartOutcome::Claimed { token: dead, .. } = store
+        .part_return("g2", "u1", Some(0), "SUCCESS", &ok(1), ttl)
         .await
-        .expect_err("a chord is refused")
-        .to_string();
-    assert!(e.contains("chord"), "{e}");
-    // Nothing of them was sent: the plain task after them is the only
-    // message.
-    let id = p.send(&add(7)).await.expect("a plain task is sent");
-    let got = take_n(&s.backend, "celery", 2, Duration::from_secs(3)).await;
-    assert_eq!(got.iter().map(id_of).collect::<Vec<_>>(), [id]);
+        .expect("part")
+    else {
+        panic!("claimed");
+    };
+    assert!(!store.extend_claim("g2", "second").await.expect("held"));
+    s.psql("UPDATE taskstack_chords SET claim_expires = now() - interval '1 second' WHERE group_id = 'g2'");
+    assert!(store.extend_claim("g2", "second").await.expect("free"));
+    assert!(
+        !store.cleanup("g2", &dead).await.expect("lost"),
+        "the dead claim is no more"
+    );
+    // A failed chord's size is dropped: late parts never complete it.
+    store.set_size("g3", 1, ttl).await.expect("size");
+    store.drop_size("g3").await.expect("drop");
+    assert_eq!(
+        store
+            .part_return("g3", "v1", None, "SUCCESS", &ok(1), ttl)
+            .await
+            .expect("part"),
+        pending(1, None)
+    );
+
+    let follow = |id: &str| FollowUp {
+        task_id: id.to_owned(),
+        task: "tests.add".into(),
+        queue_key: "celery".into(),
+        payload: message(id, "celery"),
+    };
+    let batch = [follow("f1"), follow("f2")];
+    assert_eq!(store.unsent(&batch).await.expect("unsent").len(), 2);
+    store.mark_sent(&batch[..1], ttl).await.expect("mark");
+    let left = store.unsent(&batch).await.expect("unsent");
+    assert_eq!(
+        left.iter().map(|f| f.task_id.as_str()).collect::<Vec<_>>(),
+        ["f2"]
+    );
+    // Expired markers and chords are swept with the results.
+    s.psql("UPDATE taskstack_canvas_sent SET expires_at = now() - interval '1 second'");
+    s.psql("UPDATE taskstack_chords SET expires_at = now() - interval '1 second'");
+    let mut expiry = s.backend.expiry().expect("an expiry");
+    expiry.sweep(1000).await.expect("sweep");
+    assert_eq!(
+        s.psql(
+            "SELECT (SELECT count(*) FROM taskstack_canvas_sent) + \
+             (SELECT count(*) FROM taskstack_chords) + (SELECT count(*) FROM taskstack_chord_parts)"
+        ),
+        "0"
+    );
 }

@@ -12,7 +12,7 @@
 
 use super::consume::Consumer;
 use super::held::HeldLeases;
-use crate::backend::postgres::PgRecords;
+use crate::backend::postgres::{PgCanvas, PgRecords};
 use crate::backend::redis::{RedisBackend, SystemClock};
 #[cfg(feature = "beat")]
 use crate::backend::traits::{Acquired, LeaderLock};
@@ -24,6 +24,7 @@ use crate::broker::{
     self, DeadLetter, Lane, PickedDeadLetter, RevokeOutcome, Settle, StartVerdict, Starting,
     WorkerRecord, on_lane,
 };
+use crate::canvas::store::{CanvasStore, RedisCanvas};
 use crate::proto::keys::result_key;
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -121,6 +122,14 @@ impl Records {
         match self {
             Self::Redis(redis) => redis.leader_lock(usage),
             Self::Pg(pg) => Box::new(PgLock(pg.clone())),
+        }
+    }
+
+    /// The canvas's records: on the Redis, or in PostgreSQL.
+    pub(super) fn canvas(&self) -> Option<Box<dyn CanvasStore>> {
+        match self {
+            Self::Redis(redis) => Some(Box::new(RedisCanvas::new(redis.broker()))),
+            Self::Pg(pg) => Some(Box::new(PgCanvas(pg.clone()))),
         }
     }
 

@@ -15,6 +15,7 @@
 //! deleted in bounded batches by one cleaner at a time.
 
 mod beat;
+mod canvas;
 mod connect;
 mod listen;
 mod records;
@@ -22,6 +23,7 @@ mod schema;
 mod store;
 mod tls;
 
+pub(crate) use canvas::PgCanvas;
 pub use connect::{PgError, prepare};
 pub(crate) use records::PgRecords;
 
@@ -500,10 +502,13 @@ impl PgRecords {
         self.session()
     }
 
-    /// Deletes expired results (and nothing else: the records' rows are
-    /// deleted by the reaper and the beat).
+    /// Deletes expired results, then expired canvas markers and chords
+    /// (worker and beat rows are deleted by the reaper and the beat).
     pub(crate) fn expiry(&self) -> Box<dyn Expiry> {
-        self.session()
+        Box::new(RecordsExpiry {
+            results: self.session(),
+            records: self.clone(),
+        })
     }
 
     fn session(&self) -> Box<PgSession> {
@@ -532,6 +537,24 @@ impl PgRecords {
         Box::new(RowStates {
             pg: self.pg.clone(),
         })
+    }
+}
+
+/// [`PgRecords::expiry`]: the results' cleaner, then the canvas's rows
+/// by the same one cleaner (when the results' advisory lock was ours).
+struct RecordsExpiry {
+    results: Box<PgSession>,
+    records: PgRecords,
+}
+
+#[async_trait]
+impl Expiry for RecordsExpiry {
+    async fn sweep(&mut self, max: usize) -> Result<Option<u64>, BackendError> {
+        let Some(results) = self.results.sweep(max).await? else {
+            return Ok(None);
+        };
+        let canvas = self.records.sweep_canvas(max).await?;
+        Ok(Some(results + canvas))
     }
 }
 

@@ -83,6 +83,31 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         namespace text NOT NULL,
         queue     text NOT NULL,
         message   text NOT NULL
+    );
+    CREATE TABLE taskstack_canvas_sent (
+        namespace  text NOT NULL,
+        task_id    text NOT NULL,
+        expires_at timestamptz NOT NULL,
+        PRIMARY KEY (namespace, task_id)
+    );
+    CREATE INDEX taskstack_canvas_sent_expires_at ON taskstack_canvas_sent (expires_at);
+    CREATE TABLE taskstack_chords (
+        namespace     text NOT NULL,
+        group_id      text NOT NULL,
+        size          integer,
+        claim         text,
+        claim_expires timestamptz,
+        expires_at    timestamptz NOT NULL,
+        PRIMARY KEY (namespace, group_id)
+    );
+    CREATE INDEX taskstack_chords_expires_at ON taskstack_chords (expires_at);
+    CREATE TABLE taskstack_chord_parts (
+        namespace text NOT NULL,
+        group_id  text NOT NULL,
+        member    text NOT NULL,
+        idx       bigint,
+        part      text NOT NULL,
+        PRIMARY KEY (namespace, group_id, member)
     );",
     ),
 ];
