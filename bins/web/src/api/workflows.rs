@@ -79,7 +79,8 @@ async fn tasks(
 ///
 /// Celery's canvas on the wire: every task id is chosen up front and
 /// recorded PENDING before anything is sent, so each one can be polled at
-/// `/api/v1/tasks/{id}` at once. Chords need a Redis broker.
+/// `/api/v1/tasks/{id}` at once. Chords need a store for their counters:
+/// a Redis broker, or RabbitMQ with Redis or PostgreSQL results.
 #[utoipa::path(
     post,
     path = "/api/v1/workflows",
