@@ -234,11 +234,11 @@ impl Producer {
         }
         let link = crate::canvas::send::signatures("link", &o.link)?;
         let link_error = crate::canvas::send::signatures("link_error", &o.link_error)?;
-        let canvas = !link.is_empty()
+        let embed = (!link.is_empty()
             || !link_error.is_empty()
             || extra.chain.is_some()
-            || extra.chord.is_some();
-        let embed = canvas.then(|| {
+            || extra.chord.is_some())
+        .then(|| {
             let list = |l: Vec<Value>| {
                 if l.is_empty() {
                     Value::Null

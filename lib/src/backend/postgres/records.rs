@@ -1,16 +1,26 @@
-//! taskstack's own records in PostgreSQL, for a broker that is not Redis
-//! (RabbitMQ with `result_backend = "postgresql://..."`): the workers'
+//! The PostgreSQL store for a broker that is not Redis (RabbitMQ with
+//! `result_backend = "postgresql://..."`): results and task states by the
+//! result row ([`RowStates`]), and taskstack's own records: the workers'
 //! heartbeat records with the messages each holds by queue, and the dead
-//! letters. Every row carries the configured `namespace`, as every Redis
+//! letters (the beat's in `beat.rs`, the canvas's in `canvas.rs`). Every
+//! row of the records carries the configured `namespace`, as every Redis
 //! key does, so two stacks can share one database.
 //!
 //! Expired worker rows are invisible at once (every read checks
 //! `expires_at`) and deleted by the reaper ([`PgRecords::reap`]).
 
-use super::connect::{Handles, PgError};
-use super::store::{client, millis, prepared, timed};
-use crate::broker::{DeadLetter, DeadSelection, PickedDeadLetter, WorkerRecord};
+use super::PgSession;
+use super::connect::{Connector, Handles, PgError};
+use super::store::{self, client, millis, prepared, timed};
+use crate::backend::traits::{BackendError, Expiry, ResultStore, TaskStates};
+use crate::broker::{
+    DeadLetter, DeadSelection, PickedDeadLetter, RevokeOutcome, StartVerdict, Starting,
+    WorkerRecord,
+};
+use crate::config::PgTarget;
+use async_trait::async_trait;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The records' tables on one pool, under one namespace.
@@ -272,6 +282,126 @@ impl PgRecords {
                 .map_err(|e| PgError::op(op, &e))
         })
         .await
+    }
+}
+
+impl PgRecords {
+    /// The store at `target` with up to `pool_size` connections, its rows
+    /// under `namespace`: results and taskstack's own records, for a
+    /// broker that is not Redis. Connects lazily (run [`prepare`] first).
+    pub(crate) fn open(
+        target: &PgTarget,
+        pool_size: usize,
+        timeout: Duration,
+        namespace: &str,
+    ) -> Result<Self, PgError> {
+        let connector = Connector::new(target, timeout)?;
+        let pool = connector.pool(pool_size)?;
+        Ok(Self {
+            pg: Handles {
+                pool,
+                connector: Arc::new(connector),
+            },
+            namespace: namespace.to_owned(),
+            listener: Arc::default(),
+        })
+    }
+
+    /// Results, waiting and expiry on this pool.
+    pub(crate) fn results(&self) -> Box<dyn ResultStore> {
+        self.session()
+    }
+
+    /// Deletes expired results, then expired canvas markers and chords
+    /// (worker and beat rows are deleted by the reaper and the beat).
+    pub(crate) fn expiry(&self) -> Box<dyn Expiry> {
+        Box::new(RecordsExpiry {
+            results: self.session(),
+            records: self.clone(),
+        })
+    }
+
+    fn session(&self) -> Box<PgSession> {
+        Box::new(PgSession {
+            pg: self.pg.clone(),
+            listener: Arc::clone(&self.listener),
+        })
+    }
+
+    /// Stores `(task id, record)` pairs for `ttl`, announcing final ones.
+    pub(crate) async fn write(
+        &self,
+        records: &[(&str, &str)],
+        ttl: Duration,
+    ) -> Result<(), PgError> {
+        store::write(&self.pg, records, ttl).await
+    }
+
+    /// One round trip.
+    pub(crate) async fn ping(&self) -> Result<Duration, PgError> {
+        store::ping(&self.pg).await
+    }
+
+    /// Task states where no broker marks starts: the row is the mark.
+    pub(crate) fn task_states(&self) -> Box<dyn TaskStates> {
+        Box::new(RowStates {
+            pg: self.pg.clone(),
+        })
+    }
+}
+
+/// [`PgRecords::expiry`]: the results' cleaner, then the canvas's rows
+/// by the same one cleaner (when the results' advisory lock was ours).
+struct RecordsExpiry {
+    results: Box<PgSession>,
+    records: PgRecords,
+}
+
+#[async_trait]
+impl Expiry for RecordsExpiry {
+    async fn sweep(&mut self, max: usize) -> Result<Option<u64>, BackendError> {
+        let Some(results) = self.results.sweep(max).await? else {
+            return Ok(None);
+        };
+        let canvas = self.records.sweep_canvas(max).await?;
+        Ok(Some(results + canvas))
+    }
+}
+
+/// Starting and revoking where the result row is the only mark (a
+/// RabbitMQ broker): a start writes the STARTED row unless the row says
+/// revoked or finished (so a second delivery of a finished task is
+/// acknowledged without running), in one upsert under the row's lock; a
+/// revocation locks the row, checks it is not started or finished, and
+/// stores REVOKED with the revoked flag. The two exclude each other
+/// through the row lock.
+struct RowStates {
+    pg: Handles,
+}
+
+#[async_trait]
+impl TaskStates for RowStates {
+    async fn start_batch(
+        &mut self,
+        _worker_id: Option<&str>,
+        tasks: &[Starting],
+        ttl: Duration,
+        _track_started: bool,
+    ) -> Result<Vec<StartVerdict>, BackendError> {
+        let rows: Vec<(&str, &str)> = tasks
+            .iter()
+            .map(|t| (t.task_id.as_str(), t.record.as_str()))
+            .collect();
+        Ok(store::start_once(&self.pg, &rows, ttl).await?)
+    }
+
+    async fn revoke(
+        &mut self,
+        task_id: &str,
+        record: &str,
+        ttl: Duration,
+    ) -> Result<RevokeOutcome, BackendError> {
+        Ok(store::revoke(&self.pg, task_id, record, ttl).await?)
     }
 }
 

@@ -84,6 +84,7 @@ fn start_sql() -> String {
     )
 }
 
+#[cfg(feature = "amqp")]
 /// [`start_sql`] that also leaves a final row alone: where nothing else
 /// keeps a second delivery of a finished task from running (RabbitMQ
 /// redelivers what a worker did not acknowledge), the row is the check.
@@ -274,6 +275,7 @@ pub(crate) async fn start(
     Ok(tasks.iter().map(|(id, _)| started.contains(id)).collect())
 }
 
+#[cfg(feature = "amqp")]
 /// Records `(task id, STARTED record)` pairs unless revoked or final;
 /// returns, per pair, whether it was started, else whether its row says
 /// revoked (`Revoked`) or finished (`Finished`).
