@@ -6,9 +6,10 @@
 //! record is what excludes a revocation and a second delivery of a
 //! finished task, see [`States`]), worker heartbeat records with the
 //! messages each holds by queue (`held`), dead letters (`dead`), the beat's
-//! lock and ledger (`slots`). On Redis in the Redis backend's layout; in
+//! lock and ledger (`slots`), the canvas's sent markers and chord counters
+//! ([`CanvasStore`]). On Redis in the Redis backend's layout; in
 //! PostgreSQL in the tables of schema version 2 (`postgres/records.rs`,
-//! `postgres/beat.rs`).
+//! `postgres/beat.rs`, `postgres/canvas.rs`).
 
 use super::consume::Consumer;
 use super::held::HeldLeases;

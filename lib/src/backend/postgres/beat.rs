@@ -81,20 +81,15 @@ impl PgRecords {
 
     /// The lock's value while it is held.
     pub(crate) async fn lock_holder(&self) -> Result<Option<String>, PgError> {
-        let op = "read beat lock";
-        timed(&self.pg, op, async {
-            let client = client(&self.pg, op).await?;
-            let row = client
-                .query_opt(
-                    "SELECT value FROM taskstack_beat_lock
-                     WHERE namespace = $1 AND expires_at > clock_timestamp()",
-                    &[&self.namespace],
-                )
-                .await
-                .map_err(|e| PgError::op(op, &e))?;
-            Ok(row.map(|r| r.get(0)))
-        })
-        .await
+        let rows = self
+            .query(
+                "read beat lock",
+                "SELECT value FROM taskstack_beat_lock
+                 WHERE namespace = $1 AND expires_at > clock_timestamp()",
+                &[&self.namespace],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.get(0)))
     }
 
     /// Stores a beat instance's heartbeat record for `ttl` (expired ones
@@ -136,20 +131,15 @@ impl PgRecords {
 
     /// A live beat instance's heartbeat record.
     pub(crate) async fn instance(&self, instance_id: &str) -> Result<Option<String>, PgError> {
-        let op = "read beat heartbeat";
-        timed(&self.pg, op, async {
-            let client = client(&self.pg, op).await?;
-            let row = client
-                .query_opt(
-                    "SELECT record FROM taskstack_beat_instances
-                     WHERE namespace = $1 AND instance_id = $2 AND expires_at > clock_timestamp()",
-                    &[&self.namespace, &instance_id],
-                )
-                .await
-                .map_err(|e| PgError::op(op, &e))?;
-            Ok(row.map(|r| r.get(0)))
-        })
-        .await
+        let rows = self
+            .query(
+                "read beat heartbeat",
+                "SELECT record FROM taskstack_beat_instances
+                 WHERE namespace = $1 AND instance_id = $2 AND expires_at > clock_timestamp()",
+                &[&self.namespace, &instance_id],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.get(0)))
     }
 
     /// Checks the lock and the ledger and, in the same transaction, records
@@ -212,23 +202,18 @@ impl PgRecords {
 
     /// The outbox's messages, oldest first: `(row id, queue, message)`.
     pub(crate) async fn outbox(&self) -> Result<Vec<(i64, String, String)>, PgError> {
-        let op = "read beat outbox";
-        timed(&self.pg, op, async {
-            let client = client(&self.pg, op).await?;
-            let rows = client
-                .query(
-                    "SELECT id, queue, message FROM taskstack_beat_outbox
-                     WHERE namespace = $1 ORDER BY id",
-                    &[&self.namespace],
-                )
-                .await
-                .map_err(|e| PgError::op(op, &e))?;
-            Ok(rows
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2)))
-                .collect())
-        })
-        .await
+        let rows = self
+            .query(
+                "read beat outbox",
+                "SELECT id, queue, message FROM taskstack_beat_outbox
+                 WHERE namespace = $1 ORDER BY id",
+                &[&self.namespace],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
     }
 
     /// Deletes outbox rows the broker confirmed.
@@ -244,22 +229,17 @@ impl PgRecords {
 
     /// The last published slot of each named entry.
     pub(crate) async fn last_slots(&self, entries: &[&str]) -> Result<Vec<Option<i64>>, PgError> {
-        let op = "read beat slots";
         let names: Vec<&str> = entries.to_vec();
-        timed(&self.pg, op, async {
-            let client = client(&self.pg, op).await?;
-            let rows = client
-                .query(
-                    "SELECT s.slot_ms FROM unnest($2::text[]) WITH ORDINALITY AS e(entry, o)
-                     LEFT JOIN taskstack_beat_slots s
-                       ON s.namespace = $1 AND s.entry = e.entry
-                     ORDER BY e.o",
-                    &[&self.namespace, &names],
-                )
-                .await
-                .map_err(|e| PgError::op(op, &e))?;
-            Ok(rows.iter().map(|r| r.get(0)).collect())
-        })
-        .await
+        let rows = self
+            .query(
+                "read beat slots",
+                "SELECT s.slot_ms FROM unnest($2::text[]) WITH ORDINALITY AS e(entry, o)
+                 LEFT JOIN taskstack_beat_slots s
+                   ON s.namespace = $1 AND s.entry = e.entry
+                 ORDER BY e.o",
+                &[&self.namespace, &names],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 }

@@ -147,23 +147,17 @@ impl CanvasStore for PgCanvas {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let op = "read canvas sent markers";
         let ids: Vec<&str> = batch.iter().map(|f| f.task_id.as_str()).collect();
-        let pg = &self.0.pg;
-        let ns = &self.0.namespace;
-        let sent: Vec<String> = timed(pg, op, async {
-            let client = client(pg, op).await?;
-            let rows = client
-                .query(
-                    "SELECT task_id FROM taskstack_canvas_sent
-                     WHERE namespace = $1 AND task_id = ANY($2) AND expires_at > clock_timestamp()",
-                    &[ns, &ids],
-                )
-                .await
-                .map_err(|e| PgError::op(op, &e))?;
-            Ok(rows.iter().map(|r| r.get(0)).collect())
-        })
-        .await?;
+        let rows = self
+            .0
+            .query(
+                "read canvas sent markers",
+                "SELECT task_id FROM taskstack_canvas_sent
+                 WHERE namespace = $1 AND task_id = ANY($2) AND expires_at > clock_timestamp()",
+                &[&self.0.namespace, &ids],
+            )
+            .await?;
+        let sent: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
         Ok(batch
             .iter()
             .filter(|f| !sent.contains(&f.task_id))
@@ -279,22 +273,16 @@ impl CanvasStore for PgCanvas {
     }
 
     async fn parts(&mut self, group_id: &str) -> Result<Vec<Part>, BackendError> {
-        let op = "read chord parts";
-        let pg = &self.0.pg;
-        let ns = &self.0.namespace;
-        let raw: Vec<String> = timed(pg, op, async {
-            let client = client(pg, op).await?;
-            let rows = client
-                .query(
-                    "SELECT part FROM taskstack_chord_parts
-                     WHERE namespace = $1 AND group_id = $2 ORDER BY idx NULLS LAST, part",
-                    &[ns, &group_id],
-                )
-                .await
-                .map_err(|e| PgError::op(op, &e))?;
-            Ok(rows.iter().map(|r| r.get(0)).collect())
-        })
-        .await?;
+        let rows = self
+            .0
+            .query(
+                "read chord parts",
+                "SELECT part FROM taskstack_chord_parts
+                 WHERE namespace = $1 AND group_id = $2 ORDER BY idx NULLS LAST, part",
+                &[&self.0.namespace, &group_id],
+            )
+            .await?;
+        let raw: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
         parse_parts(&raw)
     }
 

@@ -250,7 +250,9 @@ impl PgRecords {
             .collect())
     }
 
-    async fn query(
+    /// `sql` with `params` on a pooled connection (prepared, cached), in
+    /// the store's deadline.
+    pub(super) async fn query(
         &self,
         op: &'static str,
         sql: &str,
@@ -351,7 +353,8 @@ impl PgRecords {
 }
 
 /// [`PgRecords::expiry`]: the results' cleaner, then the canvas's rows
-/// by the same one cleaner (when the results' advisory lock was ours).
+/// by the process whose turn it was (it held the results' advisory lock).
+/// The count returned is the results' (what the worker's metric counts).
 struct RecordsExpiry {
     results: Box<PgSession>,
     records: PgRecords,
@@ -364,7 +367,13 @@ impl Expiry for RecordsExpiry {
             return Ok(None);
         };
         let canvas = self.records.sweep_canvas(max).await?;
-        Ok(Some(results + canvas))
+        if canvas > 0 {
+            tracing::debug!(
+                deleted = canvas,
+                "deleted expired canvas markers and chords"
+            );
+        }
+        Ok(Some(results))
     }
 }
 
