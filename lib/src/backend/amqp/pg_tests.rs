@@ -555,3 +555,53 @@ async fn chord_counters_and_sent_markers_live_in_postgresql() {
         "0"
     );
 }
+
+/// Two drains of the beat's outbox at once (a former leader waking up
+/// beside the new one): each stranded message is published once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_outbox_drains_at_once_publish_each_message_once() {
+    let s = Setup::new("pg-drains").await;
+    let b = &s.backend;
+    for i in 0..20 {
+        let m = message(&format!("stranded-{i}"), "celery");
+        s.psql(&format!(
+            "INSERT INTO taskstack_beat_outbox (namespace, queue, message) \
+             VALUES ('amqp-pg', 'celery', '{}')",
+            m.replace('\'', "''")
+        ));
+    }
+    // Refused publications (no lock held) drain the outbox all the same.
+    let payload = message("never", "celery");
+    let slot = SlotPublish {
+        lock_value: "nobody",
+        margin: Duration::from_secs(1),
+        entry: "e",
+        queue: "celery",
+        slot_ms: 1,
+        payload: &payload,
+    };
+    let (mut one, mut two) = (b.slot_ledger(Use::Loop), b.slot_ledger(Use::Request));
+    let (a, c) = tokio::join!(one.publish(slot), two.publish(slot));
+    assert_eq!(a.expect("one"), SlotOutcome::NotLeader);
+    assert_eq!(c.expect("two"), SlotOutcome::NotLeader);
+    // Read in rounds of the prefetch (16), acknowledging each round, until
+    // a round finds nothing.
+    let mut got = Vec::new();
+    loop {
+        let round = take_n(b, "celery", 16, Duration::from_secs(2)).await;
+        if round.is_empty() {
+            break;
+        }
+        let acks: Vec<_> = round.iter().map(|d| ack(d.seq, None)).collect();
+        b.consume("w1")
+            .settle(&acks, Duration::from_secs(60))
+            .await
+            .expect("settle");
+        got.extend(round.iter().map(id_of));
+    }
+    let mut ids = got.clone();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((got.len(), ids.len()), (20, 20), "each once: {got:?}");
+    assert_eq!(s.psql("SELECT count(*) FROM taskstack_beat_outbox"), "0");
+}

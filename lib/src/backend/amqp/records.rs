@@ -178,25 +178,7 @@ impl Side {
                 }
                 Ok(())
             }
-            Self::Pg(pg) => {
-                // One statement per distinct TTL (a producer's batch has one).
-                let mut ttls: Vec<Duration> = batch
-                    .iter()
-                    .filter_map(|o| o.pending.as_ref().map(|p| p.ttl))
-                    .collect();
-                ttls.sort_unstable();
-                ttls.dedup();
-                for ttl in ttls {
-                    let same: Vec<(&str, &str)> = batch
-                        .iter()
-                        .filter_map(|o| o.pending.as_ref())
-                        .filter(|p| p.ttl == ttl)
-                        .map(|p| (p.task_id.as_str(), p.record.as_str()))
-                        .collect();
-                    pg.write(&same, ttl).await?;
-                }
-                Ok(())
-            }
+            Self::Pg(pg) => Ok(pg.write_pending(batch).await?),
         }
     }
 

@@ -135,19 +135,19 @@ struct PgSlots {
 }
 
 impl PgSlots {
-    /// Publishes what the outbox holds, oldest first, then deletes it.
+    /// Publishes what the outbox holds, oldest first, then deletes it
+    /// (see [`PgRecords::drain_outbox`]).
     async fn drain(&self) -> Result<(), BackendError> {
-        let held = self.pg.outbox().await?;
-        if held.is_empty() {
-            return Ok(());
-        }
-        let msgs: Vec<(&str, &[u8], Option<i64>)> = held
-            .iter()
-            .map(|(_, q, m)| (q.as_str(), m.as_bytes(), None))
-            .collect();
-        self.b.publish(&msgs).await?;
-        let ids: Vec<i64> = held.iter().map(|(id, _, _)| *id).collect();
-        Ok(self.pg.outbox_done(&ids).await?)
+        let b = self.b.clone();
+        self.pg
+            .drain_outbox(move |held| async move {
+                let msgs: Vec<(&str, &[u8], Option<i64>)> = held
+                    .iter()
+                    .map(|(q, m)| (q.as_str(), m.as_bytes(), None))
+                    .collect();
+                b.publish(&msgs).await
+            })
+            .await
     }
 }
 

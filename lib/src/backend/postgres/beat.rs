@@ -15,7 +15,7 @@
 use super::connect::PgError;
 use super::records::PgRecords;
 use super::store::{client, millis, timed};
-use crate::backend::traits::{Acquired, SlotOutcome, SlotPublish};
+use crate::backend::traits::{Acquired, BackendError, SlotOutcome, SlotPublish};
 use std::time::Duration;
 
 /// `clock_timestamp()` + `$n` ms.
@@ -200,31 +200,40 @@ impl PgRecords {
         .await
     }
 
-    /// The outbox's messages, oldest first: `(row id, queue, message)`.
-    pub(crate) async fn outbox(&self) -> Result<Vec<(i64, String, String)>, PgError> {
-        let rows = self
+    /// Publishes the outbox, oldest first, with `publish` and deletes what
+    /// it confirmed (`(queue, message)` pairs), in one transaction that holds the rows
+    /// (`FOR UPDATE SKIP LOCKED`): two drains at once (a former leader
+    /// waking up beside the new one) never both publish a row. A failed
+    /// publish rolls back and leaves the rows for the next drain.
+    pub(crate) async fn drain_outbox<F, Fut>(&self, publish: F) -> Result<(), BackendError>
+    where
+        F: FnOnce(Vec<(String, String)>) -> Fut + Send,
+        Fut: Future<Output = Result<(), BackendError>> + Send,
+    {
+        let op = "publish beat outbox";
+        let e = |e: tokio_postgres::Error| BackendError::from(PgError::op(op, &e));
+        let mut client = client(&self.pg, op).await?;
+        let tx = client.transaction().await.map_err(e)?;
+        let rows = tx
             .query(
-                "read beat outbox",
                 "SELECT id, queue, message FROM taskstack_beat_outbox
-                 WHERE namespace = $1 ORDER BY id",
+                 WHERE namespace = $1 ORDER BY id FOR UPDATE SKIP LOCKED",
                 &[&self.namespace],
             )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
-    }
-
-    /// Deletes outbox rows the broker confirmed.
-    pub(crate) async fn outbox_done(&self, ids: &[i64]) -> Result<(), PgError> {
-        self.execute(
-            "trim beat outbox",
+            .await
+            .map_err(e)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        publish(rows.iter().map(|r| (r.get(1), r.get(2))).collect()).await?;
+        tx.execute(
             "DELETE FROM taskstack_beat_outbox WHERE namespace = $1 AND id = ANY($2)",
             &[&self.namespace, &ids],
         )
         .await
-        .map(drop)
+        .map_err(e)?;
+        tx.commit().await.map_err(e)
     }
 
     /// The last published slot of each named entry.

@@ -229,26 +229,10 @@ struct PgEnqueue {
 #[async_trait]
 impl Enqueue for PgEnqueue {
     async fn enqueue(&mut self, batch: &[Outgoing]) -> Result<(), BackendError> {
-        let pending: Vec<(&str, &str, Duration)> = batch
-            .iter()
-            .filter_map(|o| o.pending.as_ref())
-            .map(|p| (p.task_id.as_str(), p.record.as_str(), p.ttl))
-            .collect();
-        if pending.is_empty() {
+        if batch.iter().all(|o| o.pending.is_none()) {
             return self.redis.enqueue(batch).await;
         }
-        // One statement per distinct TTL (a batch from one producer has one).
-        let mut ttls: Vec<Duration> = pending.iter().map(|p| p.2).collect();
-        ttls.sort_unstable();
-        ttls.dedup();
-        for ttl in ttls {
-            let same: Vec<(&str, &str)> = pending
-                .iter()
-                .filter(|p| p.2 == ttl)
-                .map(|p| (p.0, p.1))
-                .collect();
-            store::write(&self.pg, &same, ttl).await?;
-        }
+        store::write_pending(&self.pg, batch).await?;
         let messages: Vec<Outgoing> = batch
             .iter()
             .map(|o| Outgoing {

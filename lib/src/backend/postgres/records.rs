@@ -339,6 +339,14 @@ impl PgRecords {
         store::write(&self.pg, records, ttl).await
     }
 
+    /// Stores the PENDING records `batch` carries.
+    pub(crate) async fn write_pending(
+        &self,
+        batch: &[crate::backend::Outgoing],
+    ) -> Result<(), PgError> {
+        store::write_pending(&self.pg, batch).await
+    }
+
     /// One round trip.
     pub(crate) async fn ping(&self) -> Result<Duration, PgError> {
         store::ping(&self.pg).await

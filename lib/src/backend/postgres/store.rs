@@ -179,6 +179,30 @@ pub(crate) async fn write(
     run_records(pg, "store results", &write_sql(), records, ttl).await
 }
 
+/// Stores the PENDING records `batch` carries, one statement per distinct
+/// TTL (a producer's batch has one).
+pub(crate) async fn write_pending(
+    pg: &Handles,
+    batch: &[crate::backend::Outgoing],
+) -> Result<(), PgError> {
+    let mut ttls: Vec<Duration> = batch
+        .iter()
+        .filter_map(|o| o.pending.as_ref().map(|p| p.ttl))
+        .collect();
+    ttls.sort_unstable();
+    ttls.dedup();
+    for ttl in ttls {
+        let same: Vec<(&str, &str)> = batch
+            .iter()
+            .filter_map(|o| o.pending.as_ref())
+            .filter(|p| p.ttl == ttl)
+            .map(|p| (p.task_id.as_str(), p.record.as_str()))
+            .collect();
+        write(pg, &same, ttl).await?;
+    }
+    Ok(())
+}
+
 /// Runs `sql` (`$1` ids, `$2` records, `$3` ttl in ms) for `records` in
 /// one statement; nothing when there are none.
 async fn run_records(
