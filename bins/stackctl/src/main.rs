@@ -357,6 +357,9 @@ async fn run(command: Command) -> Result<ExitCode, StackError> {
             }
             let engine = Live::connect().await?;
             let project = load_for_up(&engine, &args.project, env).await?;
+            for (name, why) in &project.skipped {
+                eprintln!("stackctl: service {name} is not started: {why}");
+            }
             let opts = UpOptions {
                 allow_standby_beats: args.allow_standby_beats,
                 timeout: Duration::from_secs(args.timeout),

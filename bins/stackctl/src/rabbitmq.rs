@@ -72,8 +72,12 @@ pub fn profile_env(env: &mut Env, compose_file: &Path) -> Option<String> {
     }
     env.insert("BROKER_URL".into(), BROKER_URL.into());
     env.insert("BROKER_PASSWORD_FILE".into(), BROKER_PASSWORD_FILE.into());
+    let results = match env.get("RESULT_BACKEND").or(dot.get("RESULT_BACKEND")) {
+        Some(b) if taskstack::config::is_postgres_url(b) => "results in PostgreSQL",
+        _ => "results on Redis",
+    };
     Some(format!(
-        "profile {PROFILE}: tasks through RabbitMQ (BROKER_URL={BROKER_URL}), results on Redis"
+        "profile {PROFILE}: tasks through RabbitMQ (BROKER_URL={BROKER_URL}), {results}"
     ))
 }
 
@@ -280,6 +284,12 @@ mod tests {
         assert_eq!(on["BROKER_URL"], "amqp://taskstack@rabbitmq:5672/%2F");
         assert_eq!(on["BROKER_PASSWORD_FILE"], "/run/secrets/rabbitmq_password");
         assert!(!on.contains_key("RESULT_BACKEND"), "results stay on Redis");
+        assert!(note.ends_with("results on Redis"), "{note}");
+
+        let mut both = env(&[("COMPOSE_PROFILES", "postgres,rabbitmq")]);
+        crate::postgres::profile_env(&mut both, &file).expect("the postgres profile's note");
+        let note = profile_env(&mut both, &file).expect("a note");
+        assert!(note.ends_with("results in PostgreSQL"), "{note}");
 
         let mut chosen = env(&[
             ("COMPOSE_PROFILES", "rabbitmq"),

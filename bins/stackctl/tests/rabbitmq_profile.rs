@@ -13,6 +13,9 @@
 //! - With the services kept on Redis (`BROKER_URL` set by the user, which
 //!   the profile leaves alone): `verify` fails exactly `broker.kind`, saying
 //!   that RabbitMQ runs while no service's broker is on it.
+//! - With the profile `postgres` too: tasks through RabbitMQ, results in
+//!   PostgreSQL, no Redis container at all, and `verify` passes reading the
+//!   workers' records and the beat lock from PostgreSQL.
 
 use anyhow::{Context as _, Result, ensure};
 use serde_json::Value;
@@ -34,6 +37,8 @@ fn stackctl(args: &[&str], env: &[(&str, String)]) -> Result<std::process::Outpu
 /// A stack up with the profile, its RabbitMQ container checked.
 struct Up {
     env: Vec<(&'static str, String)>,
+    /// `--profile` arguments of `up`, given to `verify` too.
+    profiles: Vec<&'static str>,
     project: String,
     /// What `stackctl up` printed.
     text: String,
@@ -44,20 +49,15 @@ struct Up {
 }
 
 impl Up {
-    /// `stackctl verify --profile rabbitmq --json`: whether it passed, its
-    /// checks, and its output for messages.
+    /// `stackctl verify --profile rabbitmq --json` (and the other profiles
+    /// of `up`): whether it passed, its checks, and its output for messages.
     fn verify(&self) -> Result<(bool, Vec<Value>, String)> {
-        let verify = stackctl(
-            &[
-                "verify",
-                "--profile",
-                "rabbitmq",
-                "-p",
-                &self.project,
-                "--json",
-            ],
-            &self.env,
-        )?;
+        let mut args = vec!["verify"];
+        for p in &self.profiles {
+            args.extend(["--profile", p]);
+        }
+        args.extend(["-p", &self.project, "--json"]);
+        let verify = stackctl(&args, &self.env)?;
         let text = output_text(&verify);
         let report: Value = serde_json::from_slice(&verify.stdout)
             .with_context(|| format!("verify --json: {text}"))?;
@@ -80,15 +80,21 @@ impl Up {
     }
 }
 
-/// `stackctl up --profile rabbitmq` on a fresh project (`hint`) with
-/// `extra` in its environment; checks the `rabbitmq` container: healthy,
-/// unpublished, uid 999, the services' user with the password of the
-/// secret `up` made.
-async fn up(hint: &str, extra: &[(&'static str, &str)]) -> Result<Up> {
+/// `stackctl up --profile rabbitmq` (and `--profile postgres` with
+/// `postgres`) on a fresh project (`hint`) with `extra` in its
+/// environment; checks the `rabbitmq` container: healthy, unpublished,
+/// uid 999, the services' user with the password of the secret `up` made.
+async fn up(hint: &str, postgres: bool, extra: &[(&'static str, &str)]) -> Result<Up> {
     require(Prereq::File {
         path: "/usr/lib/rabbitmq",
         package: "rabbitmq-server",
     });
+    if postgres {
+        require(Prereq::File {
+            path: "/usr/lib/postgresql",
+            package: "postgresql",
+        });
+    }
     let report = images()?;
     let redis_image = report.redis_image.clone().context("no Redis image")?;
     let docker = stackctl::docker::connect().await?;
@@ -117,6 +123,13 @@ async fn up(hint: &str, extra: &[(&'static str, &str)]) -> Result<Up> {
         ("REDIS_IMAGE", redis_image),
         ("RABBITMQ_IMAGE", mq_image),
     ];
+    let mut profiles = vec!["rabbitmq"];
+    if postgres {
+        let tag = format!("{}:{TEST_TAG}", stackctl::postgres::POSTGRES_REPOSITORY);
+        stackctl::postgres::build_image(&docker, &tag, &|l| eprintln!("stackctl: {l}")).await?;
+        env.push(("POSTGRES_IMAGE", tag));
+        profiles.push("postgres");
+    }
     env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
     let project = unique(hint).replace('-', "");
     let down = StackctlDown {
@@ -126,23 +139,14 @@ async fn up(hint: &str, extra: &[(&'static str, &str)]) -> Result<Up> {
         images: Vec::new(),
     };
 
-    let up = stackctl(
-        &[
-            "up",
-            "--profile",
-            "rabbitmq",
-            "-p",
-            &project,
-            "--timeout",
-            "240",
-        ],
-        &env,
-    )?;
+    let mut args = vec!["up"];
+    for p in &profiles {
+        args.extend(["--profile", p]);
+    }
+    args.extend(["-p", &project, "--timeout", "240"]);
+    let up = stackctl(&args, &env)?;
     let text = output_text(&up);
-    ensure!(
-        up.status.success(),
-        "stackctl up --profile rabbitmq: {text}"
-    );
+    ensure!(up.status.success(), "stackctl {args:?}: {text}");
     let pw = std::fs::read_to_string(secrets.path().join("rabbitmq_password"))
         .context("up made no rabbitmq_password")?;
     ensure!(pw.len() == 64, "{pw:?}");
@@ -176,6 +180,7 @@ async fn up(hint: &str, extra: &[(&'static str, &str)]) -> Result<Up> {
     ensure!(auth.exit_code == Some(0), "{auth:?}");
     Ok(Up {
         env,
+        profiles,
         project,
         text,
         docker,
@@ -187,7 +192,7 @@ async fn up(hint: &str, extra: &[(&'static str, &str)]) -> Result<Up> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_services_run_on_the_rabbitmq_profile_and_verify_passes() -> Result<()> {
     let _one_at_a_time = SERIAL.lock().await;
-    let up = up("rmqamqp", &[]).await?;
+    let up = up("rmqamqp", false, &[]).await?;
     ensure!(
         up.text.contains("profile rabbitmq: tasks through RabbitMQ"),
         "{}",
@@ -227,7 +232,12 @@ async fn the_rabbitmq_profile_comes_up_healthy_and_verify_reports_a_broker_nobod
 -> Result<()> {
     let _one_at_a_time = SERIAL.lock().await;
     // The user's choice: tasks stay on Redis.
-    let up = up("rmqprofile", &[("BROKER_URL", "redis://redis:6379/0")]).await?;
+    let up = up(
+        "rmqprofile",
+        false,
+        &[("BROKER_URL", "redis://redis:6379/0")],
+    )
+    .await?;
     ensure!(
         !up.text.contains("profile rabbitmq: tasks through RabbitMQ"),
         "BROKER_URL was set, the profile must leave it: {}",
@@ -251,5 +261,61 @@ async fn the_rabbitmq_profile_comes_up_healthy_and_verify_reports_a_broker_nobod
             .any(|c| c["id"] == "service.rabbitmq" && c["ok"] == true),
         "{checks:?}"
     );
+    up.down().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_postgres_too_the_stack_runs_without_redis_and_verify_passes() -> Result<()> {
+    let _one_at_a_time = SERIAL.lock().await;
+    let up = up("rmqpg", true, &[]).await?;
+    for note in [
+        "profile rabbitmq: tasks through RabbitMQ (BROKER_URL=amqp://taskstack@rabbitmq:5672/%2F), results in PostgreSQL",
+        "service redis is not started: no service keeps anything on Redis",
+    ] {
+        ensure!(up.text.contains(note), "no note {note:?}: {}", up.text);
+    }
+    let engine = Live::connect().await?;
+    let services: Vec<String> = engine
+        .list_containers(&format!("com.docker.compose.project={}", up.project))
+        .await?
+        .iter()
+        .filter_map(|c| c.label("com.docker.compose.service").map(str::to_owned))
+        .collect();
+    ensure!(
+        !services.iter().any(|s| s == "redis") && services.iter().any(|s| s == "postgres"),
+        "{services:?}"
+    );
+    let (passed, checks, text) = up.verify()?;
+    ensure!(passed, "stackctl verify: {text}");
+    for id in [
+        "rabbitmq.queues",
+        "rabbitmq.consumers",
+        "smoke.add",
+        "workers.heartbeat",
+        "workers.tasks",
+        "beat.lock",
+        "beat.lock_ttl",
+        "results.store",
+        "results.postgresql",
+    ] {
+        let c = checks
+            .iter()
+            .find(|c| c["id"] == id)
+            .with_context(|| format!("no check {id}: {text}"))?;
+        ensure!(c["ok"] == true, "{c}");
+    }
+    ensure!(
+        !checks
+            .iter()
+            .any(|c| c["id"].as_str().is_some_and(|id| id.starts_with("redis."))),
+        "no Redis check applies: {text}"
+    );
+    // Two worker containers, each with its record in PostgreSQL.
+    let workers = checks
+        .iter()
+        .find(|c| c["id"] == "workers.heartbeat")
+        .and_then(|c| c["reason"].as_str())
+        .unwrap_or_default();
+    ensure!(workers.starts_with("2 worker(s) heartbeating"), "{workers}");
     up.down().await
 }

@@ -26,8 +26,8 @@ pub use postgres::PostgresBackend;
 pub use redis::{RedisBackend, SystemClock};
 pub use traits::{
     Acquired, Backend, BackendError, Clock, Consume, DeadLetters, Delayed, Enqueue, Expiry,
-    Inspect, LeaderLock, Leases, Outgoing, Parked, PendingRecord, Promoted, Reaped, ResultStore,
-    SlotLedger, SlotOutcome, SlotPublish, Store, TaskStates, Use,
+    Inspect, LeaderLock, Leases, LockLease, Outgoing, Parked, PendingRecord, Promoted, Reaped,
+    ResultStore, SlotLedger, SlotOutcome, SlotPublish, Store, TaskStates, Use,
 };
 
 /// How long from `now_ms` until `due_ms` (zero when already due).

@@ -446,6 +446,16 @@ pub enum Acquired {
     HeldBy(Option<String>),
 }
 
+/// A held leader lock, as [`LeaderLock::lease`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockLease {
+    /// The holder's value.
+    pub value: String,
+    /// Milliseconds until it expires unless renewed; `None`: it never
+    /// expires (a Redis key without a TTL, which no beat writes).
+    pub remaining_ms: Option<i64>,
+}
+
 /// The leader lock. Its value (compared whole) embeds a random token per
 /// term, so no instance can renew or release another's lock.
 #[async_trait]
@@ -455,8 +465,12 @@ pub trait LeaderLock: Send {
     async fn renew(&mut self, value: &str, ttl: Duration) -> Result<bool, BackendError>;
     /// Deletes the lock if it holds `value`; `false`: it was not ours.
     async fn release(&mut self, value: &str) -> Result<bool, BackendError>;
+    /// The lock's current value and how long it has left, if it is held.
+    async fn lease(&mut self) -> Result<Option<LockLease>, BackendError>;
     /// The lock's current value, if it is held.
-    async fn holder(&mut self) -> Result<Option<String>, BackendError>;
+    async fn holder(&mut self) -> Result<Option<String>, BackendError> {
+        Ok(self.lease().await?.map(|l| l.value))
+    }
     /// Stores a beat instance's heartbeat record (JSON) for `ttl`, whether
     /// it leads or stands by: a record that exists is a live instance.
     async fn announce(

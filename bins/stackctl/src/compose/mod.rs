@@ -57,6 +57,9 @@ pub struct Project {
     pub secrets: BTreeMap<String, Secret>,
     /// The environment the file was interpolated with.
     pub env: Env,
+    /// Services of the file left out although their profile is on, with
+    /// why (the Redis service when no service keeps anything on Redis).
+    pub skipped: BTreeMap<String, String>,
 }
 
 /// One service, every value interpolated and typed.
@@ -359,6 +362,7 @@ pub fn parse(
         .map_err(|(path, message)| err(&format!("services.{svc_name}.{path}"), message))?;
         services.insert(svc_name, svc);
     }
+    let skipped = stores::skip_unused_redis(&mut services);
     if services
         .values()
         .any(|s| s.networks.iter().any(|n| n == DEFAULT_NETWORK))
@@ -405,6 +409,7 @@ pub fn parse(
         volumes,
         secrets,
         env,
+        skipped,
     };
     project.start_order().map_err(|cycle| {
         err(

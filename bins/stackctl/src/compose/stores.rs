@@ -7,8 +7,13 @@
 //! service of the project as its host starts once that service is healthy
 //! (or started, when it has no healthcheck), unless its `depends_on`
 //! already says how to wait for it.
+//!
+//! The Redis service is not started when no taskstack service keeps
+//! anything on Redis (RabbitMQ broker and PostgreSQL results,
+//! [`skip_unused_redis`]).
 
 use super::{Condition, Service};
+use crate::plan::Role;
 use std::collections::BTreeMap;
 
 /// The settings whose URL's host is a store the service needs at start.
@@ -54,6 +59,52 @@ pub fn add_store_dependencies(services: &mut BTreeMap<String, Service>) {
             svc.depends_on.insert(host.to_owned(), condition);
         }
     }
+}
+
+/// Whether the taskstack service `svc` keeps nothing on Redis: its broker
+/// is RabbitMQ and its results are in PostgreSQL (`Config::uses_redis` of
+/// the library, read from the compose environment; a service whose
+/// environment does not set both may read them from its configuration
+/// file, so it counts as using Redis).
+fn keeps_nothing_on_redis(svc: &Service) -> bool {
+    let env = |k: &str| svc.environment.get(k).map(String::as_str);
+    let amqp = env("TASKSTACK_BROKER_URL")
+        .is_some_and(|u| u.starts_with("amqp://") || u.starts_with("amqps://"));
+    let postgres = env("TASKSTACK_RESULT_BACKEND").is_some_and(taskstack::config::is_postgres_url);
+    amqp && postgres
+}
+
+/// Removes the Redis services (and every `depends_on` naming them) when
+/// there are taskstack services (web, worker, beat) and none of them keeps
+/// anything on Redis. Returns the removed services with the reason, for
+/// `up` to tell the user.
+pub fn skip_unused_redis(services: &mut BTreeMap<String, Service>) -> BTreeMap<String, String> {
+    let app: Vec<&Service> = services
+        .values()
+        .filter(|s| matches!(Role::of(s), Role::Web | Role::Worker | Role::Beat))
+        .collect();
+    if app.is_empty() || !app.iter().all(|s| keeps_nothing_on_redis(s)) {
+        return BTreeMap::new();
+    }
+    let unused: Vec<String> = services
+        .values()
+        .filter(|s| Role::of(s) == Role::Redis)
+        .map(|s| s.name.clone())
+        .collect();
+    let mut skipped = BTreeMap::new();
+    for name in unused {
+        services.remove(&name);
+        for s in services.values_mut() {
+            s.depends_on.remove(&name);
+        }
+        skipped.insert(
+            name,
+            "no service keeps anything on Redis (broker_url amqp://..., result_backend \
+             postgresql://...)"
+                .to_owned(),
+        );
+    }
+    skipped
 }
 
 #[cfg(test)]

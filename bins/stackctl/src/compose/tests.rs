@@ -410,6 +410,45 @@ fn the_rabbitmq_profile_adds_an_unpublished_non_root_broker_and_results_stay_on_
 }
 
 #[test]
+fn with_rabbitmq_and_postgres_redis_is_not_started() {
+    // Both profiles: every service's broker is RabbitMQ and its results
+    // are in PostgreSQL, so nothing needs the Redis service.
+    let mut vars = env(&[("COMPOSE_PROFILES", "rabbitmq,postgres")]);
+    crate::postgres::profile_env(&mut vars, &the_file());
+    crate::rabbitmq::profile_env(&mut vars, &the_file());
+    let p = load(&the_file(), &vars, None).expect("loads with both profiles");
+    assert!(!p.services.contains_key("redis"), "{:?}", p.services.keys());
+    assert!(!p.volumes.contains_key("redis-data"));
+    assert!(p.skipped["redis"].contains("no service keeps anything on Redis"));
+    for name in ["web", "worker", "beat"] {
+        let deps: Vec<&String> = p.services[name].depends_on.keys().collect();
+        assert!(!deps.iter().any(|d| *d == "redis"), "{name}: {deps:?}");
+        for store in ["rabbitmq", "postgres"] {
+            assert_eq!(
+                p.services[name].depends_on.get(store),
+                Some(&Condition::Healthy),
+                "{name} waits for {store}"
+            );
+        }
+    }
+    p.start_order().expect("an order without Redis");
+
+    // Results on Redis (the user's RESULT_BACKEND): Redis starts.
+    let mut vars = env(&[
+        ("COMPOSE_PROFILES", "rabbitmq,postgres"),
+        ("RESULT_BACKEND", "redis://redis:6379/0"),
+    ]);
+    crate::postgres::profile_env(&mut vars, &the_file());
+    crate::rabbitmq::profile_env(&mut vars, &the_file());
+    let p = load(&the_file(), &vars, None).expect("loads");
+    assert!(p.services.contains_key("redis"));
+    assert!(p.skipped.is_empty());
+    // Without the profiles nothing is skipped.
+    let p = load(&the_file(), &env(&[]), None).expect("loads");
+    assert!(p.services.contains_key("redis") && p.skipped.is_empty());
+}
+
+#[test]
 fn the_ha_profile_adds_a_replica_and_three_sentinels_the_services_reach_the_master_through() {
     let p = load(&the_file(), &env(&[]), None).expect("loads");
     assert!(!p.services.contains_key("redis-replica"));

@@ -88,8 +88,13 @@ pub struct SmokeFacts {
 pub struct Facts {
     pub allow_standby_beats: bool,
     pub services: Vec<ServiceFacts>,
-    /// None: no running Redis container to ask.
+    /// None: no running Redis container to ask (or none in use).
     pub redis: Option<RedisFacts>,
+    /// Whether the services keep anything on Redis (false: RabbitMQ broker
+    /// and PostgreSQL results; then no Redis check applies).
+    pub uses_redis: bool,
+    /// A running Redis container while no service uses Redis.
+    pub unused_redis: Option<String>,
     /// None: no lock key.
     pub beat_lock: Probe<Option<LockFacts>>,
     pub beat_lock_ttl: Duration,
@@ -265,6 +270,18 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
     }
 
     match &f.redis {
+        None if !f.uses_redis => {
+            if let Some(c) = &f.unused_redis {
+                out.push(check(
+                    "redis.unused",
+                    false,
+                    format!(
+                        "{c} runs but no service keeps anything on Redis (broker_url amqp://..., \
+                         result_backend postgresql://...); `stackctl up` does not start it"
+                    ),
+                ));
+            }
+        }
         None => {
             for id in ["redis.password", "redis.appendonly", "redis.noeviction"] {
                 out.push(check(id, false, "no running Redis container to ask"));
@@ -306,18 +323,22 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
             )
         })
         .collect();
-    out.push(if published.is_empty() {
-        check(
-            "redis.not_published",
-            true,
-            "no port published on a non-loopback address",
-        )
+    out.extend(if published.is_empty() {
+        if !f.uses_redis && f.unused_redis.is_none() {
+            None
+        } else {
+            Some(check(
+                "redis.not_published",
+                true,
+                "no port published on a non-loopback address",
+            ))
+        }
     } else {
-        check(
+        Some(check(
             "redis.not_published",
             false,
             format!("published on a public address: {}", published.join(", ")),
-        )
+        ))
     });
 
     let beats: Vec<&ContainerInfo> = f.role(Role::Beat).filter(|c| c.running).collect();
@@ -550,6 +571,8 @@ mod tests {
                 maxmemory_policy: Ok("noeviction".into()),
                 published: Vec::new(),
             }),
+            uses_redis: true,
+            unused_redis: None,
             beat_lock: Ok(Some(LockFacts {
                 holder: Some(LockHolder {
                     id: "b1.7.abc".into(),
@@ -617,6 +640,29 @@ mod tests {
             .find(|c| c.id == "workers.tasks")
             .expect("workers.tasks");
         assert_eq!(tasks.reason, "w1.1, w2.1: invoices.render, taskstack.add");
+    }
+
+    #[test]
+    fn a_stack_without_redis_has_no_redis_checks_unless_one_runs_unused() {
+        let mut f = good();
+        f.uses_redis = false;
+        f.redis = None;
+        f.services.retain(|s| s.role != Role::Redis);
+        let checks = evaluate(&f);
+        assert!(checks.iter().all(|c| c.ok), "{checks:#?}");
+        assert!(
+            !checks.iter().any(|c| c.id.starts_with("redis.")),
+            "{checks:#?}"
+        );
+        // A Redis container that runs anyway (docker-compose starts it).
+        f.unused_redis = Some("p_redis_1".into());
+        let failures = failed(&f);
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(
+            failures[0]
+                .starts_with("redis.unused: p_redis_1 runs but no service keeps anything on Redis"),
+            "{failures:?}"
+        );
     }
 
     #[test]

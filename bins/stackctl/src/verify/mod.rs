@@ -214,9 +214,20 @@ pub async fn verify<E: Engine>(
         .flat_map(|s| s.containers.iter())
         .filter(|c| c.running)
         .collect();
+    // A stack on RabbitMQ with PostgreSQL results keeps nothing on Redis:
+    // its records are read through the backend the services open.
+    let uses_redis = main_config.as_ref().map_or(true, Config::uses_redis);
+    let backend = match (&main_config, uses_redis) {
+        (Ok(c), false) => Some(store::open_backend(engine, project, &all_running, c.clone()).await),
+        _ => None,
+    };
     // Behind Sentinel, the Redis checks below read the master the
     // sentinels name.
-    let (broker, ha_facts) = ha::connect(engine, project, &all_running, main_config).await;
+    let (broker, ha_facts) = if uses_redis {
+        ha::connect(engine, project, &all_running, main_config).await
+    } else {
+        (Err("no service keeps anything on Redis".to_owned()), None)
+    };
 
     // Unauthenticated PING through redis-cli in the Redis container: it
     // must be refused.
@@ -232,6 +243,7 @@ pub async fn verify<E: Engine>(
         .unwrap_or_else(|| "redis-cli".into());
     let redis_facts = match &redis_container {
         None => None,
+        Some(_) if !uses_redis => None,
         Some(c) => {
             let cmd = [cli, "--no-auth-warning".into(), "-e".into(), "PING".into()];
             Some(RedisFacts {
@@ -260,9 +272,13 @@ pub async fn verify<E: Engine>(
         queues: queues.clone(),
         workers: workers_per_queue(project, &services),
     };
-    let beat_lock = store::beat_lock(&broker).await;
-    let workers = store::workers(&broker).await;
-    let queue_counts = store::queues(&broker, &queues).await;
+    let records = match backend {
+        Some(b) => store::Records::Backend(b),
+        None => store::Records::Redis(&broker),
+    };
+    let beat_lock = records.beat_lock().await;
+    let workers = records.workers().await;
+    let queue_counts = records.queues(&queues).await;
 
     // The web API, through its published port.
     let web = running(Role::Web).first().and_then(|c| {
@@ -337,8 +353,13 @@ pub async fn verify<E: Engine>(
         .and_then(|l| l.holder.clone());
     let facts = Facts {
         allow_standby_beats: opts.allow_standby_beats,
-        services,
         redis: redis_facts,
+        uses_redis,
+        unused_redis: match (&redis_container, uses_redis) {
+            (Some(c), false) => Some(c.name.clone()),
+            _ => None,
+        },
+        services,
         beat_lock,
         beat_lock_ttl,
         workers,

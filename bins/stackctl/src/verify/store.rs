@@ -1,14 +1,18 @@
-//! What Redis holds, read through the library the services use: a
+//! What the stores hold, read through the library the services use: a
 //! `Broker` from the service's own configuration (see [`super::config`]),
 //! with the Redis service's name in the URL replaced by where this host
 //! reaches its container; the live workers from the leases
 //! (`taskstack::broker::live_workers`, as `/health`), the beat lock read
-//! with the beat's own parser, the queues' counts (`queue_counts`).
+//! with the beat's own parser, the queues' counts (`queue_counts`). A
+//! stack that keeps nothing on Redis (RabbitMQ and PostgreSQL) is read
+//! through the backend the services open ([`Records::Backend`]).
 
 use super::checks::{LockFacts, LockHolder, Probe, WorkerRecord};
 use crate::compose::Project;
 use crate::engine::{ContainerInfo, Engine};
+use std::sync::Arc;
 use std::time::Duration;
+use taskstack::backend::{Backend, LockLease, Use};
 use taskstack::broker::{Broker, QueueCounts, RedisPool, live_workers, queue_counts};
 use taskstack::config::Config;
 use taskstack::proto::keys::result_key;
@@ -34,7 +38,12 @@ async fn reachable<E: Engine>(
     if !project.services.contains_key(&host) {
         return Ok(raw.to_owned());
     }
-    let port = url.port().unwrap_or(6379);
+    let port = url.port().unwrap_or(match url.scheme() {
+        "amqp" => 5672,
+        "amqps" => 5671,
+        "postgres" | "postgresql" => 5432,
+        _ => 6379,
+    });
     let c = running
         .iter()
         .find(|c| c.label(crate::plan::labels::SERVICE) == Some(host.as_str()))
@@ -72,12 +81,7 @@ pub async fn connect<E: Engine>(
             .clone()
             .filter(|b| super::rabbitmq::broker_kind(b.expose()) == "redis")
             .filter(|b| !taskstack::config::is_postgres_url(b.expose()))
-            .ok_or(
-                "broker_url is amqp://... and result_backend is not a Redis URL: stackctl verify \
-                 reads the workers' records, the beat lock and the queues' counts on Redis, and \
-                 with PostgreSQL results there is none (the web API's /health, /api/v1/workers \
-                 and /api/v1/queues report them from PostgreSQL)",
-            )?;
+            .ok_or("broker_url is amqp://... and result_backend is not a Redis URL")?;
         config.broker_url = backend;
         config.broker_password = config.result_backend_password.clone();
         config.broker_password_file = config.result_backend_password_file.clone();
@@ -109,46 +113,92 @@ async fn bounded<T>(what: &str, f: impl Future<Output = Probe<T>>) -> Probe<T> {
         .map_err(|_| format!("{what}: no answer from Redis within {DEADLINE:?}"))?
 }
 
-/// The beat lock: who holds it (the beat's own parser) and its PTTL.
-pub async fn beat_lock(broker: &Probe<Broker>) -> Probe<Option<LockFacts>> {
-    let broker = usable(broker, "beat lock")?;
-    bounded("beat lock", async {
-        let key = broker.keys().beat_lock();
-        let mut conn = broker
-            .broker_pool()
-            .get("read beat lock")
-            .await
-            .map_err(|e| e.to_string())?;
-        let (raw, pttl): (Option<String>, i64) = redis::pipe()
-            .cmd("GET")
-            .arg(&key)
-            .cmd("PTTL")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| format!("GET {key}: {e}"))?;
-        Ok(raw.map(|raw| LockFacts {
-            holder: taskstack::beat::lock::LockHolder::parse(&raw).map(|h| LockHolder {
+/// Where verify reads the workers' records, the beat lock and the queues'
+/// counts: Redis, through the library's broker (what `/health` reads), or,
+/// in a stack that keeps nothing on Redis (RabbitMQ broker, PostgreSQL
+/// results), the backend the services open ([`open_backend`]).
+pub enum Records<'a> {
+    Redis(&'a Probe<Broker>),
+    Backend(Probe<Arc<dyn Backend>>),
+}
+
+impl Records<'_> {
+    /// The beat lock: who holds it (the beat's own parser) and its PTTL.
+    pub async fn beat_lock(&self) -> Probe<Option<LockFacts>> {
+        let lease = match self {
+            Records::Redis(broker) => {
+                let broker = usable(broker, "beat lock")?;
+                bounded("beat lock", async {
+                    let key = broker.keys().beat_lock();
+                    let mut conn = broker
+                        .broker_pool()
+                        .get("read beat lock")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let (raw, pttl): (Option<String>, i64) = redis::pipe()
+                        .cmd("GET")
+                        .arg(&key)
+                        .cmd("PTTL")
+                        .arg(&key)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|e| format!("GET {key}: {e}"))?;
+                    Ok(raw.map(|value| LockLease {
+                        value,
+                        remaining_ms: (pttl != -1).then_some(pttl),
+                    }))
+                })
+                .await?
+            }
+            Records::Backend(backend) => {
+                let backend = backend.as_ref().map_err(|e| format!("beat lock: {e}"))?;
+                bounded("beat lock", async {
+                    backend
+                        .leader_lock(Use::Request)
+                        .lease()
+                        .await
+                        .map_err(|e| format!("read beat lock: {e}"))
+                })
+                .await?
+            }
+        };
+        Ok(lease.map(|l| LockFacts {
+            holder: taskstack::beat::lock::LockHolder::parse(&l.value).map(|h| LockHolder {
                 id: h.id,
                 host: h.host,
                 pid: u64::from(h.pid),
                 since: h.since,
             }),
-            raw,
-            pttl_ms: pttl,
+            raw: l.value,
+            pttl_ms: l.remaining_ms.unwrap_or(-1),
         }))
-    })
-    .await
-}
+    }
 
-/// The live workers, exactly as `/health` reads them (the leases set).
-pub async fn workers(broker: &Probe<Broker>) -> Probe<Vec<WorkerRecord>> {
-    let broker = usable(broker, "live workers")?;
-    bounded("live workers", async {
-        let mut lane = broker.broker_pool().shared_lane();
-        let live = live_workers(&mut lane, broker.keys())
-            .await
-            .map_err(|e| e.to_string())?;
+    /// The live workers, exactly as `/health` reads them.
+    pub async fn workers(&self) -> Probe<Vec<WorkerRecord>> {
+        let live = match self {
+            Records::Redis(broker) => {
+                let broker = usable(broker, "live workers")?;
+                bounded("live workers", async {
+                    let mut lane = broker.broker_pool().shared_lane();
+                    live_workers(&mut lane, broker.keys())
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await?
+            }
+            Records::Backend(backend) => {
+                let backend = backend.as_ref().map_err(|e| format!("live workers: {e}"))?;
+                bounded("live workers", async {
+                    backend
+                        .inspect(Use::Request)
+                        .live_workers()
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await?
+            }
+        };
         Ok(live
             .into_iter()
             .map(|w| WorkerRecord {
@@ -158,24 +208,60 @@ pub async fn workers(broker: &Probe<Broker>) -> Probe<Vec<WorkerRecord>> {
                 tasks: w.tasks,
             })
             .collect())
-    })
-    .await
+    }
+
+    /// Each queue's messages (ready, delayed, in flight, dead-lettered).
+    pub async fn queues(&self, queues: &[String]) -> Probe<Vec<(String, QueueCounts)>> {
+        let counts = match self {
+            Records::Redis(broker) => {
+                let broker = usable(broker, "queue counts")?;
+                bounded("queue counts", async {
+                    let mut lane = broker.broker_pool().shared_lane();
+                    queue_counts(&mut lane, broker.keys(), queues)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await?
+            }
+            Records::Backend(backend) => {
+                let backend = backend.as_ref().map_err(|e| format!("queue counts: {e}"))?;
+                bounded("queue counts", async {
+                    backend
+                        .inspect(Use::Request)
+                        .queue_counts(queues)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await?
+            }
+        };
+        Ok(queues.iter().cloned().zip(counts).collect())
+    }
 }
 
-/// Each queue's messages (ready, delayed, in flight, dead-lettered).
-pub async fn queues(
-    broker: &Probe<Broker>,
-    queues: &[String],
-) -> Probe<Vec<(String, QueueCounts)>> {
-    let broker = usable(broker, "queue counts")?;
-    bounded("queue counts", async {
-        let mut lane = broker.broker_pool().shared_lane();
-        let counts = queue_counts(&mut lane, broker.keys(), queues)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(queues.iter().cloned().zip(counts).collect())
-    })
-    .await
+/// The backend of a stack that keeps nothing on Redis, opened with
+/// `config` (a service's own) with each URL's host, when it names one of
+/// the project's services, replaced by where this host reaches it.
+pub async fn open_backend<E: Engine>(
+    engine: &E,
+    project: &Project,
+    running: &[&ContainerInfo],
+    mut config: Config,
+) -> Probe<Arc<dyn Backend>> {
+    let url = reachable(
+        engine,
+        project,
+        running,
+        "broker_url",
+        config.broker_url.expose(),
+    )
+    .await?;
+    config.broker_url = SecretUrl::new(url);
+    if let Some(b) = config.result_backend.take() {
+        let url = reachable(engine, project, running, "result_backend", b.expose()).await?;
+        config.result_backend = Some(SecretUrl::new(url));
+    }
+    taskstack::open_backend(&config).map_err(|e| e.to_string())
 }
 
 /// One command on a connection of `pool`, bounded.

@@ -327,6 +327,12 @@ async fn the_beat_publishes_each_slot_once_through_a_postgresql_outbox() {
     assert!(lock.renew("L1", LEASE).await.expect("renew"));
     assert!(!lock.renew("L2", LEASE).await.expect("renew"), "not ours");
     assert_eq!(lock.holder().await.expect("holder").as_deref(), Some("L1"));
+    let lease = lock.lease().await.expect("lease").expect("held");
+    let left = lease.remaining_ms.expect("the lock expires");
+    assert!(
+        left > 0 && u128::try_from(left).is_ok_and(|l| l <= LEASE.as_millis()),
+        "{lease:?}"
+    );
     lock.announce("beat-a", "{\"id\":\"beat-a\"}", LEASE)
         .await
         .expect("announce");

@@ -16,7 +16,7 @@ use super::held::HeldLeases;
 use crate::backend::postgres::{PgCanvas, PgRecords};
 use crate::backend::redis::{RedisBackend, SystemClock};
 #[cfg(feature = "beat")]
-use crate::backend::traits::{Acquired, LeaderLock};
+use crate::backend::traits::{Acquired, LeaderLock, LockLease};
 use crate::backend::traits::{
     Backend as _, BackendError, Clock, Expiry, Leases, Outgoing, Reaped, ResultStore, Store,
     TaskStates, Use,
@@ -379,8 +379,8 @@ impl LeaderLock for PgLock {
     async fn release(&mut self, value: &str) -> Result<bool, BackendError> {
         Ok(self.0.lock_release(value).await?)
     }
-    async fn holder(&mut self) -> Result<Option<String>, BackendError> {
-        Ok(self.0.lock_holder().await?)
+    async fn lease(&mut self) -> Result<Option<LockLease>, BackendError> {
+        Ok(self.0.lock_lease().await?)
     }
     async fn announce(
         &mut self,

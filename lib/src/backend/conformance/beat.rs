@@ -25,9 +25,16 @@ pub(crate) async fn leader_lock_is_exclusive(h: &dyn Harness) {
     assert!(!other.renew("B", LONG).await.expect("renew"), "wrong token");
     assert!(!other.release("B").await.expect("release"), "wrong token");
     assert_eq!(other.holder().await.expect("holder").as_deref(), Some("A"));
+    let lease = other.lease().await.expect("lease").expect("held");
+    let left = lease.remaining_ms.expect("the lock expires");
+    assert!(
+        lease.value == "A" && left > 0 && left <= 60_000,
+        "{lease:?} (TTL {LONG:?})"
+    );
     assert!(a.renew("A", SHORT).await.expect("renew"));
     assert!(a.release("A").await.expect("release"));
     assert_eq!(other.holder().await.expect("holder"), None);
+    assert_eq!(other.lease().await.expect("lease"), None);
     assert!(!a.renew("A", LONG).await.expect("renew"), "released");
 
     // Expiry hands the lock over; the old holder cannot renew it back.

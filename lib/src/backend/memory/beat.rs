@@ -2,7 +2,7 @@
 
 use super::{Expiring, MemorySession, State, ms};
 use crate::backend::traits::{
-    Acquired, BackendError, LeaderLock, SlotLedger, SlotOutcome, SlotPublish,
+    Acquired, BackendError, LeaderLock, LockLease, SlotLedger, SlotOutcome, SlotPublish,
 };
 use crate::proto::keys::queue_key;
 use async_trait::async_trait;
@@ -48,9 +48,16 @@ impl LeaderLock for MemorySession {
         Ok(ours)
     }
 
-    async fn holder(&mut self) -> Result<Option<String>, BackendError> {
+    async fn lease(&mut self) -> Result<Option<LockLease>, BackendError> {
         let (st, now) = self.state("read beat lock")?;
-        Ok(st.lock_value(now).map(str::to_owned))
+        Ok(st
+            .lock
+            .as_ref()
+            .filter(|l| l.live(now).is_some())
+            .map(|l| LockLease {
+                value: l.value.clone(),
+                remaining_ms: Some(l.until_ms - now),
+            }))
     }
 
     async fn announce(

@@ -15,7 +15,7 @@
 use super::connect::PgError;
 use super::records::PgRecords;
 use super::store::{client, millis, timed};
-use crate::backend::traits::{Acquired, BackendError, SlotOutcome, SlotPublish};
+use crate::backend::traits::{Acquired, BackendError, LockLease, SlotOutcome, SlotPublish};
 use std::time::Duration;
 
 /// `clock_timestamp()` + `$n` ms.
@@ -46,7 +46,7 @@ impl PgRecords {
         if taken == 1 {
             return Ok(Acquired::Yes);
         }
-        Ok(Acquired::HeldBy(self.lock_holder().await?))
+        Ok(Acquired::HeldBy(self.lock_lease().await?.map(|l| l.value)))
     }
 
     /// Extends the lock to `ttl` from now while it holds `value`.
@@ -79,17 +79,22 @@ impl PgRecords {
         Ok(n == 1)
     }
 
-    /// The lock's value while it is held.
-    pub(crate) async fn lock_holder(&self) -> Result<Option<String>, PgError> {
+    /// The lock's value and the milliseconds it has left, while it is held.
+    pub(crate) async fn lock_lease(&self) -> Result<Option<LockLease>, PgError> {
         let rows = self
             .query(
                 "read beat lock",
-                "SELECT value FROM taskstack_beat_lock
+                "SELECT value,
+                        (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::bigint
+                 FROM taskstack_beat_lock
                  WHERE namespace = $1 AND expires_at > clock_timestamp()",
                 &[&self.namespace],
             )
             .await?;
-        Ok(rows.first().map(|r| r.get(0)))
+        Ok(rows.first().map(|r| LockLease {
+            value: r.get(0),
+            remaining_ms: Some(r.get(1)),
+        }))
     }
 
     /// Stores a beat instance's heartbeat record for `ttl` (expired ones

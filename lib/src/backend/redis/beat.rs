@@ -3,7 +3,7 @@
 
 use super::RedisSession;
 use crate::backend::traits::{
-    Acquired, BackendError, LeaderLock, SlotLedger, SlotOutcome, SlotPublish,
+    Acquired, BackendError, LeaderLock, LockLease, SlotLedger, SlotOutcome, SlotPublish,
 };
 use crate::beat::{lock, publish};
 use crate::broker::on_lane;
@@ -32,13 +32,17 @@ impl LeaderLock for RedisSession {
         Ok(lock::release(&mut self.lane, keys, value).await?)
     }
 
-    async fn holder(&mut self) -> Result<Option<String>, BackendError> {
+    async fn lease(&mut self) -> Result<Option<LockLease>, BackendError> {
         let key = self.shared.broker.keys().beat_lock();
-        Ok(on_lane!(&mut self.lane, "read beat lock", |c| redis::cmd(
-            "GET"
-        )
-        .arg(&key)
-        .query_async(c))?)
+        let mut read = redis::pipe();
+        read.cmd("GET").arg(&key).cmd("PTTL").arg(&key);
+        let (value, pttl): (Option<String>, i64) =
+            on_lane!(&mut self.lane, "read beat lock", |c| read.query_async(c))?;
+        // PTTL -2: the key expired between the two reads.
+        Ok(value.filter(|_| pttl != -2).map(|value| LockLease {
+            value,
+            remaining_ms: (pttl >= 0).then_some(pttl),
+        }))
     }
 
     async fn announce(
