@@ -216,6 +216,135 @@ async fn workers_and_web_on_rabbitmq_and_postgresql_need_no_redis() -> Result<()
     Ok(())
 }
 
+/// PostgreSQL stopped and started again while two workers drain sleeping
+/// tasks from RabbitMQ: the workers keep retrying their STARTED and result
+/// writes, acknowledge nothing that was not stored, and once PostgreSQL is
+/// back every task ends SUCCESS, RabbitMQ ends empty and both workers
+/// still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_restarted_under_load_loses_no_task_from_rabbitmq() -> Result<()> {
+    const N: usize = 1500;
+    let mut s = Stack::new("pg-restart")?;
+    let mut w1 = s.worker()?;
+    let mut w2 = s.worker()?;
+    let producer = Producer::on_backend(taskstack::open_backend(&s.config())?, "pg-restart");
+    let reqs: Vec<TaskRequest> = (0..N)
+        .map(|i| TaskRequest {
+            name: "taskstack.sleep".into(),
+            args: vec![json!(0.01), json!(i)],
+            kwargs: serde_json::Map::new(),
+            options: SendOptions::default(),
+        })
+        .collect();
+    for chunk in reqs.chunks(500) {
+        producer.send_many(chunk).await?;
+    }
+    let done = |s: &Stack| -> Result<usize> {
+        Ok(
+            s.psql("SELECT count(*) FROM taskstack_results WHERE state = 'SUCCESS'")?
+                .parse()?,
+        )
+    };
+    wait_until("some results", Duration::from_secs(60), || async {
+        Ok((done(&s)? >= 100).then_some(()))
+    })
+    .await
+    .with_context(|| format!("w1:\n{}\nw2:\n{}", w1.log(), w2.log()))?;
+    s.pg.stop();
+    ensure!(done(&s).is_err(), "psql answered with the server stopped");
+    wait_until_sync("a worker to retry", Duration::from_secs(30), || {
+        (w1.log().contains("failed; retrying") || w2.log().contains("failed; retrying"))
+            .then_some(())
+    })
+    .with_context(|| format!("w1:\n{}\nw2:\n{}", w1.log(), w2.log()))?;
+    s.pg.start_again();
+    wait_until(
+        "every task to be SUCCESS",
+        Duration::from_secs(180),
+        || async { Ok((done(&s)? == N).then_some(())) },
+    )
+    .await
+    .with_context(|| format!("w1:\n{}\nw2:\n{}", w1.log(), w2.log()))?;
+    assert_eq!(
+        s.psql("SELECT count(*) FROM taskstack_results WHERE state <> 'SUCCESS'")?,
+        "0"
+    );
+    wait_until_sync(
+        "every message acknowledged",
+        Duration::from_secs(30),
+        || (s.rabbit_counts() == (0, 0)).then_some(()),
+    )?;
+    for w in [&mut w1, &mut w2] {
+        ensure!(
+            w.wait_exit(Duration::from_millis(300)).is_err(),
+            "a worker exited: {}",
+            w.log()
+        );
+    }
+    Ok(())
+}
+
+/// A real Python Celery client (`broker="amqp://..."`, no result backend,
+/// so no PENDING rows) sends 600 tasks to two taskstack workers on
+/// RabbitMQ with PostgreSQL results; one worker is SIGKILLed mid-run.
+/// Every task's row ends SUCCESS (created by the worker's STARTED upsert)
+/// and RabbitMQ ends empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_celery_clients_tasks_survive_a_killed_worker_with_postgresql_results()
+-> Result<()> {
+    use taskstack_integration::python::{celery_python, run_client};
+    const N: usize = 600;
+    let python = tokio::task::spawn_blocking(celery_python).await??;
+    let s = Stack::new("pg-pyclient")?;
+    let mut doomed = s.worker()?;
+    let survivor = s.worker()?;
+    let dir = tempfile::tempdir()?;
+    let ids_file = dir.path().join("ids");
+    let ids_arg = ids_file.display().to_string();
+    let n = N.to_string();
+    let args = [s.amqp.as_str(), n.as_str(), "0.02", ids_arg.as_str()];
+    let client = run_client(&python, "send_sleeps.py", &args, || survivor.log());
+    let successes = |s: &Stack| -> Result<usize> {
+        Ok(
+            s.psql("SELECT count(*) FROM taskstack_results WHERE state = 'SUCCESS'")?
+                .parse()?,
+        )
+    };
+    let kill = async {
+        wait_until("50 results", Duration::from_secs(120), || async {
+            Ok((successes(&s)? >= 50).then_some(()))
+        })
+        .await?;
+        doomed.kill()?;
+        anyhow::Ok(())
+    };
+    let (sent, killed) = tokio::join!(client, kill);
+    let (sent, ()) = (sent?, killed?);
+    assert_eq!(sent["sent"], N, "{sent}");
+    let ids: Vec<String> = std::fs::read_to_string(&ids_file)?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(ids.len(), N);
+    wait_until("every task SUCCESS", Duration::from_secs(120), || async {
+        Ok((successes(&s)? == N).then_some(()))
+    })
+    .await
+    .with_context(|| survivor.log())?;
+    // Exactly the client's ids, each once.
+    let listed =
+        s.psql("SELECT string_agg(task_id, ',' ORDER BY task_id) FROM taskstack_results")?;
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(listed, sorted.join(","));
+    wait_until_sync(
+        "every message acknowledged",
+        Duration::from_secs(30),
+        || (s.rabbit_counts() == (0, 0)).then_some(()),
+    )?;
+    Ok(())
+}
+
 /// Two beats on RabbitMQ and PostgreSQL: one leads; the leader SIGKILLed,
 /// the standby takes over once the lock's TTL passed; both answer their
 /// healthcheck from PostgreSQL. The proof is the queue itself: every

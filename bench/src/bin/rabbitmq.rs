@@ -1,14 +1,15 @@
 //! `rabbitmq`: one `taskstack-worker` on RabbitMQ, the same worker on
 //! Redis, and a Python Celery worker (`-P prefork -c 2`) on RabbitMQ, in
 //! the same run, at default settings, results on the same Redis for all
-//! three. For each it prints the drain rate of a prefilled queue and the
-//! round-trip latency of single tasks on the idle worker; then the medians
-//! and the ratios. It asserts nothing about the figures. See
-//! `bench/README.md`.
+//! three; with `--postgres`, also the taskstack worker on RabbitMQ with
+//! results in PostgreSQL (no Redis at all). For each it prints the drain
+//! rate of a prefilled queue and the round-trip latency of single tasks on
+//! the idle worker; then the medians and the ratios. It asserts nothing
+//! about the figures. See `bench/README.md`.
 //!
 //! ```sh
 //! cargo build --release -p taskstack-worker -p taskstack-bench
-//! target/release/rabbitmq --runs 3
+//! target/release/rabbitmq --runs 3 [--postgres]
 //! ```
 //!
 //! One measurement: the result Redis is emptied (`FLUSHALL`) and, on
@@ -24,6 +25,10 @@
 //! with it). Then, on the same idle worker, single tasks are sent one at
 //! a time with taskstack's producer and waited for (`send_task` to
 //! result), the same producer code for all three.
+//!
+//! With PostgreSQL results each drain gets a fresh database; completion is
+//! polled every 20 ms with one `count(*)` of the results table's SUCCESS
+//! rows (a scan, so not every 2 ms), so the rate's resolution is 20 ms.
 
 #[allow(dead_code, reason = "shared with the canvas bench")]
 #[path = "../canvas_procs.rs"]
@@ -49,11 +54,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use taskstack::backend::{Outgoing, Use};
 use taskstack::config::Config;
+use taskstack::config::Secret;
 use taskstack::proto::envelope::{MessageSpec, encode};
 use taskstack::proto::keys::result_key;
 use taskstack::{Producer, open_backend};
-use taskstack_integration::RedisServer;
 use taskstack_integration::rabbitmq_server::Rabbit;
+use taskstack_integration::{PG_PASSWORD, PgServer, RedisServer};
 
 /// The task every worker runs (latency.rs sends it too).
 const ECHO: &str = "taskstack.echo";
@@ -85,6 +91,15 @@ struct Cli {
     /// Only taskstack.
     #[arg(long)]
     no_celery: bool,
+    /// Also taskstack on RabbitMQ with results in PostgreSQL (a private
+    /// `postgres` from Debian's package, `fsync=off` like the Redis
+    /// without persistence, unless `--pg-durable`).
+    #[arg(long)]
+    postgres: bool,
+    /// The private PostgreSQL with `fsync=on` (every commit waits for the
+    /// disk, as in production).
+    #[arg(long, requires = "postgres")]
+    pg_durable: bool,
     /// The worker binary (default: `taskstack-worker` beside this one).
     #[arg(long, value_name = "PATH")]
     worker_bin: Option<PathBuf>,
@@ -97,6 +112,7 @@ struct Cli {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum System {
     TaskstackRabbit,
+    TaskstackRabbitPg,
     TaskstackRedis,
     CeleryRabbit,
 }
@@ -105,6 +121,7 @@ impl System {
     fn label(self) -> &'static str {
         match self {
             Self::TaskstackRabbit => "taskstack on RabbitMQ",
+            Self::TaskstackRabbitPg => "taskstack on RabbitMQ + PostgreSQL",
             Self::TaskstackRedis => "taskstack on Redis",
             Self::CeleryRabbit => "Celery on RabbitMQ",
         }
@@ -131,14 +148,23 @@ struct Target<'a> {
     /// `amqp://...` (a fresh vhost) or the Redis URL.
     broker: String,
     redis: &'a RedisServer,
+    /// Results in this PostgreSQL database (URL without the password)
+    /// instead of on Redis.
+    pg: Option<String>,
     namespace: String,
 }
 
 impl Target<'_> {
+    /// The result backend's URL.
+    fn results(&self) -> String {
+        self.pg.clone().unwrap_or_else(|| self.redis.url())
+    }
+
     fn config(&self) -> Config {
         Config {
             broker_url: self.broker.as_str().into(),
-            result_backend: Some(self.redis.url().as_str().into()),
+            result_backend: Some(self.results().as_str().into()),
+            result_backend_password: self.pg.as_ref().map(|_| Secret::new(PG_PASSWORD)),
             namespace: self.namespace.clone(),
             ..Default::default()
         }
@@ -164,6 +190,11 @@ async fn main() -> Result<()> {
     }
     let node = tokio::task::spawn_blocking(Rabbit::start).await?;
     let redis = RedisServer::start()?;
+    let pg = match (cli.postgres, cli.pg_durable) {
+        (false, _) => None,
+        (true, false) => Some(tokio::task::spawn_blocking(PgServer::start).await?),
+        (true, true) => Some(tokio::task::spawn_blocking(PgServer::start_durable).await?),
+    };
     let mut con = redis::Client::open(redis.url())?
         .get_multiplexed_async_connection()
         .await?;
@@ -175,6 +206,17 @@ async fn main() -> Result<()> {
         redis.port(),
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
+    if let Some(pg) = &pg {
+        println!(
+            "  PostgreSQL {} (fsync {}, a database per drain) for taskstack on RabbitMQ + PostgreSQL",
+            pg.psql("postgres", "SHOW server_version")
+                .map_err(anyhow::Error::msg)?
+                .trim(),
+            pg.psql("postgres", "SHOW fsync")
+                .map_err(anyhow::Error::msg)?
+                .trim()
+        );
+    }
     println!("  taskstack: {} (defaults)", worker_bin.display());
     if let Some(p) = &python {
         println!(
@@ -192,7 +234,11 @@ async fn main() -> Result<()> {
     let mut runs = Vec::new();
     let timeout = Duration::from_secs(cli.timeout);
     for run in 1..=cli.runs {
-        let mut systems = vec![System::TaskstackRabbit, System::TaskstackRedis];
+        let mut systems = vec![System::TaskstackRabbit];
+        if pg.is_some() {
+            systems.push(System::TaskstackRabbitPg);
+        }
+        systems.push(System::TaskstackRedis);
         if python.is_some() {
             systems.push(System::CeleryRabbit);
         }
@@ -204,6 +250,10 @@ async fn main() -> Result<()> {
                     node.vhost("bench")
                 },
                 redis: &redis,
+                pg: pg
+                    .as_ref()
+                    .filter(|_| system == System::TaskstackRabbitPg)
+                    .map(|pg| pg.url(&pg.create_database())),
                 namespace: taskstack_integration::namespace("bench"),
             };
             let n = if system == System::CeleryRabbit {
@@ -243,10 +293,13 @@ async fn main() -> Result<()> {
 
 /// A `taskstack-worker` with default settings on `t`'s broker and results.
 fn taskstack_worker(bin: &Path, t: &Target<'_>) -> Result<Service> {
-    let env = [
-        ("TASKSTACK_RESULT_BACKEND", t.redis.url()),
+    let mut env = vec![
+        ("TASKSTACK_RESULT_BACKEND", t.results()),
         ("TASKSTACK_NAMESPACE", t.namespace.clone()),
     ];
+    if t.pg.is_some() {
+        env.push(("TASKSTACK_RESULT_BACKEND_PASSWORD", PG_PASSWORD.to_owned()));
+    }
     Service::taskstack(bin, &t.broker, &env)
 }
 
@@ -316,7 +369,10 @@ async fn measure(
 
     let worker = start()?;
     let t0 = Instant::now();
-    let done = wait_results(con, &keys, t0 + timeout, &worker).await?;
+    let done = match &target.pg {
+        None => wait_results(con, &keys, t0 + timeout, &worker).await?,
+        Some(url) => wait_rows(url, keys.len(), t0 + timeout, &worker).await?,
+    };
     let seconds = done.duration_since(t0).as_secs_f64();
 
     let producer = Producer::on_backend(open_backend(&target.config())?, "bench@rabbitmq");
@@ -377,6 +433,41 @@ async fn wait_results(
     }
 }
 
+/// Polls the results table (the drain's own database) every 20 ms until
+/// `n` rows are SUCCESS (a FAILURE or REVOKED row fails the run). When
+/// that was seen.
+async fn wait_rows(url: &str, n: usize, deadline: Instant, worker: &Service) -> Result<Instant> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    config.password(PG_PASSWORD);
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let count = client
+        .prepare(
+            "SELECT count(*) FILTER (WHERE state = 'SUCCESS'),
+                    count(*) FILTER (WHERE state IN ('FAILURE', 'REVOKED'))
+             FROM taskstack_results",
+        )
+        .await
+        .context("the results table (made by the worker at its start)")?;
+    loop {
+        let row = client.query_one(&count, &[]).await?;
+        let (done, failed): (i64, i64) = (row.get(0), row.get(1));
+        ensure!(failed == 0, "{failed} results are FAILURE or REVOKED");
+        if usize::try_from(done).is_ok_and(|d| d >= n) {
+            return Ok(Instant::now());
+        }
+        worker.check_running()?;
+        if Instant::now() > deadline {
+            bail!(
+                "{done} of {n} results SUCCESS; {} log tail:\n{}",
+                worker.name(),
+                worker.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn print_summary(runs: &[Run]) {
     println!();
     println!("| system | tasks/s (median) | runs | latency p50 / p99 ms (median) |");
@@ -384,6 +475,7 @@ fn print_summary(runs: &[Run]) {
     let mut rates = Vec::new();
     for system in [
         System::TaskstackRabbit,
+        System::TaskstackRabbitPg,
         System::TaskstackRedis,
         System::CeleryRabbit,
     ] {
@@ -415,5 +507,20 @@ fn print_summary(runs: &[Run]) {
     }
     if let (Some(a), Some(c)) = (rate(System::TaskstackRabbit), rate(System::CeleryRabbit)) {
         println!("taskstack / Celery, both on RabbitMQ: {:.1}x", a / c);
+    }
+    if let (Some(p), Some(a)) = (
+        rate(System::TaskstackRabbitPg),
+        rate(System::TaskstackRabbit),
+    ) {
+        println!(
+            "taskstack on RabbitMQ, results in PostgreSQL / on Redis: {:.2}x",
+            p / a
+        );
+    }
+    if let (Some(p), Some(c)) = (rate(System::TaskstackRabbitPg), rate(System::CeleryRabbit)) {
+        println!(
+            "taskstack on RabbitMQ + PostgreSQL / Celery on RabbitMQ (results on Redis): {:.1}x",
+            p / c
+        );
     }
 }
