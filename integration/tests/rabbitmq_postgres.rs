@@ -345,6 +345,76 @@ async fn a_python_celery_clients_tasks_survive_a_killed_worker_with_postgresql_r
     Ok(())
 }
 
+/// Two workers and two beats on one host with the host defaults (a state
+/// file per process in /tmp, metrics on 9101 / 9102 or a free port), on
+/// RabbitMQ with PostgreSQL results: the healthchecks, run as the image
+/// runs them (no state file named), find every process alive in
+/// PostgreSQL, one beat leading and one standing by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_workers_and_beats_share_a_host_with_default_settings() -> Result<()> {
+    use taskstack_integration::run_to_exit;
+    const WAIT: Duration = Duration::from_secs(60);
+    let s = Stack::new("pg-one-host")?;
+    let env = s.env();
+    let workers = [
+        WorkerProcess::spawn_with_host_defaults(&s.no_redis, &s.ns, &refs(&env))?,
+        WorkerProcess::spawn_with_host_defaults(&s.no_redis, &s.ns, &refs(&env))?,
+    ];
+    for w in &workers {
+        w.wait_log("worker ready", WAIT).with_context(|| w.log())?;
+    }
+    let beats = [
+        BeatProcess::spawn_with_host_defaults(&s.no_redis, &s.ns, "", &refs(&env))?,
+        BeatProcess::spawn_with_host_defaults(&s.no_redis, &s.ns, "", &refs(&env))?,
+    ];
+    for b in &beats {
+        b.wait_log("beat ready", WAIT).with_context(|| b.log())?;
+    }
+    let healthcheck = |bin: &str| -> Result<std::process::Command> {
+        let mut check = std::process::Command::new(taskstack_integration::bin(bin)?);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("TASKSTACK_")) {
+            check.env_remove(k);
+        }
+        check
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("TASKSTACK_NAMESPACE", &s.ns)
+            .arg("healthcheck");
+        Ok(check)
+    };
+    let out = wait_until("both workers alive", WAIT, || async {
+        let out = run_to_exit(healthcheck("taskstack-worker")?, WAIT)?;
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok((out.status.success() && said.matches("alive").count() == 2).then_some(said))
+    })
+    .await
+    .with_context(|| format!("{}\n{}", workers[0].log(), workers[1].log()))?;
+    assert_eq!(out.matches("alive").count(), 2, "{out}");
+    let said = wait_until("both beats healthy", WAIT, || async {
+        let out = run_to_exit(healthcheck("taskstack-beat")?, WAIT)?;
+        Ok(out
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+    })
+    .await
+    .with_context(|| format!("{}\n{}", beats[0].log(), beats[1].log()))?;
+    assert!(
+        said.contains("leader: ") && said.contains("standby "),
+        "the healthcheck covers both beats: {said}"
+    );
+    // Each worker serves its own metrics port (at least one fell back).
+    let fell_back = workers
+        .iter()
+        .filter(|w| w.log().contains("is taken"))
+        .count();
+    assert!(fell_back >= 1, "{}\n{}", workers[0].log(), workers[1].log());
+    assert_eq!(
+        s.psql("SELECT count(*) FROM taskstack_workers WHERE expires_at > now()")?,
+        "2"
+    );
+    Ok(())
+}
+
 /// Two beats on RabbitMQ and PostgreSQL: one leads; the leader SIGKILLed,
 /// the standby takes over once the lock's TTL passed; both answer their
 /// healthcheck from PostgreSQL. The proof is the queue itself: every
