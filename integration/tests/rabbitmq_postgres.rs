@@ -142,6 +142,15 @@ async fn workers_and_web_on_rabbitmq_and_postgresql_need_no_redis() -> Result<()
         json!({"task": "taskstack.add", "args": [1, 1], "countdown": 2}),
     )
     .await?;
+    // RabbitMQ's delay levels are shared by every queue: no per-queue
+    // count (null, not 0), the total as the list's `delayed.parked`.
+    let (_, q) = web.call("GET", "/api/v1/queues", None).await?;
+    let celery = q["queues"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == "celery"))
+        .with_context(|| format!("no queue celery: {q}"))?;
+    assert!(celery["delayed"].is_null(), "{q}");
+    assert!(q["delayed"]["parked"].is_u64(), "{q}");
     let (code, v) = web
         .call("DELETE", &format!("/api/v1/tasks/{later}"), None)
         .await?;

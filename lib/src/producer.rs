@@ -396,7 +396,7 @@ mod tests {
         };
         let later = p.send(&req("t.later", later)).await.expect("send");
         let c = counts(&*b).await;
-        assert_eq!((c.ready, c.delayed), (1, 1));
+        assert_eq!((c.ready, c.delayed), (1, Some(1)));
         for id in [now.expect("send"), later.clone()] {
             let r = p
                 .result(&id)
@@ -452,7 +452,7 @@ mod tests {
         let c = counts(&*b).await;
         assert_eq!(
             (c.ready, c.delayed),
-            (0, 0),
+            (0, Some(0)),
             "nothing of a refused batch is sent"
         );
     }

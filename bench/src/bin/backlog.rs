@@ -370,7 +370,10 @@ async fn queue_stats(lane: &mut taskstack::broker::Lane, keys: &Keys, when: &str
     let c = counts.first().copied().unwrap_or_default();
     println!(
         "  queue stats {when}: queue_counts {counts_ms:.2} ms (ready {}, delayed {}, in flight {}), delayed_span {span_ms:.2} ms ({} parked)",
-        c.ready, c.delayed, c.in_flight, span.parked
+        c.ready,
+        c.delayed.unwrap_or_default(),
+        c.in_flight,
+        span.parked
     );
     Ok(())
 }

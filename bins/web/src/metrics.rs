@@ -25,7 +25,9 @@ pub const HTTP_REQUESTS: &str = "taskstack_web_http_requests";
 pub const HTTP_DURATION: &str = "taskstack_web_http_request_duration_seconds";
 /// Counter (`_total` appended), label `task`.
 pub const TASKS_ENQUEUED: &str = "taskstack_web_tasks_enqueued";
-/// Gauge, labels `queue`, `state` (`ready`, `delayed`, `in_flight`, `dead_lettered`).
+/// Gauge, labels `queue`, `state` (`ready`, `delayed`, `in_flight`,
+/// `dead_lettered`; no `delayed` with a RabbitMQ broker, which cannot count
+/// it by queue).
 pub const QUEUE_MESSAGES: &str = "taskstack_queue_messages";
 /// Gauge, label `queue`: how long the oldest ready message has waited
 /// (absent while that message does not say, e.g. one sent by Python Celery).
@@ -203,12 +205,17 @@ impl Metrics {
         let up = match read.await {
             Ok((queues, leader)) => {
                 for q in queues {
+                    // No `delayed` series where the broker cannot count
+                    // it by queue (RabbitMQ).
                     for (name, v) in [
-                        ("ready", q.ready),
+                        ("ready", Some(q.ready)),
                         ("delayed", q.delayed),
-                        ("in_flight", q.in_flight),
-                        ("dead_lettered", q.dead_lettered),
-                    ] {
+                        ("in_flight", Some(q.in_flight)),
+                        ("dead_lettered", Some(q.dead_lettered)),
+                    ]
+                    .into_iter()
+                    .filter_map(|(name, v)| Some((name, v?)))
+                    {
                         self.queue_messages
                             .get_or_create(&QueueStateLabels {
                                 queue: q.name.clone(),

@@ -10,8 +10,10 @@ use serde::Serialize;
 pub struct QueueCounts {
     /// Waiting in the queue's lists (every priority bucket).
     pub ready: u64,
-    /// Parked until due (ETA, countdown, retry backoff).
-    pub delayed: u64,
+    /// Parked until due (ETA, countdown, retry backoff); `None` where the
+    /// broker cannot tell by queue (RabbitMQ's delay levels are shared by
+    /// every queue: their total is [`DelayedSpan::parked`]).
+    pub delayed: Option<u64>,
     /// Taken by workers and not yet settled.
     pub in_flight: u64,
     /// In the queue's dead-letter list.
@@ -81,7 +83,7 @@ pub async fn queue_counts_read(
         .into_iter()
         .map(|(ready, delayed, in_flight, dead, oldest)| QueueCounts {
             ready: n(ready),
-            delayed: n(delayed),
+            delayed: Some(n(delayed)),
             in_flight: n(in_flight),
             dead_lettered: n(dead),
             oldest_ready_age: u64::try_from(oldest)

@@ -447,9 +447,10 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
             let each: Vec<String> = counts
                 .iter()
                 .map(|(q, c)| {
+                    let delayed = c.delayed.map_or("?".to_owned(), |d| d.to_string());
                     format!(
-                        "{q}: {} ready, {} delayed, {} in flight, {} dead-lettered",
-                        c.ready, c.delayed, c.in_flight, c.dead_lettered
+                        "{q}: {} ready, {delayed} delayed, {} in flight, {} dead-lettered",
+                        c.ready, c.in_flight, c.dead_lettered
                     )
                 })
                 .collect();

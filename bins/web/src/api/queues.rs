@@ -16,8 +16,10 @@ pub struct QueueView {
     pub name: String,
     /// Waiting to be taken (all priorities).
     pub ready: u64,
-    /// Parked until due (ETA, countdown, retry backoff).
-    pub delayed: u64,
+    /// Parked until due (ETA, countdown, retry backoff); null with a
+    /// RabbitMQ broker, whose delay levels are shared by every queue (their
+    /// total is `delayed.parked` of the list).
+    pub delayed: Option<u64>,
     /// Taken by workers, not yet finished.
     pub in_flight: u64,
     /// In the queue's dead-letter list.

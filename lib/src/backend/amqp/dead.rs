@@ -4,11 +4,15 @@
 //! them through the same routes); requeueing publishes the original
 //! message back to its RabbitMQ queue with a confirm.
 //!
-//! Requeue order: the records are first removed from their list (atomically,
-//! so two operators never requeue one twice), then published; a publish
-//! that fails puts the records back. A process killed between the removal
-//! and the confirm loses those records' requeue (the records are gone and
-//! the messages were not confirmed); the window is one publish round trip.
+//! Requeue order: the chosen messages are first published (every one
+//! confirmed by RabbitMQ), then their records removed (each at most once,
+//! atomically). Nothing is lost: a failed publish leaves every record in
+//! place, and a process killed between the confirm and the removal leaves
+//! records whose messages are already back in their queue, so requeueing
+//! them again sends a second copy. Two requests requeueing the same record
+//! at the same moment both publish it and only one removes it (the other
+//! logs it); the copy that arrives after the first one's task finished is
+//! acknowledged without running. At least once, as everywhere on RabbitMQ.
 
 use super::AmqpSession;
 use crate::backend::traits::{BackendError, DeadLetters};
@@ -68,21 +72,28 @@ impl DeadLetters for AmqpSession {
             .filter(|p| p.record.payload_base64.is_none() && !p.record.payload.is_empty())
             .cloned()
             .collect();
+        let msgs: Vec<(&str, &[u8], Option<i64>)> = requeueable
+            .iter()
+            .map(|p| {
+                (
+                    p.record.queue_key.as_str(),
+                    p.record.payload.as_bytes(),
+                    None,
+                )
+            })
+            .collect();
+        self.b.publish(&msgs).await?;
         let claimed = self
             .side
             .dead_claim(self.usage, queue, &requeueable)
             .await?;
-        let msgs: Vec<(&str, &[u8], Option<i64>)> = claimed
-            .iter()
-            .map(|r| (r.queue_key.as_str(), r.payload.as_bytes(), None))
-            .collect();
-        if let Err(e) = self.b.publish(&msgs).await {
-            for r in claimed.iter().rev() {
-                if let Err(back) = self.side.store_dead(r).await {
-                    tracing::error!(queue, task_id = ?r.task_id, error = %back, "cannot restore a dead letter whose requeue failed");
-                }
-            }
-            return Err(e);
+        if claimed.len() < requeueable.len() {
+            tracing::warn!(
+                queue,
+                published = requeueable.len(),
+                removed = claimed.len(),
+                "dead letters requeued by another request at the same time: their messages were sent twice"
+            );
         }
         Ok(claimed)
     }

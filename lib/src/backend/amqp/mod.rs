@@ -432,8 +432,8 @@ impl Inspect for AmqpSession {
     /// delivered); `in_flight` what live workers hold of it, as of their
     /// last heartbeats (every third of a lease; see `held`);
     /// `dead_lettered` the stored records. `delayed` is not counted per
-    /// queue (0): the delay levels are shared by every queue, and their
-    /// total is in [`Inspect::delayed_span`].
+    /// queue (`None`): the delay levels are shared by every queue, and
+    /// their total is in [`Inspect::delayed_span`].
     async fn queue_counts(&mut self, queues: &[String]) -> Result<Vec<QueueCounts>, BackendError> {
         let Self { b, side, usage, .. } = self;
         // RabbitMQ's counts and the records' are asked for at once.
@@ -452,7 +452,7 @@ impl Inspect for AmqpSession {
             .zip(held)
             .map(|((ready, dead_lettered), in_flight)| QueueCounts {
                 ready,
-                delayed: 0,
+                delayed: None,
                 in_flight,
                 dead_lettered,
                 oldest_ready_age: None,

@@ -528,7 +528,7 @@ pub(crate) async fn delayed_messages_move_when_due_and_not_before(h: &dyn Harnes
     let counts = counts_of(&*b, &q).await;
     assert_eq!(
         (counts[0].ready, counts[0].delayed, counts[0].in_flight),
-        (1, 2, 0)
+        (1, Some(2), 0)
     );
     let mut inspect = b.inspect(Use::Request);
     let span = inspect.delayed_span().await.expect("span");

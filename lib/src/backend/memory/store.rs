@@ -273,11 +273,12 @@ impl Inspect for MemorySession {
                 };
             }
             c.oldest_ready_age = oldest.map(|o| Duration::from_millis(o.unsigned_abs()));
-            c.delayed = st
-                .delayed
-                .values()
-                .filter(|p| queue_of_key(&p.queue_key) == q)
-                .count() as u64;
+            c.delayed = Some(
+                st.delayed
+                    .values()
+                    .filter(|p| queue_of_key(&p.queue_key) == q)
+                    .count() as u64,
+            );
             c.in_flight = st
                 .holds
                 .values()
