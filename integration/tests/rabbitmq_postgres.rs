@@ -123,6 +123,34 @@ async fn workers_and_web_on_rabbitmq_and_postgresql_need_no_redis() -> Result<()
         assert_eq!(health["checks"][store]["ok"], true, "{health}");
     }
     assert!(health["checks"].get("redis").is_none(), "{health}");
+    // RabbitMQ's consumer count per queue: one per worker, in the API and
+    // as a metric.
+    wait_until(
+        "two consumers on celery",
+        Duration::from_secs(30),
+        || async {
+            let (_, q) = web.call("GET", "/api/v1/queues", None).await?;
+            let celery = q["queues"]
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["name"] == "celery"))
+                .cloned()
+                .unwrap_or_default();
+            Ok((celery["consumers"] == 2).then_some(()))
+        },
+    )
+    .await
+    .with_context(logs)?;
+    let (code, metrics) =
+        taskstack_integration::http::request_text(&web.addr, "GET", "/metrics", None, None).await?;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains(r#"taskstack_queue_consumers{queue="celery"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"state="delayed""#),
+        "no per-queue delayed count on RabbitMQ: {metrics}"
+    );
 
     let id = post(&web, json!({"task": "taskstack.add", "args": [40, 2]})).await?;
     let done = web.wait_state(&id, "SUCCESS").await.with_context(logs)?;

@@ -34,6 +34,9 @@ pub const QUEUE_MESSAGES: &str = "taskstack_queue_messages";
 pub const QUEUE_OLDEST_AGE: &str = "taskstack_queue_oldest_ready_age_seconds";
 /// Gauge, label `queue`: live workers consuming it.
 pub const WORKERS_LIVE: &str = "taskstack_workers_live";
+/// Gauge, label `queue`: consumers the broker counts on it (RabbitMQ
+/// only; absent on Redis, which has none to count).
+pub const QUEUE_CONSUMERS: &str = "taskstack_queue_consumers";
 /// Gauge: 1 when Redis answered the scrape's reads, else 0.
 pub const REDIS_UP: &str = "taskstack_redis_up";
 /// Gauge: 1 while some beat instance holds the leader lock.
@@ -85,6 +88,7 @@ pub struct Metrics {
     queue_messages: Family<QueueStateLabels, Gauge>,
     oldest_age: Family<QueueLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     workers_live: Family<QueueLabels, Gauge>,
+    consumers: Family<QueueLabels, Gauge>,
     redis_up: Gauge,
     beat_leader: Gauge,
     /// One scrape at a time: a scrape resets and refills the gauges.
@@ -106,6 +110,7 @@ impl Metrics {
         let queue_messages = Family::<QueueStateLabels, Gauge>::default();
         let oldest_age = Family::<QueueLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let workers_live = Family::<QueueLabels, Gauge>::default();
+        let consumers = Family::<QueueLabels, Gauge>::default();
         let redis_up = Gauge::default();
         let beat_leader = Gauge::default();
         registry.register(
@@ -139,6 +144,11 @@ impl Metrics {
             workers_live.clone(),
         );
         registry.register(
+            QUEUE_CONSUMERS,
+            "Consumers the broker counts on each queue (RabbitMQ)",
+            consumers.clone(),
+        );
+        registry.register(
             REDIS_UP,
             "1 when Redis answered this scrape's reads",
             redis_up.clone(),
@@ -156,6 +166,7 @@ impl Metrics {
             queue_messages,
             oldest_age,
             workers_live,
+            consumers,
             redis_up,
             beat_leader,
             scrape: tokio::sync::Mutex::new(()),
@@ -197,6 +208,7 @@ impl Metrics {
         self.queue_messages.clear();
         self.oldest_age.clear();
         self.workers_live.clear();
+        self.consumers.clear();
         let read = async {
             let queues = crate::api::queues::queue_views(state).await?;
             let leader = state.beat_leader().await?;
@@ -229,6 +241,13 @@ impl Metrics {
                                 queue: q.name.clone(),
                             })
                             .set(age);
+                    }
+                    if let Some(n) = q.consumers {
+                        self.consumers
+                            .get_or_create(&QueueLabels {
+                                queue: q.name.clone(),
+                            })
+                            .set(gauge(n));
                     }
                     self.workers_live
                         .get_or_create(&QueueLabels { queue: q.name })

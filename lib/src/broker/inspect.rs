@@ -22,6 +22,10 @@ pub struct QueueCounts {
     /// ready); `None` when that message does not say when it became ready
     /// (one sent by Python Celery).
     pub oldest_ready_age: Option<std::time::Duration>,
+    /// Consumers the broker counts on the queue (RabbitMQ: one per
+    /// consuming channel, so one per worker serving it); `None` where the
+    /// broker has no consumers to count (Redis: see the live workers).
+    pub consumers: Option<u64>,
 }
 
 /// Counts for each of `queues`, in order, as one consistent snapshot.
@@ -89,6 +93,7 @@ pub async fn queue_counts_read(
             oldest_ready_age: u64::try_from(oldest)
                 .ok()
                 .map(std::time::Duration::from_millis),
+            consumers: None,
         })
         .collect();
     Ok((counts, n(read_one_by_one)))

@@ -30,6 +30,10 @@ pub struct QueueView {
     /// none is ready; null when that message does not say, e.g. one sent
     /// by Python Celery).
     pub oldest_ready_age_seconds: Option<f64>,
+    /// Consumers RabbitMQ counts on the queue (one per worker serving
+    /// it); absent on Redis, which has no consumers to count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -89,6 +93,7 @@ pub async fn queue_views(state: &AppState) -> Result<Vec<QueueView>, BackendErro
             in_flight: c.in_flight,
             dead_lettered: c.dead_lettered,
             oldest_ready_age_seconds: c.oldest_ready_age.map(|d| d.as_secs_f64()),
+            consumers: c.consumers,
         })
         .collect())
 }

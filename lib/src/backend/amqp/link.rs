@@ -229,10 +229,13 @@ impl Link {
         }
     }
 
-    /// The messages waiting in each named queue (0 for one that does not
-    /// exist), on a channel of their own (a passive declaration of a
+    /// The messages waiting in each named queue and its consumers (0 and 0
+    /// for one that does not exist), on a channel of their own (a passive declaration of a
     /// missing queue closes its channel).
-    pub(crate) async fn message_counts(&self, queues: &[String]) -> Result<Vec<u64>, AmqpError> {
+    pub(crate) async fn message_counts(
+        &self,
+        queues: &[String],
+    ) -> Result<Vec<(u64, u64)>, AmqpError> {
         let op = "count messages";
         let mut slot = self.live.lock().await;
         let live = self.live(&mut slot).await?;
@@ -270,8 +273,11 @@ impl Link {
                 })
                 .await?;
             counts.push(match got {
-                Ok(queue) => u64::from(queue.message_count()),
-                Err(e) if AmqpError::is_not_found(&e) => 0,
+                Ok(queue) => (
+                    u64::from(queue.message_count()),
+                    u64::from(queue.consumer_count()),
+                ),
+                Err(e) if AmqpError::is_not_found(&e) => (0, 0),
                 Err(e) => return Err(AmqpError::of(op, &e)),
             });
         }

@@ -431,9 +431,10 @@ impl Inspect for AmqpSession {
     /// `ready` is the queue's message count on RabbitMQ (what it has not
     /// delivered); `in_flight` what live workers hold of it, as of their
     /// last heartbeats (every third of a lease; see `held`);
-    /// `dead_lettered` the stored records. `delayed` is not counted per
-    /// queue (`None`): the delay levels are shared by every queue, and
-    /// their total is in [`Inspect::delayed_span`].
+    /// `dead_lettered` the stored records; `consumers` RabbitMQ's count.
+    /// `delayed` is not counted per queue (`None`): the delay levels are
+    /// shared by every queue, and their total is in
+    /// [`Inspect::delayed_span`].
     async fn queue_counts(&mut self, queues: &[String]) -> Result<Vec<QueueCounts>, BackendError> {
         let Self { b, side, usage, .. } = self;
         // RabbitMQ's counts and the records' are asked for at once.
@@ -450,13 +451,16 @@ impl Inspect for AmqpSession {
             .into_iter()
             .zip(dead)
             .zip(held)
-            .map(|((ready, dead_lettered), in_flight)| QueueCounts {
-                ready,
-                delayed: None,
-                in_flight,
-                dead_lettered,
-                oldest_ready_age: None,
-            })
+            .map(
+                |(((ready, consumers), dead_lettered), in_flight)| QueueCounts {
+                    ready,
+                    delayed: None,
+                    in_flight,
+                    dead_lettered,
+                    oldest_ready_age: None,
+                    consumers: Some(consumers),
+                },
+            )
             .collect())
     }
 
@@ -473,7 +477,7 @@ impl Inspect for AmqpSession {
             .collect();
         let counts = self.b.link.message_counts(&levels).await?;
         Ok(DelayedSpan {
-            parked: counts.iter().sum(),
+            parked: counts.iter().map(|(messages, _)| messages).sum(),
             first_due_ms: None,
             last_due_ms: None,
         })
