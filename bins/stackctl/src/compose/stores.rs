@@ -74,15 +74,20 @@ fn keeps_nothing_on_redis(svc: &Service) -> bool {
     amqp && postgres
 }
 
+/// A taskstack service: web, worker or beat by its command, or any service
+/// given a broker URL (e.g. the `app` profile's services).
+fn is_taskstack(svc: &Service) -> bool {
+    matches!(Role::of(svc), Role::Web | Role::Worker | Role::Beat)
+        || svc.environment.contains_key("TASKSTACK_BROKER_URL")
+}
+
 /// Removes the Redis services (and every `depends_on` naming them) when
-/// there are taskstack services (web, worker, beat) and none of them keeps
-/// anything on Redis. Returns the removed services with the reason, for
-/// `up` to tell the user.
+/// there are taskstack services and none of them keeps anything on Redis,
+/// and no other service depends on Redis (the `ha` profile's replica and
+/// sentinels do: then it stays). Returns the removed services with the
+/// reason, for `up` to tell the user.
 pub fn skip_unused_redis(services: &mut BTreeMap<String, Service>) -> BTreeMap<String, String> {
-    let app: Vec<&Service> = services
-        .values()
-        .filter(|s| matches!(Role::of(s), Role::Web | Role::Worker | Role::Beat))
-        .collect();
+    let app: Vec<&Service> = services.values().filter(|s| is_taskstack(s)).collect();
     if app.is_empty() || !app.iter().all(|s| keeps_nothing_on_redis(s)) {
         return BTreeMap::new();
     }
@@ -91,6 +96,12 @@ pub fn skip_unused_redis(services: &mut BTreeMap<String, Service>) -> BTreeMap<S
         .filter(|s| Role::of(s) == Role::Redis)
         .map(|s| s.name.clone())
         .collect();
+    let needed = services
+        .values()
+        .any(|s| !is_taskstack(s) && unused.iter().any(|r| s.depends_on.contains_key(r)));
+    if needed {
+        return BTreeMap::new();
+    }
     let mut skipped = BTreeMap::new();
     for name in unused {
         services.remove(&name);

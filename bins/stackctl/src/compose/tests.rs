@@ -446,6 +446,18 @@ fn with_rabbitmq_and_postgres_redis_is_not_started() {
     // Without the profiles nothing is skipped.
     let p = load(&the_file(), &env(&[]), None).expect("loads");
     assert!(p.services.contains_key("redis") && p.skipped.is_empty());
+    // With the `ha` profile too, its replica and sentinels need Redis.
+    let mut vars = env(&[
+        ("COMPOSE_PROFILES", "rabbitmq,postgres,ha"),
+        ("BROKER_URL", "amqp://taskstack@rabbitmq:5672/%2F"),
+        (
+            "RESULT_BACKEND",
+            "postgresql://taskstack@postgres:5432/taskstack",
+        ),
+    ]);
+    crate::ha::profile_env(&mut vars, &the_file());
+    let p = load(&the_file(), &vars, None).expect("loads");
+    assert!(p.services.contains_key("redis") && p.skipped.is_empty());
 }
 
 #[test]

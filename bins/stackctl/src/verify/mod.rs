@@ -273,8 +273,8 @@ pub async fn verify<E: Engine>(
         workers: workers_per_queue(project, &services),
     };
     let records = match backend {
-        Some(b) => store::Records::Backend(b),
-        None => store::Records::Redis(&broker),
+        Some(b) => store::Records(b),
+        None => store::Records::on_redis(&broker),
     };
     let beat_lock = records.beat_lock().await;
     let workers = records.workers().await;

@@ -1,24 +1,24 @@
 //! What the stores hold, read through the library the services use: a
 //! `Broker` from the service's own configuration (see [`super::config`]),
 //! with the Redis service's name in the URL replaced by where this host
-//! reaches its container; the live workers from the leases
-//! (`taskstack::broker::live_workers`, as `/health`), the beat lock read
-//! with the beat's own parser, the queues' counts (`queue_counts`). A
+//! reaches its container; the live workers, the beat lock (read with the
+//! beat's own parser) and the queues' counts through the library's
+//! backend over that broker, as `/health` reads them ([`Records`]). A
 //! stack that keeps nothing on Redis (RabbitMQ and PostgreSQL) is read
-//! through the backend the services open ([`Records::Backend`]).
+//! through the backend the services open ([`open_backend`]).
 
 use super::checks::{LockFacts, LockHolder, Probe, WorkerRecord};
 use crate::compose::Project;
 use crate::engine::{ContainerInfo, Engine};
 use std::sync::Arc;
 use std::time::Duration;
-use taskstack::backend::{Backend, LockLease, Use};
-use taskstack::broker::{Broker, QueueCounts, RedisPool, live_workers, queue_counts};
+use taskstack::backend::{Backend, RedisBackend, Use};
+use taskstack::broker::{Broker, QueueCounts, RedisPool};
 use taskstack::config::Config;
 use taskstack::proto::keys::result_key;
 use taskstack::secret::SecretUrl;
 
-/// Every Redis read is bounded by this (an unreachable address must not
+/// Every store read is bounded by this (an unreachable address must not
 /// hang `verify`).
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -110,58 +110,43 @@ fn usable<'a>(broker: &'a Probe<Broker>, what: &str) -> Probe<&'a Broker> {
 async fn bounded<T>(what: &str, f: impl Future<Output = Probe<T>>) -> Probe<T> {
     tokio::time::timeout(DEADLINE, f)
         .await
-        .map_err(|_| format!("{what}: no answer from Redis within {DEADLINE:?}"))?
+        .map_err(|_| format!("{what}: no answer from the store within {DEADLINE:?}"))?
 }
 
 /// Where verify reads the workers' records, the beat lock and the queues'
-/// counts: Redis, through the library's broker (what `/health` reads), or,
-/// in a stack that keeps nothing on Redis (RabbitMQ broker, PostgreSQL
-/// results), the backend the services open ([`open_backend`]).
-pub enum Records<'a> {
-    Redis(&'a Probe<Broker>),
-    Backend(Probe<Arc<dyn Backend>>),
-}
+/// counts: the library's backend, as the services and `/health` read them
+/// (on Redis the broker's, see [`on_redis`]; in a stack that keeps nothing
+/// on Redis, the one [`open_backend`] opens).
+pub struct Records(pub Probe<Arc<dyn Backend>>);
 
-impl Records<'_> {
+impl Records {
+    /// A Redis backend over `broker`.
+    pub fn on_redis(broker: &Probe<Broker>) -> Self {
+        Self(
+            broker
+                .clone()
+                .map(|b| Arc::new(RedisBackend::new(b)) as Arc<dyn Backend>),
+        )
+    }
+
+    fn backend(&self, what: &str) -> Probe<&dyn Backend> {
+        self.0
+            .as_ref()
+            .map(|b| b.as_ref())
+            .map_err(|e| format!("{what}: {e}"))
+    }
+
     /// The beat lock: who holds it (the beat's own parser) and its PTTL.
     pub async fn beat_lock(&self) -> Probe<Option<LockFacts>> {
-        let lease = match self {
-            Records::Redis(broker) => {
-                let broker = usable(broker, "beat lock")?;
-                bounded("beat lock", async {
-                    let key = broker.keys().beat_lock();
-                    let mut conn = broker
-                        .broker_pool()
-                        .get("read beat lock")
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let (raw, pttl): (Option<String>, i64) = redis::pipe()
-                        .cmd("GET")
-                        .arg(&key)
-                        .cmd("PTTL")
-                        .arg(&key)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(|e| format!("GET {key}: {e}"))?;
-                    Ok(raw.map(|value| LockLease {
-                        value,
-                        remaining_ms: (pttl != -1).then_some(pttl),
-                    }))
-                })
-                .await?
-            }
-            Records::Backend(backend) => {
-                let backend = backend.as_ref().map_err(|e| format!("beat lock: {e}"))?;
-                bounded("beat lock", async {
-                    backend
-                        .leader_lock(Use::Request)
-                        .lease()
-                        .await
-                        .map_err(|e| format!("read beat lock: {e}"))
-                })
-                .await?
-            }
-        };
+        let backend = self.backend("beat lock")?;
+        let lease = bounded("beat lock", async {
+            backend
+                .leader_lock(Use::Request)
+                .lease()
+                .await
+                .map_err(|e| format!("read beat lock: {e}"))
+        })
+        .await?;
         Ok(lease.map(|l| LockFacts {
             holder: taskstack::beat::lock::LockHolder::parse(&l.value).map(|h| LockHolder {
                 id: h.id,
@@ -176,29 +161,15 @@ impl Records<'_> {
 
     /// The live workers, exactly as `/health` reads them.
     pub async fn workers(&self) -> Probe<Vec<WorkerRecord>> {
-        let live = match self {
-            Records::Redis(broker) => {
-                let broker = usable(broker, "live workers")?;
-                bounded("live workers", async {
-                    let mut lane = broker.broker_pool().shared_lane();
-                    live_workers(&mut lane, broker.keys())
-                        .await
-                        .map_err(|e| e.to_string())
-                })
-                .await?
-            }
-            Records::Backend(backend) => {
-                let backend = backend.as_ref().map_err(|e| format!("live workers: {e}"))?;
-                bounded("live workers", async {
-                    backend
-                        .inspect(Use::Request)
-                        .live_workers()
-                        .await
-                        .map_err(|e| e.to_string())
-                })
-                .await?
-            }
-        };
+        let backend = self.backend("live workers")?;
+        let live = bounded("live workers", async {
+            backend
+                .inspect(Use::Request)
+                .live_workers()
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await?;
         Ok(live
             .into_iter()
             .map(|w| WorkerRecord {
@@ -212,29 +183,15 @@ impl Records<'_> {
 
     /// Each queue's messages (ready, delayed, in flight, dead-lettered).
     pub async fn queues(&self, queues: &[String]) -> Probe<Vec<(String, QueueCounts)>> {
-        let counts = match self {
-            Records::Redis(broker) => {
-                let broker = usable(broker, "queue counts")?;
-                bounded("queue counts", async {
-                    let mut lane = broker.broker_pool().shared_lane();
-                    queue_counts(&mut lane, broker.keys(), queues)
-                        .await
-                        .map_err(|e| e.to_string())
-                })
-                .await?
-            }
-            Records::Backend(backend) => {
-                let backend = backend.as_ref().map_err(|e| format!("queue counts: {e}"))?;
-                bounded("queue counts", async {
-                    backend
-                        .inspect(Use::Request)
-                        .queue_counts(queues)
-                        .await
-                        .map_err(|e| e.to_string())
-                })
-                .await?
-            }
-        };
+        let backend = self.backend("queue counts")?;
+        let counts = bounded("queue counts", async {
+            backend
+                .inspect(Use::Request)
+                .queue_counts(queues)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await?;
         Ok(queues.iter().cloned().zip(counts).collect())
     }
 }
