@@ -80,6 +80,13 @@ impl Stack {
             .to_owned())
     }
 
+    /// Results rows that are SUCCESS.
+    fn successes(&self) -> Result<usize> {
+        Ok(self
+            .psql("SELECT count(*) FROM taskstack_results WHERE state = 'SUCCESS'")?
+            .parse()?)
+    }
+
     /// `(ready, unacknowledged)` over every queue of the vhost.
     fn rabbit_counts(&self) -> (u64, u64) {
         rabbit::shared()
@@ -276,19 +283,16 @@ async fn postgresql_restarted_under_load_loses_no_task_from_rabbitmq() -> Result
     for chunk in reqs.chunks(500) {
         producer.send_many(chunk).await?;
     }
-    let done = |s: &Stack| -> Result<usize> {
-        Ok(
-            s.psql("SELECT count(*) FROM taskstack_results WHERE state = 'SUCCESS'")?
-                .parse()?,
-        )
-    };
     wait_until("some results", Duration::from_secs(60), || async {
-        Ok((done(&s)? >= 100).then_some(()))
+        Ok((s.successes()? >= 100).then_some(()))
     })
     .await
     .with_context(|| format!("w1:\n{}\nw2:\n{}", w1.log(), w2.log()))?;
     s.pg.stop();
-    ensure!(done(&s).is_err(), "psql answered with the server stopped");
+    ensure!(
+        s.successes().is_err(),
+        "psql answered with the server stopped"
+    );
     wait_until_sync("a worker to retry", Duration::from_secs(30), || {
         (w1.log().contains("failed; retrying") || w2.log().contains("failed; retrying"))
             .then_some(())
@@ -298,7 +302,7 @@ async fn postgresql_restarted_under_load_loses_no_task_from_rabbitmq() -> Result
     wait_until(
         "every task to be SUCCESS",
         Duration::from_secs(180),
-        || async { Ok((done(&s)? == N).then_some(())) },
+        || async { Ok((s.successes()? == N).then_some(())) },
     )
     .await
     .with_context(|| format!("w1:\n{}\nw2:\n{}", w1.log(), w2.log()))?;
@@ -341,15 +345,9 @@ async fn a_python_celery_clients_tasks_survive_a_killed_worker_with_postgresql_r
     let n = N.to_string();
     let args = [s.amqp.as_str(), n.as_str(), "0.02", ids_arg.as_str()];
     let client = run_client(&python, "send_sleeps.py", &args, || survivor.log());
-    let successes = |s: &Stack| -> Result<usize> {
-        Ok(
-            s.psql("SELECT count(*) FROM taskstack_results WHERE state = 'SUCCESS'")?
-                .parse()?,
-        )
-    };
     let kill = async {
         wait_until("50 results", Duration::from_secs(120), || async {
-            Ok((successes(&s)? >= 50).then_some(()))
+            Ok((s.successes()? >= 50).then_some(()))
         })
         .await?;
         doomed.kill()?;
@@ -364,7 +362,7 @@ async fn a_python_celery_clients_tasks_survive_a_killed_worker_with_postgresql_r
         .collect();
     assert_eq!(ids.len(), N);
     wait_until("every task SUCCESS", Duration::from_secs(120), || async {
-        Ok((successes(&s)? == N).then_some(()))
+        Ok((s.successes()? == N).then_some(()))
     })
     .await
     .with_context(|| survivor.log())?;
