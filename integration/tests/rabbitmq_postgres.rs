@@ -450,6 +450,81 @@ async fn several_workers_and_beats_share_a_host_with_default_settings() -> Resul
     Ok(())
 }
 
+/// Dead letters on RabbitMQ with PostgreSQL records through the web API: a
+/// task no worker knows is dead-lettered (its row FAILURE `NotRegistered`),
+/// listed, requeued (the row PENDING again, the message back on RabbitMQ,
+/// taken and dead-lettered again since it is still unknown: a new record),
+/// then discarded; nothing is left in RabbitMQ or in the dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_requeued_and_discarded_through_the_web_api() -> Result<()> {
+    let s = Stack::new("pg-dead")?;
+    let env = s.env();
+    let w = s.worker()?;
+    let web = WebProcess::spawn(&s.no_redis, &s.ns, &refs(&env)).await?;
+    let logs = || format!("worker:\n{}\nweb:\n{}", w.log(), web.log());
+    let producer = Producer::on_backend(taskstack::open_backend(&s.config())?, "pg-dead");
+    let id = producer
+        .send(&TaskRequest {
+            name: "tests.nobody.knows".into(),
+            args: vec![json!(1)],
+            kwargs: serde_json::Map::new(),
+            options: SendOptions::default(),
+        })
+        .await?;
+    let row = |s: &Stack| -> Result<String> {
+        s.psql(&format!(
+            "SELECT state || '|' || coalesce(error->>'exc_type', '') FROM taskstack_results \
+             WHERE task_id = '{id}'"
+        ))
+    };
+    let first = wait_until("a dead letter", Duration::from_secs(60), || async {
+        let (_, v) = web.call("GET", "/api/v1/dead-letters/celery", None).await?;
+        Ok((v["total"] == 1).then_some(v))
+    })
+    .await
+    .with_context(logs)?;
+    let record = &first["dead_letters"][0];
+    assert_eq!(record["task_id"], json!(id), "{first}");
+    assert_eq!(row(&s)?, "FAILURE|NotRegistered");
+
+    let (code, v) = web
+        .call(
+            "POST",
+            "/api/v1/dead-letters/celery/requeue",
+            Some(&json!({"task_ids": [id]})),
+        )
+        .await?;
+    assert_eq!((code, v["count"].clone()), (200, json!(1)), "{v}");
+    // Taken again and, still unknown, dead-lettered again: a new record.
+    let again = wait_until(
+        "the second dead letter",
+        Duration::from_secs(60),
+        || async {
+            let (_, v) = web.call("GET", "/api/v1/dead-letters/celery", None).await?;
+            Ok((v["total"] == 1 && v["dead_letters"][0]["at"] != record["at"]).then_some(v))
+        },
+    )
+    .await
+    .with_context(logs)?;
+    assert_eq!(again["dead_letters"][0]["task_id"], json!(id), "{again}");
+    assert_eq!(row(&s)?, "FAILURE|NotRegistered");
+
+    let (code, v) = web
+        .call(
+            "POST",
+            "/api/v1/dead-letters/celery/discard",
+            Some(&json!({"oldest": 10})),
+        )
+        .await?;
+    assert_eq!((code, v["count"].clone()), (200, json!(1)), "{v}");
+    let (_, v) = web.call("GET", "/api/v1/dead-letters/celery", None).await?;
+    assert_eq!(v["total"], 0, "{v}");
+    wait_until_sync("RabbitMQ empty", Duration::from_secs(30), || {
+        (s.rabbit_counts() == (0, 0)).then_some(())
+    })?;
+    Ok(())
+}
+
 /// Two beats on RabbitMQ and PostgreSQL: one leads; the leader SIGKILLed,
 /// the standby takes over once the lock's TTL passed; both answer their
 /// healthcheck from PostgreSQL. The proof is the queue itself: every
