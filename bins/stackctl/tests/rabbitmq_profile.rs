@@ -317,5 +317,49 @@ async fn with_postgres_too_the_stack_runs_without_redis_and_verify_passes() -> R
         .and_then(|c| c["reason"].as_str())
         .unwrap_or_default();
     ensure!(workers.starts_with("2 worker(s) heartbeating"), "{workers}");
+
+    // Plain docker-compose starts the Redis service anyway: a running
+    // container labelled as it fails `redis.unused`, and only that.
+    let spec = stackctl::engine::ContainerSpec {
+        name: format!("{}_redis_1", up.project),
+        image: images()?.redis_image.context("no Redis image")?,
+        command: Some(
+            ["redis-server", "--save", "", "--appendonly", "no"]
+                .map(String::from)
+                .to_vec(),
+        ),
+        env: Vec::new(),
+        user: Some("999:1000".into()),
+        labels: [
+            ("com.docker.compose.project", up.project.as_str()),
+            ("com.docker.compose.service", "redis"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+        binds: Vec::new(),
+        volumes: Vec::new(),
+        tmpfs: Vec::new(),
+        networks: Vec::new(),
+        ports: Vec::new(),
+        healthcheck: None,
+        restart: None,
+        init: false,
+        read_only: false,
+        cap_drop: Vec::new(),
+        security_opt: Vec::new(),
+        logging: None,
+        stop_timeout: Some(1),
+    };
+    let id = engine.create_container(&spec).await?;
+    engine.start_container(&id).await?;
+    ensure!(engine.inspect_container(&id).await?.running, "{spec:?}");
+    let (passed, checks, text) = up.verify()?;
+    ensure!(!passed, "verify passed with an unused Redis: {text}");
+    let failed: Vec<&Value> = checks.iter().filter(|c| c["ok"] != true).collect();
+    ensure!(
+        failed.len() == 1 && failed[0]["id"] == "redis.unused",
+        "only redis.unused should fail: {failed:?}"
+    );
     up.down().await
 }

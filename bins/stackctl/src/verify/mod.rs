@@ -113,6 +113,16 @@ pub async fn verify<E: Engine>(
     let listed = engine
         .list_containers(&project_label(&project.name))
         .await?;
+    // A running container of a service the loader left out (Redis, when
+    // no service keeps anything on it): plain docker-compose starts it.
+    let skipped_running = listed
+        .iter()
+        .filter(|c| c.state == "running")
+        .find(|c| {
+            c.label(labels::SERVICE)
+                .is_some_and(|s| project.skipped.contains_key(s))
+        })
+        .map(|c| c.name.clone());
     let mut services = Vec::new();
     for (name, svc) in &project.services {
         let mut containers = Vec::new();
@@ -356,8 +366,9 @@ pub async fn verify<E: Engine>(
         redis: redis_facts,
         uses_redis,
         unused_redis: match (&redis_container, uses_redis) {
+            (_, true) => None,
             (Some(c), false) => Some(c.name.clone()),
-            _ => None,
+            (None, false) => skipped_running,
         },
         services,
         beat_lock,
