@@ -68,8 +68,7 @@ pub fn add_store_dependencies(services: &mut BTreeMap<String, Service>) {
 /// file, so it counts as using Redis).
 fn keeps_nothing_on_redis(svc: &Service) -> bool {
     let env = |k: &str| svc.environment.get(k).map(String::as_str);
-    let amqp = env("TASKSTACK_BROKER_URL")
-        .is_some_and(|u| u.starts_with("amqp://") || u.starts_with("amqps://"));
+    let amqp = env("TASKSTACK_BROKER_URL").is_some_and(taskstack::config::is_amqp_url);
     let postgres = env("TASKSTACK_RESULT_BACKEND").is_some_and(taskstack::config::is_postgres_url);
     amqp && postgres
 }
