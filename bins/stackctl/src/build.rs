@@ -71,8 +71,9 @@ pub enum Profile {
     /// glibc (`+crt-static`, still position-independent, its relative
     /// relocations packed as `DT_RELR`) for the host's target given
     /// explicitly, so build scripts and proc macros stay dynamic. The image
-    /// then needs no shared library at all. Output in
-    /// `<target dir>/<host triple>/image/`.
+    /// then needs no shared library at all. On x86_64 the multi-call
+    /// binary's functions are laid out in the order of [`SYMBOL_ORDER`].
+    /// Output in `<target dir>/<host triple>/image/`.
     Image,
     /// The workspace's `release` profile (`<target dir>/release/`).
     Release,
@@ -80,14 +81,14 @@ pub enum Profile {
     Debug,
 }
 
-/// The target triple `Profile::Image` compiles for (this host's, given
-/// explicitly so `+crt-static` leaves build scripts and proc macros
-/// alone), its directory under the target dir, and cargo's variable for
-/// that target's rustflags.
 /// The multi-call binary's function order for `Profile::Image`, relative
 /// to its package (made by `scripts/symbol-order`).
 pub const SYMBOL_ORDER: &str = "symbol-order.txt";
 
+/// The target triple `Profile::Image` compiles for (this host's, given
+/// explicitly so `+crt-static` leaves build scripts and proc macros
+/// alone), its directory under the target dir, and cargo's variable for
+/// that target's rustflags.
 #[cfg(not(target_arch = "aarch64"))]
 mod image_target {
     pub const TRIPLE: &str = "x86_64-unknown-linux-gnu";
