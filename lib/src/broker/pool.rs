@@ -100,12 +100,13 @@ enum Source {
     },
 }
 
-/// A pool of connections to one Redis server.
+/// A pool of connections to one Redis server. Cloning it is cheap (a few
+/// reference counts): every lane, and so every web request, takes a clone.
 #[derive(Clone)]
 pub struct RedisPool {
-    source: Source,
-    conn_cfg: redis::AsyncConnectionConfig,
-    target: RedisTarget,
+    source: Arc<Source>,
+    conn_cfg: Arc<redis::AsyncConnectionConfig>,
+    target: Arc<RedisTarget>,
     timeout: Duration,
     /// The shared multiplexed connection and the sentinel generation it was
     /// made in (0 without Sentinel), opened on first use and replaced after
@@ -159,9 +160,9 @@ impl RedisPool {
                 .build()
                 .map_err(|e| connect_err(e.to_string()))?;
             return Ok(Self {
-                source: Source::Sentinel { pool, discovery },
-                conn_cfg,
-                target: target.clone(),
+                source: Arc::new(Source::Sentinel { pool, discovery }),
+                conn_cfg: Arc::new(conn_cfg),
+                target: Arc::new(target.clone()),
                 timeout,
                 shared: Arc::default(),
                 min_replicas_acked: 0,
@@ -179,12 +180,12 @@ impl RedisPool {
             .map_err(|e| connect_err(e.to_string()))?;
         let client = redis::Client::open(target.url()).map_err(|e| connect_err(e.to_string()))?;
         Ok(Self {
-            source: Source::Direct {
+            source: Arc::new(Source::Direct {
                 pool,
                 client: Box::new(client),
-            },
-            conn_cfg,
-            target: target.clone(),
+            }),
+            conn_cfg: Arc::new(conn_cfg),
+            target: Arc::new(target.clone()),
             timeout,
             shared: Arc::default(),
             min_replicas_acked: 0,
@@ -220,7 +221,7 @@ impl RedisPool {
     /// A client for the server (with Sentinel: the master the sentinels
     /// name now) and the generation it belongs to.
     async fn client(&self) -> Result<(redis::Client, u64), String> {
-        match &self.source {
+        match self.source.as_ref() {
             Source::Direct { client, .. } => Ok((client.as_ref().clone(), 0)),
             Source::Sentinel { discovery, .. } => Box::pin(discovery.master()).await,
         }
@@ -228,7 +229,7 @@ impl RedisPool {
 
     /// The sentinel generation connections are made in now (0 without Sentinel).
     fn generation(&self) -> u64 {
-        match &self.source {
+        match self.source.as_ref() {
             Source::Direct { .. } => 0,
             Source::Sentinel { discovery, .. } => discovery.generation(),
         }
@@ -237,7 +238,7 @@ impl RedisPool {
     /// With Sentinel: a connection of generation `seen` failed in a way
     /// that may mean the master moved, so the next one asks the sentinels.
     fn forget(&self, seen: u64, why: &str) {
-        if let Source::Sentinel { discovery, .. } = &self.source {
+        if let Source::Sentinel { discovery, .. } = self.source.as_ref() {
             discovery.forget(seen, why);
         }
     }
@@ -258,7 +259,7 @@ impl RedisPool {
             target: self.target.redacted(),
             reason,
         };
-        match &self.source {
+        match self.source.as_ref() {
             Source::Direct { pool, .. } => pool
                 .get()
                 .await
@@ -452,7 +453,7 @@ impl Lane {
         r: redis::RedisResult<T>,
     ) -> Result<T, BrokerError> {
         r.map_err(|e| {
-            let sentinel = matches!(self.pool.source, Source::Sentinel { .. });
+            let sentinel = matches!(*self.pool.source, Source::Sentinel { .. });
             let moved = sentinel && master_may_have_moved(&e);
             if moved || !matches!(e.kind(), redis::ErrorKind::Server(_)) {
                 if moved {

@@ -1,8 +1,9 @@
 //! Building the Celery protocol v2 envelope a producer sends.
 //!
-//! The envelope is serialized straight from borrowed fields (no
-//! `serde_json::Value` tree, one allocation for the body and one for the
-//! message): a web batch builds a thousand of these per request.
+//! The envelope is written straight from borrowed fields (no
+//! `serde_json::Value` tree; allocations for the body, its base64 and the
+//! message, each sized up front): a web batch builds a thousand of these
+//! per request.
 
 use super::envelope::{CONTENT_TYPE_JSON, HEADER_MAX_RETRIES, HEADER_READY_AT, format_time};
 use base64::Engine as _;
@@ -63,59 +64,162 @@ impl Default for MessageSpec<'_> {
 /// Builds the envelope JSON exactly as Celery 5 writes it (its keys, in
 /// its order), so Python workers accept it. A key of `extra_headers`
 /// replaces the header of that name.
+///
+/// The envelope's layout is fixed, so its keys and constant values are
+/// written as they are and only the values a caller chose go through
+/// serde_json (which escapes them): on the web API's enqueue path, a
+/// serde-derived envelope with every key escaped was the largest cost of
+/// a request after the kernel's.
 pub fn encode(spec: &MessageSpec<'_>) -> String {
     let now = Utc::now();
-    let body = serde_json::to_vec(&(spec.args, spec.kwargs, Embed(spec.embed)))
-        .expect("JSON values always serialize");
-    let envelope = Envelope {
-        body: B64.encode(body),
-        content_encoding: "utf-8",
-        content_type: CONTENT_TYPE_JSON,
-        headers: Headers {
-            spec,
-            ready_at_ms: spec.eta.map_or(now, |eta| eta.max(now)).timestamp_millis(),
-        },
-        properties: Properties {
-            correlation_id: spec.id,
-            reply_to: uuid::Uuid::new_v4(),
-            delivery_mode: 2,
-            delivery_info: DeliveryInfo {
-                exchange: "",
-                routing_key: spec.queue,
-            },
-            priority: spec.priority.unwrap_or(0).min(9),
-            body_encoding: "base64",
-            delivery_tag: uuid::Uuid::new_v4(),
-            expiration: spec
-                .expires
-                .map(|exp| (exp - now).num_milliseconds().max(0).to_string()),
-        },
-    };
-    serde_json::to_string(&envelope).expect("the envelope always serializes")
+    // The body, `[args, kwargs, embed]`, remembering where the args and
+    // kwargs lie: the `argsrepr` and `kwargsrepr` headers are those texts.
+    let mut body = Vec::with_capacity(BODY_CAPACITY);
+    body.push(b'[');
+    let args = write_value(&mut body, spec.args);
+    body.push(b',');
+    let kwargs = write_value(&mut body, spec.kwargs);
+    body.push(b',');
+    write_value(&mut body, &Embed(spec.embed));
+    body.push(b']');
+    // Room for the fixed part, the base64 body and the two reprs (about the
+    // body's length again), so the text is written without regrowing.
+    let capacity = ENVELOPE_FIXED
+        + body.len() * 3
+        + 3 * spec.id.len()
+        + spec.task.len()
+        + spec.queue.len()
+        + spec.origin.len();
+    let mut out = Vec::with_capacity(capacity);
+    let mut envelope = Object::open(&mut out);
+    envelope.text("body", &B64.encode(&body));
+    envelope.text("content-encoding", "utf-8");
+    envelope.text("content-type", CONTENT_TYPE_JSON);
+    envelope.key("headers");
+    let ready_at_ms = spec.eta.map_or(now, |eta| eta.max(now)).timestamp_millis();
+    write_headers(
+        envelope.out,
+        spec,
+        ready_at_ms,
+        text_of(&body, args),
+        text_of(&body, kwargs),
+    );
+    envelope.key("properties");
+    let mut p = Object::open(envelope.out);
+    p.value("correlation_id", spec.id);
+    p.text(
+        "reply_to",
+        uuid::Uuid::new_v4().hyphenated().encode_lower(&mut [0; 36]),
+    );
+    p.raw("delivery_mode", "2");
+    p.key("delivery_info");
+    let mut d = Object::open(p.out);
+    d.text("exchange", "");
+    d.value("routing_key", spec.queue);
+    d.close();
+    p.value("priority", &spec.priority.unwrap_or(0).min(9));
+    p.text("body_encoding", "base64");
+    p.text(
+        "delivery_tag",
+        uuid::Uuid::new_v4().hyphenated().encode_lower(&mut [0; 36]),
+    );
+    if let Some(exp) = spec.expires {
+        p.value(
+            "expiration",
+            &(exp - now).num_milliseconds().max(0).to_string(),
+        );
+    }
+    p.close();
+    envelope.close();
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
-#[derive(Serialize)]
-struct Envelope<'a> {
-    body: String,
-    #[serde(rename = "content-encoding")]
-    content_encoding: &'static str,
-    #[serde(rename = "content-type")]
-    content_type: &'static str,
-    headers: Headers<'a>,
-    properties: Properties<'a>,
+/// The body's first allocation: a task with a few small arguments fits.
+const BODY_CAPACITY: usize = 256;
+/// The envelope's length without its variable parts (keys, two UUIDs, the
+/// fixed values), rounded up.
+const ENVELOPE_FIXED: usize = 768;
+
+/// Writes `v` as JSON at the end of `out`; returns where it lies.
+fn write_value<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> std::ops::Range<usize> {
+    let start = out.len();
+    serde_json::to_writer(&mut *out, v).expect("JSON values always serialize");
+    start..out.len()
 }
 
-#[derive(Serialize)]
-struct Properties<'a> {
-    correlation_id: &'a str,
-    reply_to: uuid::Uuid,
-    delivery_mode: u8,
-    delivery_info: DeliveryInfo<'a>,
-    priority: u8,
-    body_encoding: &'static str,
-    delivery_tag: uuid::Uuid,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expiration: Option<String>,
+/// The JSON text at `range` of `body`, which serde_json wrote.
+fn text_of(body: &[u8], range: std::ops::Range<usize>) -> &str {
+    std::str::from_utf8(&body[range]).expect("serde_json writes UTF-8")
+}
+
+/// A JSON object written member by member. Keys and [`Object::text`] are
+/// taskstack's own plain ASCII, written as they are; everything else goes
+/// through serde_json.
+struct Object<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> Object<'a> {
+    fn open(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Self { out, first: true }
+    }
+
+    fn separate(&mut self) {
+        if !std::mem::take(&mut self.first) {
+            self.out.push(b',');
+        }
+    }
+
+    /// `"key":`, for a key that needs no escaping.
+    fn key(&mut self, key: &str) {
+        self.separate();
+        self.quoted(key);
+        self.out.push(b':');
+    }
+
+    /// Text that needs no escaping (checked in debug builds), quoted.
+    fn quoted(&mut self, text: &str) {
+        debug_assert!(
+            text.bytes()
+                .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f),
+            "{text:?} needs escaping"
+        );
+        self.out.push(b'"');
+        self.out.extend_from_slice(text.as_bytes());
+        self.out.push(b'"');
+    }
+
+    /// A member whose value is text that needs no escaping.
+    fn text(&mut self, key: &str, text: &str) {
+        self.key(key);
+        self.quoted(text);
+    }
+
+    /// A member whose value is a JSON text (`null`, `0`, `{}`).
+    fn raw(&mut self, key: &str, json: &str) {
+        self.key(key);
+        self.out.extend_from_slice(json.as_bytes());
+    }
+
+    /// A member whose value serde_json writes.
+    fn value<T: Serialize + ?Sized>(&mut self, key: &str, v: &T) {
+        self.key(key);
+        write_value(self.out, v);
+    }
+
+    /// A member whose key, too, comes from outside (a caller's header).
+    fn any(&mut self, key: &str, v: &Value) {
+        self.separate();
+        write_value(self.out, key);
+        self.out.push(b':');
+        write_value(self.out, v);
+    }
+
+    fn close(self) {
+        self.out.push(b'}');
+    }
 }
 
 /// kombu's `delivery_info` property: where the message was sent.
@@ -143,78 +247,92 @@ impl Serialize for Embed<'_> {
     }
 }
 
-/// `{}`.
-struct EmptyMap;
-
-impl Serialize for EmptyMap {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_map(Some(0))?.end()
-    }
-}
-
-/// A JSON text (`argsrepr`, `kwargsrepr`) written as a string without
-/// building it first.
-struct Repr<'a, T: Serialize>(&'a T);
-
-impl<T: Serialize> Serialize for Repr<'_, T> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let text = serde_json::to_string(self.0).map_err(serde::ser::Error::custom)?;
-        s.serialize_str(&text)
-    }
-}
-
-struct Headers<'a> {
-    spec: &'a MessageSpec<'a>,
+/// The headers, in Celery's order; `argsrepr` and `kwargsrepr` are given
+/// as the JSON texts of the args and kwargs.
+fn write_headers(
+    out: &mut Vec<u8>,
+    spec: &MessageSpec<'_>,
     ready_at_ms: i64,
-}
-
-impl Serialize for Headers<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let spec = self.spec;
-        let extra = spec.extra_headers.filter(|e| !e.is_empty());
-        let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
-        let eta = spec.eta.map(format_time);
-        let expires = spec.expires.map(format_time);
-        let mut m = s.serialize_map(None)?;
-        // A header the caller gave is written once, with the caller's value.
-        macro_rules! put {
-            ($k:expr, $v:expr) => {
-                if !extra.is_some_and(|e| e.contains_key($k)) {
-                    m.serialize_entry($k, &$v)?;
-                }
-            };
-        }
-        put!("lang", "py");
-        put!("task", spec.task);
-        put!("id", spec.id);
-        put!("shadow", ());
-        put!("eta", eta);
-        put!("expires", expires);
-        put!("group", spec.group.map(|(g, _)| g));
-        put!("group_index", spec.group.map(|(_, i)| i));
-        put!("retries", 0);
-        put!(
-            "timelimit",
-            [secs(spec.hard_time_limit), secs(spec.soft_time_limit)]
-        );
-        put!("root_id", spec.id);
-        put!("parent_id", ());
-        put!("argsrepr", Repr(&spec.args));
-        put!("kwargsrepr", Repr(spec.kwargs));
-        put!("origin", spec.origin);
-        put!("ignore_result", false);
-        put!("replaced_task_nesting", 0);
-        put!("stamped_headers", ());
-        put!("stamps", EmptyMap);
-        put!(HEADER_READY_AT, self.ready_at_ms);
-        if let Some(n) = spec.max_retries {
-            put!(HEADER_MAX_RETRIES, n);
-        }
-        for (k, v) in extra.into_iter().flatten() {
-            m.serialize_entry(k, v)?;
-        }
-        m.end()
+    argsrepr: &str,
+    kwargsrepr: &str,
+) {
+    let extra = spec.extra_headers.filter(|e| !e.is_empty());
+    let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    let mut h = Object::open(out);
+    // A header the caller gave is written once, with the caller's value.
+    let mine = |k: &str| !extra.is_some_and(|e| e.contains_key(k));
+    if mine("lang") {
+        h.text("lang", "py");
     }
+    if mine("task") {
+        h.value("task", spec.task);
+    }
+    if mine("id") {
+        h.value("id", spec.id);
+    }
+    if mine("shadow") {
+        h.raw("shadow", "null");
+    }
+    if mine("eta") {
+        h.value("eta", &spec.eta.map(format_time));
+    }
+    if mine("expires") {
+        h.value("expires", &spec.expires.map(format_time));
+    }
+    if mine("group") {
+        h.value("group", &spec.group.map(|(g, _)| g));
+    }
+    if mine("group_index") {
+        h.value("group_index", &spec.group.map(|(_, i)| i));
+    }
+    if mine("retries") {
+        h.raw("retries", "0");
+    }
+    if mine("timelimit") {
+        h.value(
+            "timelimit",
+            &[secs(spec.hard_time_limit), secs(spec.soft_time_limit)],
+        );
+    }
+    if mine("root_id") {
+        h.value("root_id", spec.id);
+    }
+    if mine("parent_id") {
+        h.raw("parent_id", "null");
+    }
+    if mine("argsrepr") {
+        h.value("argsrepr", argsrepr);
+    }
+    if mine("kwargsrepr") {
+        h.value("kwargsrepr", kwargsrepr);
+    }
+    if mine("origin") {
+        h.value("origin", spec.origin);
+    }
+    if mine("ignore_result") {
+        h.raw("ignore_result", "false");
+    }
+    if mine("replaced_task_nesting") {
+        h.raw("replaced_task_nesting", "0");
+    }
+    if mine("stamped_headers") {
+        h.raw("stamped_headers", "null");
+    }
+    if mine("stamps") {
+        h.raw("stamps", "{}");
+    }
+    if mine(HEADER_READY_AT) {
+        h.value(HEADER_READY_AT, &ready_at_ms);
+    }
+    if let Some(n) = spec.max_retries
+        && mine(HEADER_MAX_RETRIES)
+    {
+        h.value(HEADER_MAX_RETRIES, &n);
+    }
+    for (k, v) in extra.into_iter().flatten() {
+        h.any(k, v);
+    }
+    h.close();
 }
 
 #[cfg(test)]
@@ -318,5 +436,68 @@ mod tests {
             .expect("digits");
         assert!((590_000..=600_000).contains(&ms), "{ms}");
         assert_eq!(v["headers"]["expires"], format_time(expires));
+    }
+
+    #[test]
+    fn keys_come_in_celerys_order_and_callers_text_is_escaped() {
+        let args = [json!("say \"hi\"\n")];
+        let extra: Map<String, Value> = [("odd \"key\"".to_string(), json!("v\\"))]
+            .into_iter()
+            .collect();
+        let raw = encode(&MessageSpec {
+            id: "id \"1\"",
+            task: "t\\x",
+            args: &args,
+            extra_headers: Some(&extra),
+            ..Default::default()
+        });
+        let order = [
+            "{\"body\":",
+            "\"content-encoding\":",
+            "\"content-type\":",
+            "\"headers\":{\"lang\":",
+            "\"task\":",
+            "\"id\":",
+            "\"shadow\":",
+            "\"eta\":",
+            "\"expires\":",
+            "\"group\":",
+            "\"group_index\":",
+            "\"retries\":",
+            "\"timelimit\":",
+            "\"root_id\":",
+            "\"parent_id\":",
+            "\"argsrepr\":",
+            "\"kwargsrepr\":",
+            "\"origin\":",
+            "\"ignore_result\":",
+            "\"replaced_task_nesting\":",
+            "\"stamped_headers\":",
+            "\"stamps\":",
+            "\"taskstack_ready_at\":",
+            "\"odd \\\"key\\\"\":",
+            "\"properties\":{\"correlation_id\":",
+            "\"reply_to\":",
+            "\"delivery_mode\":",
+            "\"delivery_info\":",
+            "\"priority\":",
+            "\"body_encoding\":",
+            "\"delivery_tag\":",
+        ];
+        let at: Vec<usize> = order
+            .iter()
+            .map(|k| {
+                raw.find(k)
+                    .unwrap_or_else(|| panic!("{k} missing from {raw}"))
+            })
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{raw}");
+        let v: Value = serde_json::from_str(&raw).expect("JSON");
+        let h = &v["headers"];
+        assert_eq!(h["id"], "id \"1\"");
+        assert_eq!(h["task"], "t\\x");
+        assert_eq!(h["argsrepr"], "[\"say \\\"hi\\\"\\n\"]");
+        assert_eq!(h["odd \"key\""], "v\\");
+        assert_eq!(v["properties"]["correlation_id"], "id \"1\"");
     }
 }

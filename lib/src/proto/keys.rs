@@ -7,6 +7,8 @@
 //! - taskstack's bookkeeping, all under a configurable namespace
 //!   (`<ns>:...`), so several deployments or tests can share one server.
 
+use std::sync::Arc;
+
 /// Separator Celery's Redis transport puts between a queue name and its
 /// priority bucket.
 pub const PRIORITY_SEP: &str = "\x06\x16";
@@ -50,14 +52,15 @@ pub fn result_key(task_id: &str) -> String {
 /// taskstack's bookkeeping keys under one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
-    ns: String,
+    /// Shared: every backend session clones the key layout.
+    ns: Arc<str>,
 }
 
 impl Keys {
     /// Keys under `namespace` (validated by the configuration loader).
     pub fn new(namespace: &str) -> Self {
         Self {
-            ns: namespace.to_owned(),
+            ns: Arc::from(namespace),
         }
     }
 

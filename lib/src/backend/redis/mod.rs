@@ -169,15 +169,18 @@ impl RedisSession {
 #[async_trait]
 impl Enqueue for RedisSession {
     async fn enqueue(&mut self, batch: &[Outgoing]) -> Result<(), BackendError> {
-        let mut records = redis::pipe();
+        // Commands are sized before they are filled: on the web API's path
+        // a request's allocations are a large part of its cost.
+        let mut records = redis::Pipeline::with_capacity(batch.len() + 1);
         for p in batch.iter().filter_map(|o| o.pending.as_ref()) {
-            records
-                .cmd("SET")
-                .arg(result_key(&p.task_id))
+            let key = result_key(&p.task_id);
+            let mut set = redis::Cmd::with_capacity(5, key.len() + p.record.len() + 32);
+            set.arg("SET")
+                .arg(key)
                 .arg(&p.record)
                 .arg("PX")
-                .arg(millis(p.ttl))
-                .ignore();
+                .arg(millis(p.ttl));
+            records.add_command(set).ignore();
         }
         // Records first, so a fast worker's STARTED record is never
         // overwritten; in the messages' pipeline when on the same server.
@@ -188,17 +191,20 @@ impl Enqueue for RedisSession {
                 on_lane!(&mut self.backend, "record pending task", |c| records
                     .query_async::<()>(c))?;
             }
-            redis::pipe()
+            redis::Pipeline::with_capacity(1)
         };
         // One LPUSH per run of messages to the same list: LPUSH pushes its
         // values in order, so the list ends as with one LPUSH each.
         let now: Vec<&Outgoing> = batch.iter().filter(|o| o.due_ms.is_none()).collect();
         for run in now.chunk_by(|a, b| a.queue_key == b.queue_key) {
-            let push = pipe.cmd("LPUSH").arg(&run[0].queue_key);
+            let bytes: usize = run.iter().map(|o| o.payload.len()).sum();
+            let mut push =
+                redis::Cmd::with_capacity(run.len() + 2, bytes + 16 + run[0].queue_key.len());
+            push.arg("LPUSH").arg(&run[0].queue_key);
             for o in run {
                 push.arg(&o.payload);
             }
-            pipe.ignore();
+            pipe.add_command(push).ignore();
         }
         if !pipe.is_empty() {
             on_lane!(&mut self.lane, "enqueue", |c| pipe.query_async::<()>(c))?;
@@ -213,7 +219,10 @@ impl Enqueue for RedisSession {
                 })
             })
             .collect();
-        Delayed::park(self, &parked).await?;
+        if !parked.is_empty() {
+            // Not called for nothing: the call boxes its future.
+            Delayed::park(self, &parked).await?;
+        }
         // redis_min_replicas_acked: enqueued once a replica has it too.
         if !self.same_server() {
             self.backend.replicated("record pending task").await?;
