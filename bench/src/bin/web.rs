@@ -37,6 +37,15 @@ struct Cli {
     /// The web binary (default: `<workspace>/target/release/taskstack-web`).
     #[arg(long, value_name = "PATH")]
     web_bin: Option<PathBuf>,
+    /// Count the web process's instructions per request under valgrind's
+    /// callgrind instead of timing it: each run serves wrk for
+    /// `--duration` seconds, and an idle twin (same duration, no requests)
+    /// is subtracted, which removes start-up and timers. The count does
+    /// not move with the machine's load. Use few connections
+    /// (`--connections 8 --threads 1`): under callgrind the web serves
+    /// about a thousand requests a second.
+    #[arg(long)]
+    callgrind: bool,
 }
 
 /// What one wrk run measured.
@@ -118,6 +127,9 @@ fn main() -> Result<()> {
         "  web {}; redis-server on loopback, no persistence, no worker (the queue grows)",
         web_bin.display()
     );
+    if cli.callgrind {
+        return count_instructions(&cli, &web_bin, &script);
+    }
     let mut runs = Vec::new();
     for k in 1..=cli.runs {
         let r = run_once(&cli, &web_bin, &script).with_context(|| format!("run {k}"))?;
@@ -155,18 +167,17 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn run_once(cli: &Cli, web_bin: &Path, script: &Path) -> Result<Run> {
-    let redis = RedisServer::start()?;
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let mut web = Command::new(web_bin);
+/// The web's configuration, on `cmd` (the web binary, or valgrind
+/// running it): this Redis, listening on `addr`, the bench's token and
+/// allow-list, no other `TASKSTACK_*` variable.
+fn configure<'a>(cmd: &'a mut Command, redis: &RedisServer, addr: &str) -> &'a mut Command {
     for (k, _) in std::env::vars() {
         if k.starts_with("TASKSTACK_") {
-            web.env_remove(k);
+            cmd.env_remove(k);
         }
     }
-    let mut web = web
-        .env("TASKSTACK_BROKER_URL", redis.url())
-        .env("TASKSTACK_WEB_LISTEN", &addr)
+    cmd.env("TASKSTACK_BROKER_URL", redis.url())
+        .env("TASKSTACK_WEB_LISTEN", addr)
         .env("TASKSTACK_API_TOKENS", TEST_TOKEN)
         .env("TASKSTACK_WEB_TASKS", "taskstack.add")
         .env("TASKSTACK_ALLOW_ROOT", "1")
@@ -174,6 +185,30 @@ fn run_once(cli: &Cli, web_bin: &Path, script: &Path) -> Result<Run> {
         .env("TASKSTACK_LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+}
+
+/// wrk posting the bench's request to the web at `addr`.
+fn wrk(cli: &Cli, script: &Path, addr: &str) -> Command {
+    let mut wrk = Command::new("wrk");
+    wrk.arg(format!("-t{}", cli.threads))
+        .arg(format!("-c{}", cli.connections))
+        .arg(format!("-d{}s", cli.duration))
+        .arg("--latency")
+        .arg("-s")
+        .arg(script)
+        .arg(format!(
+            "http://{addr}/api/v1/tasks{}",
+            if cli.batch == 0 { "" } else { "/batch" }
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    wrk
+}
+
+fn run_once(cli: &Cli, web_bin: &Path, script: &Path) -> Result<Run> {
+    let redis = RedisServer::start()?;
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let mut web = configure(&mut Command::new(web_bin), &redis, &addr)
         .spawn()
         .context("cannot start taskstack-web")?;
     let pid = web.id();
@@ -181,19 +216,7 @@ fn run_once(cli: &Cli, web_bin: &Path, script: &Path) -> Result<Run> {
         wait_until_sync("taskstack-web to listen", Duration::from_secs(10), || {
             std::net::TcpStream::connect(&addr).ok()
         })?;
-        let wrk = Command::new("wrk")
-            .arg(format!("-t{}", cli.threads))
-            .arg(format!("-c{}", cli.connections))
-            .arg(format!("-d{}s", cli.duration))
-            .arg("--latency")
-            .arg("-s")
-            .arg(script)
-            .arg(format!(
-                "http://{addr}/api/v1/tasks{}",
-                if cli.batch == 0 { "" } else { "/batch" }
-            ))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+        let wrk = wrk(cli, script, &addr)
             .spawn()
             .context("cannot start wrk")?;
         // Sample the web process's resident memory while wrk runs.
@@ -242,6 +265,99 @@ fn run_once(cli: &Cli, web_bin: &Path, script: &Path) -> Result<Run> {
     })();
     let _ = web.kill();
     let _ = web.wait();
+    result
+}
+
+/// `--callgrind`: instructions per request, each run a loaded and an idle
+/// web under callgrind.
+fn count_instructions(cli: &Cli, web_bin: &Path, script: &Path) -> Result<()> {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        bail!("valgrind is not installed: apt-get install -y valgrind");
+    }
+    let per_request = cli.batch.max(1) as f64;
+    let mut counts = Vec::new();
+    for k in 1..=cli.runs {
+        let (idle, _) =
+            under_callgrind(cli, web_bin, None).with_context(|| format!("run {k}, idle"))?;
+        let (busy, enqueued) = under_callgrind(cli, web_bin, Some(script))
+            .with_context(|| format!("run {k}, loaded"))?;
+        let requests = enqueued as f64 / per_request;
+        ensure!(requests >= 1.0, "run {k}: no task was enqueued");
+        let each = busy.saturating_sub(idle) as f64 / requests;
+        println!(
+            "  run {k}: {each:.0} instructions per request ({:.0} per task): {busy} loaded - {idle} idle, {requests:.0} requests",
+            each / per_request
+        );
+        counts.push(each);
+    }
+    counts.sort_by(f64::total_cmp);
+    let median = counts[counts.len() / 2];
+    println!(
+        "median: {median:.0} instructions per request ({:.0} per task), the web process's user-space instructions (libc included, the kernel's not)",
+        median / per_request
+    );
+    Ok(())
+}
+
+/// Runs the web under callgrind for `--duration` seconds, serving wrk with
+/// `script` or idle, then stops it with SIGTERM; returns the instructions
+/// it executed and the messages it enqueued.
+fn under_callgrind(cli: &Cli, web_bin: &Path, script: Option<&Path>) -> Result<(u64, u64)> {
+    let redis = RedisServer::start()?;
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("callgrind.out");
+    let mut valgrind = Command::new("valgrind");
+    valgrind
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(web_bin);
+    let mut web = configure(&mut valgrind, &redis, &addr)
+        .spawn()
+        .context("cannot start taskstack-web under valgrind")?;
+    let result = (|| {
+        wait_until_sync(
+            "taskstack-web under callgrind to listen",
+            Duration::from_secs(120),
+            || std::net::TcpStream::connect(&addr).ok(),
+        )?;
+        match script {
+            Some(script) => {
+                let out = wrk(cli, script, &addr).output().context("cannot run wrk")?;
+                ensure!(
+                    out.status.success(),
+                    "wrk failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            // The twin's whole point is to last as long as a loaded run.
+            None => std::thread::sleep(Duration::from_secs(cli.duration)),
+        }
+        let mut con = redis.conn()?;
+        let enqueued: u64 = redis::cmd("LLEN").arg("celery").query(&mut con)?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(web.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let status = web.wait()?;
+        ensure!(
+            status.success(),
+            "taskstack-web under callgrind exited with {status}"
+        );
+        let text = std::fs::read_to_string(&out)
+            .with_context(|| format!("callgrind wrote no {}", out.display()))?;
+        let total = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("totals:")
+                    .or_else(|| l.strip_prefix("summary:"))
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no totals line in {}", out.display()))?;
+        Ok((total, enqueued))
+    })();
+    if result.is_err() {
+        let _ = web.kill();
+        let _ = web.wait();
+    }
     result
 }
 

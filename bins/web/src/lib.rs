@@ -74,11 +74,17 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
             }),
         )
         .fallback(health::no_route)
-        .layer(DefaultBodyLimit::max(state.settings.body_limit))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            metrics::track,
-        ))
+        // One layer of two services (metrics outside, the body limit
+        // inside): each `layer` call wraps every route in one more boxed,
+        // cloned-per-request service.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    metrics::track,
+                ))
+                .layer(DefaultBodyLimit::max(state.settings.body_limit)),
+        )
         .with_state(state);
     (router, doc)
 }

@@ -222,13 +222,6 @@ impl<'a> Object<'a> {
     }
 }
 
-/// kombu's `delivery_info` property: where the message was sent.
-#[derive(Serialize)]
-pub(crate) struct DeliveryInfo<'a> {
-    pub(crate) exchange: &'a str,
-    pub(crate) routing_key: &'a str,
-}
-
 /// The body's third element; all four null when the spec has none.
 struct Embed<'a>(Option<&'a Value>);
 

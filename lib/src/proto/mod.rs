@@ -6,8 +6,6 @@ pub mod envelope;
 pub mod keys;
 pub mod result;
 
-#[cfg(feature = "amqp")]
-pub(crate) use encode::DeliveryInfo;
 pub use envelope::{DecodeError, MessageSpec, TaskMessage};
 pub use keys::Keys;
 pub use result::{ARGS_BOUND, ExceptionInfo, Provenance, TaskResult, TaskState};

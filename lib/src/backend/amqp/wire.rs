@@ -8,7 +8,6 @@
 //! `reply_to`, `priority` and `delivery_mode` as AMQP properties. These two
 //! functions convert between them without losing a field the worker reads.
 
-use crate::proto::DeliveryInfo;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use lapin::BasicProperties;
@@ -152,6 +151,13 @@ struct Properties<'a> {
     priority: u8,
     delivery_info: DeliveryInfo<'a>,
     body_encoding: &'static str,
+}
+
+/// kombu's `delivery_info` property: where the message was sent.
+#[derive(Serialize)]
+struct DeliveryInfo<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
 }
 
 /// The message's headers without [`BROKER_HEADERS`]; `{}` when it has none.
