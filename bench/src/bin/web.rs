@@ -337,7 +337,11 @@ fn under_callgrind(cli: &Cli, web_bin: &Path, script: Option<&Path>) -> Result<(
         let enqueued: u64 = redis::cmd("LLEN").arg("celery").query(&mut con)?;
         let pid = nix::unistd::Pid::from_raw(i32::try_from(web.id())?);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        let status = web.wait()?;
+        let status = wait_until_sync(
+            "taskstack-web under callgrind to exit after SIGTERM",
+            Duration::from_secs(120),
+            || web.try_wait().ok().flatten(),
+        )?;
         ensure!(
             status.success(),
             "taskstack-web under callgrind exited with {status}"

@@ -158,12 +158,24 @@ fn text_of(body: &[u8], range: std::ops::Range<usize>) -> &str {
 struct Object<'a> {
     out: &'a mut Vec<u8>,
     first: bool,
+    /// Members the caller gives itself (its headers): [`Object::text`],
+    /// [`Object::raw`] and [`Object::value`] skip these keys.
+    callers: Option<&'a Map<String, Value>>,
 }
 
 impl<'a> Object<'a> {
     fn open(out: &'a mut Vec<u8>) -> Self {
         out.push(b'{');
-        Self { out, first: true }
+        Self {
+            out,
+            first: true,
+            callers: None,
+        }
+    }
+
+    /// Whether `key` is ours to write (the caller did not give it).
+    fn ours(&self, key: &str) -> bool {
+        !self.callers.is_some_and(|c| c.contains_key(key))
     }
 
     fn separate(&mut self) {
@@ -193,20 +205,26 @@ impl<'a> Object<'a> {
 
     /// A member whose value is text that needs no escaping.
     fn text(&mut self, key: &str, text: &str) {
-        self.key(key);
-        self.quoted(text);
+        if self.ours(key) {
+            self.key(key);
+            self.quoted(text);
+        }
     }
 
     /// A member whose value is a JSON text (`null`, `0`, `{}`).
     fn raw(&mut self, key: &str, json: &str) {
-        self.key(key);
-        self.out.extend_from_slice(json.as_bytes());
+        if self.ours(key) {
+            self.key(key);
+            self.out.extend_from_slice(json.as_bytes());
+        }
     }
 
     /// A member whose value serde_json writes.
     fn value<T: Serialize + ?Sized>(&mut self, key: &str, v: &T) {
-        self.key(key);
-        write_value(self.out, v);
+        if self.ours(key) {
+            self.key(key);
+            write_value(self.out, v);
+        }
     }
 
     /// A member whose key, too, comes from outside (a caller's header).
@@ -253,73 +271,31 @@ fn write_headers(
     let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
     let mut h = Object::open(out);
     // A header the caller gave is written once, with the caller's value.
-    let mine = |k: &str| !extra.is_some_and(|e| e.contains_key(k));
-    if mine("lang") {
-        h.text("lang", "py");
-    }
-    if mine("task") {
-        h.value("task", spec.task);
-    }
-    if mine("id") {
-        h.value("id", spec.id);
-    }
-    if mine("shadow") {
-        h.raw("shadow", "null");
-    }
-    if mine("eta") {
-        h.value("eta", &spec.eta.map(format_time));
-    }
-    if mine("expires") {
-        h.value("expires", &spec.expires.map(format_time));
-    }
-    if mine("group") {
-        h.value("group", &spec.group.map(|(g, _)| g));
-    }
-    if mine("group_index") {
-        h.value("group_index", &spec.group.map(|(_, i)| i));
-    }
-    if mine("retries") {
-        h.raw("retries", "0");
-    }
-    if mine("timelimit") {
-        h.value(
-            "timelimit",
-            &[secs(spec.hard_time_limit), secs(spec.soft_time_limit)],
-        );
-    }
-    if mine("root_id") {
-        h.value("root_id", spec.id);
-    }
-    if mine("parent_id") {
-        h.raw("parent_id", "null");
-    }
-    if mine("argsrepr") {
-        h.value("argsrepr", argsrepr);
-    }
-    if mine("kwargsrepr") {
-        h.value("kwargsrepr", kwargsrepr);
-    }
-    if mine("origin") {
-        h.value("origin", spec.origin);
-    }
-    if mine("ignore_result") {
-        h.raw("ignore_result", "false");
-    }
-    if mine("replaced_task_nesting") {
-        h.raw("replaced_task_nesting", "0");
-    }
-    if mine("stamped_headers") {
-        h.raw("stamped_headers", "null");
-    }
-    if mine("stamps") {
-        h.raw("stamps", "{}");
-    }
-    if mine(HEADER_READY_AT) {
-        h.value(HEADER_READY_AT, &ready_at_ms);
-    }
-    if let Some(n) = spec.max_retries
-        && mine(HEADER_MAX_RETRIES)
-    {
+    h.callers = extra;
+    h.text("lang", "py");
+    h.value("task", spec.task);
+    h.value("id", spec.id);
+    h.raw("shadow", "null");
+    h.value("eta", &spec.eta.map(format_time));
+    h.value("expires", &spec.expires.map(format_time));
+    h.value("group", &spec.group.map(|(g, _)| g));
+    h.value("group_index", &spec.group.map(|(_, i)| i));
+    h.raw("retries", "0");
+    h.value(
+        "timelimit",
+        &[secs(spec.hard_time_limit), secs(spec.soft_time_limit)],
+    );
+    h.value("root_id", spec.id);
+    h.raw("parent_id", "null");
+    h.value("argsrepr", argsrepr);
+    h.value("kwargsrepr", kwargsrepr);
+    h.value("origin", spec.origin);
+    h.raw("ignore_result", "false");
+    h.raw("replaced_task_nesting", "0");
+    h.raw("stamped_headers", "null");
+    h.raw("stamps", "{}");
+    h.value(HEADER_READY_AT, &ready_at_ms);
+    if let Some(n) = spec.max_retries {
         h.value(HEADER_MAX_RETRIES, &n);
     }
     for (k, v) in extra.into_iter().flatten() {
