@@ -178,7 +178,13 @@ impl Producer {
         let id = id
             .map(str::to_owned)
             .or_else(|| o.task_id.clone())
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            .unwrap_or_else(|| {
+                let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+                uuid::Uuid::new_v4()
+                    .hyphenated()
+                    .encode_lower(&mut text)
+                    .to_owned()
+            });
         if id.is_empty() || id.chars().any(char::is_control) {
             return Err(ProducerError::Option {
                 option: "task_id",
@@ -274,11 +280,7 @@ impl Producer {
         let pending = match self.pending_ttl {
             None => None,
             Some(ttl) => {
-                let record = serde_json::to_string(&TaskResult::pending(&id, &req.name, queue))
-                    .map_err(|e| ProducerError::Option {
-                        option: "name",
-                        reason: format!("cannot record the task: {e}"),
-                    })?;
+                let record = TaskResult::pending_json(&id, &req.name, queue);
                 let wait_ms = due_ms.map_or(0, |d| d.saturating_sub(now.timestamp_millis()));
                 let wait = Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0));
                 Some(PendingRecord {

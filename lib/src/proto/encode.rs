@@ -1,16 +1,15 @@
 //! Building the Celery protocol v2 envelope a producer sends.
 //!
 //! The envelope is written straight from borrowed fields (no
-//! `serde_json::Value` tree; allocations for the body, its base64 and the
-//! message, each sized up front): a web batch builds a thousand of these
-//! per request.
+//! `serde_json::Value` tree; two allocations, the body and the message,
+//! each sized up front; the base64 body is encoded into the message): a
+//! web batch builds a thousand of these per request.
 
-use super::envelope::{CONTENT_TYPE_JSON, HEADER_MAX_RETRIES, HEADER_READY_AT, format_time};
+use super::envelope::{HEADER_MAX_RETRIES, HEADER_READY_AT, format_time};
+use super::json::{Object, fixed, write_value};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
-use serde::ser::{SerializeMap, Serializer};
 use serde_json::{Map, Value};
 use std::time::Duration;
 
@@ -66,10 +65,10 @@ impl Default for MessageSpec<'_> {
 /// replaces the header of that name.
 ///
 /// The envelope's layout is fixed, so its keys and constant values are
-/// written as they are and only the values a caller chose go through
-/// serde_json (which escapes them): on the web API's enqueue path, a
-/// serde-derived envelope with every key escaped was the largest cost of
-/// a request after the kernel's.
+/// written as they are ([`super::json`]); the caller's text is escaped
+/// when it needs it and its other values go through serde_json: on the
+/// web API's enqueue path, a serde-derived envelope with every key
+/// escaped was the largest cost of a request after the kernel's.
 pub fn encode(spec: &MessageSpec<'_>) -> String {
     let now = Utc::now();
     // The body, `[args, kwargs, embed]`, remembering where the args and
@@ -80,7 +79,12 @@ pub fn encode(spec: &MessageSpec<'_>) -> String {
     body.push(b',');
     let kwargs = write_value(&mut body, spec.kwargs);
     body.push(b',');
-    write_value(&mut body, &Embed(spec.embed));
+    match spec.embed {
+        Some(embed) => {
+            write_value(&mut body, embed);
+        }
+        None => body.extend_from_slice(NO_EMBED.as_bytes()),
+    }
     body.push(b']');
     // Room for the fixed part, the base64 body and the two reprs (about the
     // body's length again), so the text is written without regrowing.
@@ -92,33 +96,31 @@ pub fn encode(spec: &MessageSpec<'_>) -> String {
         + spec.origin.len();
     let mut out = Vec::with_capacity(capacity);
     let mut envelope = Object::open(&mut out);
-    envelope.text("body", &B64.encode(&body));
-    envelope.text("content-encoding", "utf-8");
-    envelope.text("content-type", CONTENT_TYPE_JSON);
+    envelope.key("body");
+    write_base64(envelope.out(), &body);
+    fixed!(&mut envelope, "content-encoding" => "\"utf-8\"", "content-type" => "\"application/json\"");
     envelope.key("headers");
     let ready_at_ms = spec.eta.map_or(now, |eta| eta.max(now)).timestamp_millis();
     write_headers(
-        envelope.out,
+        envelope.out(),
         spec,
         ready_at_ms,
         text_of(&body, args),
         text_of(&body, kwargs),
     );
-    envelope.key("properties");
-    let mut p = Object::open(envelope.out);
-    p.value("correlation_id", spec.id);
+    let mut p = envelope.object("properties");
+    p.string("correlation_id", spec.id);
     p.text(
         "reply_to",
         uuid::Uuid::new_v4().hyphenated().encode_lower(&mut [0; 36]),
     );
-    p.raw("delivery_mode", "2");
-    p.key("delivery_info");
-    let mut d = Object::open(p.out);
-    d.text("exchange", "");
-    d.value("routing_key", spec.queue);
+    fixed!(&mut p, "delivery_mode" => "2");
+    let mut d = p.object("delivery_info");
+    fixed!(&mut d, "exchange" => "\"\"");
+    d.string("routing_key", spec.queue);
     d.close();
     p.value("priority", &spec.priority.unwrap_or(0).min(9));
-    p.text("body_encoding", "base64");
+    fixed!(&mut p, "body_encoding" => "\"base64\"");
     p.text(
         "delivery_tag",
         uuid::Uuid::new_v4().hyphenated().encode_lower(&mut [0; 36]),
@@ -140,122 +142,26 @@ const BODY_CAPACITY: usize = 256;
 /// fixed values), rounded up.
 const ENVELOPE_FIXED: usize = 768;
 
-/// Writes `v` as JSON at the end of `out`; returns where it lies.
-fn write_value<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> std::ops::Range<usize> {
-    let start = out.len();
-    serde_json::to_writer(&mut *out, v).expect("JSON values always serialize");
-    start..out.len()
-}
-
 /// The JSON text at `range` of `body`, which serde_json wrote.
 fn text_of(body: &[u8], range: std::ops::Range<usize>) -> &str {
     std::str::from_utf8(&body[range]).expect("serde_json writes UTF-8")
 }
 
-/// A JSON object written member by member. Keys and [`Object::text`] are
-/// taskstack's own plain ASCII, written as they are; everything else goes
-/// through serde_json.
-struct Object<'a> {
-    out: &'a mut Vec<u8>,
-    first: bool,
-    /// Members the caller gives itself (its headers): [`Object::text`],
-    /// [`Object::raw`] and [`Object::value`] skip these keys.
-    callers: Option<&'a Map<String, Value>>,
-}
+/// The body's third element when the spec has none: all four null.
+const NO_EMBED: &str = r#"{"callbacks":null,"errbacks":null,"chain":null,"chord":null}"#;
 
-impl<'a> Object<'a> {
-    fn open(out: &'a mut Vec<u8>) -> Self {
-        out.push(b'{');
-        Self {
-            out,
-            first: true,
-            callers: None,
-        }
-    }
-
-    /// Whether `key` is ours to write (the caller did not give it).
-    fn ours(&self, key: &str) -> bool {
-        !self.callers.is_some_and(|c| c.contains_key(key))
-    }
-
-    fn separate(&mut self) {
-        if !std::mem::take(&mut self.first) {
-            self.out.push(b',');
-        }
-    }
-
-    /// `"key":`, for a key that needs no escaping.
-    fn key(&mut self, key: &str) {
-        self.separate();
-        self.quoted(key);
-        self.out.push(b':');
-    }
-
-    /// Text that needs no escaping (checked in debug builds), quoted.
-    fn quoted(&mut self, text: &str) {
-        debug_assert!(
-            text.bytes()
-                .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f),
-            "{text:?} needs escaping"
-        );
-        self.out.push(b'"');
-        self.out.extend_from_slice(text.as_bytes());
-        self.out.push(b'"');
-    }
-
-    /// A member whose value is text that needs no escaping.
-    fn text(&mut self, key: &str, text: &str) {
-        if self.ours(key) {
-            self.key(key);
-            self.quoted(text);
-        }
-    }
-
-    /// A member whose value is a JSON text (`null`, `0`, `{}`).
-    fn raw(&mut self, key: &str, json: &str) {
-        if self.ours(key) {
-            self.key(key);
-            self.out.extend_from_slice(json.as_bytes());
-        }
-    }
-
-    /// A member whose value serde_json writes.
-    fn value<T: Serialize + ?Sized>(&mut self, key: &str, v: &T) {
-        if self.ours(key) {
-            self.key(key);
-            write_value(self.out, v);
-        }
-    }
-
-    /// A member whose key, too, comes from outside (a caller's header).
-    fn any(&mut self, key: &str, v: &Value) {
-        self.separate();
-        write_value(self.out, key);
-        self.out.push(b':');
-        write_value(self.out, v);
-    }
-
-    fn close(self) {
-        self.out.push(b'}');
-    }
-}
-
-/// The body's third element; all four null when the spec has none.
-struct Embed<'a>(Option<&'a Value>);
-
-impl Serialize for Embed<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            Some(v) => v.serialize(s),
-            None => {
-                let mut m = s.serialize_map(Some(4))?;
-                for k in ["callbacks", "errbacks", "chain", "chord"] {
-                    m.serialize_entry(k, &())?;
-                }
-                m.end()
-            }
-        }
-    }
+/// Writes `bytes` base64-encoded as a JSON string (base64 needs no
+/// escaping), straight into `out`.
+fn write_base64(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = base64::encoded_len(bytes.len(), true).expect("a message's length fits in usize");
+    out.push(b'"');
+    let start = out.len();
+    out.resize(start + len, 0);
+    let written = B64
+        .encode_slice(bytes, &mut out[start..])
+        .expect("sized by encoded_len");
+    debug_assert_eq!(written, len);
+    out.push(b'"');
 }
 
 /// The headers, in Celery's order; `argsrepr` and `kwargsrepr` are given
@@ -269,31 +175,37 @@ fn write_headers(
 ) {
     let extra = spec.extra_headers.filter(|e| !e.is_empty());
     let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
-    let mut h = Object::open(out);
     // A header the caller gave is written once, with the caller's value.
-    h.callers = extra;
-    h.text("lang", "py");
-    h.value("task", spec.task);
-    h.value("id", spec.id);
-    h.raw("shadow", "null");
-    h.value("eta", &spec.eta.map(format_time));
-    h.value("expires", &spec.expires.map(format_time));
-    h.value("group", &spec.group.map(|(g, _)| g));
-    h.value("group_index", &spec.group.map(|(_, i)| i));
-    h.raw("retries", "0");
-    h.value(
-        "timelimit",
-        &[secs(spec.hard_time_limit), secs(spec.soft_time_limit)],
-    );
-    h.value("root_id", spec.id);
-    h.raw("parent_id", "null");
-    h.value("argsrepr", argsrepr);
-    h.value("kwargsrepr", kwargsrepr);
-    h.value("origin", spec.origin);
-    h.raw("ignore_result", "false");
-    h.raw("replaced_task_nesting", "0");
-    h.raw("stamped_headers", "null");
-    h.raw("stamps", "{}");
+    let mut h = Object::with_callers(out, extra);
+    fixed!(&mut h, "lang" => "\"py\"");
+    h.string("task", spec.task);
+    h.string("id", spec.id);
+    if spec.eta.is_none() && spec.expires.is_none() && spec.group.is_none() {
+        fixed!(&mut h, "shadow" => "null", "eta" => "null", "expires" => "null",
+            "group" => "null", "group_index" => "null", "retries" => "0");
+    } else {
+        h.raw("shadow", "null");
+        h.value("eta", &spec.eta.map(format_time));
+        h.value("expires", &spec.expires.map(format_time));
+        h.value("group", &spec.group.map(|(g, _)| g));
+        h.value("group_index", &spec.group.map(|(_, i)| i));
+        h.raw("retries", "0");
+    }
+    if spec.hard_time_limit.is_none() && spec.soft_time_limit.is_none() {
+        fixed!(&mut h, "timelimit" => "[null,null]");
+    } else {
+        h.value(
+            "timelimit",
+            &[secs(spec.hard_time_limit), secs(spec.soft_time_limit)],
+        );
+    }
+    h.string("root_id", spec.id);
+    fixed!(&mut h, "parent_id" => "null");
+    h.string("argsrepr", argsrepr);
+    h.string("kwargsrepr", kwargsrepr);
+    h.string("origin", spec.origin);
+    fixed!(&mut h, "ignore_result" => "false", "replaced_task_nesting" => "0",
+        "stamped_headers" => "null", "stamps" => "{}");
     h.value(HEADER_READY_AT, &ready_at_ms);
     if let Some(n) = spec.max_retries {
         h.value(HEADER_MAX_RETRIES, &n);
@@ -347,6 +259,8 @@ mod tests {
         }
         assert!(h[HEADER_READY_AT].is_i64());
         assert!(!h.contains_key(HEADER_MAX_RETRIES));
+        assert_eq!(v["content-type"], super::super::envelope::CONTENT_TYPE_JSON);
+        assert_eq!(v["content-encoding"], "utf-8");
         let p = &v["properties"];
         assert_eq!(p["correlation_id"], "id-1");
         assert_eq!(p["priority"], 9, "clamped to Celery's 0..=9");

@@ -46,7 +46,7 @@ pub fn queue_of_key(key: &str) -> &str {
 
 /// Where a task's result lives, and the channel it is published on.
 pub fn result_key(task_id: &str) -> String {
-    format!("{RESULT_PREFIX}{task_id}")
+    [RESULT_PREFIX, task_id].concat()
 }
 
 /// taskstack's bookkeeping keys under one namespace.

@@ -3,6 +3,7 @@
 
 mod encode;
 pub mod envelope;
+pub mod json;
 pub mod keys;
 pub mod result;
 

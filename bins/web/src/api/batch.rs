@@ -2,16 +2,18 @@
 //! before any is sent, then sent in one round trip to Redis.
 
 use super::enqueue::{EnqueueRequest, validate};
-use super::tasks::{Enqueued, TaskLinks, link, send_error};
+use super::tasks::{Enqueued, TASKS_PATH, send_error};
 use crate::error::{ApiError, ApiJson};
 use crate::state::AppState;
 use axum::extract::State;
-use axum::http::StatusCode;
-use chrono::Utc;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use taskstack::TaskRequest;
-use taskstack::proto::TaskState;
+use taskstack::proto::json::Object;
 use utoipa::ToSchema;
 
 /// Most tasks one batch may hold. The body limit (`web_body_limit`) bounds
@@ -60,7 +62,7 @@ pub struct BatchEnqueued {
 pub async fn enqueue_batch(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<BatchRequest>,
-) -> Result<(StatusCode, axum::Json<BatchEnqueued>), ApiError> {
+) -> Result<Response, ApiError> {
     let n = req.tasks.len();
     if n == 0 || n > MAX_BATCH_TASKS {
         return Err(ApiError::invalid(format!(
@@ -95,24 +97,113 @@ pub async fn enqueue_batch(
     let sent: Vec<(&str, &TaskRequest)> = ids.iter().map(String::as_str).zip(&tasks).collect();
     state.tasks_sent(&sent).await;
     tracing::debug!(tasks = n, "batch enqueued");
-    let now = Utc::now();
-    let answers = ids
-        .into_iter()
-        .zip(tasks)
-        .map(|(id, task)| {
-            let eta = super::tasks::eta_of(&task, now);
-            Enqueued {
-                links: TaskLinks { this: link(&id) },
-                id,
-                state: TaskState::Pending,
-                queue: task.options.queue.unwrap_or_default(),
-                task: task.name,
-                eta,
-            }
-        })
-        .collect();
+    let body = answer(&ids, &tasks, Utc::now());
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(BatchEnqueued { tasks: answers }),
-    ))
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response())
+}
+
+/// The answer's JSON text, as [`BatchEnqueued`] serializes: written
+/// straight, since a thousand answers through serde took a tenth of a
+/// batch's time.
+fn answer(ids: &[String], tasks: &[TaskRequest], now: DateTime<Utc>) -> Vec<u8> {
+    let per_task: usize = ids.iter().map(|id| 2 * id.len()).sum::<usize>()
+        + tasks
+            .iter()
+            .map(|t| t.name.len() + t.options.queue.as_ref().map_or(0, String::len))
+            .sum::<usize>();
+    let mut out = Vec::with_capacity(16 + per_task + ids.len() * ANSWER_FIXED);
+    let mut top = Object::open(&mut out);
+    top.key("tasks");
+    let list = top.out();
+    list.push(b'[');
+    for (i, (id, task)) in ids.iter().zip(tasks).enumerate() {
+        if i > 0 {
+            list.push(b',');
+        }
+        let mut o = Object::open(list);
+        o.string("id", id);
+        o.text("state", "PENDING");
+        o.string("task", &task.name);
+        o.string("queue", task.options.queue.as_deref().unwrap_or_default());
+        match super::tasks::eta_of(task, now) {
+            Some(eta) => o.value("eta", &eta),
+            None => o.raw("eta", "null"),
+        }
+        let mut links = o.object("links");
+        links.joined("self", &[TASKS_PATH, id]);
+        links.close();
+        o.close();
+    }
+    list.push(b']');
+    top.close();
+    out
+}
+
+/// One answer's length without its id, name and queue, rounded up.
+const ANSWER_FIXED: usize = 128;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::tasks::{TaskLinks, link};
+    use serde_json::Map;
+    use std::time::Duration;
+    use taskstack::SendOptions;
+    use taskstack::proto::TaskState;
+
+    fn task(name: &str, queue: &str, options: SendOptions) -> TaskRequest {
+        TaskRequest {
+            name: name.into(),
+            args: Vec::new(),
+            kwargs: Map::new(),
+            options: SendOptions {
+                queue: Some(queue.into()),
+                ..options
+            },
+        }
+    }
+
+    #[test]
+    fn the_written_answer_is_what_serde_writes() {
+        let now = Utc::now();
+        let ids = vec![
+            "9f0c6a1e-2b7d-4c1f-8e3a-5d6b7c8d9e0f".to_string(),
+            "caller's \"id\"".to_string(),
+            "later".to_string(),
+        ];
+        let tasks = vec![
+            task("taskstack.add", "celery", SendOptions::default()),
+            task("t\\odd", "q é", SendOptions::default()),
+            task(
+                "t",
+                "celery",
+                SendOptions {
+                    countdown: Some(Duration::from_millis(1500)),
+                    ..Default::default()
+                },
+            ),
+        ];
+        let want = BatchEnqueued {
+            tasks: ids
+                .iter()
+                .zip(&tasks)
+                .map(|(id, t)| Enqueued {
+                    id: id.clone(),
+                    state: TaskState::Pending,
+                    task: t.name.clone(),
+                    queue: t.options.queue.clone().unwrap_or_default(),
+                    eta: super::super::tasks::eta_of(t, now),
+                    links: TaskLinks { this: link(id) },
+                })
+                .collect(),
+        };
+        assert!(want.tasks[2].eta.is_some());
+        let want = serde_json::to_string(&want).expect("JSON");
+        let got = String::from_utf8(answer(&ids, &tasks, now)).expect("UTF-8");
+        assert_eq!(got, want);
+    }
 }

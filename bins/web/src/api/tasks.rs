@@ -145,8 +145,11 @@ pub(super) fn eta_of(task: &TaskRequest, now: DateTime<Utc>) -> Option<DateTime<
     })
 }
 
+/// Where a task's state is read: this path and its id.
+pub(super) const TASKS_PATH: &str = "/api/v1/tasks/";
+
 pub(super) fn link(id: &str) -> String {
-    format!("/api/v1/tasks/{id}")
+    [TASKS_PATH, id].concat()
 }
 
 /// Enqueue a task.
