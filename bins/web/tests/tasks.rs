@@ -47,6 +47,9 @@ async fn an_enqueued_task_runs_and_its_result_is_reported() -> Result<()> {
         headers[header::LOCATION],
         format!("/api/v1/tasks/{id}").as_str()
     );
+    assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+    assert_eq!(v["task"], ADD);
+    assert!(v["eta"].is_null(), "{body}");
 
     let done = app.wait_state(&id, "SUCCESS").await?;
     assert_eq!(done["result"], 42);

@@ -2,7 +2,7 @@
 //! before any is sent, then sent in one round trip to Redis.
 
 use super::enqueue::{EnqueueRequest, validate};
-use super::tasks::{Enqueued, TASKS_PATH, send_error};
+use super::tasks::{ENQUEUED_FIXED, Enqueued, JSON, send_error, write_enqueued};
 use crate::error::{ApiError, ApiJson};
 use crate::state::AppState;
 use axum::extract::State;
@@ -100,7 +100,7 @@ pub async fn enqueue_batch(
     let body = answer(&ids, &tasks, Utc::now());
     Ok((
         StatusCode::ACCEPTED,
-        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(CONTENT_TYPE, HeaderValue::from_static(JSON))],
         body,
     )
         .into_response())
@@ -115,7 +115,7 @@ fn answer(ids: &[String], tasks: &[TaskRequest], now: DateTime<Utc>) -> Vec<u8> 
             .iter()
             .map(|t| t.name.len() + t.options.queue.as_ref().map_or(0, String::len))
             .sum::<usize>();
-    let mut out = Vec::with_capacity(16 + per_task + ids.len() * ANSWER_FIXED);
+    let mut out = Vec::with_capacity(16 + per_task + ids.len() * ENQUEUED_FIXED);
     let mut top = Object::open(&mut out);
     top.key("tasks");
     let list = top.out();
@@ -124,27 +124,12 @@ fn answer(ids: &[String], tasks: &[TaskRequest], now: DateTime<Utc>) -> Vec<u8> 
         if i > 0 {
             list.push(b',');
         }
-        let mut o = Object::open(list);
-        o.string("id", id);
-        o.text("state", "PENDING");
-        o.string("task", &task.name);
-        o.string("queue", task.options.queue.as_deref().unwrap_or_default());
-        match super::tasks::eta_of(task, now) {
-            Some(eta) => o.value("eta", &eta),
-            None => o.raw("eta", "null"),
-        }
-        let mut links = o.object("links");
-        links.joined("self", &[TASKS_PATH, id]);
-        links.close();
-        o.close();
+        write_enqueued(list, id, task, now);
     }
     list.push(b']');
     top.close();
     out
 }
-
-/// One answer's length without its id, name and queue, rounded up.
-const ANSWER_FIXED: usize = 128;
 
 #[cfg(test)]
 mod tests {

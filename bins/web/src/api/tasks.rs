@@ -5,7 +5,7 @@ use super::enqueue::{EnqueueRequest, validate};
 use crate::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use crate::state::AppState;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -14,6 +14,7 @@ use taskstack::TaskRequest;
 use taskstack::backend::Use;
 use taskstack::broker::RevokeOutcome;
 use taskstack::producer::ProducerError;
+use taskstack::proto::json::Object;
 use taskstack::proto::{ExceptionInfo, Provenance, TaskResult, TaskState};
 use utoipa::ToSchema;
 
@@ -187,24 +188,41 @@ pub async fn enqueue(
     let id = state.producer.send(&task).await.map_err(send_error)?;
     state.metrics.task_enqueued(&task.name);
     state.tasks_sent(&[(&id, &task)]).await;
-    let eta = eta_of(&task, Utc::now());
     tracing::debug!(task_id = %id, task = %task.name, "task enqueued");
-    let location = link(&id);
-    let body = Enqueued {
-        links: TaskLinks {
-            this: location.clone(),
-        },
-        id,
-        state: TaskState::Pending,
-        queue: task.options.queue.unwrap_or_default(),
-        task: task.name,
-        eta,
-    };
+    let mut body = Vec::with_capacity(ENQUEUED_FIXED + 2 * id.len() + task.name.len());
+    write_enqueued(&mut body, &id, &task, Utc::now());
     Ok((
         StatusCode::ACCEPTED,
-        [(header::LOCATION, location)],
-        axum::Json(body),
+        [(header::LOCATION, link(&id))],
+        [(header::CONTENT_TYPE, HeaderValue::from_static(JSON))],
+        body,
     ))
+}
+
+/// The content type of JSON answers.
+pub(super) const JSON: &str = "application/json";
+
+/// An [`Enqueued`] answer's length without its id, name and queue,
+/// rounded up.
+pub(super) const ENQUEUED_FIXED: usize = 128;
+
+/// Writes the [`Enqueued`] answer for task `id` at the end of `out`: the
+/// text its serde derive gives, written straight (a batch writes a
+/// thousand; through serde they took a tenth of its time).
+pub(super) fn write_enqueued(out: &mut Vec<u8>, id: &str, task: &TaskRequest, now: DateTime<Utc>) {
+    let mut o = Object::open(out);
+    o.string("id", id);
+    o.text("state", "PENDING");
+    o.string("task", &task.name);
+    o.string("queue", task.options.queue.as_deref().unwrap_or_default());
+    match eta_of(task, now) {
+        Some(eta) => o.value("eta", &eta),
+        None => o.raw("eta", "null"),
+    }
+    let mut links = o.object("links");
+    links.joined("self", &[TASKS_PATH, id]);
+    links.close();
+    o.close();
 }
 
 /// A task's state, result or error.
