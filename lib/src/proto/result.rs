@@ -1,7 +1,7 @@
 //! Task results as Celery's Redis backend stores them
 //! (`celery-task-meta-<id>`, JSON).
 
-use super::json::Object;
+use super::json::{Object, fixed};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -204,11 +204,8 @@ impl TaskResult {
     pub fn pending_json(task_id: &str, name: &str, queue: &str) -> String {
         let mut out = Vec::with_capacity(PENDING_FIXED + task_id.len() + name.len() + queue.len());
         let mut r = Object::open(&mut out);
-        r.text("status", "PENDING");
-        r.raw("result", "null");
-        r.raw("traceback", "null");
-        r.raw("children", "[]");
-        r.raw("date_done", "null");
+        fixed!(&mut r, "status" => "\"PENDING\"", "result" => "null", "traceback" => "null",
+            "children" => "[]", "date_done" => "null");
         r.string("task_id", task_id);
         r.string("name", name);
         r.string("queue", queue);
