@@ -2,7 +2,7 @@
 //! before any is sent, then sent in one round trip to Redis.
 
 use super::enqueue::{EnqueueRequest, validate};
-use super::tasks::{ENQUEUED_FIXED, Enqueued, JSON, send_error, write_enqueued};
+use super::tasks::{Enqueued, JSON, enqueued_len, send_error, write_enqueued};
 use crate::error::{ApiError, ApiJson};
 use crate::state::AppState;
 use axum::extract::State;
@@ -110,12 +110,12 @@ pub async fn enqueue_batch(
 /// straight, since a thousand answers through serde took a tenth of a
 /// batch's time.
 fn answer(ids: &[String], tasks: &[TaskRequest], now: DateTime<Utc>) -> Vec<u8> {
-    let per_task: usize = ids.iter().map(|id| 2 * id.len()).sum::<usize>()
-        + tasks
-            .iter()
-            .map(|t| t.name.len() + t.options.queue.as_ref().map_or(0, String::len))
-            .sum::<usize>();
-    let mut out = Vec::with_capacity(16 + per_task + ids.len() * ENQUEUED_FIXED);
+    let len: usize = ids
+        .iter()
+        .zip(tasks)
+        .map(|(id, t)| enqueued_len(id, t) + 1)
+        .sum();
+    let mut out = Vec::with_capacity(16 + len);
     let mut top = Object::open(&mut out);
     top.key("tasks");
     let list = top.out();

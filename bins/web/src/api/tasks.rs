@@ -189,7 +189,7 @@ pub async fn enqueue(
     state.metrics.task_enqueued(&task.name);
     state.tasks_sent(&[(&id, &task)]).await;
     tracing::debug!(task_id = %id, task = %task.name, "task enqueued");
-    let mut body = Vec::with_capacity(ENQUEUED_FIXED + 2 * id.len() + task.name.len());
+    let mut body = Vec::with_capacity(enqueued_len(&id, &task));
     write_enqueued(&mut body, &id, &task, Utc::now());
     Ok((
         StatusCode::ACCEPTED,
@@ -204,7 +204,16 @@ pub(super) const JSON: &str = "application/json";
 
 /// An [`Enqueued`] answer's length without its id, name and queue,
 /// rounded up.
-pub(super) const ENQUEUED_FIXED: usize = 128;
+const ENQUEUED_FIXED: usize = 128;
+
+/// About how long the [`Enqueued`] answer for task `id` is (its id twice:
+/// as itself and in its link), to size the text before writing it.
+pub(super) fn enqueued_len(id: &str, task: &TaskRequest) -> usize {
+    ENQUEUED_FIXED
+        + 2 * id.len()
+        + task.name.len()
+        + task.options.queue.as_ref().map_or(0, String::len)
+}
 
 /// Writes the [`Enqueued`] answer for task `id` at the end of `out`: the
 /// text its serde derive gives, written straight (a batch writes a
