@@ -46,6 +46,11 @@ def main() -> int:
     if scenario == "chain":
         res = chain(add(2, 2), add(4), add(8)).apply_async()
         out["result"] = res.get(timeout=TIMEOUT)
+        # A step's follow-up goes out before its own result is stored (as in
+        # Celery, so the stored result names its children): the last step can
+        # be ready a moment before its parents are, so wait for each of them.
+        res.parent.parent.get(timeout=TIMEOUT)
+        res.parent.get(timeout=TIMEOUT)
         out["ids"] = [res.parent.parent.id, res.parent.id, res.id]
         out["parent_ids"] = [None, res.parent.parent.id, res.parent.id]
         out["states"] = [res.parent.parent.state, res.parent.state, res.state]

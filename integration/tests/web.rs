@@ -171,7 +171,26 @@ async fn web_refuses_to_start_without_a_token_and_stops_cleanly_on_sigterm() -> 
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16 characters"));
 
-    let mut web = WebProcess::spawn(&redis.url(), &ns, &[]).await?;
+    // `web_threads = auto` reads tokio's variable: a bad one is named.
+    for (key, value, named) in [
+        ("TOKIO_WORKER_THREADS", "none", "TOKIO_WORKER_THREADS"),
+        ("TASKSTACK_WEB_THREADS", "0", "web_threads"),
+    ] {
+        let mut cmd = WebProcess::command(&redis.url(), &ns, &addr)?;
+        cmd.env(key, value);
+        let out = run_to_exit(cmd, Duration::from_secs(10))?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{key}={value}: {err}");
+        assert!(err.contains("web_threads") && err.contains(named), "{err}");
+    }
+
+    // Served by three threads: each request answered, and SIGTERM stops
+    // them all.
+    let mut web = WebProcess::spawn(&redis.url(), &ns, &[("TASKSTACK_WEB_THREADS", "3")]).await?;
+    assert!(web.log().contains(r#""threads":3"#), "{}", web.log());
+    for _ in 0..6 {
+        assert_eq!(health(&web).await?.0, 503, "no worker yet");
+    }
     web.signal(Signal::SIGTERM)?;
     let status = web.wait_exit(Duration::from_secs(10))?;
     assert_eq!(status.code(), Some(0), "{}", web.log());

@@ -1,11 +1,13 @@
 //! The `taskstack-web` command line: what its `main` (and the multi-call
 //! `taskstack` binary, as `taskstack-web`) runs.
 
+use crate::threads::OpenBackend;
 use crate::{AppState, WebSettings, health};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 use taskstack::config::Config;
 use taskstack::service::cli::CommonArgs;
@@ -94,7 +96,16 @@ where
         // A missing or unreadable token is a configuration error (exit 2).
         loaded = loaded.and_then(|c| WebSettings::from_config(&c).map(|_| c));
     }
-    service::main("taskstack-web", loaded, invocation, None, run, healthcheck)
+    // The calling thread's runtime is one of the serving threads (see
+    // `threads`), so it is a current-thread one.
+    service::main(
+        "taskstack-web",
+        loaded,
+        invocation,
+        Some(1),
+        run,
+        healthcheck,
+    )
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -105,13 +116,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (web_listen)", settings.listen))?;
     let shutdown = taskstack::shutdown::install().context("cannot listen for signals")?;
-    crate::run(
+    let threads = settings.threads;
+    // Every other thread opens its own connections to the same stores.
+    let open: Arc<OpenBackend> = Arc::new(move || {
+        taskstack::open_backend(&config).context("invalid broker or result store settings")
+    });
+    crate::threads::run_on_threads(
         AppState::on_backend(backend, settings),
         listener,
         shutdown.cancelled_owned(),
+        threads,
+        open,
     )
-    .await?;
-    Ok(())
+    .await
 }
 
 async fn healthcheck(config: Config) -> ExitCode {

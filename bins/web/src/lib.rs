@@ -8,7 +8,9 @@
 //! - [`router`] builds the axum router and its OpenAPI document; tests drive
 //!   it without a socket.
 //! - [`run`] serves it on a listener until a shutdown future completes,
-//!   within the timeouts and connection cap of [`serve`].
+//!   within the timeouts and connection cap of [`serve`];
+//!   [`threads::run_on_threads`] does the same on several threads (the
+//!   service's way).
 //! - Modules: [`api`] (the `/api/v1` handlers), [`auth`] (bearer tokens),
 //!   [`error`] (JSON errors), [`health`], [`metrics`], [`openapi`],
 //!   [`state`] (what handlers share).
@@ -22,6 +24,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod serve;
 pub mod state;
+pub mod threads;
 
 pub use state::{AppState, WebSettings};
 

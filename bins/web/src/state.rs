@@ -44,6 +44,9 @@ pub struct WebSettings {
     /// Timeouts and the connection cap that keep slow clients from taking
     /// the API down.
     pub limits: crate::serve::Limits,
+    /// Threads serving requests (`web_threads`), each with its own runtime
+    /// and connections to the stores (see [`crate::threads`]).
+    pub threads: usize,
 }
 
 impl WebSettings {
@@ -65,6 +68,7 @@ impl WebSettings {
                 idle_timeout: c.web_idle_timeout,
                 max_connections: c.web_max_connections.get(),
             },
+            threads: c.web_thread_count()?,
         })
     }
 }
@@ -151,7 +155,8 @@ pub struct Inner {
     backend: Arc<dyn Backend>,
     pub settings: WebSettings,
     pub tokens: Tokens,
-    pub metrics: Metrics,
+    /// Shared by every thread's copy of the state (see [`AppState::sibling`]).
+    pub metrics: Arc<Metrics>,
     catalog: Catalog,
     /// `task-sent` events, when `task_send_sent_event` is on.
     sent_events: Option<SentEvents>,
@@ -183,6 +188,19 @@ impl AppState {
 
     /// The web API on any backend (e.g. `MemoryBackend` in unit tests).
     pub fn on_backend(backend: Arc<dyn Backend>, settings: WebSettings) -> Self {
+        Self::build(backend, settings, Arc::new(Metrics::new()))
+    }
+
+    /// The same service on `backend` (another runtime's connections to the
+    /// same stores): the settings and tokens as here, the metrics shared,
+    /// its own producer and view of the live workers. Each of the web's
+    /// threads serves with one (see [`crate::threads`]), so a request's
+    /// Redis round trip stays on its thread.
+    pub fn sibling(&self, backend: Arc<dyn Backend>) -> Self {
+        Self::build(backend, self.settings.clone(), Arc::clone(&self.metrics))
+    }
+
+    fn build(backend: Arc<dyn Backend>, settings: WebSettings, metrics: Arc<Metrics>) -> Self {
         let producer = Producer::on_backend(Arc::clone(&backend), origin())
             .record_pending(settings.result_expires)
             .max_task_delay(settings.max_task_delay);
@@ -196,7 +214,7 @@ impl AppState {
             backend,
             tokens: Tokens::new(&settings.tokens),
             settings,
-            metrics: Metrics::new(),
+            metrics,
             catalog: Catalog::default(),
         }))
     }

@@ -1,15 +1,19 @@
 //! Slow clients against the real server on a real socket (port 0): header
-//! and idle timeouts close them, and the connection cap keeps the service
-//! answering ordinary requests.
+//! and idle timeouts close them, and the connection cap (over all serving
+//! threads) keeps the service answering ordinary requests. A serving thread
+//! that fails stops the service.
 
 mod common;
 
 use anyhow::{Context as _, Result};
 use common::{App, settings};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use taskstack::backend::{Backend, RedisBackend};
 use taskstack_integration::TEST_TOKEN;
 use taskstack_web::serve::Limits;
+use taskstack_web::threads::{OpenBackend, run_on_threads};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -25,22 +29,34 @@ struct Served {
     _app: App,
     addr: SocketAddr,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
 }
 
 impl Served {
-    async fn start(test: &str) -> Result<Self> {
+    /// Served by `threads` threads (one: [`taskstack_web::run`]; more:
+    /// [`run_on_threads`], the others on their own Redis connections).
+    async fn start(test: &str, threads: usize) -> Result<Self> {
         let mut s = settings(&["celery"], &["taskstack.add"]);
         s.limits = LIMITS;
         let app = App::new(test, s)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
-        let task = tokio::spawn(taskstack_web::run(
-            app.state.clone(),
-            listener,
-            stop.clone().cancelled_owned(),
-        ));
+        let shutdown = stop.clone().cancelled_owned();
+        let state = app.state.clone();
+        let task = if threads == 1 {
+            tokio::spawn(async move {
+                taskstack_web::run(state, listener, shutdown).await?;
+                Ok(())
+            })
+        } else {
+            let (url, ns) = (app.redis.url(), app.ns.clone());
+            let open: Arc<OpenBackend> = Arc::new(move || {
+                let broker = taskstack_integration::broker(&url, &ns)?;
+                Ok(Arc::new(RedisBackend::new(broker)) as Arc<dyn Backend>)
+            });
+            tokio::spawn(run_on_threads(state, listener, shutdown, threads, open))
+        };
         Ok(Self {
             _app: app,
             addr,
@@ -93,7 +109,7 @@ async fn get(addr: SocketAddr, path: &str) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_header_senders_are_cut_and_ordinary_requests_still_answered() -> Result<()> {
-    let served = Served::start("limits-slowloris").await?;
+    let served = Served::start("limits-slowloris", 2).await?;
     let started = Instant::now();
     // More slow connections than the cap: the first 20 are served (and
     // stall), the rest wait in the backlog and are cut once accepted.
@@ -124,7 +140,7 @@ async fn slow_header_senders_are_cut_and_ordinary_requests_still_answered() -> R
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_body_and_an_idle_keep_alive_are_closed() -> Result<()> {
-    let served = Served::start("limits-idle").await?;
+    let served = Served::start("limits-idle", 2).await?;
     // Headers complete, body promised but never sent: only the idle
     // timeout can end this.
     let mut stalled = slowloris(
@@ -151,15 +167,50 @@ async fn a_stalled_body_and_an_idle_keep_alive_are_closed() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stopping_is_not_held_up_by_idle_connections() -> Result<()> {
-    let served = Served::start("limits-stop").await?;
-    // An idle keep-alive connection does not hold the shutdown up.
-    let _idle = slowloris(served.addr, b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\n").await?;
-    assert_eq!(get(served.addr, "/health/live").await?, "HTTP/1.1 200 OK");
-    let addr = served.addr;
-    served.stop().await?;
+    for threads in [1, 3] {
+        let served = Served::start("limits-stop", threads).await?;
+        // Idle keep-alive connections (on every thread) do not hold the
+        // shutdown up; each was served first.
+        let mut idle = Vec::new();
+        for _ in 0..threads * 2 {
+            let mut s =
+                slowloris(served.addr, b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\n").await?;
+            let mut buf = [0u8; 12];
+            s.read_exact(&mut buf).await?;
+            assert_eq!(&buf, b"HTTP/1.1 200", "{threads} thread(s)");
+            idle.push(s);
+        }
+        let addr = served.addr;
+        served.stop().await?;
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "still accepting after stop ({threads} thread(s))"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_serving_thread_that_fails_stops_the_service_with_its_reason() -> Result<()> {
+    let app = App::new("limits-thread-fails", settings(&["celery"], &[]))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let open: Arc<OpenBackend> = Arc::new(|| anyhow::bail!("the stores are out of reach"));
+    let never = std::future::pending::<()>();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        run_on_threads(app.state.clone(), listener, never, 2, open),
+    )
+    .await
+    .context("the service kept running on fewer threads")?;
+    let err = format!("{:#}", outcome.expect_err("a failed thread is an error"));
+    assert!(
+        err.contains("web thread 1") && err.contains("the stores are out of reach"),
+        "{err}"
+    );
     assert!(
         TcpStream::connect(addr).await.is_err(),
-        "still accepting after stop"
+        "still accepting after the failure"
     );
     Ok(())
 }

@@ -329,6 +329,11 @@ pub struct Config {
     /// `taskstack-web`: connections served at once; further ones wait in the
     /// listen backlog until one closes (a WARN says the limit was hit).
     pub web_max_connections: NonZeroUsize,
+    /// `taskstack-web`: threads serving requests, each with a runtime and
+    /// Redis connections of its own (a request never changes thread);
+    /// `auto` (the default): tokio's `TOKIO_WORKER_THREADS` when set, else
+    /// one per CPU.
+    pub web_threads: RuntimeThreads,
     /// `taskstack-worker`: program and HTTP tasks (`[tasks."name"]` tables
     /// with `exec = [...]` or `http = "url"`), run like built-in tasks.
     #[serde(default)]
@@ -466,6 +471,7 @@ impl Default for Config {
             web_header_timeout: Duration::from_secs(10),
             web_idle_timeout: Duration::from_secs(60),
             web_max_connections: NonZeroUsize::new(1024).expect("1024 > 0"),
+            web_threads: RuntimeThreads::Auto,
             tasks: DeclaredTasks::default(),
             task_annotations: TaskAnnotations::default(),
         }

@@ -1,14 +1,17 @@
-//! `worker_runtime_threads`: how many threads run a worker's async runtime.
+//! `worker_runtime_threads` and `web_threads`: how many threads run a
+//! service's async work.
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use std::fmt;
 use std::num::NonZeroUsize;
 
-/// Threads of a worker's async runtime (`worker_runtime_threads`).
+/// Threads of a worker's async runtime (`worker_runtime_threads`) or of
+/// the web's request serving (`web_threads`, where `auto` is one per CPU:
+/// see `Config::web_thread_count`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RuntimeThreads {
-    /// One thread when every task the worker runs is built-in or declared
+    /// For a worker: one thread when every task the worker runs is built-in or declared
     /// (program and HTTP tasks: none of them blocks a thread); otherwise
     /// one per CPU, so a handler of the binary's own that blocks its
     /// thread leaves the others running. tokio's `TOKIO_WORKER_THREADS`,

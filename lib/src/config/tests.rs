@@ -73,36 +73,41 @@ fn bad_values_name_the_key_and_value() {
 }
 
 #[test]
-fn worker_runtime_threads_is_auto_or_a_positive_count_and_names_a_bad_one() {
-    assert_eq!(
-        with(&[]).expect("defaults").worker_runtime_threads,
-        RuntimeThreads::Auto
-    );
+fn runtime_threads_are_auto_or_a_positive_count_and_name_a_bad_one() {
     let fixed = |n: usize| RuntimeThreads::Fixed(NonZeroUsize::new(n).expect("n > 0"));
-    for (v, want) in [
-        (json!("auto"), RuntimeThreads::Auto),
-        (json!(" AUTO "), RuntimeThreads::Auto),
-        (json!(2), fixed(2)),
-        (json!("3"), fixed(3)),
-    ] {
-        let c = with(&[("worker_runtime_threads", v.clone())]).expect("valid");
-        assert_eq!(c.worker_runtime_threads, want, "{v}");
+    let of = |c: &Config, key: &str| match key {
+        "web_threads" => c.web_threads,
+        _ => c.worker_runtime_threads,
+    };
+    for key in ["worker_runtime_threads", "web_threads"] {
+        assert_eq!(of(&with(&[]).expect("defaults"), key), RuntimeThreads::Auto);
+        for (v, want) in [
+            (json!("auto"), RuntimeThreads::Auto),
+            (json!(" AUTO "), RuntimeThreads::Auto),
+            (json!(2), fixed(2)),
+            (json!("3"), fixed(3)),
+        ] {
+            let c = with(&[(key, v.clone())]).expect("valid");
+            assert_eq!(of(&c, key), want, "{key} = {v}");
+        }
+        let c = from_toml(&format!("{key} = 4\n")).expect("toml");
+        assert_eq!(of(&c, key), fixed(4));
+        assert_eq!(
+            with(&[(key, json!(2))]).expect("valid").redacted()[key],
+            json!(2)
+        );
+        assert_eq!(with(&[]).expect("defaults").redacted()[key], json!("auto"));
+        for bad in [json!(0), json!("0"), json!(-1), json!("many"), json!(1.5)] {
+            let e = err(&[(key, bad.clone())]);
+            assert!(e.contains(key), "{key} = {bad}: {e}");
+        }
     }
-    let c = from_toml("worker_runtime_threads = 4\n").expect("toml");
-    assert_eq!(c.worker_runtime_threads, fixed(4));
-    assert_eq!(
-        with(&[("worker_runtime_threads", json!(2))])
-            .expect("valid")
-            .redacted()["worker_runtime_threads"],
-        json!(2)
-    );
-    assert_eq!(
-        with(&[]).expect("defaults").redacted()["worker_runtime_threads"],
-        json!("auto")
-    );
-    for bad in [json!(0), json!("0"), json!(-1), json!("many"), json!(1.5)] {
-        let e = err(&[("worker_runtime_threads", bad.clone())]);
-        assert!(e.contains("worker_runtime_threads"), "{bad}: {e}");
+    let c = with(&[("web_threads", json!(3))]).expect("valid");
+    assert_eq!(c.web_thread_count().expect("a count"), 3);
+    if std::env::var_os(TOKIO_WORKER_THREADS).is_none() {
+        let c = with(&[]).expect("defaults");
+        let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        assert_eq!(c.web_thread_count().expect("a count"), cpus);
     }
 }
 

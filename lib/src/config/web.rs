@@ -1,6 +1,6 @@
 //! The `taskstack-web` keys: listen address, API tokens, limits.
 
-use super::{Config, ConfigError, Secret, invalid};
+use super::{Config, ConfigError, RuntimeThreads, Secret, TOKIO_WORKER_THREADS, invalid};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -52,6 +52,34 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// How many threads serve `taskstack-web`'s requests (`web_threads`):
+    /// the number given, or under `auto` tokio's `TOKIO_WORKER_THREADS`
+    /// when set (it must then be a positive number), else one per CPU the
+    /// process may use.
+    pub fn web_thread_count(&self) -> Result<usize, ConfigError> {
+        match self.web_threads {
+            RuntimeThreads::Fixed(n) => Ok(n.get()),
+            RuntimeThreads::Auto => match std::env::var(TOKIO_WORKER_THREADS) {
+                Ok(v) => v
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| {
+                        invalid(
+                            "web_threads",
+                            &format!("auto, with {TOKIO_WORKER_THREADS}={v:?}"),
+                            &format!(
+                                "{TOKIO_WORKER_THREADS} must be a number of threads of at least 1 \
+                                 (or unset; or give web_threads a number)"
+                            ),
+                        )
+                    }),
+                Err(_) => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            },
+        }
     }
 
     /// Where `taskstack-web` listens.

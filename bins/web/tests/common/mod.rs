@@ -28,6 +28,7 @@ pub fn settings(queues: &[&str], tasks: &[&str]) -> WebSettings {
         body_limit: 64 * 1024,
         tokens: vec![TEST_TOKEN.into()],
         limits: taskstack_web::serve::Limits::default(),
+        threads: 1,
     }
 }
 

@@ -14,23 +14,24 @@
 //! - `accept` failing for lack of file descriptors (EMFILE/ENFILE) or memory
 //!   is logged (rate-limited) and retried after a growing pause, instead of
 //!   spinning on the error or stopping the service.
+//!
+//! One acceptor ([`accept`]) takes the connections and hands each to a
+//! shard ([`serve_shard`]), which serves it on its own runtime:
+//! [`serve`] runs one of each on the caller's runtime, [`crate::threads`]
+//! one shard per thread.
+
+mod shard;
+mod tracked;
+
+pub use shard::{Inbox, ShardLink, channel as shard_channel, serve as serve_shard};
 
 use axum::Router;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 /// How a connection is bounded (`web_header_timeout`, `web_idle_timeout`,
@@ -62,25 +63,39 @@ const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duratio
 
 /// Serves `app` on `listener` within `limits` until `shutdown` completes;
 /// then stops accepting, lets requests in flight finish and closes idle
-/// connections.
+/// connections. Everything runs on the calling task's runtime (one
+/// [`serve_shard`]); see [`crate::threads`] for a server spread over threads.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let (link, inbox) = shard::channel();
+    tokio::join!(
+        accept(listener, vec![link], limits, shutdown),
+        shard::serve(inbox, app, limits),
+    );
+}
+
+/// Accepts connections on `listener` within `limits` and hands each to the
+/// shard serving the fewest, until `shutdown` completes or no shard is
+/// left; then drops `shards`, which tells them to stop (they finish what
+/// is in flight). At [`Limits::max_connections`] connections served, over
+/// all shards, it stops accepting until one closes.
+pub async fn accept(
+    listener: TcpListener,
+    shards: Vec<ShardLink>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
-    let graceful = GracefulShutdown::new();
-    let mut connections = JoinSet::new();
     let mut at_cap = Warner::default();
     let mut accept_failed = Warner::default();
     let mut backoff = ACCEPT_BACKOFF.0;
     let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        while connections.try_join_next().is_some() {}
+    let mut shards = shard::Shards::new(shards);
+    while !shards.is_empty() {
         let permit = match Arc::clone(&permits).try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -127,27 +142,17 @@ pub async fn serve(
         backoff = ACCEPT_BACKOFF.0;
         // Small request/response pairs: never wait to coalesce segments.
         let _ = tcp.set_nodelay(true);
-        let (io, activity) = Tracked::new(tcp);
-        let conn = graceful
-            .watch(http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app.clone())));
-        let idle = limits.idle_timeout;
-        connections.spawn(async move {
-            let _permit = permit;
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "connection closed");
-                },
-                () = activity.idle_for(idle) => {
-                    tracing::debug!(%peer, idle = ?idle, "closing an idle connection");
-                }
+        let tcp = match tcp.into_std() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "cannot hand over a connection");
+                continue;
             }
-        });
+        };
+        shards.hand(shard::Accepted { tcp, peer, permit });
     }
     drop(listener);
-    graceful.shutdown().await;
-    while connections.join_next().await.is_some() {}
 }
-
 /// Errors that concern one connection only (the client reset it before
 /// it was accepted), not the listener.
 fn is_peer_error(e: &io::Error) -> bool {
@@ -177,109 +182,5 @@ impl Warner {
         }
         self.last = Some(now);
         true
-    }
-}
-
-/// When a connection last moved a byte, shared between its I/O and its
-/// idle watch.
-#[derive(Debug, Clone)]
-struct Activity {
-    start: Instant,
-    /// Milliseconds after `start` of the last read or write.
-    last_ms: Arc<AtomicU64>,
-}
-
-impl Activity {
-    fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// Completes once nothing has moved for `idle`.
-    async fn idle_for(&self, idle: Duration) {
-        loop {
-            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = last + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
-}
-
-/// A TCP stream that records when bytes last moved.
-#[derive(Debug)]
-struct Tracked {
-    inner: TcpStream,
-    activity: Activity,
-}
-
-impl Tracked {
-    fn new(inner: TcpStream) -> (Self, Activity) {
-        let activity = Activity {
-            start: Instant::now(),
-            last_ms: Arc::new(AtomicU64::new(0)),
-        };
-        (
-            Self {
-                inner,
-                activity: activity.clone(),
-            },
-            activity,
-        )
-    }
-}
-
-impl AsyncRead for Tracked {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Tracked {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
