@@ -6,10 +6,11 @@ use crate::{AppState, WebSettings, health};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use taskstack::config::Config;
+use taskstack::config::{Config, MIN_POOL_SIZE};
 use taskstack::service::cli::CommonArgs;
 use taskstack::service::{self, Invocation};
 
@@ -110,6 +111,9 @@ where
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let settings = WebSettings::from_config(&config)?;
+    // Every thread opens its own connections to the same stores, its share
+    // of the process's.
+    let config = thread_share(config, settings.threads);
     let backend =
         taskstack::open_backend(&config).context("invalid broker or result store settings")?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -117,7 +121,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (web_listen)", settings.listen))?;
     let shutdown = taskstack::shutdown::install().context("cannot listen for signals")?;
     let threads = settings.threads;
-    // Every other thread opens its own connections to the same stores.
     let open: Arc<OpenBackend> = Arc::new(move || {
         taskstack::open_backend(&config).context("invalid broker or result store settings")
     });
@@ -131,6 +134,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .await
 }
 
+/// `config` for one of `threads` serving threads: an equal share of the
+/// process's `redis_pool_size` connections (which also sizes a PostgreSQL
+/// result store's pool), at least [`MIN_POOL_SIZE`] each.
+fn thread_share(mut config: Config, threads: usize) -> Config {
+    let share = config
+        .redis_pool_size
+        .get()
+        .div_ceil(threads.max(1))
+        .max(MIN_POOL_SIZE);
+    if let Some(n) = NonZeroUsize::new(share) {
+        config.redis_pool_size = n;
+    }
+    config
+}
+
 async fn healthcheck(config: Config) -> ExitCode {
     let verdict = match config.web_addr() {
         Ok(addr) if addr.port() == 0 => {
@@ -140,4 +158,28 @@ async fn healthcheck(config: Config) -> ExitCode {
         Err(e) => Err(e.to_string()),
     };
     service::verdict(verdict.map(|_| "/health answered 200".to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_thread_gets_an_equal_share_of_the_pool_and_at_least_the_minimum() {
+        let sized = |n: usize| Config {
+            redis_pool_size: NonZeroUsize::new(n).expect("n > 0"),
+            ..Config::default()
+        };
+        for (size, threads, each) in [
+            (8, 1, 8),
+            (8, 2, 4),
+            (9, 2, 5),
+            (32, 4, 8),
+            (8, 4, 4),
+            (8, 0, 8),
+        ] {
+            let c = thread_share(sized(size), threads);
+            assert_eq!(c.redis_pool_size.get(), each, "{size} over {threads}");
+        }
+    }
 }
