@@ -3,9 +3,11 @@
 //! Celery-protocol `taskstack.echo` messages with a stock
 //! `taskstack-worker` (defaults), with a tuned one (`--tuned` settings) and
 //! with Python Celery (`-P prefork -c 2`, otherwise its defaults), then
-//! measures the server's ceiling with `redis-benchmark -P 16`. It prints
-//! one table of medians with the ratios; it asserts nothing about them.
-//! See `bench/README.md`.
+//! measures the server's ceiling with `redis-benchmark -P 16`, and the
+//! enqueue-to-result latency of one task at a time on each taskstack worker
+//! while it is otherwise idle (beside the server's own `PING` round trip).
+//! It prints tables of medians with the ratios; it asserts nothing about
+//! them. See `bench/README.md`.
 //!
 //! ```sh
 //! cargo build --release -p taskstack-worker -p taskstack-bench
@@ -15,6 +17,8 @@
 #[allow(dead_code, reason = "shared with the canvas and drain benches")]
 #[path = "../canvas_procs.rs"]
 mod canvas_procs;
+#[path = "../latency.rs"]
+mod latency;
 #[path = "../prefilled.rs"]
 mod prefilled;
 #[allow(
@@ -35,7 +39,8 @@ use canvas_procs::{CeleryPool, Service};
 use clap::Parser;
 use prefilled::{Drain, drain, print_drain};
 use redis_info::redis_benchmark;
-use std::path::PathBuf;
+use stats::Latency;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use taskstack_integration::RedisServer;
 
@@ -44,6 +49,10 @@ const TUNED: &str = "taskstack tuned";
 const CELERY: &str = "celery prefork -c 2";
 /// `redis-benchmark`'s pipeline depth for the ceiling.
 const PIPELINE: u32 = 16;
+/// The task of the latency round trips (the prefilled messages' too).
+const ECHO: &str = "taskstack.echo";
+/// Unmeasured round trips before each latency sample.
+const WARMUP: usize = 100;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -66,6 +75,10 @@ struct Cli {
         "PREFETCH=1024".to_owned(),
     ])]
     tuned: Vec<String>,
+    /// Measured round trips (one task at a time on an idle worker) per
+    /// taskstack worker and run.
+    #[arg(long, default_value_t = 1000)]
+    latency_samples: usize,
     /// Skip Celery (no Python with Celery at hand).
     #[arg(long)]
     no_celery: bool,
@@ -85,8 +98,8 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     ensure!(cli.runs > 0, "--runs must be at least 1");
     ensure!(
-        cli.tasks > 0 && cli.celery_tasks > 0,
-        "--tasks and --celery-tasks must be at least 1"
+        cli.tasks > 0 && cli.celery_tasks > 0 && cli.latency_samples > 0,
+        "--tasks, --celery-tasks and --latency-samples must be at least 1"
     );
     let tuned = canvas_procs::settings_env(&cli.tuned)?;
     let tuned: Vec<(&str, String)> = tuned.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
@@ -123,7 +136,7 @@ async fn main() -> Result<()> {
     println!();
 
     let timeout = Duration::from_secs(cli.timeout);
-    let (mut drains, mut ceilings) = (Vec::new(), Vec::new());
+    let (mut drains, mut ceilings, mut latencies) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=cli.runs {
         let d = drain(&mut con, DEFAULTS, cli.tasks, run, timeout, || {
             Service::taskstack(&worker_bin, &url, &[])
@@ -162,9 +175,82 @@ async fn main() -> Result<()> {
             line.join(", ")
         );
         ceilings.push(ceiling);
+        for (system, env) in [(DEFAULTS, &[][..]), (TUNED, &tuned[..])] {
+            let l = idle_latency(&mut con, &worker_bin, &url, env, cli.latency_samples)
+                .await
+                .with_context(|| format!("run {run}, {system}, latency"))?;
+            println!(
+                "run {run} {system} idle latency: p50 {:.3} ms, p99 {:.3} ms ({} round trips)",
+                l.p50, l.p99, cli.latency_samples
+            );
+            latencies.push((system, l));
+        }
+        let ping = latency::ping_round_trips(&mut con, cli.latency_samples).await?;
+        println!(
+            "run {run} redis PING: p50 {:.3} ms, p99 {:.3} ms",
+            ping.p50, ping.p99
+        );
+        latencies.push((PING, ping));
     }
     print_table(&cli, &tuned_text, &drains, &ceilings);
+    print_latency_table(&cli, &tuned_text, &latencies);
     Ok(())
+}
+
+/// The server's own round trip, beside the workers' latencies.
+const PING: &str = "redis PING";
+
+/// Enqueue-to-result round trips, one task at a time, on a worker started
+/// with `env` that has nothing else to do (a flushed server, an empty
+/// queue): `WARMUP` unmeasured, then `samples` measured.
+async fn idle_latency(
+    con: &mut redis::aio::MultiplexedConnection,
+    worker_bin: &Path,
+    url: &str,
+    env: &[(&str, String)],
+    samples: usize,
+) -> Result<Latency> {
+    let _: () = redis::cmd("FLUSHALL").query_async(con).await?;
+    let worker = Service::taskstack(worker_bin, url, env)?;
+    let producer = taskstack_integration::producer(url, worker.namespace())?;
+    let measured = latency::measure_latency(&producer, WARMUP, samples)
+        .await
+        .with_context(|| format!("worker log tail:\n{}", worker.log_tail()));
+    worker.stop()?;
+    measured
+}
+
+fn print_latency_table(cli: &Cli, tuned: &[String], latencies: &[(&str, Latency)]) {
+    println!();
+    println!(
+        "| idle round trip ({} per run) | p50 ms (median) | p99 ms (median) | runs (p50) |",
+        cli.latency_samples
+    );
+    println!("| --- | --- | --- | --- |");
+    for (system, label) in [
+        (DEFAULTS, DEFAULTS.to_owned()),
+        (TUNED, format!("{TUNED} ({})", tuned.join(" "))),
+        (PING, format!("{PING} (the bench's own connection)")),
+    ] {
+        let mine: Vec<&Latency> = latencies
+            .iter()
+            .filter(|(s, _)| *s == system)
+            .map(|(_, l)| l)
+            .collect();
+        let p50: Vec<f64> = mine.iter().map(|l| l.p50).collect();
+        let p99: Vec<f64> = mine.iter().map(|l| l.p99).collect();
+        let runs: Vec<String> = p50.iter().map(|x| format!("{x:.3}")).collect();
+        println!(
+            "| {label} | {:.3} | {:.3} | {} |",
+            median(&p50),
+            median(&p99),
+            runs.join(" / ")
+        );
+    }
+    println!();
+    println!(
+        "latency: enqueue (taskstack's producer: the message and its PENDING record) to the result received through its channel, on a worker with an empty queue"
+    );
 }
 
 fn runs_text(values: &[f64]) -> String {

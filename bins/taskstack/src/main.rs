@@ -9,6 +9,10 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
 
+/// mimalloc: see the workspace's Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 usage: taskstack <web|worker|beat> [ARGS...]
    or: run it as taskstack-web, taskstack-worker or taskstack-beat (a link)
