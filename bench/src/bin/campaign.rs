@@ -216,8 +216,11 @@ async fn idle_latency(
     let measured = latency::measure_latency(&producer, WARMUP, samples)
         .await
         .with_context(|| format!("worker log tail:\n{}", worker.log_tail()));
-    worker.stop()?;
-    measured
+    // A failed measurement is the error to report, before a failed stop.
+    let stopped = worker.stop();
+    let latency = measured?;
+    stopped?;
+    Ok(latency)
 }
 
 fn print_latency_table(cli: &Cli, tuned: &[String], latencies: &[(&str, Latency)]) {
