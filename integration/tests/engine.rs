@@ -220,6 +220,70 @@ async fn countdown_waits_in_redis_and_expired_tasks_are_revoked() -> Result<()> 
     Ok(())
 }
 
+/// Calls of `command` since the last `CONFIG RESETSTAT`, from `INFO commandstats`.
+fn calls(redis: &RedisServer, command: &str) -> Result<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn()?)?;
+    let prefix = format!("cmdstat_{command}:calls=");
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(Ok(0), str::parse)?)
+}
+
+/// An idle worker woken by a message takes once and blocks again: it does
+/// not ask a second time to learn that the lists it just found empty are
+/// still empty. Every take (`fetch.lua`) renews the lease with one `ZADD`;
+/// the lease here is long enough that no heartbeat does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_takes_once_per_message_it_wakes_for() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let ns = namespace("idle-take");
+    let mut s = settings(&["celery"]);
+    s.lease = Duration::from_secs(300);
+    let w = InProcessWorker::start(&redis.url(), &ns, builtins(), s)?;
+    let p = producer(&redis.url(), &ns)?;
+    wait_until("the worker to block for messages", WAIT, || async {
+        Ok((calls(&redis, "blmove")? > 0).then_some(()))
+    })
+    .await?;
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut redis.conn()?)?;
+    const N: u64 = 20;
+    for i in 0..N {
+        let id = p.send_task(builtin::ADD, vec![json!(i), json!(1)]).await?;
+        let r = p.wait(&id, WAIT).await?;
+        assert_eq!(r.result, json!(i + 1));
+    }
+    // Each wait that ended (a message landed, or its 100 ms passed) is
+    // followed by one take; a take in flight or one that found a message
+    // between two waits may add one or two.
+    let (takes, waits) = (calls(&redis, "zadd")?, calls(&redis, "blmove")?);
+    assert!(waits >= N, "{waits} waits for {N} messages");
+    assert!(
+        takes <= waits + 2,
+        "{takes} takes for {waits} waits: a woken worker asked twice"
+    );
+    // A message on another priority bucket (not the one the wait watches)
+    // is still served.
+    let id = p
+        .send(&req(
+            builtin::ADD,
+            vec![json!(1), json!(1)],
+            SendOptions {
+                priority: Some(6),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    assert_eq!(p.wait(&id, WAIT).await?.result, json!(2));
+    w.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priorities_are_served_lowest_bucket_first() -> Result<()> {
     let redis = RedisServer::start()?;

@@ -347,6 +347,8 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
     let mut backoff = Duration::from_millis(50);
     let mut queues = sh.queues.subscribe();
     let mut keys = queue_keys(&queues.borrow_and_update());
+    // Whether the last blocking wait ended with a message landing.
+    let mut woke = false;
     loop {
         if keys.is_empty() {
             // Every queue was cancelled: wait for an `add_consumer`.
@@ -399,6 +401,12 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
                 continue;
             }
         };
+        // Woken by a message and then short of the budget: every list was
+        // empty a moment ago, so the worker blocks again at once rather
+        // than asking a second time (a message on the first list ends the
+        // wait at once; one anywhere else waits at most IDLE_WAIT, as it
+        // does whenever the worker is blocked).
+        let idle_again = std::mem::take(&mut woke) && deliveries.len() < budget;
         let mut held = Vec::with_capacity(deliveries.len());
         let mut surplus = Vec::new();
         for d in deliveries {
@@ -419,26 +427,28 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
                 tracing::warn!(error = %e, "cannot hand back; the lease returns them");
             }
         }
-        if held.is_empty() && !keys.is_empty() {
+        // Each message queues for a concurrency slot here, in the order
+        // taken, not when its task is first polled (see `turn`).
+        let idle = held.is_empty() || idle_again;
+        for h in held {
+            let turn = turn::Turn::queue(&sh.exec);
+            tasks.spawn(handle::handle(Arc::clone(sh), h, turn));
+        }
+        if idle && !keys.is_empty() {
             match consume.wait_for_message(&keys, IDLE_WAIT).await {
-                // Nothing landed: the lists served may change now too.
-                Ok(false) if queues.has_changed().unwrap_or(false) => {
-                    keys = serve(sh, started_at, &mut queues, &keys).await;
+                Ok(landed) => {
+                    woke = landed;
+                    // Nothing landed: the lists served may change now too.
+                    if !landed && queues.has_changed().unwrap_or(false) {
+                        keys = serve(sh, started_at, &mut queues, &keys).await;
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "cannot wait for messages");
                     tokio::time::sleep(jitter(backoff)).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-            continue;
-        }
-        // Each message queues for a concurrency slot here, in the order
-        // taken, not when its task is first polled (see `turn`).
-        for h in held {
-            let turn = turn::Turn::queue(&sh.exec);
-            tasks.spawn(handle::handle(Arc::clone(sh), h, turn));
         }
     }
 }
