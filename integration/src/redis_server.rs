@@ -5,7 +5,8 @@ use anyhow::{Context as _, Result};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// A `redis-server` of our own on a free loopback port, killed on drop.
+/// A `redis-server` of our own on a free loopback port and a Unix socket in
+/// its own directory, killed on drop.
 #[derive(Debug)]
 pub struct RedisServer {
     port: u16,
@@ -47,7 +48,11 @@ impl RedisServer {
             .arg("--save")
             .arg("")
             .arg("--protected-mode")
-            .arg("no");
+            .arg("no")
+            .arg("--unixsocket")
+            .arg(self.socket_path())
+            .arg("--unixsocketperm")
+            .arg("700");
         if self.aof {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
@@ -75,6 +80,17 @@ impl RedisServer {
     /// `redis://127.0.0.1:<port>/0`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The server's Unix socket (in its own temporary directory).
+    pub fn socket_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    /// `unix://<socket>?db=0`: the same server and database as [`Self::url`],
+    /// through the socket.
+    pub fn socket_url(&self) -> String {
+        format!("unix://{}?db=0", self.socket_path().display())
     }
 
     pub fn port(&self) -> u16 {

@@ -107,6 +107,16 @@ impl WebProcess {
         crate::http::request(&self.addr, method, path, Some(TEST_TOKEN), body).await
     }
 
+    /// Enqueues `taskstack.add(a, b)` (expecting `202`) and waits until it
+    /// is `SUCCESS`; returns that answer (its `id`, `result`, ...).
+    pub async fn run_add(&self, a: i64, b: i64) -> Result<serde_json::Value> {
+        let task = serde_json::json!({"task": "taskstack.add", "args": [a, b]});
+        let (s, v) = self.call("POST", "/api/v1/tasks", Some(&task)).await?;
+        anyhow::ensure!(s == 202, "POST /api/v1/tasks answered {s}: {v}");
+        self.wait_state(v["id"].as_str().unwrap_or_default(), "SUCCESS")
+            .await
+    }
+
     /// Waits (30 s at most) until `GET /api/v1/tasks/{id}` reports `state`;
     /// returns that answer.
     pub async fn wait_state(&self, id: &str, state: &str) -> Result<serde_json::Value> {

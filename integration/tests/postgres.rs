@@ -70,17 +70,9 @@ async fn worker_and_web_keep_results_in_postgresql() -> Result<()> {
     })
     .await?;
 
-    let (s, v) = web
-        .call(
-            "POST",
-            "/api/v1/tasks",
-            Some(&json!({"task": "taskstack.add", "args": [40, 2]})),
-        )
-        .await?;
-    assert_eq!(s, 202, "{v}");
-    let id = v["id"].as_str().unwrap_or_default().to_owned();
-    let done = web.wait_state(&id, "SUCCESS").await?;
+    let done = web.run_add(40, 2).await?;
     assert_eq!(done["result"], 42, "{done}");
+    let id = done["id"].as_str().unwrap_or_default().to_owned();
     let row = pg
         .psql(
             &db,

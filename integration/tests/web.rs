@@ -42,17 +42,7 @@ async fn tasks_flow_through_the_http_api_and_health_follows_the_worker() -> Resu
     );
 
     // Enqueue and poll to SUCCESS.
-    let (s, v) = web
-        .call(
-            "POST",
-            "/api/v1/tasks",
-            Some(&json!({"task": "taskstack.add", "args": [40, 2]})),
-        )
-        .await?;
-    assert_eq!(s, 202, "{v}");
-    let done = web
-        .wait_state(v["id"].as_str().unwrap_or_default(), "SUCCESS")
-        .await?;
+    let done = web.run_add(40, 2).await?;
     assert_eq!(done["result"], 42);
 
     // Revoke one that waits for its countdown: it never runs.

@@ -122,6 +122,9 @@ pub fn redact_url(raw: &str) -> String {
     if crate::config::is_sentinel_url(raw) {
         return crate::config::redact_sentinel_url(raw);
     }
+    if crate::config::is_socket_url(raw) {
+        return crate::config::redact_socket_url(raw);
+    }
     match url::Url::parse(raw) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some(REDACTED));

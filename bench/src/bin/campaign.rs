@@ -75,6 +75,11 @@ struct Cli {
         "PREFETCH=1024".to_owned(),
     ])]
     tuned: Vec<String>,
+    /// The tuned worker, and the producer of its latency round trips, reach
+    /// Redis through the server's Unix socket (`unix://...`); the defaults
+    /// stay on loopback TCP.
+    #[arg(long)]
+    socket: bool,
     /// Measured round trips (one task at a time on an idle worker) per
     /// taskstack worker and run.
     #[arg(long, default_value_t = 1000)]
@@ -118,7 +123,13 @@ async fn main() -> Result<()> {
     let mut con = redis_info::connect(&url).await?;
     let version = redis_info::server_version(&mut con).await?;
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-    let tuned_text: Vec<String> = tuned.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut tuned_text: Vec<String> = tuned.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let tuned_url = if cli.socket {
+        tuned_text.push("via the Unix socket".to_owned());
+        redis.socket_url()
+    } else {
+        url.clone()
+    };
     println!("campaign: taskstack against Celery and the Redis ceiling, side by side");
     println!(
         "  redis-server {} on 127.0.0.1:{} (no persistence), {cpus} CPUs; worker {}",
@@ -146,7 +157,7 @@ async fn main() -> Result<()> {
         print_drain(run, &d);
         drains.push(d);
         let d = drain(&mut con, TUNED, cli.tasks, run, timeout, || {
-            Service::taskstack(&worker_bin, &url, &tuned)
+            Service::taskstack(&worker_bin, &tuned_url, &tuned)
         })
         .await
         .with_context(|| format!("run {run}, {TUNED}"))?;
@@ -175,8 +186,8 @@ async fn main() -> Result<()> {
             line.join(", ")
         );
         ceilings.push(ceiling);
-        for (system, env) in [(DEFAULTS, &[][..]), (TUNED, &tuned[..])] {
-            let l = idle_latency(&mut con, &worker_bin, &url, env, cli.latency_samples)
+        for (system, url, env) in [(DEFAULTS, &url, &[][..]), (TUNED, &tuned_url, &tuned[..])] {
+            let l = idle_latency(&mut con, &worker_bin, url, env, cli.latency_samples)
                 .await
                 .with_context(|| format!("run {run}, {system}, latency"))?;
             println!(

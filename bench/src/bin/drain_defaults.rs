@@ -66,6 +66,10 @@ struct Cli {
     /// None given: the defaults, which is the point of this benchmark.
     #[arg(long = "set", value_name = "NAME=VALUE")]
     settings: Vec<String>,
+    /// The taskstack worker reaches Redis through the server's Unix socket
+    /// (`unix://...`) instead of loopback TCP.
+    #[arg(long)]
+    socket: bool,
     /// The Celery worker's --concurrency (prefork processes).
     #[arg(long, default_value_t = 2)]
     celery_concurrency: usize,
@@ -119,7 +123,15 @@ async fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    println!("  taskstack: {} ({settings})", worker_bin.display());
+    let worker_url = if cli.socket {
+        redis.socket_url()
+    } else {
+        url.clone()
+    };
+    println!(
+        "  taskstack: {} ({settings}), Redis at {worker_url}",
+        worker_bin.display()
+    );
     if let Some(p) = &python {
         println!(
             "  celery: {} -m celery worker {} (otherwise defaults; log level WARNING)",
@@ -138,7 +150,7 @@ async fn main() -> Result<()> {
     for run in 1..=cli.runs {
         let timeout = Duration::from_secs(cli.timeout);
         let d = drain(&mut con, "taskstack", cli.tasks, run, timeout, || {
-            Service::taskstack(&worker_bin, &url, &env)
+            Service::taskstack(&worker_bin, &worker_url, &env)
         })
         .await
         .with_context(|| format!("run {run}, taskstack"))?;

@@ -34,6 +34,10 @@ struct Cli {
     /// one task a request (0: the single-task route).
     #[arg(long, default_value_t = 0, value_name = "N")]
     batch: usize,
+    /// The web reaches Redis through the server's Unix socket
+    /// (`unix://...`) instead of loopback TCP.
+    #[arg(long)]
+    socket: bool,
     /// The web binary (default: `<workspace>/target/release/taskstack-web`).
     #[arg(long, value_name = "PATH")]
     web_bin: Option<PathBuf>,
@@ -124,8 +128,9 @@ fn main() -> Result<()> {
         cli.threads, cli.connections, cli.duration, cli.runs
     );
     println!(
-        "  web {}; redis-server on loopback, no persistence, no worker (the queue grows)",
-        web_bin.display()
+        "  web {}; redis-server on loopback ({}), no persistence, no worker (the queue grows)",
+        web_bin.display(),
+        if cli.socket { "its Unix socket" } else { "TCP" }
     );
     if cli.callgrind {
         return count_instructions(&cli, &web_bin, &script);
@@ -168,15 +173,26 @@ fn main() -> Result<()> {
 }
 
 /// The web's configuration, on `cmd` (the web binary, or valgrind
-/// running it): this Redis, listening on `addr`, the bench's token and
-/// allow-list, no other `TASKSTACK_*` variable.
-fn configure<'a>(cmd: &'a mut Command, redis: &RedisServer, addr: &str) -> &'a mut Command {
+/// running it): this Redis (through its socket with `--socket`), listening
+/// on `addr`, the bench's token and allow-list, no other `TASKSTACK_*`
+/// variable.
+fn configure<'a>(
+    cmd: &'a mut Command,
+    cli: &Cli,
+    redis: &RedisServer,
+    addr: &str,
+) -> &'a mut Command {
     for (k, _) in std::env::vars() {
         if k.starts_with("TASKSTACK_") {
             cmd.env_remove(k);
         }
     }
-    cmd.env("TASKSTACK_BROKER_URL", redis.url())
+    let url = if cli.socket {
+        redis.socket_url()
+    } else {
+        redis.url()
+    };
+    cmd.env("TASKSTACK_BROKER_URL", url)
         .env("TASKSTACK_WEB_LISTEN", addr)
         .env("TASKSTACK_API_TOKENS", TEST_TOKEN)
         .env("TASKSTACK_WEB_TASKS", "taskstack.add")
@@ -208,7 +224,7 @@ fn wrk(cli: &Cli, script: &Path, addr: &str) -> Command {
 fn run_once(cli: &Cli, web_bin: &Path, script: &Path) -> Result<Run> {
     let redis = RedisServer::start()?;
     let addr = format!("127.0.0.1:{}", free_port()?);
-    let mut web = configure(&mut Command::new(web_bin), &redis, &addr)
+    let mut web = configure(&mut Command::new(web_bin), cli, &redis, &addr)
         .spawn()
         .context("cannot start taskstack-web")?;
     let pid = web.id();
@@ -312,7 +328,7 @@ fn under_callgrind(cli: &Cli, web_bin: &Path, script: Option<&Path>) -> Result<(
         .arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(web_bin);
-    let mut web = configure(&mut valgrind, &redis, &addr)
+    let mut web = configure(&mut valgrind, cli, &redis, &addr)
         .spawn()
         .context("cannot start taskstack-web under valgrind")?;
     let result = (|| {

@@ -30,7 +30,7 @@ Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
   TASKSTACK_WEB_MAX_CONNECTIONS      connections served at once; more wait  [1024]
   TASKSTACK_QUEUES                   queues /health requires a live worker on; the first is
                                      the default queue of enqueued tasks  [celery]
-  TASKSTACK_BROKER_URL               redis://[user:pass@]host:port/db or rediss://  [redis://127.0.0.1:6379/0]
+  TASKSTACK_BROKER_URL               redis://[user:pass@]host:port/db, rediss://, or unix:///path/redis.sock?db=N  [redis://127.0.0.1:6379/0]
   TASKSTACK_BROKER_PASSWORD / _FILE  broker password (overrides the URL's)
   TASKSTACK_RESULT_BACKEND           where results live  [the broker]
   TASKSTACK_RESULT_BACKEND_PASSWORD / _FILE

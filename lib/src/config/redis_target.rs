@@ -1,7 +1,9 @@
 //! [`RedisTarget`]: one Redis server to connect to, given directly
-//! (`redis://`, `rediss://`) or found through Redis Sentinel
-//! (`redis+sentinel://`, `rediss+sentinel://`).
+//! (`redis://`, `rediss://`), behind a Unix socket (`unix://`,
+//! `redis+socket://`) or found through Redis Sentinel (`redis+sentinel://`,
+//! `rediss+sentinel://`).
 
+use super::redis_socket::{SocketTarget, is_socket_url, parse_socket_url};
 use super::sentinel::{SentinelTarget, is_sentinel_url, parse_sentinel_url, redact_sentinel_url};
 use super::{Config, ConfigError, Secret, invalid, parse_redis_url, redact_url, secret};
 
@@ -12,6 +14,7 @@ use super::{Config, ConfigError, Secret, invalid, parse_redis_url, redact_url, s
 pub struct RedisTarget {
     url: String,
     sentinel: Option<SentinelTarget>,
+    socket: Option<SocketTarget>,
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -31,6 +34,15 @@ impl RedisTarget {
             return Ok(Self {
                 url: s.display(false),
                 sentinel: Some(s),
+                socket: None,
+            });
+        }
+        if is_socket_url(raw) {
+            let s = parse_socket_url(key, raw, password)?;
+            return Ok(Self {
+                url: s.client_url(false),
+                sentinel: None,
+                socket: Some(s),
             });
         }
         let mut url = parse_redis_url(key, raw)?;
@@ -41,6 +53,7 @@ impl RedisTarget {
         Ok(Self {
             url: url.into(),
             sentinel: None,
+            socket: None,
         })
     }
 
@@ -63,14 +76,17 @@ impl RedisTarget {
     }
 
     /// The URL including the password; never log it. For a Sentinel
-    /// target, the `redis+sentinel://` URL.
+    /// target, the `redis+sentinel://` URL; for a socket, redis-rs's
+    /// `unix:///path?db=N` form.
     pub fn url(&self) -> &str {
         &self.url
     }
 
     /// The URL with the password hidden.
     pub fn redacted(&self) -> String {
-        if self.sentinel.is_some() {
+        if let Some(s) = &self.socket {
+            s.client_url(true)
+        } else if self.sentinel.is_some() {
             redact_sentinel_url(&self.url)
         } else {
             redact_url(&self.url)
@@ -92,6 +108,9 @@ impl RedisTarget {
 
     /// The database number.
     pub fn db(&self) -> i64 {
+        if let Some(s) = &self.socket {
+            return s.db.into();
+        }
         match &self.sentinel {
             Some(s) => s.db,
             None => url::Url::parse(&self.url)
@@ -102,8 +121,12 @@ impl RedisTarget {
     }
 
     /// The host and port the URL names (for a Sentinel target, the first
-    /// sentinel's): for display only, never to connect to.
+    /// sentinel's; for a socket, its path and port 0): for display only,
+    /// never to connect to.
     pub fn host_port(&self) -> (String, u16) {
+        if let Some(s) = &self.socket {
+            return (s.path.clone(), 0);
+        }
         match &self.sentinel {
             Some(s) => s.sentinels.first().cloned().unwrap_or_default(),
             None => url::Url::parse(&self.url)
@@ -199,5 +222,22 @@ mod tests {
             !shown.contains("master-pw") && !shown.contains("sentinel-pw"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn a_socket_target_connects_by_path_with_the_keys_password() {
+        let pw = Secret::from("from-file");
+        let t = RedisTarget::new(
+            "broker_url",
+            "redis+socket:///run/r.sock?virtual_host=4",
+            Some(&pw),
+        )
+        .expect("valid");
+        assert_eq!(t.url(), "unix:///run/r.sock?db=4&pass=from-file");
+        assert_eq!(t.redacted(), "unix:///run/r.sock?db=4&pass=***");
+        assert_eq!(format!("{t:?}"), t.redacted());
+        assert_eq!(t.db(), 4);
+        assert_eq!(t.host_port(), ("/run/r.sock".to_owned(), 0));
+        assert!(!t.is_tls() && t.sentinel().is_none());
     }
 }

@@ -175,10 +175,12 @@ fn metrics_addr(
     })
 }
 
-/// Checks a `redis://`, `rediss://` or Sentinel URL.
+/// Checks a `redis://`, `rediss://`, Sentinel or Unix socket URL.
 fn check_redis_url(key: &'static str, raw: &str) -> Result<(), ConfigError> {
     if is_sentinel_url(raw) {
         sentinel::parse_sentinel_url(key, raw, None).map(drop)
+    } else if super::is_socket_url(raw) {
+        super::redis_socket::parse_socket_url(key, raw, None).map(drop)
     } else {
         parse_redis_url(key, raw).map(drop)
     }
@@ -191,7 +193,8 @@ pub(super) fn parse_redis_url(key: &'static str, raw: &str) -> Result<url::Url, 
         return Err(invalid(
             key,
             &shown,
-            "the scheme must be redis://, rediss://, redis+sentinel:// or rediss+sentinel://",
+            "the scheme must be redis://, rediss://, redis+sentinel://, rediss+sentinel://, \
+             unix:// or redis+socket://",
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {

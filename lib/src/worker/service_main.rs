@@ -31,7 +31,7 @@ use std::process::ExitCode;
 const CONFIG_HELP: &str = "\
 Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
   TASKSTACK_CONFIG                   TOML file with the keys below (lower case)
-  TASKSTACK_BROKER_URL               redis://[user:pass@]host:port/db or rediss://  [redis://127.0.0.1:6379/0]
+  TASKSTACK_BROKER_URL               redis://[user:pass@]host:port/db, rediss://, or unix:///path/redis.sock?db=N  [redis://127.0.0.1:6379/0]
   TASKSTACK_BROKER_PASSWORD          broker password (overrides the URL's)
   TASKSTACK_BROKER_PASSWORD_FILE     file holding the broker password (Docker secrets)
   TASKSTACK_RESULT_BACKEND           where results go  [the broker]
