@@ -147,32 +147,23 @@ fn decode(s: &str, bad: &impl Fn(&str) -> ConfigError) -> Result<String, ConfigE
 /// `raw` with its password (before `@`, or a `password`/`pass` parameter)
 /// hidden.
 pub(crate) fn redact_socket_url(raw: &str) -> String {
-    let (userinfo, rest) = split_userinfo(raw);
-    let Ok(mut u) = url::Url::parse(&rest) else {
-        return "<unparseable URL>".into();
+    // The Sentinel redaction hides the password before `@` of any URL.
+    let shown = super::redact_sentinel_url(raw);
+    let Some((base, query)) = shown.split_once('?') else {
+        return shown;
     };
-    let is_secret = |k: &str| k == "password" || k == "pass";
-    let pairs: Vec<(String, String)> = u.query_pairs().into_owned().collect();
-    if pairs.iter().any(|(k, _)| is_secret(k)) {
-        let mut q = u.query_pairs_mut();
-        q.clear();
-        for (k, v) in &pairs {
-            q.append_pair(k, if is_secret(k) { REDACTED } else { v });
-        }
-    }
-    let shown: String = u.into();
-    match userinfo.map(|i| i.split_once(':').map_or(i, |(user, _)| user)) {
-        None => shown,
-        Some(user) => {
-            let (scheme, rest) = shown.split_once("://").unwrap_or(("", &shown));
-            let pw = if userinfo.is_some_and(|i| i.contains(':')) {
-                format!(":{REDACTED}")
-            } else {
-                String::new()
-            };
-            format!("{scheme}://{user}{pw}@{rest}")
-        }
-    }
+    let pairs = url::form_urlencoded::parse(query.as_bytes()).map(|(k, v)| {
+        let v = if k == "password" || k == "pass" {
+            REDACTED.into()
+        } else {
+            v
+        };
+        (k, v)
+    });
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    format!("{base}?{query}")
 }
 
 #[cfg(test)]
