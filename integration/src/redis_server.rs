@@ -33,11 +33,20 @@ impl RedisServer {
             aof,
             child: None,
         };
+        // A port found free can be taken by another test before
+        // redis-server binds it; then the next free port is tried.
+        for _ in 0..2 {
+            match s.spawn() {
+                Err(e) if e.is::<PortTaken>() => s.port = free_port()?,
+                other => return other.map(|()| s),
+            }
+        }
         s.spawn()?;
         Ok(s)
     }
 
     fn spawn(&mut self) -> Result<()> {
+        let log = self.dir.path().join("redis.log");
         let mut cmd = Command::new("redis-server");
         cmd.arg("--port")
             .arg(self.port.to_string())
@@ -45,6 +54,8 @@ impl RedisServer {
             .arg("127.0.0.1")
             .arg("--dir")
             .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log)
             .arg("--save")
             .arg("")
             .arg("--protected-mode")
@@ -58,23 +69,47 @@ impl RedisServer {
         } else {
             cmd.args(["--appendonly", "no"]);
         }
-        let child = cmd
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("cannot start redis-server: install it (apt-get install -y redis-server)")?;
-        self.child = Some(child);
-        let port = self.port;
-        wait_until_sync(
+        let (port, pid) = (self.port, child.id());
+        // Some(true): ours answers; Some(false): it exited, or another
+        // process's server answers on the port.
+        let ours = wait_until_sync(
             "redis-server to answer PING",
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             || {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return Some(false);
+                }
                 let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
                 let mut c = client.get_connection().ok()?;
-                redis::cmd("PING").query::<String>(&mut c).ok()
+                let info: String = redis::cmd("INFO").arg("server").query(&mut c).ok()?;
+                Some(info.lines().any(|l| l == format!("process_id:{pid}")))
             },
-        )?;
-        Ok(())
+        );
+        let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+        match ours {
+            Ok(true) => {
+                self.child = Some(child);
+                Ok(())
+            }
+            Ok(false) => {
+                let _ = child.kill();
+                let status = child.wait()?;
+                Err(anyhow::Error::new(PortTaken(port)).context(format!(
+                    "redis-server ({status}) did not serve port {port}; its log:\n{}",
+                    log_text()
+                )))
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e.context(format!("redis-server's log:\n{}", log_text())))
+            }
+        }
     }
 
     /// `redis://127.0.0.1:<port>/0`.
@@ -123,6 +158,18 @@ impl RedisServer {
         self.spawn()
     }
 }
+
+/// The port was served by another process, or redis-server could not bind it.
+#[derive(Debug)]
+struct PortTaken(u16);
+
+impl std::fmt::Display for PortTaken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "port {} is taken", self.0)
+    }
+}
+
+impl std::error::Error for PortTaken {}
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
