@@ -316,6 +316,11 @@ fn bad_configuration_exits_2_naming_key_and_value() -> Result<()> {
             )],
             &["broker_password_file", "/nonexistent/redis_password"],
         ),
+        // Fewer connections than the worker's loops keep would stall it.
+        (
+            &[("TASKSTACK_REDIS_POOL_SIZE", "4")],
+            &["redis_pool_size", "4", "at least"],
+        ),
     ];
     for (env, needles) in cases {
         let out = run_worker(url, env, &[])?;
@@ -389,6 +394,51 @@ async fn the_stock_worker_runs_one_runtime_thread_unless_told_otherwise() -> Res
         let status = w.wait_exit(Duration::from_secs(20))?;
         assert_eq!(status.code(), Some(0), "{env:?}: {}", w.log());
     }
+    Ok(())
+}
+
+/// A worker given the smallest pool it accepts, with its loops' connections
+/// in use (task events on, so the event sink holds one; a burst at
+/// concurrency 64, so both settler and starter lanes do), drains the burst
+/// without a loop waiting for a pooled connection (4 connections, once
+/// accepted, stalled the worker after its first batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_at_its_smallest_pool_drains_a_burst() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let ns = namespace("minpool");
+    let min = taskstack::worker::MIN_POOL_SIZE.to_string();
+    let mut w = WorkerProcess::spawn(
+        &redis.url(),
+        &ns,
+        &[
+            ("TASKSTACK_REDIS_POOL_SIZE", min.as_str()),
+            ("TASKSTACK_WORKER_SEND_TASK_EVENTS", "true"),
+            ("TASKSTACK_CONCURRENCY", "64"),
+        ],
+    )?;
+    wait_ready(&w)?;
+    let p = producer(&redis.url(), &ns)?;
+    let tasks: Vec<TaskRequest> = (0..3000)
+        .map(|n| TaskRequest {
+            name: "taskstack.add".into(),
+            args: vec![json!(n), json!(1)],
+            kwargs: serde_json::Map::new(),
+            options: SendOptions::default(),
+        })
+        .collect();
+    let ids = p.send_many(&tasks).await?;
+    wait_until_sync("3000 results", Duration::from_secs(60), || {
+        (succeeded(&redis, &ids).ok()?.len() == ids.len()).then_some(())
+    })
+    .with_context(|| w.log())?;
+    let log = w.log();
+    assert!(
+        !log.contains("waiting for a slot"),
+        "a loop waited for a pooled connection: {log}"
+    );
+    w.signal(Signal::SIGTERM)?;
+    let status = w.wait_exit(Duration::from_secs(20))?;
+    assert_eq!(status.code(), Some(0), "{}", w.log());
     Ok(())
 }
 

@@ -36,7 +36,7 @@ Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
   TASKSTACK_RESULT_BACKEND_PASSWORD / _FILE
   TASKSTACK_NAMESPACE                prefix of taskstack's own keys  [taskstack]
   TASKSTACK_RESULT_EXPIRES           how long task records are kept  [1h]
-  TASKSTACK_REDIS_POOL_SIZE          Redis connections  [8]
+  TASKSTACK_REDIS_POOL_SIZE          Redis connections  [12]
   TASKSTACK_REDIS_TIMEOUT            per command and connection attempt  [5s]
   TASKSTACK_LOG_LEVEL                tracing filter, e.g. info or taskstack=debug  [info]
   TASKSTACK_LOG_FORMAT               auto | json | pretty  [auto: json unless a terminal]

@@ -305,6 +305,14 @@ impl RedisPool {
         self
     }
 
+    /// The most connections this pool opens (`redis_pool_size`).
+    pub fn max_size(&self) -> usize {
+        match self.source.as_ref() {
+            Source::Direct { pool, .. } => pool.status().max_size,
+            Source::Sentinel { pool, .. } => pool.status().max_size,
+        }
+    }
+
     /// The server this pool talks to (password hidden when printed).
     pub fn target(&self) -> &RedisTarget {
         &self.target

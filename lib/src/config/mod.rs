@@ -79,7 +79,9 @@ pub enum ConfigError {
     Load(String),
 }
 
-/// Fewest Redis connections a process may be configured with.
+/// Fewest Redis connections a process may be configured with (a web
+/// serving thread's share); a worker needs more, see
+/// [`crate::worker::MIN_POOL_SIZE`].
 pub const MIN_POOL_SIZE: usize = 4;
 
 /// The default `worker_metrics_listen`; taken, a free port is used instead.
@@ -448,7 +450,7 @@ impl Default for Config {
             result_extended: false,
             max_message_size: 2 << 20,
             max_task_delay: DEFAULT_MAX_TASK_DELAY,
-            redis_pool_size: NonZeroUsize::new(8).expect("8 > 0"),
+            redis_pool_size: NonZeroUsize::new(12).expect("12 > 0"),
             redis_timeout: Duration::from_secs(5),
             log_level: "info".into(),
             log_format: LogFormat::Auto,

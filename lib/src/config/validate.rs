@@ -67,7 +67,7 @@ impl Config {
             return Err(invalid(
                 "redis_pool_size",
                 &self.redis_pool_size.to_string(),
-                &format!("must be at least {MIN_POOL_SIZE}: a worker keeps three connections busy"),
+                &format!("must be at least {MIN_POOL_SIZE}"),
             ));
         }
         at_least("lease", self.lease, Duration::from_secs(1))?;

@@ -46,7 +46,7 @@ pub(crate) use shared::panic_text;
 
 use crate::backend::{Backend, BackendError, RedisBackend};
 use crate::broker::{Broker, BrokerError};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::proto::keys::{PRIORITY_BUCKETS, queue_key};
 use crate::service::state::StatePath;
 use shared::{Shared, jitter};
@@ -62,6 +62,33 @@ use tokio_util::sync::CancellationToken;
 /// messages on other queues or priority buckets wait at most this long.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
+/// Redis connections a worker's loops keep while it runs: the dispatcher's,
+/// the settler's and the starter's lanes (one per batch in flight), the
+/// keeper's two (lease, delayed messages), remote control's replies and the
+/// event sink's.
+const HELD_CONNECTIONS: usize = 1 + settler::IN_FLIGHT + starter::IN_FLIGHT + 2 + 2;
+
+/// The smallest `redis_pool_size` a worker runs with: its loops'
+/// connections and one for the steps that take one for a moment (a retry's
+/// or a dead letter's result, canvas follow-ups). With fewer, a loop would
+/// wait for a connection that never frees and the worker would stall.
+pub const MIN_POOL_SIZE: usize = HELD_CONNECTIONS + 1;
+
+/// Refuses a `redis_pool_size` too small for a worker, naming the key.
+pub fn check_pool_size(size: usize) -> Result<(), ConfigError> {
+    if size >= MIN_POOL_SIZE {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        key: "redis_pool_size",
+        value: size.to_string(),
+        reason: format!(
+            "a worker needs at least {MIN_POOL_SIZE}: its loops keep {HELD_CONNECTIONS} \
+             connections and one more is for retries, dead letters and canvas follow-ups"
+        ),
+    })
+}
+
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -74,6 +101,8 @@ pub enum WorkerError {
     Backend(#[from] BackendError),
     #[error(transparent)]
     StateFile(#[from] crate::service::state::StateError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// The worker's share of the configuration.
@@ -228,6 +257,9 @@ impl Worker {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunSummary, WorkerError> {
         if self.registry.is_empty() {
             return Err(WorkerError::NoTasks);
+        }
+        if let Some(broker) = self.backend.redis() {
+            check_pool_size(broker.broker_pool().max_size())?;
         }
         let metrics_listener = self.metrics_listener;
         let (settle_tx, settle_rx) = mpsc::channel(self.settings.prefetch.max(64) * 2);

@@ -44,7 +44,7 @@ Configuration (defaults < TOML file < TASKSTACK_* environment < options above):
   TASKSTACK_LEASE                    claim on held messages without renewal  [30s]
   TASKSTACK_DRAIN_TIMEOUT            time running tasks get at shutdown  [20s]
   TASKSTACK_RESULT_EXPIRES           how long results are kept  [1h]
-  TASKSTACK_REDIS_POOL_SIZE          Redis connections  [8]
+  TASKSTACK_REDIS_POOL_SIZE          Redis connections  [12]
   TASKSTACK_REDIS_TIMEOUT            per command and connection attempt  [5s]
   TASKSTACK_LOG_LEVEL                tracing filter, e.g. info or taskstack=debug  [info]
   TASKSTACK_LOG_FORMAT               auto | json | pretty  [auto: json unless a terminal]
@@ -188,7 +188,14 @@ impl<F: FnOnce(&mut Registry)> WorkerMain<F> {
             Ok(cli) => cli,
             Err(e) => e.exit(),
         };
-        let loaded = cli.common.load(cli.overrides());
+        // A pool too small for the worker's loops is bad configuration
+        // (exit 2), not a stall once it runs.
+        let loaded = cli.common.load(cli.overrides()).and_then(|c| {
+            if c.uses_redis() {
+                super::check_pool_size(c.redis_pool_size.get())?;
+            }
+            Ok(c)
+        });
         let invocation = match cli.command {
             None => Invocation::Run,
             Some(Command::Config) => Invocation::PrintConfig,

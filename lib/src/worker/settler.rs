@@ -8,12 +8,23 @@ use tokio::sync::mpsc;
 
 const MAX_BATCH: usize = 512;
 
+/// Batches stored at once, each on a session of its own: while one waits
+/// for its reply, the next gathers what finished meanwhile and goes out.
+pub(super) const IN_FLIGHT: usize = 2;
+
 /// Runs until every sender is gone and everything received is settled (or
 /// the worker abandons Redis work).
-pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
+pub(crate) async fn run(sh: Arc<Shared>, rx: mpsc::Receiver<SettleMsg>) {
+    let rx = tokio::sync::Mutex::new(rx);
+    futures_util::future::join_all((0..IN_FLIGHT).map(|_| lane(&sh, &rx))).await;
+}
+
+/// One of the settler's lanes: takes the next batch (the receiver is held
+/// only while gathering) and stores it.
+async fn lane(sh: &Shared, rx: &tokio::sync::Mutex<mpsc::Receiver<SettleMsg>>) {
     let mut consume = sh.backend.consume(&sh.id);
     let mut buf = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
+    while rx.lock().await.recv_many(&mut buf, MAX_BATCH).await > 0 {
         let mut done: Vec<Settle> = Vec::with_capacity(buf.len());
         let mut back: Vec<u64> = Vec::new();
         // Released once this batch is stored (or abandoned): only then may

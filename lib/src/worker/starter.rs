@@ -14,6 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 
 const MAX_BATCH: usize = 512;
 
+/// Batches asked about at once, each on a session of its own.
+pub(super) const IN_FLIGHT: usize = 2;
+
 /// One task about to run, and where to say whether it may.
 #[derive(Debug)]
 pub(crate) struct StartRequest {
@@ -24,11 +27,18 @@ pub(crate) struct StartRequest {
 /// Runs until every sender is gone. A request whose reply is dropped (the
 /// worker abandoned Redis work) means "do not run": the message is then
 /// handed back by the lease release.
-pub(crate) async fn run(sh: Arc<Shared>, mut rx: mpsc::Receiver<StartRequest>) {
+pub(crate) async fn run(sh: Arc<Shared>, rx: mpsc::Receiver<StartRequest>) {
+    let rx = tokio::sync::Mutex::new(rx);
+    futures_util::future::join_all((0..IN_FLIGHT).map(|_| lane(&sh, &rx))).await;
+}
+
+/// One of the starter's lanes: takes the next batch (the receiver is held
+/// only while gathering) and asks about it.
+async fn lane(sh: &Shared, rx: &tokio::sync::Mutex<mpsc::Receiver<StartRequest>>) {
     let mut states = sh.backend.task_states(Use::Loop);
     let ttl = sh.settings.result_expires;
     let mut buf = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
+    while rx.lock().await.recv_many(&mut buf, MAX_BATCH).await > 0 {
         let tasks: Vec<Starting> = buf
             .iter_mut()
             .map(|r| std::mem::take(&mut r.start))

@@ -590,3 +590,23 @@ async fn a_tasks_time_limits_apply_when_its_message_names_none() {
     assert!(t1.elapsed() < Duration::from_secs(3));
     rig.shut_down().await;
 }
+
+#[test]
+fn a_pool_too_small_for_the_loops_is_refused_naming_the_key() {
+    assert!(super::check_pool_size(super::MIN_POOL_SIZE).is_ok());
+    assert!(super::check_pool_size(super::MIN_POOL_SIZE + 5).is_ok());
+    for size in [1, 4, super::MIN_POOL_SIZE - 1] {
+        let err = super::check_pool_size(size)
+            .expect_err("too small")
+            .to_string();
+        assert!(err.contains("redis_pool_size"), "{err}");
+        assert!(err.contains(&size.to_string()), "{err}");
+        assert!(
+            err.contains(&format!("at least {}", super::MIN_POOL_SIZE)),
+            "{err}"
+        );
+    }
+    // The default configuration runs a worker.
+    let defaults = crate::config::Config::load_from(None, &[]).expect("defaults load");
+    assert!(super::check_pool_size(defaults.redis_pool_size.get()).is_ok());
+}
