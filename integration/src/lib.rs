@@ -95,10 +95,16 @@ pub fn producer(redis_url: &str, namespace: &str) -> Result<taskstack::Producer>
     Ok(taskstack::Producer::new(broker, "test@localhost"))
 }
 
+/// The default `redis_pool_size`: in-process workers run on it, as the
+/// worker binary does (and `Worker::run` refuses a pool too small for it).
+fn pool_size() -> usize {
+    taskstack::config::Config::default().redis_pool_size.get()
+}
+
 /// A broker handle for `redis_url` in `namespace`.
 pub fn broker(redis_url: &str, namespace: &str) -> Result<taskstack::broker::Broker> {
     let target = taskstack::config::RedisTarget::from_url(redis_url)?;
-    let pool = taskstack::broker::RedisPool::new(&target, 8, Duration::from_secs(5))?;
+    let pool = taskstack::broker::RedisPool::new(&target, pool_size(), Duration::from_secs(5))?;
     Ok(taskstack::broker::Broker::new(
         pool.clone(),
         pool,
@@ -119,7 +125,7 @@ pub fn sentinel_broker(
         url,
         Some(taskstack::config::Secret::new(sentinel_password)),
     )?;
-    let pool = taskstack::broker::RedisPool::new(&target, 8, Duration::from_secs(2))?
+    let pool = taskstack::broker::RedisPool::new(&target, pool_size(), Duration::from_secs(2))?
         .with_min_replicas_acked(min_replicas_acked);
     Ok(taskstack::broker::Broker::new(
         pool.clone(),

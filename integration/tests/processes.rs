@@ -46,6 +46,32 @@ fn succeeded(redis: &RedisServer, ids: &[String]) -> Result<HashSet<String>> {
     Ok(done)
 }
 
+/// Sends `n` `taskstack.add` tasks in `ns` and waits until every one has a
+/// SUCCESS result (the worker's log on failure).
+async fn add_and_wait(
+    redis: &RedisServer,
+    ns: &str,
+    w: &WorkerProcess,
+    n: usize,
+    deadline: Duration,
+) -> Result<()> {
+    let p = producer(&redis.url(), ns)?;
+    let tasks: Vec<TaskRequest> = (0..n)
+        .map(|i| TaskRequest {
+            name: "taskstack.add".into(),
+            args: vec![json!(i), json!(1)],
+            kwargs: serde_json::Map::new(),
+            options: SendOptions::default(),
+        })
+        .collect();
+    let ids = p.send_many(&tasks).await?;
+    wait_until_sync(&format!("{n} results"), deadline, || {
+        (succeeded(redis, &ids).ok()?.len() == ids.len()).then_some(())
+    })
+    .with_context(|| w.log())?;
+    Ok(())
+}
+
 fn worker_id(w: &WorkerProcess) -> Result<String> {
     let v: Value = serde_json::from_slice(&std::fs::read(&w.state_file)?)?;
     Ok(v["id"].as_str().context("id")?.to_owned())
@@ -376,20 +402,7 @@ async fn the_stock_worker_runs_one_runtime_thread_unless_told_otherwise() -> Res
             .map(serde_json::from_str)
             .context("a ready line")??;
         assert_eq!(ready["fields"]["runtime_threads"], want, "{env:?}: {log}");
-        let p = producer(&redis.url(), &ns)?;
-        let tasks: Vec<TaskRequest> = (0..50)
-            .map(|n| TaskRequest {
-                name: "taskstack.add".into(),
-                args: vec![json!(n), json!(1)],
-                kwargs: serde_json::Map::new(),
-                options: SendOptions::default(),
-            })
-            .collect();
-        let ids = p.send_many(&tasks).await?;
-        wait_until_sync("50 results", Duration::from_secs(20), || {
-            (succeeded(&redis, &ids).ok()?.len() == ids.len()).then_some(())
-        })
-        .with_context(|| w.log())?;
+        add_and_wait(&redis, &ns, &w, 50, Duration::from_secs(20)).await?;
         w.signal(Signal::SIGTERM)?;
         let status = w.wait_exit(Duration::from_secs(20))?;
         assert_eq!(status.code(), Some(0), "{env:?}: {}", w.log());
@@ -417,20 +430,7 @@ async fn a_worker_at_its_smallest_pool_drains_a_burst() -> Result<()> {
         ],
     )?;
     wait_ready(&w)?;
-    let p = producer(&redis.url(), &ns)?;
-    let tasks: Vec<TaskRequest> = (0..3000)
-        .map(|n| TaskRequest {
-            name: "taskstack.add".into(),
-            args: vec![json!(n), json!(1)],
-            kwargs: serde_json::Map::new(),
-            options: SendOptions::default(),
-        })
-        .collect();
-    let ids = p.send_many(&tasks).await?;
-    wait_until_sync("3000 results", Duration::from_secs(60), || {
-        (succeeded(&redis, &ids).ok()?.len() == ids.len()).then_some(())
-    })
-    .with_context(|| w.log())?;
+    add_and_wait(&redis, &ns, &w, 3000, Duration::from_secs(60)).await?;
     let log = w.log();
     assert!(
         !log.contains("waiting for a slot"),
