@@ -45,6 +45,9 @@ struct Cli {
     /// Measured one-at-a-time round trips per run.
     #[arg(long, default_value_t = 1_000)]
     latency_samples: usize,
+    /// How each round trip's producer waits for the result.
+    #[arg(long, value_enum, default_value_t = latency::Api::SendAndWait)]
+    latency_api: latency::Api,
     /// Unmeasured round trips before the latency samples.
     #[arg(long, default_value_t = 50)]
     warmup: usize,
@@ -131,12 +134,13 @@ async fn main() -> Result<()> {
         ping.p50, ping.p99
     );
     println!(
-        "  {} tasks ({} per send_many), concurrency {}, prefetch {}, {} latency samples after {} warm-up, {} run(s)",
+        "  {} tasks ({} per send_many), concurrency {}, prefetch {}, {} latency samples ({:?}) after {} warm-up, {} run(s)",
         cli.tasks,
         cli.chunk,
         cli.concurrency,
         cli.prefetch,
         cli.latency_samples,
+        cli.latency_api,
         cli.warmup,
         cli.runs
     );

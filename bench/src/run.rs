@@ -110,7 +110,7 @@ pub(crate) async fn run_once(
         .arg("RESETSTAT")
         .query_async(con)
         .await?;
-    let latency = measure_latency(&producer, cli.warmup, cli.latency_samples)
+    let latency = measure_latency(&producer, cli.warmup, cli.latency_samples, cli.latency_api)
         .await
         .with_context(|| format!("latency phase; worker log tail:\n{}", worker.log_tail()))?;
     let latency_cmds = commandstats(con).await?;

@@ -77,6 +77,134 @@ async fn round_trip_echo_and_add() -> Result<()> {
     Ok(())
 }
 
+/// Subscribers of a result channel on the server (`PUBSUB NUMSUB`).
+fn subscribers(redis: &RedisServer, task_id: &str) -> Result<i64> {
+    let (_, n): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(format!("celery-task-meta-{task_id}"))
+        .query(&mut redis.conn()?)?;
+    Ok(n)
+}
+
+/// Waits until nobody is subscribed to `task_id`'s result channel.
+async fn unsubscribed(redis: &RedisServer, task_id: &str) -> Result<()> {
+    wait_until(
+        &format!("no subscriber left on {task_id}'s result"),
+        Duration::from_secs(10),
+        || async { Ok((subscribers(redis, task_id)? == 0).then_some(())) },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_and_wait_returns_final_results_and_leaves_no_subscription() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let ns = namespace("sendwait");
+    let w = InProcessWorker::start(&redis.url(), &ns, builtins(), settings(&["celery"]))?;
+    let p = producer(&redis.url(), &ns)?;
+
+    let with_id = |name: &str, args: Vec<Value>, id: &str, queue: &str| {
+        req(
+            name,
+            args,
+            SendOptions {
+                task_id: Some(id.into()),
+                queue: Some(queue.into()),
+                ..SendOptions::default()
+            },
+        )
+    };
+    // A success and a failure, each the task's final record.
+    let r = p
+        .send_and_wait(
+            &with_id(builtin::ADD, vec![json!(2), json!(3)], "sw-add", "celery"),
+            WAIT,
+        )
+        .await?;
+    assert_eq!(
+        (r.task_id.as_str(), r.status, r.result),
+        ("sw-add", TaskState::Success, json!(5))
+    );
+    assert_eq!(r.worker.as_deref(), Some(w.id.as_str()));
+    let r = p
+        .send_and_wait(
+            &with_id(builtin::FAIL, vec![json!("boom")], "sw-fail", "celery"),
+            WAIT,
+        )
+        .await?;
+    assert_eq!(r.status, TaskState::Failure);
+    assert_eq!(r.result["exc_message"], json!(["boom"]));
+    unsubscribed(&redis, "sw-add").await?;
+    unsubscribed(&redis, "sw-fail").await?;
+
+    // Waiting for a result that is already stored answers from the key and
+    // drops the subscription it made.
+    let r = p.wait("sw-add", WAIT).await?;
+    assert_eq!(r.result, json!(5));
+    unsubscribed(&redis, "sw-add").await?;
+
+    // No worker serves `elsewhere`: the wait times out naming the task, and
+    // the task stays queued.
+    let lonely = with_id(builtin::ECHO, vec![json!(1)], "sw-lonely", "elsewhere");
+    let err = p
+        .send_and_wait(&lonely, Duration::from_millis(300))
+        .await
+        .expect_err("nobody runs it");
+    assert!(
+        matches!(&err, taskstack::producer::ProducerError::Timeout { task_id, .. } if task_id == "sw-lonely"),
+        "{err}"
+    );
+    unsubscribed(&redis, "sw-lonely").await?;
+    let queued: i64 = redis.conn()?.llen("elsewhere")?;
+    assert_eq!(queued, 1);
+
+    // A caller that gives up first (its own timeout drops the wait midway)
+    // leaves no subscription behind either.
+    let again = with_id(builtin::ECHO, vec![json!(2)], "sw-dropped", "elsewhere");
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(300), p.send_and_wait(&again, WAIT)).await;
+    assert!(gave_up.is_err(), "nobody runs it: {gave_up:?}");
+    unsubscribed(&redis, "sw-dropped").await?;
+
+    // A send that fails (the queue's key holds a string, so LPUSH answers
+    // WRONGTYPE) ends the wait at once with the send's error.
+    redis::cmd("SET")
+        .arg("broken")
+        .arg("not a list")
+        .query::<()>(&mut redis.conn()?)?;
+    let unsent = with_id(builtin::ECHO, vec![json!(3)], "sw-unsent", "broken");
+    let t = Instant::now();
+    let err = p
+        .send_and_wait(&unsent, Duration::from_secs(60))
+        .await
+        .expect_err("the queue's key is not a list");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "the wait outlived the failed send: {:?}",
+        t.elapsed()
+    );
+    assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    unsubscribed(&redis, "sw-unsent").await?;
+
+    // An invalid request sends nothing and subscribes to nothing.
+    let bad = req(
+        builtin::ECHO,
+        vec![],
+        SendOptions {
+            task_id: Some("sw-bad".into()),
+            priority: Some(10),
+            ..SendOptions::default()
+        },
+    );
+    let err = p.send_and_wait(&bad, WAIT).await.expect_err("priority 10");
+    assert!(err.to_string().contains("priority"), "{err}");
+    assert_eq!(subscribers(&redis, "sw-bad")?, 0);
+    assert_eq!(redis.conn()?.llen::<_, i64>("celery")?, 0);
+
+    w.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_back_off_then_succeed_or_dead_letter() -> Result<()> {
     let redis = RedisServer::start()?;

@@ -48,6 +48,7 @@ mod test_postgres;
 mod test_rabbitmq;
 #[cfg(test)]
 mod test_redis;
+mod waiters;
 #[cfg(feature = "worker")]
 pub mod worker;
 

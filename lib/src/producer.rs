@@ -20,6 +20,13 @@ pub enum ProducerError {
     Backend(#[from] BackendError),
     #[error("no result for task {task_id} within {waited:?}")]
     Timeout { task_id: String, waited: Duration },
+    /// The task was sent; waiting for its result failed.
+    #[error("task {task_id} was sent, but waiting for its result failed: {source}")]
+    Wait {
+        task_id: String,
+        #[source]
+        source: BackendError,
+    },
     #[error("invalid send option `{option}`: {reason}")]
     Option {
         option: &'static str,
@@ -307,6 +314,58 @@ impl Producer {
         self.send_many(std::slice::from_ref(req))
             .await
             .map(|mut ids| ids.pop().unwrap_or_default())
+    }
+
+    /// Sends one task and waits up to `timeout` for its final result
+    /// (SUCCESS, FAILURE or REVOKED), like Celery's `apply_async().get()`.
+    ///
+    /// The wait begins with the send, not after it: on Redis the result's
+    /// subscription is made while the task is being enqueued (Celery's Redis
+    /// backend also subscribes when it sends), so a quick task's result is
+    /// not held up by a subscription that starts only once the send has
+    /// answered, as with [`Producer::send`] followed by [`Producer::wait`].
+    ///
+    /// The send always runs to its end. A failed send ends the wait at once
+    /// and is the error returned. Once the task is sent, a wait that fails
+    /// ([`ProducerError::Wait`]) or times out ([`ProducerError::Timeout`])
+    /// names the task, so its result can still be read later.
+    pub async fn send_and_wait(
+        &self,
+        req: &TaskRequest,
+        timeout: Duration,
+    ) -> Result<TaskResult, ProducerError> {
+        let prepared = self.prepare(req)?;
+        let id = prepared.id.clone();
+        let mut results = self.backend.results(Use::Request);
+        let (failed, mut send_failed) = tokio::sync::oneshot::channel::<()>();
+        let send = async {
+            let sent = self.send_prepared(vec![prepared]).await;
+            if sent.is_err() {
+                let _ = failed.send(());
+            }
+            sent
+        };
+        let wait = async {
+            tokio::select! {
+                waited = results.wait(&id, timeout) => Some(waited),
+                // Only a failed send ends the wait; a sent one drops the
+                // sender without a value, which leaves this branch off.
+                Ok(()) = &mut send_failed => None,
+            }
+        };
+        let (sent, waited) = tokio::join!(send, wait);
+        sent?;
+        match waited {
+            Some(Ok(Some(result))) => Ok(result),
+            Some(Ok(None)) | None => Err(ProducerError::Timeout {
+                task_id: id,
+                waited: timeout,
+            }),
+            Some(Err(source)) => Err(ProducerError::Wait {
+                task_id: id,
+                source,
+            }),
+        }
     }
 
     /// Sends a task by name with positional arguments and default options.

@@ -5,12 +5,11 @@
 use crate::broker::{BrokerError, RedisPool, get_result, results_parse as parse_result};
 use crate::proto::TaskResult;
 use crate::proto::keys::result_key;
+use crate::waiters::{self, Interest};
 use futures_util::StreamExt as _;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use tokio::sync::oneshot;
+use std::sync::Arc;
 
-type Waiters = Arc<Mutex<HashMap<String, Vec<oneshot::Sender<String>>>>>;
+type Waiters = waiters::Waiters<String>;
 
 /// A live subscription connection and the waiters registered on it.
 #[derive(Debug)]
@@ -83,38 +82,18 @@ impl Listener {
         !self.reader.is_finished()
     }
 
-    /// Registers interest in `channel` and subscribes; the receiver yields
-    /// the next payload published there.
-    pub(crate) async fn watch(
-        &self,
-        channel: &str,
-    ) -> Result<oneshot::Receiver<String>, BrokerError> {
-        let (tx, rx) = oneshot::channel();
-        if let Ok(mut m) = self.waiters.lock() {
-            m.entry(channel.to_owned()).or_default().push(tx);
-        }
+    /// Registers interest in `channel` and subscribes; the interest's
+    /// [`Interest::next`] yields the next payload published there. Dropping
+    /// it ends the interest (the channel is unsubscribed by the reader task
+    /// when no waiter is left on it; nobody waits for that reply).
+    pub(crate) async fn watch(&self, channel: &str) -> Result<Interest<String>, BrokerError> {
+        // Made before subscribing: a failed SUBSCRIBE drops the interest too.
+        let interest = waiters::register(&self.waiters, channel, Some(self.unsubscribe.clone()));
         let mut sink = self.sink.clone();
         sink.subscribe(channel)
             .await
             .map_err(BrokerError::redis("subscribe"))?;
-        Ok(rx)
-    }
-
-    /// Drops interest in `channel` when no waiter is left on it (the
-    /// UNSUBSCRIBE is sent by the reader task; nobody waits for its reply).
-    pub(crate) fn unwatch(&self, channel: &str) {
-        let idle = self.waiters.lock().is_ok_and(|mut m| {
-            if let Some(v) = m.get_mut(channel) {
-                v.retain(|s| !s.is_closed());
-                if v.is_empty() {
-                    m.remove(channel);
-                }
-            }
-            !m.contains_key(channel)
-        });
-        if idle {
-            let _ = self.unsubscribe.send(channel.to_owned());
-        }
+        Ok(interest)
     }
 }
 
@@ -130,7 +109,7 @@ pub(crate) async fn wait_ready(
     let deadline = tokio::time::Instant::now() + timeout;
     let channel = result_key(task_id);
     loop {
-        let rx = {
+        let mut interest = {
             let mut guard = slot.lock().await;
             if guard.as_ref().is_none_or(|l| !l.is_alive()) {
                 *guard = Some(Listener::connect(pool).await?);
@@ -145,7 +124,7 @@ pub(crate) async fn wait_ready(
         let read = get_result(&mut pool.shared_lane(), task_id).await;
         let outcome = match read? {
             Some(r) if r.status.is_ready() => Some(Ok(Some(r))),
-            _ => match tokio::time::timeout_at(deadline, rx).await {
+            _ => match tokio::time::timeout_at(deadline, interest.next()).await {
                 Ok(Ok(raw)) => match parse_result(&raw) {
                     Ok(r) if r.status.is_ready() => Some(Ok(Some(r))),
                     Ok(_) => None,
@@ -155,9 +134,7 @@ pub(crate) async fn wait_ready(
                 Err(_) => Some(Ok(None)),
             },
         };
-        if let Some(l) = slot.lock().await.as_ref() {
-            l.unwatch(&channel);
-        }
+        drop(interest);
         if let Some(done) = outcome {
             return done;
         }

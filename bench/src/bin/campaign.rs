@@ -84,6 +84,9 @@ struct Cli {
     /// taskstack worker and run.
     #[arg(long, default_value_t = 1000)]
     latency_samples: usize,
+    /// How each round trip's producer waits for the result.
+    #[arg(long, value_enum, default_value_t = latency::Api::SendAndWait)]
+    latency_api: latency::Api,
     /// Skip Celery (no Python with Celery at hand).
     #[arg(long)]
     no_celery: bool,
@@ -187,9 +190,16 @@ async fn main() -> Result<()> {
         );
         ceilings.push(ceiling);
         for (system, url, env) in [(DEFAULTS, &url, &[][..]), (TUNED, &tuned_url, &tuned[..])] {
-            let l = idle_latency(&mut con, &worker_bin, url, env, cli.latency_samples)
-                .await
-                .with_context(|| format!("run {run}, {system}, latency"))?;
+            let l = idle_latency(
+                &mut con,
+                &worker_bin,
+                url,
+                env,
+                cli.latency_samples,
+                cli.latency_api,
+            )
+            .await
+            .with_context(|| format!("run {run}, {system}, latency"))?;
             println!(
                 "run {run} {system} idle latency: p50 {:.3} ms, p99 {:.3} ms ({} round trips)",
                 l.p50, l.p99, cli.latency_samples
@@ -220,11 +230,12 @@ async fn idle_latency(
     url: &str,
     env: &[(&str, String)],
     samples: usize,
+    api: latency::Api,
 ) -> Result<Latency> {
     let _: () = redis::cmd("FLUSHALL").query_async(con).await?;
     let worker = Service::taskstack(worker_bin, url, env)?;
     let producer = taskstack_integration::producer(url, worker.namespace())?;
-    let measured = latency::measure_latency(&producer, WARMUP, samples)
+    let measured = latency::measure_latency(&producer, WARMUP, samples, api)
         .await
         .with_context(|| format!("worker log tail:\n{}", worker.log_tail()));
     // A failed measurement is the error to report, before a failed stop.
@@ -237,8 +248,8 @@ async fn idle_latency(
 fn print_latency_table(cli: &Cli, tuned: &[String], latencies: &[(&str, Latency)]) {
     println!();
     println!(
-        "| idle round trip ({} per run) | p50 ms (median) | p99 ms (median) | runs (p50) |",
-        cli.latency_samples
+        "| idle round trip ({} per run, {:?}) | p50 ms (median) | p99 ms (median) | runs (p50) |",
+        cli.latency_samples, cli.latency_api
     );
     println!("| --- | --- | --- | --- |");
     for (system, label) in [

@@ -376,9 +376,14 @@ async fn measure(
     let seconds = done.duration_since(t0).as_secs_f64();
 
     let producer = Producer::on_backend(open_backend(&target.config())?, "bench@rabbitmq");
-    let latency = latency::measure_latency(&producer, 20, cli.latency_samples)
-        .await
-        .with_context(|| format!("{} log tail:\n{}", worker.name(), worker.log_tail()))?;
+    let latency = latency::measure_latency(
+        &producer,
+        20,
+        cli.latency_samples,
+        latency::Api::SendAndWait,
+    )
+    .await
+    .with_context(|| format!("{} log tail:\n{}", worker.name(), worker.log_tail()))?;
     worker.stop()?;
     Ok(Run {
         system,

@@ -7,13 +7,12 @@ use super::connect::{Connector, PgError};
 use super::schema::CHANNEL;
 use super::store;
 use crate::proto::TaskResult;
+use crate::waiters::{self, Interest};
 use futures_util::StreamExt as _;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
 
-type Waiters = Arc<Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>>;
+type Waiters = waiters::Waiters<()>;
 
 /// The LISTEN connection and the waiters registered on it.
 #[derive(Debug)]
@@ -88,23 +87,9 @@ impl Listener {
         !self.reader.is_finished()
     }
 
-    fn watch(&self, task_id: &str) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        if let Ok(mut m) = self.waiters.lock() {
-            m.entry(task_id.to_owned()).or_default().push(tx);
-        }
-        rx
-    }
-
-    fn unwatch(&self, task_id: &str) {
-        if let Ok(mut m) = self.waiters.lock()
-            && let Some(v) = m.get_mut(task_id)
-        {
-            v.retain(|s| !s.is_closed());
-            if v.is_empty() {
-                m.remove(task_id);
-            }
-        }
+    /// A waiter on `task_id`, removed when the interest drops.
+    fn watch(&self, task_id: &str) -> Interest<()> {
+        waiters::register(&self.waiters, task_id, None)
     }
 }
 
@@ -122,7 +107,7 @@ pub(crate) async fn wait_ready(
 ) -> Result<Option<TaskResult>, PgError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let rx = {
+        let mut interest = {
             let mut guard = slot.lock().await;
             if guard.as_ref().is_none_or(|l| !l.is_alive()) {
                 *guard = Some(Listener::connect(&pg.connector).await?);
@@ -135,15 +120,13 @@ pub(crate) async fn wait_ready(
         let read = store::read(pg, task_id).await;
         let outcome = match read? {
             Some(r) if r.status.is_ready() => Some(Some(r)),
-            _ => match tokio::time::timeout_at(deadline, rx).await {
+            _ => match tokio::time::timeout_at(deadline, interest.next()).await {
                 // Woken (or the listener was lost): read again.
                 Ok(_) => None,
                 Err(_) => Some(None),
             },
         };
-        if let Some(l) = slot.lock().await.as_ref() {
-            l.unwatch(task_id);
-        }
+        drop(interest);
         if let Some(done) = outcome {
             return Ok(done);
         }
