@@ -376,3 +376,39 @@ async fn one_batch_wakes_each_of_its_many_waiters() {
         assert_eq!(r.map(|r| r.task_id), Some(id.clone()), "{id} woken");
     }
 }
+
+#[tokio::test]
+async fn a_finished_or_cancelled_wait_leaves_no_waiter() {
+    let pg = PgServer::start();
+    let db = pg.create_database();
+    let (b, _redis) = backend(&pg, &db).await;
+    let waiting = || async { b.listener.lock().await.as_ref().map_or(0, |l| l.waiting()) };
+    // A result already stored: answered from the row.
+    b.results(Use::Request)
+        .write(&[done("stored")], T)
+        .await
+        .expect("write");
+    let r = b
+        .results(Use::Request)
+        .wait("stored", T)
+        .await
+        .expect("wait");
+    assert_eq!(r.map(|r| r.task_id).as_deref(), Some("stored"));
+    assert_eq!(waiting().await, 0, "after a wait for a stored result");
+    // Given up by its caller midway.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        b.results(Use::Request).wait("never", T),
+    )
+    .await;
+    assert!(gave_up.is_err(), "nothing stores `never`");
+    assert_eq!(waiting().await, 0, "after a cancelled wait");
+    // Timed out.
+    let r = b
+        .results(Use::Request)
+        .wait("never", Duration::from_millis(200))
+        .await
+        .expect("wait");
+    assert!(r.is_none());
+    assert_eq!(waiting().await, 0, "after a timed-out wait");
+}
