@@ -325,8 +325,9 @@ impl Producer {
     /// not held up by a subscription that starts only once the send has
     /// answered, as with [`Producer::send`] followed by [`Producer::wait`].
     ///
-    /// The send always runs to its end. A failed send ends the wait at once
-    /// and is the error returned. Once the task is sent, a wait that fails
+    /// The send always runs to its end (unless the caller drops this future
+    /// itself). A failed send ends the wait at once and is the error
+    /// returned. Once the task is sent, a wait that fails
     /// ([`ProducerError::Wait`]) or times out ([`ProducerError::Timeout`])
     /// names the task, so its result can still be read later.
     pub async fn send_and_wait(
