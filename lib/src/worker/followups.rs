@@ -57,6 +57,19 @@ pub(crate) async fn run(sh: &Shared, msg: &TaskMessage, result: &mut TaskResult)
         *result = TaskResult::failure(&msg.id, TaskState::Failure, &exc, from(sh, msg));
         return true;
     }
+    // The canvas path is boxed: every task's `finish` holds this future's
+    // state inline, and most tasks carry no follow-ups.
+    let canvas = Box::pin(send_followups(sh, msg, result, has("chord")));
+    canvas.await
+}
+
+/// The follow-ups of a task whose message carries a canvas.
+async fn send_followups(
+    sh: &Shared,
+    msg: &TaskMessage,
+    result: &mut TaskResult,
+    in_chord: bool,
+) -> bool {
     let mut work = Work::new(sh, msg);
     match result.status {
         TaskState::Success => work.on_success(&result.result),
@@ -71,7 +84,7 @@ pub(crate) async fn run(sh: &Shared, msg: &TaskMessage, result: &mut TaskResult)
     if !work.send().await {
         return false;
     }
-    if result.status.is_ready() && has("chord") {
+    if result.status.is_ready() && in_chord {
         return work.chord_part(result).await;
     }
     true
