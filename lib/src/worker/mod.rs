@@ -464,7 +464,9 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
         let idle = held.is_empty() || idle_again;
         for h in held {
             let turn = turn::Turn::queue(&sh.exec);
-            tasks.spawn(handle::handle(Arc::clone(sh), h, turn));
+            // Boxed: the runtime moves a task's future by value as it
+            // spawns and finishes it, so a small one is cheaper to move.
+            tasks.spawn(Box::pin(handle::handle(Arc::clone(sh), h, turn)));
         }
         if idle && !keys.is_empty() {
             match consume.wait_for_message(&keys, IDLE_WAIT).await {
