@@ -69,9 +69,9 @@ struct Cli {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// A setting of the tuned taskstack worker, `NAME=VALUE` (becoming
-    /// `TASKSTACK_NAME`); repeatable. Default: the best measured here.
+    /// `TASKSTACK_NAME`); repeatable. Default: the best measured here
+    /// (bench/README.md, "The campaign").
     #[arg(long = "tuned", value_name = "NAME=VALUE", default_values_t = [
-        "CONCURRENCY=256".to_owned(),
         "PREFETCH=1024".to_owned(),
     ])]
     tuned: Vec<String>,
