@@ -44,11 +44,12 @@ impl Listener {
                         None => break,
                     },
                     Some(channel) = unsub_rx.recv() => {
-                        // Re-check: a waiter may have registered meanwhile.
-                        let idle = w.lock().is_ok_and(|m| !m.contains_key(&channel));
-                        if idle {
-                            let _ = unsub_sink.unsubscribe(&channel).await;
-                        }
+                        let sink = &mut unsub_sink;
+                        let name = channel.as_str();
+                        unsubscribe_idle(&w, name, async move {
+                            let _ = sink.unsubscribe(name).await;
+                        })
+                        .await;
                         continue;
                     }
                 };
@@ -97,6 +98,28 @@ impl Listener {
     }
 }
 
+/// Unsubscribes `channel` (the `unsubscribe` future) when nobody waits on
+/// it. A waiter may register while the `UNSUBSCRIBE` is on its way, and its
+/// own `SUBSCRIBE` may reach the server first and be undone by it: every
+/// waiter registered by the time the server confirmed the `UNSUBSCRIBE` is
+/// woken with an error, so it subscribes, and reads the key, again (as
+/// after a lost connection), now behind the `UNSUBSCRIBE` on the same
+/// connection.
+async fn unsubscribe_idle(waiters: &Waiters, channel: &str, unsubscribe: impl Future<Output = ()>) {
+    // Re-checked here: a waiter may have registered since it was queued.
+    let idle = waiters.lock().is_ok_and(|m| !m.contains_key(channel));
+    if !idle {
+        return;
+    }
+    unsubscribe.await;
+    let late = waiters
+        .lock()
+        .map(|mut m| m.remove(channel))
+        .unwrap_or_default();
+    // Dropping their senders wakes them with an error.
+    drop(late);
+}
+
 /// Waits up to `timeout` for `task_id`'s final record (SUCCESS, FAILURE or
 /// REVOKED) through the process's one listener in `slot` (connected on
 /// first use, replaced when lost). `None` when none came in time.
@@ -130,7 +153,9 @@ pub(crate) async fn wait_ready(
                     Ok(_) => None,
                     Err(e) => Some(Err(e)),
                 },
-                Ok(Err(_)) => None, // listener lost; resubscribe
+                // The listener was lost, or a late UNSUBSCRIBE undid this
+                // subscription: subscribe (and read the key) again.
+                Ok(Err(_)) => None,
                 Err(_) => Some(Ok(None)),
             },
         };
@@ -141,5 +166,44 @@ pub(crate) async fn wait_ready(
         if tokio::time::Instant::now() >= deadline {
             return Ok(None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_waiter_that_registers_during_an_unsubscribe_is_told_to_subscribe_again() {
+        let waiters: Waiters = Arc::default();
+        let (tell, _told) = tokio::sync::mpsc::unbounded_channel();
+        let mut late = None;
+        unsubscribe_idle(&waiters, "ch", async {
+            // Registered (and subscribed) while the UNSUBSCRIBE is on its way.
+            late = Some(waiters::register(&waiters, "ch", Some(tell.clone())));
+        })
+        .await;
+        let mut late = late.expect("registered");
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(5), late.next()).await;
+        assert!(
+            matches!(woken, Ok(Err(_))),
+            "the late waiter must be woken to subscribe again, not left waiting on a \
+             channel the connection no longer listens to"
+        );
+        assert!(waiters.lock().expect("lock").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_channel_someone_waits_on_is_not_unsubscribed() {
+        let waiters: Waiters = Arc::default();
+        let mut waiting = waiters::register(&waiters, "ch", None);
+        let mut unsubscribed = false;
+        unsubscribe_idle(&waiters, "ch", async { unsubscribed = true }).await;
+        assert!(!unsubscribed);
+        let senders = waiters.lock().expect("lock").remove("ch").expect("waits");
+        for s in senders {
+            let _ = s.send("r".to_owned());
+        }
+        assert_eq!(waiting.next().await.expect("sent"), "r");
     }
 }
