@@ -5,6 +5,7 @@
 --
 -- KEYS[1]  the worker's in-flight HASH (seq -> "<queue key>\n<message>")
 -- KEYS[2]  the worker's held-count HASH (queue name -> messages held)
+-- KEYS[3]  the worker's held-sequence SET (see fetch.lua)
 -- ARGV     groups: queue name, how many sequence numbers follow, those
 --          numbers; an empty queue name means "not known to the caller":
 --          those holds are read to learn their queue (costs their bytes)
@@ -21,6 +22,7 @@ while i <= #ARGV do
   local q = ARGV[i]
   local k = tonumber(ARGV[i + 1])
   local first, last = i + 2, i + 1 + k
+  redis.call('SREM', KEYS[3], unpack(ARGV, first, last))
   if q ~= '' then
     lower(q, redis.call('HDEL', KEYS[1], unpack(ARGV, first, last)))
   else

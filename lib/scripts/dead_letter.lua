@@ -7,6 +7,7 @@
 -- KEYS[3]  the holding worker's held-count HASH (queue name -> messages
 --          held, see fetch.lua), lowered by one
 -- KEYS[4]  the holding worker's running HASH (start.lua's marks)
+-- KEYS[5]  the holding worker's held-sequence SET (see fetch.lua)
 -- ARGV[1]  the dead-letter record (JSON: reason, payload, ...)
 -- ARGV[2]  sequence number to settle
 -- ARGV[3]  '' or a key: the message is too large to have been sent to the
@@ -28,6 +29,7 @@ if ARGV[3] ~= '' then
 end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[2])
+redis.call('SREM', KEYS[5], ARGV[2])
 local q = string.sub(held, 1, nl - 1)
 local cut = string.find(q, '\6\22', 1, true)
 if cut then q = string.sub(q, 1, cut - 1) end

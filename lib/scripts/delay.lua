@@ -11,6 +11,8 @@
 --          held, see fetch.lua; any key when ARGV[5] is ''), lowered by one
 -- KEYS[6]  the holding worker's running HASH (start.lua's marks; any key
 --          when ARGV[6] is '')
+-- KEYS[7]  the holding worker's held-sequence SET (see fetch.lua; any key
+--          when ARGV[5] is '')
 -- ARGV[1]  due time (ms since the epoch)
 -- ARGV[2]  a fresh unique id for this parked message
 -- ARGV[3]  queue key to push to when due
@@ -41,6 +43,7 @@ if held then
   -- The hold ("<queue key>\n<message>") names the queue it was counted in,
   -- which a retry may not go back to.
   redis.call('HDEL', KEYS[3], ARGV[5])
+  redis.call('SREM', KEYS[7], ARGV[5])
   redis.call('HINCRBY', KEYS[5], name_of(string.sub(held, 1, string.find(held, '\n', 1, true) - 1)), -1)
   if ARGV[6] ~= '' and redis.call('HGET', KEYS[6], ARGV[6]) == ARGV[5] then
     redis.call('HDEL', KEYS[6], ARGV[6])

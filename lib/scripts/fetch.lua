@@ -10,12 +10,16 @@
 --            raised here, lowered by ack.lua, requeue.lua, delay.lua and
 --            dead_letter.lua, so queue_stats.lua counts a worker's holds
 --            per queue without reading them
--- KEYS[5..]  queue lists in service order (priority bucket, then queue)
+-- KEYS[5]    this worker's held-sequence SET: every sequence number in
+--            KEYS[2], added here and removed wherever KEYS[2] loses one
+--            (ack, requeue, delay, dead_letter, reap), so start.lua checks
+--            a batch's holds without reading the held messages
+-- KEYS[6..]  queue lists in service order (priority bucket, then queue)
 -- ARGV[1]    worker id
 -- ARGV[2]    lease deadline (ms since the epoch)
 -- ARGV[3]    most messages to take
 -- ARGV[4]    last sequence number used by this worker
--- ARGV[5]    index (1-based, into KEYS[5..]) of the queue feeding the landing list
+-- ARGV[5]    index (1-based, into KEYS[6..]) of the queue feeding the landing list
 -- ARGV[6]    largest message (bytes) to return; a larger one is recorded as
 --            held like any other but its size (an integer) is returned in
 --            place of the message, so it never crosses the network (the
@@ -29,12 +33,13 @@
 -- list, then (when the batch is not full) one EXISTS over the others, and
 -- those in order until as many non-empty ones as it counted were found.
 -- Returns a flat array: seq, queue index, message or size, seq, ...
--- The queue index is 1-based into the queue lists (KEYS[5..]).
+-- The queue index is 1-based into the queue lists (KEYS[6..]).
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 local max = tonumber(ARGV[3])
 local seq = tonumber(ARGV[4])
 local out = {}
 local hset = {}
+local seqs = {}
 local n = 0
 
 local max_size = tonumber(ARGV[6])
@@ -45,8 +50,9 @@ local function take(index, message)
   seq = seq + 1
   n = n + 1
   taken[index] = (taken[index] or 0) + 1
+  seqs[n] = seq
   hset[#hset + 1] = seq
-  hset[#hset + 1] = KEYS[4 + index] .. '\n' .. message
+  hset[#hset + 1] = KEYS[5 + index] .. '\n' .. message
   out[#out + 1] = seq
   out[#out + 1] = index
   if #message > max_size then
@@ -68,18 +74,18 @@ end
 local function pop(i)
   local batch = redis.call('RPOP', KEYS[i], max - n)
   if batch then
-    for _, m in ipairs(batch) do take(i - 4, m) end
+    for _, m in ipairs(batch) do take(i - 5, m) end
     return true
   end
   return false
 end
 
-if n < max and #KEYS >= 5 then
-  pop(5)
-end
 if n < max and #KEYS >= 6 then
-  local left = redis.call('EXISTS', unpack(KEYS, 6))
-  for i = 6, #KEYS do
+  pop(6)
+end
+if n < max and #KEYS >= 7 then
+  local left = redis.call('EXISTS', unpack(KEYS, 7))
+  for i = 7, #KEYS do
     if n >= max or left == 0 then break end
     if pop(i) then left = left - 1 end
   end
@@ -87,10 +93,11 @@ end
 
 if #hset > 0 then
   redis.call('HSET', KEYS[2], unpack(hset))
+  redis.call('SADD', KEYS[5], unpack(seqs))
   -- Counted per queue name: the key without Celery's priority suffix.
   local per_queue = {}
   for index, k in pairs(taken) do
-    local q = KEYS[4 + index]
+    local q = KEYS[5 + index]
     local cut = string.find(q, "\6\22", 1, true)
     if cut then q = string.sub(q, 1, cut - 1) end
     per_queue[q] = (per_queue[q] or 0) + k

@@ -18,6 +18,8 @@
 --          STARTED record would have it.
 -- ARGV[9]  held-count HASH prefix (+ worker id): fetch.lua's counts, gone
 --          with the holds they counted
+-- ARGV[10] held-sequence SET prefix (+ worker id): fetch.lua's record of
+--          the in-flight HASH's sequence numbers, gone with the holds
 -- Returns {workers reaped, messages restored}.
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
 local restored = 0
@@ -60,6 +62,7 @@ for _, w in ipairs(dead) do
     restored = restored + 1
   end
   redis.call('DEL', inflight)
+  redis.call('DEL', ARGV[10] .. w)
   redis.call('DEL', ARGV[9] .. w)
 
   redis.call('ZREM', KEYS[1], w)

@@ -29,7 +29,8 @@
 --          server (the worker then checks its holds there first)
 -- ARGV[5]  '1': write STARTED records; '0': only when ARGV[4] is ''
 -- ARGV[6]  the worker's running HASH (any value when ARGV[4] is '')
--- ARGV[7], ARGV[8], ARGV[9], ...  triples: task id, its STARTED record
+-- ARGV[7]  the worker's held-sequence SET (any value when ARGV[4] is '')
+-- ARGV[8], ARGV[9], ARGV[10], ...  triples: task id, its STARTED record
 --          (JSON, '' when none is written), the sequence number of its hold
 -- Returns one integer per task, in order: 1 = run it, 0 = revoked, skip
 -- it, 2 = no longer held, do not run it, 3 = already finished, skip it.
@@ -42,18 +43,28 @@
 -- worker acknowledges the message without running it or touching the
 -- record. A STARTED, RETRY or PENDING record runs the task (a worker that
 -- died mid-run, a retry).
-local first = 7
+local first = 8
 local inflight = ARGV[4]
 local record = ARGV[5] == '1' or inflight == ''
 local n = (#ARGV - first + 1) / 3
 local out = {}
 
--- 1. Holds: one HMGET for the batch.
+-- 1. Holds: one SMISMEMBER for the batch. The held-sequence set names
+-- the in-flight hash's fields (every script that adds or removes a hold
+-- changes both, see fetch.lua), so it answers without reading a held
+-- message. The set never lacks a field of the hash, so equal sizes mean
+-- equal contents; when they differ (a reaper of an older build deleted
+-- the hash and not the set) the hash itself is read.
 if inflight ~= '' then
   local seqs = {}
   for i = first, #ARGV, 3 do seqs[#seqs + 1] = ARGV[i + 2] end
-  local held = redis.call('HMGET', inflight, unpack(seqs))
-  for k = 1, n do out[k] = held[k] and 1 or 2 end
+  if redis.call('SCARD', ARGV[7]) == redis.call('HLEN', inflight) then
+    local held = redis.call('SMISMEMBER', ARGV[7], unpack(seqs))
+    for k = 1, n do out[k] = held[k] == 1 and 1 or 2 end
+  else
+    local held = redis.call('HMGET', inflight, unpack(seqs))
+    for k = 1, n do out[k] = held[k] and 1 or 2 end
+  end
 else
   for k = 1, n do out[k] = 1 end
 end

@@ -90,7 +90,8 @@ pub(crate) async fn fetch(
     inv.key(keys.leases())
         .key(keys.inflight(worker_id))
         .key(keys.landing(worker_id))
-        .key(keys.held_counts(worker_id));
+        .key(keys.held_counts(worker_id))
+        .key(keys.held_seqs(worker_id));
     for k in queue_keys {
         inv.key(k);
     }
@@ -171,7 +172,8 @@ pub(crate) async fn requeue(
     }
     let mut inv = REQUEUE.prepare_invoke();
     inv.key(keys.inflight(worker_id))
-        .key(keys.held_counts(worker_id));
+        .key(keys.held_counts(worker_id))
+        .key(keys.held_seqs(worker_id));
     for s in seqs {
         inv.arg(*s);
     }
@@ -197,7 +199,8 @@ fn ack_invocation<'a>(
     }
     let mut inv = ACK.prepare_invoke();
     inv.key(keys.inflight(worker_id))
-        .key(keys.held_counts(worker_id));
+        .key(keys.held_counts(worker_id))
+        .key(keys.held_seqs(worker_id));
     for (q, seqs) in groups {
         inv.arg(q).arg(seqs.len());
         for s in seqs {

@@ -85,6 +85,7 @@ pub(crate) async fn dead_letter(
         .key(keys.inflight(worker_id))
         .key(keys.held_counts(worker_id))
         .key(keys.running(worker_id))
+        .key(keys.held_seqs(worker_id))
         .arg(&json)
         .arg(seq)
         .arg(record.payload_key.as_deref().unwrap_or(""))

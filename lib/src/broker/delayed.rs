@@ -17,15 +17,17 @@ pub(crate) async fn park(
     held: Option<(&str, u64, Option<&str>)>,
 ) -> Result<(), BrokerError> {
     let mut inv = DELAY.prepare_invoke();
-    let (inflight, counts, running, seq, task_id) = match held {
+    let (inflight, counts, running, seqs, seq, task_id) = match held {
         Some((worker, seq, started)) => (
             keys.inflight(worker),
             keys.held_counts(worker),
             keys.running(worker),
+            keys.held_seqs(worker),
             seq.to_string(),
             started.unwrap_or(""),
         ),
         None => (
+            keys.delayed(),
             keys.delayed(),
             keys.delayed(),
             keys.delayed(),
@@ -39,6 +41,7 @@ pub(crate) async fn park(
         .key(keys.delayed_counts())
         .key(counts)
         .key(running)
+        .key(seqs)
         .arg(due_ms)
         .arg(uuid::Uuid::new_v4().to_string())
         .arg(queue_key)

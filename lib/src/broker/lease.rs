@@ -109,7 +109,8 @@ pub(crate) async fn reap(
         .arg(keys.started_prefix())
         .arg(u64::try_from(ORPHAN_START_TTL.as_millis()).unwrap_or(u64::MAX))
         .arg(keys.running_prefix())
-        .arg(keys.held_counts_prefix());
+        .arg(keys.held_counts_prefix())
+        .arg(keys.held_seqs_prefix());
     on_lane!(&mut *lane, "reap", |c| inv.invoke_async(c))
 }
 

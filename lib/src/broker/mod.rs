@@ -121,4 +121,6 @@ pub(crate) use state::{held, mark_revoked};
 #[cfg(test)]
 mod held_counts_tests;
 #[cfg(test)]
+mod held_seqs_tests;
+#[cfg(test)]
 mod tests;

@@ -66,7 +66,8 @@ pub(crate) async fn start_batch(
         .arg(millis(ttl))
         .arg(worker_id.map(|w| keys.inflight(w)).unwrap_or_default())
         .arg(u8::from(track_started))
-        .arg(worker_id.map(|w| keys.running(w)).unwrap_or_default());
+        .arg(worker_id.map(|w| keys.running(w)).unwrap_or_default())
+        .arg(worker_id.map(|w| keys.held_seqs(w)).unwrap_or_default());
     for t in tasks {
         let json = if record { t.record.as_str() } else { "" };
         inv.arg(&t.task_id).arg(json).arg(t.seq);
@@ -93,8 +94,10 @@ pub(crate) async fn start_batch(
         .collect()
 }
 
-/// Which of `seqs` the worker still holds (one `HMGET`), for when results
-/// live on another server than the broker.
+/// Which of `seqs` the worker still holds, for when results live on another
+/// server than the broker: one `SMISMEMBER` on its held-sequence set (which
+/// reads no held message), or an `HMGET` of the in-flight hash when the two
+/// differ in size (see `scripts/start.lua`).
 pub(crate) async fn held(
     lane: &mut Lane,
     keys: &Keys,
@@ -104,14 +107,32 @@ pub(crate) async fn held(
     if seqs.is_empty() {
         return Ok(Vec::new());
     }
-    let mut c = redis::cmd("HMGET");
-    c.arg(keys.inflight(worker_id));
-    for s in seqs {
-        c.arg(*s);
+    let (set, inflight) = (keys.held_seqs(worker_id), keys.inflight(worker_id));
+    let mut p = redis::pipe();
+    p.atomic()
+        .cmd("SCARD")
+        .arg(&set)
+        .cmd("HLEN")
+        .arg(&inflight)
+        .cmd("SMISMEMBER")
+        .arg(&set)
+        .arg(seqs);
+    let (members, fields, mut found): (u64, u64, Vec<bool>) =
+        on_lane!(&mut *lane, "check holds", |conn| p.query_async(conn))?;
+    if members != fields {
+        let mut c = redis::cmd("HMGET");
+        c.arg(&inflight).arg(seqs);
+        let values: Vec<Option<redis::Value>> =
+            on_lane!(&mut *lane, "check holds", |conn| c.query_async(conn))?;
+        found = values.into_iter().map(|v| v.is_some()).collect();
     }
-    let found: Vec<Option<redis::Value>> =
-        on_lane!(&mut *lane, "check holds", |conn| c.query_async(conn))?;
-    Ok(found.into_iter().map(|v| v.is_some()).collect())
+    if found.len() != seqs.len() {
+        return Err(BrokerError::Reply {
+            op: "check holds",
+            detail: format!("{} answers for {} holds", found.len(), seqs.len()),
+        });
+    }
+    Ok(found)
 }
 
 /// What a revocation did.

@@ -113,7 +113,12 @@ async fn requeue_and_reap_put_messages_back_at_the_front_in_order() {
         ["b", "a"],
         "the oldest held message is at the very front"
     );
-    for key in [keys.inflight("w1"), keys.landing("w1"), keys.worker("w1")] {
+    for key in [
+        keys.inflight("w1"),
+        keys.held_seqs("w1"),
+        keys.landing("w1"),
+        keys.worker("w1"),
+    ] {
         let exists: bool = cmd(&mut l, redis::cmd("EXISTS").arg(&key)).await;
         assert!(!exists, "{key} left behind");
     }
@@ -548,7 +553,7 @@ async fn a_message_restored_from_an_expired_lease_never_starts_on_its_old_worker
         record, None,
         "no STARTED record for a task that did not start"
     );
-    // The same answer through the separate-backend path (one HMGET).
+    // The same answer through the separate-backend path (one SMISMEMBER).
     #[cfg(feature = "worker")]
     {
         let holds = held(&mut l, &keys, "w1", &[got[0].seq, got[1].seq])
@@ -676,10 +681,16 @@ async fn a_batch_start_checks_holds_and_revocations_once_and_marks_without_recor
     let revoked = r#"{"status":"REVOKED"}"#;
     let out = revoke(&mut l, &keys, "c", revoked, ttl, true).await;
     assert_eq!(out.expect("revoke"), RevokeOutcome::Revoked);
-    // b's hold is gone (as after a reaper restored it).
+    // b's hold is gone (as after a reaper restored it: the hold and its
+    // sequence number go in one step).
     cmd::<()>(
         &mut l,
         redis::cmd("HDEL").arg(keys.inflight("w1")).arg(got[1].seq),
+    )
+    .await;
+    cmd::<()>(
+        &mut l,
+        redis::cmd("SREM").arg(keys.held_seqs("w1")).arg(got[1].seq),
     )
     .await;
     let starting = |id: &str, seq| Starting {
@@ -704,8 +715,10 @@ async fn a_batch_start_checks_holds_and_revocations_once_and_marks_without_recor
             StartVerdict::Revoked
         ]
     );
-    // One HMGET for the holds, one HSET for the marks, no record written.
-    assert_eq!(calls(&mut l, "hmget").await, 1);
+    // One SMISMEMBER for the holds (no held message read), one HSET for
+    // the marks, no record written.
+    assert_eq!(calls(&mut l, "smismember").await, 1);
+    assert_eq!(calls(&mut l, "hmget").await, 0);
     assert_eq!(calls(&mut l, "hexists").await, 0);
     assert_eq!(calls(&mut l, "hset").await, 1);
     assert_eq!(calls(&mut l, "set").await, 0);

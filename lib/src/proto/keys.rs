@@ -86,6 +86,18 @@ impl Keys {
         format!("{}:inflight:", self.ns)
     }
 
+    /// SET per worker: the delivery sequences of its [`Keys::inflight`] hash,
+    /// kept in the same steps as the hash, so checking that a batch is
+    /// still held (one `SMISMEMBER`) never reads the held messages.
+    pub fn held_seqs(&self, worker_id: &str) -> String {
+        format!("{}:held-seqs:{worker_id}", self.ns)
+    }
+
+    /// Prefix of [`Keys::held_seqs`].
+    pub fn held_seqs_prefix(&self) -> String {
+        format!("{}:held-seqs:", self.ns)
+    }
+
     /// HASH per worker: queue name → messages of that queue in the worker's
     /// [`Keys::inflight`] hash, kept by the scripts that add or remove holds
     /// so counting a queue's held messages never reads them.
@@ -248,6 +260,7 @@ mod tests {
             k.inflight("w"),
             k.landing("w"),
             k.held_counts("w"),
+            k.held_seqs("w"),
             k.landing_sources(),
             k.delayed(),
             k.delayed_messages(),
@@ -265,6 +278,7 @@ mod tests {
         }
         assert!(k.inflight("w").starts_with(&k.inflight_prefix()));
         assert!(k.landing("w").starts_with(&k.landing_prefix()));
+        assert!(k.held_seqs("w").starts_with(&k.held_seqs_prefix()));
         assert!(k.worker("w").starts_with(&k.worker_prefix()));
         assert!(k.revoked("t").starts_with(&k.revoked_prefix()));
         assert!(k.dead_letters("q").starts_with(&k.dead_letters_prefix()));

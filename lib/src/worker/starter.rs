@@ -1,8 +1,9 @@
 //! The starter: the last step before a task runs. It batches the tasks
 //! about to start into one [`crate::backend::TaskStates::start_batch`] that
 //! skips revoked ones and ones this worker no longer holds, and marks the
-//! rest started (on Redis one `scripts/start.lua` call: one HMGET, one
-//! EXISTS and one HSET for the batch, plus STARTED records when
+//! rest started (on Redis one `scripts/start.lua` call: one SMISMEMBER
+//! (with an SCARD and an HLEN), one EXISTS and one HSET for the batch,
+//! plus STARTED records when
 //! `task_track_started` is on), so these checks cost one round trip per
 //! batch, not per task.
 

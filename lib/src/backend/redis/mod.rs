@@ -453,7 +453,7 @@ impl TaskStates for RedisSession {
         let Some(worker) = worker_id.filter(|_| !self.same_server()) else {
             // Results on the broker's server: start.lua checks the holds
             // itself, atomically with the reaper, and marks the tasks
-            // started in the worker's in-flight hash.
+            // started in the worker's running hash.
             return Ok(broker::start_batch(
                 &mut self.backend,
                 keys,
@@ -464,7 +464,7 @@ impl TaskStates for RedisSession {
             )
             .await?);
         };
-        // Elsewhere: one HMGET of the holds on the broker first; only the
+        // Elsewhere: the holds are checked on the broker first; only the
         // tasks still held are started.
         let seqs: Vec<u64> = tasks.iter().map(|t| t.seq).collect();
         let holds = broker::held(&mut self.lane, keys, worker, &seqs).await?;
