@@ -2,6 +2,7 @@
 //! holds per queue without reading them, and the answer stays exact through
 //! every way a hold ends, against a real `redis-server`.
 
+use super::test_support::{cmd, dead_record};
 use super::*;
 use crate::config::RedisTarget;
 use crate::proto::keys::{queue_key, queue_of_key};
@@ -9,11 +10,6 @@ use crate::test_redis::server;
 use std::time::Duration;
 
 const LEASE: Duration = Duration::from_secs(30);
-
-async fn cmd<T: redis::FromRedisValue>(lane: &mut Lane, c: &mut redis::Cmd) -> T {
-    let conn = lane.conn("test").await.expect("conn");
-    c.query_async(conn).await.expect("command")
-}
 
 /// Pushes `n` messages to `key` in pipelines of 10,000.
 async fn fill(lane: &mut Lane, key: &str, n: usize) {
@@ -165,19 +161,7 @@ async fn many_held_messages_are_counted_without_reading_them() {
     )
     .await
     .expect("park held");
-    let record = DeadLetter {
-        reason: "r".into(),
-        queue: "a".into(),
-        queue_key: "a".into(),
-        task_id: None,
-        task: None,
-        payload: "p".into(),
-        payload_base64: None,
-        payload_key: None,
-        payload_size: None,
-        worker: "w3".into(),
-        at: "now".into(),
-    };
+    let record = dead_record("a", "p", "w3");
     dead_letter(&mut l, &keys, "w3", w3[1].seq, &record)
         .await
         .expect("dead-letter");

@@ -4,30 +4,13 @@
 //! where the two disagree (a reaper of an older build deletes the hash and
 //! not the set) the hash is read instead. Against a real `redis-server`.
 
+use super::test_support::{cmd, dead_record, lane, take};
 use super::*;
-use crate::config::RedisTarget;
 use crate::test_redis::server;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 const LEASE: Duration = Duration::from_secs(30);
-
-async fn cmd<T: redis::FromRedisValue>(lane: &mut Lane, c: &mut redis::Cmd) -> T {
-    let conn = lane.conn("test").await.expect("conn");
-    c.query_async(conn).await.expect("command")
-}
-
-fn take<'a>(queue_keys: &'a [String], max: usize, last_seq: u64) -> Take<'a> {
-    Take {
-        worker_id: "w1",
-        queue_keys,
-        max,
-        last_seq,
-        lease: LEASE,
-        max_size: usize::MAX,
-        landing: true,
-    }
-}
 
 /// The in-flight hash's fields and the held-sequence set's members.
 async fn fields_and_members(l: &mut Lane, keys: &Keys) -> (BTreeSet<u64>, BTreeSet<u64>) {
@@ -51,12 +34,19 @@ fn starting(id: &str, seq: u64) -> Starting {
     }
 }
 
+/// Settles `seq` without a result.
+fn ack(seq: u64) -> Settle {
+    Settle {
+        seq,
+        result: None,
+        started: None,
+    }
+}
+
 #[tokio::test]
 async fn the_held_sequences_follow_the_holds_through_every_step() {
     let s = server();
-    let mut l = RedisPool::new(&RedisTarget::from_url(&s.url).expect("url"), 4, LEASE)
-        .expect("pool")
-        .lane();
+    let mut l = lane(&s);
     let keys = Keys::new("ns");
     let qk = vec!["q".to_string(), "other".to_string()];
     for i in 1..=8 {
@@ -76,11 +66,6 @@ async fn the_held_sequences_follow_the_holds_through_every_step() {
 
     // Acknowledged with the queue known, then without it (ack.lua reads
     // those holds), then again (nothing left to remove).
-    let ack = |seq| Settle {
-        seq,
-        result: None,
-        started: None,
-    };
     let of_q = |_| Some("q".to_string());
     settle(&mut l, None, &keys, "w1", &[ack(1), ack(2)], &of_q, LEASE)
         .await
@@ -108,19 +93,7 @@ async fn the_held_sequences_follow_the_holds_through_every_step() {
     )
     .await
     .expect("park");
-    let record = DeadLetter {
-        reason: "r".into(),
-        queue: "q".into(),
-        queue_key: "q".into(),
-        task_id: None,
-        task: None,
-        payload: "p".into(),
-        payload_base64: None,
-        payload_key: None,
-        payload_size: None,
-        worker: "w1".into(),
-        at: "now".into(),
-    };
+    let record = dead_record("q", "p", "w1");
     dead_letter(&mut l, &keys, "w1", 6, &record)
         .await
         .expect("dead-letter");
@@ -159,9 +132,7 @@ async fn the_held_sequences_follow_the_holds_through_every_step() {
 #[tokio::test]
 async fn holds_deleted_without_their_sequences_are_read_from_the_hash() {
     let s = server();
-    let mut l = RedisPool::new(&RedisTarget::from_url(&s.url).expect("url"), 4, LEASE)
-        .expect("pool")
-        .lane();
+    let mut l = lane(&s);
     let keys = Keys::new("ns");
     let qk = vec!["q".to_string()];
     for i in 1..=4 {
@@ -196,11 +167,6 @@ async fn holds_deleted_without_their_sequences_are_read_from_the_hash() {
     );
 
     // Settling the stale ones clears the set, and it answers alone again.
-    let ack = |seq| Settle {
-        seq,
-        result: None,
-        started: None,
-    };
     settle(
         &mut l,
         None,

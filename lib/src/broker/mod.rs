@@ -123,4 +123,6 @@ mod held_counts_tests;
 #[cfg(test)]
 mod held_seqs_tests;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;

@@ -3,37 +3,10 @@
 //! exists, which CI never allows: it installs one).
 
 use super::*;
-use crate::config::RedisTarget;
 use std::time::Duration;
 
-use crate::test_redis::{Server, server};
-
-fn lane(s: &Server) -> Lane {
-    RedisPool::new(
-        &RedisTarget::from_url(&s.url).expect("url"),
-        4,
-        Duration::from_secs(5),
-    )
-    .expect("pool")
-    .lane()
-}
-
-async fn cmd<T: redis::FromRedisValue>(lane: &mut Lane, c: &mut redis::Cmd) -> T {
-    let conn = lane.conn("test").await.expect("conn");
-    c.query_async(conn).await.expect("command")
-}
-
-fn take<'a>(keys: &'a [String], max: usize, last_seq: u64) -> Take<'a> {
-    Take {
-        worker_id: "w1",
-        queue_keys: keys,
-        max,
-        last_seq,
-        lease: Duration::from_secs(30),
-        max_size: usize::MAX,
-        landing: true,
-    }
-}
+use super::test_support::{cmd, dead_record, lane, take};
+use crate::test_redis::server;
 
 #[tokio::test]
 async fn fetch_takes_oldest_first_and_records_each_hold() {
@@ -173,19 +146,7 @@ async fn parked_messages_move_when_due_and_settling_twice_is_harmless() {
     assert_eq!(q, ["x-retry"]);
 
     let got = fetch(&mut l, &keys, take(&qk, 1, 5)).await.expect("fetch");
-    let record = DeadLetter {
-        reason: "r".into(),
-        queue: "q".into(),
-        queue_key: "q".into(),
-        task_id: None,
-        task: None,
-        payload: "x-retry".into(),
-        payload_base64: None,
-        payload_key: None,
-        payload_size: None,
-        worker: "w1".into(),
-        at: "now".into(),
-    };
+    let record = dead_record("q", "x-retry", "w1");
     dead_letter(&mut l, &keys, "w1", got[0].seq, &record)
         .await
         .expect("dead-letter");
