@@ -13,7 +13,10 @@
 -- KEYS[5]    this worker's held-sequence SET: every sequence number in
 --            KEYS[2], added here and removed wherever KEYS[2] loses one
 --            (ack, requeue, delay, dead_letter, reap), so start.lua checks
---            a batch's holds without reading the held messages
+--            a batch's holds without reading the held messages; it expires
+--            like KEYS[4] (ARGV[8], renewed by the heartbeat), so a dead
+--            worker's set does not outlive it even where a reaper of an
+--            older build restored its holds
 -- KEYS[6..]  queue lists in service order (priority bucket, then queue)
 -- ARGV[1]    worker id
 -- ARGV[2]    lease deadline (ms since the epoch)
@@ -27,8 +30,9 @@
 -- ARGV[7]    '1' when the landing list may hold a message (the worker
 --            waited since its last take), '0' when it cannot: no RPOP then
 -- ARGV[8]    expiry (ms) given to the held-count HASH when a count starts
---            from zero (the heartbeat renews it), so a crashed worker's
---            counts do not outlive it
+--            from zero, and to the held-sequence SET when it starts empty
+--            (the heartbeat renews both), so a crashed worker's do not
+--            outlive it
 -- Lists are polled only while they can hold messages: the first queue
 -- list, then (when the batch is not full) one EXISTS over the others, and
 -- those in order until as many non-empty ones as it counted were found.
@@ -93,7 +97,9 @@ end
 
 if #hset > 0 then
   redis.call('HSET', KEYS[2], unpack(hset))
-  redis.call('SADD', KEYS[5], unpack(seqs))
+  if redis.call('SADD', KEYS[5], unpack(seqs)) == redis.call('SCARD', KEYS[5]) then
+    redis.call('PEXPIRE', KEYS[5], ARGV[8])
+  end
   -- Counted per queue name: the key without Celery's priority suffix.
   local per_queue = {}
   for index, k in pairs(taken) do

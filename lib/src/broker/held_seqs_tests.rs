@@ -2,7 +2,8 @@
 //! worker's in-flight hash through every way a hold begins and ends, so the
 //! start of a batch checks its holds without reading the held messages; and
 //! where the two disagree (a reaper of an older build deletes the hash and
-//! not the set) the hash is read instead. Against a real `redis-server`.
+//! not the set; the set expired) the hash is read instead. Against a real
+//! `redis-server`.
 
 use super::test_support::{cmd, dead_record, lane, take};
 use super::*;
@@ -63,6 +64,11 @@ async fn the_held_sequences_follow_the_holds_through_every_step() {
     let seqs: Vec<u64> = got.iter().map(|d| d.seq).collect();
     assert_eq!(seqs, (1..=9).collect::<Vec<_>>());
     assert_mirrored(&mut l, &keys, &seqs, "fetch").await;
+    let ttl: i64 = cmd(&mut l, redis::cmd("PTTL").arg(keys.held_seqs("w1"))).await;
+    assert!(
+        ttl > 0,
+        "a held-sequence set expires with its worker: {ttl}"
+    );
 
     // Acknowledged with the queue known, then without it (ack.lua reads
     // those holds), then again (nothing left to remove).
@@ -187,4 +193,64 @@ async fn holds_deleted_without_their_sequences_are_read_from_the_hash() {
     assert_eq!(go, [StartVerdict::Run]);
     let info: String = cmd(&mut l, redis::cmd("INFO").arg("commandstats")).await;
     assert!(!info.contains("cmdstat_hmget"), "{info}");
+}
+
+#[tokio::test]
+async fn a_set_that_expired_is_read_around_and_the_heartbeat_renews_it() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    let qk = vec!["q".to_string()];
+    for i in 1..=4 {
+        cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg(format!("m{i}"))).await;
+    }
+    fetch(&mut l, &keys, take(&qk, 2, 0)).await.expect("fetch");
+    // The set expired (a heartbeat that stopped for three lease lengths)
+    // while the worker still holds both, then it takes two more.
+    cmd::<()>(&mut l, redis::cmd("DEL").arg(keys.held_seqs("w1"))).await;
+    fetch(&mut l, &keys, take(&qk, 2, 2)).await.expect("fetch");
+    let (fields, members) = fields_and_members(&mut l, &keys).await;
+    assert_eq!(fields, BTreeSet::from([1, 2, 3, 4]));
+    assert_eq!(members, BTreeSet::from([3, 4]));
+    let batch = [starting("a", 1), starting("b", 2), starting("c", 3)];
+    let go = start_batch(&mut l, &keys, Some("w1"), &batch, LEASE, false)
+        .await
+        .expect("start");
+    assert_eq!(
+        go,
+        [StartVerdict::Run, StartVerdict::Run, StartVerdict::Run],
+        "held messages still start"
+    );
+    assert_eq!(
+        held(&mut l, &keys, "w1", &[1, 2, 4]).await.expect("held"),
+        [true, true, true]
+    );
+
+    // The heartbeat renews the set's expiry.
+    cmd::<()>(
+        &mut l,
+        redis::cmd("PEXPIRE").arg(keys.held_seqs("w1")).arg(1_000),
+    )
+    .await;
+    let record = WorkerRecord {
+        id: "w1".into(),
+        host: "h".into(),
+        pid: 1,
+        queues: vec!["q".into()],
+        tasks: Vec::new(),
+        concurrency: 1,
+        started_at: "now".into(),
+        last_heartbeat: "now".into(),
+        processed: 0,
+        failed: 0,
+        retried: 0,
+        dead_lettered: 0,
+        version: "test".into(),
+        metrics_addr: None,
+    };
+    heartbeat(&mut l, &keys, &record, "q", LEASE)
+        .await
+        .expect("heartbeat");
+    let ttl: i64 = cmd(&mut l, redis::cmd("PTTL").arg(keys.held_seqs("w1"))).await;
+    assert!(ttl > 60_000, "renewed for three lease lengths: {ttl}");
 }

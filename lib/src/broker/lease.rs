@@ -75,10 +75,15 @@ pub(crate) async fn heartbeat(
         .arg("PX")
         .arg(record_ttl_ms(lease))
         .ignore()
-        // The held counts live while the worker does (fetch.lua gives them
-        // an expiry when it creates them; see `Keys::held_counts`).
+        // The held counts and sequences live while the worker does
+        // (fetch.lua gives them an expiry when it creates them; see
+        // `Keys::held_counts` and `Keys::held_seqs`).
         .cmd("PEXPIRE")
         .arg(keys.held_counts(&record.id))
+        .arg(super::consume::held_count_ttl_ms(lease))
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(keys.held_seqs(&record.id))
         .arg(super::consume::held_count_ttl_ms(lease))
         .ignore();
     let (added,): (i64,) = on_lane!(&mut *lane, "heartbeat", |c| p.query_async(c))?;

@@ -88,7 +88,8 @@ impl Keys {
 
     /// SET per worker: the delivery sequences of its [`Keys::inflight`] hash,
     /// kept in the same steps as the hash, so checking that a batch is
-    /// still held (one `SMISMEMBER`) never reads the held messages.
+    /// still held (one `SMISMEMBER`) never reads the held messages. It
+    /// expires with [`Keys::held_counts`] (the heartbeat renews both).
     pub fn held_seqs(&self, worker_id: &str) -> String {
         format!("{}:held-seqs:{worker_id}", self.ns)
     }
