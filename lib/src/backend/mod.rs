@@ -36,6 +36,6 @@ pub(crate) fn due_in(due_ms: i64, now_ms: i64) -> std::time::Duration {
 }
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 #[cfg(test)]
 mod tests;

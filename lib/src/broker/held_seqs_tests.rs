@@ -27,6 +27,21 @@ async fn assert_mirrored(l: &mut Lane, keys: &Keys, expected: &[u64], step: &str
     assert_eq!(members, expected, "held-sequence set after {step}");
 }
 
+/// Worker `w1` takes two of four messages on queue `q`, `parted` (its
+/// in-flight hash or its held-sequence set) is deleted, and the worker,
+/// still running, takes the other two. Returns the hash's fields and the
+/// set's members then.
+async fn take_part_take(l: &mut Lane, keys: &Keys, parted: &str) -> (BTreeSet<u64>, BTreeSet<u64>) {
+    let qk = vec!["q".to_string()];
+    for i in 1..=4 {
+        cmd::<()>(l, redis::cmd("LPUSH").arg("q").arg(format!("m{i}"))).await;
+    }
+    fetch(l, keys, take(&qk, 2, 0)).await.expect("fetch");
+    cmd::<()>(l, redis::cmd("DEL").arg(parted)).await;
+    fetch(l, keys, take(&qk, 2, 2)).await.expect("fetch");
+    fields_and_members(l, keys).await
+}
+
 fn starting(id: &str, seq: u64) -> Starting {
     Starting {
         task_id: id.into(),
@@ -140,17 +155,9 @@ async fn holds_deleted_without_their_sequences_are_read_from_the_hash() {
     let s = server();
     let mut l = lane(&s);
     let keys = Keys::new("ns");
-    let qk = vec!["q".to_string()];
-    for i in 1..=4 {
-        cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg(format!("m{i}"))).await;
-    }
-    fetch(&mut l, &keys, take(&qk, 2, 0)).await.expect("fetch");
     // A reaper of an older build restores both holds: it deletes the hash
-    // (and pushes the messages back), not the set. The worker, still
-    // running, takes two more.
-    cmd::<()>(&mut l, redis::cmd("DEL").arg(keys.inflight("w1"))).await;
-    fetch(&mut l, &keys, take(&qk, 2, 2)).await.expect("fetch");
-    let (fields, members) = fields_and_members(&mut l, &keys).await;
+    // (and pushes the messages back), not the set.
+    let (fields, members) = take_part_take(&mut l, &keys, &keys.inflight("w1")).await;
     assert_eq!(fields, BTreeSet::from([3, 4]));
     assert_eq!(members, BTreeSet::from([1, 2, 3, 4]));
 
@@ -200,16 +207,9 @@ async fn a_set_that_expired_is_read_around_and_the_heartbeat_renews_it() {
     let s = server();
     let mut l = lane(&s);
     let keys = Keys::new("ns");
-    let qk = vec!["q".to_string()];
-    for i in 1..=4 {
-        cmd::<()>(&mut l, redis::cmd("LPUSH").arg("q").arg(format!("m{i}"))).await;
-    }
-    fetch(&mut l, &keys, take(&qk, 2, 0)).await.expect("fetch");
     // The set expired (a heartbeat that stopped for three lease lengths)
-    // while the worker still holds both, then it takes two more.
-    cmd::<()>(&mut l, redis::cmd("DEL").arg(keys.held_seqs("w1"))).await;
-    fetch(&mut l, &keys, take(&qk, 2, 2)).await.expect("fetch");
-    let (fields, members) = fields_and_members(&mut l, &keys).await;
+    // while the worker still holds both.
+    let (fields, members) = take_part_take(&mut l, &keys, &keys.held_seqs("w1")).await;
     assert_eq!(fields, BTreeSet::from([1, 2, 3, 4]));
     assert_eq!(members, BTreeSet::from([3, 4]));
     let batch = [starting("a", 1), starting("b", 2), starting("c", 3)];
@@ -232,22 +232,7 @@ async fn a_set_that_expired_is_read_around_and_the_heartbeat_renews_it() {
         redis::cmd("PEXPIRE").arg(keys.held_seqs("w1")).arg(1_000),
     )
     .await;
-    let record = WorkerRecord {
-        id: "w1".into(),
-        host: "h".into(),
-        pid: 1,
-        queues: vec!["q".into()],
-        tasks: Vec::new(),
-        concurrency: 1,
-        started_at: "now".into(),
-        last_heartbeat: "now".into(),
-        processed: 0,
-        failed: 0,
-        retried: 0,
-        dead_lettered: 0,
-        version: "test".into(),
-        metrics_addr: None,
-    };
+    let record = crate::backend::conformance::worker_record("w1");
     heartbeat(&mut l, &keys, &record, "q", LEASE)
         .await
         .expect("heartbeat");

@@ -285,7 +285,8 @@ pub(crate) async fn redelivery_after_lease_expiry(h: &dyn Harness) {
     );
 }
 
-fn worker_record(id: &str) -> crate::broker::WorkerRecord {
+/// A worker record of worker `id` serving queue `q`.
+pub(crate) fn worker_record(id: &str) -> crate::broker::WorkerRecord {
     crate::broker::WorkerRecord {
         id: id.to_owned(),
         host: "h".into(),
