@@ -70,8 +70,10 @@ async fn round_trip_echo_and_add() -> Result<()> {
     assert_eq!(summary.processed, 3);
     // Everything settled: nothing held, no lease left behind.
     let mut c = redis.conn()?;
-    let held: i64 = c.hlen(format!("{ns}:inflight:{wid}"))?;
+    let held: i64 = c.hlen(format!("{ns}:held:{wid}"))?;
     assert_eq!(held, 0);
+    let named: bool = c.exists(format!("{ns}:inflight:{wid}"))?;
+    assert!(!named, "nor the lists its holds named");
     let leases: i64 = c.zcard(format!("{ns}:leases"))?;
     assert_eq!(leases, 0, "a stopped worker releases its lease");
     Ok(())

@@ -38,7 +38,7 @@ fn wait_dead(redis: &RedisServer, ns: &str, n: usize) -> Result<Vec<Value>> {
 
 fn held_by_anyone(redis: &RedisServer, ns: &str) -> Result<usize> {
     let mut c = redis.conn()?;
-    let keys: Vec<String> = c.keys(format!("{ns}:inflight:*"))?;
+    let keys: Vec<String> = c.keys(format!("{ns}:held:*"))?;
     let mut n = 0;
     for k in keys {
         n += c.hlen::<_, usize>(k)?;

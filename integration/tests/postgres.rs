@@ -394,7 +394,7 @@ async fn worker_sigkilled_mid_batch_leaves_exactly_one_committed_result_per_task
 
     // Kill A while it holds messages (running, or settling a batch) and
     // after it has committed results of its own.
-    let inflight = format!("{ns}:inflight:{a_id}");
+    let inflight = format!("{ns}:held:{a_id}");
     let held = || -> Option<i64> {
         redis::cmd("HLEN")
             .arg(&inflight)

@@ -116,7 +116,7 @@ async fn sigkill_mid_run_loses_no_task() -> Result<()> {
 
     // Kill A once both hold work and some results exist.
     let a_id = worker_id(&a)?;
-    let inflight = format!("{ns}:inflight:{a_id}");
+    let inflight = format!("{ns}:held:{a_id}");
     wait_until_sync(
         "worker A to hold messages and 200 results",
         Duration::from_secs(30),
@@ -179,7 +179,7 @@ async fn sigterm_drains_then_hands_back_what_did_not_finish() -> Result<()> {
     wait_ready(&a)?;
     let short = p.send_many(&sleep_tasks(6, 0.5)).await?;
     let a_id = worker_id(&a)?;
-    let inflight = format!("{ns}:inflight:{a_id}");
+    let inflight = format!("{ns}:held:{a_id}");
     wait_until_sync("worker A to hold all six", Duration::from_secs(10), || {
         (redis.conn().ok()?.hlen::<_, i64>(&inflight).ok()? == 6).then_some(())
     })?;

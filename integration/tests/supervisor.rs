@@ -475,7 +475,7 @@ log_level = "info"
         || {
             let running = running_on(&mut conn, &ids).ok()?;
             worker_ids.iter().find_map(|(n, id)| {
-                let held: usize = conn.hlen(format!("{ns}:inflight:{id}")).ok()?;
+                let held: usize = conn.hlen(format!("{ns}:held:{id}")).ok()?;
                 (held > 0 && running.contains(id)).then_some((*n, held))
             })
         },

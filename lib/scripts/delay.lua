@@ -13,6 +13,8 @@
 --          when ARGV[6] is '')
 -- KEYS[7]  the holding worker's held-sequence SET (see fetch.lua; any key
 --          when ARGV[5] is '')
+-- KEYS[8]  the holding worker's hold-queue HASH (see fetch.lua; any key
+--          when ARGV[5] is '')
 -- ARGV[1]  due time (ms since the epoch)
 -- ARGV[2]  a fresh unique id for this parked message
 -- ARGV[3]  queue key to push to when due
@@ -21,14 +23,21 @@
 -- ARGV[6]  the task id whose start mark goes with the hold (a retry after
 --          the task started), or ''; deleted only while it names this
 --          hold, so another hold of the same task id keeps its mark
+-- ARGV[7]  a hold number's slot unit (see fetch.lua)
 -- Returns 1 when parked, 0 when the hold was already gone (settled by an
 -- earlier attempt whose reply was lost, or restored by a reaper): parking
 -- again would duplicate the message.
-local held
+-- The queue a hold was counted in: its number's slot names it (a retry
+-- may go to another queue).
+local held_in
 if ARGV[5] ~= '' then
-  held = redis.call('HGET', KEYS[3], ARGV[5])
-  if not held then
+  if redis.call('HEXISTS', KEYS[3], ARGV[5]) == 0 then
     return 0
+  end
+  local named = redis.call('HGET', KEYS[8], 'queues')
+  held_in = named and cjson.decode(named)[math.floor(tonumber(ARGV[5]) / tonumber(ARGV[7])) + 1]
+  if not held_in then
+    return redis.error_reply('ERR hold ' .. ARGV[5] .. ': its queue is not named in ' .. KEYS[8])
   end
 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. '\n' .. ARGV[4])
@@ -39,12 +48,10 @@ local function name_of(key)
   if sep then return string.sub(key, 1, sep - 1) end
   return key
 end
-if held then
-  -- The hold ("<queue key>\n<message>") names the queue it was counted in,
-  -- which a retry may not go back to.
+if held_in then
   redis.call('HDEL', KEYS[3], ARGV[5])
   redis.call('SREM', KEYS[7], ARGV[5])
-  redis.call('HINCRBY', KEYS[5], name_of(string.sub(held, 1, string.find(held, '\n', 1, true) - 1)), -1)
+  redis.call('HINCRBY', KEYS[5], name_of(held_in), -1)
   if ARGV[6] ~= '' and redis.call('HGET', KEYS[6], ARGV[6]) == ARGV[5] then
     redis.call('HDEL', KEYS[6], ARGV[6])
   end

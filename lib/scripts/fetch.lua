@@ -4,7 +4,7 @@
 --
 -- KEYS[1]    lease ZSET (worker id -> lease deadline, ms): refreshed here so
 --            a worker that holds messages always has a live lease
--- KEYS[2]    this worker's in-flight HASH (seq -> "<queue key>\n<message>")
+-- KEYS[2]    this worker's in-flight HASH (hold number -> message)
 -- KEYS[3]    this worker's landing LIST (filled by a blocking BLMOVE)
 -- KEYS[4]    this worker's held-count HASH (queue name -> messages held):
 --            raised here, lowered by ack.lua, requeue.lua, delay.lua and
@@ -15,14 +15,20 @@
 --            (ack, requeue, delay, dead_letter, reap), so start.lua checks
 --            a batch's holds without reading the held messages; it expires
 --            like KEYS[4] (ARGV[8], renewed by the heartbeat), so a dead
---            worker's set does not outlive it even where a reaper of an
---            older build restored its holds
--- KEYS[6..]  queue lists in service order (priority bucket, then queue)
+--            worker's set does not outlive it
+-- KEYS[6]    this worker's hold-queue HASH: field 'queues' is ARGV[9],
+--            the queue lists a hold number's slot names, written here
+--            whenever it grew, in the step that takes holds naming it. It
+--            has the name the in-flight HASH had in earlier builds, whose
+--            holds were "<queue key>\n<message>": their reaper stops with
+--            an error at this field (no newline in it) before it restores
+--            or deletes anything, so it never misreads this build's holds
+-- KEYS[7..]  queue lists in service order (priority bucket, then queue)
 -- ARGV[1]    worker id
 -- ARGV[2]    lease deadline (ms since the epoch)
 -- ARGV[3]    most messages to take
 -- ARGV[4]    last sequence number used by this worker
--- ARGV[5]    index (1-based, into KEYS[6..]) of the queue feeding the landing list
+-- ARGV[5]    index (1-based, into KEYS[7..]) of the queue feeding the landing list
 -- ARGV[6]    largest message (bytes) to return; a larger one is recorded as
 --            held like any other but its size (an integer) is returned in
 --            place of the message, so it never crosses the network (the
@@ -33,11 +39,19 @@
 --            from zero, and to the held-sequence SET when it starts empty
 --            (the heartbeat renews both), so a crashed worker's do not
 --            outlive it
+-- ARGV[9]    JSON array of queue keys: the worker's slots, slot 0 first; it
+--            only grows, so a longer one replaces a shorter one
+-- ARGV[10]   a hold number's slot unit: the hold number of the n-th message
+--            taken (n = ARGV[4] + 1, ...) from KEYS[6 + i] is
+--            ARGV[10 + i] * ARGV[10] + n, so the hold names its queue
+--            without a copy of the message (Redis hashes every string a
+--            script makes; this one would be as long as the message)
+-- ARGV[11..] the slot of each queue list (KEYS[7..], in order)
 -- Lists are polled only while they can hold messages: the first queue
 -- list, then (when the batch is not full) one EXISTS over the others, and
 -- those in order until as many non-empty ones as it counted were found.
--- Returns a flat array: seq, queue index, message or size, seq, ...
--- The queue index is 1-based into the queue lists (KEYS[6..]).
+-- Returns a flat array: hold number, queue index, message or size, ...
+-- The queue index is 1-based into the queue lists (KEYS[7..]).
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 local max = tonumber(ARGV[3])
 local seq = tonumber(ARGV[4])
@@ -47,6 +61,7 @@ local seqs = {}
 local n = 0
 
 local max_size = tonumber(ARGV[6])
+local unit = tonumber(ARGV[10])
 -- messages taken per queue list index
 local taken = {}
 
@@ -54,10 +69,12 @@ local function take(index, message)
   seq = seq + 1
   n = n + 1
   taken[index] = (taken[index] or 0) + 1
-  seqs[n] = seq
-  hset[#hset + 1] = seq
-  hset[#hset + 1] = KEYS[5 + index] .. '\n' .. message
-  out[#out + 1] = seq
+  -- formatted here: Lua would write a number above 10^14 with 14 digits
+  local hold = string.format('%d', tonumber(ARGV[10 + index]) * unit + seq)
+  seqs[n] = hold
+  hset[#hset + 1] = hold
+  hset[#hset + 1] = message
+  out[#out + 1] = hold
   out[#out + 1] = index
   if #message > max_size then
     out[#out + 1] = #message
@@ -78,24 +95,28 @@ end
 local function pop(i)
   local batch = redis.call('RPOP', KEYS[i], max - n)
   if batch then
-    for _, m in ipairs(batch) do take(i - 5, m) end
+    for _, m in ipairs(batch) do take(i - 6, m) end
     return true
   end
   return false
 end
 
-if n < max and #KEYS >= 6 then
-  pop(6)
-end
 if n < max and #KEYS >= 7 then
-  local left = redis.call('EXISTS', unpack(KEYS, 7))
-  for i = 7, #KEYS do
+  pop(7)
+end
+if n < max and #KEYS >= 8 then
+  local left = redis.call('EXISTS', unpack(KEYS, 8))
+  for i = 8, #KEYS do
     if n >= max or left == 0 then break end
     if pop(i) then left = left - 1 end
   end
 end
 
 if #hset > 0 then
+  local named = redis.call('HGET', KEYS[6], 'queues')
+  if not named or #named < #ARGV[9] then
+    redis.call('HSET', KEYS[6], 'queues', ARGV[9])
+  end
   redis.call('HSET', KEYS[2], unpack(hset))
   if redis.call('SADD', KEYS[5], unpack(seqs)) == redis.call('SCARD', KEYS[5]) then
     redis.call('PEXPIRE', KEYS[5], ARGV[8])
@@ -103,7 +124,7 @@ if #hset > 0 then
   -- Counted per queue name: the key without Celery's priority suffix.
   local per_queue = {}
   for index, k in pairs(taken) do
-    local q = KEYS[5 + index]
+    local q = KEYS[6 + index]
     local cut = string.find(q, "\6\22", 1, true)
     if cut then q = string.sub(q, 1, cut - 1) end
     per_queue[q] = (per_queue[q] or 0) + k

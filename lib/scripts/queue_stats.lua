@@ -11,7 +11,11 @@
 -- ARGV[3]  dead-letter LIST prefix (+ queue name)
 -- ARGV[4]  now (ms since the epoch)
 -- ARGV[5]  held-count HASH prefix (+ worker id)
--- ARGV[6..]  queue names
+-- ARGV[6]  hold-queue HASH prefix (+ worker id): field 'queues' names the
+--          queue of a hold number's slot (see fetch.lua); under the same
+--          key an earlier build kept its holds ("<queue key>\n<message>")
+-- ARGV[7]  a hold number's slot unit (see fetch.lua)
+-- ARGV[8..]  queue names
 -- Returns, per queue in order, {ready, delayed, in_flight, dead, oldest}:
 -- oldest is how long (ms) the oldest ready message has been ready, from its
 -- `taskstack_ready_at` header (0 when the queue is empty, -1 when the
@@ -31,14 +35,21 @@ local function queue_of(key)
 end
 local wanted, inflight = {}, {}
 local now = tonumber(ARGV[4])
-for i = 6, #ARGV do
+local unit = tonumber(ARGV[7])
+for i = 8, #ARGV do
   wanted[ARGV[i]] = true
   inflight[ARGV[i]] = 0
 end
 local scanned = 0
 for _, worker in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local holds = ARGV[1] .. worker
+  local legacy = ARGV[6] .. worker
   local held = redis.call('HLEN', holds)
+  local earlier = redis.call('HLEN', legacy)
+  if earlier > 0 and redis.call('HEXISTS', legacy, 'queues') == 1 then
+    earlier = earlier - 1
+  end
+  held = held + earlier
   if held > 0 then
     local counts = redis.call('HGETALL', ARGV[5] .. worker)
     local sum = 0
@@ -50,7 +61,16 @@ for _, worker in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
       end
     else
       scanned = scanned + 1
-      for _, v in ipairs(redis.call('HVALS', holds)) do
+      local named = redis.call('HGET', legacy, 'queues')
+      local queues = named and cjson.decode(named) or {}
+      for _, number in ipairs(redis.call('HKEYS', holds)) do
+        local key = queues[math.floor(tonumber(number) / unit) + 1]
+        if key then
+          local q = queue_of(key)
+          if wanted[q] then inflight[q] = inflight[q] + 1 end
+        end
+      end
+      for _, v in ipairs(redis.call('HVALS', legacy)) do
         local nl = string.find(v, '\n', 1, true)
         if nl then
           local q = queue_of(string.sub(v, 1, nl - 1))
@@ -78,7 +98,7 @@ local function waited(key)
   return math.max(now - tonumber(at), 0)
 end
 local out = {}
-for i = 6, #ARGV do
+for i = 8, #ARGV do
   local q = ARGV[i]
   local ready, oldest = 0, 0
   for _, key in ipairs({ q, q .. sep .. '3', q .. sep .. '6', q .. sep .. '9' }) do

@@ -7,16 +7,26 @@
 -- KEYS[2]  the worker's held-count HASH (queue name -> messages held, see
 --          fetch.lua), lowered by what was handed back
 -- KEYS[3]  the worker's held-sequence SET (see fetch.lua)
--- ARGV     sequence numbers, oldest first
+-- KEYS[4]  the worker's hold-queue HASH (see fetch.lua)
+-- ARGV[1]  a hold number's slot unit (see fetch.lua)
+-- ARGV[2..] hold numbers, oldest first
 -- Pushed back newest first, so the oldest ends at the very front.
 local n = 0
 local per_queue = {}
-for i = #ARGV, 1, -1 do
+local unit = tonumber(ARGV[1])
+local queues = nil
+for i = #ARGV, 2, -1 do
   local v = redis.call('HGET', KEYS[1], ARGV[i])
   if v then
-    local nl = string.find(v, '\n', 1, true)
-    local key = string.sub(v, 1, nl - 1)
-    redis.call('RPUSH', key, string.sub(v, nl + 1))
+    if not queues then
+      local named = redis.call('HGET', KEYS[4], 'queues')
+      queues = named and cjson.decode(named) or {}
+    end
+    local key = queues[math.floor(tonumber(ARGV[i]) / unit) + 1]
+    if not key then
+      return redis.error_reply('ERR hold ' .. ARGV[i] .. ': its queue is not named in ' .. KEYS[4])
+    end
+    redis.call('RPUSH', key, v)
     redis.call('HDEL', KEYS[1], ARGV[i])
     redis.call('SREM', KEYS[3], ARGV[i])
     n = n + 1

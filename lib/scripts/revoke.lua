@@ -27,6 +27,8 @@
 -- ARGV[4]  the task id
 -- ARGV[5]  running HASH prefix (+ worker id)
 -- ARGV[6]  '1': results in PostgreSQL (marker only), '' otherwise
+-- ARGV[7]  hold-queue HASH prefix (+ worker id), where a worker of an
+--          earlier build keeps its holds, or ''
 -- Returns {outcome, previous status}: outcome is 'revoked', 'already'
 -- (revoked before), 'unknown' (no record: never enqueued through a
 -- producer that records PENDING, or expired), 'refused' (the task has
@@ -39,7 +41,8 @@ local function running()
   if ARGV[3] ~= '' then
     for _, w in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
       local seq = redis.call('HGET', ARGV[5] .. w, ARGV[4])
-      if seq and redis.call('HEXISTS', ARGV[3] .. w, seq) == 1 then
+      if seq and (redis.call('HEXISTS', ARGV[3] .. w, seq) == 1
+          or redis.call('HEXISTS', ARGV[7] .. w, seq) == 1) then
         return true
       end
     end

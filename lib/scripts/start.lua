@@ -52,13 +52,14 @@ local out = {}
 -- 1. Holds: one SMISMEMBER for the batch. The held-sequence set names
 -- the in-flight hash's fields (every script that adds or removes a hold
 -- changes both, see fetch.lua), so it answers without reading a held
--- message. Only two things part them: a reaper of an older build deletes
--- the whole hash and not the set (numbers without holds, and no hold
--- without its number, since the hash is empty then), and the set expires
--- (a worker whose heartbeat stopped for three lease lengths: holds
--- without numbers, and no number without its hold, since the set is
--- empty then). So one of the two always contains the other, and equal
--- sizes mean equal contents; when they differ the hash itself is read.
+-- message. What can part them leaves one containing the other: the set
+-- expires (a worker whose heartbeat stopped for three lease lengths:
+-- holds without numbers, and no number without its hold, since the set is
+-- empty then), or the whole hash is deleted without the set (numbers
+-- without holds, none the other way), which reapers of earlier builds
+-- did; they now stop before touching this build's holds (see fetch.lua's
+-- KEYS[6]). So equal sizes mean equal contents; when they differ the
+-- hash itself is read.
 if inflight ~= '' then
   local seqs = {}
   for i = first, #ARGV, 3 do seqs[#seqs + 1] = ARGV[i + 2] end

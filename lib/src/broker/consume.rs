@@ -3,12 +3,14 @@
 use super::pool::on_lane;
 use super::{ACK, BrokerError, FETCH, Lane, LaneConn, REQUEUE};
 use crate::proto::Keys;
+use crate::proto::keys::HOLD_SLOT_UNIT;
 use std::time::Duration;
 
 /// A message a worker took and now holds.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    /// The worker-local sequence number recording the hold.
+    /// The worker-local hold number recording the hold (its slot names
+    /// the list, see [`crate::proto::keys::HOLD_SLOT_UNIT`]).
     pub seq: u64,
     /// The list it came from (queue plus priority bucket).
     pub queue_key: String,
@@ -67,6 +69,10 @@ pub(crate) struct Take<'a> {
     /// Whether the landing list may hold a message (the worker waited
     /// since its last take); `false` spares its `RPOP`.
     pub landing: bool,
+    /// The slot of each of `queue_keys` (see [`super::HoldQueues`]).
+    pub slots: &'a [u64],
+    /// The JSON array naming every slot ([`super::HoldQueues::json`]).
+    pub named: &'a str,
 }
 
 /// Takes up to `max` messages from `queue_keys` (served in order), recording
@@ -84,14 +90,23 @@ pub(crate) async fn fetch(
         lease,
         max_size,
         landing,
+        slots,
+        named,
     } = take;
+    if slots.len() != queue_keys.len() {
+        return Err(BrokerError::Reply {
+            op: "fetch",
+            detail: format!("{} queue lists but {} slots", queue_keys.len(), slots.len()),
+        });
+    }
     let deadline = super::now_ms() + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     let mut inv = FETCH.prepare_invoke();
     inv.key(keys.leases())
         .key(keys.inflight(worker_id))
         .key(keys.landing(worker_id))
         .key(keys.held_counts(worker_id))
-        .key(keys.held_seqs(worker_id));
+        .key(keys.held_seqs(worker_id))
+        .key(keys.hold_queues(worker_id));
     for k in queue_keys {
         inv.key(k);
     }
@@ -102,7 +117,10 @@ pub(crate) async fn fetch(
         .arg(1)
         .arg(max_size)
         .arg(u8::from(landing))
-        .arg(held_count_ttl_ms(lease));
+        .arg(held_count_ttl_ms(lease))
+        .arg(named)
+        .arg(HOLD_SLOT_UNIT)
+        .arg(slots);
     let flat: Vec<redis::Value> = on_lane!(&mut *lane, "fetch", |c| inv.invoke_async(c))?;
     let mut out = Vec::with_capacity(flat.len() / 3);
     let mut it = flat.into_iter();
@@ -173,7 +191,9 @@ pub(crate) async fn requeue(
     let mut inv = REQUEUE.prepare_invoke();
     inv.key(keys.inflight(worker_id))
         .key(keys.held_counts(worker_id))
-        .key(keys.held_seqs(worker_id));
+        .key(keys.held_seqs(worker_id))
+        .key(keys.hold_queues(worker_id))
+        .arg(HOLD_SLOT_UNIT);
     for s in seqs {
         inv.arg(*s);
     }
@@ -200,7 +220,9 @@ fn ack_invocation<'a>(
     let mut inv = ACK.prepare_invoke();
     inv.key(keys.inflight(worker_id))
         .key(keys.held_counts(worker_id))
-        .key(keys.held_seqs(worker_id));
+        .key(keys.held_seqs(worker_id))
+        .key(keys.hold_queues(worker_id))
+        .arg(HOLD_SLOT_UNIT);
     for (q, seqs) in groups {
         inv.arg(q).arg(seqs.len());
         for s in seqs {

@@ -86,10 +86,12 @@ pub(crate) async fn dead_letter(
         .key(keys.held_counts(worker_id))
         .key(keys.running(worker_id))
         .key(keys.held_seqs(worker_id))
+        .key(keys.hold_queues(worker_id))
         .arg(&json)
         .arg(seq)
         .arg(record.payload_key.as_deref().unwrap_or(""))
-        .arg(record.task_id.as_deref().unwrap_or(""));
+        .arg(record.task_id.as_deref().unwrap_or(""))
+        .arg(crate::proto::keys::HOLD_SLOT_UNIT);
     on_lane!(&mut *lane, "dead-letter", |c| inv.invoke_async::<()>(c))?;
     lane.recycle_after(json.len());
     Ok(())

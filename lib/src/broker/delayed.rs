@@ -17,16 +17,18 @@ pub(crate) async fn park(
     held: Option<(&str, u64, Option<&str>)>,
 ) -> Result<(), BrokerError> {
     let mut inv = DELAY.prepare_invoke();
-    let (inflight, counts, running, seqs, seq, task_id) = match held {
+    let (inflight, counts, running, seqs, named, seq, task_id) = match held {
         Some((worker, seq, started)) => (
             keys.inflight(worker),
             keys.held_counts(worker),
             keys.running(worker),
             keys.held_seqs(worker),
+            keys.hold_queues(worker),
             seq.to_string(),
             started.unwrap_or(""),
         ),
         None => (
+            keys.delayed(),
             keys.delayed(),
             keys.delayed(),
             keys.delayed(),
@@ -42,12 +44,14 @@ pub(crate) async fn park(
         .key(counts)
         .key(running)
         .key(seqs)
+        .key(named)
         .arg(due_ms)
         .arg(uuid::Uuid::new_v4().to_string())
         .arg(queue_key)
         .arg(payload)
         .arg(seq)
-        .arg(task_id);
+        .arg(task_id)
+        .arg(crate::proto::keys::HOLD_SLOT_UNIT);
     on_lane!(&mut *lane, "park delayed message", |c| inv
         .invoke_async::<()>(c))?;
     lane.recycle_after(payload.len());

@@ -35,6 +35,7 @@ async fn take_as(
     // In takes of at most 1,000 (a script unpacks one take's holds at once).
     let mut got: Vec<Delivery> = Vec::new();
     while got.len() < max {
+        let (slots, named) = super::test_support::slots(queue_keys);
         let take = Take {
             worker_id: worker,
             queue_keys,
@@ -43,6 +44,8 @@ async fn take_as(
             lease: LEASE,
             max_size: usize::MAX,
             landing: false,
+            slots,
+            named,
         };
         let batch = fetch(lane, keys, take).await.expect("fetch");
         if batch.is_empty() {

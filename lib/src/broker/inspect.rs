@@ -59,7 +59,9 @@ pub async fn queue_counts_read(
         .arg(keys.landing_prefix())
         .arg(keys.dead_letters_prefix())
         .arg(super::now_ms())
-        .arg(keys.held_counts_prefix());
+        .arg(keys.held_counts_prefix())
+        .arg(keys.hold_queues_prefix())
+        .arg(crate::proto::keys::HOLD_SLOT_UNIT);
     for q in queues {
         inv.arg(q);
     }

@@ -115,7 +115,9 @@ pub(crate) async fn reap(
         .arg(u64::try_from(ORPHAN_START_TTL.as_millis()).unwrap_or(u64::MAX))
         .arg(keys.running_prefix())
         .arg(keys.held_counts_prefix())
-        .arg(keys.held_seqs_prefix());
+        .arg(keys.held_seqs_prefix())
+        .arg(keys.hold_queues_prefix())
+        .arg(crate::proto::keys::HOLD_SLOT_UNIT);
     on_lane!(&mut *lane, "reap", |c| inv.invoke_async(c))
 }
 

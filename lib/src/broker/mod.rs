@@ -8,6 +8,7 @@
 mod consume;
 mod dead;
 mod delayed;
+mod hold_queues;
 mod inspect;
 mod lease;
 mod pool;
@@ -17,6 +18,8 @@ mod state;
 
 pub use consume::{Delivery, Settle};
 pub use dead::{DeadLetter, DeadLetterAction, DeadSelection, PickedDeadLetter};
+pub use hold_queues::HoldQueues;
+pub(crate) use hold_queues::{MAX_TAKE_COUNTER, hold_number};
 pub use inspect::{DelayedSpan, QueueCounts, delayed_span, queue_counts, queue_counts_read};
 pub use lease::WorkerRecord;
 pub(crate) use pool::on_lane;
@@ -122,6 +125,8 @@ pub(crate) use state::{held, mark_revoked};
 mod held_counts_tests;
 #[cfg(test)]
 mod held_seqs_tests;
+#[cfg(test)]
+mod hold_slots_tests;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]

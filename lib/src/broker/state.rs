@@ -224,7 +224,8 @@ async fn invoke_revoke(
         })
         .arg(task_id)
         .arg(keys.running_prefix())
-        .arg(if mode == Mode::MarkOnly { "1" } else { "" });
+        .arg(if mode == Mode::MarkOnly { "1" } else { "" })
+        .arg(keys.hold_queues_prefix());
     on_lane!(&mut *lane, "revoke task", |c| inv.invoke_async(c))
 }
 

@@ -21,8 +21,26 @@ pub(super) async fn cmd<T: redis::FromRedisValue>(lane: &mut Lane, c: &mut redis
     c.query_async(conn).await.expect("command")
 }
 
+thread_local! {
+    /// The slots of the test's worker process: each test runs on a thread
+    /// of its own, as each worker is a process of its own.
+    static SLOTS: std::cell::RefCell<HoldQueues> = std::cell::RefCell::default();
+}
+
+/// The slots of `keys` in this test's worker process (see [`HoldQueues`])
+/// and the JSON naming them, leaked (a test's few takes) so a [`Take`] can
+/// borrow them.
+pub(super) fn slots(keys: &[String]) -> (&'static [u64], &'static str) {
+    SLOTS.with_borrow_mut(|h| {
+        let slots: &'static [u64] = Box::leak(h.slots(keys).expect("slots").into_boxed_slice());
+        let named: &'static str = Box::leak(h.json().to_owned().into_boxed_str());
+        (slots, named)
+    })
+}
+
 /// Worker `w1` takes up to `max` from `keys`, its landing list included.
 pub(super) fn take<'a>(keys: &'a [String], max: usize, last_seq: u64) -> Take<'a> {
+    let (slots, named) = slots(keys);
     Take {
         worker_id: "w1",
         queue_keys: keys,
@@ -31,6 +49,8 @@ pub(super) fn take<'a>(keys: &'a [String], max: usize, last_seq: u64) -> Take<'a
         lease: Duration::from_secs(30),
         max_size: usize::MAX,
         landing: true,
+        slots,
+        named,
     }
 }
 

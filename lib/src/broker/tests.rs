@@ -25,9 +25,16 @@ async fn fetch_takes_oldest_first_and_records_each_hold() {
         .collect();
     assert_eq!(payloads, ["m1", "m2"]);
     assert_eq!(got.iter().map(|d| d.seq).collect::<Vec<_>>(), [1, 2]);
+    // A hold is the message alone; its number's slot names its list.
     let held: Vec<String> = cmd(&mut l, redis::cmd("HVALS").arg(keys.inflight("w1"))).await;
     assert_eq!(held.len(), 2);
-    assert!(held.contains(&"q\nm1".to_string()));
+    assert!(held.contains(&"m1".to_string()));
+    let named: String = cmd(
+        &mut l,
+        redis::cmd("HGET").arg(keys.hold_queues("w1")).arg("queues"),
+    )
+    .await;
+    assert_eq!(named, r#"["q","q\u0006\u00163"]"#);
     let lease: Option<f64> = cmd(&mut l, redis::cmd("ZSCORE").arg(keys.leases()).arg("w1")).await;
     assert!(lease.is_some_and(|d| d > now_ms() as f64));
     // Budget left over flows to the next list, after the first is empty.
@@ -38,6 +45,10 @@ async fn fetch_takes_oldest_first_and_records_each_hold() {
         .collect();
     assert_eq!(payloads, ["m3", "low"]);
     assert_eq!(got[1].queue_key, "q\x06\x163");
+    assert_eq!(
+        got.iter().map(|d| d.seq).collect::<Vec<_>>(),
+        [3, hold_number(1, 4)]
+    );
 }
 
 #[tokio::test]

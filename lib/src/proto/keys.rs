@@ -49,6 +49,21 @@ pub fn result_key(task_id: &str) -> String {
     [RESULT_PREFIX, task_id].concat()
 }
 
+/// A hold number is `slot * HOLD_SLOT_UNIT + n`: `n` counts the worker
+/// process's takes, `slot` names the list the message came from (an index
+/// into the worker's [`Keys::hold_queues`]), so a hold records its queue
+/// without a copy of the message prefixed with it. Both stay below 2^53,
+/// where Lua's numbers are exact.
+pub const HOLD_SLOT_UNIT: u64 = 1 << 45;
+
+/// The most lists one worker process can hold messages from (slots).
+pub const HOLD_SLOTS: u64 = 1 << 8;
+
+/// The slot of a hold number (see [`HOLD_SLOT_UNIT`]).
+pub fn hold_slot(hold: u64) -> u64 {
+    hold / HOLD_SLOT_UNIT
+}
+
 /// taskstack's bookkeeping keys under one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
@@ -75,14 +90,33 @@ impl Keys {
         format!("{}:leases", self.ns)
     }
 
-    /// HASH per worker: delivery sequence → `<queue key>\n<raw message>`,
-    /// every message the worker has taken and not yet settled.
+    /// HASH per worker: hold number → the raw message, every message the
+    /// worker has taken and not yet settled. A hold number carries the
+    /// slot of the list the message came from (see [`hold_slot`]), named
+    /// in the worker's [`Keys::hold_queues`].
     pub fn inflight(&self, worker_id: &str) -> String {
-        format!("{}:inflight:{worker_id}", self.ns)
+        format!("{}:held:{worker_id}", self.ns)
     }
 
     /// Prefix of [`Keys::inflight`], for scripts that derive it from a worker id.
     pub fn inflight_prefix(&self) -> String {
+        format!("{}:held:", self.ns)
+    }
+
+    /// HASH per worker, field `queues`: the JSON array of the queue lists
+    /// its hold numbers' slots name (slot 0 first). It keeps the name the
+    /// in-flight hash had in earlier builds, where holds were
+    /// `<queue key>\n<raw message>` values: a reaper of such a build stops
+    /// with an error at the `queues` field (not a number, and no newline)
+    /// before it restores anything, so it never misreads a hold of this
+    /// build, and this build's reaper restores an earlier build's holds
+    /// from here.
+    pub fn hold_queues(&self, worker_id: &str) -> String {
+        format!("{}:inflight:{worker_id}", self.ns)
+    }
+
+    /// Prefix of [`Keys::hold_queues`].
+    pub fn hold_queues_prefix(&self) -> String {
         format!("{}:inflight:", self.ns)
     }
 
@@ -259,6 +293,7 @@ mod tests {
         for key in [
             k.leases(),
             k.inflight("w"),
+            k.hold_queues("w"),
             k.landing("w"),
             k.held_counts("w"),
             k.held_seqs("w"),
@@ -278,6 +313,8 @@ mod tests {
             assert!(key.starts_with("ns1:"), "{key}");
         }
         assert!(k.inflight("w").starts_with(&k.inflight_prefix()));
+        assert!(k.hold_queues("w").starts_with(&k.hold_queues_prefix()));
+        assert_ne!(k.inflight_prefix(), k.hold_queues_prefix());
         assert!(k.landing("w").starts_with(&k.landing_prefix()));
         assert!(k.held_seqs("w").starts_with(&k.held_seqs_prefix()));
         assert!(k.worker("w").starts_with(&k.worker_prefix()));

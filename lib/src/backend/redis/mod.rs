@@ -50,6 +50,9 @@ pub struct RedisBackend {
     /// hold sequence number), so an acknowledgement lowers the right held
     /// count (`ack.lua`) without Redis reading the held messages back.
     held_queues: Arc<std::sync::Mutex<HashMap<u64, String>>>,
+    /// The lists this process took messages from, each with the slot its
+    /// hold numbers carry.
+    hold_slots: Arc<std::sync::Mutex<broker::HoldQueues>>,
     listener: Arc<tokio::sync::Mutex<Option<Listener>>>,
 }
 
@@ -59,6 +62,7 @@ impl RedisBackend {
             broker,
             last_seq: Arc::default(),
             held_queues: Arc::default(),
+            hold_slots: Arc::default(),
             listener: Arc::default(),
         }
     }
@@ -248,6 +252,23 @@ impl Consume for RedisSession {
         // after the script ran, a later take must not reuse (and overwrite)
         // a number that records a held message.
         let last_seq = self.shared.last_seq.fetch_add(max as u64, Ordering::SeqCst);
+        if last_seq.saturating_add(max as u64) > broker::MAX_TAKE_COUNTER {
+            return Err(BackendError::Invalid {
+                op: "take messages",
+                detail: format!(
+                    "this worker process has used {last_seq} hold numbers, the most it can \
+                     (Lua's numbers are exact below 2^53): restart it"
+                ),
+            });
+        }
+        let (slots, named) = {
+            let mut h = self
+                .shared
+                .hold_slots
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            (h.slots(queue_keys)?, h.json().to_owned())
+        };
         let take = Take {
             worker_id: &self.worker_id,
             queue_keys,
@@ -256,6 +277,8 @@ impl Consume for RedisSession {
             lease,
             max_size,
             landing: self.landing,
+            slots: &slots,
+            named: &named,
         };
         let keys = self.shared.broker.keys();
         if !self.uncertain.is_empty() {
@@ -274,10 +297,26 @@ impl Consume for RedisSession {
         let got = match broker::fetch(&mut self.lane, keys, take).await {
             Ok(got) => got,
             Err(e) => {
-                self.uncertain.extend(last_seq + 1..=last_seq + max as u64);
+                // Each number may have been used with any of the lists.
+                let mut distinct = slots.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                for n in last_seq + 1..=last_seq + max as u64 {
+                    self.uncertain
+                        .extend(distinct.iter().map(|s| broker::hold_number(*s, n)));
+                }
                 return Err(e.into());
             }
         };
+        // Numbers past those used were never recorded: handed back unless
+        // another take reserved after this one, so the counter grows with
+        // messages taken, not with takes.
+        let _ = self.shared.last_seq.compare_exchange(
+            last_seq + max as u64,
+            last_seq + got.len() as u64,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
         // The take emptied the landing list (it is read first, whole).
         self.landing = false;
         if let Ok(mut held) = self.shared.held_queues.lock() {
