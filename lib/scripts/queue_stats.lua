@@ -24,9 +24,10 @@
 -- Cost: a few commands per worker and per queue, whatever the number of
 -- messages. A worker's holds are counted from its held-count HASH (kept by
 -- the scripts that add and remove holds, see fetch.lua) when those counts
--- add up to the size of its in-flight HASH; otherwise (a worker of an
--- older version, or one whose holds a reaper restored while it ran) its
--- holds are read, as many as it holds.
+-- add up to the number of its holds; otherwise (a worker of an older
+-- version, or one whose holds a reaper restored while it ran) its hold
+-- numbers are read (their slots name the queues; an earlier build's
+-- holds are read whole), as many as it holds.
 local sep = '\6\22'
 local function queue_of(key)
   local s = string.find(key, sep, 1, true)

@@ -49,6 +49,20 @@ async fn fetch_takes_oldest_first_and_records_each_hold() {
         got.iter().map(|d| d.seq).collect::<Vec<_>>(),
         [3, hold_number(1, 4)]
     );
+    // Handed back by its number alone: the slot's name, JSON-escaped
+    // priority separator and all, is the list's key.
+    assert_eq!(
+        requeue(&mut l, &keys, "w1", &[got[1].seq])
+            .await
+            .expect("requeue"),
+        1
+    );
+    let low: Vec<String> = cmd(
+        &mut l,
+        redis::cmd("LRANGE").arg("q\x06\x163").arg(0).arg(-1),
+    )
+    .await;
+    assert_eq!(low, ["low"]);
 }
 
 #[tokio::test]
