@@ -49,6 +49,11 @@ impl HoldQueues {
         Ok(out)
     }
 
+    /// Every list given a slot, slot 0 first.
+    pub fn keys(&self) -> &[String] {
+        &self.keys
+    }
+
     /// The JSON array of every list given a slot, slot 0 first.
     pub fn json(&self) -> &str {
         &self.json

@@ -18,10 +18,9 @@ use crate::broker::{
     WorkerRecord, on_lane,
 };
 use crate::proto::TaskResult;
-use crate::proto::keys::{queue_of_key, result_key};
+use crate::proto::keys::{hold_slot, queue_of_key, result_key};
 use crate::results_listener::Listener;
 use async_trait::async_trait;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -46,12 +45,10 @@ pub struct RedisBackend {
     /// whole range first, so a reply lost after the script ran never lets a
     /// later take reuse (and overwrite) a number recording a held message.
     last_seq: Arc<AtomicU64>,
-    /// The queue name of each message this process's sessions hold (by
-    /// hold sequence number), so an acknowledgement lowers the right held
-    /// count (`ack.lua`) without Redis reading the held messages back.
-    held_queues: Arc<std::sync::Mutex<HashMap<u64, String>>>,
     /// The lists this process took messages from, each with the slot its
-    /// hold numbers carry.
+    /// hold numbers carry: a hold's number names its queue, so an
+    /// acknowledgement lowers the right held count (`ack.lua`) without
+    /// Redis reading the list of slots.
     hold_slots: Arc<std::sync::Mutex<broker::HoldQueues>>,
     listener: Arc<tokio::sync::Mutex<Option<Listener>>>,
 }
@@ -61,7 +58,6 @@ impl RedisBackend {
         Self {
             broker,
             last_seq: Arc::default(),
-            held_queues: Arc::default(),
             hold_slots: Arc::default(),
             listener: Arc::default(),
         }
@@ -72,13 +68,14 @@ impl RedisBackend {
         &self.broker
     }
 
-    /// Forgets the queue names of holds that are settled (or gone), handing
-    /// back those found.
-    fn forget_held(&self, seqs: impl Iterator<Item = u64>) -> HashMap<u64, String> {
-        let Ok(mut held) = self.held_queues.lock() else {
-            return HashMap::new();
-        };
-        seqs.filter_map(|s| held.remove(&s).map(|q| (s, q)))
+    /// The queue name of each slot (index), as of now.
+    fn slot_queues(&self) -> Vec<String> {
+        self.hold_slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .iter()
+            .map(|k| queue_of_key(k).to_owned())
             .collect()
     }
 
@@ -319,11 +316,6 @@ impl Consume for RedisSession {
         );
         // The take emptied the landing list (it is read first, whole).
         self.landing = false;
-        if let Ok(mut held) = self.shared.held_queues.lock() {
-            for d in &got {
-                held.insert(d.seq, queue_of_key(&d.queue_key).to_owned());
-            }
-        }
         Ok(got)
     }
 
@@ -348,21 +340,24 @@ impl Consume for RedisSession {
     async fn settle(&mut self, batch: &[Settle], result_ttl: Duration) -> Result<(), BackendError> {
         let backend = (!self.same_server()).then_some(&mut self.backend);
         let keys = self.shared.broker.keys();
-        let queues = self.shared.forget_held(batch.iter().map(|s| s.seq));
+        let queues = self.shared.slot_queues();
         Ok(broker::settle(
             &mut self.lane,
             backend,
             keys,
             &self.worker_id,
             batch,
-            &|seq| queues.get(&seq).cloned(),
+            &|seq| {
+                usize::try_from(hold_slot(seq))
+                    .ok()
+                    .and_then(|slot| queues.get(slot).cloned())
+            },
             result_ttl,
         )
         .await?)
     }
 
     async fn hand_back(&mut self, seqs: &[u64]) -> Result<usize, BackendError> {
-        self.shared.forget_held(seqs.iter().copied());
         let keys = self.shared.broker.keys();
         Ok(broker::requeue(&mut self.lane, keys, &self.worker_id, seqs).await?)
     }
@@ -375,14 +370,12 @@ impl Consume for RedisSession {
         due_ms: i64,
         started: Option<&str>,
     ) -> Result<(), BackendError> {
-        self.shared.forget_held(std::iter::once(seq));
         let keys = self.shared.broker.keys();
         let held = Some((self.worker_id.as_str(), seq, started));
         Ok(broker::park(&mut self.lane, keys, due_ms, queue_key, payload, held).await?)
     }
 
     async fn dead_letter(&mut self, seq: u64, record: &DeadLetter) -> Result<(), BackendError> {
-        self.shared.forget_held(std::iter::once(seq));
         let keys = self.shared.broker.keys();
         if record.payload_size.is_some() && record.payload_key.is_none() {
             // Oversized: dead_letter.lua copies the held bytes to a key of
