@@ -1,7 +1,8 @@
 //! `campaign`: the whole comparison in one command, side by side on one
 //! throwaway `redis-server`: each run drains the same prefilled queue of
 //! Celery-protocol `taskstack.echo` messages with a stock
-//! `taskstack-worker` (defaults), with a tuned one (`--tuned` settings) and
+//! `taskstack-worker` (defaults), with a tuned one (`--tuned` settings,
+//! through the server's Unix socket unless `--tcp`) and
 //! with Python Celery (`-P prefork -c 2`, otherwise its defaults), then
 //! measures the server's ceiling with `redis-benchmark -P 16`, and the
 //! enqueue-to-result latency of one task at a time on each taskstack worker
@@ -69,17 +70,23 @@ struct Cli {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// A setting of the tuned taskstack worker, `NAME=VALUE` (becoming
-    /// `TASKSTACK_NAME`); repeatable. Default: the best measured here
-    /// (bench/README.md, "The campaign").
-    #[arg(long = "tuned", value_name = "NAME=VALUE", default_values_t = [
-        "PREFETCH=1024".to_owned(),
-    ])]
+    /// `TASKSTACK_NAME`); repeatable. None given: the default settings,
+    /// which were the best measured in the sweep of 2026-12-06 (README.md,
+    /// "The tuned worker is the defaults on the Unix socket"); the tuned
+    /// worker then differs from the defaults only by reaching Redis through
+    /// the server's Unix socket (unless `--tcp`).
+    #[arg(long = "tuned", value_name = "NAME=VALUE")]
     tuned: Vec<String>,
     /// The tuned worker, and the producer of its latency round trips, reach
-    /// Redis through the server's Unix socket (`unix://...`); the defaults
-    /// stay on loopback TCP.
-    #[arg(long)]
+    /// Redis through the server's Unix socket (`unix://...`), while the
+    /// defaults stay on loopback TCP. This is the default; the flag is kept
+    /// so that earlier commands run as written.
+    #[arg(long, conflicts_with = "tcp")]
     socket: bool,
+    /// The tuned worker reaches Redis over loopback TCP, as the defaults do,
+    /// instead of through the Unix socket.
+    #[arg(long)]
+    tcp: bool,
     /// Measured round trips (one task at a time on an idle worker) per
     /// taskstack worker and run.
     #[arg(long, default_value_t = 1000)]
@@ -127,7 +134,11 @@ async fn main() -> Result<()> {
     let version = redis_info::server_version(&mut con).await?;
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let mut tuned_text: Vec<String> = tuned.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let tuned_url = if cli.socket {
+    if tuned_text.is_empty() {
+        tuned_text.push("default settings".to_owned());
+    }
+    // `--socket` and `--tcp` exclude each other (clap refuses both).
+    let tuned_url = if cli.socket || !cli.tcp {
         tuned_text.push("via the Unix socket".to_owned());
         redis.socket_url()
     } else {
