@@ -212,28 +212,32 @@ async fn main() -> Result<()> {
         mb(rss_idle)
     );
 
-    // The drain starts: queue and delayed set become the worker's at once.
-    let _: () = redis::pipe()
+    // The drain starts: queue and delayed set become the worker's at once
+    // (with `--delayed 0` there is no parked set to hand over).
+    let mut start = redis::pipe();
+    start
         .atomic()
         .cmd("RENAME")
         .arg(PREFILL)
         .arg(QUEUE)
-        .ignore()
-        .cmd("RENAME")
-        .arg(PREFILL_DELAYED)
-        .arg(keys.delayed())
-        .ignore()
-        .cmd("RENAME")
-        .arg(PREFILL_DELAYED_MSG)
-        .arg(keys.delayed_messages())
-        .ignore()
-        .cmd("HSET")
-        .arg(keys.delayed_counts())
-        .arg(QUEUE)
-        .arg(delayed)
-        .ignore()
-        .query_async(&mut con)
-        .await?;
+        .ignore();
+    if delayed > 0 {
+        start
+            .cmd("RENAME")
+            .arg(PREFILL_DELAYED)
+            .arg(keys.delayed())
+            .ignore()
+            .cmd("RENAME")
+            .arg(PREFILL_DELAYED_MSG)
+            .arg(keys.delayed_messages())
+            .ignore()
+            .cmd("HSET")
+            .arg(keys.delayed_counts())
+            .arg(QUEUE)
+            .arg(delayed)
+            .ignore();
+    }
+    let _: () = start.query_async(&mut con).await?;
     let t0 = Instant::now();
     let start_ms = now_ms();
     println!(
