@@ -158,8 +158,13 @@ async fn main() -> Result<()> {
             format!("{env:?}")
         }
     );
+    let due = if delayed > 0 {
+        format!(" (due over {spread:.1} s)")
+    } else {
+        String::new()
+    };
     println!(
-        "  {} queued + {delayed} delayed taskstack.echo messages (due over {spread:.1} s), sampled every {} ms",
+        "  {} queued + {delayed} delayed taskstack.echo messages{due}, sampled every {} ms",
         cli.count, cli.sample_ms
     );
     let ours = message(QUEUED, 123_456);
@@ -240,11 +245,15 @@ async fn main() -> Result<()> {
     let _: () = start.query_async(&mut con).await?;
     let t0 = Instant::now();
     let start_ms = now_ms();
-    println!(
-        "  drain started; delayed messages due {:+.1} s to {:+.1} s from now",
-        (first_due - start_ms) as f64 / 1000.0,
-        (first_due - start_ms) as f64 / 1000.0 + spread
-    );
+    if delayed > 0 {
+        println!(
+            "  drain started; delayed messages due {:+.1} s to {:+.1} s from now",
+            (first_due - start_ms) as f64 / 1000.0,
+            (first_due - start_ms) as f64 / 1000.0 + spread
+        );
+    } else {
+        println!("  drain started; no delayed messages");
+    }
     let pool = RedisPool::new(&RedisTarget::from_url(&url)?, 2, Duration::from_secs(30))?;
     let mut lane = pool.lane();
     queue_stats(&mut lane, &keys, "at the start").await?;
