@@ -302,7 +302,7 @@ async fn countdown_waits_in_redis_and_expired_tasks_are_revoked() -> Result<()> 
         .await?;
     // Parked in Redis, not in any queue or worker.
     let mut c = redis.conn()?;
-    assert_eq!(c.zcard::<_, i64>(format!("{ns}:delayed"))?, 1);
+    assert_eq!(c.zcard::<_, i64>(format!("{ns}:parked"))?, 1);
     assert_eq!(c.llen::<_, i64>("celery")?, 0);
 
     let expired = p
@@ -327,7 +327,7 @@ async fn countdown_waits_in_redis_and_expired_tasks_are_revoked() -> Result<()> 
         "ran after {:?}",
         done - sent
     );
-    assert_eq!(c.zcard::<_, i64>(format!("{ns}:delayed"))?, 0);
+    assert_eq!(c.zcard::<_, i64>(format!("{ns}:parked"))?, 0);
 
     // A producer that pushes an ETA message straight to the queue (as Python
     // Celery does) gets it parked by the worker, not run early.

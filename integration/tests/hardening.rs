@@ -460,7 +460,7 @@ async fn an_eta_past_max_task_delay_is_refused_and_dead_lettered() -> Result<()>
     assert_eq!(dead[0]["task_id"], "far-1");
     let r = p.wait("far-1", WAIT).await?;
     assert_eq!(r.status, taskstack::proto::TaskState::Failure);
-    let parked: u64 = redis.conn()?.zcard(format!("{ns}:delayed"))?;
+    let parked: u64 = redis.conn()?.zcard(format!("{ns}:parked"))?;
     assert_eq!(parked, 0, "nothing parked for ever");
     Ok(())
 }

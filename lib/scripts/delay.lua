@@ -2,8 +2,12 @@
 -- and, when a worker held it, settle that hold in the same step, so the
 -- message is always in exactly one place.
 --
--- KEYS[1]  delayed ZSET (id -> due, ms)
--- KEYS[2]  delayed-message HASH (id -> "<queue key>\n<message>")
+-- KEYS[1]  parked ZSET (parked id -> due, ms). A parked id is
+--          "<ARGV[2]>\n<queue key>", so the message is stored alone and
+--          promote.lua makes one Lua string of it, not two (Redis hashes
+--          every byte of every string a script makes). Builds before this
+--          layout parked in another ZSET and HASH, which promote.lua reads.
+-- KEYS[2]  parked-message HASH (parked id -> the message)
 -- KEYS[3]  the holding worker's in-flight HASH (any key when ARGV[5] is '')
 -- KEYS[4]  delayed-count HASH (queue name -> parked messages), kept here so
 --          counting a queue's parked messages never scans KEYS[2]
@@ -40,8 +44,9 @@ if ARGV[5] ~= '' then
     return redis.error_reply('ERR hold ' .. ARGV[5] .. ': its queue is not named in ' .. KEYS[8])
   end
 end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. '\n' .. ARGV[4])
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+local parked = ARGV[2] .. '\n' .. ARGV[3]
+redis.call('HSET', KEYS[2], parked, ARGV[4])
+redis.call('ZADD', KEYS[1], ARGV[1], parked)
 -- A queue name is its key without Celery's priority suffix ("\x06\x16<n>").
 local function name_of(key)
   local sep = string.find(key, '\6\22', 1, true)

@@ -51,7 +51,7 @@ use taskstack_integration::RedisServer;
 const QUEUE: &str = "celery";
 /// Where the queued messages wait until the drain starts.
 const PREFILL: &str = "bench.backlog.queue";
-/// Where the parked messages wait until the drain starts (the delayed
+/// Where the parked messages wait until the drain starts (the parked
 /// ZSET and HASH, renamed to the worker's own at the start).
 const PREFILL_DELAYED: &str = "bench.backlog.delayed";
 const PREFILL_DELAYED_MSG: &str = "bench.backlog.delayed-msg";
@@ -230,11 +230,11 @@ async fn main() -> Result<()> {
         start
             .cmd("RENAME")
             .arg(PREFILL_DELAYED)
-            .arg(keys.delayed())
+            .arg(keys.parked())
             .ignore()
             .cmd("RENAME")
             .arg(PREFILL_DELAYED_MSG)
-            .arg(keys.delayed_messages())
+            .arg(keys.parked_messages())
             .ignore()
             .cmd("HSET")
             .arg(keys.delayed_counts())
@@ -329,9 +329,10 @@ async fn prefill_queue(con: &mut MultiplexedConnection, n: usize) -> Result<usiz
     Ok(bytes)
 }
 
-/// The delayed messages, parked as `delay.lua` parks them (id → due time
-/// in the ZSET, id → `<queue key>\n<message>` in the HASH) under the
-/// prefill names; due from `first_due` (ms) over `spread` seconds.
+/// The delayed messages, parked as `delay.lua` parks them (parked id
+/// `<id>\n<queue key>` → due time in the ZSET, parked id → the message in
+/// the HASH) under the prefill names; due from `first_due` (ms) over
+/// `spread` seconds.
 async fn prefill_delayed(
     con: &mut MultiplexedConnection,
     n: usize,
@@ -343,16 +344,12 @@ async fn prefill_delayed(
         for chunk in (start..n.min(start + CHUNK * PIPELINE)).step_by(CHUNK) {
             let range = chunk..n.min(chunk + CHUNK);
             let due = |i: usize| first_due + (spread * 1000.0 * i as f64 / n as f64) as i64;
+            let parked = |i: usize| format!("{}\n{QUEUE}", task_id(DELAYED, i));
             let fields: Vec<(String, String)> = range
                 .clone()
-                .map(|i| {
-                    (
-                        task_id(DELAYED, i),
-                        format!("{QUEUE}\n{}", message(DELAYED, i)),
-                    )
-                })
+                .map(|i| (parked(i), message(DELAYED, i)))
                 .collect();
-            let scores: Vec<(i64, String)> = range.map(|i| (due(i), task_id(DELAYED, i))).collect();
+            let scores: Vec<(i64, String)> = range.map(|i| (due(i), parked(i))).collect();
             pipe.cmd("HSET")
                 .arg(PREFILL_DELAYED_MSG)
                 .arg(fields)
@@ -423,7 +420,7 @@ async fn sample_drain(
             .cmd("LLEN")
             .arg(QUEUE)
             .cmd("ZCARD")
-            .arg(keys.delayed())
+            .arg(keys.parked())
             .cmd("HLEN")
             .arg(keys.inflight(worker_id))
             .cmd("LLEN")

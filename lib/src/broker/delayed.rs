@@ -28,17 +28,17 @@ pub(crate) async fn park(
             started.unwrap_or(""),
         ),
         None => (
-            keys.delayed(),
-            keys.delayed(),
-            keys.delayed(),
-            keys.delayed(),
-            keys.delayed(),
+            keys.parked(),
+            keys.parked(),
+            keys.parked(),
+            keys.parked(),
+            keys.parked(),
             String::new(),
             "",
         ),
     };
-    inv.key(keys.delayed())
-        .key(keys.delayed_messages())
+    inv.key(keys.parked())
+        .key(keys.parked_messages())
         .key(inflight)
         .key(keys.delayed_counts())
         .key(counts)
@@ -67,9 +67,11 @@ pub(crate) async fn promote(
     max: usize,
 ) -> Result<(u64, Option<i64>), BrokerError> {
     let mut inv = PROMOTE.prepare_invoke();
-    inv.key(keys.delayed())
-        .key(keys.delayed_messages())
+    inv.key(keys.parked())
+        .key(keys.parked_messages())
         .key(keys.delayed_counts())
+        .key(keys.delayed())
+        .key(keys.delayed_messages())
         .arg(now_ms)
         .arg(max);
     let (moved, next): (u64, String) = on_lane!(&mut *lane, "promote delayed messages", |c| inv

@@ -113,29 +113,41 @@ pub struct DelayedSpan {
     pub last_due_ms: Option<i64>,
 }
 
-/// Reads the [`DelayedSpan`] in one round trip (three O(log n) commands).
+/// Reads the [`DelayedSpan`] in one round trip: three O(log n) commands
+/// for each of the parked set and the set earlier builds parked in.
 pub async fn delayed_span(lane: &mut Lane, keys: &Keys) -> Result<DelayedSpan, BrokerError> {
-    let key = keys.delayed();
     let mut p = redis::pipe();
-    p.cmd("ZCARD")
-        .arg(&key)
-        .cmd("ZRANGE")
-        .arg(&key)
-        .arg(0)
-        .arg(0)
-        .arg("WITHSCORES")
-        .cmd("ZRANGE")
-        .arg(&key)
-        .arg(-1)
-        .arg(-1)
-        .arg("WITHSCORES");
+    for key in [keys.parked(), keys.delayed()] {
+        p.cmd("ZCARD")
+            .arg(&key)
+            .cmd("ZRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES")
+            .cmd("ZRANGE")
+            .arg(&key)
+            .arg(-1)
+            .arg(-1)
+            .arg("WITHSCORES");
+    }
     type Ends = Vec<(String, f64)>;
-    let (parked, first, last): (u64, Ends, Ends) =
-        on_lane!(&mut *lane, "read the delayed set", |c| p.query_async(c))?;
-    let due = |e: Ends| e.first().map(|(_, score)| *score as i64);
+    let (n, first, last, n_earlier, first_earlier, last_earlier): (
+        u64,
+        Ends,
+        Ends,
+        u64,
+        Ends,
+        Ends,
+    ) = on_lane!(&mut *lane, "read the delayed set", |c| p.query_async(c))?;
+    let due = |e: &Ends| e.first().map(|(_, score)| *score as i64);
+    let either = |a: Option<i64>, b: Option<i64>, pick: fn(i64, i64) -> i64| match (a, b) {
+        (Some(a), Some(b)) => Some(pick(a, b)),
+        (a, b) => a.or(b),
+    };
     Ok(DelayedSpan {
-        parked,
-        first_due_ms: due(first),
-        last_due_ms: due(last),
+        parked: n + n_earlier,
+        first_due_ms: either(due(&first), due(&first_earlier), i64::min),
+        last_due_ms: either(due(&last), due(&last_earlier), i64::max),
     })
 }

@@ -155,7 +155,7 @@ async fn parked_messages_move_when_due_and_settling_twice_is_harmless() {
     )
     .await
     .expect("park");
-    let parked: i64 = cmd(&mut l, redis::cmd("ZCARD").arg(keys.delayed())).await;
+    let parked: i64 = cmd(&mut l, redis::cmd("ZCARD").arg(keys.parked())).await;
     assert_eq!(parked, 1);
     let held: i64 = cmd(&mut l, redis::cmd("HLEN").arg(keys.inflight("w1"))).await;
     assert_eq!(held, 0);
@@ -181,6 +181,101 @@ async fn parked_messages_move_when_due_and_settling_twice_is_harmless() {
     let (dead, total) = dead_letters(&mut l, &keys, "q", 10).await.expect("read");
     assert_eq!(dead, [record]);
     assert_eq!(total, 1);
+}
+
+/// Promotion moves a batch with one command per kind of change: messages
+/// parked by this build (the message alone, the queue key in the parked id)
+/// and by earlier builds (`<queue key>\n<message>` under a plain id, in the
+/// ZSET and HASH they used) alike, each queue key's in due order across
+/// both, in batches larger than a script's slice.
+#[tokio::test]
+async fn promotion_moves_both_layouts_in_due_order_per_queue() {
+    let s = server();
+    let mut l = lane(&s);
+    let keys = Keys::new("ns");
+    let due = now_ms() - 10_000;
+    let (n, mut expected) = (
+        2_500,
+        std::collections::BTreeMap::<&str, Vec<String>>::new(),
+    );
+    for i in 0..n {
+        let qk = ["q", "other", "q\x06\x163"][i % 3];
+        let msg = format!("m{i}");
+        if i % 2 == 1 {
+            park(&mut l, &keys, due + i as i64, qk, msg.as_bytes(), None)
+                .await
+                .expect("park");
+        } else {
+            // As an earlier build parked it, with its count.
+            let id = format!("earlier-{i}");
+            let name = qk.split('\x06').next().unwrap_or(qk);
+            let value = format!("{qk}\n{msg}");
+            let hset = redis::cmd("HSET")
+                .arg(keys.delayed_messages())
+                .arg(&id)
+                .arg(value)
+                .to_owned();
+            let zadd = redis::cmd("ZADD")
+                .arg(keys.delayed())
+                .arg(due + i as i64)
+                .arg(&id)
+                .to_owned();
+            let count = redis::cmd("HINCRBY")
+                .arg(keys.delayed_counts())
+                .arg(name)
+                .arg(1)
+                .to_owned();
+            for mut c in [hset, zadd, count] {
+                cmd::<()>(&mut l, &mut c).await;
+            }
+        }
+        expected.entry(qk).or_default().push(msg);
+    }
+    // One more, not due yet: it stays, and its time is the next due.
+    let later = now_ms() + 60_000;
+    park(&mut l, &keys, later, "q", b"later", None)
+        .await
+        .expect("park");
+    // The span covers both: the first due is an earlier build's, the last this one's.
+    let span = delayed_span(&mut l, &keys).await.expect("span");
+    assert_eq!(
+        (span.parked, span.first_due_ms, span.last_due_ms),
+        (2_501, Some(due), Some(later))
+    );
+    assert_eq!(
+        promote(&mut l, &keys, now_ms(), 2_000)
+            .await
+            .expect("promote"),
+        (2_000, Some(due + 2_000))
+    );
+    assert_eq!(
+        promote(&mut l, &keys, now_ms(), 2_000)
+            .await
+            .expect("promote"),
+        (500, Some(later))
+    );
+    for (qk, msgs) in &expected {
+        // LPUSH puts each at the back, so the front (RPOP's end) is last.
+        let mut got: Vec<String> = cmd(&mut l, redis::cmd("LRANGE").arg(*qk).arg(0).arg(-1)).await;
+        got.reverse();
+        assert_eq!(&got, msgs, "{qk:?}");
+    }
+    let counts: std::collections::HashMap<String, i64> =
+        cmd(&mut l, redis::cmd("HGETALL").arg(keys.delayed_counts())).await;
+    assert_eq!(counts, [("q".to_string(), 1)].into());
+    let left: Vec<String> = cmd(&mut l, redis::cmd("HKEYS").arg(keys.parked_messages())).await;
+    assert_eq!(left.len(), 1);
+    assert!(left[0].ends_with("\nq"), "{left:?}");
+    let parked: i64 = cmd(&mut l, redis::cmd("ZCARD").arg(keys.parked())).await;
+    assert_eq!(parked, 1);
+    let earlier: i64 = cmd(
+        &mut l,
+        redis::cmd("EXISTS")
+            .arg(keys.delayed())
+            .arg(keys.delayed_messages()),
+    )
+    .await;
+    assert_eq!(earlier, 0, "the earlier build's set and hash are emptied");
 }
 
 #[tokio::test]

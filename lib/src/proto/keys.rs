@@ -161,18 +161,34 @@ impl Keys {
         format!("{}:landing-src", self.ns)
     }
 
-    /// ZSET: delayed-message id → due time (ms since the epoch).
+    /// ZSET: parked id `<unique id>\n<queue key>` → due time (ms since
+    /// the epoch): where `delay.lua` parks a message until it is due.
+    pub fn parked(&self) -> String {
+        format!("{}:parked", self.ns)
+    }
+
+    /// HASH: parked id (see [`Keys::parked`]) → the raw message alone, so
+    /// moving it makes one Lua string of it, not two.
+    pub fn parked_messages(&self) -> String {
+        format!("{}:parked-msg", self.ns)
+    }
+
+    /// ZSET: delayed-message id → due time (ms since the epoch), where
+    /// builds before [`Keys::parked`] parked messages. Nothing parks here
+    /// now; `promote.lua` still moves what is here.
     pub fn delayed(&self) -> String {
         format!("{}:delayed", self.ns)
     }
 
-    /// HASH: delayed-message id → `<queue key>\n<raw message>`.
+    /// HASH: delayed-message id → `<queue key>\n<raw message>`, the
+    /// messages of [`Keys::delayed`].
     pub fn delayed_messages(&self) -> String {
         format!("{}:delayed-msg", self.ns)
     }
 
     /// HASH: queue name → how many of its messages are parked in
-    /// [`Keys::delayed`] (kept by the park and promote scripts).
+    /// [`Keys::parked`] and [`Keys::delayed`] (kept by the park and promote
+    /// scripts).
     pub fn delayed_counts(&self) -> String {
         format!("{}:delayed-count", self.ns)
     }
@@ -298,6 +314,8 @@ mod tests {
             k.held_counts("w"),
             k.held_seqs("w"),
             k.landing_sources(),
+            k.parked(),
+            k.parked_messages(),
             k.delayed(),
             k.delayed_messages(),
             k.delayed_counts(),
