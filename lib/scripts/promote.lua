@@ -40,24 +40,34 @@ local function each_slice(list, fn)
     fn(i - 1, unpack(list, i, math.min(i + SLICE - 1, #list)))
   end
 end
--- What is due in each ZSET, earliest first, as {id, due, id, due, ...}.
-local function due_in(zset)
-  return redis.call('ZRANGEBYSCORE', zset, '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, budget)
+-- What is due in a ZSET, earliest first: ids, or {id, due, id, due, ...}.
+local function due_in(zset, scores)
+  if scores then
+    return redis.call('ZRANGEBYSCORE', zset, '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, budget)
+  end
+  return redis.call('ZRANGEBYSCORE', zset, '-inf', ARGV[1], 'LIMIT', 0, budget)
 end
-local new, old = due_in(KEYS[1]), due_in(KEYS[4])
--- The `budget` due first of both, merged in due order: +k is the k-th id of
+-- The `budget` due first of both, in due order: +k is the k-th id of
 -- new_ids, -k the k-th of old_ids (an earlier build's first on a tie).
 local new_ids, old_ids, merged = {}, {}, {}
-local i, j = 1, 1
-while #merged < budget and (i < #new or j < #old) do
-  if j < #old and (i >= #new or tonumber(old[j + 1]) <= tonumber(new[i + 1])) then
-    old_ids[#old_ids + 1] = old[j]
-    merged[#merged + 1] = -#old_ids
-    j = j + 2
-  else
-    new_ids[#new_ids + 1] = new[i]
-    merged[#merged + 1] = #new_ids
-    i = i + 2
+local old = due_in(KEYS[4], true)
+if #old == 0 then
+  -- Once the earlier builds' messages are moved: no scores, no merge.
+  new_ids = due_in(KEYS[1], false)
+  for k = 1, #new_ids do merged[k] = k end
+else
+  local new = due_in(KEYS[1], true)
+  local i, j = 1, 1
+  while #merged < budget and (i < #new or j < #old) do
+    if j < #old and (i >= #new or tonumber(old[j + 1]) <= tonumber(new[i + 1])) then
+      old_ids[#old_ids + 1] = old[j]
+      merged[#merged + 1] = -#old_ids
+      j = j + 2
+    else
+      new_ids[#new_ids + 1] = new[i]
+      merged[#merged + 1] = #new_ids
+      i = i + 2
+    end
   end
 end
 local function values_of(hash, ids)
