@@ -58,6 +58,11 @@ def run(r, src, keys):
 
 
 def main():
+    if len(sys.argv) != 3:
+        sys.exit(
+            "usage: promote_cost.py <earlier promote.lua> <this build's promote.lua>\n"
+            "  e.g. git show c37abe6:lib/scripts/promote.lua > /tmp/promote_before.lua"
+        )
     before, now = (open(p).read() for p in sys.argv[1:3])
     port = free_port()
     server = subprocess.Popen(
