@@ -6,14 +6,18 @@
 //! memory per queued and per parked message (beside the size of Python
 //! Celery's own message for the same task), how long the library's queue
 //! statistics take with the backlog in place, and the idle worker's RSS;
-//! it draws the rate and the RSS in a PNG. It asserts nothing about the
-//! figures. See `bench/README.md`.
+//! it draws the rate and the RSS in a PNG. Each of `--runs` (3) runs has a
+//! fresh `redis-server` and worker; a table of the runs and their medians
+//! ends the output, and the median run is plotted. It asserts nothing
+//! about the figures. See `bench/README.md`.
 //!
 //! ```sh
 //! cargo build --release -p taskstack-worker -p taskstack-bench
-//! target/release/backlog                 # --count 100000 for a quick look
+//! target/release/backlog                 # --count 100000 --runs 1 for a quick look
 //! ```
 
+#[path = "../backlog_data.rs"]
+mod backlog_data;
 #[allow(dead_code, reason = "shared with the canvas and drain benches")]
 #[path = "../canvas_procs.rs"]
 mod canvas_procs;
@@ -29,36 +33,31 @@ mod procfs;
 mod redis_info;
 #[path = "../samples.rs"]
 mod samples;
+#[allow(
+    dead_code,
+    reason = "shared with the main bench; this binary uses the median"
+)]
+#[path = "../stats.rs"]
+mod stats;
 
 use anyhow::{Result, bail, ensure};
+use backlog_data::{
+    PREFILL, PREFILL_DELAYED, PREFILL_DELAYED_MSG, QUEUE, QUEUED, check_results, message,
+    prefill_delayed, prefill_queue,
+};
 use canvas_procs::Service;
 use clap::Parser;
 use procfs::{mb, status_kib};
 use redis::aio::MultiplexedConnection;
 use redis_info::used_memory;
 use samples::{Sample, print_timeline, rates, share_rate};
-use serde_json::json;
+use stats::median;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use taskstack::broker::{RedisPool, delayed_span, queue_counts};
 use taskstack::config::RedisTarget;
 use taskstack::proto::Keys;
-use taskstack::proto::envelope::{MessageSpec, encode};
-use taskstack::proto::keys::result_key;
 use taskstack_integration::RedisServer;
-
-/// The queue the worker consumes (its default).
-const QUEUE: &str = "celery";
-/// Where the queued messages wait until the drain starts.
-const PREFILL: &str = "bench.backlog.queue";
-/// Where the parked messages wait until the drain starts (the parked
-/// ZSET and HASH, renamed to the worker's own at the start).
-const PREFILL_DELAYED: &str = "bench.backlog.delayed";
-const PREFILL_DELAYED_MSG: &str = "bench.backlog.delayed-msg";
-/// Messages per command when prefilling and checking results.
-const CHUNK: usize = 1_000;
-/// Commands per pipelined round trip when prefilling.
-const PIPELINE: usize = 8;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -91,6 +90,10 @@ struct Cli {
     /// Give up after this many seconds of draining.
     #[arg(long, default_value_t = 1800)]
     timeout: u64,
+    /// Runs, each on a fresh `redis-server` and worker; the medians are
+    /// printed and the median run plotted.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 fn now_ms() -> i64 {
@@ -99,41 +102,55 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// A task id as long as Celery's (a UUID), so sizes compare.
-fn task_id(kind: u8, i: usize) -> String {
-    format!("0000b10c-{kind:04x}-4000-8000-{i:012x}")
+/// What one run measured.
+struct Outcome {
+    /// Seconds from the start of the drain to the last task's result.
+    secs: f64,
+    /// Tasks per second over the first and the last 10% of the tasks.
+    first: f64,
+    last: f64,
+    /// The worker's `VmHWM`.
+    peak_kib: Option<u64>,
+    samples: Vec<Sample>,
 }
 
-/// The message of task `i`: `taskstack.echo(i)` in Celery's protocol 2.
-fn message(kind: u8, i: usize) -> String {
-    let id = task_id(kind, i);
-    let args = [json!(i)];
-    encode(&MessageSpec {
-        id: &id,
-        task: "taskstack.echo",
-        args: &args,
-        queue: QUEUE,
-        origin: "bench@backlog",
-        ..MessageSpec::default()
-    })
+impl Outcome {
+    /// The last 10%'s rate against the first's, in percent.
+    fn change(&self) -> f64 {
+        (self.last / self.first - 1.0) * 100.0
+    }
 }
 
-const QUEUED: u8 = 1;
-const DELAYED: u8 = 2;
+/// What every run shares: the settings read from the command line.
+struct Plan<'a> {
+    cli: &'a Cli,
+    delayed: usize,
+    spread: f64,
+    total: usize,
+    env: Vec<(&'a str, String)>,
+    worker_bin: PathBuf,
+}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     ensure!(cli.count > 0, "--count must be at least 1");
+    ensure!(cli.runs > 0, "--runs must be at least 1");
     let delayed = cli.delayed.unwrap_or(cli.count);
-    let spread = cli
-        .delay_spread
-        .unwrap_or(30.0 * cli.count as f64 / 1e6)
-        .max(0.0);
-    let total = cli.count + delayed;
+    let spread = cli.delay_spread.unwrap_or(30.0 * cli.count as f64 / 1e6);
+    ensure!(
+        spread.is_finite() && spread >= 0.0,
+        "--delay-spread must be a number of seconds, 0 or more (got {spread})"
+    );
     let env = canvas_procs::settings_env(&cli.settings)?;
-    let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-    let worker_bin = canvas_procs::worker_bin(cli.worker_bin.as_deref())?;
+    let plan = Plan {
+        cli: &cli,
+        delayed,
+        spread,
+        total: cli.count + delayed,
+        env: env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect(),
+        worker_bin: canvas_procs::worker_bin(cli.worker_bin.as_deref())?,
+    };
     let plot_path = cli
         .plot
         .clone()
@@ -141,46 +158,85 @@ async fn main() -> Result<()> {
     if cfg!(debug_assertions) {
         eprintln!("warning: backlog is a debug build (prefilling is slower)");
     }
-
-    let redis = RedisServer::start()?;
-    let url = redis.url();
-    let mut con = redis_info::connect(&url).await?;
-    let version = redis_info::server_version(&mut con).await?;
     println!("backlog: one stock worker drains queued and delayed messages");
-    println!(
-        "  redis-server {} on 127.0.0.1:{} (no persistence); worker {} ({})",
-        version,
-        redis.port(),
-        worker_bin.display(),
-        if env.is_empty() {
-            "defaults".to_owned()
-        } else {
-            format!("{env:?}")
-        }
-    );
     let due = if delayed > 0 {
-        format!(" (due over {spread:.1} s)")
+        format!(" (due over {spread:.1} s from the start of the drain)")
     } else {
         String::new()
     };
     println!(
-        "  {} queued + {delayed} delayed taskstack.echo messages{due}, sampled every {} ms",
-        cli.count, cli.sample_ms
+        "  {} queued + {delayed} delayed taskstack.echo messages{due}, sampled every {} ms; {} run(s), each on a fresh redis-server and worker",
+        cli.count, cli.sample_ms, cli.runs
     );
-    let ours = message(QUEUED, 123_456);
-    match celery_envelope(&mut con, &url).await {
-        Ok(c) => println!(
-            "  one message: {} bytes as this bench writes it; {} bytes as Python Celery's client writes it",
-            ours.len(),
-            c.len()
-        ),
-        Err(e) => println!(
-            "  one message: {} bytes as this bench writes it; Celery's: not measured ({e:#})",
-            ours.len()
-        ),
+    let mut outcomes = Vec::new();
+    for run in 1..=cli.runs {
+        println!();
+        println!("run {run} of {}", cli.runs);
+        outcomes.push(run_once(&plan, run == 1).await?);
+    }
+    let shown = print_runs(&outcomes);
+
+    let o = &outcomes[shown];
+    let rate = rates(&o.samples);
+    let rss: Vec<(f64, f64)> = o
+        .samples
+        .iter()
+        .filter_map(|s| Some((s.t, s.rss_kib? as f64 / 1024.0)))
+        .collect();
+    let title = format!(
+        "{} queued + {delayed} delayed tasks, one stock taskstack-worker",
+        cli.count
+    );
+    plot::two_axes(
+        &plot_path,
+        &title,
+        &plot::Series {
+            label: "drain rate (tasks/s, 1 s window)".into(),
+            points: rate,
+        },
+        &plot::Series {
+            label: "worker RSS (MB)".into(),
+            points: rss,
+        },
+    )?;
+    println!("plot: {} (run {})", plot_path.display(), shown + 1);
+    Ok(())
+}
+
+/// One run: a fresh `redis-server` and worker, the prefill, the drain.
+async fn run_once(plan: &Plan<'_>, first_run: bool) -> Result<Outcome> {
+    let (cli, delayed, total) = (plan.cli, plan.delayed, plan.total);
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let mut con = redis_info::connect(&url).await?;
+    let version = redis_info::server_version(&mut con).await?;
+    println!(
+        "  redis-server {} on 127.0.0.1:{} (no persistence); worker {} ({})",
+        version,
+        redis.port(),
+        plan.worker_bin.display(),
+        if plan.env.is_empty() {
+            "defaults".to_owned()
+        } else {
+            format!("{:?}", plan.env)
+        }
+    );
+    if first_run {
+        let ours = message(QUEUED, 123_456);
+        match celery_envelope(&mut con, &url).await {
+            Ok(c) => println!(
+                "  one message: {} bytes as this bench writes it; {} bytes as Python Celery's client writes it",
+                ours.len(),
+                c.len()
+            ),
+            Err(e) => println!(
+                "  one message: {} bytes as this bench writes it; Celery's: not measured ({e:#})",
+                ours.len()
+            ),
+        }
     }
 
-    let worker = Service::taskstack(&worker_bin, &url, &env)?;
+    let worker = Service::taskstack(&plan.worker_bin, &url, &plan.env)?;
     let pid = worker.pid();
     let ready_at = Instant::now();
     let rss_ready = status_kib(pid, "VmRSS:");
@@ -191,15 +247,14 @@ async fn main() -> Result<()> {
     let bytes = prefill_queue(&mut con, cli.count).await?;
     let queue_s = t.elapsed().as_secs_f64();
     let m1 = used_memory(&mut con).await?;
-    // The parked messages fall due from about the start of the drain on:
-    // their prefill is assumed to take as long as the queue's, plus a second.
-    let first_due = now_ms() + (queue_s * 1500.0) as i64 + 1000;
+    // The parked messages fall due from the start of the drain on: their
+    // prefill is given more time than the queue's took (2.5 times, plus
+    // two seconds), and the drain starts when the first falls due.
+    let first_due = now_ms() + (queue_s * 2500.0) as i64 + 2000;
     let t = Instant::now();
-    prefill_delayed(&mut con, delayed, first_due, spread).await?;
+    prefill_delayed(&mut con, delayed, first_due, plan.spread).await?;
     let delayed_s = t.elapsed().as_secs_f64();
     let m2 = used_memory(&mut con).await?;
-    let idle_s = ready_at.elapsed().as_secs_f64();
-    let rss_idle = status_kib(pid, "VmRSS:");
     println!(
         "  prefill: {} queued in {queue_s:.1} s ({:.0} bytes each), {delayed} delayed in {delayed_s:.1} s",
         cli.count,
@@ -211,6 +266,19 @@ async fn main() -> Result<()> {
         per(m0, m1, cli.count),
         per(m1, m2, delayed)
     );
+    if delayed > 0 {
+        let early = first_due - now_ms();
+        if early > 0 {
+            tokio::time::sleep(Duration::from_millis(early.unsigned_abs())).await;
+        } else {
+            println!(
+                "  the prefill took {:.1} s longer than planned: the first parked messages are due at the start",
+                -early as f64 / 1000.0
+            );
+        }
+    }
+    let idle_s = ready_at.elapsed().as_secs_f64();
+    let rss_idle = status_kib(pid, "VmRSS:");
     println!(
         "  idle worker RSS: {} right after ready, {} after {idle_s:.1} s idle (the prefill)",
         mb(rss_ready),
@@ -249,7 +317,7 @@ async fn main() -> Result<()> {
         println!(
             "  drain started; delayed messages due {:+.1} s to {:+.1} s from now",
             (first_due - start_ms) as f64 / 1000.0,
-            (first_due - start_ms) as f64 / 1000.0 + spread
+            (first_due - start_ms) as f64 / 1000.0 + plan.spread
         );
     } else {
         println!("  drain started; no delayed messages");
@@ -258,107 +326,85 @@ async fn main() -> Result<()> {
     let mut lane = pool.lane();
     queue_stats(&mut lane, &keys, "at the start").await?;
 
-    let samples = sample_drain(&cli, &mut con, &worker, &keys, total, t0, &mut lane).await?;
-    let end = samples.last().map_or(0.0, |s| s.t);
-    let peak = status_kib(pid, "VmHWM:");
+    let samples = sample_drain(cli, &mut con, &worker, &keys, total, t0, &mut lane).await?;
+    let secs = samples.last().map_or(0.0, |s| s.t);
+    let peak_kib = status_kib(pid, "VmHWM:");
     let rss_after = status_kib(pid, "VmRSS:");
     check_results(&mut con, cli.count, delayed).await?;
     worker.stop()?;
 
-    println!();
+    let o = Outcome {
+        secs,
+        first: share_rate(&samples, total, 0.0, 0.1),
+        last: share_rate(&samples, total, 0.9, 1.0),
+        peak_kib,
+        samples,
+    };
     println!(
-        "drained {total} tasks in {end:.1} s: {:.0} tasks/s overall",
-        total as f64 / end
-    );
-    let (first, last) = (
-        share_rate(&samples, total, 0.0, 0.1),
-        share_rate(&samples, total, 0.9, 1.0),
+        "  drained {total} tasks in {secs:.1} s: {:.0} tasks/s overall",
+        total as f64 / secs
     );
     println!(
-        "rate in the first 10% of the tasks: {first:.0} tasks/s; in the last 10%: {last:.0} tasks/s ({:+.1}%)",
-        (last / first - 1.0) * 100.0
+        "  rate in the first 10% of the tasks: {:.0} tasks/s; in the last 10%: {:.0} tasks/s ({:+.1}%)",
+        o.first,
+        o.last,
+        o.change()
     );
-    let sampled_peak = samples.iter().filter_map(|s| s.rss_kib).max();
+    let sampled_peak = o.samples.iter().filter_map(|s| s.rss_kib).max();
     println!(
-        "worker RSS: peak {} (VmHWM; highest sample {}), {} after the drain",
-        mb(peak),
+        "  worker RSS: peak {} (VmHWM; highest sample {}), {} after the drain",
+        mb(peak_kib),
         mb(sampled_peak),
         mb(rss_after)
     );
-    print_timeline(&samples);
+    print_timeline(&o.samples);
+    Ok(o)
+}
 
-    let rate = rates(&samples);
-    let rss: Vec<(f64, f64)> = samples
-        .iter()
-        .filter_map(|s| Some((s.t, s.rss_kib? as f64 / 1024.0)))
-        .collect();
-    let title = format!(
-        "{} queued + {delayed} delayed tasks, one stock taskstack-worker",
-        cli.count
+/// The runs side by side and their medians; returns the index of the run
+/// whose change from the first to the last 10% is the median (plotted).
+fn print_runs(outcomes: &[Outcome]) -> usize {
+    let total = |o: &Outcome| o.samples.last().map_or(0, |s| s.done) as f64;
+    println!();
+    println!(
+        "| run | drained in | tasks/s overall | first 10% (tasks/s) | last 10% (tasks/s) | last against first | peak RSS |"
     );
-    plot::two_axes(
-        &plot_path,
-        &title,
-        &plot::Series {
-            label: "drain rate (tasks/s, 1 s window)".into(),
-            points: rate,
-        },
-        &plot::Series {
-            label: "worker RSS (MB)".into(),
-            points: rss,
-        },
-    )?;
-    println!("plot: {}", plot_path.display());
-    Ok(())
-}
-
-/// Pipelined `LPUSH`es of the queued messages to [`PREFILL`]; returns the bytes pushed.
-async fn prefill_queue(con: &mut MultiplexedConnection, n: usize) -> Result<usize> {
-    let mut bytes = 0;
-    for start in (0..n).step_by(CHUNK * PIPELINE) {
-        let mut pipe = redis::pipe();
-        for chunk in (start..n.min(start + CHUNK * PIPELINE)).step_by(CHUNK) {
-            let msgs: Vec<String> = (chunk..n.min(chunk + CHUNK))
-                .map(|i| message(QUEUED, i))
-                .collect();
-            bytes += msgs.iter().map(String::len).sum::<usize>();
-            pipe.cmd("LPUSH").arg(PREFILL).arg(msgs).ignore();
-        }
-        let _: () = pipe.query_async(con).await?;
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (i, o) in outcomes.iter().enumerate() {
+        println!(
+            "| {} | {:.1} s | {:.0} | {:.0} | {:.0} | {:+.1}% | {} |",
+            i + 1,
+            o.secs,
+            total(o) / o.secs,
+            o.first,
+            o.last,
+            o.change(),
+            mb(o.peak_kib)
+        );
     }
-    Ok(bytes)
-}
-
-/// The delayed messages, parked as `delay.lua` parks them (parked id
-/// `<id>\n<queue key>` → due time in the ZSET, parked id → the message in
-/// the HASH) under the prefill names; due from `first_due` (ms) over
-/// `spread` seconds.
-async fn prefill_delayed(
-    con: &mut MultiplexedConnection,
-    n: usize,
-    first_due: i64,
-    spread: f64,
-) -> Result<()> {
-    for start in (0..n).step_by(CHUNK * PIPELINE) {
-        let mut pipe = redis::pipe();
-        for chunk in (start..n.min(start + CHUNK * PIPELINE)).step_by(CHUNK) {
-            let range = chunk..n.min(chunk + CHUNK);
-            let due = |i: usize| first_due + (spread * 1000.0 * i as f64 / n as f64) as i64;
-            let parked = |i: usize| format!("{}\n{QUEUE}", task_id(DELAYED, i));
-            let fields: Vec<(String, String)> = range
-                .clone()
-                .map(|i| (parked(i), message(DELAYED, i)))
-                .collect();
-            let scores: Vec<(i64, String)> = range.map(|i| (due(i), parked(i))).collect();
-            pipe.cmd("HSET")
-                .arg(PREFILL_DELAYED_MSG)
-                .arg(fields)
-                .ignore();
-            pipe.cmd("ZADD").arg(PREFILL_DELAYED).arg(scores).ignore();
-        }
-        let _: () = pipe.query_async(con).await?;
-    }
-    Ok(())
+    let med = |f: &dyn Fn(&Outcome) -> f64| {
+        let v: Vec<Option<f64>> = outcomes.iter().map(|o| Some(f(o))).collect();
+        median(&v).unwrap_or(f64::NAN)
+    };
+    let change = med(&|o| o.change());
+    println!(
+        "| median | {:.1} s | {:.0} | {:.0} | {:.0} | {change:+.1}% | {} |",
+        med(&|o| o.secs),
+        med(&|o| total(o) / o.secs),
+        med(&|o| o.first),
+        med(&|o| o.last),
+        mb(outcomes.iter().filter_map(|o| o.peak_kib).max()),
+    );
+    println!("(the median row's peak RSS is the highest of the runs)");
+    outcomes
+        .iter()
+        .enumerate()
+        .min_by(|a, b| {
+            (a.1.change() - change)
+                .abs()
+                .total_cmp(&(b.1.change() - change).abs())
+        })
+        .map_or(0, |(i, _)| i)
 }
 
 /// Python Celery's message for `taskstack.echo(123456)`, if a Python with
@@ -462,28 +508,4 @@ async fn sample_drain(
             );
         }
     }
-}
-
-/// Every task's result exists and is SUCCESS (read with `MGET`, not timed).
-async fn check_results(
-    con: &mut MultiplexedConnection,
-    queued: usize,
-    delayed: usize,
-) -> Result<()> {
-    for (kind, n) in [(QUEUED, queued), (DELAYED, delayed)] {
-        for start in (0..n).step_by(CHUNK) {
-            let keys: Vec<String> = (start..n.min(start + CHUNK))
-                .map(|i| result_key(&task_id(kind, i)))
-                .collect();
-            let found: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(con).await?;
-            for (k, v) in keys.iter().zip(found) {
-                match v {
-                    None => bail!("{k} is missing after the drain"),
-                    Some(v) if !v.contains("\"SUCCESS\"") => bail!("{k} is not SUCCESS: {v}"),
-                    Some(_) => {}
-                }
-            }
-        }
-    }
-    Ok(())
 }
