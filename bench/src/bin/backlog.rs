@@ -280,7 +280,7 @@ async fn run_once(plan: &Plan<'_>, first_run: bool) -> Result<Outcome> {
     let idle_s = ready_at.elapsed().as_secs_f64();
     let rss_idle = status_kib(pid, "VmRSS:");
     println!(
-        "  idle worker RSS: {} right after ready, {} after {idle_s:.1} s idle (the prefill)",
+        "  idle worker RSS: {} right after ready, {} after {idle_s:.1} s idle (the prefill and the wait for the first due time)",
         mb(rss_ready),
         mb(rss_idle)
     );
