@@ -104,8 +104,6 @@ fn now_ms() -> i64 {
 
 /// What one run measured.
 struct Outcome {
-    /// Seconds from the start of the drain to the last task's result.
-    secs: f64,
     /// Tasks per second over the first and the last 10% of the tasks.
     first: f64,
     last: f64,
@@ -115,6 +113,16 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// Seconds from the start of the drain to the last task's result.
+    fn secs(&self) -> f64 {
+        self.samples.last().map_or(0.0, |s| s.t)
+    }
+
+    /// Tasks per second over the whole drain.
+    fn rate(&self) -> f64 {
+        self.samples.last().map_or(0.0, |s| s.done as f64) / self.secs()
+    }
+
     /// The last 10%'s rate against the first's, in percent.
     fn change(&self) -> f64 {
         (self.last / self.first - 1.0) * 100.0
@@ -327,22 +335,21 @@ async fn run_once(plan: &Plan<'_>, first_run: bool) -> Result<Outcome> {
     queue_stats(&mut lane, &keys, "at the start").await?;
 
     let samples = sample_drain(cli, &mut con, &worker, &keys, total, t0, &mut lane).await?;
-    let secs = samples.last().map_or(0.0, |s| s.t);
     let peak_kib = status_kib(pid, "VmHWM:");
     let rss_after = status_kib(pid, "VmRSS:");
     check_results(&mut con, cli.count, delayed).await?;
     worker.stop()?;
 
     let o = Outcome {
-        secs,
         first: share_rate(&samples, total, 0.0, 0.1),
         last: share_rate(&samples, total, 0.9, 1.0),
         peak_kib,
         samples,
     };
     println!(
-        "  drained {total} tasks in {secs:.1} s: {:.0} tasks/s overall",
-        total as f64 / secs
+        "  drained {total} tasks in {:.1} s: {:.0} tasks/s overall",
+        o.secs(),
+        o.rate()
     );
     println!(
         "  rate in the first 10% of the tasks: {:.0} tasks/s; in the last 10%: {:.0} tasks/s ({:+.1}%)",
@@ -364,7 +371,6 @@ async fn run_once(plan: &Plan<'_>, first_run: bool) -> Result<Outcome> {
 /// The runs side by side and their medians; returns the index of the run
 /// whose change from the first to the last 10% is the median (plotted).
 fn print_runs(outcomes: &[Outcome]) -> usize {
-    let total = |o: &Outcome| o.samples.last().map_or(0, |s| s.done) as f64;
     println!();
     println!(
         "| run | drained in | tasks/s overall | first 10% (tasks/s) | last 10% (tasks/s) | last against first | peak RSS |"
@@ -374,8 +380,8 @@ fn print_runs(outcomes: &[Outcome]) -> usize {
         println!(
             "| {} | {:.1} s | {:.0} | {:.0} | {:.0} | {:+.1}% | {} |",
             i + 1,
-            o.secs,
-            total(o) / o.secs,
+            o.secs(),
+            o.rate(),
             o.first,
             o.last,
             o.change(),
@@ -389,8 +395,8 @@ fn print_runs(outcomes: &[Outcome]) -> usize {
     let change = med(&|o| o.change());
     println!(
         "| median | {:.1} s | {:.0} | {:.0} | {:.0} | {change:+.1}% | {} |",
-        med(&|o| o.secs),
-        med(&|o| total(o) / o.secs),
+        med(&|o| o.secs()),
+        med(&|o| o.rate()),
         med(&|o| o.first),
         med(&|o| o.last),
         mb(outcomes.iter().filter_map(|o| o.peak_kib).max()),
