@@ -21,6 +21,8 @@ mod backlog_data;
 #[allow(dead_code, reason = "shared with the canvas and drain benches")]
 #[path = "../canvas_procs.rs"]
 mod canvas_procs;
+#[path = "../cpu_share.rs"]
+mod cpu_share;
 #[path = "../plot.rs"]
 mod plot;
 #[path = "../procfs.rs"]
@@ -47,6 +49,7 @@ use backlog_data::{
 };
 use canvas_procs::Service;
 use clap::Parser;
+use cpu_share::{Cost, Look};
 use procfs::{mb, status_kib};
 use redis::aio::MultiplexedConnection;
 use redis_info::used_memory;
@@ -110,6 +113,9 @@ struct Outcome {
     /// The worker's `VmHWM`.
     peak_kib: Option<u64>,
     samples: Vec<Sample>,
+    /// Redis's and the worker's CPU over the first and the last 10%.
+    first_cpu: Option<Cost>,
+    last_cpu: Option<Cost>,
 }
 
 impl Outcome {
@@ -334,7 +340,8 @@ async fn run_once(plan: &Plan<'_>, first_run: bool) -> Result<Outcome> {
     let mut lane = pool.lane();
     queue_stats(&mut lane, &keys, "at the start").await?;
 
-    let samples = sample_drain(cli, &mut con, &worker, &keys, total, t0, &mut lane).await?;
+    let (samples, looks) =
+        sample_drain(cli, &mut con, &worker, &keys, total, t0, &mut lane).await?;
     let peak_kib = status_kib(pid, "VmHWM:");
     let rss_after = status_kib(pid, "VmRSS:");
     check_results(&mut con, cli.count, delayed).await?;
@@ -345,6 +352,8 @@ async fn run_once(plan: &Plan<'_>, first_run: bool) -> Result<Outcome> {
         last: share_rate(&samples, total, 0.9, 1.0),
         peak_kib,
         samples,
+        first_cpu: cpu_share::report("first 10%", &looks[0], &looks[1]),
+        last_cpu: cpu_share::report("last 10%", &looks[2], &looks[3]),
     };
     println!(
         "  drained {total} tasks in {:.1} s: {:.0} tasks/s overall",
@@ -402,6 +411,8 @@ fn print_runs(outcomes: &[Outcome]) -> usize {
         mb(outcomes.iter().filter_map(|o| o.peak_kib).max()),
     );
     println!("(the median row's peak RSS is the highest of the runs)");
+    let cpu: Vec<_> = outcomes.iter().map(|o| (o.first_cpu, o.last_cpu)).collect();
+    cpu_share::print_runs(&cpu);
     outcomes
         .iter()
         .enumerate()
@@ -441,7 +452,9 @@ async fn queue_stats(lane: &mut taskstack::broker::Lane, keys: &Keys, when: &str
 }
 
 /// Samples until nothing is queued, parked or held: every task's result is
-/// then stored (a hold is settled only after its result).
+/// then stored (a hold is settled only after its result). Returns the
+/// samples and four looks at the CPU counters: at the start, at the first
+/// sample with 10% and with 90% of the tasks done, and at the end.
 async fn sample_drain(
     cli: &Cli,
     con: &mut MultiplexedConnection,
@@ -450,7 +463,7 @@ async fn sample_drain(
     total: usize,
     t0: Instant,
     lane: &mut taskstack::broker::Lane,
-) -> Result<Vec<Sample>> {
+) -> Result<(Vec<Sample>, Vec<Look>)> {
     let leases: Vec<String> = redis::cmd("ZRANGE")
         .arg(keys.leases())
         .arg(0)
@@ -462,6 +475,8 @@ async fn sample_drain(
     };
     let mut base = None;
     let mut samples = Vec::new();
+    let marks = [total as u64 / 10, total as u64 * 9 / 10];
+    let mut looks = vec![cpu_share::look(con, worker.pid(), 0).await?];
     let mut halfway_stats = false;
     let deadline = t0 + Duration::from_secs(cli.timeout);
     let mut tick = tokio::time::interval(Duration::from_millis(cli.sample_ms));
@@ -497,8 +512,12 @@ async fn sample_drain(
             held: inflight + landing,
             rss_kib: status_kib(worker.pid(), "VmRSS:"),
         });
+        while looks.len() <= marks.len() && done >= marks[looks.len() - 1] {
+            looks.push(cpu_share::look(con, worker.pid(), done).await?);
+        }
         if finished {
-            return Ok(samples);
+            looks.push(cpu_share::look(con, worker.pid(), done).await?);
+            return Ok((samples, looks));
         }
         if !halfway_stats && done >= total as u64 / 2 {
             halfway_stats = true;
