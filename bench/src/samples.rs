@@ -15,6 +15,10 @@ pub(crate) struct Sample {
     pub(crate) done: u64,
     pub(crate) ready: u64,
     pub(crate) parked: u64,
+    /// How long past its due time the earliest parked message was, in ms
+    /// (0 when it was not due yet; `None` when nothing was parked): how far
+    /// the worker's moving of due messages to the queue lagged.
+    pub(crate) overdue_ms: Option<f64>,
     pub(crate) held: u64,
     pub(crate) rss_kib: Option<u64>,
 }
@@ -66,18 +70,20 @@ pub(crate) fn rates(samples: &[Sample]) -> Vec<(f64, f64)> {
 /// About twenty lines of the samples, for the log.
 pub(crate) fn print_timeline(samples: &[Sample]) {
     println!();
-    println!("| s | done | queued | delayed | held | rate (tasks/s) | RSS |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| s | done | queued | delayed | overdue | held | rate (tasks/s) | RSS |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let rate = rates(samples);
     let step = (samples.len() / 20).max(1);
     for (i, s) in samples.iter().enumerate() {
         if i % step == 0 || i + 1 == samples.len() {
             println!(
-                "| {:.1} | {} | {} | {} | {} | {:.0} | {} |",
+                "| {:.1} | {} | {} | {} | {} | {} | {:.0} | {} |",
                 s.t,
                 s.done,
                 s.ready,
                 s.parked,
+                s.overdue_ms
+                    .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.0} ms")),
                 s.held,
                 rate[i].1,
                 mb(s.rss_kib)

@@ -133,6 +133,15 @@ impl Outcome {
     fn change(&self) -> f64 {
         (self.last / self.first - 1.0) * 100.0
     }
+
+    /// The most the earliest parked message was overdue at any sample (ms),
+    /// if anything was parked at one.
+    fn most_overdue(&self) -> Option<f64> {
+        self.samples
+            .iter()
+            .filter_map(|s| s.overdue_ms)
+            .reduce(f64::max)
+    }
 }
 
 /// What every run shares: the settings read from the command line.
@@ -366,6 +375,11 @@ async fn run_once(plan: &Plan<'_>, first_run: bool) -> Result<Outcome> {
         o.last,
         o.change()
     );
+    if let Some(ms) = o.most_overdue() {
+        println!(
+            "  moving due messages to the queue: the earliest parked message was at most {ms:.0} ms past its due time at any sample"
+        );
+    }
     let sampled_peak = o.samples.iter().filter_map(|s| s.rss_kib).max();
     println!(
         "  worker RSS: peak {} (VmHWM; highest sample {}), {} after the drain",
@@ -382,18 +396,20 @@ async fn run_once(plan: &Plan<'_>, first_run: bool) -> Result<Outcome> {
 fn print_runs(outcomes: &[Outcome]) -> usize {
     println!();
     println!(
-        "| run | drained in | tasks/s overall | first 10% (tasks/s) | last 10% (tasks/s) | last against first | peak RSS |"
+        "| run | drained in | tasks/s overall | first 10% (tasks/s) | last 10% (tasks/s) | last against first | most overdue | peak RSS |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let overdue = |ms: Option<f64>| ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.0} ms"));
     for (i, o) in outcomes.iter().enumerate() {
         println!(
-            "| {} | {:.1} s | {:.0} | {:.0} | {:.0} | {:+.1}% | {} |",
+            "| {} | {:.1} s | {:.0} | {:.0} | {:.0} | {:+.1}% | {} | {} |",
             i + 1,
             o.secs(),
             o.rate(),
             o.first,
             o.last,
             o.change(),
+            overdue(o.most_overdue()),
             mb(o.peak_kib)
         );
     }
@@ -402,12 +418,14 @@ fn print_runs(outcomes: &[Outcome]) -> usize {
         median(&v).unwrap_or(f64::NAN)
     };
     let change = med(&|o| o.change());
+    let overdue_runs: Vec<Option<f64>> = outcomes.iter().map(Outcome::most_overdue).collect();
     println!(
-        "| median | {:.1} s | {:.0} | {:.0} | {:.0} | {change:+.1}% | {} |",
+        "| median | {:.1} s | {:.0} | {:.0} | {:.0} | {change:+.1}% | {} | {} |",
         med(&|o| o.secs()),
         med(&|o| o.rate()),
         med(&|o| o.first),
         med(&|o| o.last),
+        overdue(median(&overdue_runs)),
         mb(outcomes.iter().filter_map(|o| o.peak_kib).max()),
     );
     println!("(the median row's peak RSS is the highest of the runs)");
@@ -451,6 +469,11 @@ async fn queue_stats(lane: &mut taskstack::broker::Lane, keys: &Keys, when: &str
     Ok(())
 }
 
+/// One sample's replies: `DBSIZE`, the queue's length, the parked set's
+/// size and its earliest member with its due time, the worker's holds (in
+/// flight, landing).
+type Counts = (u64, u64, u64, Vec<(String, f64)>, u64, u64);
+
 /// Samples until nothing is queued, parked or held: every task's result is
 /// then stored (a hold is settled only after its result). Returns the
 /// samples and four looks at the CPU counters: at the start, at the first
@@ -482,12 +505,17 @@ async fn sample_drain(
     let mut tick = tokio::time::interval(Duration::from_millis(cli.sample_ms));
     loop {
         tick.tick().await;
-        let (dbsize, ready, parked, inflight, landing): (u64, u64, u64, u64, u64) = redis::pipe()
+        let (dbsize, ready, parked, first, inflight, landing): Counts = redis::pipe()
             .cmd("DBSIZE")
             .cmd("LLEN")
             .arg(QUEUE)
             .cmd("ZCARD")
             .arg(keys.parked())
+            .cmd("ZRANGE")
+            .arg(keys.parked())
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES")
             .cmd("HLEN")
             .arg(keys.inflight(worker_id))
             .cmd("LLEN")
@@ -495,6 +523,9 @@ async fn sample_drain(
             .query_async(con)
             .await?;
         let t = t0.elapsed().as_secs_f64();
+        let overdue_ms = first
+            .first()
+            .map(|(_, due)| (now_ms() as f64 - due).max(0.0));
         // Keys other than results (queue, delayed set, the worker's) are
         // few and counted in the first sample.
         let base = *base.get_or_insert(dbsize);
@@ -509,6 +540,7 @@ async fn sample_drain(
             done,
             ready,
             parked,
+            overdue_ms,
             held: inflight + landing,
             rss_kib: status_kib(worker.pid(), "VmRSS:"),
         });
