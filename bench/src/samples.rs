@@ -67,6 +67,11 @@ pub(crate) fn rates(samples: &[Sample]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// A lag of [`Sample::overdue_ms`] for the tables: `-` when nothing was parked.
+pub(crate) fn overdue(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.0} ms"))
+}
+
 /// About twenty lines of the samples, for the log.
 pub(crate) fn print_timeline(samples: &[Sample]) {
     println!();
@@ -82,8 +87,7 @@ pub(crate) fn print_timeline(samples: &[Sample]) {
                 s.done,
                 s.ready,
                 s.parked,
-                s.overdue_ms
-                    .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.0} ms")),
+                overdue(s.overdue_ms),
                 s.held,
                 rate[i].1,
                 mb(s.rss_kib)

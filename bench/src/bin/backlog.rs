@@ -53,7 +53,7 @@ use cpu_share::{Cost, Look};
 use procfs::{mb, status_kib};
 use redis::aio::MultiplexedConnection;
 use redis_info::used_memory;
-use samples::{Sample, print_timeline, rates, share_rate};
+use samples::{Sample, overdue, print_timeline, rates, share_rate};
 use stats::median;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -399,7 +399,6 @@ fn print_runs(outcomes: &[Outcome]) -> usize {
         "| run | drained in | tasks/s overall | first 10% (tasks/s) | last 10% (tasks/s) | last against first | most overdue | peak RSS |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    let overdue = |ms: Option<f64>| ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.0} ms"));
     for (i, o) in outcomes.iter().enumerate() {
         println!(
             "| {} | {:.1} s | {:.0} | {:.0} | {:.0} | {:+.1}% | {} | {} |",
