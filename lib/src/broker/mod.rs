@@ -128,6 +128,8 @@ mod held_seqs_tests;
 #[cfg(test)]
 mod hold_slots_tests;
 #[cfg(test)]
+mod promote_tests;
+#[cfg(test)]
 mod test_support;
 #[cfg(test)]
 mod tests;
