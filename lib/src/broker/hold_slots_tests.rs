@@ -4,7 +4,7 @@
 //! that needs a hold's queue, and safe beside reapers of the earlier build,
 //! whose holds were `<queue key>\n<message>`.
 
-use super::test_support::{cmd, lane, slots};
+use super::test_support::{cmd, lane, list, slots};
 use super::*;
 use crate::test_redis::server;
 use std::time::Duration;
@@ -40,10 +40,6 @@ async fn push(l: &mut Lane, key: &str, messages: &[&str]) {
     for m in messages {
         cmd::<()>(l, redis::cmd("LPUSH").arg(key).arg(*m)).await;
     }
-}
-
-async fn list(l: &mut Lane, key: &str) -> Vec<String> {
-    cmd(l, redis::cmd("LRANGE").arg(key).arg(0).arg(-1)).await
 }
 
 async fn expire_lease(l: &mut Lane, keys: &Keys, w: &str) {

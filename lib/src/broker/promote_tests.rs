@@ -2,18 +2,10 @@
 //! workers promote at once and producers keep parking. Against a real
 //! `redis-server`.
 
-use super::test_support::{cmd, lane};
+use super::test_support::{cmd, lane, list};
 use super::*;
 use crate::test_redis::server;
 use std::collections::HashMap;
-
-/// The messages of queue key `qk`, front (the next taken) first.
-async fn queued(l: &mut Lane, qk: &str) -> Vec<String> {
-    let mut got: Vec<String> = cmd(l, redis::cmd("LRANGE").arg(qk).arg(0).arg(-1)).await;
-    // LPUSH puts each at the back: the front is last.
-    got.reverse();
-    got
-}
 
 /// Promoters racing on the same due messages, while more are parked with
 /// the same due times, move every message exactly once and leave the
@@ -82,8 +74,8 @@ async fn racing_promoters_move_each_message_once() {
     }
     assert!(ran_dry, "promotion never ran dry ({moved} moved)");
     assert_eq!(moved, (per_parker * parkers) as u64);
-    let mut all = queued(&mut l, "a").await;
-    all.extend(queued(&mut l, "b\x06\x163").await);
+    let mut all = list(&mut l, "a").await;
+    all.extend(list(&mut l, "b\x06\x163").await);
     all.sort();
     let mut want: Vec<String> = (0..parkers)
         .flat_map(|p| (0..per_parker).map(move |i| format!("p{p}-{i}")))

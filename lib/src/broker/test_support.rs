@@ -1,5 +1,6 @@
 //! What the broker's Redis tests share: a lane to a test server, one
-//! command on it, a take for worker `w1`, a plain dead-letter record.
+//! command on it, a whole list, a take for worker `w1`, a plain
+//! dead-letter record.
 
 use super::*;
 use crate::config::RedisTarget;
@@ -19,6 +20,11 @@ pub(super) fn lane(s: &Server) -> Lane {
 pub(super) async fn cmd<T: redis::FromRedisValue>(lane: &mut Lane, c: &mut redis::Cmd) -> T {
     let conn = lane.conn("test").await.expect("conn");
     c.query_async(conn).await.expect("command")
+}
+
+/// The whole of LIST `key`, left (the back of a queue) first.
+pub(super) async fn list(lane: &mut Lane, key: &str) -> Vec<String> {
+    cmd(lane, redis::cmd("LRANGE").arg(key).arg(0).arg(-1)).await
 }
 
 thread_local! {
