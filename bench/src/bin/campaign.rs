@@ -71,7 +71,7 @@ struct Cli {
     runs: usize,
     /// A setting of the tuned taskstack worker, `NAME=VALUE` (becoming
     /// `TASKSTACK_NAME`); repeatable. None given: the default settings,
-    /// which were the best measured in the sweep of 2026-12-06 (README.md,
+    /// which were the best measured in the sweep of 2026-12-06 (bench/HISTORY.md,
     /// "The tuned worker is the defaults on the Unix socket"); the tuned
     /// worker then differs from the defaults only by reaching Redis through
     /// the server's Unix socket (unless `--tcp`).

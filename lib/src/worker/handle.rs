@@ -636,7 +636,7 @@ mod tests {
     /// dead-lettering) are boxed so they do not count. With them inline,
     /// `execute` was 12,360 bytes (3,232 after), and a worker draining
     /// no-op tasks spent a quarter of its instructions in `memcpy` (an
-    /// eighth after; callgrind, README "Smaller task futures").
+    /// eighth after; callgrind, bench/HISTORY.md, "Smaller task futures").
     #[test]
     fn a_message_task_carries_no_rare_path_inline() {
         const LIMIT: usize = 6 * 1024;
