@@ -1,6 +1,7 @@
 //! A private RabbitMQ server for tests (the Debian package's
 //! `rabbitmq-server`, run directly as the current user): free loopback
-//! ports, its own node name, mnesia, log and HOME (Erlang cookie) under a
+//! ports outside the kernel's ephemeral range (see [`free_port`]), its own
+//! node name, mnesia, log and HOME (Erlang cookie) under a
 //! temporary directory, and its own epmd port (so no shared epmd outlives
 //! it). One server per test binary ([`shared`]) with a vhost per test
 //! ([`Rabbit::vhost`]), since vhosts are RabbitMQ's namespaces; a test that
@@ -17,11 +18,13 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
+use std::hash::{BuildHasher as _, RandomState};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
@@ -43,11 +46,65 @@ pub struct Rabbit {
     owned: bool,
 }
 
+/// Boots tried before a test gives up, each on ports of its own.
+const BOOT_ATTEMPTS: usize = 3;
+
+/// A loopback port free now, outside the kernel's ephemeral range. The node
+/// binds its ports seconds after they are chosen, and a port from that range
+/// (where `bind(0)` and every outbound connection get theirs) can meanwhile
+/// become the local end of any connection another test opens: a boot once
+/// failed in CI with `dist_port_already_used`. Ports below the range (or
+/// above it) are only taken by an explicit bind, such as another test
+/// server's choice here; [`Rabbit::start`] boots again on new ports if one
+/// is taken all the same.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let (eph_lo, eph_hi) = ephemeral_range();
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let random = RandomState::new();
+    for i in 0u32..10_000 {
+        let p = u16::try_from(10_000 + random.hash_one(i) % 55_536).unwrap_or(10_000);
+        if (eph_lo..=eph_hi).contains(&p) || given.contains(&p) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            given.insert(p);
+            return p;
+        }
+    }
+    // The range covers (nearly) every port: take one from it after all.
+    let p = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")
-        .port()
+        .port();
+    given.insert(p);
+    p
+}
+
+/// Whether a failed boot's report says one of its ports was taken (the
+/// distribution port, the AMQP listener or epmd's).
+fn port_taken(report: &str) -> bool {
+    [
+        "already_used",
+        "already used",
+        "eaddrinuse",
+        "address already in use",
+    ]
+    .iter()
+    .any(|m| report.to_ascii_lowercase().contains(m))
+}
+
+/// The kernel's ephemeral port range (Linux's default when unreadable).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(str::parse::<u16>);
+            Some((it.next()?.ok()?, it.next()?.ok()?))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 fn require_package() {
@@ -81,10 +138,10 @@ impl Rabbit {
             .expect("temp dir")
             .keep();
         let mut r = Self {
-            port: free_port(),
-            node: format!("taskstack{}x{}@localhost", std::process::id(), free_port()),
-            epmd_port: free_port(),
-            dist_port: free_port(),
+            port: 0,
+            node: String::new(),
+            epmd_port: 0,
+            dist_port: 0,
             dir,
             child: None,
             owned: true,
@@ -92,18 +149,48 @@ impl Rabbit {
         for sub in ["home", "mnesia", "log"] {
             std::fs::create_dir_all(r.dir.join(sub)).expect("server dirs");
         }
+        std::fs::write(r.dir.join("enabled_plugins"), "[].\n").expect("enabled_plugins");
+        r.watchdog();
+        for attempt in 1..=BOOT_ATTEMPTS {
+            r.choose_ports();
+            match r.boot() {
+                Ok(()) => return r,
+                Err(e) if attempt < BOOT_ATTEMPTS && port_taken(&e) => {
+                    eprintln!("RabbitMQ boot {attempt} found a port taken; booting on new ports");
+                    r.kill();
+                    r.stop_epmd();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// New ports and node name, written where the node and the watchdog
+    /// read them (a fresh data directory per node name).
+    fn choose_ports(&mut self) {
+        self.port = free_port();
+        self.node = format!("taskstack{}x{}@localhost", std::process::id(), free_port());
+        self.epmd_port = free_port();
+        self.dist_port = free_port();
         std::fs::write(
-            r.dir.join("rabbitmq.conf"),
+            self.dir.join("rabbitmq.conf"),
             format!(
                 "listeners.tcp.default = 127.0.0.1:{}\nloopback_users = none\n",
-                r.port
+                self.port
             ),
         )
         .expect("rabbitmq.conf");
-        std::fs::write(r.dir.join("enabled_plugins"), "[].\n").expect("enabled_plugins");
-        r.watchdog();
-        r.start_again();
-        r
+        std::fs::write(self.dir.join("epmd_port"), self.epmd_port.to_string()).expect("epmd port");
+    }
+
+    /// Stops the epmd this node started (it outlives the node).
+    fn stop_epmd(&self) {
+        let _ = Command::new("epmd")
+            .args(["-port", &self.epmd_port.to_string(), "-kill"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 
     fn env(&self, cmd: &mut Command) {
@@ -121,9 +208,16 @@ impl Rabbit {
             .env("ERL_EPMD_PORT", self.epmd_port.to_string());
     }
 
-    /// Starts the node (again, after [`Rabbit::stop`]: same data) and waits
-    /// for it to boot.
+    /// Starts the node (again, after [`Rabbit::stop`]: same data and ports)
+    /// and waits for it to boot.
     pub fn start_again(&mut self) {
+        if let Err(e) = self.boot() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the node and waits for it to boot; what went wrong otherwise.
+    fn boot(&mut self) -> Result<(), String> {
         let _ = std::fs::remove_file(self.dir.join("pid"));
         let log = std::fs::File::create(self.dir.join("server.out")).expect("server log");
         let mut cmd = Command::new(SERVER);
@@ -141,12 +235,14 @@ impl Rabbit {
         let waited = self
             .ctl_output(&["wait", &pid_file.to_string_lossy(), "--timeout", "120"])
             .expect("rabbitmqctl wait");
-        assert!(
-            waited.status.success(),
+        if waited.status.success() {
+            return Ok(());
+        }
+        Err(format!(
             "RabbitMQ did not boot: {}\n{}",
             String::from_utf8_lossy(&waited.stderr),
             std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default()
-        );
+        ))
     }
 
     /// Stops the node (SIGTERM to its process group) and waits for it.
@@ -176,7 +272,7 @@ impl Rabbit {
             pg=$(cat "$2/pgid" 2>/dev/null) && env kill -TERM -- "-$pg" 2>/dev/null
             i=0; while [ -n "$pg" ] && env kill -0 -- "-$pg" 2>/dev/null && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done
             [ -n "$pg" ] && env kill -KILL -- "-$pg" 2>/dev/null
-            epmd -port "$3" -kill >/dev/null 2>&1
+            ep=$(cat "$2/epmd_port" 2>/dev/null) && [ -n "$ep" ] && epmd -port "$ep" -kill >/dev/null 2>&1
             rm -rf "$2"
         "#;
         // Never waited for: it outlives this process on purpose (init
@@ -186,7 +282,6 @@ impl Rabbit {
             .args(["-c", script, "watchdog"])
             .arg(std::process::id().to_string())
             .arg(&self.dir)
-            .arg(self.epmd_port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -273,11 +368,40 @@ impl Drop for Rabbit {
             return;
         }
         self.stop();
-        let _ = Command::new("epmd")
-            .args(["-port", &self.epmd_port.to_string(), "-kill"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        self.stop_epmd();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_chosen_outside_the_ephemeral_range_and_never_twice() {
+        let (lo, hi) = ephemeral_range();
+        let ports: Vec<u16> = (0..64).map(|_| free_port()).collect();
+        let distinct: BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        if lo > 11_000 || hi < 65_000 {
+            assert!(
+                ports.iter().all(|p| !(lo..=hi).contains(p)),
+                "{ports:?} against {lo}-{hi}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_boot_that_lost_a_port_is_told_from_other_failures() {
+        // As a node reported it in CI.
+        assert!(port_taken(
+            "{dist_port_already_used,41713,not_erlang,\"localhost\"}"
+        ));
+        assert!(port_taken(
+            "ERROR: could not bind to distribution port 41713: already used"
+        ));
+        assert!(port_taken("{listen_error,eaddrinuse}"));
+        assert!(!port_taken("Error: operation wait timed out"));
+        assert!(!port_taken("{error,{cannot_read_enabled_plugins_file}}"));
     }
 }
