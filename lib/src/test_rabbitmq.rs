@@ -1,6 +1,6 @@
 //! A private RabbitMQ server for tests (the Debian package's
 //! `rabbitmq-server`, run directly as the current user): free loopback
-//! ports outside the kernel's ephemeral range (see [`free_port`]), its own
+//! ports outside the kernel's ephemeral range (see `free_port`), its own
 //! node name, mnesia, log and HOME (Erlang cookie) under a
 //! temporary directory, and its own epmd port (so no shared epmd outlives
 //! it). One server per test binary ([`shared`]) with a vhost per test
