@@ -205,6 +205,9 @@ impl Rabbit {
             .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
             .env("RABBITMQ_PID_FILE", d.join("pid"))
+            // A node that fails to boot writes its crash dump here, not
+            // into the test's working directory.
+            .env("ERL_CRASH_DUMP", d.join("erl_crash.dump"))
             .env("ERL_EPMD_PORT", self.epmd_port.to_string());
     }
 
