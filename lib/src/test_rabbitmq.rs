@@ -166,11 +166,17 @@ impl Rabbit {
         unreachable!("the last attempt returns or panics")
     }
 
-    /// New ports and node name, written where the node and the watchdog
-    /// read them (a fresh data directory per node name).
+    /// New ports and node name (unique in this process; the pid tells
+    /// processes apart), written where the node and the watchdog read them;
+    /// a new name also gives the node a fresh data directory.
     fn choose_ports(&mut self) {
         self.port = free_port();
-        self.node = format!("taskstack{}x{}@localhost", std::process::id(), free_port());
+        static NODES: AtomicU32 = AtomicU32::new(0);
+        self.node = format!(
+            "taskstack{}x{}@localhost",
+            std::process::id(),
+            NODES.fetch_add(1, Ordering::Relaxed)
+        );
         self.epmd_port = free_port();
         self.dist_port = free_port();
         std::fs::write(
