@@ -23,12 +23,15 @@
 --            holds were "<queue key>\n<message>": their reaper stops with
 --            an error at this field (no newline in it) before it restores
 --            or deletes anything, so it never misreads this build's holds
--- KEYS[7..]  queue lists in service order (priority bucket, then queue)
+-- KEYS[7]    this worker's running HASH (start.lua's marks: task id -> hold
+--            number), written only when ARGV[11] asks to start the landed
+--            message
+-- KEYS[8..]  queue lists in service order (priority bucket, then queue)
 -- ARGV[1]    worker id
 -- ARGV[2]    lease deadline (ms since the epoch)
 -- ARGV[3]    most messages to take
 -- ARGV[4]    last sequence number used by this worker
--- ARGV[5]    index (1-based, into KEYS[7..]) of the queue feeding the landing list
+-- ARGV[5]    index (1-based, into KEYS[8..]) of the queue feeding the landing list
 -- ARGV[6]    largest message (bytes) to return; a larger one is recorded as
 --            held like any other but its size (an integer) is returned in
 --            place of the message, so it never crosses the network (the
@@ -42,16 +45,38 @@
 -- ARGV[9]    JSON array of queue keys: the worker's slots, slot 0 first; it
 --            only grows, so a longer one replaces a shorter one
 -- ARGV[10]   a hold number's slot unit: the hold number of the n-th message
---            taken (n = ARGV[4] + 1, ...) from KEYS[6 + i] is
---            ARGV[10 + i] * ARGV[10] + n, so the hold names its queue
+--            taken (n = ARGV[4] + 1, ...) from KEYS[7 + i] is
+--            ARGV[13 + i] * ARGV[10] + n, so the hold names its queue
 --            without a copy of the message (Redis hashes every string a
 --            script makes; this one would be as long as the message)
--- ARGV[11..] the slot of each queue list (KEYS[7..], in order)
+-- ARGV[11]   '' or the task id of the message the worker's last BLMOVE
+--            moved to the landing list, which the worker will run at once:
+--            start it in this step (see "Starting the landed message")
+-- ARGV[12]   that message's length in bytes (any value when ARGV[11] is '')
+-- ARGV[13]   revoked-marker prefix (+ task id), as start.lua's ARGV[1]
+-- ARGV[14..] the slot of each queue list (KEYS[8..], in order)
 -- Lists are polled only while they can hold messages: the first queue
 -- list, then (when the batch is not full) one EXISTS over the others, and
 -- those in order until as many non-empty ones as it counted were found.
 -- Returns a flat array: hold number, queue index, message or size, ...
--- The queue index is 1-based into the queue lists (KEYS[7..]).
+-- The queue index is 1-based into the queue lists (KEYS[8..]). When
+-- ARGV[11] names a task, the array starts with the start verdict: 1 the
+-- first message taken is that task, held and marked started; 0 it is
+-- that task, held, and revoked (not marked: the worker skips it); -1 the
+-- landing list did not hold exactly that one message, nothing was started
+-- (the worker starts its messages through start.lua as always).
+--
+-- Starting the landed message: an idle worker's round trip was BLMOVE,
+-- this script, start.lua, then the result and ack.lua. When the worker
+-- read the message from BLMOVE's reply and knows it will run it at once
+-- (a free concurrency slot, due, not expired, registered, no rate limit,
+-- no STARTED record asked for), this script does start.lua's part for it:
+-- the hold is taken here, so start.lua's hold check is moot; the revoked
+-- marker is checked and the running mark set in the same atomic step as
+-- the hold, so revoke.lua finds either the marker first or the started
+-- task, exactly as with start.lua. The landing list is filled only by the
+-- worker's own BLMOVE and emptied only here, so a list of exactly one
+-- message of that length containing that id is the message it read.
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 local max = tonumber(ARGV[3])
 local seq = tonumber(ARGV[4])
@@ -70,7 +95,7 @@ local function take(index, message)
   n = n + 1
   taken[index] = (taken[index] or 0) + 1
   -- formatted here: Lua would write a number above 10^14 with 14 digits
-  local hold = string.format('%d', tonumber(ARGV[10 + index]) * unit + seq)
+  local hold = string.format('%d', tonumber(ARGV[13 + index]) * unit + seq)
   seqs[n] = hold
   hset[#hset + 1] = hold
   hset[#hset + 1] = message
@@ -85,28 +110,39 @@ end
 
 -- The landing list first: BLMOVE already moved those off their queue.
 local landing_index = tonumber(ARGV[5])
+local start_id = ARGV[11]
+local verdict = -1
 if ARGV[7] ~= '0' then
   local landed = redis.call('RPOP', KEYS[3], max)
   if landed then
     for _, m in ipairs(landed) do take(landing_index, m) end
+    if start_id ~= '' and #landed == 1 and #landed[1] == tonumber(ARGV[12])
+        and string.find(landed[1], start_id, 1, true) then
+      if redis.call('EXISTS', ARGV[13] .. start_id) == 1 then
+        verdict = 0
+      else
+        redis.call('HSET', KEYS[7], start_id, seqs[1])
+        verdict = 1
+      end
+    end
   end
 end
 
 local function pop(i)
   local batch = redis.call('RPOP', KEYS[i], max - n)
   if batch then
-    for _, m in ipairs(batch) do take(i - 6, m) end
+    for _, m in ipairs(batch) do take(i - 7, m) end
     return true
   end
   return false
 end
 
-if n < max and #KEYS >= 7 then
-  pop(7)
-end
 if n < max and #KEYS >= 8 then
-  local left = redis.call('EXISTS', unpack(KEYS, 8))
-  for i = 8, #KEYS do
+  pop(8)
+end
+if n < max and #KEYS >= 9 then
+  local left = redis.call('EXISTS', unpack(KEYS, 9))
+  for i = 9, #KEYS do
     if n >= max or left == 0 then break end
     if pop(i) then left = left - 1 end
   end
@@ -124,7 +160,7 @@ if #hset > 0 then
   -- Counted per queue name: the key without Celery's priority suffix.
   local per_queue = {}
   for index, k in pairs(taken) do
-    local q = KEYS[6 + index]
+    local q = KEYS[7 + index]
     local cut = string.find(q, "\6\22", 1, true)
     if cut then q = string.sub(q, 1, cut - 1) end
     per_queue[q] = (per_queue[q] or 0) + k
@@ -134,5 +170,8 @@ if #hset > 0 then
       redis.call('PEXPIRE', KEYS[4], ARGV[8])
     end
   end
+end
+if start_id ~= '' then
+  table.insert(out, 1, verdict)
 end
 return out

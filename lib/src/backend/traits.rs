@@ -8,7 +8,8 @@
 
 use crate::broker::{
     BrokerError, DeadLetter, DeadLetterAction, DeadSelection, DelayedSpan, Delivery,
-    PickedDeadLetter, QueueCounts, RevokeOutcome, Settle, StartVerdict, Starting, WorkerRecord,
+    PickedDeadLetter, QueueCounts, RevokeOutcome, Settle, StartLanded, StartVerdict, Starting,
+    WorkerRecord,
 };
 use crate::proto::TaskResult;
 use async_trait::async_trait;
@@ -246,6 +247,34 @@ pub trait Consume: Send {
         queue_keys: &[String],
         wait: Duration,
     ) -> Result<bool, BackendError>;
+
+    /// The message the last [`Consume::wait_for_message`] moved toward this
+    /// session, byte for byte, where the backend read it on the way (taken
+    /// out: the next call, or a take, forgets it). A worker that will run
+    /// it at once names it to [`Consume::take_starting`]. `None` by default.
+    fn landed(&mut self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// [`Consume::take`], starting `start` (the message
+    /// [`Consume::landed`] returned) in the same atomic step where the
+    /// backend can, as [`TaskStates::start_batch`] would for this worker:
+    /// then it is the first delivery and the verdict is
+    /// [`StartVerdict::Run`] (marked started) or [`StartVerdict::Revoked`]
+    /// (skip it). `None`: nothing was started (the default, and whenever
+    /// the take did not find exactly that message landed); every delivery
+    /// goes through `start_batch` as usual.
+    async fn take_starting(
+        &mut self,
+        queue_keys: &[String],
+        max: usize,
+        lease: Duration,
+        max_size: usize,
+        start: StartLanded<'_>,
+    ) -> Result<(Vec<Delivery>, Option<StartVerdict>), BackendError> {
+        let _ = start;
+        Ok((self.take(queue_keys, max, lease, max_size).await?, None))
+    }
 
     /// Stores each settlement's result (if any) with expiry `result_ttl`
     /// and publishes it, then releases the holds: a result is stored before

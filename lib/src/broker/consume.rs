@@ -1,7 +1,7 @@
 //! Taking messages (atomically recorded as held) and settling them.
 
 use super::pool::on_lane;
-use super::{ACK, BrokerError, FETCH, Lane, LaneConn, REQUEUE};
+use super::{ACK, BrokerError, FETCH, Lane, LaneConn, REQUEUE, StartVerdict};
 use crate::proto::Keys;
 use crate::proto::keys::HOLD_SLOT_UNIT;
 use std::time::Duration;
@@ -75,6 +75,17 @@ pub(crate) struct Take<'a> {
     pub named: &'a str,
 }
 
+/// The message a worker's last wait moved to its landing list (see
+/// [`crate::backend::Consume::landed`]), which the worker will run at once:
+/// the take starts it in the same step where the backend can.
+#[derive(Debug, Clone, Copy)]
+pub struct StartLanded<'a> {
+    /// Its task id.
+    pub task_id: &'a str,
+    /// Its length in bytes.
+    pub len: usize,
+}
+
 /// Takes up to `max` messages from `queue_keys` (served in order), recording
 /// the hold and refreshing the lease in the same script.
 pub(crate) async fn fetch(
@@ -82,6 +93,29 @@ pub(crate) async fn fetch(
     keys: &Keys,
     take: Take<'_>,
 ) -> Result<Vec<Delivery>, BrokerError> {
+    Ok(fetch_inner(lane, keys, take, None).await?.0)
+}
+
+/// [`fetch`], and in the same script what `scripts/start.lua` does for
+/// `start` when the landing list held exactly that message: it is then
+/// the first delivery, and the verdict says whether it was marked started
+/// ([`StartVerdict::Run`]) or is revoked ([`StartVerdict::Revoked`]).
+/// `None`: nothing was started; every delivery starts as usual.
+pub(crate) async fn fetch_starting(
+    lane: &mut Lane,
+    keys: &Keys,
+    take: Take<'_>,
+    start: StartLanded<'_>,
+) -> Result<(Vec<Delivery>, Option<StartVerdict>), BrokerError> {
+    fetch_inner(lane, keys, take, Some(start)).await
+}
+
+async fn fetch_inner(
+    lane: &mut Lane,
+    keys: &Keys,
+    take: Take<'_>,
+    start: Option<StartLanded<'_>>,
+) -> Result<(Vec<Delivery>, Option<StartVerdict>), BrokerError> {
     let Take {
         worker_id,
         queue_keys,
@@ -106,7 +140,8 @@ pub(crate) async fn fetch(
         .key(keys.landing(worker_id))
         .key(keys.held_counts(worker_id))
         .key(keys.held_seqs(worker_id))
-        .key(keys.hold_queues(worker_id));
+        .key(keys.hold_queues(worker_id))
+        .key(keys.running(worker_id));
     for k in queue_keys {
         inv.key(k);
     }
@@ -120,15 +155,27 @@ pub(crate) async fn fetch(
         .arg(held_count_ttl_ms(lease))
         .arg(named)
         .arg(HOLD_SLOT_UNIT)
+        .arg(start.map_or("", |s| s.task_id))
+        .arg(start.map_or(0, |s| s.len))
+        .arg(keys.revoked_prefix())
         .arg(slots);
     let flat: Vec<redis::Value> = on_lane!(&mut *lane, "fetch", |c| inv.invoke_async(c))?;
-    let mut out = Vec::with_capacity(flat.len() / 3);
+    let bad = |what: &str| BrokerError::Reply {
+        op: "fetch",
+        detail: what.to_owned(),
+    };
     let mut it = flat.into_iter();
+    let verdict = match start {
+        None => None,
+        Some(_) => match it.next().map(redis::from_redis_value::<i64>) {
+            Some(Ok(1)) => Some(StartVerdict::Run),
+            Some(Ok(0)) => Some(StartVerdict::Revoked),
+            Some(Ok(-1)) => None,
+            _ => return Err(bad("start verdict")),
+        },
+    };
+    let mut out = Vec::with_capacity(it.len() / 3);
     while let (Some(seq), Some(idx), Some(payload)) = (it.next(), it.next(), it.next()) {
-        let bad = |what: &str| BrokerError::Reply {
-            op: "fetch",
-            detail: what.to_owned(),
-        };
         let seq: u64 = redis::from_redis_value(seq).map_err(|_| bad("sequence number"))?;
         let idx: usize = redis::from_redis_value(idx).map_err(|_| bad("queue index"))?;
         let (payload, oversized) = match payload {
@@ -150,20 +197,23 @@ pub(crate) async fn fetch(
             oversized,
         });
     }
+    if verdict.is_some() && out.is_empty() {
+        return Err(bad("a start verdict without the message"));
+    }
     lane.recycle_after(out.iter().map(|d| d.payload.len()).sum());
-    Ok(out)
+    Ok((out, verdict))
 }
 
 /// Blocks up to `wait` for a message on `queue_key`, moving it to the
 /// worker's landing list (atomically; [`fetch`] then records it). Returns
-/// whether a message arrived.
+/// the message moved, if one arrived.
 pub(crate) async fn wait_for_message(
     lane: &mut Lane,
     keys: &Keys,
     worker_id: &str,
     queue_key: &str,
     wait: Duration,
-) -> Result<bool, BrokerError> {
+) -> Result<Option<Vec<u8>>, BrokerError> {
     let landing = keys.landing(worker_id);
     // BLMOVE answers with the message it moved: bytes, whatever they are,
     // and a large one must not leave its size in this connection's buffers.
@@ -175,7 +225,7 @@ pub(crate) async fn wait_for_message(
         .arg(wait.as_secs_f64())
         .query_async(c))?;
     lane.recycle_after(moved.as_ref().map_or(0, Vec::len));
-    Ok(moved.is_some())
+    Ok(moved)
 }
 
 /// Hands held messages back to the front of their queues.

@@ -74,6 +74,7 @@ async fn the_held_sequences_follow_the_holds_through_every_step() {
         wait_for_message(&mut l, &keys, "w1", "q", Duration::from_secs(1))
             .await
             .expect("wait")
+            .is_some()
     );
     let got = fetch(&mut l, &keys, take(&qk, 9, 0)).await.expect("fetch");
     let seqs: Vec<u64> = got.iter().map(|d| d.seq).collect();

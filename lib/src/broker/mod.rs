@@ -16,7 +16,7 @@ mod results;
 mod sentinel;
 mod state;
 
-pub use consume::{Delivery, Settle};
+pub use consume::{Delivery, Settle, StartLanded};
 pub use dead::{DeadLetter, DeadLetterAction, DeadSelection, PickedDeadLetter};
 pub use hold_queues::HoldQueues;
 pub(crate) use hold_queues::{MAX_TAKE_COUNTER, hold_number};
@@ -109,7 +109,7 @@ pub fn now_ms() -> i64 {
 
 #[cfg(feature = "amqp")]
 pub(crate) use consume::held_count_ttl_ms;
-pub(crate) use consume::{Take, fetch, requeue, settle, wait_for_message};
+pub(crate) use consume::{Take, fetch, fetch_starting, requeue, settle, wait_for_message};
 pub(crate) use dead::dead_letter;
 pub use dead::{dead_letters, move_dead_letters, pick_dead_letters};
 pub(crate) use delayed::{park, promote};
@@ -129,6 +129,8 @@ mod held_seqs_tests;
 mod hold_slots_tests;
 #[cfg(test)]
 mod promote_tests;
+#[cfg(test)]
+mod start_landed_tests;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]

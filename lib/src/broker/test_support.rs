@@ -1,6 +1,6 @@
 //! What the broker's Redis tests share: a lane to a test server, one
-//! command on it, a whole list, a take for worker `w1`, a plain
-//! dead-letter record.
+//! command on it, a command's call count, a whole list, a take for worker
+//! `w1`, a plain dead-letter record.
 
 use super::*;
 use crate::config::RedisTarget;
@@ -20,6 +20,18 @@ pub(super) fn lane(s: &Server) -> Lane {
 pub(super) async fn cmd<T: redis::FromRedisValue>(lane: &mut Lane, c: &mut redis::Cmd) -> T {
     let conn = lane.conn("test").await.expect("conn");
     c.query_async(conn).await.expect("command")
+}
+
+/// How often `command` ran since the last `CONFIG RESETSTAT` (scripts'
+/// commands included), from `INFO commandstats`.
+pub(super) async fn calls(l: &mut Lane, command: &str) -> u64 {
+    let info: String = cmd(l, redis::cmd("INFO").arg("commandstats")).await;
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The whole of LIST `key`, left (the back of a queue) first.

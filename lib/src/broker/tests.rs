@@ -5,7 +5,7 @@
 use super::*;
 use std::time::Duration;
 
-use super::test_support::{cmd, dead_record, lane, take};
+use super::test_support::{calls, cmd, dead_record, lane, take};
 use crate::test_redis::server;
 
 #[tokio::test]
@@ -710,18 +710,6 @@ async fn non_utf8_messages_are_delivered_as_bytes_and_dead_lettered_with_base64(
         .await
         .expect("discard");
     assert_eq!(moved.len(), 1);
-}
-
-/// How often `command` ran since the last `CONFIG RESETSTAT` (scripts'
-/// commands included), from `INFO commandstats`.
-async fn calls(l: &mut Lane, command: &str) -> u64 {
-    let info: String = cmd(l, redis::cmd("INFO").arg("commandstats")).await;
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 async fn record_pending(l: &mut Lane, ids: &[&str]) {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tracing::Instrument as _;
 
 /// An ETA closer than this is treated as due (clock reads differ slightly).
-const ETA_TOLERANCE: Duration = Duration::from_millis(100);
+pub(super) const ETA_TOLERANCE: Duration = Duration::from_millis(100);
 /// Beyond a self-limiting handler's grace, how long the engine waits past
 /// the hard limit before it drops the handler itself.
 const HARD_LIMIT_SLACK: Duration = Duration::from_secs(1);
@@ -220,43 +220,61 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage, 
     // Boxed, like the rare paths above: up to prefetch − concurrency
     // messages wait for a slot, each in a spawned task, and a waiting task
     // should not carry the (much larger) state of a running one.
-    Box::pin(execute(sh, d, queue, msg, handler, options, permit, track)).await;
+    let go = Go {
+        permit,
+        verdict: None,
+    };
+    Box::pin(execute(sh, d, queue, msg, handler, options, go, track)).await;
+}
+
+/// A task's concurrency slot, and whether it was already started (the
+/// take's verdict, see [`super::prestart`]) or still is to be.
+pub(super) struct Go {
+    pub permit: tokio::sync::OwnedSemaphorePermit,
+    pub verdict: Option<StartVerdict>,
 }
 
 /// Starts (or skips, when revoked) and runs a task that has a slot, then
 /// records its outcome.
-#[allow(clippy::too_many_arguments)] // one call site; the fields are all distinct
-async fn execute(
+#[allow(clippy::too_many_arguments)] // two call sites; the fields are all distinct
+pub(super) async fn execute(
     sh: Arc<Shared>,
     d: Held,
     queue: String,
     mut msg: TaskMessage,
     handler: super::registry::Handler,
     options: TaskOptions,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    go: Go,
     track: crate::control::Tracked,
 ) {
+    let Go { permit, verdict } = go;
     let started_at = envelope::format_time(sh.now());
-    // The STARTED record, unless it would not be stored.
     let ext = Extended::of(&sh, &msg);
-    let record = if sh.settings.track_started || !sh.backend.marks_starts() {
-        let mut record = TaskResult::new(
-            &msg.id,
-            TaskState::Started,
-            serde_json::json!({ "pid": std::process::id(), "hostname": sh.id }),
-            provenance(&sh, &msg, &queue),
-        );
-        record.date_started = Some(started_at.clone());
-        serde_json::to_string(&ext.apply(record)).unwrap_or_default()
-    } else {
-        String::new()
+    let verdict = match verdict {
+        Some(v) => Some(v),
+        None => {
+            // The STARTED record, unless it would not be stored.
+            let record = if sh.settings.track_started || !sh.backend.marks_starts() {
+                let mut record = TaskResult::new(
+                    &msg.id,
+                    TaskState::Started,
+                    serde_json::json!({ "pid": std::process::id(), "hostname": sh.id }),
+                    provenance(&sh, &msg, &queue),
+                );
+                record.date_started = Some(started_at.clone());
+                serde_json::to_string(&ext.apply(record)).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            let start = Starting {
+                task_id: msg.id.clone(),
+                record,
+                seq: d.seq,
+            };
+            sh.start(start).await
+        }
     };
-    let start = Starting {
-        task_id: msg.id.clone(),
-        record,
-        seq: d.seq,
-    };
-    match sh.start(start).await {
+    match verdict {
         Some(StartVerdict::Run) => {}
         Some(StartVerdict::Revoked) => {
             drop(permit);

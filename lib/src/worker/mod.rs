@@ -26,6 +26,7 @@ mod keeper;
 pub(crate) mod limits;
 pub mod metrics;
 mod phases;
+mod prestart;
 mod registry;
 #[cfg(feature = "cli")]
 pub mod service_main;
@@ -407,15 +408,26 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
             slots.merge(more);
         }
         let budget = slots.num_permits();
-        let got = consume
-            .take(
-                &keys,
-                budget,
-                sh.settings.lease,
-                sh.settings.max_message_size,
-            )
-            .await;
-        let deliveries = match got {
+        // The message the last wait brought, started in the take when the
+        // worker will run it at once.
+        let pre = consume.landed().and_then(|b| prestart::plan(sh, &b));
+        let (lease, max_size) = (sh.settings.lease, sh.settings.max_message_size);
+        let got = match &pre {
+            Some(p) => {
+                let start = crate::broker::StartLanded {
+                    task_id: &p.msg.id,
+                    len: p.len,
+                };
+                consume
+                    .take_starting(&keys, budget, lease, max_size, start)
+                    .await
+            }
+            None => consume
+                .take(&keys, budget, lease, max_size)
+                .await
+                .map(|d| (d, None)),
+        };
+        let (deliveries, verdict) = match got {
             Ok(d) => {
                 backoff = Duration::from_millis(50);
                 // The take emptied the landing list (it is taken first),
@@ -462,6 +474,14 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
         // Each message queues for a concurrency slot here, in the order
         // taken, not when its task is first polled (see `turn`).
         let idle = held.is_empty() || idle_again;
+        // Started by the take: the first message, with its slot already.
+        let mut held = held.into_iter();
+        if let Some((verdict, pre)) = verdict.zip(pre)
+            && let Some(h) = held.next()
+        {
+            let run = prestart::run(Arc::clone(sh), h, pre, verdict);
+            tasks.spawn(Box::pin(run));
+        }
         for h in held {
             let turn = turn::Turn::queue(&sh.exec);
             // Boxed: the runtime moves a task's future by value as it

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "beat")]
 mod beat;
+mod consume;
 
 use super::due_in;
 use super::traits::{
@@ -13,16 +14,15 @@ use super::traits::{
 #[cfg(feature = "beat")]
 use super::traits::{LeaderLock, SlotLedger};
 use crate::broker::{
-    self, Broker, DeadLetter, DeadLetterAction, DeadSelection, DelayedSpan, Delivery, Lane,
-    PickedDeadLetter, QueueCounts, RevokeOutcome, Settle, StartVerdict, Starting, Take,
-    WorkerRecord, on_lane,
+    self, Broker, DeadLetter, DeadLetterAction, DeadSelection, DelayedSpan, Lane, PickedDeadLetter,
+    QueueCounts, RevokeOutcome, StartVerdict, Starting, WorkerRecord, on_lane,
 };
 use crate::proto::TaskResult;
-use crate::proto::keys::{hold_slot, queue_of_key, result_key};
+use crate::proto::keys::{queue_of_key, result_key};
 use crate::results_listener::Listener;
 use async_trait::async_trait;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 /// The wall clock Redis's lease and due times are compared with.
@@ -90,7 +90,9 @@ impl RedisBackend {
             worker_id: worker_id.to_owned(),
             shared: self.clone(),
             landing: true,
+            landed: None,
             uncertain: Vec::new(),
+            uncertain_start: None,
         })
     }
 }
@@ -153,12 +155,18 @@ struct RedisSession {
     /// Whether this session's landing list may hold a message: it waited
     /// (BLMOVE) since its last take, or has not taken yet.
     landing: bool,
+    /// The message the last wait moved to the landing list, until the
+    /// worker asks for it ([`Consume::landed`]) or the next take.
+    landed: Option<Vec<u8>>,
     /// Sequence numbers reserved by takes that failed: the script may have
     /// run (and, with Sentinel, been replicated to the master that took
     /// over) with its reply lost, leaving messages held under this live
     /// worker that it never learned of. The next take hands them back
     /// first.
     uncertain: Vec<u64>,
+    /// The task such a take was asked to start: its mark (if the script
+    /// ran) goes with the hold the next take hands back.
+    uncertain_start: Option<String>,
 }
 
 impl RedisSession {
@@ -229,164 +237,6 @@ impl Enqueue for RedisSession {
             self.backend.replicated("record pending task").await?;
         }
         Ok(self.lane.replicated("enqueue").await?)
-    }
-}
-
-#[async_trait]
-impl Consume for RedisSession {
-    fn worker_id(&self) -> &str {
-        &self.worker_id
-    }
-
-    async fn take(
-        &mut self,
-        queue_keys: &[String],
-        max: usize,
-        lease: Duration,
-        max_size: usize,
-    ) -> Result<Vec<Delivery>, BackendError> {
-        // The whole range is reserved before asking: if the reply is lost
-        // after the script ran, a later take must not reuse (and overwrite)
-        // a number that records a held message.
-        let last_seq = self.shared.last_seq.fetch_add(max as u64, Ordering::SeqCst);
-        if last_seq.saturating_add(max as u64) > broker::MAX_TAKE_COUNTER {
-            return Err(BackendError::Invalid {
-                op: "take messages",
-                detail: format!(
-                    "this worker process has used {last_seq} hold numbers, the most it can \
-                     (Lua's numbers are exact below 2^53): restart it"
-                ),
-            });
-        }
-        let (slots, named) = {
-            let mut h = self
-                .shared
-                .hold_slots
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            (h.slots(queue_keys)?, h.json().to_owned())
-        };
-        let take = Take {
-            worker_id: &self.worker_id,
-            queue_keys,
-            max,
-            last_seq,
-            lease,
-            max_size,
-            landing: self.landing,
-            slots: &slots,
-            named: &named,
-        };
-        let keys = self.shared.broker.keys();
-        if !self.uncertain.is_empty() {
-            // Held by this worker without its knowledge, if at all: back to
-            // the front of their queues (numbers never recorded are skipped).
-            let back =
-                broker::requeue(&mut self.lane, keys, &self.worker_id, &self.uncertain).await?;
-            if back > 0 {
-                tracing::warn!(
-                    messages = back,
-                    "a take's reply was lost after it ran; its messages went back to their queues"
-                );
-            }
-            self.uncertain.clear();
-        }
-        let got = match broker::fetch(&mut self.lane, keys, take).await {
-            Ok(got) => got,
-            Err(e) => {
-                // Each number may have been used with any of the lists.
-                let mut distinct = slots.clone();
-                distinct.sort_unstable();
-                distinct.dedup();
-                for n in last_seq + 1..=last_seq + max as u64 {
-                    self.uncertain
-                        .extend(distinct.iter().map(|s| broker::hold_number(*s, n)));
-                }
-                return Err(e.into());
-            }
-        };
-        // Numbers past those used were never recorded: handed back unless
-        // another take reserved after this one, so the counter grows with
-        // messages taken, not with takes.
-        let _ = self.shared.last_seq.compare_exchange(
-            last_seq + max as u64,
-            last_seq + got.len() as u64,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
-        // The take emptied the landing list (it is read first, whole).
-        self.landing = false;
-        Ok(got)
-    }
-
-    async fn wait_for_message(
-        &mut self,
-        queue_keys: &[String],
-        wait: Duration,
-    ) -> Result<bool, BackendError> {
-        let Some(first) = queue_keys.first() else {
-            return Err(BackendError::Invalid {
-                op: "wait for messages",
-                detail: "no queue to wait on".into(),
-            });
-        };
-        let keys = self.shared.broker.keys();
-        // Set before asking: a reply lost after BLMOVE moved a message
-        // must not leave it unread on the landing list.
-        self.landing = true;
-        Ok(broker::wait_for_message(&mut self.lane, keys, &self.worker_id, first, wait).await?)
-    }
-
-    async fn settle(&mut self, batch: &[Settle], result_ttl: Duration) -> Result<(), BackendError> {
-        let backend = (!self.same_server()).then_some(&mut self.backend);
-        let keys = self.shared.broker.keys();
-        let queues = self.shared.slot_queues();
-        Ok(broker::settle(
-            &mut self.lane,
-            backend,
-            keys,
-            &self.worker_id,
-            batch,
-            &|seq| {
-                usize::try_from(hold_slot(seq))
-                    .ok()
-                    .and_then(|slot| queues.get(slot).cloned())
-            },
-            result_ttl,
-        )
-        .await?)
-    }
-
-    async fn hand_back(&mut self, seqs: &[u64]) -> Result<usize, BackendError> {
-        let keys = self.shared.broker.keys();
-        Ok(broker::requeue(&mut self.lane, keys, &self.worker_id, seqs).await?)
-    }
-
-    async fn park_held(
-        &mut self,
-        seq: u64,
-        queue_key: &str,
-        payload: &[u8],
-        due_ms: i64,
-        started: Option<&str>,
-    ) -> Result<(), BackendError> {
-        let keys = self.shared.broker.keys();
-        let held = Some((self.worker_id.as_str(), seq, started));
-        Ok(broker::park(&mut self.lane, keys, due_ms, queue_key, payload, held).await?)
-    }
-
-    async fn dead_letter(&mut self, seq: u64, record: &DeadLetter) -> Result<(), BackendError> {
-        let keys = self.shared.broker.keys();
-        if record.payload_size.is_some() && record.payload_key.is_none() {
-            // Oversized: dead_letter.lua copies the held bytes to a key of
-            // their own instead of fetching them.
-            let mut record = record.clone();
-            record.payload_key = Some(keys.dead_payload(&record.queue, &self.worker_id, seq));
-            return Ok(
-                broker::dead_letter(&mut self.lane, keys, &self.worker_id, seq, &record).await?,
-            );
-        }
-        Ok(broker::dead_letter(&mut self.lane, keys, &self.worker_id, seq, record).await?)
     }
 }
 
