@@ -56,14 +56,19 @@ pub(crate) async fn handle(sh: Arc<Shared>, d: Held, turn: Turn) {
             return;
         }
     };
-    let span = tracing::info_span!(
+    let span = task_span(&msg, &queue);
+    run_message(sh, d, queue, msg, turn).instrument(span).await;
+}
+
+/// The span a task's logs carry.
+pub(super) fn task_span(msg: &TaskMessage, queue: &str) -> tracing::Span {
+    tracing::info_span!(
         "task",
         task_id = %msg.id,
         task = %msg.task,
         queue = %queue,
         attempt = msg.retries + 1,
-    );
-    run_message(sh, d, queue, msg, turn).instrument(span).await;
+    )
 }
 
 fn decode_exception(err: &DecodeError) -> ExceptionInfo {

@@ -15,7 +15,7 @@
 //! STARTED record to write (`task_track_started` off, starts marked on the
 //! broker). Anything else takes the usual path.
 
-use super::handle::{ETA_TOLERANCE, Go, execute};
+use super::handle::{ETA_TOLERANCE, Go, execute, task_span};
 use super::registry::{Handler, TaskOptions};
 use super::shared::{Held, Shared};
 use crate::broker::StartVerdict;
@@ -87,13 +87,7 @@ pub(super) async fn run(sh: Arc<Shared>, d: Held, pre: Prestart, verdict: StartV
         permit,
         ..
     } = pre;
-    let span = tracing::info_span!(
-        "task",
-        task_id = %msg.id,
-        task = %msg.task,
-        queue = %queue,
-        attempt = msg.retries + 1,
-    );
+    let span = task_span(&msg, &queue);
     let track = sh.monitor.received(&msg, &queue);
     let go = Go {
         permit,

@@ -2,7 +2,7 @@
 
 use super::RedisSession;
 use crate::backend::traits::{BackendError, Consume};
-use crate::broker::{self, DeadLetter, Delivery, Settle, StartLanded, StartVerdict, Take, on_lane};
+use crate::broker::{self, DeadLetter, Delivery, Settle, StartLanded, StartVerdict, Take};
 use crate::proto::keys::hold_slot;
 use async_trait::async_trait;
 use std::sync::atomic::Ordering;
@@ -65,18 +65,6 @@ impl RedisSession {
             }
             self.uncertain.clear();
         }
-        if let Some(id) = self.uncertain_start.take() {
-            // That take may have marked its landed message started too:
-            // the hold is gone now, so is the mark.
-            let running = keys.running(&self.worker_id);
-            let hdel = redis::cmd("HDEL").arg(&running).arg(&id).clone();
-            let cleared = on_lane!(&mut self.lane, "clear a start mark", |c| hdel
-                .query_async::<()>(c));
-            if let Err(e) = cleared {
-                self.uncertain_start = Some(id);
-                return Err(e.into());
-            }
-        }
         // The landed message is forgotten whatever happens: a take empties
         // the landing list (it is read first, whole).
         self.landed = None;
@@ -91,9 +79,12 @@ impl RedisSession {
         let got = match got {
             Ok(got) => got,
             Err(e) => {
-                if let Some(s) = start.filter(|_| self.same_server()) {
-                    self.uncertain_start = Some(s.task_id.to_owned());
-                }
+                // A take asked to start its landed message may have marked
+                // it started too: the mark names one of these numbers, which
+                // no take uses again, so once the hold goes back revoke.lua
+                // no longer counts it (it counts a mark only while its hold
+                // exists); the task's next acknowledgement here or the
+                // worker's release deletes it.
                 // Each number may have been used with any of the lists.
                 let mut distinct = slots.clone();
                 distinct.sort_unstable();

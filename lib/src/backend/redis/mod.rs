@@ -92,7 +92,6 @@ impl RedisBackend {
             landing: true,
             landed: None,
             uncertain: Vec::new(),
-            uncertain_start: None,
         })
     }
 }
@@ -164,9 +163,6 @@ struct RedisSession {
     /// worker that it never learned of. The next take hands them back
     /// first.
     uncertain: Vec<u64>,
-    /// The task such a take was asked to start: its mark (if the script
-    /// ran) goes with the hold the next take hands back.
-    uncertain_start: Option<String>,
 }
 
 impl RedisSession {
