@@ -75,8 +75,9 @@
 -- marker is checked and the running mark set in the same atomic step as
 -- the hold, so revoke.lua finds either the marker first or the started
 -- task, exactly as with start.lua. The landing list is filled only by the
--- worker's own BLMOVE and emptied only here, so a list of exactly one
--- message of that length containing that id is the message it read.
+-- worker's own BLMOVE and emptied only here (or by a reaper, which leaves
+-- it empty), so a list of exactly one message of that length containing
+-- that id is the message it read.
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 local max = tonumber(ARGV[3])
 local seq = tonumber(ARGV[4])

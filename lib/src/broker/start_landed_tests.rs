@@ -1,7 +1,7 @@
 //! `fetch.lua` starting the message a blocking wait landed (see
 //! `worker::prestart`), against a real `redis-server`.
 
-use super::test_support::{calls, cmd, lane, take};
+use super::test_support::{calls, cmd, lane, record_pending, take};
 use super::*;
 use crate::test_redis::server;
 use std::time::Duration;
@@ -30,13 +30,6 @@ async fn marks(l: &mut Lane, keys: &Keys) -> u64 {
     cmd(l, redis::cmd("HLEN").arg(keys.running("w1"))).await
 }
 
-async fn record_pending(l: &mut Lane, id: &str) {
-    let pending =
-        serde_json::to_string(&crate::proto::TaskResult::pending(id, "x", "q")).expect("json");
-    let key = crate::proto::keys::result_key(id);
-    cmd::<()>(l, redis::cmd("SET").arg(key).arg(&pending)).await;
-}
-
 #[tokio::test]
 async fn the_take_starts_the_landed_message_in_the_same_step_as_its_hold() {
     let s = server();
@@ -48,7 +41,7 @@ async fn the_take_starts_the_landed_message_in_the_same_step_as_its_hold() {
 
     // Landed and started: no start.lua (its SMISMEMBER), and the
     // mark names the hold, so a revocation is refused as for a started task.
-    record_pending(&mut l, "a").await;
+    record_pending(&mut l, &["a"]).await;
     let bytes = land(&mut l, &keys, "a").await;
     cmd::<()>(&mut l, redis::cmd("CONFIG").arg("RESETSTAT")).await;
     let start = StartLanded {
@@ -81,7 +74,7 @@ async fn the_take_starts_the_landed_message_in_the_same_step_as_its_hold() {
 
     // Revoked before it landed: held (so the worker acknowledges it), not
     // marked.
-    record_pending(&mut l, "b").await;
+    record_pending(&mut l, &["b"]).await;
     let out = revoke(&mut l, &keys, "b", revoked, ttl, true).await;
     assert_eq!(out.expect("revoke"), RevokeOutcome::Revoked);
     let bytes = land(&mut l, &keys, "b").await;

@@ -1,6 +1,6 @@
 //! What the broker's Redis tests share: a lane to a test server, one
-//! command on it, a command's call count, a whole list, a take for worker
-//! `w1`, a plain dead-letter record.
+//! command on it, a command's call count, PENDING records, a whole list, a
+//! take for worker `w1`, a plain dead-letter record.
 
 use super::*;
 use crate::config::RedisTarget;
@@ -32,6 +32,21 @@ pub(super) async fn calls(l: &mut Lane, command: &str) -> u64 {
         .and_then(|rest| rest.split(',').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// PENDING records for `ids`, as a producer with `record_pending` writes.
+pub(super) async fn record_pending(l: &mut Lane, ids: &[&str]) {
+    for id in ids {
+        let pending =
+            serde_json::to_string(&crate::proto::TaskResult::pending(id, "x", "q")).expect("json");
+        cmd::<()>(
+            l,
+            redis::cmd("SET")
+                .arg(crate::proto::keys::result_key(id))
+                .arg(&pending),
+        )
+        .await;
+    }
 }
 
 /// The whole of LIST `key`, left (the back of a queue) first.

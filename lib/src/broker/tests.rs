@@ -5,7 +5,7 @@
 use super::*;
 use std::time::Duration;
 
-use super::test_support::{calls, cmd, dead_record, lane, take};
+use super::test_support::{calls, cmd, dead_record, lane, record_pending, take};
 use crate::test_redis::server;
 
 #[tokio::test]
@@ -710,20 +710,6 @@ async fn non_utf8_messages_are_delivered_as_bytes_and_dead_lettered_with_base64(
         .await
         .expect("discard");
     assert_eq!(moved.len(), 1);
-}
-
-async fn record_pending(l: &mut Lane, ids: &[&str]) {
-    for id in ids {
-        let pending =
-            serde_json::to_string(&crate::proto::TaskResult::pending(id, "x", "q")).expect("json");
-        cmd::<()>(
-            l,
-            redis::cmd("SET")
-                .arg(crate::proto::keys::result_key(id))
-                .arg(&pending),
-        )
-        .await;
-    }
 }
 
 async fn status_of(l: &mut Lane, id: &str) -> Option<String> {
