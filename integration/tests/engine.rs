@@ -487,6 +487,108 @@ async fn an_idle_worker_skips_a_landed_message_revoked_before_it_came() -> Resul
     Ok(())
 }
 
+/// The command a Redis client of `redis` is running, and whether it waits
+/// (`b` among its flags: a blocking command, or any command held by
+/// `CLIENT PAUSE`), by client id.
+fn clients(redis: &RedisServer) -> Result<Vec<(u64, String, bool)>> {
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut redis.conn()?)?;
+    Ok(list
+        .lines()
+        .filter_map(|l| {
+            let field = |name: &str| {
+                l.split(' ')
+                    .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                    .map(str::to_owned)
+            };
+            let id = field("id")?.parse().ok()?;
+            Some((id, field("cmd")?, field("flags")?.contains('b')))
+        })
+        .collect())
+}
+
+/// A worker told to stop while the take that starts its landed message is
+/// in flight lets the take finish and runs what it started. Were the take
+/// dropped, the release would hand the message back still marked running,
+/// and a revocation of a task that never ran would be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_during_a_starting_take_runs_what_it_started() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let ns = namespace("stop-mid-take");
+    let keys = taskstack::proto::Keys::new(&ns);
+    let mut c = redis.conn()?;
+    let pause = Duration::from_secs(2);
+    // The stop must come while the take that starts the message waits; a
+    // message that lands between a wait's timeout and the next take is
+    // taken by a plain take instead (handed back at the stop): then again.
+    let mut ran_by_take = false;
+    for attempt in 0..3 {
+        let w = InProcessWorker::start(&redis.url(), &ns, builtins(), settings(&["celery"]))?;
+        let lane = wait_until("the worker to block for messages", WAIT, || async {
+            let blocked = clients(&redis)?
+                .into_iter()
+                .find(|(_, cmd, b)| *b && cmd == "blmove");
+            Ok(blocked.map(|(id, ..)| id))
+        })
+        .await?;
+        let id = format!("stopped-mid-take-{attempt}");
+        let raw = taskstack::proto::envelope::encode(&taskstack::proto::MessageSpec {
+            id: &id,
+            task: builtin::ADD,
+            args: &[json!(1), json!(2)],
+            queue: "celery",
+            origin: "test",
+            ..Default::default()
+        });
+        // The message lands, and every write after it (the worker's take
+        // among them) waits out the pause.
+        redis::pipe()
+            .lpush("celery", raw)
+            .cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(pause.as_millis() as u64)
+            .arg("WRITE")
+            .query::<()>(&mut c)?;
+        let paused_at = Instant::now();
+        let take_waits = loop {
+            let waits = clients(&redis)?
+                .into_iter()
+                .any(|(cid, cmd, b)| cid == lane && b && (cmd == "evalsha" || cmd == "eval"));
+            if waits || paused_at.elapsed() > pause / 2 {
+                break waits;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let summary = w.stop().await?;
+        let key = taskstack::proto::keys::result_key(&id);
+        let record: Option<String> = c.get(&key)?;
+        let marked: bool = c.exists(keys.started(&id))?;
+        let queued: u64 = c.llen("celery")?;
+        if record
+            .as_deref()
+            .is_some_and(|r| r.contains(r#""status":"SUCCESS""#))
+        {
+            assert_eq!(queued, 0);
+            ran_by_take |= take_waits && summary.processed == 1;
+        } else {
+            // Handed back: unstarted, so revocable.
+            assert_eq!(queued, 1, "the message is lost: {record:?}");
+            assert!(
+                !marked,
+                "{id} went back to its queue marked as started (attempt {attempt})"
+            );
+            let _: () = c.del("celery")?;
+        }
+        if ran_by_take {
+            break;
+        }
+    }
+    assert!(
+        ran_by_take,
+        "the stop never came while a starting take waited"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priorities_are_served_lowest_bucket_first() -> Result<()> {
     let redis = RedisServer::start()?;

@@ -319,19 +319,37 @@ impl Worker {
         );
         let control = crate::control::pidbox::Service::spawn(&sh, claimed);
         let mut tasks = JoinSet::new();
-        tokio::select! {
-            () = &mut shutdown => {}
-            () = sh.monitor.shutdown.cancelled() => {}
-            () = dispatch(&sh, &started_at, &mut tasks) => {}
-        }
-        // 3. Drain: no new messages; running tasks get the drain timeout.
-        sh.stop.cancel();
+        let deadline = {
+            let mut dispatching = std::pin::pin!(dispatch(&sh, &started_at, &mut tasks));
+            let asked = tokio::select! {
+                () = &mut shutdown => true,
+                () = sh.monitor.shutdown.cancelled() => true,
+                () = &mut dispatching => false,
+            };
+            // 3. Drain: no new messages; running tasks get the drain timeout.
+            sh.stop.cancel();
+            let deadline = tokio::time::Instant::now() + sh.settings.drain_timeout;
+            // The dispatcher ends at its next wait. A take in flight is let
+            // finish rather than dropped: one that started its landed
+            // message has marked it running (see `prestart`), and dropped,
+            // the release would hand it back as a task that ran.
+            if asked
+                && tokio::time::timeout_at(deadline, dispatching)
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(
+                    "a take was still unanswered at the drain timeout; the release returns what it took"
+                );
+            }
+            deadline
+        };
         tracing::info!(
             in_flight = tasks.len(),
             drain_timeout = ?sh.settings.drain_timeout,
             "stopping: taking no new messages, handing back unstarted ones, draining"
         );
-        drain(&mut tasks, sh.settings.drain_timeout).await;
+        drain(&mut tasks, deadline).await;
         // 4. Settle what finished, stop the loops, and hand back the rest.
         loops.finish(&sh).await;
         let at_release = phases::release(&sh).await;
@@ -352,10 +370,9 @@ impl Worker {
     }
 }
 
-/// Waits for running tasks until `timeout`, then aborts the rest (their
+/// Waits for running tasks until `deadline`, then aborts the rest (their
 /// messages stay held and are handed back by the lease release).
-async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
-    let deadline = tokio::time::Instant::now() + timeout;
+async fn drain(tasks: &mut JoinSet<()>, deadline: tokio::time::Instant) {
     loop {
         tokio::select! {
             r = tasks.join_next() => match r {
@@ -373,8 +390,20 @@ async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
     }
 }
 
+/// `wait`, unless the worker is told to stop first (`None`): the
+/// dispatcher's waits, each of which may be given up at any point. A take
+/// is not one of them (see `Worker::run`).
+async fn until_stop<F: std::future::Future>(sh: &Shared, wait: F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        () = sh.stop.cancelled() => None,
+        out = wait => Some(out),
+    }
+}
+
 /// Takes messages while there is room and spawns a task per message,
-/// from the queues served at the time (remote control may change them).
+/// from the queues served at the time (remote control may change them),
+/// until the worker is told to stop.
 async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
     let mut consume = sh.backend.consume(&sh.id);
     let mut backoff = Duration::from_millis(50);
@@ -383,11 +412,14 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
     // Whether the last blocking wait ended with a message landing.
     let mut woke = false;
     loop {
+        if sh.stop.is_cancelled() {
+            return;
+        }
         if keys.is_empty() {
             // Every queue was cancelled: wait for an `add_consumer`.
-            if queues.changed().await.is_err() {
+            let Some(Ok(())) = until_stop(sh, queues.changed()).await else {
                 return;
-            }
+            };
             keys = serve(sh, started_at, &mut queues, &keys).await;
             continue;
         }
@@ -398,7 +430,7 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
         }
         // Wait for room for one message, then take every free slot: the
         // unused ones return when `slots` drops.
-        let Ok(mut slots) = Arc::clone(&sh.held).acquire_owned().await else {
+        let Some(Ok(mut slots)) = until_stop(sh, Arc::clone(&sh.held).acquire_owned()).await else {
             return;
         };
         let extra = u32::try_from(sh.held.available_permits()).unwrap_or(u32::MAX);
@@ -440,7 +472,12 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
             Err(e) => {
                 drop(slots);
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot take messages");
-                tokio::time::sleep(jitter(backoff)).await;
+                if until_stop(sh, tokio::time::sleep(jitter(backoff)))
+                    .await
+                    .is_none()
+                {
+                    return;
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
@@ -489,7 +526,11 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
             tasks.spawn(Box::pin(handle::handle(Arc::clone(sh), h, turn)));
         }
         if idle && !keys.is_empty() {
-            match consume.wait_for_message(&keys, IDLE_WAIT).await {
+            let Some(waited) = until_stop(sh, consume.wait_for_message(&keys, IDLE_WAIT)).await
+            else {
+                return;
+            };
+            match waited {
                 Ok(landed) => {
                     woke = landed;
                     // Nothing landed: the lists served may change now too.
@@ -499,7 +540,12 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "cannot wait for messages");
-                    tokio::time::sleep(jitter(backoff)).await;
+                    if until_stop(sh, tokio::time::sleep(jitter(backoff)))
+                        .await
+                        .is_none()
+                    {
+                        return;
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
