@@ -1,6 +1,6 @@
 //! What happens to one message a worker took: decode, check, run, record.
 
-use super::registry::{TaskContext, TaskError, TaskOptions};
+use super::registry::{Handler, TaskContext, TaskError, TaskOptions};
 use super::shared::{Held, SettleMsg, Shared, Stats, panic_text, persist};
 use super::turn::Turn;
 use crate::backend::Use;
@@ -8,6 +8,7 @@ use crate::broker::{DeadLetter, Settle, StartVerdict, Starting};
 use crate::proto::envelope::{self, DecodeError, TaskMessage};
 use crate::proto::keys::queue_of_key;
 use crate::proto::{ExceptionInfo, Provenance, TaskResult, TaskState};
+use chrono::{DateTime, Utc};
 use futures_util::FutureExt as _;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -118,78 +119,112 @@ impl Extended {
     }
 }
 
+/// Where a decoded message goes first, decided without side effects:
+/// its own path acts on the answer, and the prestart asks the same
+/// question before the take (`Run` with no rate limit is "at once").
+pub(super) enum Route {
+    /// Expired before it ran: recorded REVOKED.
+    Expired(DateTime<Utc>),
+    /// An ETA more than `max_task_delay` ahead: dead-lettered.
+    TooFar(DateTime<Utc>),
+    /// Not due yet: parked in Redis until its ETA.
+    NotDue(DateTime<Utc>),
+    /// Not registered in this worker: dead-lettered.
+    Unknown,
+    /// Runs, once its rate limit (if any) admits it.
+    Run(Handler, TaskOptions),
+}
+
+/// Where `msg` goes now (see [`Route`]).
+pub(super) fn route(sh: &Shared, msg: &TaskMessage) -> Route {
+    let now = sh.now();
+    let ahead = |limit: Duration| {
+        msg.eta
+            .filter(|eta| *eta - now > chrono::Duration::from_std(limit).unwrap_or_default())
+    };
+    if let Some(exp) = msg.expires.filter(|exp| *exp <= now) {
+        return Route::Expired(exp);
+    }
+    if let Some(eta) = ahead(sh.settings.max_task_delay) {
+        return Route::TooFar(eta);
+    }
+    if let Some(eta) = ahead(ETA_TOLERANCE) {
+        return Route::NotDue(eta);
+    }
+    match sh.registry.get(&msg.task) {
+        Some((handler, options)) => Route::Run(handler, options),
+        None => Route::Unknown,
+    }
+}
+
 async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage, turn: Turn) {
     let track = sh.monitor.received(&msg, &queue);
-    let now = sh.now();
-    if let Some(exp) = msg.expires
-        && exp <= now
-    {
-        drop(turn);
-        tracing::info!(expired_at = %envelope::format_time(exp), "task expired before it ran; recording REVOKED");
-        Stats::bump(&sh.stats.revoked);
-        sh.metrics.finished(task_label(&sh, &msg.task), "expired");
-        track.revoked(false, true);
-        let exc = ExceptionInfo::celery("TaskRevokedError", "expired");
-        let r = TaskResult::new(
-            &msg.id,
-            TaskState::Revoked,
-            exc.to_value(),
-            provenance(&sh, &msg, &queue),
-        );
-        let r = Extended::of(&sh, &msg).apply(r);
-        Box::pin(finish(&sh, d, &msg, Some(r))).await;
-        return;
-    }
-    if let Some(eta) = msg.eta
-        && eta - now > chrono::Duration::from_std(sh.settings.max_task_delay).unwrap_or_default()
-    {
-        drop(turn);
-        let reason = format!(
-            "eta {} lies more than max_task_delay ({}) ahead",
-            envelope::format_time(eta),
-            humantime::format_duration(sh.settings.max_task_delay)
-        );
-        tracing::warn!(reason = %reason, "refusing task; dead-lettering it");
-        let exc = ExceptionInfo::builtin("ValueError", reason.clone());
-        Box::pin(poison(&sh, d, &queue, Origin::of(&msg), reason, exc)).await;
-        return;
-    }
-    if let Some(eta) = msg.eta
-        && eta - now > chrono::Duration::from_std(ETA_TOLERANCE).unwrap_or_default()
-    {
-        drop(turn);
-        // A producer that does not park ETA tasks itself (Python Celery)
-        // pushed it straight to the queue: park it in Redis until due.
-        tracing::debug!(eta = %envelope::format_time(eta), "task not due yet; parking it");
-        let due = eta.timestamp_millis();
-        let done = Box::pin(async {
-            // A session per rare path: it must not hold a connection long.
-            let mut consume = sh.backend.consume(&sh.id);
-            persist!(
-                sh,
-                "park task until its ETA",
-                consume
-                    .park_held(d.seq, &d.queue_key, &d.payload, due, None)
-                    .await
-            )
-        })
-        .await;
-        // Parked or not (the worker gave up on Redis), the slot returns
-        // when `d` drops here.
-        let _ = done;
-        return;
-    }
-    let Some((handler, options)) = sh.registry.get(&msg.task) else {
-        drop(turn);
-        tracing::warn!("task is not registered in this worker; dead-lettering it");
-        let exc = ExceptionInfo::celery(
-            "NotRegistered",
-            format!("task {:?} is not registered in this worker", msg.task),
-        );
-        let reason = format!("unknown task {:?}", msg.task);
-        track.rejected();
-        Box::pin(poison(&sh, d, &queue, Origin::of(&msg), reason, exc)).await;
-        return;
+    let (handler, options) = match route(&sh, &msg) {
+        Route::Run(handler, options) => (handler, options),
+        Route::Expired(exp) => {
+            drop(turn);
+            tracing::info!(expired_at = %envelope::format_time(exp), "task expired before it ran; recording REVOKED");
+            Stats::bump(&sh.stats.revoked);
+            sh.metrics.finished(task_label(&sh, &msg.task), "expired");
+            track.revoked(false, true);
+            let exc = ExceptionInfo::celery("TaskRevokedError", "expired");
+            let r = TaskResult::new(
+                &msg.id,
+                TaskState::Revoked,
+                exc.to_value(),
+                provenance(&sh, &msg, &queue),
+            );
+            let r = Extended::of(&sh, &msg).apply(r);
+            Box::pin(finish(&sh, d, &msg, Some(r))).await;
+            return;
+        }
+        Route::TooFar(eta) => {
+            drop(turn);
+            let reason = format!(
+                "eta {} lies more than max_task_delay ({}) ahead",
+                envelope::format_time(eta),
+                humantime::format_duration(sh.settings.max_task_delay)
+            );
+            tracing::warn!(reason = %reason, "refusing task; dead-lettering it");
+            let exc = ExceptionInfo::builtin("ValueError", reason.clone());
+            Box::pin(poison(&sh, d, &queue, Origin::of(&msg), reason, exc)).await;
+            return;
+        }
+        Route::NotDue(eta) => {
+            drop(turn);
+            // A producer that does not park ETA tasks itself (Python Celery)
+            // pushed it straight to the queue: park it in Redis until due.
+            tracing::debug!(eta = %envelope::format_time(eta), "task not due yet; parking it");
+            let due = eta.timestamp_millis();
+            let done = Box::pin(async {
+                // A session per rare path: it must not hold a connection long.
+                let mut consume = sh.backend.consume(&sh.id);
+                persist!(
+                    sh,
+                    "park task until its ETA",
+                    consume
+                        .park_held(d.seq, &d.queue_key, &d.payload, due, None)
+                        .await
+                )
+            })
+            .await;
+            // Parked or not (the worker gave up on Redis), the slot returns
+            // when `d` drops here.
+            let _ = done;
+            return;
+        }
+        Route::Unknown => {
+            drop(turn);
+            tracing::warn!("task is not registered in this worker; dead-lettering it");
+            let exc = ExceptionInfo::celery(
+                "NotRegistered",
+                format!("task {:?} is not registered in this worker", msg.task),
+            );
+            let reason = format!("unknown task {:?}", msg.task);
+            track.rejected();
+            Box::pin(poison(&sh, d, &queue, Origin::of(&msg), reason, exc)).await;
+            return;
+        }
     };
 
     // A rate-limited task waits for its token still holding its message

@@ -9,13 +9,13 @@
 //! ([`crate::backend::Consume::take_starting`]): one wait fewer, and the
 //! same atomic exclusion with a revocation as the starter's.
 //!
-//! "At once" is exactly what the message's own path would find: a free
-//! concurrency slot (taken here, so nothing else takes it), due (no ETA
-//! ahead) and not expired, a registered task without a rate limit, and no
-//! STARTED record to write (`task_track_started` off, starts marked on the
-//! broker). Anything else takes the usual path.
+//! "At once" is what the message's own path would find: the same
+//! [`super::handle::route`] answering `Run` (due, not expired, a registered
+//! task), no rate limit, a free concurrency slot (taken here, so nothing
+//! else takes it), and no STARTED record to write (`task_track_started`
+//! off, starts marked on the broker). Anything else takes the usual path.
 
-use super::handle::{ETA_TOLERANCE, Go, execute, task_span};
+use super::handle::{Go, Route, execute, route, task_span};
 use super::registry::{Handler, TaskOptions};
 use super::shared::{Held, Shared};
 use crate::broker::StartVerdict;
@@ -52,15 +52,9 @@ pub(super) fn plan(sh: &Shared, bytes: &[u8]) -> Option<Prestart> {
         return None;
     }
     let msg = envelope::decode_bytes(bytes, sh.settings.max_message_size).ok()?;
-    let now = sh.now();
-    if msg.expires.is_some_and(|exp| exp <= now) {
+    let Route::Run(handler, options) = route(sh, &msg) else {
         return None;
-    }
-    let tolerance = chrono::Duration::from_std(ETA_TOLERANCE).unwrap_or_default();
-    if msg.eta.is_some_and(|eta| eta - now > tolerance) {
-        return None;
-    }
-    let (handler, options) = sh.registry.get(&msg.task)?;
+    };
     if sh.limits.rate(&msg.task).is_some() {
         return None;
     }
