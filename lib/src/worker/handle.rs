@@ -1,22 +1,21 @@
 //! What happens to one message a worker took: decode, check, run, record.
 
-use super::registry::{Handler, TaskContext, TaskError, TaskOptions};
+use super::poison::{Origin, decode_exception, poison, task_label};
+use super::registry::{TaskContext, TaskError, TaskOptions};
+use super::route::{Route, route};
 use super::shared::{Held, SettleMsg, Shared, Stats, panic_text, persist};
 use super::turn::Turn;
 use crate::backend::Use;
-use crate::broker::{DeadLetter, Settle, StartVerdict, Starting};
+use crate::broker::{Settle, StartVerdict, Starting};
 use crate::proto::envelope::{self, DecodeError, TaskMessage};
 use crate::proto::keys::queue_of_key;
 use crate::proto::{ExceptionInfo, Provenance, TaskResult, TaskState};
-use chrono::{DateTime, Utc};
 use futures_util::FutureExt as _;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument as _;
 
-/// An ETA closer than this is treated as due (clock reads differ slightly).
-pub(super) const ETA_TOLERANCE: Duration = Duration::from_millis(100);
 /// Beyond a self-limiting handler's grace, how long the engine waits past
 /// the hard limit before it drops the handler itself.
 const HARD_LIMIT_SLACK: Duration = Duration::from_secs(1);
@@ -72,17 +71,6 @@ pub(super) fn task_span(msg: &TaskMessage, queue: &str) -> tracing::Span {
     )
 }
 
-fn decode_exception(err: &DecodeError) -> ExceptionInfo {
-    match err {
-        DecodeError::ContentType { .. } => ExceptionInfo {
-            exc_type: "ContentDisallowed".into(),
-            exc_module: "kombu.exceptions".into(),
-            message: err.to_string(),
-        },
-        _ => ExceptionInfo::builtin("ValueError", err.to_string()),
-    }
-}
-
 fn provenance<'a>(sh: &'a Shared, msg: &'a TaskMessage, queue: &'a str) -> Provenance<'a> {
     Provenance {
         name: &msg.task,
@@ -116,44 +104,6 @@ impl Extended {
         r.args.clone_from(&self.args);
         r.kwargs.clone_from(&self.kwargs);
         r
-    }
-}
-
-/// Where a decoded message goes first, decided without side effects:
-/// its own path acts on the answer, and the prestart asks the same
-/// question before the take (`Run` with no rate limit is "at once").
-pub(super) enum Route {
-    /// Expired before it ran: recorded REVOKED.
-    Expired(DateTime<Utc>),
-    /// An ETA more than `max_task_delay` ahead: dead-lettered.
-    TooFar(DateTime<Utc>),
-    /// Not due yet: parked in Redis until its ETA.
-    NotDue(DateTime<Utc>),
-    /// Not registered in this worker: dead-lettered.
-    Unknown,
-    /// Runs, once its rate limit (if any) admits it.
-    Run(Handler, TaskOptions),
-}
-
-/// Where `msg` goes now (see [`Route`]).
-pub(super) fn route(sh: &Shared, msg: &TaskMessage) -> Route {
-    let now = sh.now();
-    let ahead = |limit: Duration| {
-        msg.eta
-            .filter(|eta| *eta - now > chrono::Duration::from_std(limit).unwrap_or_default())
-    };
-    if let Some(exp) = msg.expires.filter(|exp| *exp <= now) {
-        return Route::Expired(exp);
-    }
-    if let Some(eta) = ahead(sh.settings.max_task_delay) {
-        return Route::TooFar(eta);
-    }
-    if let Some(eta) = ahead(ETA_TOLERANCE) {
-        return Route::NotDue(eta);
-    }
-    match sh.registry.get(&msg.task) {
-        Some((handler, options)) => Route::Run(handler, options),
-        None => Route::Unknown,
     }
 }
 
@@ -569,107 +519,6 @@ async fn retry(sh: &Shared, d: Held, queue: &str, msg: &TaskMessage, again: Agai
     // `Held` returns the slot when it drops.
     let _ = done;
 }
-/// What is known about a poisoned message's task.
-#[derive(Debug, Clone, Copy)]
-struct Origin<'a> {
-    task_id: Option<&'a str>,
-    task: Option<&'a str>,
-    retries: u32,
-}
-
-impl<'a> Origin<'a> {
-    fn of(msg: &'a TaskMessage) -> Self {
-        Self {
-            task_id: Some(&msg.id),
-            task: Some(&msg.task),
-            retries: msg.retries,
-        }
-    }
-}
-
-/// Records a FAILURE result when the task id is known, then moves the
-/// message to its queue's dead-letter list (releasing the hold atomically).
-async fn poison(
-    sh: &Shared,
-    mut d: Held,
-    queue: &str,
-    origin: Origin<'_>,
-    reason: String,
-    exc: ExceptionInfo,
-) {
-    Stats::bump(&sh.stats.dead_lettered);
-    let Origin {
-        task_id,
-        task,
-        retries,
-    } = origin;
-    let label = task.map_or("undecodable", |t| task_label(sh, t));
-    sh.metrics.finished(label, "dead_lettered");
-    let result = task_id.map(|id| {
-        TaskResult::failure(
-            id,
-            TaskState::Failure,
-            &exc,
-            Provenance {
-                name: task.unwrap_or(""),
-                worker: &sh.id,
-                retries,
-                queue,
-                parent_id: None,
-            },
-        )
-    });
-    let mut record = DeadLetter {
-        reason,
-        queue: queue.to_owned(),
-        queue_key: d.queue_key.clone(),
-        task_id: task_id.map(str::to_owned),
-        task: task.map(str::to_owned),
-        payload: String::new(),
-        payload_base64: None,
-        payload_key: None,
-        payload_size: None,
-        worker: sh.id.clone(),
-        at: envelope::format_time(sh.now()),
-    };
-    match d.oversized {
-        // Too large to have been sent here: the backend keeps its bytes
-        // (on Redis, dead_letter.lua copies them from the hold to a key of
-        // their own).
-        Some(size) => record.payload_size = Some(size),
-        // Moved, not copied: a large message is in memory once, not twice.
-        None => record.set_payload_owned(d.take_payload()),
-    }
-    let ttl = sh.settings.result_expires;
-    let done = persist!(
-        sh,
-        "dead-letter message",
-        async {
-            // One session at a time: rare paths must not starve the pool.
-            if let Some(r) = &result {
-                let mut results = sh.backend.results(Use::Loop);
-                results.write(std::slice::from_ref(r), ttl).await?;
-            }
-            let mut consume = sh.backend.consume(&sh.id);
-            consume.dead_letter(d.seq, &record).await
-        }
-        .await
-    );
-    // The hold is settled (or the worker gave up on Redis); the caller's
-    // `Held` returns the slot when it drops.
-    let _ = done;
-}
-
-/// The `task` label of a metric: the name when it is registered (so the
-/// label's values are bounded by the registry), else `unregistered`.
-fn task_label<'a>(sh: &Shared, task: &'a str) -> &'a str {
-    if sh.registry.get(task).is_some() {
-        task
-    } else {
-        "unregistered"
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,8 +26,10 @@ mod keeper;
 pub(crate) mod limits;
 pub mod metrics;
 mod phases;
+mod poison;
 mod prestart;
 mod registry;
+mod route;
 #[cfg(feature = "cli")]
 pub mod service_main;
 mod settler;

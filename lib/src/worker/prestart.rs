@@ -15,8 +15,9 @@
 //! else takes it), and no STARTED record to write (`task_track_started`
 //! off, starts marked on the broker). Anything else takes the usual path.
 
-use super::handle::{Go, Route, execute, route, task_span};
+use super::handle::{Go, execute, task_span};
 use super::registry::{Handler, TaskOptions};
+use super::route::{Route, route};
 use super::shared::{Held, Shared};
 use crate::broker::StartVerdict;
 use crate::proto::envelope::{self, TaskMessage};
