@@ -331,17 +331,17 @@ impl Worker {
             // 3. Drain: no new messages; running tasks get the drain timeout.
             sh.stop.cancel();
             let deadline = tokio::time::Instant::now() + sh.settings.drain_timeout;
-            // The dispatcher ends at its next wait. A take in flight is let
-            // finish rather than dropped: one that started its landed
-            // message has marked it running (see `prestart`), and dropped,
-            // the release would hand it back as a task that ran.
+            // The dispatcher ends at its next wait. A take that starts its
+            // landed message is let finish rather than dropped: it may have
+            // marked the message running (see `prestart`), and dropped, the
+            // release would hand it back as a task that ran.
             if asked
                 && tokio::time::timeout_at(deadline, dispatching)
                     .await
                     .is_err()
             {
                 tracing::warn!(
-                    "a take was still unanswered at the drain timeout; the release returns what it took"
+                    "a take was still unanswered at the drain timeout; the release hands back what it took"
                 );
             }
             deadline
@@ -394,7 +394,7 @@ async fn drain(tasks: &mut JoinSet<()>, deadline: tokio::time::Instant) {
 
 /// `wait`, unless the worker is told to stop first (`None`): the
 /// dispatcher's waits, each of which may be given up at any point. A take
-/// is not one of them (see `Worker::run`).
+/// that starts its landed message is not one of them (see `Worker::run`).
 async fn until_stop<F: std::future::Future>(sh: &Shared, wait: F) -> Option<F::Output> {
     tokio::select! {
         biased;
@@ -456,10 +456,12 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
                     .take_starting(&keys, budget, lease, max_size, start)
                     .await
             }
-            None => consume
-                .take(&keys, budget, lease, max_size)
-                .await
-                .map(|d| (d, None)),
+            // A plain take may be dropped: the release hands back all
+            // the worker holds, known to it or not.
+            None => match until_stop(sh, consume.take(&keys, budget, lease, max_size)).await {
+                Some(got) => got.map(|d| (d, None)),
+                None => return,
+            },
         };
         let (deliveries, verdict) = match got {
             Ok(d) => {
