@@ -422,6 +422,19 @@ async fn an_idle_worker_takes_once_per_message_it_wakes_for() -> Result<()> {
     Ok(())
 }
 
+/// A Celery-protocol message of `taskstack.add(1, 2)` with task id `id`
+/// for the `celery` queue.
+fn add_message(id: &str) -> String {
+    taskstack::proto::envelope::encode(&taskstack::proto::MessageSpec {
+        id,
+        task: builtin::ADD,
+        args: &[json!(1), json!(2)],
+        queue: "celery",
+        origin: "test",
+        ..Default::default()
+    })
+}
+
 /// A message revoked before it reached an idle worker is skipped by the
 /// take that starts it: acknowledged, never run, its REVOKED record kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -452,14 +465,7 @@ async fn an_idle_worker_skips_a_landed_message_revoked_before_it_came() -> Resul
             .await?;
         assert_eq!(out, taskstack::broker::RevokeOutcome::Revoked);
         redis::cmd("CONFIG").arg("RESETSTAT").query::<()>(&mut c)?;
-        let raw = taskstack::proto::envelope::encode(&taskstack::proto::MessageSpec {
-            id: &id,
-            task: builtin::ADD,
-            args: &[json!(1), json!(2)],
-            queue: "celery",
-            origin: "test",
-            ..Default::default()
-        });
+        let raw = add_message(&id);
         let _: () = c.lpush("celery", raw)?;
         let (landing, inflight) = (keys.landing(&w.id), keys.inflight(&w.id));
         wait_until("the revoked message to be acknowledged", WAIT, || async {
@@ -531,14 +537,7 @@ async fn a_worker_stopped_during_a_starting_take_runs_what_it_started() -> Resul
         })
         .await?;
         let id = format!("stopped-mid-take-{attempt}");
-        let raw = taskstack::proto::envelope::encode(&taskstack::proto::MessageSpec {
-            id: &id,
-            task: builtin::ADD,
-            args: &[json!(1), json!(2)],
-            queue: "celery",
-            origin: "test",
-            ..Default::default()
-        });
+        let raw = add_message(&id);
         // The message lands, and every write after it (the worker's take
         // among them) waits out the pause.
         redis::pipe()
