@@ -10,7 +10,7 @@
 //! same atomic exclusion with a revocation as the starter's.
 //!
 //! "At once" is what the message's own path would find: the same
-//! [`super::handle::route`] answering `Run` (due, not expired, a registered
+//! [`super::route::route`] answering `Run` (due, not expired, a registered
 //! task), no rate limit, a free concurrency slot (taken here, so nothing
 //! else takes it), and no STARTED record to write (`task_track_started`
 //! off, starts marked on the broker). Anything else takes the usual path.
