@@ -7,6 +7,8 @@ use crate::broker::DeadLetter;
 use crate::proto::envelope::{self, DecodeError, TaskMessage};
 use crate::proto::{ExceptionInfo, Provenance, TaskResult, TaskState};
 
+/// The exception a message that does not decode is recorded with: kombu's
+/// `ContentDisallowed` for a refused content type, else `ValueError`.
 pub(super) fn decode_exception(err: &DecodeError) -> ExceptionInfo {
     match err {
         DecodeError::ContentType { .. } => ExceptionInfo {
