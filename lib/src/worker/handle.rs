@@ -187,22 +187,14 @@ async fn run_message(sh: Arc<Shared>, d: Held, queue: String, msg: TaskMessage, 
             Some(turn)
         } else {
             drop(turn);
-            tokio::select! {
-                biased;
-                () = sh.stop.cancelled() => None,
-                () = admit => Some(Turn::queue(&sh.exec)),
-            }
+            sh.until_stop(admit).await.map(|()| Turn::queue(&sh.exec))
         }
     };
     let Some(turn) = turn else {
         sh.settle(SettleMsg::hand_back(d)).await;
         return;
     };
-    let permit = tokio::select! {
-        biased;
-        () = sh.stop.cancelled() => None,
-        p = turn.wait() => p,
-    };
+    let permit = sh.until_stop(turn.wait()).await.flatten();
     let Some(permit) = permit else {
         sh.settle(SettleMsg::hand_back(d)).await;
         return;

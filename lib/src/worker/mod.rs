@@ -392,20 +392,11 @@ async fn drain(tasks: &mut JoinSet<()>, deadline: tokio::time::Instant) {
     }
 }
 
-/// `wait`, unless the worker is told to stop first (`None`): the
-/// dispatcher's waits, each of which may be given up at any point. A take
-/// that starts its landed message is not one of them (see `Worker::run`).
-async fn until_stop<F: std::future::Future>(sh: &Shared, wait: F) -> Option<F::Output> {
-    tokio::select! {
-        biased;
-        () = sh.stop.cancelled() => None,
-        out = wait => Some(out),
-    }
-}
-
 /// Takes messages while there is room and spawns a task per message,
 /// from the queues served at the time (remote control may change them),
-/// until the worker is told to stop.
+/// until the worker is told to stop. Each of its waits is given up at the
+/// stop, and so is a plain take; a take that starts its landed message is
+/// not (see `Worker::run`).
 async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
     let mut consume = sh.backend.consume(&sh.id);
     let mut backoff = Duration::from_millis(50);
@@ -419,7 +410,7 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
         }
         if keys.is_empty() {
             // Every queue was cancelled: wait for an `add_consumer`.
-            let Some(Ok(())) = until_stop(sh, queues.changed()).await else {
+            let Some(Ok(())) = sh.until_stop(queues.changed()).await else {
                 return;
             };
             keys = serve(sh, started_at, &mut queues, &keys).await;
@@ -432,7 +423,7 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
         }
         // Wait for room for one message, then take every free slot: the
         // unused ones return when `slots` drops.
-        let Some(Ok(mut slots)) = until_stop(sh, Arc::clone(&sh.held).acquire_owned()).await else {
+        let Some(Ok(mut slots)) = sh.until_stop(Arc::clone(&sh.held).acquire_owned()).await else {
             return;
         };
         let extra = u32::try_from(sh.held.available_permits()).unwrap_or(u32::MAX);
@@ -458,7 +449,10 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
             }
             // A plain take may be dropped: the release hands back all
             // the worker holds, known to it or not.
-            None => match until_stop(sh, consume.take(&keys, budget, lease, max_size)).await {
+            None => match sh
+                .until_stop(consume.take(&keys, budget, lease, max_size))
+                .await
+            {
                 Some(got) => got.map(|d| (d, None)),
                 None => return,
             },
@@ -476,7 +470,8 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
             Err(e) => {
                 drop(slots);
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot take messages");
-                if until_stop(sh, tokio::time::sleep(jitter(backoff)))
+                if sh
+                    .until_stop(tokio::time::sleep(jitter(backoff)))
                     .await
                     .is_none()
                 {
@@ -530,7 +525,9 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
             tasks.spawn(Box::pin(handle::handle(Arc::clone(sh), h, turn)));
         }
         if idle && !keys.is_empty() {
-            let Some(waited) = until_stop(sh, consume.wait_for_message(&keys, IDLE_WAIT)).await
+            let Some(waited) = sh
+                .until_stop(consume.wait_for_message(&keys, IDLE_WAIT))
+                .await
             else {
                 return;
             };
@@ -544,7 +541,8 @@ async fn dispatch(sh: &Arc<Shared>, started_at: &str, tasks: &mut JoinSet<()>) {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "cannot wait for messages");
-                    if until_stop(sh, tokio::time::sleep(jitter(backoff)))
+                    if sh
+                        .until_stop(tokio::time::sleep(jitter(backoff)))
                         .await
                         .is_none()
                     {

@@ -136,6 +136,16 @@ impl Shared {
         chrono::DateTime::from_timestamp_millis(self.clock.now_ms()).unwrap_or_default()
     }
 
+    /// `wait`, unless the worker is told to stop first (`None`): for waits
+    /// that may be given up at any point.
+    pub async fn until_stop<F: std::future::Future>(&self, wait: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            () = self.stop.cancelled() => None,
+            out = wait => Some(out),
+        }
+    }
+
     /// See [`Shared::landing_source`].
     pub fn landing_source(&self) -> String {
         self.landing_source
